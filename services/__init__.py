@@ -1,0 +1,1 @@
+"""Parley's processes: the HTTP API and the background worker."""

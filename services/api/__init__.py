@@ -1,0 +1,1 @@
+"""The HTTP API: litestar controllers over the service layer."""

@@ -1,0 +1,55 @@
+"""Bearer keys → tenants. Keys from PARLEY_API_KEYS, or hashed in Redis; lookups cached in process."""
+
+from __future__ import annotations
+
+import time
+
+from litestar import Request
+from litestar.exceptions import NotAuthorizedException
+
+from shared.redis.api_keys import RedisApiKeys, key_hash
+
+NEGATIVE_TTL_S = 1.0
+
+
+class Authenticator:
+    def __init__(self, static_keys: dict[str, str], stored: RedisApiKeys, ttl_s: float) -> None:
+        self._static = {key_hash(k): t for k, t in static_keys.items()}
+        self._stored = stored
+        self._ttl_s = ttl_s
+        self._cache: dict[str, tuple[str | None, float]] = {}
+
+    async def tenant(self, key: str) -> str | None:
+        digest = key_hash(key)
+        if (tenant := self._static.get(digest)) is not None:
+            return tenant
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        tenant = await self._stored.tenant_of(key)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[digest] = (tenant, now + (self._ttl_s if tenant else NEGATIVE_TTL_S))
+        return tenant
+
+
+def presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return request.headers.get("x-auth-key") or None
+
+
+async def provide_tenant(request: Request) -> str:
+    """The dependency every tenant-scoped handler declares as `tenant: str`."""
+    key = presented_key(request)
+    if key is None:
+        raise NotAuthorizedException("missing API key: send Authorization: Bearer <key> or X-Auth-Key")
+    tenant = await request.app.state.auth.tenant(key)
+    if tenant is None:
+        raise NotAuthorizedException("invalid API key")
+    return tenant

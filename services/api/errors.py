@@ -1,0 +1,104 @@
+"""One error body for every 4xx and 5xx: {"error": {status, code, message, details?}}."""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.domain.errors import (
+    Contention,
+    DomainError,
+    IdempotencyKeyReused,
+    Invalid,
+    NotFound,
+    ProjectionLagging,
+    VersionConflict,
+)
+from shared.domain.model import ErrorBody, ErrorDetail
+
+log = logging.getLogger("parley.api")
+
+DOMAIN_STATUS: dict[type[DomainError], int] = {
+    NotFound: 404,
+    Invalid: 422,
+    VersionConflict: 412,
+    IdempotencyKeyReused: 422,
+    ProjectionLagging: 503,
+    Contention: 409,
+}
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    412: "version_conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_failed",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+def error_response(status: int, code: str, message: str, details: object = None, headers: dict[str, str] | None = None) -> Response[ErrorBody]:
+    return Response(
+        ErrorBody(ErrorDetail(status=status, code=code, message=message, details=details)),
+        status_code=status,
+        media_type=MediaType.JSON,
+        headers=headers,
+    )
+
+
+def on_domain_error(_: Request, exc: DomainError) -> Response[ErrorBody]:
+    status = DOMAIN_STATUS.get(type(exc), 400)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return error_response(status, exc.code, exc.message, exc.details, headers)
+
+
+def on_http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
+    status = exc.status_code
+    if isinstance(exc, ValidationException):
+        if exc.extra:
+            return error_response(422, "validation_failed", "the request does not match the schema", _details(exc.extra))
+        if str(exc.detail).startswith("JSON is malformed"):
+            return error_response(400, "invalid_json", str(exc.detail))
+    headers = dict(exc.headers or {})
+    if status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    message = exc.detail if status != 413 else "the request body is larger than allowed"
+    return error_response(status, HTTP_CODES.get(status, "error"), str(message), None, headers or None)
+
+
+def on_store_error(_: Request, exc: Exception) -> Response[ErrorBody]:
+    log.warning("redis unavailable: %s", exc)
+    return error_response(503, "store_unavailable", "the store is unavailable; retry shortly", None, {"Retry-After": "1"})
+
+
+def on_unexpected(_: Request, exc: Exception) -> Response[ErrorBody]:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error")
+
+
+def _details(extra: object) -> object:
+    """litestar's validation details, without echoing request values back."""
+    if isinstance(extra, list):
+        return [{k: v for k, v in item.items() if k in ("message", "key", "source")} if isinstance(item, dict) else item for item in extra]
+    return extra
+
+
+EXCEPTION_HANDLERS = {
+    DomainError: on_domain_error,
+    HTTPException: on_http_error,
+    RedisConnectionError: on_store_error,
+    RedisTimeoutError: on_store_error,
+    Exception: on_unexpected,
+}

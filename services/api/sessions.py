@@ -1,0 +1,192 @@
+"""Session, message and tool endpoints: parse, call the service layer, answer bytes.
+
+Writes answer from the events they appended; reads answer the read models'
+pre-encoded JSON without decoding it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, MediaType, Request, Response, delete, get, post, route
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+
+from shared.codec import json_encode
+from shared.domain.commands import AddMessage, CreateSession, DeleteSession, UpdateSession
+from shared.domain.errors import Invalid, NotFound, VersionConflict
+from shared.domain.events import Event, MessageAdded
+from shared.domain.ids import parse_uuid
+from shared.domain.model import (
+    ErrorBody,
+    Message,
+    MessageCreate,
+    MessageList,
+    Session,
+    SessionCreate,
+    SessionDeletion,
+    SessionList,
+    SessionPatch,
+    ToolList,
+)
+from shared.domain.state import SessionState
+from shared.service import Idempotency, Reply, SessionService
+from services.api.auth import provide_tenant
+
+Limit = Annotated[int, Parameter(ge=1, le=1000, description="Items per page (1..1000).")]
+Offset = Annotated[int, Parameter(ge=0, description="Items to skip.")]
+IdempotencyKey = Annotated[
+    str | None,
+    Parameter(header="Idempotency-Key", required=False, max_length=255, description="Retrying with the same key and body within 24 h answers the first result and writes nothing."),
+]
+IfMatch = Annotated[
+    str | None,
+    Parameter(header="If-Match", required=False, description="The ETag you hold; a stale one answers 412 and changes nothing."),
+]
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {c: ResponseSpec(data_container=ErrorBody, description="Error") for c in (401, 422, 503, *codes)}
+
+
+def provide_service(state: State) -> SessionService:
+    return state.service
+
+
+def _send(reply: Reply) -> Response[bytes]:
+    return Response(content=bytes(reply.body), status_code=reply.status, headers=reply.headers, media_type=MediaType.JSON)
+
+
+def _session_id(raw: str) -> str:
+    sid = parse_uuid(raw)
+    if sid is None:
+        raise NotFound(f"session {raw} not found")
+    return sid
+
+
+def _etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def _expected_version(if_match: str | None) -> int | None:
+    if if_match is None or if_match.strip() == "*":
+        return None
+    tag = if_match.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit():
+        raise VersionConflict(f"If-Match {if_match!r} matches no version of this session")
+    return int(tag)
+
+
+def _session_reply(status: int, state: SessionState, location: bool = False) -> Reply:
+    assert state.session is not None
+    headers = {"ETag": _etag(state.version)}
+    if location:
+        headers["Location"] = f"/sessions/{state.id}"
+    return Reply(status=status, body=msgspec.Raw(json_encode(state.session)), headers=headers)
+
+
+async def _idempotency(request: Request, key: str | None) -> Idempotency | None:
+    if key is None:
+        return None
+    if not key.strip():
+        raise Invalid("Idempotency-Key must not be empty", {"header": "Idempotency-Key"})
+    return Idempotency.of(key, request.method, request.url.path, await request.body())
+
+
+class SessionController(Controller):
+    path = "/sessions"
+    tags = ["sessions"]
+    dependencies = {"tenant": Provide(provide_tenant), "service": Provide(provide_service, sync_to_thread=False)}
+    security = [{"bearer": []}, {"apiKey": []}]
+
+    @get("/", responses=_errors())
+    async def list_sessions(self, tenant: str, service: SessionService, limit: Limit = 100, offset: Offset = 0) -> Response[SessionList]:
+        """The tenant's sessions, newest first."""
+        items = await service.read_sessions(tenant, limit, offset)
+        return Response(content=b'{"items":[' + b",".join(items) + b"]}", media_type=MediaType.JSON)
+
+    @post("/", status_code=201, responses=_errors())
+    async def create_session(
+        self, request: Request, tenant: str, service: SessionService, data: SessionCreate, idempotency_key: IdempotencyKey = None
+    ) -> Response[Session]:
+        """Create a session. Answers the whole session with `Location` and `ETag`."""
+        idem = await _idempotency(request, idempotency_key)
+        sid = service.new_session_id(tenant, idem)
+        reply = await service.execute(tenant, sid, CreateSession(body=data), lambda s, _: _session_reply(201, s, location=True), idem)
+        return _send(reply)
+
+    @get("/{session_id:str}", responses=_errors(404))
+    async def get_session(self, tenant: str, service: SessionService, session_id: str) -> Response[Session]:
+        sid = _session_id(session_id)
+        view = await service.read(lambda: service.views.session(tenant, sid))
+        return Response(content=view.body, media_type=MediaType.JSON, headers={"ETag": _etag(view.version)})
+
+    @route("/{session_id:str}", http_method=["PUT", "PATCH"], responses=_errors(404, 412))
+    async def update_session(
+        self,
+        request: Request,
+        tenant: str,
+        service: SessionService,
+        session_id: str,
+        data: SessionPatch,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Session]:
+        """Change only the fields present; `null` clears a field. PUT and PATCH do the same."""
+        sid = _session_id(session_id)
+        command = UpdateSession(patch=data, expected_version=_expected_version(if_match))
+        idem = await _idempotency(request, idempotency_key)
+        return _send(await service.execute(tenant, sid, command, lambda s, _: _session_reply(200, s), idem))
+
+    @delete("/{session_id:str}", status_code=202, responses=_errors(404, 412))
+    async def delete_session(
+        self,
+        request: Request,
+        tenant: str,
+        service: SessionService,
+        session_id: str,
+        if_match: IfMatch = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[SessionDeletion]:
+        """Delete the session: it and its messages and tools leave the read models; the log keeps `SessionDeleted`."""
+        sid = _session_id(session_id)
+
+        def respond(_: SessionState, events: list[Event]) -> Reply:
+            body = SessionDeletion(id=sid, deleted_at=events[0].occurred_at)
+            return Reply(status=202, body=msgspec.Raw(json_encode(body)))
+
+        command = DeleteSession(expected_version=_expected_version(if_match))
+        return _send(await service.execute(tenant, sid, command, respond, await _idempotency(request, idempotency_key)))
+
+    @post("/{session_id:str}/messages", status_code=201, responses=_errors(404))
+    async def add_message(
+        self, request: Request, tenant: str, service: SessionService, session_id: str, data: MessageCreate, idempotency_key: IdempotencyKey = None
+    ) -> Response[Message]:
+        """Append a message; `seq` is its 1-based position in the session."""
+        sid = _session_id(session_id)
+
+        def respond(_: SessionState, events: list[Event]) -> Reply:
+            event = events[0]
+            assert isinstance(event, MessageAdded)
+            return Reply(status=201, body=msgspec.Raw(json_encode(event.data)))
+
+        idem = await _idempotency(request, idempotency_key)
+        return _send(await service.execute(tenant, sid, AddMessage(body=data), respond, idem))
+
+    @get("/{session_id:str}/messages", responses=_errors(404))
+    async def list_messages(
+        self, tenant: str, service: SessionService, session_id: str, limit: Limit = 100, offset: Offset = 0
+    ) -> Response[MessageList]:
+        """The session's messages in conversation order (oldest first)."""
+        sid = _session_id(session_id)
+        view = await service.read(lambda: service.views.messages(tenant, sid, limit, offset))
+        return Response(content=b'{"items":[' + b",".join(view.items or []) + b"]}", media_type=MediaType.JSON)
+
+    @get("/{session_id:str}/tools", responses=_errors(404))
+    async def list_tools(self, tenant: str, service: SessionService, session_id: str) -> Response[ToolList]:
+        sid = _session_id(session_id)
+        view = await service.read(lambda: service.views.tools(tenant, sid))
+        return Response(content=view.body, media_type=MediaType.JSON)

@@ -1,0 +1,157 @@
+"""`parley`: run the service (dev, api, worker) and manage API keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from shared.config import Settings
+
+log = logging.getLogger("parley")
+
+DEV_KEY = "demo:demo-key"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="parley", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("dev", "API + projector in one process on an embedded store (REDIS_URL, else a private redis-server, else fakeredis)"),
+        ("api", "the HTTP API against REDIS_URL (run as many as you like)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8000)
+    sub.add_parser("worker", help="the projector against REDIS_URL (run as many as you like)")
+    keys = sub.add_parser("keys", help="manage API keys stored in Redis")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create a key for a tenant and print it")
+    kc.add_argument("--tenant", required=True)
+    kr = ksub.add_parser("revoke", help="revoke a key (the key itself or its id)")
+    kr.add_argument("key")
+    ksub.add_parser("list", help="list key ids and tenants")
+    args = parser.parse_args(argv)
+
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    match args.command:
+        case "dev":
+            asyncio.run(_dev(settings, args.host, args.port))
+        case "api":
+            _require_redis(settings)
+            asyncio.run(_serve(settings, args.host, args.port, run_projector=False))
+        case "worker":
+            _require_redis(settings)
+            asyncio.run(_worker(settings))
+        case "keys":
+            _require_redis(settings)
+            asyncio.run(_keys(settings, args))
+
+
+def _require_redis(settings: Settings) -> None:
+    if not settings.redis_url:
+        sys.exit("REDIS_URL is not set (parley dev runs without it)")
+
+
+async def _dev(settings: Settings, host: str, port: int) -> None:
+    from shared.redis.server import RedisServer, redis_server_binary
+
+    if not settings.api_keys:
+        settings = Settings.from_env(api_keys=DEV_KEY)
+        log.warning("PARLEY_API_KEYS is unset: accepting tenant 'demo' with key 'demo-key'")
+    server = None
+    redis = None
+    if settings.redis_url:
+        log.info("store: %s", settings.redis_url)
+    elif (binary := redis_server_binary()) is not None:
+        data = Path(settings.data_dir) / "redis"
+        port_file = Path(settings.data_dir) / "redis.port"
+        server = RedisServer(data, binary=binary).start()
+        port_file.write_text(str(server.port))
+        settings = Settings.from_env(api_keys=settings.api_keys, redis_url=server.url)
+        log.info("store: private redis-server on %s, data in %s (AOF, fsync every second)", server.url, data)
+    else:
+        import fakeredis
+
+        redis = fakeredis.FakeAsyncRedis()
+        log.warning("store: fakeredis in memory; nothing survives a restart (install redis-server to keep data)")
+    try:
+        await _serve(settings, host, port, run_projector=True, redis=redis)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+async def _serve(settings: Settings, host: str, port: int, run_projector: bool, redis=None) -> None:
+    import uvicorn
+
+    from services.api.app import create_app
+
+    app = create_app(settings, redis=redis, run_projector=run_projector)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop" if _has("uvloop") else "asyncio",
+        http="httptools" if _has("httptools") else "h11",
+        access_log=False,
+        log_level=settings.log_level.lower(),
+        lifespan="on",
+    )
+    log.info("Parley on http://%s:%d (OpenAPI at /schema)", host, port)
+    await uvicorn.Server(config).serve()
+
+
+async def _worker(settings: Settings) -> None:
+    from services.api.app import make_projector
+    from shared.redis.connect import check_partitions, connect
+    from shared.redis.keys import Keys
+
+    redis = connect(settings.redis_url or "")
+    await check_partitions(redis, settings.partitions)
+    projector = make_projector(redis, Keys(settings.partitions), settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("projector %s running", projector.feed.consumer)
+    await projector.run(stop)
+    await projector.feed.forget_consumer()
+    await redis.aclose()
+
+
+async def _keys(settings: Settings, args: argparse.Namespace) -> None:
+    from shared.redis.api_keys import RedisApiKeys, key_id
+    from shared.redis.connect import connect
+
+    redis = connect(settings.redis_url or "")
+    store = RedisApiKeys(redis)
+    match args.keys_command:
+        case "create":
+            key = await store.create(args.tenant)
+            print(key)
+            print(f"id {key_id(key)} for tenant {args.tenant}", file=sys.stderr)
+        case "revoke":
+            if not await store.revoke(args.key):
+                await redis.aclose()
+                sys.exit("no such key")
+            print("revoked", file=sys.stderr)
+        case "list":
+            for kid, tenant in await store.list():
+                print(f"{kid}\t{tenant}")
+    await redis.aclose()
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The background worker: the projector (and, with the chat issue, the arq chat jobs)."""

@@ -1,0 +1,1 @@
+"""Parley's shared package: the domain (pure) and the adapters both services use."""

@@ -1,0 +1,52 @@
+"""Byte encodings shared by the adapters: events as log fields, state as msgpack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from shared.domain.events import SCHEMA_VERSION, Event
+from shared.domain.state import SessionState
+
+json_encode = msgspec.json.Encoder().encode
+_event_decoder = msgspec.json.Decoder(Event)
+_state_encoder = msgspec.msgpack.Encoder()
+_state_decoder = msgspec.msgpack.Decoder(SessionState)
+
+
+def event_fields(event: Event) -> tuple[str, str, str, bytes]:
+    """(type, id, occurred_at, data JSON): what the log stores of an event; the version is the entry's id."""
+    at = json_encode(event.occurred_at)[1:-1].decode()
+    return type(event).__name__, event.id, at, json_encode(event.data)
+
+
+def event_json(version: int, fields: dict[bytes, bytes]) -> bytes:
+    """The wire JSON of a logged event, assembled without decoding its data."""
+    data = upcast(fields[b"t"], int(fields.get(b"s", b"1")), fields[b"d"])
+    return b'{"type":"%s","id":"%s","version":%d,"occurred_at":"%s","data":%s}' % (
+        fields[b"t"], fields[b"i"], version, fields[b"a"], data,
+    )
+
+
+def decode_event(version: int, fields: dict[bytes, bytes]) -> Event:
+    return _event_decoder.decode(event_json(version, fields))
+
+
+def upcast(event_type: bytes, schema: int, data: bytes) -> bytes:
+    """Bring a payload written under an older schema to today's shape (none are older yet)."""
+    if schema == SCHEMA_VERSION:
+        return data
+    raise ValueError(f"no upcaster for {event_type.decode()} schema {schema}")
+
+
+def encode_state(state: SessionState) -> bytes:
+    return _state_encoder.encode(state)
+
+
+def decode_state(raw: bytes) -> SessionState:
+    return _state_decoder.decode(raw)
+
+
+def pairs(flat: list[Any]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2]))

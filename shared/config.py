@@ -1,0 +1,56 @@
+"""Settings: every knob is an environment variable, read once into one typed object."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+_PREFIX = "PARLEY_"
+
+
+class Settings(Struct, kw_only=True, frozen=True):
+    redis_url: str | None = None
+    """`REDIS_URL`. Unset: `parley dev` runs an embedded store; `api`/`worker` refuse to start."""
+    api_keys: str = ""
+    """Comma-separated `tenant:key` pairs accepted besides the keys stored in Redis."""
+    partitions: int = 16
+    """Fixed at first start (kept in Redis): sessions hash into this many Redis Cluster slots."""
+    max_body_bytes: int = 1 << 20
+    max_content_chars: int = 100_000
+    read_timeout_s: float = 2.0
+    """How long a GET waits for the projector to reach the session's last acknowledged write."""
+    key_cache_ttl_s: float = 10.0
+    """How long an API process trusts a looked-up key; a revoke takes effect within this time."""
+    idempotency_ttl_s: int = 86_400
+    state_cache_size: int = 10_000
+    projector_batch: int = 256
+    projector_claim_idle_ms: int = 2_000
+    """A feed entry a consumer has held this long is taken over (its projector died)."""
+    data_dir: str = ".parley"
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ if env is None else env)
+        raw: dict[str, Any] = {}
+        if env.get("REDIS_URL"):
+            raw["redis_url"] = env["REDIS_URL"]
+        for name in cls.__struct_fields__:
+            key = _PREFIX + name.upper()
+            if key in env:
+                raw[name] = env[key]
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return msgspec.convert(raw, cls, strict=False)
+
+    def static_keys(self) -> dict[str, str]:
+        """`PARLEY_API_KEYS` as {key: tenant}."""
+        keys: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in self.api_keys.split(","))):
+            tenant, sep, key = pair.partition(":")
+            if not sep or not tenant or not key:
+                raise ValueError(f"PARLEY_API_KEYS entry {pair!r} is not tenant:key")
+            keys[key] = tenant
+        return keys

@@ -1,0 +1,48 @@
+"""Domain errors: why a command was refused. The API maps each `code` to an HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    code = "domain_error"
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class Invalid(DomainError):
+    """The command is well-formed but breaks a rule of the session (→ 422)."""
+
+    code = "validation_failed"
+
+
+class VersionConflict(DomainError):
+    """The caller's expected version (If-Match) is not the session's version (→ 412)."""
+
+    code = "version_conflict"
+
+
+class IdempotencyKeyReused(DomainError):
+    """The Idempotency-Key was first used with another request (→ 422)."""
+
+    code = "idempotency_key_reused"
+
+
+class ProjectionLagging(DomainError):
+    """The read model did not reach the last acknowledged write in time (→ 503)."""
+
+    code = "projection_lagging"
+
+
+class Contention(DomainError):
+    """Too many concurrent writers on one session; the client should retry (→ 409)."""
+
+    code = "version_conflict"

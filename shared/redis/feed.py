@@ -1,0 +1,114 @@
+"""The projector's work queue: each partition's feed stream, read through one consumer group.
+
+A feed entry only names a session that changed; the projector then catches that
+session up from its log. So entries can be handled in any order, by any
+consumer, any number of times: the read model's version check makes it exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from shared.redis.keys import Keys
+
+GROUP = "projector"
+
+
+class FeedEntry(tuple):
+    """(partition, entry id, session id)"""
+
+    __slots__ = ()
+
+    @property
+    def partition(self) -> int:
+        return self[0]
+
+    @property
+    def entry_id(self) -> bytes:
+        return self[1]
+
+    @property
+    def session_id(self) -> str:
+        return self[2]
+
+
+class RedisFeed:
+    def __init__(self, redis: Redis, keys: Keys, consumer: str) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.consumer = consumer
+        self._streams = {keys.feed(p): p for p in range(keys.partitions)}
+
+    async def ensure_groups(self) -> None:
+        for stream in self._streams:
+            try:
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    async def read(self, count: int, block_ms: int | None) -> list[FeedEntry]:
+        """New entries from every partition (one XREADGROUP; all feeds share a node in standalone Redis)."""
+        reply = await self.redis.xreadgroup(
+            GROUP, self.consumer, {s: ">" for s in self._streams}, count=count, block=block_ms
+        )
+        return self._entries(reply or [])
+
+    async def claim_stale(self, min_idle_ms: int, count: int) -> list[FeedEntry]:
+        """Take over entries that a dead consumer read but never acknowledged."""
+        out: list[FeedEntry] = []
+        for stream, p in self._streams.items():
+            reply = await self.redis.xautoclaim(stream, GROUP, self.consumer, min_idle_ms, "0-0", count=count)
+            out.extend(FeedEntry((p, eid, f[b"s"].decode())) for eid, f in reply[1] if f)
+        return out
+
+    async def ack(self, entries: Sequence[FeedEntry]) -> None:
+        by_stream: dict[str, list[bytes]] = {}
+        for e in entries:
+            by_stream.setdefault(self.keys.feed(e.partition), []).append(e.entry_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in by_stream.items():
+            pipe.xack(stream, GROUP, *ids)
+        await pipe.execute()
+
+    async def trim(self) -> None:
+        """Drop entries every consumer is done with: older than the oldest pending or undelivered one."""
+        for stream in self._streams:
+            groups = await self.redis.xinfo_groups(stream)
+            group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+            if group is None:
+                continue
+            floor = group["last-delivered-id"]
+            summary = await self.redis.xpending(stream, GROUP)
+            if summary and summary.get("pending"):
+                floor = min(floor, summary["min"], key=_id_key)
+            await self.redis.xtrim(stream, minid=floor, approximate=False)
+
+    async def heartbeat(self) -> None:
+        await self.redis.zadd(self.keys.projectors, {self.consumer: int(time.time() * 1000)})
+
+    async def forget_consumer(self) -> None:
+        for stream in self._streams:
+            await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
+        await self.redis.zrem(self.keys.projectors, self.consumer)
+
+    def _entries(self, reply: list) -> list[FeedEntry]:
+        out = []
+        for stream, items in reply:
+            p = self._streams[stream.decode() if isinstance(stream, bytes) else stream]
+            out.extend(FeedEntry((p, eid, f[b"s"].decode())) for eid, f in items if f)
+        return out
+
+
+async def projector_alive(redis: Redis, keys: Keys, within_ms: int = 10_000) -> bool:
+    newest = await redis.zrevrange(keys.projectors, 0, 0, withscores=True)
+    return bool(newest) and newest[0][1] >= time.time() * 1000 - within_ms
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)

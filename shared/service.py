@@ -1,0 +1,209 @@
+"""The service layer: load state, decide, append; and read with read-your-writes.
+
+Plain async functions over the ports, so the API (and later the chat worker)
+run the same write path, and unit tests can drive it against fakeredis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+from datetime import UTC, datetime
+import msgspec
+
+from shared.domain.commands import Command, CreateSession, Limits, Stamp, decide
+from shared.domain.errors import Contention, DomainError, IdempotencyKeyReused, NotFound, ProjectionLagging
+from shared.domain.events import Event
+from shared.domain.ids import uuid7
+from shared.domain.state import SessionState, fold
+from shared.ports import (
+    Appended,
+    Conflict,
+    EventLog,
+    IdempotencyClaim,
+    IdempotencyMismatch,
+    Missing,
+    ReadModels,
+    Replayed,
+    View,
+)
+from shared.redis.keys import partition_of
+
+MAX_ATTEMPTS = 8
+T = TypeVar("T")
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    """An HTTP answer decided by the service layer; stored verbatim for idempotent replays."""
+
+    status: int
+    body: msgspec.Raw
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+_reply_encoder = msgspec.json.Encoder()
+_reply_decoder = msgspec.json.Decoder(Reply)
+
+Respond = Callable[[SessionState, list[Event]], Reply]
+
+
+class Idempotency(msgspec.Struct, frozen=True):
+    key: str
+    request_hash: str
+
+    @classmethod
+    def of(cls, key: str, method: str, path: str, body: bytes) -> Idempotency:
+        digest = hashlib.sha256(method.encode() + b" " + path.encode() + b"\n" + body).hexdigest()
+        return cls(hashlib.sha256(key.encode()).hexdigest()[:32], digest)
+
+
+class StateCache:
+    """A small LRU of (tenant, session) → state, so a warm write is one Redis round trip."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str], SessionState] = OrderedDict()
+
+    def get(self, tenant: str, sid: str) -> SessionState | None:
+        key = (tenant, sid)
+        state = self._items.get(key)
+        if state is not None:
+            self._items.move_to_end(key)
+        return state
+
+    def put(self, tenant: str, state: SessionState) -> None:
+        key = (tenant, state.id)
+        current = self._items.get(key)
+        if current is None or current.version <= state.version:
+            self._items[key] = state
+            self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+class SessionService:
+    def __init__(
+        self,
+        log: EventLog,
+        views: ReadModels,
+        partitions: int,
+        limits: Limits = Limits(),
+        read_timeout_s: float = 2.0,
+        cache_size: int = 10_000,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        new_id: Callable[[], str] = uuid7,
+    ) -> None:
+        self.log = log
+        self.views = views
+        self.partitions = partitions
+        self.limits = limits
+        self.read_timeout_s = read_timeout_s
+        self.cache = StateCache(cache_size)
+        self.clock = clock
+        self.new_id = new_id
+
+    def new_session_id(self, tenant: str, idempotency: Idempotency | None) -> str:
+        """A fresh id; with an Idempotency-Key, one in the partition the key's record lives in."""
+        sid = self.new_id()
+        if idempotency is None:
+            return sid
+        target = partition_of(f"{tenant}:{idempotency.key}", self.partitions)
+        while partition_of(sid, self.partitions) != target:
+            sid = self.new_id()
+        return sid
+
+    async def execute(
+        self,
+        tenant: str,
+        session_id: str,
+        command: Command,
+        respond: Respond,
+        idempotency: Idempotency | None = None,
+    ) -> Reply:
+        """Decide on the freshest state we have and append with an expected-version check; retry on conflict."""
+        state = self.cache.get(tenant, session_id)
+        fresh = state is None
+        if isinstance(command, CreateSession):
+            state, fresh = SessionState(id=session_id), True
+        elif state is None:
+            state = await self.log.load(tenant, session_id)
+            if state is None:
+                raise NotFound(f"session {session_id} not found")
+        for _ in range(MAX_ATTEMPTS):
+            try:
+                events = decide(state, command, Stamp(now=self.clock(), new_id=self.new_id), self.limits)
+            except DomainError:
+                if idempotency is not None and (replay := await self._replay(tenant, session_id, idempotency)):
+                    return replay
+                if fresh:
+                    raise
+                state, fresh = await self._reload(tenant, state), True
+                continue
+            after = fold(state, events)
+            reply = respond(after, events)
+            if not events:
+                return reply
+            claim = None
+            if idempotency is not None:
+                claim = IdempotencyClaim(key=idempotency.key, request_hash=idempotency.request_hash, response=_reply_encoder.encode(reply))
+            match await self.log.append(tenant, session_id, state.version, events, claim):
+                case Appended():
+                    self.cache.put(tenant, after)
+                    return reply
+                case Replayed(response=raw):
+                    return _reply_decoder.decode(raw)
+                case IdempotencyMismatch():
+                    raise IdempotencyKeyReused("this Idempotency-Key was used with a different request")
+                case Missing():
+                    raise NotFound(f"session {session_id} not found")
+                case Conflict():
+                    state, fresh = await self._reload(tenant, state), True
+        raise Contention(f"session {session_id} is changing too fast; retry")
+
+    async def _reload(self, tenant: str, known: SessionState) -> SessionState:
+        state = await self.log.load(tenant, known.id, known if known.version else None)
+        if state is None:
+            raise NotFound(f"session {known.id} not found")
+        self.cache.put(tenant, state)
+        return state
+
+    async def _replay(self, tenant: str, session_id: str, idempotency: Idempotency) -> Reply | None:
+        raw = await self.log.recall(tenant, session_id, idempotency.key, idempotency.request_hash)
+        if raw is None:
+            return None
+        if raw == b"":
+            raise IdempotencyKeyReused("this Idempotency-Key was used with a different request")
+        return _reply_decoder.decode(raw)
+
+    # -- reads ------------------------------------------------------------------------
+    async def read(self, fetch: Callable[[], Awaitable[View]]) -> View:
+        """Wait (bounded) until the read model holds every write acknowledged before this read began."""
+        view = await self._fresh(fetch, lambda v: v.head == 0 or v.version >= v.head)
+        if view is None:
+            raise ProjectionLagging("the read model is behind the last acknowledged write; retry shortly")
+        if view.head == 0 or view.body is None:
+            raise NotFound("session not found")
+        return view
+
+    async def read_sessions(self, tenant: str, limit: int, offset: int) -> list[bytes]:
+        page = await self._fresh(lambda: self.views.sessions(tenant, limit, offset), lambda p: p[0])
+        if page is None:
+            raise ProjectionLagging("the session index is behind the last acknowledged write; retry shortly")
+        return page[1]
+
+    async def _fresh(self, fetch: Callable[[], Awaitable[T]], caught_up: Callable[[T], bool]) -> T | None:
+        """Poll `fetch` with a short backoff until `caught_up`, or None after `read_timeout_s`."""
+        deadline = time.monotonic() + self.read_timeout_s
+        delay = 0.0005
+        while True:
+            result = await fetch()
+            if caught_up(result):
+                return result
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
