@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -80,6 +79,8 @@ async def _dev(settings: Settings, host: str, port: int) -> None:
 
         redis = fakeredis.FakeAsyncRedis()
         log.warning("store: fakeredis in memory; nothing survives a restart (install redis-server to keep data)")
+    # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exit so `finally` stops redis-server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         await _serve(settings, host, port, run_projector=True, redis=redis)
     finally:

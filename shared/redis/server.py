@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -56,7 +57,9 @@ class RedisServer:
             "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "",
             "--daemonize", "no", "--protected-mode", "yes", "--logfile", "redis.log",
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -91,3 +94,11 @@ class RedisServer:
                 self.proc.wait()
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if its parent dies, even by SIGKILL, so none is left behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass

@@ -1,0 +1,81 @@
+"""Shared fixtures: a throwaway redis-server per test session, fakeredis per test, and both as `redis`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+
+from shared.redis.server import RedisServer
+from tests.support import ParleyProcess
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, shared by the session's tests (each flushes it)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync="always").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def real_redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def fake_redis() -> AsyncIterator[Redis]:
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """Every contract test runs against both backends."""
+    if request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    else:
+        client = Redis.from_url(request.getfixturevalue("redis_server").url)
+        await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[list]:
+    """Collects started processes and stops them (and fresh redis-servers) at the end of the test."""
+    started: list = []
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
+@pytest.fixture
+def spawn(processes: list, tmp_path: Path):
+    """spawn("api"|"worker", redis_url, env=...) → a running ParleyProcess, stopped after the test."""
+
+    def _spawn(role: str, redis_url: str, env: dict[str, str] | None = None) -> ParleyProcess:
+        proc = ParleyProcess(role, redis_url, tmp_path, env).start()
+        processes.append(proc)
+        return proc
+
+    return _spawn
+
+
+@pytest.fixture
+def fresh_redis(processes: list, tmp_path: Path):
+    """fresh_redis() → a new redis-server of this test alone (AOF, fsync always), to kill and restart."""
+
+    def _make(**kw) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(processes)}", appendfsync="always", **kw).start()
+        processes.append(server)
+        return server
+
+    return _make

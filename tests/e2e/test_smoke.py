@@ -1,0 +1,15 @@
+import httpx
+
+from tests.support import auth
+
+
+def test_api_and_worker_processes_serve_a_write_and_read(redis_server, spawn):
+    api = spawn("api", redis_server.url)
+    spawn("worker", redis_server.url)
+    with httpx.Client(base_url=api.url) as c:
+        created = c.post("/sessions", json={"situation": "s"}, headers=auth())
+        assert created.status_code == 201
+        sid = created.json()["id"]
+        got = c.get(f"/sessions/{sid}", headers=auth())
+        assert got.status_code == 200 and got.json() == created.json()
+        assert c.get("/ready").json()["status"] == "ready"

@@ -1,0 +1,86 @@
+"""Test helpers: real processes (redis-server, `parley api`, `parley worker`) on loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from shared.redis.server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TENANTS = {"acme": "acme-key", "globex": "globex-key"}
+API_KEYS = ",".join(f"{t}:{k}" for t, k in TENANTS.items())
+
+
+def auth(tenant: str = "acme") -> dict[str, str]:
+    return {"Authorization": f"Bearer {TENANTS[tenant]}"}
+
+
+class ParleyProcess:
+    """`parley api` or `parley worker` as a child process (kill() is SIGKILL, as a crash)."""
+
+    def __init__(self, role: str, redis_url: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.role = role
+        self.port = free_port() if role in ("api", "dev") else None
+        self.redis_url = redis_url
+        self.log_path = log_dir / f"{role}-{time.monotonic_ns()}.log"
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "PARLEY_API_KEYS": API_KEYS,
+            "PARLEY_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": str(ROOT),
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> ParleyProcess:
+        args = [sys.executable, "-m", "services.cli", self.role]
+        if self.port:
+            args += ["--port", str(self.port)]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if self.port:
+            self._wait_http(timeout)
+        return self
+
+    def _wait_http(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.role} exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=0.5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.role} did not come up: {self.log_path.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+__all__ = ["API_KEYS", "TENANTS", "ParleyProcess", "RedisServer", "auth", "free_port"]
