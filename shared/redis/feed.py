@@ -82,10 +82,11 @@ class RedisFeed:
             group = next((g for g in groups if g["name"] == GROUP.encode()), None)
             if group is None:
                 continue
-            floor = group["last-delivered-id"]
+            ms, seq = _id_key(group["last-delivered-id"])
+            floor = f"{ms}-{seq + 1}"  # everything delivered so far, unless some is still pending
             summary = await self.redis.xpending(stream, GROUP)
             if summary and summary.get("pending"):
-                floor = min(floor, summary["min"], key=_id_key)
+                floor = summary["min"].decode()
             await self.redis.xtrim(stream, minid=floor, approximate=False)
 
     async def heartbeat(self) -> None:

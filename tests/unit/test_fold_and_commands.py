@@ -1,0 +1,125 @@
+"""The pure domain: commands decide events, `evolve` folds them, `project` plans read-model writes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from itertools import count
+
+import pytest
+from msgspec import UNSET
+
+from shared.domain.commands import AddMessage, CreateSession, DeleteSession, Limits, Stamp, UpdateSession, decide
+from shared.domain.errors import Invalid, NotFound, VersionConflict
+from shared.domain.events import MessageAdded, SessionCreated, SessionDeleted, SessionUpdated, ToolsChanged
+from shared.domain.model import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
+from shared.domain.projection import project
+from shared.domain.state import SessionState, evolve, fold
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def stamp() -> Stamp:
+    ids = count(1)
+    return Stamp(now=T0, new_id=lambda: f"id-{next(ids)}")
+
+
+def tool(name: str) -> Tool:
+    return Tool(type="function", function=FunctionDef(name=name, parameters={"type": "object"}))
+
+
+def run(state: SessionState, *commands) -> SessionState:
+    for c in commands:
+        state = fold(state, decide(state, c, stamp()))
+    return state
+
+
+def created(**fields) -> SessionState:
+    return run(SessionState(id="s1"), CreateSession(body=SessionCreate(**fields)))
+
+
+def test_create_gives_version_1_and_the_session_fields():
+    state = created(agent_id="a", situation="be brief", tools=[tool("f")])
+    assert state.version == 1 and state.exists
+    assert state.session.agent_id == "a" and state.session.situation == "be brief"
+    assert [t.function.name for t in state.session.tools] == ["f"]
+    assert state.session.created_at == state.session.updated_at == T0
+
+
+def test_create_twice_is_refused():
+    with pytest.raises(Invalid):
+        decide(created(), CreateSession(body=SessionCreate()), stamp())
+
+
+def test_patch_changes_only_present_fields_and_null_clears():
+    state = run(created(agent_id="a", user_id="u"), UpdateSession(patch=SessionPatch(agent_id=None)))
+    assert state.session.agent_id is None and state.session.user_id == "u" and state.version == 2
+
+
+def test_patch_with_tools_is_two_events_one_version_each():
+    events = decide(created(), UpdateSession(patch=SessionPatch(situation="x", tools=[tool("g")])), stamp())
+    assert [type(e) for e in events] == [SessionUpdated, ToolsChanged]
+    assert [e.version for e in events] == [2, 3]
+    assert events[0].data.agent_id is UNSET
+
+
+def test_empty_patch_appends_nothing():
+    assert decide(created(), UpdateSession(patch=SessionPatch()), stamp()) == []
+
+
+def test_stale_expected_version_is_a_conflict():
+    with pytest.raises(VersionConflict):
+        decide(created(), UpdateSession(patch=SessionPatch(agent_id="b"), expected_version=7), stamp())
+
+
+def test_duplicate_tool_names_are_refused():
+    with pytest.raises(Invalid):
+        decide(SessionState(id="s"), CreateSession(body=SessionCreate(tools=[tool("f"), tool("f")])), stamp())
+
+
+def test_messages_get_consecutive_seq():
+    state = created()
+    for i in range(3):
+        state = run(state, AddMessage(body=MessageCreate(role="user", content=f"m{i}")))
+    assert state.message_count == 3 and state.version == 4
+
+
+@pytest.mark.parametrize(
+    "body",
+    [MessageCreate(role="tool", content="x"), MessageCreate(role="user", content="x", tool_call_id="c1")],
+)
+def test_tool_call_id_goes_with_role_tool_only(body):
+    with pytest.raises(Invalid):
+        decide(created(), AddMessage(body=body), stamp())
+
+
+def test_content_over_the_limit_is_refused():
+    with pytest.raises(Invalid):
+        decide(created(), AddMessage(body=MessageCreate(role="user", content="x" * 11)), stamp(), Limits(max_content_chars=10))
+
+
+def test_deleted_session_refuses_everything():
+    state = run(created(), DeleteSession())
+    assert state.deleted and not state.exists
+    for command in (DeleteSession(), UpdateSession(patch=SessionPatch(agent_id="x")), AddMessage(body=MessageCreate(role="user", content="x"))):
+        with pytest.raises(NotFound):
+            decide(state, command, stamp())
+
+
+def test_evolve_refuses_a_gap_in_versions():
+    event = decide(created(), AddMessage(body=MessageCreate(role="user", content="x")), stamp())[0]
+    with pytest.raises(ValueError):
+        evolve(SessionState(id="s1"), event)
+
+
+def test_project_plans_index_messages_and_removal():
+    start = SessionState(id="s1")
+    events = decide(start, CreateSession(body=SessionCreate()), stamp())
+    after_create = fold(start, events)
+    events += decide(after_create, AddMessage(body=MessageCreate(role="user", content="hi")), stamp())
+    update = project(start, events)
+    assert update.index == "add" and update.message_versions == [2] and update.tools_changed
+    assert update.from_version == 0 and update.to_version == 2 and update.event_count == 2
+    deleted = project(update.state, decide(update.state, DeleteSession(), stamp()))
+    assert deleted.index == "remove" and deleted.session is None
+    assert [type(e) for e in events] == [SessionCreated, MessageAdded]
+    assert isinstance(decide(update.state, DeleteSession(), stamp())[0], SessionDeleted)
