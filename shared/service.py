@@ -7,10 +7,11 @@ run the same write path, and unit tests can drive it against fakeredis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 from datetime import UTC, datetime
 import msgspec
@@ -85,6 +86,33 @@ class StateCache:
             self._items.popitem(last=False)
 
 
+class KeyedLocks:
+    """One asyncio lock per key, dropped when nobody holds or awaits it.
+
+    Writes to one session from one process queue behind each other instead of racing to a
+    version conflict and a reload; conflicts remain only between processes.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[object, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: object) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class SessionService:
     def __init__(
         self,
@@ -105,6 +133,7 @@ class SessionService:
         self.cache = StateCache(cache_size)
         self.clock = clock
         self.new_id = new_id
+        self.locks = KeyedLocks()
 
     def new_session_id(self, tenant: str, idempotency: Idempotency | None) -> str:
         """A fresh id; with an Idempotency-Key, one in the partition the key's record lives in."""
@@ -125,6 +154,12 @@ class SessionService:
         idempotency: Idempotency | None = None,
     ) -> Reply:
         """Decide on the freshest state we have and append with an expected-version check; retry on conflict."""
+        async with self.locks.hold((tenant, session_id)):
+            return await self._execute(tenant, session_id, command, respond, idempotency)
+
+    async def _execute(
+        self, tenant: str, session_id: str, command: Command, respond: Respond, idempotency: Idempotency | None
+    ) -> Reply:
         state = self.cache.get(tenant, session_id)
         fresh = state is None
         if isinstance(command, CreateSession):
