@@ -19,6 +19,7 @@ from shared.domain.errors import (
     VersionConflict,
 )
 from shared.domain.model import ErrorBody, ErrorDetail
+from services.api.body import InvalidJson, SchemaMismatch
 
 log = logging.getLogger("parley.api")
 
@@ -29,6 +30,8 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
     IdempotencyKeyReused: 422,
     ProjectionLagging: 503,
     Contention: 409,
+    InvalidJson: 400,
+    SchemaMismatch: 422,
 }
 
 HTTP_CODES = {
@@ -66,11 +69,8 @@ def on_domain_error(_: Request, exc: DomainError) -> Response[ErrorBody]:
 
 def on_http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
     status = exc.status_code
-    if isinstance(exc, ValidationException):
-        if exc.extra:
-            return error_response(422, "validation_failed", "the request does not match the schema", _details(exc.extra))
-        if str(exc.detail).startswith("JSON is malformed"):
-            return error_response(400, "invalid_json", str(exc.detail))
+    if isinstance(exc, ValidationException) and exc.extra:  # query, path and header parameters
+        return error_response(422, "validation_failed", "the request does not match the schema", _details(exc.extra))
     headers = dict(exc.headers or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")

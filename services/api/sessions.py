@@ -35,6 +35,7 @@ from shared.domain.model import (
 from shared.domain.state import SessionState
 from shared.service import Idempotency, Reply, SessionService
 from services.api.auth import provide_tenant
+from services.api.body import StrictBody
 
 Limit = Annotated[int, Parameter(ge=1, le=1000, description="Items per page (1..1000).")]
 Offset = Annotated[int, Parameter(ge=0, description="Items to skip.")]
@@ -108,7 +109,7 @@ class SessionController(Controller):
         items = await service.read_sessions(tenant, limit, offset)
         return Response(content=b'{"items":[' + b",".join(items) + b"]}", media_type=MediaType.JSON)
 
-    @post("/", status_code=201, responses=_errors())
+    @post("/", status_code=201, responses=_errors(), dto=StrictBody[SessionCreate], return_dto=None)
     async def create_session(
         self, request: Request, tenant: str, service: SessionService, data: SessionCreate, idempotency_key: IdempotencyKey = None
     ) -> Response[Session]:
@@ -124,7 +125,7 @@ class SessionController(Controller):
         view = await service.read(lambda: service.views.session(tenant, sid))
         return Response(content=view.body, media_type=MediaType.JSON, headers={"ETag": _etag(view.version)})
 
-    @route("/{session_id:str}", http_method=["PUT", "PATCH"], responses=_errors(404, 412))
+    @route("/{session_id:str}", http_method=["PUT", "PATCH"], responses=_errors(404, 412), dto=StrictBody[SessionPatch], return_dto=None)
     async def update_session(
         self,
         request: Request,
@@ -161,7 +162,7 @@ class SessionController(Controller):
         command = DeleteSession(expected_version=_expected_version(if_match))
         return _send(await service.execute(tenant, sid, command, respond, await _idempotency(request, idempotency_key)))
 
-    @post("/{session_id:str}/messages", status_code=201, responses=_errors(404))
+    @post("/{session_id:str}/messages", status_code=201, responses=_errors(404), dto=StrictBody[MessageCreate], return_dto=None)
     async def add_message(
         self, request: Request, tenant: str, service: SessionService, session_id: str, data: MessageCreate, idempotency_key: IdempotencyKey = None
     ) -> Response[Message]:

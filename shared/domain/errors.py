@@ -45,4 +45,4 @@ class ProjectionLagging(DomainError):
 class Contention(DomainError):
     """Too many concurrent writers on one session; the client should retry (→ 409)."""
 
-    code = "version_conflict"
+    code = "write_contention"

@@ -1,0 +1,72 @@
+"""Strict request bodies: raw bytes → msgspec Struct in one pass, with no type coercion.
+
+litestar decodes bodies to Python objects and then converts them leniently (so "100"
+would become 100). Every write body goes through this DTO instead: msgspec decodes the
+bytes straight into the wire type, strictly, and the OpenAPI schema is the wire type's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, Generic, TypeVar
+
+import msgspec
+from litestar.dto import AbstractDTO, DTOFieldDefinition
+from litestar.typing import FieldDefinition
+
+from shared.domain.errors import DomainError
+
+T = TypeVar("T")
+
+
+class InvalidJson(DomainError):
+    code = "invalid_json"
+
+
+class SchemaMismatch(DomainError):
+    code = "validation_failed"
+
+
+class StrictBody(AbstractDTO[T], Generic[T]):
+    _decoders: dict[type, msgspec.json.Decoder] = {}
+
+    def decode_bytes(self, value: bytes) -> T:
+        decoder = self._decoders.get(self.model_type)
+        if decoder is None:
+            decoder = self._decoders[self.model_type] = msgspec.json.Decoder(self.model_type)
+        try:
+            return decoder.decode(value)
+        except msgspec.ValidationError as e:
+            _check_syntax(value)  # a typed decode can fail on a field before it reaches a syntax error
+            raise SchemaMismatch("the request body does not match the schema", [{"message": str(e), "source": "body"}]) from e
+        except msgspec.DecodeError as e:
+            raise InvalidJson(f"the request body is not valid JSON: {e}") from e
+
+    def decode_builtins(self, value: dict[str, Any]) -> T:
+        try:
+            return msgspec.convert(value, self.model_type, strict=True)
+        except msgspec.ValidationError as e:
+            raise SchemaMismatch("the request body does not match the schema", [{"message": str(e), "source": "body"}]) from e
+
+    @classmethod
+    def create_for_field_definition(cls, field_definition: FieldDefinition, handler_id: str, backend_cls: Any = None) -> None:
+        """Nothing to build: decoding is one msgspec call."""
+
+    @classmethod
+    def create_openapi_schema(cls, field_definition: FieldDefinition, handler_id: str, schema_creator: Any) -> Any:
+        return schema_creator.for_field_definition(FieldDefinition.from_annotation(cls.model_type))
+
+    @classmethod
+    def generate_field_definitions(cls, model_type: type[Any]) -> Generator[DTOFieldDefinition, None, None]:
+        yield from ()
+
+    @classmethod
+    def detect_nested_field(cls, field_definition: FieldDefinition) -> bool:
+        return False
+
+
+def _check_syntax(value: bytes) -> None:
+    try:
+        msgspec.json.decode(value)
+    except msgspec.DecodeError as e:
+        raise InvalidJson(f"the request body is not valid JSON: {e}") from e
