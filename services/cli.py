@@ -7,7 +7,9 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from shared.config import Settings
 
@@ -40,16 +42,27 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     match args.command:
         case "dev":
-            asyncio.run(_dev(settings, args.host, args.port))
+            _run(_dev(settings, args.host, args.port))
         case "api":
             _require_redis(settings)
-            asyncio.run(_serve(settings, args.host, args.port, run_projector=False))
+            _run(_serve(settings, args.host, args.port, run_projector=False))
         case "worker":
             _require_redis(settings)
-            asyncio.run(_worker(settings))
+            _run(_worker(settings))
         case "keys":
             _require_redis(settings)
-            asyncio.run(_keys(settings, args))
+            _run(_keys(settings, args))
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where installed (uvicorn's `loop=` only applies to loops uvicorn creates itself)."""
+    factory = None
+    if _has("uvloop"):
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 def _require_redis(settings: Settings) -> None:
@@ -98,7 +111,7 @@ async def _serve(settings: Settings, host: str, port: int, run_projector: bool, 
         app,
         host=host,
         port=port,
-        loop="uvloop" if _has("uvloop") else "asyncio",
+        loop="none",
         http="httptools" if _has("httptools") else "h11",
         access_log=False,
         log_level=settings.log_level.lower(),

@@ -10,7 +10,6 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, delete, get, post, route
-from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
@@ -53,8 +52,8 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
     return {c: ResponseSpec(data_container=ErrorBody, description="Error") for c in (401, 422, 503, *codes)}
 
 
-def provide_service(state: State) -> SessionService:
-    return state.service
+def _service(request: Request) -> SessionService:
+    return request.app.state.service
 
 
 def _send(reply: Reply) -> Response[bytes]:
@@ -100,27 +99,31 @@ async def _idempotency(request: Request, key: str | None) -> Idempotency | None:
 class SessionController(Controller):
     path = "/sessions"
     tags = ["sessions"]
-    dependencies = {"tenant": Provide(provide_tenant), "service": Provide(provide_service, sync_to_thread=False)}
+    # One dependency only: litestar resolves several in an anyio task group, which costs more than the rest of a read.
+    dependencies = {"tenant": Provide(provide_tenant)}
     security = [{"bearer": []}, {"apiKey": []}]
 
     @get("/", responses=_errors())
-    async def list_sessions(self, tenant: str, service: SessionService, limit: Limit = 100, offset: Offset = 0) -> Response[SessionList]:
+    async def list_sessions(self, request: Request, tenant: str, limit: Limit = 100, offset: Offset = 0) -> Response[SessionList]:
         """The tenant's sessions, newest first."""
+        service = _service(request)
         items = await service.read_sessions(tenant, limit, offset)
         return Response(content=b'{"items":[' + b",".join(items) + b"]}", media_type=MediaType.JSON)
 
     @post("/", status_code=201, responses=_errors(), dto=StrictBody[SessionCreate], return_dto=None)
     async def create_session(
-        self, request: Request, tenant: str, service: SessionService, data: SessionCreate, idempotency_key: IdempotencyKey = None
+        self, request: Request, tenant: str, data: SessionCreate, idempotency_key: IdempotencyKey = None
     ) -> Response[Session]:
         """Create a session. Answers the whole session with `Location` and `ETag`."""
+        service = _service(request)
         idem = await _idempotency(request, idempotency_key)
         sid = service.new_session_id(tenant, idem)
         reply = await service.execute(tenant, sid, CreateSession(body=data), lambda s, _: _session_reply(201, s, location=True), idem)
         return _send(reply)
 
     @get("/{session_id:str}", responses=_errors(404))
-    async def get_session(self, tenant: str, service: SessionService, session_id: str) -> Response[Session]:
+    async def get_session(self, request: Request, tenant: str, session_id: str) -> Response[Session]:
+        service = _service(request)
         sid = _session_id(session_id)
         view = await service.read(lambda: service.views.session(tenant, sid))
         return Response(content=view.body, media_type=MediaType.JSON, headers={"ETag": _etag(view.version)})
@@ -130,13 +133,13 @@ class SessionController(Controller):
         self,
         request: Request,
         tenant: str,
-        service: SessionService,
         session_id: str,
         data: SessionPatch,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[Session]:
         """Change only the fields present; `null` clears a field. PUT and PATCH do the same."""
+        service = _service(request)
         sid = _session_id(session_id)
         command = UpdateSession(patch=data, expected_version=_expected_version(if_match))
         idem = await _idempotency(request, idempotency_key)
@@ -147,12 +150,12 @@ class SessionController(Controller):
         self,
         request: Request,
         tenant: str,
-        service: SessionService,
         session_id: str,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[SessionDeletion]:
         """Delete the session: it and its messages and tools leave the read models; the log keeps `SessionDeleted`."""
+        service = _service(request)
         sid = _session_id(session_id)
 
         def respond(_: SessionState, events: list[Event]) -> Reply:
@@ -164,9 +167,10 @@ class SessionController(Controller):
 
     @post("/{session_id:str}/messages", status_code=201, responses=_errors(404), dto=StrictBody[MessageCreate], return_dto=None)
     async def add_message(
-        self, request: Request, tenant: str, service: SessionService, session_id: str, data: MessageCreate, idempotency_key: IdempotencyKey = None
+        self, request: Request, tenant: str, session_id: str, data: MessageCreate, idempotency_key: IdempotencyKey = None
     ) -> Response[Message]:
         """Append a message; `seq` is its 1-based position in the session."""
+        service = _service(request)
         sid = _session_id(session_id)
 
         def respond(_: SessionState, events: list[Event]) -> Reply:
@@ -179,15 +183,17 @@ class SessionController(Controller):
 
     @get("/{session_id:str}/messages", responses=_errors(404))
     async def list_messages(
-        self, tenant: str, service: SessionService, session_id: str, limit: Limit = 100, offset: Offset = 0
+        self, request: Request, tenant: str, session_id: str, limit: Limit = 100, offset: Offset = 0
     ) -> Response[MessageList]:
         """The session's messages in conversation order (oldest first)."""
+        service = _service(request)
         sid = _session_id(session_id)
         view = await service.read(lambda: service.views.messages(tenant, sid, limit, offset))
         return Response(content=b'{"items":[' + b",".join(view.items or []) + b"]}", media_type=MediaType.JSON)
 
     @get("/{session_id:str}/tools", responses=_errors(404))
-    async def list_tools(self, tenant: str, service: SessionService, session_id: str) -> Response[ToolList]:
+    async def list_tools(self, request: Request, tenant: str, session_id: str) -> Response[ToolList]:
+        service = _service(request)
         sid = _session_id(session_id)
         view = await service.read(lambda: service.views.tools(tenant, sid))
         return Response(content=view.body, media_type=MediaType.JSON)

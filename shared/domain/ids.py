@@ -27,8 +27,8 @@ def uuid7() -> str:
             _last_ms, _seq = ms, int.from_bytes(os.urandom(2), "big") & 0x3FF
         seq = _seq
     rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand
-    return str(uuid.UUID(int=value))
+    h = "%032x" % ((ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | seq << 64 | 0b10 << 62 | rand)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def parse_uuid(text: str) -> str | None:

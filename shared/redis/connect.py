@@ -7,13 +7,34 @@ Idempotency-Key, which makes the retry safe.
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from typing import Any
+
+from redis.asyncio import Connection, Redis
 
 from shared.redis.keys import Keys
 
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is a dependency
+    _hiredis_pack = None
+
+
+class HiredisPackingConnection(Connection):
+    """Packs commands with hiredis (C) instead of redis-py's Python packer.
+
+    redis-py 5 uses hiredis's packer only for synchronous clients; for an APPEND call with
+    ~20 arguments the Python packer was the largest single cost of a write in profiles.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # redis-py sends e.g. "SCRIPT LOAD" as one argument
+            args = (*args[0].split(), *args[1:])
+        return [_hiredis_pack(args)]
+
 
 def connect(url: str, max_connections: int = 64) -> Redis:
-    return Redis.from_url(url, max_connections=max_connections, health_check_interval=30, socket_keepalive=True)
+    extra = {"connection_class": HiredisPackingConnection} if _hiredis_pack and url.startswith("redis://") else {}
+    return Redis.from_url(url, max_connections=max_connections, health_check_interval=30, socket_keepalive=True, **extra)
 
 
 async def check_partitions(redis: Redis, partitions: int) -> None:

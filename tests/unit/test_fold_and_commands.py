@@ -123,3 +123,15 @@ def test_project_plans_index_messages_and_removal():
     assert deleted.index == "remove" and deleted.session is None
     assert [type(e) for e in events] == [SessionCreated, MessageAdded]
     assert isinstance(decide(update.state, DeleteSession(), stamp())[0], SessionDeleted)
+
+
+def test_uuid7_ids_are_version_7_and_sort_by_creation():
+    import uuid
+
+    from shared.domain.ids import parse_uuid, uuid7
+
+    ids = [uuid7() for _ in range(5000)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    parsed = uuid.UUID(ids[0])
+    assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and str(parsed) == ids[0]
+    assert parse_uuid(ids[0].upper()) == ids[0] and parse_uuid("not-a-uuid") is None

@@ -1,0 +1,301 @@
+"""Parley against its own ceilings, side by side in one run. See docs/performance.md.
+
+python -m tests.bench [--quick] [--reps N] [--seconds S] [--out DIR]
+
+Starts a fresh redis-server, the ceiling app, `parley api` and `parley worker` as separate processes, drives
+them over loopback HTTP, and writes result.json and result.md. Every figure is a median over repetitions,
+and each Parley figure is a ratio against a ceiling measured in the same run with the same load generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import msgspec
+from redis import Redis
+
+from shared.codec import json_encode
+from shared.domain.commands import AddMessage, CreateSession, Stamp, decide
+from shared.domain.ids import uuid7
+from shared.domain.model import MessageCreate, SessionCreate
+from shared.domain.state import SessionState, fold
+from shared.redis.keys import Keys
+from shared.redis.server import RedisServer, free_port
+from tests.bench import wrk
+
+ROOT = Path(__file__).resolve().parents[2]
+TENANT, KEY = "bench", "bench-key"
+BODY = b'{"role":"user","content":"' + b"x" * 200 + b'"}'
+PARTITIONS = 16
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, port: int | None = None) -> None:
+        self.port = port
+        self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        if port:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/health" if "services.cli" in args else f"http://127.0.0.1:{port}/c/x", timeout=0.5)
+                    break
+                except httpx.HTTPError:
+                    if time.monotonic() > deadline or self.proc.poll() is not None:
+                        raise RuntimeError(f"{args} did not start; see {log}")
+                    time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def load(url: str, paths: list[str], seconds: float, connections: int, method: str = "GET", body: bytes | None = None, mode: str = "closed", rate: float = 0.0) -> dict:
+    """wrk for closed-loop runs when installed; our own generator (a separate process) otherwise and for open loop."""
+    if mode == "closed" and wrk.available():
+        return msgspec.to_builtins(wrk.run(url, paths, seconds, connections, KEY, method, body))
+    spec = {"url": url, "paths": paths, "seconds": seconds, "key": KEY, "method": method, "body": body.decode() if body else None,
+            "mode": mode, "connections": connections, "rate": rate}
+    out = subprocess.run([sys.executable, "-m", "tests.bench.loadgen", json.dumps(spec)], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout)
+
+
+def med(runs: list[dict], field: str) -> float:
+    return statistics.median(r[field] for r in runs)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="parley-bench-"))
+        self.rows: dict[str, dict] = {}
+        self.errors = 0
+
+    def start(self) -> None:
+        self.redis_server = RedisServer(self.tmp / "redis", appendfsync="everysec").start()
+        env = {**os.environ, "REDIS_URL": self.redis_server.url, "PARLEY_API_KEYS": f"{TENANT}:{KEY}", "PARLEY_LOG_LEVEL": "WARNING",
+               "PYTHONPATH": str(ROOT), "PARLEY_PARTITIONS": str(PARTITIONS)}
+        py = sys.executable
+        self.api = Proc([py, "-m", "services.cli", "api", "--port", str(p := free_port())], env, self.tmp / "api.log", port=p)
+        self.worker = Proc([py, "-m", "services.cli", "worker"], env, self.tmp / "worker.log")
+        self.ceiling = Proc([py, "-m", "tests.bench.ceiling", "--port", str(p := free_port()), "--redis", self.redis_server.url], env, self.tmp / "ceiling.log", port=p)
+        self.redis = Redis.from_url(self.redis_server.url)
+        self.http = httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+
+    def stop(self) -> None:
+        for p in (self.api, self.worker, self.ceiling):
+            p.stop()
+        self.redis_server.stop()
+
+    def record(self, row: str, **fields) -> None:
+        self.rows[row] = fields
+        print(f"{row}: {json.dumps(fields)}", flush=True)
+
+    def check(self, runs: list[dict]) -> list[dict]:
+        self.errors += sum(r["errors"] for r in runs)
+        return runs
+
+    def sessions(self, n: int) -> list[str]:
+        ids = []
+        for _ in range(n):
+            sid = self.http.post("/sessions", json={"situation": "bench"}).json()["id"]
+            ids.append(sid)
+        for sid in ids:
+            doc = self.http.get(f"/sessions/{sid}").content
+            self.redis.set(f"ceiling:{{{sid}}}:doc", doc)
+        return ids
+
+    # -- rows ------------------------------------------------------------------------
+    def p1_p2(self) -> None:
+        a, c = self.args, self.args.connections
+        ids = self.sessions(20 if a.quick else 200)
+        post_p = [f"/sessions/{s}/messages" for s in ids]
+        post_c = [f"/c/{s}/messages" for s in ids]
+        ceil, parl = [], []
+        for _ in range(a.reps):
+            ceil.append(load(self.ceiling.url, post_c, a.seconds, c, "POST", BODY))
+            parl.append(load(self.api.url, post_p, a.seconds, c, "POST", BODY))
+        self.check(ceil + parl)
+        self.p1_rps = med(parl, "rps")
+        self.record("P1", parley_rps=self.p1_rps, ceiling_rps=med(ceil, "rps"), ratio=self.p1_rps / med(ceil, "rps"),
+                    parley_p50_ms=med(parl, "p50_ms"), parley_p99_ms=med(parl, "p99_ms"), ceiling_p99_ms=med(ceil, "p99_ms"),
+                    p99_ratio=med(parl, "p99_ms") / med(ceil, "p99_ms"), goal="ratio >= 0.85, p99_ratio <= 1.5")
+        get_c = [f"/c/{s}" for s in ids]
+        get_s = [f"/sessions/{s}" for s in ids]
+        get_m = [f"/sessions/{s}/messages?limit=50" for s in ids]
+        ceil, sess, msgs = [], [], []
+        for _ in range(a.reps):
+            ceil.append(load(self.ceiling.url, get_c, a.seconds, c))
+            sess.append(load(self.api.url, get_s, a.seconds, c))
+            msgs.append(load(self.api.url, get_m, a.seconds, c))
+        self.check(ceil + sess + msgs)
+        cr = med(ceil, "rps")
+        self.record("P2", ceiling_rps=cr, session_rps=med(sess, "rps"), session_ratio=med(sess, "rps") / cr,
+                    messages50_rps=med(msgs, "rps"), messages50_ratio=med(msgs, "rps") / cr,
+                    session_p99_ms=med(sess, "p99_ms"), messages50_p99_ms=med(msgs, "p99_ms"), ceiling_p99_ms=med(ceil, "p99_ms"),
+                    goal="ratio >= 0.85")
+
+    def p3(self) -> None:
+        """Projection lag at half of P1's max load: a probe appends and watches the view's version in Redis."""
+        a = self.args
+        ids = self.sessions(20)
+        rate = max(50.0, self.p1_rps / 2)
+        probe = self.sessions(1)[0]
+        view_key = Keys(PARTITIONS).view(probe)
+        spec = {"url": self.api.url, "paths": [f"/sessions/{s}/messages" for s in ids], "seconds": a.seconds * 2, "key": KEY,
+                "method": "POST", "body": BODY.decode(), "mode": "open", "connections": 64, "rate": rate}
+        gen = subprocess.Popen([sys.executable, "-m", "tests.bench.loadgen", json.dumps(spec)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        time.sleep(0.3)
+        lags, version = [], 1
+        end = time.monotonic() + a.seconds * 2 - 0.5
+        with httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}"}) as probe_http:
+            while time.monotonic() < end:
+                r = probe_http.post(f"/sessions/{probe}/messages", content=BODY, headers={"Content-Type": "application/json"})
+                acked = time.perf_counter()
+                self.errors += r.status_code != 201
+                version += 1
+                while int(self.redis.hget(view_key, "v") or 0) < version:
+                    pass
+                lags.append((time.perf_counter() - acked) * 1000)
+                time.sleep(0.01)
+        load_result = json.loads(gen.communicate()[0])
+        self.check([load_result])
+        lags.sort()
+        self.record("P3", load_rps=load_result["rps"], target_rps=rate, probes=len(lags), lag_p50_ms=lags[len(lags) // 2],
+                    lag_p99_ms=lags[min(len(lags) - 1, int(len(lags) * 0.99))], goal="lag_p99_ms <= 20")
+
+    def preload(self, messages: int) -> str:
+        """A session with `messages` messages, appended 1,000 events per APPEND call."""
+        from shared.redis.store import RedisStore
+        from redis.asyncio import Redis as AsyncRedis
+
+        async def go() -> str:
+            r = AsyncRedis.from_url(self.redis_server.url)
+            store = RedisStore(r, Keys(PARTITIONS))
+            state = SessionState(id=uuid7())
+            stamp = Stamp(now=datetime.now(UTC), new_id=uuid7)
+            batch = decide(state, CreateSession(body=SessionCreate(situation="bench")), stamp)
+            state = fold(state, batch)
+            for i in range(messages):
+                events = decide(state, AddMessage(body=MessageCreate(role="user", content=f"message {i} " + "y" * 150)), stamp)
+                state = fold(state, events)
+                batch += events
+                if len(batch) >= 1000 or i == messages - 1:
+                    await store.append(TENANT, state.id, state.version - len(batch), batch)
+                    batch = []
+            await r.aclose()
+            return state.id
+
+        sid = asyncio.run(go())
+        deadline = time.monotonic() + 300
+        while self.http.get(f"/sessions/{sid}").status_code != 200:  # waits for the projector to catch up
+            assert time.monotonic() < deadline, "projector did not catch up"
+        return sid
+
+    def p5(self) -> None:
+        a = self.args
+        sizes = [100, 1_000] if a.quick else [100, 10_000, 100_000]
+        out: dict[str, float] = {}
+        for n in sizes:
+            sid = self.preload(n)
+            runs_s, runs_m, runs_last = [], [], []
+            for _ in range(a.reps):
+                runs_s.append(load(self.api.url, [f"/sessions/{sid}"], a.seconds, a.connections))
+                runs_m.append(load(self.api.url, [f"/sessions/{sid}/messages?limit=50"], a.seconds, a.connections))
+                runs_last.append(load(self.api.url, [f"/sessions/{sid}/messages?limit=50&offset={n - 50}"], a.seconds, a.connections))
+            self.check(runs_s + runs_m + runs_last)
+            out[f"session_rps_{n}"] = med(runs_s, "rps")
+            out[f"messages50_rps_{n}"] = med(runs_m, "rps")
+            out[f"messages50_last_page_rps_{n}"] = med(runs_last, "rps")
+        big, small = sizes[-1], sizes[0]
+        for what in ("session", "messages50", "messages50_last_page"):
+            out[f"{what}_cost_ratio_{big}_vs_{small}"] = out[f"{what}_rps_{small}"] / out[f"{what}_rps_{big}"]
+        out["chat_context"] = "not yet (chat issue)"
+        out["time_travel"] = "not yet (replay issue)"
+        self.record("P5", **out, goal="cost ratio (rps at 100 / rps at 100k) <= 1.2")
+
+    def p7(self) -> None:
+        n = 500 if self.args.quick else 2_000
+        size = 1_000
+        ids = self.sessions(10)
+        self.redis.execute_command("MEMORY", "PURGE")
+        before = int(self.redis.info("memory")["used_memory"])
+        body = b'{"role":"user","content":"' + b"z" * size + b'"}'
+        with httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}) as h:
+            for i in range(n):
+                r = h.post(f"/sessions/{ids[i % len(ids)]}/messages", content=body)
+                self.errors += r.status_code != 201
+            for sid in ids:
+                h.get(f"/sessions/{sid}/messages?limit=1")  # waits until projected
+        log_bytes = sum(int(self.redis.memory_usage(Keys(PARTITIONS).log(s)) or 0) for s in ids)
+        view_bytes = sum(int(self.redis.memory_usage(Keys(PARTITIONS).messages(s)) or 0) for s in ids)
+        self.redis.execute_command("MEMORY", "PURGE")
+        after = int(self.redis.info("memory")["used_memory"])
+        per = (after - before) / n
+        self.record("P7", messages=n, content_bytes=size, used_memory_per_message=per, log_plus_index_per_message=(log_bytes + view_bytes) / n,
+                    budget_per_message=1.5 * size + 200, ratio_to_budget=per / (1.5 * size + 200), goal="per message <= 1.5 x content + 200 B")
+
+    def not_yet(self) -> None:
+        self.rows["P4"] = {"status": "not yet (chat issue)"}
+        self.rows["P6"] = {"status": "not yet (replay issue)"}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Parley benchmark — {result['when']}", "", f"`{result['command']}` · reps {result['reps']} × {result['seconds']} s · "
+             f"{result['connections']} connections · load generator: {result['loadgen']}", "", "| row | figures | goal |", "|---|---|---|"]
+    for row, fields in sorted(result["rows"].items()):
+        goal = fields.get("goal", "")
+        figs = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items() if k != "goal")
+        lines.append(f"| {row} | {figs} | {goal} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench")
+    parser.add_argument("--quick", action="store_true", help="a few seconds: check the harness works (CI)")
+    parser.add_argument("--reps", type=int)
+    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    args.reps = args.reps or (1 if args.quick else 5)
+    args.seconds = args.seconds or (1.0 if args.quick else 5.0)
+    bench = Bench(args)
+    bench.start()
+    try:
+        bench.p1_p2()
+        bench.p3()
+        bench.p5()
+        bench.p7()
+        bench.not_yet()
+    finally:
+        bench.stop()
+    result = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "command": "python -m tests.bench " + " ".join(argv or sys.argv[1:]),
+              "reps": args.reps, "seconds": args.seconds, "connections": args.connections,
+              "loadgen": "wrk (closed loop), tests.bench.loadgen (open loop)" if wrk.available() else "tests.bench.loadgen", "errors": bench.errors, "rows": bench.rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    (out / "result.md").write_text(markdown(result))
+    print(markdown(result))
+    if bench.errors:
+        print(f"{bench.errors} requests failed", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,66 @@
+"""Closed-loop load with wrk: a Lua script spreads requests over many paths and prints a JSON summary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import msgspec
+
+LUA = r"""
+local paths = {}
+for line in io.lines("%(paths)s") do paths[#paths + 1] = line end
+local method, body = "%(method)s", %(body)s
+local headers = {["Authorization"] = "Bearer %(key)s", ["Content-Type"] = "application/json"}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format(method, paths[(i %% #paths) + 1], headers, body)
+end
+local non2xx = 0
+response = function(status, hdrs, b)
+  if status < 200 or status > 299 then non2xx = non2xx + 1 end
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('PARLEY_JSON {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,"errors":%%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout + e.status))
+end
+"""
+
+
+class LoadResult(msgspec.Struct, kw_only=True):
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def run(base_url: str, paths: list[str], seconds: float, connections: int, key: str, method: str = "GET", body: bytes | None = None) -> LoadResult:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths_file = Path(tmp) / "paths.txt"
+        paths_file.write_text("\n".join(paths) + "\n")
+        script = Path(tmp) / "script.lua"
+        lua_body = "nil" if body is None else "[==[" + body.decode() + "]==]"
+        script.write_text(LUA % {"paths": paths_file, "method": method, "body": lua_body, "key": key})
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), base_url],
+            capture_output=True, text=True, check=True, timeout=seconds + 60,
+        ).stdout
+    line = next(l for l in out.splitlines() if l.startswith("PARLEY_JSON "))
+    raw = json.loads(line.removeprefix("PARLEY_JSON "))
+    secs = raw["duration_us"] / 1e6
+    return LoadResult(
+        requests=raw["requests"], seconds=secs, rps=raw["requests"] / secs,
+        p50_ms=raw["p50_us"] / 1000, p99_ms=raw["p99_us"] / 1000, errors=raw["errors"],
+    )
