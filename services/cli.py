@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
             _run(_dev(settings, args.host, args.port))
         case "api":
             _require_redis(settings)
-            _run(_serve(settings, args.host, args.port, run_projector=False))
+            _run(_serve(settings, args.host, args.port, run_worker=False))
         case "worker":
             _require_redis(settings)
             _run(_worker(settings))
@@ -95,18 +95,18 @@ async def _dev(settings: Settings, host: str, port: int) -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exit so `finally` stops redis-server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        await _serve(settings, host, port, run_projector=True, redis=redis)
+        await _serve(settings, host, port, run_worker=True, redis=redis)
     finally:
         if server is not None:
             server.stop()
 
 
-async def _serve(settings: Settings, host: str, port: int, run_projector: bool, redis=None) -> None:
+async def _serve(settings: Settings, host: str, port: int, run_worker: bool, redis=None) -> None:
     import uvicorn
 
     from services.api.app import create_app
 
-    app = create_app(settings, redis=redis, run_projector=run_projector)
+    app = create_app(settings, redis=redis, run_worker=run_worker)
     config = uvicorn.Config(
         app,
         host=host,
@@ -122,20 +122,17 @@ async def _serve(settings: Settings, host: str, port: int, run_projector: bool, 
 
 
 async def _worker(settings: Settings) -> None:
-    from services.api.app import make_projector
+    from services.worker.main import run_worker
     from shared.redis.connect import check_partitions, connect
-    from shared.redis.keys import Keys
 
     redis = connect(settings.redis_url or "")
     await check_partitions(redis, settings.partitions)
-    projector = make_projector(redis, Keys(settings.partitions), settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("projector %s running", projector.feed.consumer)
-    await projector.run(stop)
-    await projector.feed.forget_consumer()
+    log.info("worker running: projector and chat jobs (model: %s)", settings.model_base_url or "offline")
+    await run_worker(redis, settings, stop)
     await redis.aclose()
 
 

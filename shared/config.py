@@ -29,6 +29,22 @@ class Settings(Struct, kw_only=True, frozen=True):
     projector_batch: int = 256
     projector_claim_idle_ms: int = 2_000
     """A feed entry a consumer has held this long is taken over (its projector died)."""
+    model_base_url: str | None = None
+    """An OpenAI-compatible server (OpenAI, vLLM, Ollama, LiteLLM…). Unset: the built-in offline model."""
+    model_api_key: str = ""
+    model: str = "parley-offline"
+    """The model a chat uses when the request names none."""
+    model_max_retries: int = 3
+    model_timeout_s: float = 60.0
+    chat_wait_s: float = 120.0
+    """How long a synchronous chat waits for its answer before answering 504 (the job goes on)."""
+    chat_retention_s: int = 7 * 86_400
+    """How long chat job records and their chunk streams are kept after the job ends."""
+    chat_claim_s: float = 5.0
+    """A chat job whose worker stopped heart-beating this long is run again by another worker."""
+    worker_max_jobs: int = 100
+    worker_poll_delay_s: float = 0.05
+    """arq's queue poll; new jobs also wake an idle worker at once, so this only bounds missed wake-ups."""
     data_dir: str = ".parley"
     log_level: str = "INFO"
 

@@ -178,6 +178,9 @@ class SessionService:
                     raise
                 state, fresh = await self._reload(tenant, state), True
                 continue
+            if not events and not fresh:  # "nothing to do" may only mean our cached state is stale
+                state, fresh = await self._reload(tenant, state), True
+                continue
             after = fold(state, events)
             reply = respond(after, events)
             if not events:

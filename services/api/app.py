@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator
 
 from litestar import Litestar, MediaType, Response, get
@@ -22,14 +20,16 @@ from shared.domain.commands import Limits
 from shared.domain.model import ErrorBody, Health, Readiness
 from shared.redis.api_keys import RedisApiKeys
 from shared.redis.connect import check_partitions, connect
-from shared.redis.feed import RedisFeed, projector_alive
+from shared.redis.chats import ChatQueue, ChatStore
+from shared.redis.feed import projector_alive
 from shared.redis.keys import Keys
 from shared.redis.store import RedisStore
 from shared.service import SessionService
 from services.api.auth import Authenticator
 from services.api.errors import EXCEPTION_HANDLERS, error_response
+from services.api.chats import ChatController
 from services.api.sessions import SessionController
-from services.worker.projector import Projector
+from services.worker.main import run_worker as worker_main
 
 log = logging.getLogger("parley.api")
 
@@ -56,20 +56,23 @@ async def ready(state: State) -> Response[Readiness]:
     return Response(body, media_type=MediaType.JSON)
 
 
-def create_app(settings: Settings, redis: Redis | None = None, run_projector: bool = False) -> Litestar:
-    """`run_projector` runs a projector in this process too (`parley dev` and in-process tests)."""
+def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool = False) -> Litestar:
+    """`run_worker` runs the worker (projector and chat jobs) in this process too (`parley dev`, in-process tests)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         client = redis or connect(_require_url(settings))
         keys = Keys(settings.partitions)
         await check_partitions(client, settings.partitions)
-        store = RedisStore(client, keys, settings.idempotency_ttl_s)
+        store = RedisStore(client, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
         await store.load_scripts()
         app.state.redis = client
         app.state.layout = keys
         app.state.store = store
         app.state.auth = Authenticator(settings.static_keys(), RedisApiKeys(client), settings.key_cache_ttl_s)
+        app.state.settings = settings
+        app.state.chats = ChatStore(client, keys, settings.chat_retention_s)
+        app.state.queue = ChatQueue(client)
         app.state.service = SessionService(
             store,
             store,
@@ -80,9 +83,8 @@ def create_app(settings: Settings, redis: Redis | None = None, run_projector: bo
         )
         stop = asyncio.Event()
         task = None
-        if run_projector:
-            projector = make_projector(client, keys, settings, block=not _is_fake(client))
-            task = asyncio.create_task(projector.run(stop))
+        if run_worker:
+            task = asyncio.create_task(worker_main(client, settings, stop, fake=_is_fake(client)))
         try:
             yield
         finally:
@@ -93,7 +95,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_projector: bo
                 await client.aclose()
 
     return Litestar(
-        route_handlers=[SessionController, health, ready],
+        route_handlers=[SessionController, ChatController, health, ready],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
@@ -112,13 +114,6 @@ def create_app(settings: Settings, redis: Redis | None = None, run_projector: bo
         ),
         logging_config=None,
     )
-
-
-def make_projector(redis: Redis, keys: Keys, settings: Settings, block: bool = True) -> Projector:
-    consumer = f"{socket.gethostname()}-{os.getpid()}-{id(redis):x}"
-    feed = RedisFeed(redis, keys, consumer)
-    store = RedisStore(redis, keys, settings.idempotency_ttl_s)
-    return Projector(store, feed, settings.projector_batch, settings.projector_claim_idle_ms, 1_000 if block else None)
 
 
 def _is_fake(redis: Redis) -> bool:

@@ -9,7 +9,10 @@ from litestar.exceptions import HTTPException, ValidationException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.domain.context import TokenBudgetExceeded
 from shared.domain.errors import (
+    ChatInProgress,
+    ChatNotActive,
     Contention,
     DomainError,
     IdempotencyKeyReused,
@@ -20,6 +23,7 @@ from shared.domain.errors import (
 )
 from shared.domain.model import ErrorBody, ErrorDetail
 from services.api.body import InvalidJson, SchemaMismatch
+from services.api.chats import ChatTimeout
 
 log = logging.getLogger("parley.api")
 
@@ -32,6 +36,10 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
     Contention: 409,
     InvalidJson: 400,
     SchemaMismatch: 422,
+    ChatInProgress: 409,
+    ChatNotActive: 409,
+    TokenBudgetExceeded: 422,
+    ChatTimeout: 504,
 }
 
 HTTP_CODES = {
@@ -62,7 +70,7 @@ def error_response(status: int, code: str, message: str, details: object = None,
 
 
 def on_domain_error(_: Request, exc: DomainError) -> Response[ErrorBody]:
-    status = DOMAIN_STATUS.get(type(exc), 400)
+    status = getattr(exc, "status", None) or DOMAIN_STATUS.get(type(exc), 400)
     headers = {"Retry-After": "1"} if status == 503 else None
     return error_response(status, exc.code, exc.message, exc.details, headers)
 

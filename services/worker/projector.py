@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
@@ -32,6 +32,7 @@ class Projector:
         claim_idle_ms: int = 2_000,
         block_ms: int | None = 1_000,
         maintenance_s: float = 1.0,
+        on_chats: Callable[[str, str, list[str]], Awaitable[None]] | None = None,
     ) -> None:
         """`block_ms=None` polls instead of blocking (fakeredis answers a blocking read at once)."""
         self.views = views
@@ -40,6 +41,8 @@ class Projector:
         self.claim_idle_ms = claim_idle_ms
         self.block_ms = block_ms
         self.maintenance_s = maintenance_s
+        self.on_chats = on_chats
+        """Called with (tenant, session, [head job]) after chat events are projected: queue the next chat."""
         self.applied = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -93,8 +96,10 @@ class Projector:
                     heads.append(p.head)
             results = await self.views.apply(updates)
             todo = []
-            for (_, u), head, ok in zip(updates, heads, results):
+            for (tenant, u), head, ok in zip(updates, heads, results):
                 if ok:
                     self.applied += u.event_count
+                    if u.jobs and self.on_chats is not None and u.state.active_chats:
+                        await self.on_chats(tenant, u.session_id, [u.state.active_chats[0].job_id])
                 if not ok or u.to_version < head:
                     todo.append(u.session_id)

@@ -10,11 +10,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from msgspec import UNSET, Struct
+from msgspec import UNSET, Struct, structs
 
-from shared.domain.errors import Invalid, NotFound, VersionConflict
+from shared.domain.errors import ChatInProgress, ChatNotActive, Invalid, NotFound, VersionConflict
 from shared.domain.events import (
+    ChatCancelled,
+    ChatCancelledData,
+    ChatCompleted,
+    ChatCompletedData,
+    ChatFailed,
+    ChatFailedData,
+    ChatRequested,
+    ChatRequestedData,
+    ContextBuilt,
+    ContextBuiltData,
     Event,
+    SummaryAdded,
+    SummaryAddedData,
     MessageAdded,
     SessionCreated,
     SessionCreatedData,
@@ -25,7 +37,19 @@ from shared.domain.events import (
     ToolsChanged,
     ToolsChangedData,
 )
-from shared.domain.model import Content, Message, MessageCreate, SessionCreate, SessionPatch, Tool
+from shared.domain.ids import derived_id
+from shared.domain.model import (
+    ChatParams,
+    ChatRequest,
+    ChatResponse,
+    Content,
+    ContextReport,
+    Message,
+    MessageCreate,
+    SessionCreate,
+    SessionPatch,
+    Tool,
+)
 from shared.domain.state import SessionState
 
 
@@ -57,7 +81,55 @@ class AddMessage(Struct, kw_only=True, frozen=True):
     body: MessageCreate
 
 
-Command = CreateSession | UpdateSession | DeleteSession | AddMessage
+class RequestChat(Struct, kw_only=True, frozen=True):
+    job_id: str
+    request: ChatRequest
+    default_model: str
+
+
+class RecordContext(Struct, kw_only=True, frozen=True):
+    job_id: str
+    report: ContextReport
+
+
+class AddSummary(Struct, kw_only=True, frozen=True):
+    job_id: str
+    content: str
+    up_to_seq: int
+    summarized: list[str]
+
+
+class CompleteChat(Struct, kw_only=True, frozen=True):
+    """Record the answer. Decided on the log, so a chat job run twice answers once."""
+
+    job_id: str
+    response: ChatResponse
+    save: bool
+
+
+class FailChat(Struct, kw_only=True, frozen=True):
+    job_id: str
+    code: str
+    message: str
+
+
+class CancelChat(Struct, kw_only=True, frozen=True):
+    job_id: str
+    reason: str = "cancelled by the client"
+
+
+Command = (
+    CreateSession
+    | UpdateSession
+    | DeleteSession
+    | AddMessage
+    | RequestChat
+    | RecordContext
+    | AddSummary
+    | CompleteChat
+    | FailChat
+    | CancelChat
+)
 
 
 def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits = Limits()) -> list[Event]:
@@ -70,7 +142,29 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
             _check_live(state, command.expected_version)
             return [SessionDeleted(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=SessionDeletedData())]
         case AddMessage():
-            return _add_message(state, command, stamp, limits)
+            _check_live(state, None)
+            return [_message_added(state, state.version + 1, state.message_count + 1, command.body, stamp, limits, state.tool_call_ids)]
+        case RequestChat():
+            return _request_chat(state, command, stamp, limits)
+        case RecordContext(job_id=job) if _running(state, job):
+            data = ContextBuiltData(job_id=job, **structs.asdict(command.report))
+            return [ContextBuilt(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=data)]
+        case AddSummary(job_id=job) if _running(state, job):
+            data = SummaryAddedData(job_id=job, content=command.content, up_to_seq=command.up_to_seq, summarized=command.summarized)
+            return [SummaryAdded(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=data)]
+        case CompleteChat(job_id=job) if _running(state, job):
+            return _complete_chat(state, command, stamp)
+        case FailChat(job_id=job) if _running(state, job):
+            data = ChatFailedData(job_id=job, code=command.code, message=command.message)
+            return [ChatFailed(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=data)]
+        case CancelChat(job_id=job):
+            _check_live(state, None)
+            if state.active(job) is None:
+                raise ChatNotActive(f"chat {job} is not queued or running")
+            data = ChatCancelledData(job_id=job, reason=command.reason)
+            return [ChatCancelled(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=data)]
+        case RecordContext() | AddSummary() | CompleteChat() | FailChat():
+            return []  # the job already ended (answered, failed or cancelled): a repeat run changes nothing
     raise TypeError(f"unknown command {type(command).__name__}")
 
 
@@ -86,6 +180,7 @@ def _create(state: SessionState, command: CreateSession, stamp: Stamp, limits: L
         situation=b.situation,
         token_budget=b.token_budget,
         context_overflow=b.context_overflow,
+        multitask=b.multitask,
         tools=b.tools,
         metadata=b.metadata,
     )
@@ -98,7 +193,7 @@ def _update(state: SessionState, command: UpdateSession, stamp: Stamp, limits: L
     _check_text("situation", p.situation, limits)
     changes = {
         f: getattr(p, f)
-        for f in ("agent_id", "user_id", "situation", "token_budget", "context_overflow")
+        for f in ("agent_id", "user_id", "situation", "token_budget", "context_overflow", "multitask")
         if getattr(p, f) is not UNSET
     }
     if p.metadata is not UNSET:
@@ -116,14 +211,10 @@ def _update(state: SessionState, command: UpdateSession, stamp: Stamp, limits: L
     return events
 
 
-def _add_message(state: SessionState, command: AddMessage, stamp: Stamp, limits: Limits) -> list[Event]:
-    _check_live(state, None)
-    b = command.body
-    _check_content(b.content, limits)
-    if b.role == "tool" and b.tool_call_id is None:
-        raise Invalid("a message with role 'tool' needs a tool_call_id", {"field": "tool_call_id"})
-    if b.role != "tool" and b.tool_call_id is not None:
-        raise Invalid("only a message with role 'tool' may have a tool_call_id", {"field": "tool_call_id"})
+def _message_added(
+    state: SessionState, version: int, seq: int, b: MessageCreate, stamp: Stamp, limits: Limits, known_calls: frozenset[str]
+) -> MessageAdded:
+    _check_message(b, limits, known_calls)
     message = Message(
         id=stamp.new_id(),
         session_id=state.id,
@@ -131,10 +222,109 @@ def _add_message(state: SessionState, command: AddMessage, stamp: Stamp, limits:
         content=b.content,
         name=b.name,
         tool_call_id=b.tool_call_id,
-        seq=state.message_count + 1,
+        tool_calls=b.tool_calls,
+        seq=seq,
         created_at=stamp.now,
     )
-    return [MessageAdded(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=message)]
+    return MessageAdded(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=message)
+
+
+def _check_message(b: MessageCreate, limits: Limits, known_calls: frozenset[str]) -> None:
+    if b.content is not None:
+        _check_content(b.content, limits)
+    elif not (b.role == "assistant" and b.tool_calls):
+        raise Invalid("content is required (it may be null only on an assistant message with tool_calls)", {"field": "content"})
+    if b.tool_calls and b.role != "assistant":
+        raise Invalid("only an assistant message may have tool_calls", {"field": "tool_calls"})
+    if b.role == "tool" and b.tool_call_id is None:
+        raise Invalid("a message with role 'tool' needs a tool_call_id", {"field": "tool_call_id"})
+    if b.role != "tool" and b.tool_call_id is not None:
+        raise Invalid("only a message with role 'tool' may have a tool_call_id", {"field": "tool_call_id"})
+    if b.tool_call_id is not None and b.tool_call_id not in known_calls:
+        raise Invalid(f"tool_call_id {b.tool_call_id!r} answers no earlier tool call", {"field": "tool_call_id"})
+
+
+def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limits: Limits) -> list[Event]:
+    _check_live(state, None)
+    assert state.session is not None
+    r = command.request
+    if r.tools:
+        _check_tools(r.tools)
+    policy = r.multitask or state.session.multitask
+    events: list[Event] = []
+    version = state.version
+    if state.active_chats and policy == "reject":
+        raise ChatInProgress(
+            f"chat {state.active_chats[0].job_id} is still in progress in this session",
+            {"active": [c.job_id for c in state.active_chats]},
+        )
+    if state.active_chats and policy == "interrupt":
+        for job in (c.job_id for c in state.active_chats):
+            version += 1
+            data = ChatCancelledData(job_id=job, reason=f"interrupted by chat {command.job_id}")
+            events.append(ChatCancelled(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=data))
+    known = set(state.tool_call_ids)
+    ids: list[str] = []
+    for i, m in enumerate(r.messages):
+        if r.save:
+            version += 1
+            event = _message_added(state, version, state.message_count + i + 1, m, stamp, limits, frozenset(known))
+            ids.append(event.data.id)
+            events.append(event)
+        else:
+            _check_message(m, limits, frozenset(known))
+        known |= {c.id for c in m.tool_calls or ()}
+    params = ChatParams(
+        model=r.model or command.default_model,
+        max_tokens=r.max_tokens,
+        stream=r.stream,
+        save=r.save,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        stop=r.stop,
+        seed=r.seed,
+        tools=r.tools,
+        tool_choice=r.tool_choice,
+        response_format=r.response_format,
+    )
+    data = ChatRequestedData(
+        job_id=command.job_id,
+        params=params,
+        message_ids=ids,
+        up_to_seq=state.message_count + len(ids),
+        unsaved=[] if r.save else r.messages,
+    )
+    events.append(ChatRequested(id=stamp.new_id(), version=version + 1, occurred_at=stamp.now, data=data))
+    return events
+
+
+def _complete_chat(state: SessionState, command: CompleteChat, stamp: Stamp) -> list[Event]:
+    answer = command.response.choices[0].message
+    events: list[Event] = []
+    version = state.version
+    message_id = None
+    if command.save:
+        version += 1
+        message = Message(
+            id=derived_id(command.job_id, "answer"),
+            session_id=state.id,
+            role="assistant",
+            content=answer.content,
+            name=None,
+            tool_call_id=None,
+            tool_calls=answer.tool_calls,
+            seq=state.message_count + 1,
+            created_at=stamp.now,
+        )
+        message_id = message.id
+        events.append(MessageAdded(id=derived_id(command.job_id, "answer-event"), version=version, occurred_at=stamp.now, data=message))
+    data = ChatCompletedData(job_id=command.job_id, message_id=message_id, response=command.response)
+    events.append(ChatCompleted(id=derived_id(command.job_id, "completed"), version=version + 1, occurred_at=stamp.now, data=data))
+    return events
+
+
+def _running(state: SessionState, job_id: str) -> bool:
+    return state.exists and state.active(job_id) is not None
 
 
 def _check_live(state: SessionState, expected_version: int | None) -> None:

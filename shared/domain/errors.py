@@ -46,3 +46,15 @@ class Contention(DomainError):
     """Too many concurrent writers on one session; the client should retry (→ 409)."""
 
     code = "write_contention"
+
+
+class ChatInProgress(DomainError):
+    """Another chat of the session is queued or running and the policy is `reject` (→ 409)."""
+
+    code = "chat_in_progress"
+
+
+class ChatNotActive(DomainError):
+    """The chat job already ended; it cannot be cancelled (→ 409)."""
+
+    code = "chat_not_active"

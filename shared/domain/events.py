@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
-from shared.domain.model import ContextOverflow, Message, Tool
+from shared.domain.model import ChatParams, ChatResponse, ContextOverflow, ContextReport, Message, MessageCreate, Multitask, Tool
 
 SCHEMA_VERSION = 1
 """Bumped when a payload's shape changes; readers upcast older payloads."""
@@ -26,6 +26,7 @@ class SessionCreatedData(Struct, kw_only=True):
     situation: str | None = None
     token_budget: int | None = None
     context_overflow: ContextOverflow | None = None
+    multitask: Multitask = "enqueue"
     tools: list[Tool] = msgspec.field(default_factory=list)
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 
@@ -38,6 +39,7 @@ class SessionUpdatedData(Struct, kw_only=True):
     situation: str | None | UnsetType = UNSET
     token_budget: int | None | UnsetType = UNSET
     context_overflow: ContextOverflow | None | UnsetType = UNSET
+    multitask: Multitask | UnsetType = UNSET
     metadata: dict[str, Any] | UnsetType = UNSET
 
 
@@ -47,6 +49,48 @@ class ToolsChangedData(Struct, kw_only=True):
 
 class SessionDeletedData(Struct, kw_only=True):
     pass
+
+
+class ChatRequestedData(Struct, kw_only=True):
+    job_id: str
+    params: ChatParams
+    message_ids: list[str]
+    """The request's messages, stored by the `MessageAdded` events just before this one."""
+    up_to_seq: int
+    """The conversation this chat answers: stored messages with seq ≤ this."""
+    unsaved: list[MessageCreate] = msgspec.field(default_factory=list)
+    """The request's messages when `save` is false: in the prompt, not in the conversation."""
+
+
+class ContextBuiltData(ContextReport, kw_only=True):
+    job_id: str
+
+
+class SummaryAddedData(Struct, kw_only=True):
+    """An `adaptive` summary of the oldest messages; later chats reuse it instead of them."""
+
+    job_id: str
+    content: str
+    up_to_seq: int
+    summarized: list[str]
+
+
+class ChatCompletedData(Struct, kw_only=True):
+    job_id: str
+    message_id: str | None
+    """The stored assistant message (None when the request had `save: false`)."""
+    response: ChatResponse
+
+
+class ChatFailedData(Struct, kw_only=True):
+    job_id: str
+    code: str
+    message: str
+
+
+class ChatCancelledData(Struct, kw_only=True):
+    job_id: str
+    reason: str
 
 
 class EventBase(Struct, kw_only=True, frozen=True, tag_field="type"):
@@ -75,11 +119,45 @@ class SessionDeleted(EventBase, tag=True, frozen=True):
     data: SessionDeletedData
 
 
-Event = SessionCreated | SessionUpdated | ToolsChanged | MessageAdded | SessionDeleted
+class ChatRequested(EventBase, tag=True, frozen=True):
+    data: ChatRequestedData
 
-EVENT_TYPES: dict[str, type[EventBase]] = {
-    cls.__name__: cls for cls in (SessionCreated, SessionUpdated, ToolsChanged, MessageAdded, SessionDeleted)
-}
+
+class ContextBuilt(EventBase, tag=True, frozen=True):
+    data: ContextBuiltData
+
+
+class SummaryAdded(EventBase, tag=True, frozen=True):
+    data: SummaryAddedData
+
+
+class ChatCompleted(EventBase, tag=True, frozen=True):
+    data: ChatCompletedData
+
+
+class ChatFailed(EventBase, tag=True, frozen=True):
+    data: ChatFailedData
+
+
+class ChatCancelled(EventBase, tag=True, frozen=True):
+    data: ChatCancelledData
+
+
+Event = (
+    SessionCreated
+    | SessionUpdated
+    | ToolsChanged
+    | MessageAdded
+    | SessionDeleted
+    | ChatRequested
+    | ContextBuilt
+    | SummaryAdded
+    | ChatCompleted
+    | ChatFailed
+    | ChatCancelled
+)
+
+CHAT_ENDED = (ChatCompleted, ChatFailed, ChatCancelled)
 
 
 class EventPage(Struct):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -39,3 +40,15 @@ def parse_uuid(text: str) -> str | None:
         return str(uuid.UUID(text))
     except ValueError:
         return None
+
+
+def derived_id(base: str, purpose: str) -> str:
+    """A UUIDv7 fixed by (`base`, `purpose`): `base`'s time, random bits from a hash.
+
+    A chat job run twice derives the same ids for its answer, so the second append is
+    recognisably the same answer, never a new one.
+    """
+    digest = int.from_bytes(hashlib.sha256(f"{base}/{purpose}".encode()).digest()[:10], "big")
+    head = base.replace("-", "")[:12]
+    h = head + "7" + "%03x" % (digest >> 68 & 0xFFF) + "%016x" % (0b10 << 62 | digest & ((1 << 62) - 1))
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -14,6 +14,8 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 Role = Literal["system", "user", "assistant", "tool"]
 ContextOverflow = Literal["truncate", "adaptive"]
+Multitask = Literal["enqueue", "reject", "interrupt"]
+"""What a chat does while another chat of the session is queued or running."""
 
 ShortText = Annotated[str, Meta(max_length=256)]
 ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -65,6 +67,7 @@ class SessionCreate(Wire):
     situation: str | None = None
     token_budget: TokenBudget | None = None
     context_overflow: ContextOverflow | None = None
+    multitask: Multitask = "enqueue"
     tools: Tools = msgspec.field(default_factory=list)
     metadata: Metadata = msgspec.field(default_factory=dict)
 
@@ -77,6 +80,7 @@ class SessionPatch(Wire):
     situation: str | None | UnsetType = UNSET
     token_budget: TokenBudget | None | UnsetType = UNSET
     context_overflow: ContextOverflow | None | UnsetType = UNSET
+    multitask: Multitask | UnsetType = UNSET
     tools: Tools | None | UnsetType = UNSET
     metadata: Metadata | None | UnsetType = UNSET
 
@@ -88,6 +92,7 @@ class Session(Struct, kw_only=True):
     situation: str | None
     token_budget: int | None
     context_overflow: ContextOverflow | None
+    multitask: Multitask = "enqueue"
     tools: list[Tool]
     metadata: dict[str, Any]
     version: int
@@ -105,20 +110,35 @@ class SessionDeletion(Struct, kw_only=True):
     deleted_at: datetime
 
 
+class FunctionCall(Wire):
+    name: ToolName
+    arguments: str
+    """The arguments as a JSON string, as the model wrote them."""
+
+
+class ToolCall(Wire, kw_only=True):
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class MessageCreate(Wire):
     role: Role
-    content: Content
+    content: Content | None = None
+    """Required, except on an assistant message that carries `tool_calls`."""
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
     tool_call_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    tool_calls: Annotated[list[ToolCall], Meta(min_length=1, max_length=64)] | None = None
 
 
 class Message(Struct, kw_only=True):
     id: str
     session_id: str
     role: Role
-    content: Content
+    content: Content | None
     name: str | None
     tool_call_id: str | None
+    tool_calls: list[ToolCall] | None = None
     seq: int
     """The message's 1-based position in its session."""
     created_at: datetime
@@ -153,3 +173,104 @@ class Readiness(Struct, kw_only=True):
     status: Literal["ready", "not_ready"]
     redis: bool
     projector: bool
+
+
+# -- chat -------------------------------------------------------------------------------
+ChatStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ChatRequest(Wire):
+    messages: Annotated[list[MessageCreate], Meta(max_length=256)] = msgspec.field(default_factory=list)
+    stream: bool = False
+    max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] = 150
+    model: ShortText | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
+    seed: int | None = None
+    tools: Tools | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    save: bool = True
+    """False: neither the request's messages nor the answer are stored (the job and its events still are)."""
+    multitask: Multitask | None = None
+    """Overrides the session's `multitask` for this request."""
+
+
+class ChatParams(Struct, kw_only=True):
+    """What the worker needs of a chat request; recorded in `ChatRequested`."""
+
+    model: str
+    max_tokens: int
+    stream: bool = False
+    save: bool = True
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class Usage(Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Struct, kw_only=True):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(Struct, kw_only=True):
+    index: int = 0
+    finish_reason: str
+    message: AssistantMessage
+
+
+class ChatResponse(Struct, kw_only=True):
+    id: str
+    """The chat job's id."""
+    session_id: str
+    created_at: datetime
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatError(Struct, kw_only=True):
+    code: str
+    message: str
+
+
+class ContextReport(Struct, kw_only=True):
+    """What went into the prompt, and why the model may not have seen a message."""
+
+    included: list[str]
+    dropped: list[str]
+    summarized: list[str]
+    prompt_tokens: int
+    budget: int | None
+    max_tokens: int
+
+
+class ChatJob(Struct, kw_only=True):
+    id: str
+    session_id: str
+    status: ChatStatus
+    model: str
+    stream: bool
+    attempts: int = 0
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    context: ContextReport | None = None
+    response: ChatResponse | None = None
+    error: ChatError | None = None
+
+
+class ChatJobList(Struct):
+    items: list[ChatJob]

@@ -13,9 +13,40 @@ from typing import Literal
 
 from msgspec import Struct
 
-from shared.domain.events import Event, MessageAdded, SessionCreated, SessionDeleted, ToolsChanged
-from shared.domain.model import Session
+from datetime import datetime
+
+from shared.domain.events import (
+    ChatCancelled,
+    ChatCompleted,
+    ChatFailed,
+    ChatRequested,
+    ContextBuilt,
+    Event,
+    MessageAdded,
+    SessionCreated,
+    SessionDeleted,
+    ToolsChanged,
+)
+from shared.domain.model import ChatError, ChatResponse, ChatStatus, ContextReport, Session
 from shared.domain.state import SessionState, fold
+
+
+class JobUpdate(Struct, kw_only=True, omit_defaults=True):
+    """A change to a chat job's record, from the events about it (None: unchanged)."""
+
+    job_id: str
+    status: ChatStatus | None = None
+    model: str | None = None
+    stream: bool | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+    context: ContextReport | None = None
+    response: ChatResponse | None = None
+    error: ChatError | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
 
 
 class ReadModelUpdate(Struct, kw_only=True):
@@ -30,6 +61,8 @@ class ReadModelUpdate(Struct, kw_only=True):
     """Versions of the `MessageAdded` events, in order: the message list holds pointers into the log."""
     index: Literal["add", "remove"] | None
     """How the tenant's newest-first session index changes."""
+    jobs: list[JobUpdate] = []
+    """Chat job records to write, in event order."""
 
     @property
     def to_version(self) -> int:
@@ -45,6 +78,8 @@ def project(state: SessionState, events: Sequence[Event]) -> ReadModelUpdate:
     index: Literal["add", "remove"] | None = None
     tools_changed = False
     versions: list[int] = []
+    jobs: list[JobUpdate] = []
+    active = [c.job_id for c in state.active_chats]
     for e in events:
         match e:
             case SessionCreated():
@@ -55,6 +90,24 @@ def project(state: SessionState, events: Sequence[Event]) -> ReadModelUpdate:
                 versions.append(e.version)
             case SessionDeleted():
                 index = "remove"
+                reason = ChatError(code="session_deleted", message="the session was deleted")
+                jobs += [JobUpdate(job_id=j, status="cancelled", finished_at=e.occurred_at, error=reason) for j in active]
+            case ChatRequested(data=d):
+                active.append(d.job_id)
+                jobs.append(JobUpdate(job_id=d.job_id, status="queued", model=d.params.model, stream=d.params.stream, created_at=e.occurred_at))
+            case ContextBuilt(data=d):
+                report = ContextReport(**{f: getattr(d, f) for f in ContextReport.__struct_fields__})
+                jobs.append(JobUpdate(job_id=d.job_id, context=report))
+            case ChatCompleted(data=d):
+                jobs.append(JobUpdate(job_id=d.job_id, status="succeeded", finished_at=e.occurred_at, response=d.response))
+            case ChatFailed(data=d):
+                error = ChatError(code=d.code, message=d.message)
+                jobs.append(JobUpdate(job_id=d.job_id, status="failed", finished_at=e.occurred_at, error=error))
+            case ChatCancelled(data=d):
+                error = ChatError(code="cancelled", message=d.reason)
+                jobs.append(JobUpdate(job_id=d.job_id, status="cancelled", finished_at=e.occurred_at, error=error))
+        if isinstance(e, (ChatCompleted, ChatFailed, ChatCancelled)) and e.data.job_id in active:
+            active.remove(e.data.job_id)
     return ReadModelUpdate(
         session_id=state.id,
         from_version=state.version,
@@ -63,4 +116,5 @@ def project(state: SessionState, events: Sequence[Event]) -> ReadModelUpdate:
         tools_changed=tools_changed,
         message_versions=versions,
         index=index,
+        jobs=jobs,
     )

@@ -12,14 +12,27 @@ from collections.abc import Iterable
 from msgspec import UNSET, Struct, structs
 
 from shared.domain.events import (
+    ChatCancelled,
+    ChatCompleted,
+    ChatFailed,
+    ChatRequested,
+    ContextBuilt,
     Event,
     MessageAdded,
     SessionCreated,
     SessionDeleted,
     SessionUpdated,
+    SummaryAdded,
     ToolsChanged,
 )
+from shared.domain.context import Summary
 from shared.domain.model import Session
+
+
+class ActiveChat(Struct, frozen=True, array_like=True):
+    job_id: str
+    requested_at: int
+    """The version of its `ChatRequested` event, where the worker reads the request."""
 
 
 class SessionState(Struct, kw_only=True):
@@ -29,10 +42,18 @@ class SessionState(Struct, kw_only=True):
     session: Session | None = None
     deleted: bool = False
     message_count: int = 0
+    active_chats: tuple[ActiveChat, ...] = ()
+    """Chat jobs requested and not yet ended, in request order: the first one runs."""
+    tool_call_ids: frozenset[str] = frozenset()
+    """Ids of every tool call an assistant message made: a tool result must answer one."""
+    summary: Summary | None = None
 
     @property
     def exists(self) -> bool:
         return self.session is not None and not self.deleted
+
+    def active(self, job_id: str) -> ActiveChat | None:
+        return next((c for c in self.active_chats if c.job_id == job_id), None)
 
 
 def evolve(state: SessionState, event: Event) -> SessionState:
@@ -66,10 +87,19 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             return structs.replace(state, version=event.version, session=session)
         case MessageAdded(data=m):
             session = structs.replace(_live(state), version=event.version, updated_at=at)
-            return structs.replace(state, version=event.version, session=session, message_count=m.seq)
+            calls = state.tool_call_ids | {c.id for c in m.tool_calls} if m.tool_calls else state.tool_call_ids
+            return structs.replace(state, version=event.version, session=session, message_count=m.seq, tool_call_ids=calls)
         case SessionDeleted():
             _live(state)
-            return structs.replace(state, version=event.version, deleted=True)
+            return structs.replace(state, version=event.version, deleted=True, active_chats=())
+        case ChatRequested(data=d):
+            return _touch(state, event, active_chats=(*state.active_chats, ActiveChat(d.job_id, event.version)))
+        case ChatCompleted(data=d) | ChatFailed(data=d) | ChatCancelled(data=d):
+            return _touch(state, event, active_chats=tuple(c for c in state.active_chats if c.job_id != d.job_id))
+        case SummaryAdded(data=d):
+            return _touch(state, event, summary=Summary(content=d.content, up_to_seq=d.up_to_seq))
+        case ContextBuilt():
+            return _touch(state, event)
     raise TypeError(f"unknown event {type(event).__name__}")
 
 
@@ -77,6 +107,12 @@ def fold(state: SessionState, events: Iterable[Event]) -> SessionState:
     for event in events:
         state = evolve(state, event)
     return state
+
+
+def _touch(state: SessionState, event: Event, **changes: object) -> SessionState:
+    """A chat event: the session's version and `updated_at` move, nothing else of the resource."""
+    session = structs.replace(_live(state), version=event.version, updated_at=event.occurred_at)
+    return structs.replace(state, version=event.version, session=session, **changes)
 
 
 def _live(state: SessionState) -> Session:

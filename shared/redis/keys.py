@@ -59,6 +59,18 @@ class Keys:
         """Sorted set of the tenant's live session ids in this partition (all scores 0: UUIDv7 text order)."""
         return f"{self.tag(partition)}:idx:{tenant}"
 
+    def chat(self, sid: str, job_id: str) -> str:
+        """Hash: a chat job's record (the `ChatJob` resource's fields; nested ones as JSON)."""
+        return f"{self.of(sid)}:chat:{job_id}"
+
+    def chats(self, sid: str) -> str:
+        """Sorted set of the session's chat job ids (all scores 0: UUIDv7 text order)."""
+        return f"{self.of(sid)}:chats:{sid}"
+
+    def chunks(self, sid: str, job_id: str) -> str:
+        """Stream: a chat job's answer as the worker produced it, chunk by chunk, then `done`."""
+        return f"{self.of(sid)}:chunks:{job_id}"
+
     def projected(self, partition: int) -> str:
         """Hash tenant → events projected in this partition."""
         return f"{self.tag(partition)}:projected"

@@ -47,17 +47,19 @@ return {tonumber(head[1]), head[2], base, state, events}
 """
 
 APPLY = """
--- KEYS: view, messages, index, projected
--- ARGV: tenant, from, to, state, session JSON ('' once deleted), tools JSON ('' unchanged), index op, session id, message versions...
+-- KEYS: view, messages, index, projected, session's chat list, then one chat job hash per job update
+-- ARGV: tenant, from, to, state, session JSON ('' once deleted), tools JSON ('' unchanged), index op, session id,
+--       retention seconds, message count n, n message versions, then per job: job id, field count m, m field/value pairs
 local current = tonumber(redis.call('HGET', KEYS[1], 'v')) or 0
 if current ~= tonumber(ARGV[2]) then return 0 end
+local n = tonumber(ARGV[10])
 if ARGV[5] == '' then
   redis.call('HDEL', KEYS[1], 'j', 'tools')
   redis.call('DEL', KEYS[2])
 else
   redis.call('HSET', KEYS[1], 'j', ARGV[5])
   if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'tools', ARGV[6]) end
-  if #ARGV >= 9 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 9)) end
+  if n > 0 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 11, 10 + n)) end
 end
 redis.call('HSET', KEYS[1], 'v', ARGV[3], 't', ARGV[1], 'st', ARGV[4])
 if ARGV[7] == 'add' then
@@ -66,6 +68,23 @@ elseif ARGV[7] == 'remove' then
   redis.call('ZREM', KEYS[3], ARGV[8])
 end
 redis.call('HINCRBY', KEYS[4], ARGV[1], tonumber(ARGV[3]) - tonumber(ARGV[2]))
+local i, k = 11 + n, 6
+while i <= #ARGV do
+  local job, m = ARGV[i], tonumber(ARGV[i + 1])
+  redis.call('ZADD', KEYS[5], 0, job)
+  local status = redis.call('HGET', KEYS[k], 'status')
+  for j = i + 2, i + 1 + 2 * m, 2 do
+    -- a worker may already have marked the job running: 'queued' never overwrites a status
+    if not (ARGV[j] == 'status' and ARGV[j + 1] == 'queued' and status) then
+      redis.call('HSET', KEYS[k], ARGV[j], ARGV[j + 1])
+    end
+  end
+  status = redis.call('HGET', KEYS[k], 'status')
+  if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+    redis.call('EXPIRE', KEYS[k], ARGV[9])
+  end
+  i, k = i + 2 + 2 * m, k + 1
+end
 return 1
 """
 
@@ -88,5 +107,23 @@ if view[2] then
     out[#out + 1] = d
   end
 end
+return out
+"""
+
+MARK_RUNNING = """
+-- KEYS: chat job hash.  ARGV: started_at.  Marks a job running unless it already ended; answers the attempt.
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+"""
+
+READ_CHAT = """
+-- KEYS: head, view, chat job hash.  ARGV: tenant
+-- Answers {head version, view version, then the job hash's field/value pairs}.
+local head = redis.call('HMGET', KEYS[1], 'v', 't')
+if not head[1] or head[2] ~= ARGV[1] then return {0, 0} end
+local out = {tonumber(head[1]), tonumber(redis.call('HGET', KEYS[2], 'v')) or 0}
+for _, x in ipairs(redis.call('HGETALL', KEYS[3])) do out[#out + 1] = x end
 return out
 """

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from shared.codec import decode_event, decode_state, encode_state, event_fields, json_encode, pairs, upcast
 from shared.domain.events import SCHEMA_VERSION, Event
 from shared.domain.model import ToolList
-from shared.domain.projection import ReadModelUpdate
+from shared.domain.projection import JobUpdate, ReadModelUpdate
 from shared.domain.state import SessionState, fold
 from shared.ports import (
     Appended,
@@ -45,10 +45,11 @@ LOAD_BATCH = 500
 class RedisStore:
     """Implements `EventLog` and `ReadModels` on one Redis (or one Redis Cluster)."""
 
-    def __init__(self, redis: Redis, keys: Keys, idempotency_ttl_s: int = 86_400) -> None:
+    def __init__(self, redis: Redis, keys: Keys, idempotency_ttl_s: int = 86_400, chat_retention_s: int = 7 * 86_400) -> None:
         self.redis = redis
         self.keys = keys
         self.idempotency_ttl_s = idempotency_ttl_s
+        self.chat_retention_s = chat_retention_s
 
     # -- EventLog ----------------------------------------------------------------------
     async def append(
@@ -199,10 +200,18 @@ class RedisStore:
                 p = partition_of(sid, k.partitions)
                 session_json = json_encode(u.session) if u.session is not None else b""
                 tools_json = json_encode(ToolList(u.session.tools)) if u.session is not None and u.tools_changed else b""
+                job_keys, job_args = [], []
+                for job in u.jobs:
+                    fields = job_fields(job)
+                    job_keys.append(k.chat(sid, job.job_id))
+                    job_args += [job.job_id, len(fields) // 2, *fields]
                 APPLY.queue(
                     pipe,
-                    [k.view(sid), k.messages(sid), k.index(p, tenant), k.projected(p)],
-                    [tenant, u.from_version, u.to_version, encode_state(u.state), session_json, tools_json, u.index or "", sid, *u.message_versions],
+                    [k.view(sid), k.messages(sid), k.index(p, tenant), k.projected(p), k.chats(sid), *job_keys],
+                    [
+                        tenant, u.from_version, u.to_version, encode_state(u.state), session_json, tools_json,
+                        u.index or "", sid, self.chat_retention_s, len(u.message_versions), *u.message_versions, *job_args,
+                    ],
                 )
 
         if not updates:
@@ -212,6 +221,20 @@ class RedisStore:
     async def load_scripts(self) -> None:
         for s in ALL_SCRIPTS:
             await self.redis.script_load(s.source)
+
+
+def job_fields(job: JobUpdate) -> list[Any]:
+    """A job update as hash field/value pairs: scalars as text, nested values as JSON."""
+    out: list[Any] = []
+    for name in ("status", "model"):
+        if (value := getattr(job, name)) is not None:
+            out += [name, value]
+    if job.stream is not None:
+        out += ["stream", "1" if job.stream else "0"]
+    for name in ("created_at", "finished_at", "context", "response", "error"):
+        if (value := getattr(job, name)) is not None:
+            out += [name, json_encode(value)]
+    return out
 
 
 def _version(entry_id: bytes) -> int:

@@ -1,0 +1,202 @@
+"""Chat endpoints: record the request as events, queue the job, relay the worker's answer.
+
+The API never calls the model. A synchronous chat waits (bounded) on the job's chunk stream;
+a streamed chat relays that stream as server-sent events; `Prefer: respond-async` answers 202.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.di import Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from shared.codec import json_encode
+from shared.domain.commands import CancelChat, RequestChat
+from shared.domain.errors import DomainError, NotFound
+from shared.domain.events import ChatCancelled, ChatRequested, Event
+from shared.domain.ids import parse_uuid, uuid7
+from shared.domain.model import ChatJob, ChatJobList, ChatRequest, ChatResponse, ErrorBody
+from shared.domain.state import SessionState
+from shared.redis.chats import ChatQueue, ChatStore
+from shared.service import Reply, SessionService
+from services.api.auth import provide_tenant
+from services.api.body import StrictBody
+from services.api.sessions import IdempotencyKey, Limit, Offset, _idempotency, _service, _session_id
+
+KEEPALIVE_S = 15.0
+ERROR_STATUS = {"token_budget_exceeded": 422, "cancelled": 409, "session_deleted": 409}
+
+
+class ChatFailed(DomainError):
+    """The chat job ended without an answer; `code` is the job's error code."""
+
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class ChatTimeout(DomainError):
+    code = "chat_timeout"
+
+
+class JobAccepted(msgspec.Struct, kw_only=True):
+    id: str
+    session_id: str
+    status: str
+    created_at: str
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {c: ResponseSpec(data_container=ErrorBody, description="Error") for c in (401, 404, 422, *codes)}
+
+
+def _job_id(raw: str) -> str:
+    job = parse_uuid(raw)
+    if job is None:
+        raise NotFound(f"chat {raw} not found")
+    return job
+
+
+class ChatController(Controller):
+    path = "/sessions/{session_id:str}"
+    tags = ["chat"]
+    dependencies = {"tenant": Provide(provide_tenant)}
+    security = [{"bearer": []}, {"apiKey": []}]
+
+    @post(
+        "/chat",
+        status_code=200,
+        dto=StrictBody[ChatRequest],
+        return_dto=None,
+        responses={**_errors(409, 502, 504), 202: ResponseSpec(data_container=JobAccepted, description="Queued (Prefer: respond-async)")},
+    )
+    async def chat(
+        self,
+        request: Request,
+        tenant: str,
+        session_id: str,
+        data: ChatRequest,
+        prefer: Annotated[str | None, Parameter(header="Prefer", required=False, description="respond-async: answer 202 with the job at once")] = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[ChatResponse]:
+        """Chat: the request's messages join the session, a worker answers, the answer joins too.
+
+        `stream: true` answers `text/event-stream` (OpenAI-style chunks, then a usage event, then `[DONE]`).
+        """
+        service = _service(request)
+        sid = _session_id(session_id)
+        job_id = uuid7()
+        cancelled: list[str] = []
+
+        def respond(state: SessionState, events: list[Event]) -> Reply:
+            cancelled.extend(e.data.job_id for e in events if isinstance(e, ChatCancelled))
+            req = next(e for e in events if isinstance(e, ChatRequested))
+            body = JobAccepted(id=req.data.job_id, session_id=sid, status="queued", created_at=json_encode(req.occurred_at).decode().strip('"'))
+            return Reply(status=202, body=msgspec.Raw(json_encode(body)), headers={"Location": f"/sessions/{sid}/chats/{req.data.job_id}"})
+
+        command = RequestChat(job_id=job_id, request=data, default_model=request.app.state.settings.model)
+        reply = await service.execute(tenant, sid, command, respond, await _idempotency(request, idempotency_key))
+        accepted = msgspec.json.decode(bytes(reply.body))
+        job_id = accepted["id"]
+        chats: ChatStore = request.app.state.chats
+        for other in cancelled:
+            await chats.emit(sid, other, "error", json_encode({"code": "cancelled", "message": f"interrupted by chat {job_id}"}))
+        state = service.cache.get(tenant, sid)
+        if state is not None and state.active_chats and state.active_chats[0].job_id == job_id:
+            await request.app.state.queue.enqueue(tenant, sid, [job_id])
+        if prefer and "respond-async" in prefer.lower():
+            return Response(content=bytes(reply.body), status_code=202, headers=reply.headers, media_type=MediaType.JSON)
+        if data.stream:
+            return _sse(chats, sid, job_id, "0-0")  # type: ignore[return-value]
+        return Response(content=await _wait(chats, sid, job_id, request.app.state.settings.chat_wait_s), media_type=MediaType.JSON)
+
+    @get("/chats", responses=_errors())
+    async def list_chats(self, request: Request, tenant: str, session_id: str, limit: Limit = 100, offset: Offset = 0) -> Response[ChatJobList]:
+        """The session's chat jobs, newest first."""
+        service, sid = _service(request), _session_id(session_id)
+        chats: ChatStore = request.app.state.chats
+        view = await service.read(lambda: chats.jobs(tenant, sid, limit, offset))
+        return Response(content=b'{"items":[' + b",".join(view.items or []) + b"]}", media_type=MediaType.JSON)
+
+    @get("/chats/{job_id:str}", responses=_errors())
+    async def get_chat(self, request: Request, tenant: str, session_id: str, job_id: str) -> Response[ChatJob]:
+        """A chat job: its status, attempts, what went into its context, and its answer or error."""
+        service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
+        chats: ChatStore = request.app.state.chats
+        view = await service.read(lambda: chats.job(tenant, sid, job))
+        return Response(content=view.body, media_type=MediaType.JSON)
+
+    @post("/chats/{job_id:str}/cancel", status_code=200, responses=_errors(409))
+    async def cancel_chat(self, request: Request, tenant: str, session_id: str, job_id: str) -> Response[ChatJob]:
+        """Cancel a queued or running chat (409 `chat_not_active` once it ended)."""
+        service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
+        chats: ChatStore = request.app.state.chats
+        await service.execute(tenant, sid, CancelChat(job_id=job), lambda s, e: Reply(status=200, body=msgspec.Raw(b"{}")))
+        await chats.emit(sid, job, "error", json_encode({"code": "cancelled", "message": "cancelled by the client"}))
+        view = await service.read(lambda: chats.job(tenant, sid, job))
+        return Response(content=view.body, media_type=MediaType.JSON)
+
+    @get("/chats/{job_id:str}/stream", responses=_errors())
+    async def resume_stream(
+        self,
+        request: Request,
+        tenant: str,
+        session_id: str,
+        job_id: str,
+        last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID", required=False)] = None,
+    ) -> Stream:
+        """The job's event stream from the start, or after `Last-Event-ID`: nothing missed, nothing repeated."""
+        service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
+        chats: ChatStore = request.app.state.chats
+        await service.read(lambda: chats.job(tenant, sid, job))  # 404 for unknown jobs and other tenants
+        return _sse(chats, sid, job, last_event_id or "0-0")
+
+
+async def _wait(chats: ChatStore, sid: str, job_id: str, wait_s: float) -> bytes:
+    import time
+
+    deadline = time.monotonic() + wait_s
+    after = "0-0"
+    while (left := deadline - time.monotonic()) > 0:
+        for eid, kind, data in await chats.chunks(sid, job_id, after, int(min(left, 5.0) * 1000) or 1):
+            after = eid
+            if kind == "done":
+                return data
+            if kind == "error":
+                err = msgspec.json.decode(data)
+                raise ChatFailed(err["code"], err["message"], ERROR_STATUS.get(err["code"], 502))
+    raise ChatTimeout(f"chat {job_id} did not finish within {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}", {"job_id": job_id})
+
+
+def _sse(chats: ChatStore, sid: str, job_id: str, after: str) -> Stream:
+    async def events() -> AsyncIterator[bytes]:
+        cursor = after.removesuffix(".1")
+        if after.endswith(".1"):
+            return  # the client saw [DONE]
+        while True:
+            entries = await chats.chunks(sid, job_id, cursor, int(KEEPALIVE_S * 1000))
+            if not entries:
+                yield b": keep-alive\n\n"
+                continue
+            for eid, kind, data in entries:
+                cursor = eid
+                if kind == "chunk":
+                    yield b"id: %s\ndata: %s\n\n" % (eid.encode(), data)
+                elif kind == "done":
+                    usage = msgspec.json.decode(data).get("usage")
+                    yield b"id: %s\ndata: %s\n\n" % (eid.encode(), json_encode({"id": job_id, "choices": [], "usage": usage}))
+                    yield b"id: %s.1\ndata: [DONE]\n\n" % eid.encode()
+                    return
+                else:
+                    yield b"id: %s\nevent: error\ndata: %s\n\n" % (eid.encode(), json_encode({"error": msgspec.json.decode(data)}))
+                    yield b"id: %s.1\ndata: [DONE]\n\n" % eid.encode()
+                    return
+
+    return Stream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

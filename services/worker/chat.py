@@ -1,0 +1,273 @@
+"""The chat job: build the context, call the model, stream the answer, record it once.
+
+arq may run a job more than once (a worker died, a timeout). Every step is decided on the
+session's log, so a repeat run changes nothing: the answer is appended only while the job is
+still active, and the answer's ids are derived from the job id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from shared.codec import json_encode
+from shared.domain.commands import AddSummary, CompleteChat, FailChat, RecordContext
+from shared.domain.context import ContextMessage, ContextPlan, Summary, TokenBudgetExceeded, plan_context, to_openai
+from shared.domain.errors import DomainError
+from shared.domain.events import ChatRequested
+from shared.domain.model import AssistantMessage, ChatChoice, ChatResponse, ContextReport, Message, Tool, Usage
+from shared.domain.state import SessionState
+from shared.models import Completion, Delta, ModelError, ModelProvider, ModelRequest
+from shared.redis.chats import ChatStore
+from shared.redis.store import RedisStore
+from shared.service import Reply, SessionService
+from shared.tokens import Tokenizer
+
+log = logging.getLogger("parley.chat")
+
+SUMMARY_INSTRUCTION = (
+    "Summarize the conversation below for whoever continues it: keep facts, names, numbers, decisions "
+    "and open questions. Write plain sentences, no preamble."
+)
+CANCEL_CHECK_S = 0.1
+_message_decoder = msgspec.json.Decoder(Message)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def _noop(*_: Any) -> Reply:
+    return Reply(status=200, body=msgspec.Raw(b"{}"))
+
+
+class ChatRunner:
+    def __init__(self, service: SessionService, store: RedisStore, chats: ChatStore, provider: ModelProvider, summary_reserve: int = 256) -> None:
+        self.service = service
+        self.store = store
+        self.chats = chats
+        self.provider = provider
+        self.summary_reserve = summary_reserve
+
+    async def run(self, tenant: str, session_id: str, job_id: str) -> str:
+        """One attempt at a job; answers what happened (for arq's log)."""
+        state = await self.service.log.load(tenant, session_id)
+        active = state.active(job_id) if state is not None else None
+        if state is None or active is None:
+            await self._ensure_terminal(tenant, session_id, job_id)
+            return "ended"
+        if state.active_chats[0].job_id != job_id:
+            return "waiting"  # the projector enqueues it again when the chats before it end
+        if not await self.chats.mark_running(session_id, job_id):
+            return "ended"
+        [requested] = await self.store.read(session_id, after=active.requested_at - 1, limit=1)
+        assert isinstance(requested, ChatRequested)
+        try:
+            plan, tools = await self._context(tenant, session_id, state, requested)
+            completion = await self._answer(session_id, job_id, requested, plan, tools)
+        except (TokenBudgetExceeded, ModelError) as e:
+            code, message = (e.code, e.message)
+            await self._fail(tenant, session_id, job_id, code, message)
+            return f"failed: {code}"
+        except Cancelled:
+            return "cancelled"
+        usage = completion.usage or _count_usage(plan, completion)
+        response = ChatResponse(
+            id=job_id,
+            session_id=session_id,
+            created_at=datetime.now(UTC),
+            model=completion.model,
+            choices=[ChatChoice(finish_reason=completion.finish_reason, message=AssistantMessage(content=completion.content, tool_calls=completion.tool_calls))],
+            usage=usage,
+        )
+        appended = await self._record(tenant, session_id, CompleteChat(job_id=job_id, response=response, save=requested.data.params.save))
+        if appended:
+            await self.chats.emit(session_id, job_id, "done", json_encode(response))
+        else:
+            await self._ensure_terminal(tenant, session_id, job_id)
+        return "succeeded"
+
+    # -- context ------------------------------------------------------------------------
+    async def _context(self, tenant: str, session_id: str, state: SessionState, requested: ChatRequested) -> tuple[ContextPlan, list[Tool]]:
+        d = requested.data
+        assert state.session is not None
+        session = state.session
+        counter = Tokenizer.for_model(d.params.model)
+        stored = await self._history(tenant, session_id, d.up_to_seq)
+        saved = set(d.message_ids)
+        history = [(m.seq, _context_message(m)) for m in stored if m.id not in saved]
+        new = [_context_message(m) for m in stored if m.id in saved] + [
+            ContextMessage(id=None, role=m.role, content=_plain(m.content), name=m.name, tool_call_id=m.tool_call_id,
+                           tool_calls=_plain(m.tool_calls))
+            for m in d.unsaved
+        ]
+        tools = _tools(session.tools, d.params.tools)
+        tools_json = json_encode(tools) if tools else None
+        summary = state.summary
+
+        def plan(summary: Summary | None) -> ContextPlan:
+            return plan_context(
+                situation=session.situation, summary=summary, history=history, new=new, tools_json=tools_json,
+                budget=session.token_budget, max_tokens=d.params.max_tokens, policy=session.context_overflow,
+                counter=counter, summary_reserve=self.summary_reserve,
+            )
+
+        result = plan(summary)
+        summarized: list[str] = []
+        if result.to_summarize:
+            seq_of = {m.id: seq for seq, m in history}
+            covered = [m for m in result.to_summarize if m.id in seq_of]
+            content = await self._summarize(summary, result.to_summarize, d.params.model)
+            up_to = result.summary_up_to_seq or max((seq_of[m.id] for m in covered), default=summary.up_to_seq if summary else 0)
+            summarized = [m.id for m in covered if m.id]
+            await self._record(tenant, session_id, AddSummary(job_id=d.job_id, content=content, up_to_seq=up_to, summarized=summarized))
+            result = plan(Summary(content=content, up_to_seq=up_to))
+            if result.to_summarize:
+                raise TokenBudgetExceeded("the conversation does not fit the token budget even after summarising")
+        report = ContextReport(
+            included=result.included, dropped=result.dropped, summarized=summarized, prompt_tokens=result.prompt_tokens,
+            budget=result.budget, max_tokens=result.max_tokens,
+        )
+        await self._record(tenant, session_id, RecordContext(job_id=d.job_id, report=report))
+        return result, tools
+
+    async def _history(self, tenant: str, session_id: str, up_to_seq: int) -> list[Message]:
+        """The stored conversation up to the request (system messages a summary covers stay in the prompt)."""
+        out: list[Message] = []
+        offset = 0
+        while offset < up_to_seq:
+            limit = min(1000, up_to_seq - offset)
+            view = await self.service.read(lambda o=offset, n=limit: self.store.messages(tenant, session_id, n, o))
+            page = [_message_decoder.decode(raw) for raw in view.items or []]
+            if not page:
+                break
+            out += page
+            offset += len(page)
+        return out
+
+    async def _summarize(self, previous: Summary | None, messages: list[ContextMessage], model: str) -> str:
+        lines = [f"Earlier summary: {previous.content}"] if previous else []
+        lines += [f"{m.role}: {_text(m.content)}" for m in messages]
+        request = ModelRequest(
+            model=model,
+            messages=[{"role": "system", "content": SUMMARY_INSTRUCTION}, {"role": "user", "content": "\n".join(lines)}],
+            max_tokens=self.summary_reserve - 16,
+        )
+        final = None
+        async for item in self.provider.stream(request):
+            if isinstance(item, Completion):
+                final = item
+        return (final.content or "").strip() if final else ""
+
+    # -- the answer --------------------------------------------------------------------
+    async def _answer(self, session_id: str, job_id: str, requested: ChatRequested, plan: ContextPlan, tools: list[Tool]) -> Completion:
+        p = requested.data.params
+        request = ModelRequest(
+            model=p.model,
+            messages=to_openai(plan.messages),
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            stop=p.stop,
+            seed=p.seed,
+            tools=msgspec.to_builtins(tools) if tools else None,
+            tool_choice=p.tool_choice,
+            response_format=p.response_format,
+        )
+        return await self._stream(session_id, job_id, request)
+
+    async def _stream(self, session_id: str, job_id: str, request: ModelRequest) -> Completion:
+        # A retried attempt resumes the stream: skip what an earlier attempt already sent, if the answer agrees.
+        sent = "".join(
+            (msgspec.json.decode(d).get("choices") or [{}])[0].get("delta", {}).get("content") or ""
+            for _, kind, d in await self.chats.streamed(session_id, job_id)
+            if kind == "chunk"
+        )
+        produced = ""
+        next_check = time.monotonic() + CANCEL_CHECK_S
+        async for item in self.provider.stream(request):
+            if time.monotonic() >= next_check:
+                if await self.chats.status(session_id, job_id) == "cancelled":
+                    raise Cancelled()
+                next_check = time.monotonic() + CANCEL_CHECK_S
+            if isinstance(item, Completion):
+                return item
+            delta = item
+            if item.content:
+                before, produced = produced, produced + item.content
+                if len(produced) <= len(sent) and sent.startswith(produced):
+                    continue
+                if len(before) < len(sent) and produced.startswith(sent):
+                    delta = Delta(content=produced[len(sent):])
+            chunk = {"id": job_id, "choices": [{"index": 0, "delta": msgspec.to_builtins(delta), "finish_reason": None}]}
+            await self.chats.emit(session_id, job_id, "chunk", json_encode(chunk))
+        raise ModelError("model_error", "the model's stream ended without an answer")
+
+    # -- recording ---------------------------------------------------------------------
+    async def _record(self, tenant: str, session_id: str, command: Any) -> bool:
+        """Append what the job decided; False when the job had already ended (a repeat run)."""
+        appended: list[bool] = []
+
+        def respond(_: SessionState, events: list) -> Reply:
+            appended.append(bool(events))
+            return _noop()
+
+        try:
+            await self.service.execute(tenant, session_id, command, respond)
+        except DomainError as e:
+            log.info("chat %s: %s", getattr(command, "job_id", "?"), e.message)
+            return False
+        return bool(appended and appended[-1])
+
+    async def _fail(self, tenant: str, session_id: str, job_id: str, code: str, message: str) -> None:
+        if await self._record(tenant, session_id, FailChat(job_id=job_id, code=code, message=message)):
+            await self.chats.emit(session_id, job_id, "error", json_encode({"code": code, "message": message}))
+
+    async def _ensure_terminal(self, tenant: str, session_id: str, job_id: str) -> None:
+        """A run that finds its job ended makes sure the chunk stream says how (an earlier run may have died first)."""
+        entries = await self.chats.streamed(session_id, job_id)
+        if entries and entries[-1][1] in ("done", "error"):
+            return
+        try:
+            view = await self.service.read(lambda: self.chats.job(tenant, session_id, job_id))
+        except DomainError:
+            return
+        job = msgspec.json.decode(view.body or b"{}")
+        if job.get("response"):
+            await self.chats.emit(session_id, job_id, "done", json_encode(job["response"]))
+        elif job.get("error"):
+            await self.chats.emit(session_id, job_id, "error", json_encode(job["error"]))
+
+
+def _count_usage(plan: ContextPlan, completion: Completion) -> Usage:
+    """Usage by our own count (the plan's prompt, the answer's text and calls), for providers that report none."""
+    counter = Tokenizer.for_model(completion.model)
+    calls = "".join(c.function.name + c.function.arguments for c in completion.tool_calls or ())
+    out = counter.count(completion.content or "") + (counter.count(calls) if calls else 0)
+    return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=out, total_tokens=plan.prompt_tokens + out)
+
+
+def _tools(session_tools: list[Tool], request_tools: list[Tool] | None) -> list[Tool]:
+    """The session's tools and the request's, the request's winning on a name clash."""
+    by_name = {t.function.name: t for t in session_tools}
+    by_name.update({t.function.name: t for t in request_tools or []})
+    return list(by_name.values())
+
+
+def _context_message(m: Message) -> ContextMessage:
+    return ContextMessage(id=m.id, role=m.role, content=_plain(m.content), name=m.name, tool_call_id=m.tool_call_id, tool_calls=_plain(m.tool_calls))
+
+
+def _plain(value: Any) -> Any:
+    return msgspec.to_builtins(value) if value is not None else None
+
+
+def _text(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return " ".join(p.get("text", "") for p in content if isinstance(p, dict))

@@ -1,0 +1,135 @@
+"""The worker process: the projector and the arq chat worker, side by side on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
+from arq.worker import Worker, func
+from redis.asyncio import Redis
+
+from shared.config import Settings
+from shared.domain.commands import Limits
+from shared.models import ModelProvider
+from shared.models.offline import OfflineModel
+from shared.redis.chats import QUEUE, RUN_CHAT, WAKE, ChatQueue, ChatStore
+from shared.redis.feed import RedisFeed
+from shared.redis.keys import Keys
+from shared.redis.store import RedisStore
+from shared.service import SessionService
+from shared.tokens import Tokenizer
+from services.worker.chat import ChatRunner
+from services.worker.projector import Projector
+
+log = logging.getLogger("parley.worker")
+
+
+def make_provider(settings: Settings) -> ModelProvider:
+    if settings.model_base_url:
+        from shared.models.openai_compat import OpenAICompatible
+
+        return OpenAICompatible(settings.model_base_url, settings.model_api_key, settings.model, settings.model_max_retries, settings.model_timeout_s)
+    return OfflineModel()
+
+
+def make_projector(redis: Redis, keys: Keys, settings: Settings, block: bool = True) -> Projector:
+    consumer = f"{socket.gethostname()}-{os.getpid()}-{id(redis):x}"
+    store = RedisStore(redis, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
+    queue = ChatQueue(redis)
+    return Projector(
+        store, RedisFeed(redis, keys, consumer), settings.projector_batch, settings.projector_claim_idle_ms,
+        1_000 if block else None, on_chats=queue.enqueue,
+    )
+
+
+class ParleyWorker(Worker):
+    """arq's worker, woken by the API's push to WAKE instead of waiting out its poll delay.
+
+    Also skips arq's start-up INFO call, which fakeredis does not implement.
+    """
+
+    def __init__(self, *args: Any, claim_s: float = 5.0, listen: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_progress_timeout_s = claim_s  # kept alive by the job's heartbeat while it runs
+        self._wake = asyncio.Event()
+        self._listen = listen
+
+    async def main(self) -> None:
+        self.ctx["redis"] = self.pool
+        listener = asyncio.create_task(self._listen_for_work()) if self._listen else None
+        try:
+            while True:
+                self._wake.clear()
+                await self._poll_iteration()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+        finally:
+            if listener is not None:
+                listener.cancel()
+
+    async def _listen_for_work(self) -> None:
+        while True:
+            try:
+                if await self.pool.blpop([WAKE], timeout=1):
+                    self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Redis restarting: the poll still finds the work
+                log.debug("wake listener: %s", e)
+                await asyncio.sleep(0.5)
+
+
+def make_chat_worker(redis: Redis, keys: Keys, settings: Settings, provider: ModelProvider | None = None, listen: bool = True) -> ParleyWorker:
+    store = RedisStore(redis, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
+    service = SessionService(store, store, settings.partitions, Limits(max_content_chars=settings.max_content_chars), settings.read_timeout_s * 5, settings.state_cache_size)
+    runner = ChatRunner(service, store, ChatStore(redis, keys, settings.chat_retention_s), provider or make_provider(settings))
+    claim_ms = int(settings.chat_claim_s * 1000)
+    Tokenizer.for_model(settings.model).count("warm up")  # loading the encodings takes about a second: not on a chat's clock
+
+    async def run_chat(ctx: dict[str, Any], tenant: str, session_id: str, job_id: str) -> str:
+        key = in_progress_key_prefix + ctx["job_id"]
+
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(settings.chat_claim_s / 4)
+                await ctx["redis"].pexpire(key, claim_ms)
+
+        beat = asyncio.create_task(heartbeat())
+        try:
+            return await runner.run(tenant, session_id, job_id)
+        finally:
+            beat.cancel()
+
+    return ParleyWorker(
+        functions=[func(run_chat, name=RUN_CHAT, keep_result=0, max_tries=20)],
+        queue_name=QUEUE,
+        redis_pool=ArqRedis(connection_pool=redis.connection_pool),
+        handle_signals=False,
+        max_jobs=settings.worker_max_jobs,
+        job_timeout=max(settings.model_timeout_s * (settings.model_max_retries + 1) * 2, 60),
+        keep_result=0,
+        poll_delay=settings.worker_poll_delay_s,
+        claim_s=settings.chat_claim_s,
+        listen=listen,
+    )
+
+
+async def run_worker(redis: Redis, settings: Settings, stop: asyncio.Event, fake: bool = False) -> None:
+    """Run the projector and the chat worker until `stop` is set."""
+    keys = Keys(settings.partitions)
+    projector = make_projector(redis, keys, settings, block=not fake)
+    worker = make_chat_worker(redis, keys, settings, listen=not fake)
+    tasks = [asyncio.create_task(projector.run(stop)), asyncio.create_task(worker.main())]
+    await stop.wait()
+    tasks[1].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await tasks[1]
+    worker.handle_sig(15)
+    await tasks[0]
+    await projector.feed.forget_consumer()

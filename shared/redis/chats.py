@@ -1,0 +1,124 @@
+"""Chat jobs in Redis: their records (written by the projector's APPLY), their chunk streams
+(written by the worker, read by the API), and the arq queue that runs them."""
+
+from __future__ import annotations
+
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from arq.connections import ArqRedis
+from redis.asyncio import Redis
+
+from shared.codec import json_encode, pairs
+from shared.domain.model import ChatJob
+from shared.ports import View
+from shared.redis import scripts
+from shared.redis.keys import PREFIX, Keys
+from shared.redis.lua import Script
+
+READ_CHAT = Script(scripts.READ_CHAT)
+MARK_RUNNING = Script(scripts.MARK_RUNNING)
+
+QUEUE = f"{PREFIX}:{{arq}}:queue"
+"""arq's queue (a sorted set) for chat jobs."""
+WAKE = f"{PREFIX}:{{arq}}:wake"
+"""A list the API pushes to after enqueueing, so an idle worker starts at once instead of at its next poll."""
+RUN_CHAT = "run_chat"
+
+_JSON_FIELDS = ("created_at", "started_at", "finished_at", "context", "response", "error")
+
+
+def job_json(job_id: str, session_id: str, fields: dict[bytes, bytes]) -> bytes:
+    """The `ChatJob` resource from its hash, validated against the wire type."""
+    raw: dict[str, Any] = {"id": job_id, "session_id": session_id}
+    for k, v in fields.items():
+        name = k.decode()
+        if name in _JSON_FIELDS:
+            raw[name] = msgspec.json.decode(v)
+        elif name == "stream":
+            raw[name] = v == b"1"
+        elif name == "attempts":
+            raw[name] = int(v)
+        else:
+            raw[name] = v.decode()
+    return json_encode(msgspec.convert(raw, ChatJob))
+
+
+class ChatStore:
+    def __init__(self, redis: Redis, keys: Keys, retention_s: int = 7 * 86_400) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.retention_s = retention_s
+
+    async def job(self, tenant: str, session_id: str, job_id: str) -> View:
+        k = self.keys
+        reply = await READ_CHAT(self.redis, [k.head(session_id), k.view(session_id), k.chat(session_id, job_id)], [tenant])
+        head, version, fields = int(reply[0]), int(reply[1]), pairs(reply[2:])
+        return View(head, version, job_json(job_id, session_id, fields) if fields else None)
+
+    async def jobs(self, tenant: str, session_id: str, limit: int, offset: int) -> View:
+        """The session's jobs, newest first (records past their retention are gone)."""
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(k.head(session_id), "v", "t")
+        pipe.hget(k.view(session_id), "v")
+        pipe.zrevrange(k.chats(session_id), offset, offset + limit - 1)
+        (hv, ht), vv, ids = await pipe.execute()
+        if hv is None or ht != tenant.encode():
+            return View(0, 0, None)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(k.chat(session_id, job_id.decode()))
+        records = await pipe.execute()
+        items = [job_json(j.decode(), session_id, r) for j, r in zip(ids, records) if r]
+        return View(int(hv), int(vv or 0), b"live", items)
+
+    async def mark_running(self, session_id: str, job_id: str) -> int:
+        """The attempt number, or 0 if the job already ended."""
+        started = json_encode(datetime.now(UTC))
+        return int(await MARK_RUNNING(self.redis, [self.keys.chat(session_id, job_id)], [started]))
+
+    async def status(self, session_id: str, job_id: str) -> str | None:
+        raw = await self.redis.hget(self.keys.chat(session_id, job_id), "status")
+        return raw.decode() if raw else None
+
+    # -- chunk streams -----------------------------------------------------------------
+    async def emit(self, session_id: str, job_id: str, kind: str, data: bytes) -> bytes:
+        key = self.keys.chunks(session_id, job_id)
+        entry_id = await self.redis.xadd(key, {"k": kind, "d": data})
+        if kind in ("done", "error"):
+            await self.redis.expire(key, self.retention_s)
+        return entry_id
+
+    async def chunks(self, session_id: str, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, str, bytes]]:
+        """(entry id, kind, data) after `after`, waiting up to `block_ms` for the first."""
+        reply = await self.redis.xread({self.keys.chunks(session_id, job_id): after}, count=500, block=block_ms)
+        out = []
+        for _, entries in reply or []:
+            for eid, f in entries:
+                out.append((eid.decode(), f[b"k"].decode(), f[b"d"]))
+        return out
+
+    async def streamed(self, session_id: str, job_id: str) -> list[tuple[str, str, bytes]]:
+        """Everything a job streamed so far (a retried attempt resumes after it)."""
+        entries = await self.redis.xrange(self.keys.chunks(session_id, job_id))
+        return [(eid.decode(), f[b"k"].decode(), f[b"d"]) for eid, f in entries]
+
+
+class ChatQueue:
+    """Enqueues chat jobs on arq. A job id can sit in the queue once; a second enqueue is a no-op."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.arq = ArqRedis(connection_pool=redis.connection_pool)
+
+    async def enqueue(self, tenant: str, session_id: str, job_ids: Sequence[str]) -> None:
+        for job_id in job_ids:
+            await self.arq.enqueue_job(RUN_CHAT, tenant, session_id, job_id, _job_id=f"chat:{job_id}", _queue_name=QUEUE)
+        if job_ids:
+            await self.arq.lpush(WAKE, *(b"1" for _ in job_ids))
+            await self.arq.ltrim(WAKE, 0, 999)
+
+
