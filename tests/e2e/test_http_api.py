@@ -35,10 +35,10 @@ MAX_CHARS = 100_000
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 SESSION_FIELDS = {
-    "id", "agent_id", "user_id", "situation", "token_budget", "context_overflow",
+    "id", "agent_id", "user_id", "situation", "token_budget", "context_overflow", "multitask",
     "tools", "metadata", "version", "created_at", "updated_at",
 }
-MESSAGE_FIELDS = {"id", "session_id", "role", "content", "name", "tool_call_id", "seq", "created_at"}
+MESSAGE_FIELDS = {"id", "session_id", "role", "content", "name", "tool_call_id", "tool_calls", "seq", "created_at"}
 JSON = {"Content-Type": "application/json"}
 
 
@@ -220,7 +220,7 @@ def test_create_with_an_empty_body_or_explicit_nulls_answers_the_defaults(c):
         body = create(c, payload)
         assert {k: v for k, v in body.items() if k not in ("id", "created_at", "updated_at")} == {
             "agent_id": None, "user_id": None, "situation": None, "token_budget": None,
-            "context_overflow": None, "tools": [], "metadata": {}, "version": 1,
+            "context_overflow": None, "multitask": "enqueue", "tools": [], "metadata": {}, "version": 1,
         }
         assert get_session(c, body["id"]) == body
 
@@ -436,6 +436,7 @@ def test_post_message_answers_201_with_the_message_and_its_1_based_seq(c):
         {"role": "system", "content": "you are helpful"},
         {"role": "user", "content": "hi", "name": "alice"},
         {"role": "assistant", "content": [{"type": "text", "text": "look:"}, {"type": "image_url", "image_url": {"url": "https://x.test/a.png", "detail": "high"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "answer", "arguments": "{}"}}]},
         {"role": "tool", "content": "42", "tool_call_id": "call_1"},
         {"role": "user", "content": ""},
     ]
@@ -449,7 +450,8 @@ def test_post_message_answers_201_with_the_message_and_its_1_based_seq(c):
         ts(m["created_at"])
         assert m == {
             "id": m["id"], "session_id": s["id"], "role": body["role"], "content": body["content"],
-            "name": body.get("name"), "tool_call_id": body.get("tool_call_id"), "seq": i, "created_at": m["created_at"],
+            "name": body.get("name"), "tool_call_id": body.get("tool_call_id"), "tool_calls": body.get("tool_calls"),
+            "seq": i, "created_at": m["created_at"],
         }
         answers.append(m)
     assert len({m["id"] for m in answers}) == len(sent)
@@ -468,6 +470,9 @@ def test_an_image_part_without_detail_keeps_its_url(c):
 
 BAD_MESSAGES = {
     "tool without tool_call_id": {"role": "tool", "content": "42"},
+    "tool result for no earlier call": {"role": "tool", "content": "42", "tool_call_id": "call_unknown"},
+    "tool_calls on a user message": {"role": "user", "content": "x", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    "null content without tool_calls": {"role": "assistant", "content": None},
     "tool_call_id on user": {"role": "user", "content": "x", "tool_call_id": "call_1"},
     "tool_call_id on assistant": {"role": "assistant", "content": "x", "tool_call_id": "call_1"},
     "tool_call_id on system": {"role": "system", "content": "x", "tool_call_id": "call_1"},
