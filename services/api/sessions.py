@@ -163,7 +163,11 @@ class SessionController(Controller):
             return Reply(status=202, body=msgspec.Raw(json_encode(body)))
 
         command = DeleteSession(expected_version=_expected_version(if_match))
-        return _send(await service.execute(tenant, sid, command, respond, await _idempotency(request, idempotency_key)))
+        before = await service.log.load(tenant, sid)
+        reply = await service.execute(tenant, sid, command, respond, await _idempotency(request, idempotency_key))
+        for chat in before.active_chats if before else ():  # whoever waits on these chats learns they ended
+            await request.app.state.chats.emit(sid, chat.job_id, "error", json_encode({"code": "session_deleted", "message": "the session was deleted"}))
+        return _send(reply)
 
     @post("/{session_id:str}/messages", status_code=201, responses=_errors(404), dto=StrictBody[MessageCreate], return_dto=None)
     async def add_message(

@@ -99,7 +99,8 @@ class Projector:
             for (tenant, u), head, ok in zip(updates, heads, results):
                 if ok:
                     self.applied += u.event_count
-                    if u.jobs and self.on_chats is not None and u.state.active_chats:
+                    head_moved = any(j.status is not None for j in u.jobs)  # a chat was requested or ended
+                    if head_moved and self.on_chats is not None and u.state.active_chats:
                         await self.on_chats(tenant, u.session_id, [u.state.active_chats[0].job_id])
                 if not ok or u.to_version < head:
                     todo.append(u.session_id)

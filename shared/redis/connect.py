@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.asyncio import Connection, Redis
+from redis.asyncio import BlockingConnectionPool, Connection, Redis
 
 from shared.redis.keys import Keys
 
@@ -32,9 +32,14 @@ class HiredisPackingConnection(Connection):
         return [_hiredis_pack(args)]
 
 
-def connect(url: str, max_connections: int = 64) -> Redis:
+def connect(url: str, max_connections: int = 256) -> Redis:
+    """A client whose pool waits for a free connection rather than failing: a synchronous chat holds one
+    while it blocks on its job's chunk stream."""
     extra = {"connection_class": HiredisPackingConnection} if _hiredis_pack and url.startswith("redis://") else {}
-    return Redis.from_url(url, max_connections=max_connections, health_check_interval=30, socket_keepalive=True, **extra)
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=10, health_check_interval=30, socket_keepalive=True, **extra
+    )
+    return Redis.from_pool(pool)  # the client owns (and closes) the pool
 
 
 async def check_partitions(redis: Redis, partitions: int) -> None:
