@@ -196,6 +196,8 @@ class ChatRunner:
                     raise Cancelled()
                 next_check = time.monotonic() + CANCEL_CHECK_S
             if isinstance(item, Completion):
+                finish = {"id": job_id, "choices": [{"index": 0, "delta": {}, "finish_reason": item.finish_reason}]}
+                await self.chats.emit(session_id, job_id, "chunk", json_encode(finish))
                 return item
             delta = item
             if item.content:
