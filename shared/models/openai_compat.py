@@ -42,13 +42,15 @@ class OpenAICompatible:
         calls: dict[int, dict[str, Any]] = {}
         finish, usage, model = "stop", None, request.model
         try:
+            # The prompt goes in `extra_body`: the SDK sends it as is, instead of walking every message
+            # through its type-driven transform, which cost ~25 ms on a long conversation in profiles.
             stream = await self.client.chat.completions.create(
                 model=request.model,
-                messages=request.messages,  # type: ignore[arg-type]
+                messages=[],
                 max_tokens=request.max_tokens,
                 stream=True,
                 stream_options={"include_usage": True},
-                **optional,
+                extra_body={"messages": request.messages, **optional},
             )
             async for chunk in stream:
                 model = chunk.model or model

@@ -32,6 +32,8 @@ from shared.domain.model import MessageCreate, SessionCreate
 from shared.domain.state import SessionState, fold
 from shared.redis.keys import Keys
 from shared.redis.server import RedisServer, free_port
+from shared.redis.store import RedisStore
+from redis.asyncio import Redis as AsyncRedis
 from tests.bench import wrk
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +69,18 @@ class Proc:
             self.proc.kill()
 
 
+def _wait_port(port: int) -> None:
+    import socket
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
 def load(url: str, paths: list[str], seconds: float, connections: int, method: str = "GET", body: bytes | None = None, mode: str = "closed", rate: float = 0.0) -> dict:
     """wrk for closed-loop runs when installed; our own generator (a separate process) otherwise and for open loop."""
     if mode == "closed" and wrk.available():
@@ -93,6 +107,12 @@ class Bench:
         env = {**os.environ, "REDIS_URL": self.redis_server.url, "PARLEY_API_KEYS": f"{TENANT}:{KEY}", "PARLEY_LOG_LEVEL": "WARNING",
                "PYTHONPATH": str(ROOT), "PARLEY_PARTITIONS": str(PARTITIONS)}
         py = sys.executable
+        self.model = Proc([py, "-m", "tests.bench.zero_model", "--port", str(mp := free_port())], env, self.tmp / "model.log", port=None)
+        self.model_url = f"http://127.0.0.1:{mp}/v1"
+        _wait_port(mp)
+        env["PARLEY_MODEL_BASE_URL"] = self.model_url
+        env["PARLEY_MODEL"] = "zero"
+        self.env = env
         self.api = Proc([py, "-m", "services.cli", "api", "--port", str(p := free_port())], env, self.tmp / "api.log", port=p)
         self.worker = Proc([py, "-m", "services.cli", "worker"], env, self.tmp / "worker.log")
         self.ceiling = Proc([py, "-m", "tests.bench.ceiling", "--port", str(p := free_port()), "--redis", self.redis_server.url], env, self.tmp / "ceiling.log", port=p)
@@ -100,7 +120,7 @@ class Bench:
         self.http = httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
 
     def stop(self) -> None:
-        for p in (self.api, self.worker, self.ceiling):
+        for p in (self.api, self.worker, self.ceiling, self.model):
             p.stop()
         self.redis_server.stop()
 
@@ -183,9 +203,6 @@ class Bench:
 
     def preload(self, messages: int) -> str:
         """A session with `messages` messages, appended 1,000 events per APPEND call."""
-        from shared.redis.store import RedisStore
-        from redis.asyncio import Redis as AsyncRedis
-
         async def go() -> str:
             r = AsyncRedis.from_url(self.redis_server.url)
             store = RedisStore(r, Keys(PARTITIONS))
@@ -227,7 +244,6 @@ class Bench:
         big, small = sizes[-1], sizes[0]
         for what in ("session", "messages50", "messages50_last_page"):
             out[f"{what}_cost_ratio_{big}_vs_{small}"] = out[f"{what}_rps_{small}"] / out[f"{what}_rps_{big}"]
-        out["chat_context"] = "not yet (chat issue)"
         out["time_travel"] = "not yet (replay issue)"
         self.record("P5", **out, goal="cost ratio (rps at 100 / rps at 100k) <= 1.2")
 
@@ -252,8 +268,30 @@ class Bench:
         self.record("P7", messages=n, content_bytes=size, used_memory_per_message=per, log_plus_index_per_message=(log_bytes + view_bytes) / n,
                     budget_per_message=1.5 * size + 200, ratio_to_budget=per / (1.5 * size + 200), goal="per message <= 1.5 x content + 200 B")
 
+    def p4(self) -> None:
+        """Chat against a zero-latency model: what Parley adds, and answered chats/s against a no-op arq job."""
+        from tests.bench import chat_bench
+
+        a = self.args
+        n = 30 if a.quick else 200
+        ids = self.sessions(50)
+        direct, parley, rates, ceilings = [], [], [], []
+        for _ in range(a.reps):
+            direct.append(asyncio.run(chat_bench.direct_latency(self.model_url, n)))
+            parley.append(asyncio.run(chat_bench.parley_latency(self.api.url, KEY, ids, n)))
+            rates.append(asyncio.run(chat_bench.parley_jobs_per_second(self.api.url, KEY, ids, n * 2)))
+            ceilings.append(asyncio.run(chat_bench.arq_noop_jobs_per_second(self.redis_server.url, n * 2, 100, 0.05)))
+        self.errors += sum(p["errors"] for p in parley) + sum(r["errors"] for r in rates)
+        sync_added = med(parley, "sync_p50_ms") - med(direct, "sync_p50_ms")
+        first_added = med(parley, "first_chunk_p50_ms") - med(direct, "first_chunk_p50_ms")
+        jobs = med(rates, "jobs_per_s")
+        noop = statistics.median(ceilings)
+        self.record("P4", direct_sync_p50_ms=med(direct, "sync_p50_ms"), parley_sync_p50_ms=med(parley, "sync_p50_ms"), sync_added_ms=sync_added,
+                    direct_first_chunk_p50_ms=med(direct, "first_chunk_p50_ms"), parley_first_chunk_p50_ms=med(parley, "first_chunk_p50_ms"),
+                    first_chunk_added_ms=first_added, chat_jobs_per_s=jobs, arq_noop_jobs_per_s=noop, jobs_ratio=jobs / noop,
+                    goal="added p50 <= 5 ms; jobs_ratio >= 0.8")
+
     def not_yet(self) -> None:
-        self.rows["P4"] = {"status": "not yet (chat issue)"}
         self.rows["P6"] = {"status": "not yet (replay issue)"}
 
 
@@ -282,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.p1_p2()
         bench.p3()
+        bench.p4()
         bench.p5()
         bench.p7()
         bench.not_yet()
