@@ -190,6 +190,7 @@ class ChatRunner:
         )
         produced = ""
         next_check = time.monotonic() + CANCEL_CHECK_S
+        writer = self.chats.writer(session_id, job_id)
         async for item in self.provider.stream(request):
             if time.monotonic() >= next_check:
                 if await self.chats.status(session_id, job_id) == "cancelled":
@@ -197,7 +198,8 @@ class ChatRunner:
                 next_check = time.monotonic() + CANCEL_CHECK_S
             if isinstance(item, Completion):
                 finish = {"id": job_id, "choices": [{"index": 0, "delta": {}, "finish_reason": item.finish_reason}]}
-                await self.chats.emit(session_id, job_id, "chunk", json_encode(finish))
+                writer.put(json_encode(finish))
+                await writer.drain()
                 return item
             delta = item
             if item.content:
@@ -206,8 +208,8 @@ class ChatRunner:
                     continue
                 if len(before) < len(sent) and produced.startswith(sent):
                     delta = Delta(content=produced[len(sent):])
-            chunk = {"id": job_id, "choices": [{"index": 0, "delta": msgspec.to_builtins(delta), "finish_reason": None}]}
-            await self.chats.emit(session_id, job_id, "chunk", json_encode(chunk))
+            writer.put(json_encode({"id": job_id, "choices": [{"index": 0, "delta": msgspec.to_builtins(delta), "finish_reason": None}]}))
+        await writer.drain()
         raise ModelError("model_error", "the model's stream ended without an answer")
 
     # -- recording ---------------------------------------------------------------------

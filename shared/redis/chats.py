@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -93,6 +94,9 @@ class ChatStore:
             await self.redis.expire(key, self.retention_s)
         return entry_id
 
+    def writer(self, session_id: str, job_id: str) -> ChunkWriter:
+        return ChunkWriter(self.redis, self.keys.chunks(session_id, job_id))
+
     async def chunks(self, session_id: str, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, str, bytes]]:
         """(entry id, kind, data) after `after`, waiting up to `block_ms` for the first."""
         reply = await self.redis.xread({self.keys.chunks(session_id, job_id): after}, count=500, block=block_ms)
@@ -106,6 +110,38 @@ class ChatStore:
         """Everything a job streamed so far (a retried attempt resumes after it)."""
         entries = await self.redis.xrange(self.keys.chunks(session_id, job_id))
         return [(eid.decode(), f[b"k"].decode(), f[b"d"]) for eid, f in entries]
+
+
+class ChunkWriter:
+    """Appends a job's chunks in order without making the model wait on Redis.
+
+    The first chunk is written at once; chunks that arrive while a write is in flight go out
+    together in the next pipeline.
+    """
+
+    def __init__(self, redis: Redis, key: str) -> None:
+        self.redis = redis
+        self.key = key
+        self._pending: list[bytes] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def put(self, data: bytes) -> None:
+        self._pending.append(data)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            pipe = self.redis.pipeline(transaction=False)
+            for data in batch:
+                pipe.xadd(self.key, {"k": "chunk", "d": data})
+            await pipe.execute()
+
+    async def drain(self) -> None:
+        """Wait until every chunk put so far is in Redis (raises what a write raised)."""
+        if self._task is not None:
+            await self._task
 
 
 class ChatQueue:
