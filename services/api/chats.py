@@ -6,6 +6,7 @@ a streamed chat relays that stream as server-sent events; `Prefer: respond-async
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -18,7 +19,7 @@ from litestar.response import Stream
 
 from shared.codec import json_encode
 from shared.domain.commands import CancelChat, RequestChat
-from shared.domain.errors import DomainError, NotFound
+from shared.domain.errors import DomainError, Invalid, NotFound
 from shared.domain.events import ChatCancelled, ChatRequested, Event
 from shared.domain.ids import parse_uuid, uuid7
 from shared.domain.model import ChatJob, ChatJobList, ChatRequest, ChatResponse, ErrorBody
@@ -30,6 +31,7 @@ from services.api.body import StrictBody
 from services.api.sessions import IdempotencyKey, Limit, Offset, _idempotency, _service, _session_id
 
 KEEPALIVE_S = 15.0
+_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}(\.1)?")
 ERROR_STATUS = {"token_budget_exceeded": 422, "cancelled": 409, "session_deleted": 409}
 
 
@@ -156,6 +158,8 @@ class ChatController(Controller):
         service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
         chats: ChatStore = request.app.state.chats
         await service.read(lambda: chats.job(tenant, sid, job))  # 404 for unknown jobs and other tenants
+        if last_event_id is not None and not _EVENT_ID.fullmatch(last_event_id):
+            raise Invalid("Last-Event-ID is not an event id of this stream", {"header": "Last-Event-ID"})
         return _sse(chats, sid, job, last_event_id or "0-0")
 
 
@@ -180,6 +184,9 @@ def _sse(chats: ChatStore, sid: str, job_id: str, after: str) -> Stream:
         cursor = after.removesuffix(".1")
         if after.endswith(".1"):
             return  # the client saw [DONE]
+        if cursor != "0-0" and await chats.is_terminal(sid, job_id, cursor):
+            yield b"id: %s.1\ndata: [DONE]\n\n" % cursor.encode()  # the client saw the last event, not [DONE]
+            return
         while True:
             entries = await chats.chunks(sid, job_id, cursor, int(KEEPALIVE_S * 1000))
             if not entries:

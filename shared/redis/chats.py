@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 from arq.connections import ArqRedis
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from shared.codec import json_encode, pairs
 from shared.domain.model import ChatJob
@@ -105,6 +106,13 @@ class ChatStore:
             for eid, f in entries:
                 out.append((eid.decode(), f[b"k"].decode(), f[b"d"]))
         return out
+
+    async def is_terminal(self, session_id: str, job_id: str, entry_id: str) -> bool:
+        try:
+            entries = await self.redis.xrange(self.keys.chunks(session_id, job_id), entry_id, entry_id)
+        except ResponseError:  # not a stream entry id: the client made it up
+            return False
+        return bool(entries) and entries[0][1].get(b"k") in (b"done", b"error")
 
     async def streamed(self, session_id: str, job_id: str) -> list[tuple[str, str, bytes]]:
         """Everything a job streamed so far (a retried attempt resumes after it)."""
