@@ -101,6 +101,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="parley-bench-"))
         self.rows: dict[str, dict] = {}
         self.errors = 0
+        self._errors_before = 0
 
     def start(self) -> None:
         self.redis_server = RedisServer(self.tmp / "redis", appendfsync="everysec").start()
@@ -125,6 +126,8 @@ class Bench:
         self.redis_server.stop()
 
     def record(self, row: str, **fields) -> None:
+        fields["failed_requests"] = self.errors - self._errors_before
+        self._errors_before = self.errors
         self.rows[row] = fields
         print(f"{row}: {json.dumps(fields)}", flush=True)
 
