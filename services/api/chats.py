@@ -140,6 +140,7 @@ class ChatController(Controller):
         """Cancel a queued or running chat (409 `chat_not_active` once it ended)."""
         service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
         chats: ChatStore = request.app.state.chats
+        await service.read(lambda: chats.job(tenant, sid, job))  # an unknown job is a 404, an ended one a 409
         await service.execute(tenant, sid, CancelChat(job_id=job), lambda s, e: Reply(status=200, body=msgspec.Raw(b"{}")))
         await chats.emit(sid, job, "error", json_encode({"code": "cancelled", "message": "cancelled by the client"}))
         view = await service.read(lambda: chats.job(tenant, sid, job))

@@ -8,6 +8,7 @@ still active, and the answer's ids are derived from the job id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -98,7 +99,15 @@ class ChatRunner:
         assert state.session is not None
         session = state.session
         counter = Tokenizer.for_model(d.params.model)
-        stored = await self._history(tenant, session_id, d.up_to_seq)
+        # The conversation as it stands now (a queued chat sees the answers of the chats before it), less the
+        # messages of chats requested after this one.
+        later: set[str] = set()
+        mine = [i for i, c in enumerate(state.active_chats) if c.job_id == d.job_id][0]
+        for c in state.active_chats[mine + 1 :]:
+            [other] = await self.store.read(session_id, after=c.requested_at - 1, limit=1)
+            if isinstance(other, ChatRequested):
+                later.update(other.data.message_ids)
+        stored = [m for m in await self._history(tenant, session_id, state.message_count) if m.id not in later]
         saved = set(d.message_ids)
         history = [(m.seq, _context_message(m)) for m in stored if m.id not in saved]
         new = [_context_message(m) for m in stored if m.id in saved] + [
@@ -191,24 +200,25 @@ class ChatRunner:
         produced = ""
         next_check = time.monotonic() + CANCEL_CHECK_S
         writer = self.chats.writer(session_id, job_id)
-        async for item in self.provider.stream(request):
-            if time.monotonic() >= next_check:
-                if await self.chats.status(session_id, job_id) == "cancelled":
-                    raise Cancelled()
-                next_check = time.monotonic() + CANCEL_CHECK_S
-            if isinstance(item, Completion):
-                finish = {"id": job_id, "choices": [{"index": 0, "delta": {}, "finish_reason": item.finish_reason}]}
-                writer.put(json_encode(finish))
-                await writer.drain()
-                return item
-            delta = item
-            if item.content:
-                before, produced = produced, produced + item.content
-                if len(produced) <= len(sent) and sent.startswith(produced):
-                    continue
-                if len(before) < len(sent) and produced.startswith(sent):
-                    delta = Delta(content=produced[len(sent):])
-            writer.put(json_encode({"id": job_id, "choices": [{"index": 0, "delta": msgspec.to_builtins(delta), "finish_reason": None}]}))
+        async with contextlib.aclosing(self.provider.stream(request)) as items:  # closed early on cancel: the call ends
+            async for item in items:
+                if time.monotonic() >= next_check:
+                    if await self.chats.status(session_id, job_id) == "cancelled":
+                        raise Cancelled()
+                    next_check = time.monotonic() + CANCEL_CHECK_S
+                if isinstance(item, Completion):
+                    finish = {"id": job_id, "choices": [{"index": 0, "delta": {}, "finish_reason": item.finish_reason}]}
+                    writer.put(json_encode(finish))
+                    await writer.drain()
+                    return item
+                delta = item
+                if item.content:
+                    before, produced = produced, produced + item.content
+                    if len(produced) <= len(sent) and sent.startswith(produced):
+                        continue
+                    if len(before) < len(sent) and produced.startswith(sent):
+                        delta = Delta(content=produced[len(sent):])
+                writer.put(json_encode({"id": job_id, "choices": [{"index": 0, "delta": msgspec.to_builtins(delta), "finish_reason": None}]}))
         await writer.drain()
         raise ModelError("model_error", "the model's stream ended without an answer")
 

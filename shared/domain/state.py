@@ -71,6 +71,7 @@ def evolve(state: SessionState, event: Event) -> SessionState:
                 situation=d.situation,
                 token_budget=d.token_budget,
                 context_overflow=d.context_overflow,
+                multitask=d.multitask,
                 tools=d.tools,
                 metadata=d.metadata,
                 version=event.version,

@@ -52,27 +52,28 @@ class OpenAICompatible:
                 stream_options={"include_usage": True},
                 extra_body={"messages": request.messages, **optional},
             )
-            async for chunk in stream:
-                model = chunk.model or model
-                if chunk.usage is not None:
-                    u = chunk.usage
-                    usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
-                for choice in chunk.choices:
-                    d = choice.delta
-                    if d.content:
-                        content.append(d.content)
-                        yield Delta(content=d.content)
-                    if d.tool_calls:
-                        raw = [tc.model_dump(exclude_none=True) for tc in d.tool_calls]
-                        for tc in raw:
-                            slot = calls.setdefault(tc.get("index", 0), {"id": "", "name": "", "arguments": ""})
-                            slot["id"] = tc.get("id") or slot["id"]
-                            fn = tc.get("function", {})
-                            slot["name"] += fn.get("name", "")
-                            slot["arguments"] += fn.get("arguments", "")
-                        yield Delta(tool_calls=raw)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
+            async with stream:  # leaving early (a cancelled chat) closes the connection, so the provider stops
+                async for chunk in stream:
+                    model = chunk.model or model
+                    if chunk.usage is not None:
+                        u = chunk.usage
+                        usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+                    for choice in chunk.choices:
+                        d = choice.delta
+                        if d.content:
+                            content.append(d.content)
+                            yield Delta(content=d.content)
+                        if d.tool_calls:
+                            raw = [tc.model_dump(exclude_none=True) for tc in d.tool_calls]
+                            for tc in raw:
+                                slot = calls.setdefault(tc.get("index", 0), {"id": "", "name": "", "arguments": ""})
+                                slot["id"] = tc.get("id") or slot["id"]
+                                fn = tc.get("function", {})
+                                slot["name"] += fn.get("name", "")
+                                slot["arguments"] += fn.get("arguments", "")
+                            yield Delta(tool_calls=raw)
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
         except openai.RateLimitError as e:
             raise ModelError("model_rate_limited", f"the model provider kept answering 429: {e.message}") from e
         except openai.APITimeoutError as e:
