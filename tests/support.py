@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
-from shared.redis.server import RedisServer, free_port
+from shared.redis.server import RedisServer, free_port, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANTS = {"acme": "acme-key", "globex": "globex-key"}
@@ -74,13 +78,19 @@ class ParleyProcess:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
-__all__ = ["API_KEYS", "TENANTS", "ParleyProcess", "RedisServer", "auth", "free_port"]
+async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `check` until it answers something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+__all__ = ["API_KEYS", "TENANTS", "ParleyProcess", "RedisServer", "auth", "free_port", "wait_for"]

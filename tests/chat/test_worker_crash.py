@@ -21,7 +21,7 @@ import pytest
 
 from tests.chat.conftest import Stack, model_env
 from tests.model_server import ModelServer, parse_sse
-from tests.support import auth
+from tests.support import auth, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +42,6 @@ def crash_stack(start_stack: Callable[..., Stack], model_server: ModelServer) ->
     return start_stack("chat-crash", model_env(model_server, PARLEY_CHAT_CLAIM_S="2"))
 
 
-async def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def post_chat(c: httpx.AsyncClient, sid: str, text: str) -> str:

@@ -30,7 +30,7 @@ from shared.redis.feed import GROUP
 from shared.redis.keys import Keys, partition_of
 from shared.redis.store import RedisStore
 from shared.service import Reply, SessionService
-from tests.support import ParleyProcess, auth
+from tests.support import ParleyProcess, auth, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +41,6 @@ PENDING_TIMEOUT_S = 12.0
 
 
 # -- waiting ------------------------------------------------------------------------------------
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `check` until it answers something truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def run_all(*coros: Awaitable[Any]) -> None:
