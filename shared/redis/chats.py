@@ -58,7 +58,7 @@ class ChatStore:
     async def job(self, tenant: str, session_id: str, job_id: str) -> View:
         k = self.keys
         reply = await READ_CHAT(self.redis, [k.head(session_id), k.view(session_id), k.chat(session_id, job_id)], [tenant])
-        head, version, fields = int(reply[0]), int(reply[1]), pairs(reply[2:])
+        head, version, fields = int(reply[0]), int(reply[1]), pairs(reply[3:])
         return View(head, version, job_json(job_id, session_id, fields) if fields else None)
 
     async def jobs(self, tenant: str, session_id: str, limit: int, offset: int) -> View:
@@ -66,11 +66,13 @@ class ChatStore:
         k = self.keys
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(k.head(session_id), "v", "t")
-        pipe.hget(k.view(session_id), "v")
+        pipe.hmget(k.view(session_id), "v", "j")
         pipe.zrevrange(k.chats(session_id), offset, offset + limit - 1)
-        (hv, ht), vv, ids = await pipe.execute()
+        (hv, ht), (vv, live), ids = await pipe.execute()
         if hv is None or ht != tenant.encode():
             return View(0, 0, None)
+        if live is None:  # deleted: its jobs went with it
+            return View(int(hv), int(vv or 0), None)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(k.chat(session_id, job_id.decode()))

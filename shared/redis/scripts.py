@@ -120,10 +120,13 @@ return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 
 READ_CHAT = """
 -- KEYS: head, view, chat job hash.  ARGV: tenant
--- Answers {head version, view version, then the job hash's field/value pairs}.
+-- Answers {head version, view version, live?, then the job hash's field/value pairs (none once the session is deleted)}.
 local head = redis.call('HMGET', KEYS[1], 'v', 't')
-if not head[1] or head[2] ~= ARGV[1] then return {0, 0} end
-local out = {tonumber(head[1]), tonumber(redis.call('HGET', KEYS[2], 'v')) or 0}
-for _, x in ipairs(redis.call('HGETALL', KEYS[3])) do out[#out + 1] = x end
+if not head[1] or head[2] ~= ARGV[1] then return {0, 0, 0} end
+local view = redis.call('HMGET', KEYS[2], 'v', 'j')
+local out = {tonumber(head[1]), tonumber(view[1]) or 0, view[2] and 1 or 0}
+if view[2] then
+  for _, x in ipairs(redis.call('HGETALL', KEYS[3])) do out[#out + 1] = x end
+end
 return out
 """

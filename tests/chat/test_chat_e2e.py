@@ -711,6 +711,10 @@ def test_deleting_the_session_ends_its_waiting_chat_with_409_session_deleted(c, 
     log = log_events(stack, s["id"])
     assert type(log[-1]).__name__ == "SessionDeleted", log[-1]
     assert not [e for e in log if isinstance(e, MessageAdded) and e.data.role == "assistant"]
+    # Its chat jobs leave the read models with it, like its messages and tools.
+    [requested] = [e for e in log if type(e).__name__ == "ChatRequested"]
+    assert_error(c.get(f"/sessions/{s['id']}/chats", headers=ACME), 404, "not_found")
+    assert_error(c.get(f"/sessions/{s['id']}/chats/{requested.data.job_id}", headers=ACME), 404, "not_found")
 
 
 # -- save: false ------------------------------------------------------------------------------------
