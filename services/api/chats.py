@@ -6,7 +6,9 @@ a streamed chat relays that stream as server-sent events; `Prefer: respond-async
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -165,12 +167,13 @@ class ChatController(Controller):
 
 
 async def _wait(chats: ChatStore, sid: str, job_id: str, wait_s: float) -> bytes:
-    import time
-
     deadline = time.monotonic() + wait_s
     after = "0-0"
     while (left := deadline - time.monotonic()) > 0:
-        for eid, kind, data in await chats.chunks(sid, job_id, after, int(min(left, 5.0) * 1000) or 1):
+        entries = await chats.chunks(sid, job_id, after, int(min(left, 5.0) * 1000) or 1)
+        if not entries:
+            await asyncio.sleep(0.005)  # only reached when the store answers a blocking read at once (fakeredis)
+        for eid, kind, data in entries:
             after = eid
             if kind == "done":
                 return data
@@ -188,11 +191,17 @@ def _sse(chats: ChatStore, sid: str, job_id: str, after: str) -> Stream:
         if cursor != "0-0" and await chats.is_terminal(sid, job_id, cursor):
             yield b"id: %s.1\ndata: [DONE]\n\n" % cursor.encode()  # the client saw the last event, not [DONE]
             return
+        quiet_since = time.monotonic()
         while True:
             entries = await chats.chunks(sid, job_id, cursor, int(KEEPALIVE_S * 1000))
             if not entries:
-                yield b": keep-alive\n\n"
+                if time.monotonic() - quiet_since >= KEEPALIVE_S:
+                    yield b": keep-alive\n\n"
+                    quiet_since = time.monotonic()
+                else:
+                    await asyncio.sleep(0.005)  # the store answered a blocking read at once (fakeredis does)
                 continue
+            quiet_since = time.monotonic()
             for eid, kind, data in entries:
                 cursor = eid
                 if kind == "chunk":
