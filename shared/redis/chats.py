@@ -155,14 +155,18 @@ class ChunkWriter:
 
 
 class ChatQueue:
-    """Enqueues chat jobs on arq. A job id can sit in the queue once; a second enqueue is a no-op."""
+    """Enqueues chat jobs on arq. A job id can sit in the queue once; a second enqueue is a no-op.
+
+    arq names its keys `arq:job:<job id>`, `arq:in-progress:<job id>`…; the `{arq}` hash tag in the job id puts
+    them in the queue's Redis Cluster slot, which arq's enqueue transaction needs.
+    """
 
     def __init__(self, redis: Redis) -> None:
         self.arq = ArqRedis(connection_pool=redis.connection_pool)
 
     async def enqueue(self, tenant: str, session_id: str, job_ids: Sequence[str]) -> None:
         for job_id in job_ids:
-            await self.arq.enqueue_job(RUN_CHAT, tenant, session_id, job_id, _job_id=f"chat:{job_id}", _queue_name=QUEUE)
+            await self.arq.enqueue_job(RUN_CHAT, tenant, session_id, job_id, _job_id=f"{{arq}}chat:{job_id}", _queue_name=QUEUE)
         if job_ids:
             await self.arq.lpush(WAKE, *(b"1" for _ in job_ids))
             await self.arq.ltrim(WAKE, 0, 999)
