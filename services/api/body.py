@@ -35,7 +35,11 @@ class StrictBody(AbstractDTO[T], Generic[T]):
         if decoder is None:
             decoder = self._decoders[self.model_type] = msgspec.json.Decoder(self.model_type)
         try:
-            return decoder.decode(value)
+            decoded = decoder.decode(value)
+            _storable(decoded)
+            return decoded
+        except RecursionError as e:
+            raise SchemaMismatch("the request body is nested too deeply", [{"source": "body"}]) from e
         except msgspec.ValidationError as e:
             _check_syntax(value)  # a typed decode can fail on a field before it reaches a syntax error
             raise SchemaMismatch("the request body does not match the schema", [{"message": str(e), "source": "body"}]) from e
@@ -70,3 +74,12 @@ def _check_syntax(value: bytes) -> None:
         msgspec.json.decode(value)
     except msgspec.DecodeError as e:
         raise InvalidJson(f"the request body is not valid JSON: {e}") from e
+
+
+def _storable(value: object) -> None:
+    """What the API accepts must also fit the store's encodings (msgpack state): a 2**70 in `metadata`
+    is valid JSON but would stop the projector, so it is refused here."""
+    try:
+        msgspec.msgpack.encode(value)
+    except OverflowError as e:
+        raise SchemaMismatch("the request body holds an integer outside the 64-bit range", [{"message": str(e), "source": "body"}]) from e

@@ -100,7 +100,7 @@ class ChatController(Controller):
         cancelled: list[str] = []
 
         def respond(state: SessionState, events: list[Event]) -> Reply:
-            cancelled.extend(e.data.job_id for e in events if isinstance(e, ChatCancelled))
+            cancelled[:] = [e.data.job_id for e in events if isinstance(e, ChatCancelled)]  # this decision's, not a retried one's
             req = next(e for e in events if isinstance(e, ChatRequested))
             body = JobAccepted(id=req.data.job_id, session_id=sid, status="queued", created_at=json_encode(req.occurred_at).decode().strip('"'))
             return Reply(status=202, body=msgspec.Raw(json_encode(body)), headers={"Location": f"/sessions/{sid}/chats/{req.data.job_id}"})
@@ -108,6 +108,8 @@ class ChatController(Controller):
         command = RequestChat(job_id=job_id, request=data, default_model=request.app.state.settings.model)
         reply = await service.execute(tenant, sid, command, respond, await _idempotency(request, idempotency_key))
         accepted = msgspec.json.decode(bytes(reply.body))
+        if accepted["id"] != job_id:  # an Idempotency-Key replay: the first request did the rest
+            cancelled.clear()
         job_id = accepted["id"]
         chats: ChatStore = request.app.state.chats
         for other in cancelled:
@@ -161,9 +163,17 @@ class ChatController(Controller):
         service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
         chats: ChatStore = request.app.state.chats
         await service.read(lambda: chats.job(tenant, sid, job))  # 404 for unknown jobs and other tenants
-        if last_event_id is not None and not _EVENT_ID.fullmatch(last_event_id):
+        if last_event_id is not None and not _valid_event_id(last_event_id):
             raise Invalid("Last-Event-ID is not an event id of this stream", {"header": "Last-Event-ID"})
         return _sse(chats, sid, job, last_event_id or "0-0")
+
+
+def _valid_event_id(text: str) -> bool:
+    """A stream entry id (`ms-seq`, each below 2**64), optionally with our `.1` suffix for [DONE]."""
+    if not _EVENT_ID.fullmatch(text):
+        return False
+    ms, seq = text.removesuffix(".1").split("-")
+    return int(ms) < 2**64 and int(seq) < 2**64
 
 
 async def _wait(chats: ChatStore, sid: str, job_id: str, wait_s: float) -> bytes:

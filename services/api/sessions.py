@@ -37,7 +37,7 @@ from services.api.auth import provide_tenant
 from services.api.body import StrictBody
 
 Limit = Annotated[int, Parameter(ge=1, le=1000, description="Items per page (1..1000).")]
-Offset = Annotated[int, Parameter(ge=0, description="Items to skip.")]
+Offset = Annotated[int, Parameter(ge=0, le=1_000_000_000, description="Items to skip (0..10⁹).")]
 IdempotencyKey = Annotated[
     str | None,
     Parameter(header="Idempotency-Key", required=False, max_length=255, description="Retrying with the same key and body within 24 h answers the first result and writes nothing."),

@@ -73,9 +73,10 @@ class ChatRunner:
             completion = await self._answer(session_id, job_id, requested, plan, tools)
         except (TokenBudgetExceeded, ModelError) as e:
             code, message = (e.code, e.message)
-            await self._fail(tenant, session_id, job_id, code, message)
+            await self.fail(tenant, session_id, job_id, code, message)
             return f"failed: {code}"
         except Cancelled:
+            await self._ensure_terminal(tenant, session_id, job_id)  # if whoever cancelled could not say so
             return "cancelled"
         usage = completion.usage or _count_usage(plan, completion)
         response = ChatResponse(
@@ -238,7 +239,8 @@ class ChatRunner:
             return False
         return bool(appended and appended[-1])
 
-    async def _fail(self, tenant: str, session_id: str, job_id: str, code: str, message: str) -> None:
+    async def fail(self, tenant: str, session_id: str, job_id: str, code: str, message: str) -> None:
+        """End the job as failed (if it is still active) and tell whoever waits on its stream."""
         if await self._record(tenant, session_id, FailChat(job_id=job_id, code=code, message=message)):
             await self.chats.emit(session_id, job_id, "error", json_encode({"code": code, "message": message}))
 

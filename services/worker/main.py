@@ -11,7 +11,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
-from arq.worker import Worker, func
+from arq.worker import Retry, Worker, func
 from redis.asyncio import Redis
 
 from shared.config import Settings
@@ -28,6 +28,9 @@ from services.worker.chat import ChatRunner
 from services.worker.projector import Projector
 
 log = logging.getLogger("parley.worker")
+
+MAX_TRIES = 5
+"""Attempts of a chat job that raised an unexpected error before it is failed with `internal_error`."""
 
 
 def make_provider(settings: Settings) -> ModelProvider:
@@ -103,11 +106,18 @@ def make_chat_worker(redis: Redis, keys: Keys, settings: Settings, provider: Mod
         beat = asyncio.create_task(heartbeat())
         try:
             return await runner.run(tenant, session_id, job_id)
+        except Exception as e:  # noqa: BLE001 - a job must end as succeeded, failed or cancelled, never stuck running
+            if ctx.get("job_try", 1) < MAX_TRIES:
+                log.warning("chat %s attempt %s failed (%r); retrying", job_id, ctx.get("job_try"), e)
+                raise Retry(defer=min(2 ** ctx.get("job_try", 1) * 0.25, 10)) from e
+            log.exception("chat %s failed for good", job_id)
+            await runner.fail(tenant, session_id, job_id, "internal_error", "the chat failed inside Parley; see the worker's log")
+            return "failed: internal_error"
         finally:
             beat.cancel()
 
     return ParleyWorker(
-        functions=[func(run_chat, name=RUN_CHAT, keep_result=0, max_tries=20)],
+        functions=[func(run_chat, name=RUN_CHAT, keep_result=0, max_tries=MAX_TRIES + 10)],  # + crashes
         queue_name=QUEUE,
         redis_pool=ArqRedis(connection_pool=redis.connection_pool),
         handle_signals=False,

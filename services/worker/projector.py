@@ -19,6 +19,7 @@ from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 from shared.domain.projection import project
 from shared.ports import ReadModels
 from shared.redis.feed import FeedEntry, RedisFeed
+from shared.redis.store import RedisStore
 
 log = logging.getLogger("parley.projector")
 
@@ -65,8 +66,11 @@ class Projector:
                 elif self.block_ms is None:
                     await asyncio.sleep(0.002)
                 backoff = 0.05
-            except (ConnectionError, TimeoutError, BusyLoadingError, OSError) as e:
-                log.warning("redis unavailable (%s); retrying in %.2fs", e, backoff)
+            except Exception as e:  # noqa: BLE001 - the projector must outlive any one failure
+                if isinstance(e, (ConnectionError, TimeoutError, BusyLoadingError, OSError)):
+                    log.warning("redis unavailable (%s); retrying in %.2fs", e, backoff)
+                else:
+                    log.exception("projector batch failed; retrying in %.2fs", backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 try:
@@ -92,7 +96,13 @@ class Projector:
             updates, heads = [], []
             for p in pending:
                 if p is not None and p.events:
-                    updates.append((p.tenant, project(p.state, p.events)))
+                    try:
+                        update = project(p.state, p.events)
+                        RedisStore.check_encodable(update)
+                    except Exception:  # noqa: BLE001 - one bad session must not stop the others
+                        log.exception("cannot project session %s; it stays behind until fixed", p.state.id)
+                        continue
+                    updates.append((p.tenant, update))
                     heads.append(p.head)
             results = await self.views.apply(updates)
             todo = []

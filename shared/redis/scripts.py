@@ -119,13 +119,14 @@ return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 """
 
 READ_CHAT = """
--- KEYS: head, view, chat job hash.  ARGV: tenant
--- Answers {head version, view version, live?, then the job hash's field/value pairs (none once the session is deleted)}.
+-- KEYS: head, view, chat job hash, the session's chat list.  ARGV: tenant, job id
+-- Answers {head version, view version, live?, then the job hash's field/value pairs (none once the session is
+-- deleted, none for a job of another session: a job is found only through its own session)}.
 local head = redis.call('HMGET', KEYS[1], 'v', 't')
 if not head[1] or head[2] ~= ARGV[1] then return {0, 0, 0} end
 local view = redis.call('HMGET', KEYS[2], 'v', 'j')
 local out = {tonumber(head[1]), tonumber(view[1]) or 0, view[2] and 1 or 0}
-if view[2] then
+if view[2] and redis.call('ZSCORE', KEYS[4], ARGV[2]) then
   for _, x in ipairs(redis.call('HGETALL', KEYS[3])) do out[#out + 1] = x end
 end
 return out

@@ -191,6 +191,11 @@ class RedisStore:
             out.append(Pending(tenant=tenant, state=state, events=events, head=head))
         return out
 
+    @staticmethod
+    def check_encodable(update: ReadModelUpdate) -> None:
+        """Raise if the update cannot be stored (so one bad session cannot fail a whole batch)."""
+        encode_state(update.state)
+
     async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]]) -> list[bool]:
         k = self.keys
 

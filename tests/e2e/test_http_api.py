@@ -237,6 +237,8 @@ BAD_CREATES = {
     "token_budget zero": {"token_budget": 0},
     "token_budget negative": {"token_budget": -5},
     "token_budget string": {"token_budget": "100"},
+    "metadata integer beyond 64 bits": {"metadata": {"n": 123456789012345678901234567890}},
+    "tool parameters integer beyond 64 bits": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "maximum": -(2**70)}}}]},
     "token_budget float": {"token_budget": 1.5},
     "context_overflow unknown": {"context_overflow": "drop"},
     "tools not a list": {"tools": {"type": "function"}},
@@ -298,7 +300,7 @@ def test_list_defaults_to_100_items_from_offset_0(c, fresh_tenant):
 
 BAD_PAGING = [
     {"limit": 0}, {"limit": 1001}, {"limit": -1}, {"limit": "ten"}, {"limit": "1.5"},
-    {"offset": -1}, {"offset": "x"}, {"limit": ""},
+    {"offset": -1}, {"offset": "x"}, {"limit": ""}, {"offset": 9223372036854775807},
 ]
 
 
@@ -952,3 +954,10 @@ def test_two_api_processes_agree(c, stack, spawn):
         assert retried.status_code == 202 and retried.content == deleted.content
         assert_error(c.post(f"/sessions/{s['id']}/messages", json={"role": "user", "content": "late"}, headers=ACME), 404, "not_found")
         assert_error(c.get(f"/sessions/{s['id']}", headers=ACME), 404, "not_found")
+
+
+def test_a_body_nested_too_deeply_is_refused_and_creates_nothing(c, fresh_tenant):
+    raw = b'{"metadata":{"a":' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    r = c.post("/sessions", content=raw, headers={**fresh_tenant, **JSON})
+    assert_error(r, 422, "validation_failed")
+    assert listed(c, fresh_tenant) == []
