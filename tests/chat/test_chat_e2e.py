@@ -1065,3 +1065,20 @@ def test_a_malformed_or_out_of_range_last_event_id_is_a_422(c, model):
     for bad in ("nope", "99999999999999999999-0", "1-99999999999999999999"):
         r = c.get(f"/sessions/{s['id']}/chats/{done['id']}/stream", headers={**ACME, "Last-Event-ID": bad})
         assert_error(r, 422, "validation_failed")
+
+
+def test_an_idempotent_replay_of_an_interrupting_chat_interrupts_nothing_new(c, model):
+    """The replay answers the first request's job; it must not cancel the chats that came after it."""
+    mark = marker()
+    s = create(c, multitask="interrupt")
+    key = {**ACME, "Idempotency-Key": f"first-{mark}"}
+    first = chat(c, s["id"], user(f"first {mark}"), headers=key)
+    assert first.status_code == 200, first.text
+    model.control(chunk_delay_s=0.05)
+    later = chat_async(c, s["id"], user(f"{SLOW_TEXT} {mark}"))
+    replay = chat(c, s["id"], user(f"first {mark}"), headers=key)
+    assert replay.status_code == 200 and replay.json() == first.json()
+    assert wait_job(c, s["id"], later["id"])["status"] == "succeeded"
+    events = stream_events(c, s["id"], later["id"])
+    assert not [e for e in events if e.event == "error"], "the replay wrote a cancellation into another chat's stream"
+    assert_complete_stream(events, later["id"])
