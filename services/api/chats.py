@@ -26,8 +26,8 @@ from shared.domain.events import ChatCancelled, ChatRequested, Event
 from shared.domain.ids import parse_uuid, uuid7
 from shared.domain.model import ChatJob, ChatJobList, ChatRequest, ChatResponse, ErrorBody
 from shared.domain.state import SessionState
-from shared.redis.chats import ChatQueue, ChatStore
-from shared.service import Reply, SessionService
+from shared.redis.chats import ChatStore
+from shared.service import Reply
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
 from services.api.sessions import IdempotencyKey, Limit, Offset, _idempotency, _service, _session_id

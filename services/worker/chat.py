@@ -7,7 +7,6 @@ still active, and the answer's ids are derived from the job id.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time

@@ -25,7 +25,6 @@ import httpx
 import msgspec
 from redis import Redis
 
-from shared.codec import json_encode
 from shared.domain.commands import AddMessage, CreateSession, Stamp, decide
 from shared.domain.ids import uuid7
 from shared.domain.model import MessageCreate, SessionCreate
