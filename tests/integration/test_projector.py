@@ -124,7 +124,7 @@ async def test_running_projector_makes_reads_see_writes(redis):
         await task
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4)), min_size=1, max_size=12))
 def test_projection_in_any_interleaving_equals_the_fold(plan):
     """Appends and projector batches interleaved at random give read models equal to a fresh fold."""

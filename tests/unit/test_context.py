@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.domain.context import (
@@ -400,7 +400,7 @@ def conversations(draw):
     return history, summary, new
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations(), st.one_of(st.none(), st.text(max_size=20)), st.integers(0, 400))
 def test_a_truncate_plan_fits_keeps_the_newest_message_and_the_order_and_accounts_for_every_message(
     conv, situation, budget
@@ -436,7 +436,7 @@ def test_a_truncate_plan_fits_keeps_the_newest_message_and_the_order_and_account
     assert not any(m.role == "system" for _, m in history if m.id in p.dropped)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conversations(), st.integers(0, 400))
 def test_an_adaptive_plan_fits_with_its_reserve_and_summarises_a_whole_prefix(conv, budget):
     history, summary, new = conv

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from itertools import count
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, Stamp, UpdateSession, decide
@@ -54,7 +54,7 @@ def history(commands) -> list[Event]:
     return events
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(command, max_size=30), st.lists(st.integers(1, 7), min_size=1, max_size=30))
 def test_projecting_in_any_batching_equals_folding_at_once(commands, batch_sizes):
     events = history(commands)

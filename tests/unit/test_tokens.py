@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared import tokens
@@ -91,7 +91,7 @@ word = st.text(st.characters(blacklist_categories=("Z", "Cc", "Cs")), min_size=1
 separator = st.sampled_from([" ", "  ", "   ", "\t", " \t", " \n", " \n\n", "\t\r\n", " \u00a0", "  \n "])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(word, separator), min_size=1, max_size=40), word)
 def test_cutting_before_a_space_that_follows_a_word_does_not_change_the_count(pairs, tail):
     # Every 20-character window holds a clean cut (a word ≤ 8 plus a separator ≤ 5), so no cut is a fallback.
