@@ -10,6 +10,7 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated
 
 import msgspec
@@ -54,7 +55,7 @@ class JobAccepted(msgspec.Struct, kw_only=True):
     id: str
     session_id: str
     status: str
-    created_at: str
+    created_at: datetime
 
 
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
@@ -102,7 +103,7 @@ class ChatController(Controller):
         def respond(state: SessionState, events: list[Event]) -> Reply:
             cancelled[:] = [e.data.job_id for e in events if isinstance(e, ChatCancelled)]  # this decision's, not a retried one's
             req = next(e for e in events if isinstance(e, ChatRequested))
-            body = JobAccepted(id=req.data.job_id, session_id=sid, status="queued", created_at=json_encode(req.occurred_at).decode().strip('"'))
+            body = JobAccepted(id=req.data.job_id, session_id=sid, status="queued", created_at=req.occurred_at)
             return Reply(status=202, body=msgspec.Raw(json_encode(body)), headers={"Location": f"/sessions/{sid}/chats/{req.data.job_id}"})
 
         command = RequestChat(job_id=job_id, request=data, default_model=request.app.state.settings.model)
