@@ -1,4 +1,4 @@
-"""`parley`: run the service (dev, api, worker) and manage API keys."""
+"""`parley`: run the service (dev, api, worker), manage API keys, and work on history (rebuild, export, import, purge)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import Settings
+from shared.domain.errors import DomainError
 
 log = logging.getLogger("parley")
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     kr = ksub.add_parser("revoke", help="revoke a key (the key itself or its id)")
     kr.add_argument("key")
     ksub.add_parser("list", help="list key ids and tenants")
+    from services import ops
+
+    ops.add_parsers(sub)
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
@@ -52,6 +56,11 @@ def main(argv: list[str] | None = None) -> None:
         case "keys":
             _require_redis(settings)
             _run(_keys(settings, args))
+        case command if command in ops.COMMANDS:
+            try:
+                _run(ops.COMMANDS[command](settings, args))
+            except DomainError as e:
+                sys.exit(f"parley {command}: {e.message}")
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:

@@ -67,6 +67,18 @@ class EventLog(Protocol):
 
     async def read(self, session_id: str, after: int = 0, limit: int = 100) -> list[Event]: ...
 
+    async def events(self, tenant: str, session_id: str, after: int, limit: int) -> View:
+        """Up to `limit` events after version `after`, as wire JSON in `items`; `head` 0: no such session."""
+        ...
+
+    async def wait_events(self, session_id: str, after: int, block_ms: int) -> bool:
+        """Wait up to `block_ms` for an event after `after`; True if one may be there."""
+        ...
+
+    async def at_version(self, tenant: str, session_id: str, version: int) -> tuple[int, SessionState | None]:
+        """(head, the state right after event `version`, or None past the head); head 0: no such session."""
+        ...
+
 
 class View(Struct, frozen=True):
     """A read-model answer plus what it takes to judge its freshness.

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from shared.domain.commands import Command, CreateSession, Limits, Stamp, decide
-from shared.domain.errors import Contention, DomainError, IdempotencyKeyReused, NotFound, ProjectionLagging
+from shared.domain.errors import Contention, DomainError, IdempotencyKeyReused, NotFound, ProjectionLagging, VersionNotFound
 from shared.domain.events import Event
 from shared.domain.ids import uuid7
 from shared.domain.state import SessionState, fold
@@ -84,6 +84,9 @@ class StateCache:
             self._items.move_to_end(key)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
+
+    def drop(self, tenant: str, sid: str) -> None:
+        self._items.pop((tenant, sid), None)
 
 
 class KeyedLocks:
@@ -202,6 +205,10 @@ class SessionService:
                     state, fresh = await self._reload(tenant, state), True
         raise Contention(f"session {session_id} is changing too fast; retry")
 
+    def forget(self, tenant: str, session_id: str) -> None:
+        """Drop what this process remembers of a session (after a purge, nothing of it may stay)."""
+        self.cache.drop(tenant, session_id)
+
     async def _reload(self, tenant: str, known: SessionState) -> SessionState:
         state = await self.log.load(tenant, known.id, known if known.version else None)
         if state is None:
@@ -218,6 +225,26 @@ class SessionService:
         return _reply_decoder.decode(raw)
 
     # -- reads ------------------------------------------------------------------------
+    async def at_version(self, tenant: str, session_id: str, version: int) -> SessionState:
+        """The state right after event `version`, folded from the log (fresh by construction)."""
+        head, state = await self.log.at_version(tenant, session_id, version)
+        if head == 0:
+            raise NotFound(f"session {session_id} not found")
+        if state is None or version == 0:
+            raise VersionNotFound(f"session {session_id} has no version {version}", {"version": version})
+        if not state.exists:
+            raise NotFound(f"session {session_id} was deleted at version {version}", {"version": version})
+        return state
+
+    async def read_past(self, fetch: Callable[[], Awaitable[View]], version: int) -> View:
+        """Like `read`, waiting until the read models hold `version` (time travel reads their message pointers)."""
+        view = await self._fresh(fetch, lambda v: v.head == 0 or v.version >= version)
+        if view is None:
+            raise ProjectionLagging("the read model is behind the version asked for; retry shortly")
+        if view.head == 0:
+            raise NotFound("session not found")
+        return view
+
     async def read(self, fetch: Callable[[], Awaitable[View]]) -> View:
         """Wait (bounded) until the read model holds every write acknowledged before this read began."""
         view = await self._fresh(fetch, lambda v: v.head == 0 or v.version >= v.head)

@@ -22,12 +22,14 @@ from shared.redis.api_keys import RedisApiKeys
 from shared.redis.connect import check_partitions, connect
 from shared.redis.chats import ChatQueue, ChatStore
 from shared.redis.feed import projector_alive
+from shared.redis.history import RedisHistory
 from shared.redis.keys import Keys
 from shared.redis.store import RedisStore
 from shared.service import SessionService
 from services.api.auth import Authenticator
 from services.api.errors import EXCEPTION_HANDLERS, error_response
 from services.api.chats import ChatController
+from services.api.history import EventController, audit
 from services.api.sessions import SessionController
 from services.worker.main import run_worker as worker_main
 
@@ -73,6 +75,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
         app.state.settings = settings
         app.state.chats = ChatStore(client, keys, settings.chat_retention_s)
         app.state.queue = ChatQueue(client)
+        app.state.history = RedisHistory(client, keys)
         app.state.service = SessionService(
             store,
             store,
@@ -95,7 +98,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
                 await client.aclose()
 
     return Litestar(
-        route_handlers=[SessionController, ChatController, health, ready],
+        route_handlers=[SessionController, ChatController, EventController, audit, health, ready],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,

@@ -12,6 +12,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared.domain.context import TokenBudgetExceeded
 from shared.domain.errors import (
     ChatInProgress,
+    InvalidImport,
+    SessionExists,
     ChatNotActive,
     Contention,
     DomainError,
@@ -40,6 +42,8 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
     ChatNotActive: 409,
     TokenBudgetExceeded: 422,
     ChatTimeout: 504,
+    SessionExists: 409,
+    InvalidImport: 422,
 }
 
 HTTP_CODES = {
@@ -70,7 +74,7 @@ def error_response(status: int, code: str, message: str, details: object = None,
 
 
 def on_domain_error(_: Request, exc: DomainError) -> Response[ErrorBody]:
-    status = getattr(exc, "status", None) or DOMAIN_STATUS.get(type(exc), 400)
+    status = getattr(exc, "status", None) or next((DOMAIN_STATUS[c] for c in type(exc).__mro__ if c in DOMAIN_STATUS), 400)
     headers = {"Retry-After": "1"} if status == 503 else None
     return error_response(status, exc.code, exc.message, exc.details, headers)
 

@@ -32,6 +32,7 @@ from shared.domain.model import (
     ToolList,
 )
 from shared.domain.state import SessionState
+from shared import history
 from shared.service import Idempotency, Reply, SessionService
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
@@ -42,6 +43,11 @@ IdempotencyKey = Annotated[
     str | None,
     Parameter(header="Idempotency-Key", required=False, max_length=255, description="Retrying with the same key and body within 24 h answers the first result and writes nothing."),
 ]
+AtVersion = Annotated[
+    int | None,
+    Parameter(ge=0, le=2**63 - 1, required=False, description="Time travel: the state right after this event version (folded from the log)."),
+]
+Purge = Annotated[bool, Parameter(description="Also erase the log and everything derived from it, leaving a tombstone in /audit.")]
 IfMatch = Annotated[
     str | None,
     Parameter(header="If-Match", required=False, description="The ETag you hold; a stale one answers 412 and changes nothing."),
@@ -122,9 +128,13 @@ class SessionController(Controller):
         return _send(reply)
 
     @get("/{session_id:str}", responses=_errors(404))
-    async def get_session(self, request: Request, tenant: str, session_id: str) -> Response[Session]:
+    async def get_session(self, request: Request, tenant: str, session_id: str, version: AtVersion = None) -> Response[Session]:
+        """The session; with `version`, as it was right after that event (deleted sessions too, until purged)."""
         service = _service(request)
         sid = _session_id(session_id)
+        if version is not None:
+            state = await service.at_version(tenant, sid, version)
+            return Response(content=json_encode(state.session), media_type=MediaType.JSON, headers={"ETag": _etag(version)})
         view = await service.read(lambda: service.views.session(tenant, sid))
         return Response(content=view.body, media_type=MediaType.JSON, headers={"ETag": _etag(view.version)})
 
@@ -153,10 +163,17 @@ class SessionController(Controller):
         session_id: str,
         if_match: IfMatch = None,
         idempotency_key: IdempotencyKey = None,
+        purge: Purge = False,
     ) -> Response[SessionDeletion]:
-        """Delete the session: it and its messages and tools leave the read models; the log keeps `SessionDeleted`."""
+        """Delete the session: it and its messages and tools leave the read models; the log keeps `SessionDeleted`
+        (its events and past versions stay readable). `purge=true` erases the log and all derived data as well,
+        a deleted session's too, and records a `SessionPurged` tombstone in `GET /audit`."""
         service = _service(request)
         sid = _session_id(session_id)
+        if purge:
+            deleted_at, before = await history.purge(service, request.app.state.history, tenant, sid, _expected_version(if_match))
+            await _end_chats(request, sid, before)
+            return Response(content=json_encode(SessionDeletion(id=sid, deleted_at=deleted_at, purged=True)), status_code=202, media_type=MediaType.JSON)
 
         def respond(_: SessionState, events: list[Event]) -> Reply:
             body = SessionDeletion(id=sid, deleted_at=events[0].occurred_at)
@@ -165,8 +182,7 @@ class SessionController(Controller):
         command = DeleteSession(expected_version=_expected_version(if_match))
         before = await service.log.load(tenant, sid)
         reply = await service.execute(tenant, sid, command, respond, await _idempotency(request, idempotency_key))
-        for chat in before.active_chats if before else ():  # whoever waits on these chats learns they ended
-            await request.app.state.chats.emit(sid, chat.job_id, "error", json_encode({"code": "session_deleted", "message": "the session was deleted"}))
+        await _end_chats(request, sid, before)
         return _send(reply)
 
     @post("/{session_id:str}/messages", status_code=201, responses=_errors(404), dto=StrictBody[MessageCreate], return_dto=None)
@@ -187,17 +203,32 @@ class SessionController(Controller):
 
     @get("/{session_id:str}/messages", responses=_errors(404))
     async def list_messages(
-        self, request: Request, tenant: str, session_id: str, limit: Limit = 100, offset: Offset = 0
+        self, request: Request, tenant: str, session_id: str, limit: Limit = 100, offset: Offset = 0, version: AtVersion = None
     ) -> Response[MessageList]:
-        """The session's messages in conversation order (oldest first)."""
+        """The session's messages in conversation order (oldest first); with `version`, those it had right after that event."""
         service = _service(request)
         sid = _session_id(session_id)
-        view = await service.read(lambda: service.views.messages(tenant, sid, limit, offset))
+        if version is not None:
+            count = (await service.at_version(tenant, sid, version)).message_count
+            view = await service.read_past(lambda: service.views.messages(tenant, sid, limit, offset, count), version)
+        else:
+            view = await service.read(lambda: service.views.messages(tenant, sid, limit, offset))
         return Response(content=b'{"items":[' + b",".join(view.items or []) + b"]}", media_type=MediaType.JSON)
 
     @get("/{session_id:str}/tools", responses=_errors(404))
-    async def list_tools(self, request: Request, tenant: str, session_id: str) -> Response[ToolList]:
+    async def list_tools(self, request: Request, tenant: str, session_id: str, version: AtVersion = None) -> Response[ToolList]:
+        """The session's tools; with `version`, those it had right after that event."""
         service = _service(request)
         sid = _session_id(session_id)
+        if version is not None:
+            state = await service.at_version(tenant, sid, version)
+            assert state.session is not None
+            return Response(content=json_encode(ToolList(state.session.tools)), media_type=MediaType.JSON)
         view = await service.read(lambda: service.views.tools(tenant, sid))
         return Response(content=view.body, media_type=MediaType.JSON)
+
+
+async def _end_chats(request: Request, sid: str, before: SessionState | None) -> None:
+    """Whoever waits on the deleted session's chats learns they ended."""
+    for chat in before.active_chats if before else ():
+        await request.app.state.chats.emit(sid, chat.job_id, "error", json_encode({"code": "session_deleted", "message": "the session was deleted"}))

@@ -39,6 +39,7 @@ from shared.domain.events import (
 )
 from shared.domain.ids import derived_id
 from shared.domain.model import (
+    ChatError,
     ChatParams,
     ChatRequest,
     ChatResponse,
@@ -155,7 +156,7 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
         case CompleteChat(job_id=job) if _running(state, job):
             return _complete_chat(state, command, stamp)
         case FailChat(job_id=job) if _running(state, job):
-            data = ChatFailedData(job_id=job, code=command.code, message=command.message)
+            data = ChatFailedData(job_id=job, error=ChatError(code=command.code, message=command.message))
             return [ChatFailed(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=data)]
         case CancelChat(job_id=job):
             _check_live(state, None)
@@ -291,7 +292,6 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
         job_id=command.job_id,
         params=params,
         message_ids=ids,
-        up_to_seq=state.message_count + len(ids),
         unsaved=[] if r.save else r.messages,
     )
     events.append(ChatRequested(id=stamp.new_id(), version=version + 1, occurred_at=stamp.now, data=data))

@@ -58,3 +58,21 @@ class ChatNotActive(DomainError):
     """The chat job already ended; it cannot be cancelled (→ 409)."""
 
     code = "chat_not_active"
+
+
+class VersionNotFound(NotFound):
+    """Time travel to a version the session never had: 0, or past its last event (→ 404)."""
+
+    code = "version_not_found"
+
+
+class SessionExists(DomainError):
+    """An import names a session id this deployment already holds (→ 409); nothing is written."""
+
+    code = "session_exists"
+
+
+class InvalidImport(DomainError):
+    """An export file that is not a whole, valid session log (→ 422); nothing is written."""
+
+    code = "invalid_import"

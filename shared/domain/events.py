@@ -14,10 +14,12 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
-from shared.domain.model import ChatParams, ChatResponse, ContextOverflow, ContextReport, Message, MessageCreate, Multitask, Tool
+from shared.domain.model import ChatError, ChatParams, ChatResponse, ContextOverflow, ContextReport, Message, MessageCreate, Multitask, Tool
 
-SCHEMA_VERSION = 1
-"""Bumped when a payload's shape changes; readers upcast older payloads."""
+SCHEMA_VERSION = 2
+"""Bumped when a payload's shape changes; readers upcast older payloads (`shared.domain.upcast`).
+
+2: `ChatRequested` lost the unused `up_to_seq`; `ChatFailed` holds its `error` as the job resource does."""
 
 
 class SessionCreatedData(Struct, kw_only=True):
@@ -56,8 +58,6 @@ class ChatRequestedData(Struct, kw_only=True):
     params: ChatParams
     message_ids: list[str]
     """The request's messages, stored by the `MessageAdded` events just before this one."""
-    up_to_seq: int
-    """The conversation this chat answers: stored messages with seq ≤ this."""
     unsaved: list[MessageCreate] = msgspec.field(default_factory=list)
     """The request's messages when `save` is false: in the prompt, not in the conversation."""
 
@@ -84,8 +84,7 @@ class ChatCompletedData(Struct, kw_only=True):
 
 class ChatFailedData(Struct, kw_only=True):
     job_id: str
-    code: str
-    message: str
+    error: ChatError
 
 
 class ChatCancelledData(Struct, kw_only=True):
@@ -161,5 +160,28 @@ CHAT_ENDED = (ChatCompleted, ChatFailed, ChatCancelled)
 
 
 class EventPage(Struct):
+    """A page of a session's log, oldest first. `next` is the `after` of the next page; null on the last."""
+
     items: list[Event]
     next: int | None
+
+
+class SessionPurgedData(Struct, kw_only=True):
+    session_id: str
+    user_id: str | None
+    event_count: int
+
+
+class SessionPurged(Struct, kw_only=True, frozen=True, tag_field="type", tag=True):
+    """The tombstone a purge leaves in the tenant's audit stream: who and how much, never what."""
+
+    id: str
+    occurred_at: datetime
+    data: SessionPurgedData
+
+
+class AuditPage(Struct):
+    """`next` is an opaque cursor to pass as `after`; null on the last page."""
+
+    items: list[SessionPurged]
+    next: str | None

@@ -108,6 +108,8 @@ class SessionList(Struct):
 class SessionDeletion(Struct, kw_only=True):
     id: str
     deleted_at: datetime
+    purged: bool = False
+    """True: the log and everything derived from it were erased too (`?purge=true`)."""
 
 
 class FunctionCall(Wire):

@@ -28,7 +28,10 @@ from shared.domain.events import (
     ToolsChanged,
 )
 from shared.domain.model import ChatError, ChatResponse, ChatStatus, ContextReport, Session
-from shared.domain.state import SessionState, fold
+from shared.domain.state import SessionState, evolve
+
+SNAPSHOT_EVERY = 100
+"""A snapshot of the state every this many versions: time travel folds at most this many events."""
 
 
 class JobUpdate(Struct, kw_only=True, omit_defaults=True):
@@ -63,6 +66,8 @@ class ReadModelUpdate(Struct, kw_only=True):
     """How the tenant's newest-first session index changes."""
     jobs: list[JobUpdate] = []
     """Chat job records to write, in event order."""
+    snapshots: list[SessionState] = []
+    """The states at the versions in this run that are multiples of `SNAPSHOT_EVERY`."""
 
     @property
     def to_version(self) -> int:
@@ -73,8 +78,13 @@ class ReadModelUpdate(Struct, kw_only=True):
         return self.state.version - self.from_version
 
 
-def project(state: SessionState, events: Sequence[Event]) -> ReadModelUpdate:
-    after = fold(state, events)
+def project(state: SessionState, events: Sequence[Event], snapshot_every: int = SNAPSHOT_EVERY) -> ReadModelUpdate:
+    after = state
+    snapshots: list[SessionState] = []
+    for e in events:
+        after = evolve(after, e)
+        if after.version % snapshot_every == 0:
+            snapshots.append(after)
     index: Literal["add", "remove"] | None = None
     tools_changed = False
     versions: list[int] = []
@@ -101,8 +111,7 @@ def project(state: SessionState, events: Sequence[Event]) -> ReadModelUpdate:
             case ChatCompleted(data=d):
                 jobs.append(JobUpdate(job_id=d.job_id, status="succeeded", finished_at=e.occurred_at, response=d.response))
             case ChatFailed(data=d):
-                error = ChatError(code=d.code, message=d.message)
-                jobs.append(JobUpdate(job_id=d.job_id, status="failed", finished_at=e.occurred_at, error=error))
+                jobs.append(JobUpdate(job_id=d.job_id, status="failed", finished_at=e.occurred_at, error=d.error))
             case ChatCancelled(data=d):
                 error = ChatError(code="cancelled", message=d.reason)
                 jobs.append(JobUpdate(job_id=d.job_id, status="cancelled", finished_at=e.occurred_at, error=error))
@@ -117,4 +126,5 @@ def project(state: SessionState, events: Sequence[Event]) -> ReadModelUpdate:
         message_versions=versions,
         index=index,
         jobs=jobs,
+        snapshots=snapshots,
     )

@@ -19,7 +19,8 @@ from shared.domain.model import ChatJob
 from shared.ports import View
 from shared.redis import scripts
 from shared.redis.keys import PREFIX, Keys
-from shared.redis.lua import Script
+from shared.redis.lua import Script, run_pipeline
+from shared.redis.store import ALL_SCRIPTS, READ_VIEW
 
 READ_CHAT = Script(scripts.READ_CHAT)
 MARK_RUNNING = Script(scripts.MARK_RUNNING)
@@ -66,21 +67,25 @@ class ChatStore:
     async def jobs(self, tenant: str, session_id: str, limit: int, offset: int) -> View:
         """The session's jobs, newest first (records past their retention are gone)."""
         k = self.keys
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(k.head(session_id), "v", "t")
-        pipe.hmget(k.view(session_id), "v", "j")
-        pipe.zrevrange(k.chats(session_id), offset, offset + limit - 1)
-        (hv, ht), (vv, live), ids = await pipe.execute()
-        if hv is None or ht != tenant.encode():
+        reply, ids = await run_pipeline(
+            self.redis,
+            ALL_SCRIPTS,
+            lambda pipe: [
+                READ_VIEW.queue(pipe, [k.head(session_id), k.view(session_id)], [tenant, "j"]),
+                pipe.zrevrange(k.chats(session_id), offset, offset + limit - 1),
+            ],
+        )
+        hv, vv = int(reply[0]), int(reply[1])
+        if hv == 0:
             return View(0, 0, None)
-        if live is None:  # deleted: its jobs went with it
-            return View(int(hv), int(vv or 0), None)
+        if len(reply) < 3 or reply[2] is None:  # deleted: its jobs went with it
+            return View(hv, vv, None)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(k.chat(session_id, job_id.decode()))
         records = await pipe.execute()
         items = [job_json(j.decode(), session_id, r) for j, r in zip(ids, records) if r]
-        return View(int(hv), int(vv or 0), b"live", items)
+        return View(hv, vv, b"live", items)
 
     async def mark_running(self, session_id: str, job_id: str) -> int:
         """The attempt number, or 0 if the job already ended."""
@@ -100,7 +105,7 @@ class ChatStore:
         return entry_id
 
     def writer(self, session_id: str, job_id: str) -> ChunkWriter:
-        return ChunkWriter(self.redis, self.keys.chunks(session_id, job_id))
+        return ChunkWriter(self.redis, self.keys.chunks(session_id, job_id), self.retention_s)
 
     async def chunks(self, session_id: str, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, str, bytes]]:
         """(entry id, kind, data) after `after`, waiting up to `block_ms` for the first."""
@@ -131,9 +136,10 @@ class ChunkWriter:
     together in the next pipeline.
     """
 
-    def __init__(self, redis: Redis, key: str) -> None:
+    def __init__(self, redis: Redis, key: str, retention_s: int) -> None:
         self.redis = redis
         self.key = key
+        self.retention_s = retention_s
         self._pending: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -148,6 +154,7 @@ class ChunkWriter:
             pipe = self.redis.pipeline(transaction=False)
             for data in batch:
                 pipe.xadd(self.key, {"k": "chunk", "d": data})
+            pipe.expire(self.key, self.retention_s)  # a job that never ends still has its chunks expire
             await pipe.execute()
 
     async def drain(self) -> None:

@@ -39,6 +39,11 @@ class Keys:
         """Stream: one entry per append naming the session; the projector's consumer group reads it."""
         return f"{self.tag(partition)}:feed"
 
+    def sessions(self, partition: int, tenant: str) -> str:
+        """Sorted set of every session id the tenant ever created in this partition, deleted ones too
+        (all scores 0): what `rebuild --tenant` and `purge --user-id` walk. Only a purge removes one."""
+        return f"{self.tag(partition)}:sessions:{tenant}"
+
     def written(self, partition: int) -> str:
         """Hash tenant → events appended in this partition (read-your-writes for lists)."""
         return f"{self.tag(partition)}:written"
@@ -46,14 +51,29 @@ class Keys:
     def idempotency(self, partition: int, tenant: str, key_hash: str) -> str:
         return f"{self.tag(partition)}:idem:{tenant}:{key_hash}"
 
-    # -- read side (projections): written only by the projector --------------------------
-    def view(self, sid: str) -> str:
-        """Hash {v, t, st: state (msgpack), j: session JSON, tools: tool list JSON}."""
-        return f"{self.of(sid)}:view:{sid}"
+    def idempotency_of(self, sid: str) -> str:
+        """Set of the idempotency record keys written with the session's appends, so a purge finds them."""
+        return f"{self.of(sid)}:idems:{sid}"
 
-    def messages(self, sid: str) -> str:
-        """List of the log versions of the session's `MessageAdded` events, in `seq` order."""
-        return f"{self.of(sid)}:msgs:{sid}"
+    def audit(self, partition: int, tenant: str) -> str:
+        """Stream of the tenant's `SessionPurged` tombstones in this partition (no content, kept forever)."""
+        return f"{self.tag(partition)}:audit:{tenant}"
+
+    # -- read side (projections): written only by the projector and `parley rebuild` ---------
+    # The session's read models live in a generation (the head's field `g`, 0 when absent); a
+    # rebuild fills generation g+1 beside the live one and switches the head over atomically.
+    def view(self, sid: str, gen: int = 0) -> str:
+        """Hash {v, t, st: state (msgpack), j: session JSON, tools: tool list JSON}; v and st outlive a delete."""
+        return _gen(f"{self.of(sid)}:view:{sid}", gen)
+
+    def messages(self, sid: str, gen: int = 0) -> str:
+        """List of the log versions of the session's `MessageAdded` events, in `seq` order (kept after a delete:
+        time travel reads it)."""
+        return _gen(f"{self.of(sid)}:msgs:{sid}", gen)
+
+    def snapshots(self, sid: str, gen: int = 0) -> str:
+        """Hash version → state (msgpack) every `SNAPSHOT_EVERY` versions: time travel folds from the nearest."""
+        return _gen(f"{self.of(sid)}:snaps:{sid}", gen)
 
     def index(self, partition: int, tenant: str) -> str:
         """Sorted set of the tenant's live session ids in this partition (all scores 0: UUIDv7 text order)."""
@@ -75,6 +95,10 @@ class Keys:
         """Hash tenant → events projected in this partition."""
         return f"{self.tag(partition)}:projected"
 
+    def rebuild(self, scope: str) -> str:
+        """Hash: a running `parley rebuild`'s progress (done sessions, events), so a killed run resumes."""
+        return f"{PREFIX}:{{sys}}:rebuild:{scope}"
+
     # -- global ----------------------------------------------------------------------
     config = f"{PREFIX}:{{sys}}:config"
     projectors = f"{PREFIX}:{{sys}}:projectors"
@@ -83,3 +107,8 @@ class Keys:
     """Hash sha256(key) → tenant."""
     api_key_ids = f"{PREFIX}:{{auth}}:key_ids"
     """Hash key id → sha256(key), so a key can be revoked by its id."""
+
+
+def _gen(key: str, gen: int) -> str:
+    """Generation 0 keeps the plain name; scripts derive the same names (see `scripts.GEN`)."""
+    return f"{key}:g{gen}" if gen else key

@@ -1,7 +1,20 @@
-"""Lua scripts: each one is an atomic step of the design and touches one slot."""
+"""Lua scripts: each one is an atomic step of the design and touches one slot.
+
+Read-model keys live in a generation named by the head's field `g` (see `Keys.view`);
+scripts that touch them get the generation-0 names in KEYS and derive the live
+generation's names with `at`, inside the same hash tag, so the switch a rebuild
+makes is atomic for every reader and writer.
+"""
+
+GEN = """
+local function at(key, g)
+  if g and g ~= '' and tonumber(g) > 0 then return key .. ':g' .. g end
+  return key
+end
+"""
 
 APPEND = """
--- KEYS: head, log, feed, written, idempotency
+-- KEYS: head, log, feed, written, idempotency, the tenant's session registry, the session's idempotency set
 -- ARGV: tenant, expected, session id, claim?, request hash, response, ttl, schema, then 4 per event
 local tenant, expected = ARGV[1], tonumber(ARGV[2])
 if ARGV[4] == '1' then
@@ -22,20 +35,23 @@ end
 redis.call('HSET', KEYS[1], 'v', v, 't', tenant)
 redis.call('HINCRBY', KEYS[4], tenant, v - expected)
 redis.call('XADD', KEYS[3], '*', 's', ARGV[3])
+if expected == 0 then redis.call('ZADD', KEYS[6], 0, ARGV[3]) end
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[5], 'h', ARGV[5], 'r', ARGV[6])
   redis.call('EXPIRE', KEYS[5], ARGV[7])
+  redis.call('SADD', KEYS[7], KEYS[5])
 end
 return {'appended', v}
 """
 
-LOAD = """
--- KEYS: head, view, log.  ARGV: known version, max events
+LOAD = GEN + """
+-- KEYS: head, view, log.  ARGV: known version, max events, generation ('': the live one)
 -- The view's state is the newest snapshot: start from it when it is ahead of what the caller knows.
-local head = redis.call('HMGET', KEYS[1], 'v', 't')
+local head = redis.call('HMGET', KEYS[1], 'v', 't', 'g')
 if not head[1] then return {0} end
 local known = tonumber(ARGV[1])
-local view = redis.call('HMGET', KEYS[2], 'v', 'st')
+local g = ARGV[3] ~= '' and ARGV[3] or head[3]
+local view = redis.call('HMGET', at(KEYS[2], g), 'v', 'st')
 local base, state = known, false
 local vv = tonumber(view[1]) or 0
 if vv > known then base, state = vv, view[2] end
@@ -46,32 +62,43 @@ end
 return {tonumber(head[1]), head[2], base, state, events}
 """
 
-APPLY = """
--- KEYS: view, messages, index, projected, session's chat list, then one chat job hash per job update
+APPLY = GEN + """
+-- KEYS: head, view, messages, snapshots, index, projected, session's chat list, then one chat job hash per job update
 -- ARGV: tenant, from, to, state, session JSON ('' once deleted), tools JSON ('' unchanged), index op, session id,
---       retention seconds, message count n, n message versions, then per job: job id, field count m, m field/value pairs
-local current = tonumber(redis.call('HGET', KEYS[1], 'v')) or 0
+--       retention seconds, generation ('': the live one), message count n, n message versions,
+--       snapshot count s, s version/state pairs, then per job: job id, field count m, m field/value pairs
+-- A rebuild names its generation: it then writes only that generation's keys (no index, counters or jobs).
+local head = redis.call('HMGET', KEYS[1], 'v', 'g')
+if not head[1] then return 0 end  -- purged meanwhile: nothing may bring its content back
+local live = ARGV[10] == ''
+local g = live and head[2] or ARGV[10]
+local view, msgs, snaps = at(KEYS[2], g), at(KEYS[3], g), at(KEYS[4], g)
+local current = tonumber(redis.call('HGET', view, 'v')) or 0
 if current ~= tonumber(ARGV[2]) then return 0 end
-local n = tonumber(ARGV[10])
+local n = tonumber(ARGV[11])
+if n > 0 then redis.call('RPUSH', msgs, unpack(ARGV, 12, 11 + n)) end
+local i = 12 + n
+local s = tonumber(ARGV[i])
+for j = i + 1, i + 2 * s, 2 do redis.call('HSET', snaps, ARGV[j], ARGV[j + 1]) end
+i = i + 1 + 2 * s
 if ARGV[5] == '' then
-  redis.call('HDEL', KEYS[1], 'j', 'tools')
-  redis.call('DEL', KEYS[2])
+  redis.call('HDEL', view, 'j', 'tools')
 else
-  redis.call('HSET', KEYS[1], 'j', ARGV[5])
-  if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'tools', ARGV[6]) end
-  if n > 0 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 11, 10 + n)) end
+  redis.call('HSET', view, 'j', ARGV[5])
+  if ARGV[6] ~= '' then redis.call('HSET', view, 'tools', ARGV[6]) end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[3], 't', ARGV[1], 'st', ARGV[4])
+redis.call('HSET', view, 'v', ARGV[3], 't', ARGV[1], 'st', ARGV[4])
+if not live then return 1 end
 if ARGV[7] == 'add' then
-  redis.call('ZADD', KEYS[3], 0, ARGV[8])
+  redis.call('ZADD', KEYS[5], 0, ARGV[8])
 elseif ARGV[7] == 'remove' then
-  redis.call('ZREM', KEYS[3], ARGV[8])
+  redis.call('ZREM', KEYS[5], ARGV[8])
 end
-redis.call('HINCRBY', KEYS[4], ARGV[1], tonumber(ARGV[3]) - tonumber(ARGV[2]))
-local i, k = 11 + n, 6
+redis.call('HINCRBY', KEYS[6], ARGV[1], tonumber(ARGV[3]) - tonumber(ARGV[2]))
+local k = 8
 while i <= #ARGV do
   local job, m = ARGV[i], tonumber(ARGV[i + 1])
-  redis.call('ZADD', KEYS[5], 0, job)
+  redis.call('ZADD', KEYS[7], 0, job)
   local status = redis.call('HGET', KEYS[k], 'status')
   for j = i + 2, i + 1 + 2 * m, 2 do
     -- a worker may already have marked the job running: 'queued' never overwrites a status
@@ -88,15 +115,17 @@ end
 return 1
 """
 
-READ_MESSAGES = """
--- KEYS: head, view, messages, log.  ARGV: tenant, start, stop
+READ_MESSAGES = GEN + """
+-- KEYS: head, view, messages, log.  ARGV: tenant, start, stop, past ('1': a past version's page, the caller
+-- clipped it, so read it even if the session is deleted now)
 -- Answers {head version, view version, live?, then schema and data of each message on the page}.
-local head = redis.call('HMGET', KEYS[1], 'v', 't')
+local head = redis.call('HMGET', KEYS[1], 'v', 't', 'g')
 if not head[1] or head[2] ~= ARGV[1] then return {0, 0, 0} end
-local view = redis.call('HMGET', KEYS[2], 'v', 'j')
-local out = {tonumber(head[1]), tonumber(view[1]) or 0, view[2] and 1 or 0}
-if view[2] then
-  for _, v in ipairs(redis.call('LRANGE', KEYS[3], ARGV[2], ARGV[3])) do
+local view = redis.call('HMGET', at(KEYS[2], head[3]), 'v', 'j')
+local live = view[2] or ARGV[4] == '1'
+local out = {tonumber(head[1]), tonumber(view[1]) or 0, live and 1 or 0}
+if live and tonumber(ARGV[3]) >= tonumber(ARGV[2]) then
+  for _, v in ipairs(redis.call('LRANGE', at(KEYS[3], head[3]), ARGV[2], ARGV[3])) do
     local e = redis.call('XRANGE', KEYS[4], v .. '-0', v .. '-0')
     local f = e[1][2]
     local s, d
@@ -118,16 +147,104 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
 return redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 """
 
-READ_CHAT = """
+READ_CHAT = GEN + """
 -- KEYS: head, view, chat job hash, the session's chat list.  ARGV: tenant, job id
 -- Answers {head version, view version, live?, then the job hash's field/value pairs (none once the session is
 -- deleted, none for a job of another session: a job is found only through its own session)}.
-local head = redis.call('HMGET', KEYS[1], 'v', 't')
+local head = redis.call('HMGET', KEYS[1], 'v', 't', 'g')
 if not head[1] or head[2] ~= ARGV[1] then return {0, 0, 0} end
-local view = redis.call('HMGET', KEYS[2], 'v', 'j')
+local view = redis.call('HMGET', at(KEYS[2], head[3]), 'v', 'j')
 local out = {tonumber(head[1]), tonumber(view[1]) or 0, view[2] and 1 or 0}
 if view[2] and redis.call('ZSCORE', KEYS[4], ARGV[2]) then
   for _, x in ipairs(redis.call('HGETALL', KEYS[3])) do out[#out + 1] = x end
 end
 return out
+"""
+
+READ_VIEW = GEN + """
+-- KEYS: head, view.  ARGV: tenant, field
+-- Answers {head version (0: no such session for this tenant), view version, the field (nil once deleted)}.
+local head = redis.call('HMGET', KEYS[1], 'v', 't', 'g')
+if not head[1] or head[2] ~= ARGV[1] then return {0, 0} end
+local view = redis.call('HMGET', at(KEYS[2], head[3]), 'v', 'j', ARGV[2])
+local body = false
+if view[2] then body = view[3] end
+return {tonumber(head[1]), tonumber(view[1]) or 0, body}
+"""
+
+READ_EVENTS = """
+-- KEYS: head, log.  ARGV: tenant, after, count
+-- Answers {head version (0: no such session for this tenant), then up to count log entries after `after`}.
+local head = redis.call('HMGET', KEYS[1], 'v', 't')
+if not head[1] or head[2] ~= ARGV[1] then return {0} end
+local v, after = tonumber(head[1]), tonumber(ARGV[2])
+if after >= v then return {v, {}} end
+return {v, redis.call('XRANGE', KEYS[2], (after + 1) .. '-0', '+', 'COUNT', ARGV[3])}
+"""
+
+TIME_TRAVEL = GEN + """
+-- KEYS: head, snapshots, log.  ARGV: tenant, version n, snapshot interval
+-- Answers {head version} when n is past the head, else {head, base, state at base (nil: fold from nothing),
+-- the log entries base+1..n}: at most one interval of events, whatever n is.
+local head = redis.call('HMGET', KEYS[1], 'v', 't', 'g')
+if not head[1] or head[2] ~= ARGV[1] then return {0} end
+local n, every = tonumber(ARGV[2]), tonumber(ARGV[3])
+if n > tonumber(head[1]) then return {tonumber(head[1])} end
+local snaps = at(KEYS[2], head[3])
+local base, state = n - n % every, false
+while base > 0 do
+  state = redis.call('HGET', snaps, base)
+  if state then break end
+  base = base - every
+end
+if not state then base = 0 end
+local events = {}
+if n > base then events = redis.call('XRANGE', KEYS[3], (base + 1) .. '-0', n .. '-0') end
+return {tonumber(head[1]), base, state, events}
+"""
+
+SWITCH = GEN + """
+-- KEYS: head, view, messages, snapshots, the tenant's index.  ARGV: new generation, session id
+-- A rebuild's last step: when the new generation and the live one both hold every event, make the new one
+-- live and drop the old one. Answers 1, 0 (not caught up: build on and retry) or -1 (the session was purged).
+local head = redis.call('HMGET', KEYS[1], 'v', 'g')
+if not head[1] then return -1 end
+local old, new = head[2] or '0', ARGV[1]
+local fresh = redis.call('HMGET', at(KEYS[2], new), 'v', 'j')
+local live = tonumber(redis.call('HGET', at(KEYS[2], old), 'v')) or 0
+if tonumber(fresh[1]) ~= tonumber(head[1]) or live ~= tonumber(head[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'g', new)
+if fresh[2] then redis.call('ZADD', KEYS[5], 0, ARGV[2]) else redis.call('ZREM', KEYS[5], ARGV[2]) end
+if old ~= new then redis.call('UNLINK', at(KEYS[2], old), at(KEYS[3], old), at(KEYS[4], old)) end
+return 1
+"""
+
+PURGE = GEN + """
+-- KEYS: head, log, view, messages, snapshots, chat list, idempotency set, index, session registry, audit stream,
+--       projected
+-- ARGV: tenant, session id, expected version, key prefix of the session's slot, then the tombstone's
+--       type, id, occurred_at, data
+-- Erases everything the session wrote and records the tombstone, in one step. Answers 1, 0 (no such session
+-- for this tenant) or {'conflict', version} (it changed since the caller read it).
+local head = redis.call('HMGET', KEYS[1], 'v', 't', 'g')
+if not head[1] or head[2] ~= ARGV[1] then return 0 end
+if tonumber(head[1]) ~= tonumber(ARGV[3]) then return {'conflict', tonumber(head[1])} end
+local doomed = {KEYS[1], KEYS[2], KEYS[6], KEYS[7]}
+local g = tonumber(head[3]) or 0
+-- events the projector will now never apply count as projected, or the tenant's list would wait for them
+local seen = tonumber(redis.call('HGET', at(KEYS[3], g), 'v')) or 0
+redis.call('HINCRBY', KEYS[11], ARGV[1], tonumber(head[1]) - seen)
+for _, gen in ipairs({g, g + 1}) do  -- the live generation, and one a killed rebuild may have left
+  for k = 3, 5 do doomed[#doomed + 1] = at(KEYS[k], gen) end
+end
+for _, job in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
+  doomed[#doomed + 1] = ARGV[4] .. 'chat:' .. job
+  doomed[#doomed + 1] = ARGV[4] .. 'chunks:' .. job
+end
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[7])) do doomed[#doomed + 1] = key end
+for i = 1, #doomed, 500 do redis.call('UNLINK', unpack(doomed, i, math.min(i + 499, #doomed))) end
+redis.call('ZREM', KEYS[8], ARGV[2])
+redis.call('ZREM', KEYS[9], ARGV[2])
+redis.call('XADD', KEYS[10], '*', 't', ARGV[5], 'i', ARGV[6], 'a', ARGV[7], 'd', ARGV[8])
+return 1
 """

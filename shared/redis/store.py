@@ -12,10 +12,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.codec import decode_event, decode_state, encode_state, event_fields, json_encode, pairs, upcast
+from shared.codec import decode_event, decode_state, encode_state, event_fields, event_json, json_encode, pairs, upcast
 from shared.domain.events import SCHEMA_VERSION, Event
 from shared.domain.model import ToolList
-from shared.domain.projection import JobUpdate, ReadModelUpdate
+from shared.domain.projection import SNAPSHOT_EVERY, JobUpdate, ReadModelUpdate
 from shared.domain.state import SessionState, fold
 from shared.ports import (
     Appended,
@@ -36,7 +36,12 @@ APPEND = Script(scripts.APPEND)
 LOAD = Script(scripts.LOAD)
 APPLY = Script(scripts.APPLY)
 READ_MESSAGES = Script(scripts.READ_MESSAGES)
-ALL_SCRIPTS = (APPEND, LOAD, APPLY, READ_MESSAGES)
+READ_VIEW = Script(scripts.READ_VIEW)
+READ_EVENTS = Script(scripts.READ_EVENTS)
+TIME_TRAVEL = Script(scripts.TIME_TRAVEL)
+SWITCH = Script(scripts.SWITCH)
+PURGE = Script(scripts.PURGE)
+ALL_SCRIPTS = (APPEND, LOAD, APPLY, READ_MESSAGES, READ_VIEW, READ_EVENTS, TIME_TRAVEL, SWITCH, PURGE)
 
 LOAD_BATCH = 500
 """Events per LOAD call; a longer tail is read in several calls."""
@@ -77,7 +82,10 @@ class RedisStore:
             args.extend(event_fields(e))
         reply = await APPEND(
             self.redis,
-            [k.head(session_id), k.log(session_id), k.feed(partition), k.written(partition), idem_key],
+            [
+                k.head(session_id), k.log(session_id), k.feed(partition), k.written(partition), idem_key,
+                k.sessions(partition, tenant), k.idempotency_of(session_id),
+            ],
             args,
         )
         match reply[0]:
@@ -114,30 +122,55 @@ class RedisStore:
         entries = await self.redis.xrange(self.keys.log(session_id), f"{after + 1}-0", "+", count=limit)
         return [decode_event(_version(eid), fields) for eid, fields in entries]
 
+    async def events(self, tenant: str, session_id: str, after: int, limit: int) -> View:
+        """Up to `limit` events after version `after` as wire JSON, straight from the log (always fresh)."""
+        k = self.keys
+        reply = await READ_EVENTS(self.redis, [k.head(session_id), k.log(session_id)], [tenant, after, limit])
+        head = int(reply[0])
+        if head == 0:
+            return View(0, 0, None)
+        items = [event_json(_version(eid), pairs(fields)) for eid, fields in reply[1]]
+        return View(head, head, b"log", items)
+
+    async def wait_events(self, session_id: str, after: int, block_ms: int) -> bool:
+        reply = await self.redis.xread({self.keys.log(session_id): f"{after}-0"}, count=1, block=block_ms)
+        return bool(reply)
+
+    async def at_version(self, tenant: str, session_id: str, version: int) -> tuple[int, SessionState | None]:
+        """(head, the state right after event `version`): folded from the nearest snapshot at or below it,
+        so the cost is at most `SNAPSHOT_EVERY` events whatever the version. State None: past the head."""
+        k = self.keys
+        reply = await TIME_TRAVEL(
+            self.redis, [k.head(session_id), k.snapshots(session_id), k.log(session_id)], [tenant, version, SNAPSHOT_EVERY]
+        )
+        head = int(reply[0])
+        if len(reply) == 1:
+            return head, None
+        base, raw, entries = int(reply[1]), reply[2], reply[3]
+        state = decode_state(raw) if raw is not None else SessionState(id=session_id)
+        assert state.version == base
+        return head, fold(state, (decode_event(_version(eid), pairs(f)) for eid, f in entries))
+
     # -- ReadModels: reads ---------------------------------------------------------------
     async def session(self, tenant: str, session_id: str) -> View:
-        return await self._view_field(tenant, session_id, b"j")
+        return await self._view_field(tenant, session_id, "j")
 
     async def tools(self, tenant: str, session_id: str) -> View:
-        return await self._view_field(tenant, session_id, b"tools")
+        return await self._view_field(tenant, session_id, "tools")
 
-    async def _view_field(self, tenant: str, session_id: str, field: bytes) -> View:
+    async def _view_field(self, tenant: str, session_id: str, field: str) -> View:
         k = self.keys
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(k.head(session_id), "v", "t")
-        pipe.hmget(k.view(session_id), "v", "t", "j", "tools")
-        (hv, ht), (vv, vt, j, tools) = await pipe.execute()
-        if hv is None or ht != tenant.encode():
-            return View(0, 0, None)
-        body = j if field == b"j" else tools
-        return View(int(hv), int(vv or 0), body if j is not None and vt == ht else None)
+        reply = await READ_VIEW(self.redis, [k.head(session_id), k.view(session_id)], [tenant, field])
+        return View(int(reply[0]), int(reply[1]), reply[2] if len(reply) > 2 else None)
 
-    async def messages(self, tenant: str, session_id: str, limit: int, offset: int) -> View:
+    async def messages(self, tenant: str, session_id: str, limit: int, offset: int, count: int | None = None) -> View:
+        """`count`: the number of messages at a past version; the page is clipped to them, deleted or not."""
         k = self.keys
+        stop = offset + limit - 1 if count is None else min(offset + limit, count) - 1
         reply = await READ_MESSAGES(
             self.redis,
             [k.head(session_id), k.view(session_id), k.messages(session_id), k.log(session_id)],
-            [tenant, offset, offset + limit - 1],
+            [tenant, offset, stop, "" if count is None else "1"],
         )
         head, version, live = int(reply[0]), int(reply[1]), reply[2] == 1
         rest = reply[3:]
@@ -158,25 +191,30 @@ class RedisStore:
         page = [sid.decode() for sid in ids[offset : offset + limit]]
         if not page:
             return caught_up, []
-        pipe = self.redis.pipeline(transaction=False)
-        for sid in page:
-            pipe.hget(k.view(sid), "j")
-        bodies = await pipe.execute()
-        return caught_up, [b for b in bodies if b is not None]
+        replies = await run_pipeline(
+            self.redis,
+            ALL_SCRIPTS,
+            lambda pipe: [READ_VIEW.queue(pipe, [k.head(sid), k.view(sid)], [tenant, "j"]) for sid in page],
+        )
+        return caught_up, [r[2] for r in replies if len(r) > 2 and r[2] is not None]
 
     # -- ReadModels: the projector's side --------------------------------------------------
-    async def pending(self, session_ids: Sequence[str]) -> list[Pending | None]:
-        return await self._tails(session_ids, [None] * len(session_ids))
+    async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:
+        """`gen`: a rebuild's generation instead of the live one."""
+        return await self._tails(session_ids, [None] * len(session_ids), gen)
 
-    async def _tails(self, session_ids: Sequence[str], known: Sequence[SessionState | None]) -> list[Pending | None]:
+    async def _tails(
+        self, session_ids: Sequence[str], known: Sequence[SessionState | None], gen: int | None = None
+    ) -> list[Pending | None]:
         """One pipeline of LOAD calls: each session's state (the newer of `known` and the view's) and
         up to LOAD_BATCH events after it."""
         k = self.keys
+        g = "" if gen is None else gen
         replies = await run_pipeline(
             self.redis,
             ALL_SCRIPTS,
             lambda pipe: [
-                LOAD.queue(pipe, [k.head(sid), k.view(sid), k.log(sid)], [s.version if s else 0, LOAD_BATCH])
+                LOAD.queue(pipe, [k.head(sid), k.view(sid), k.log(sid)], [s.version if s else 0, LOAD_BATCH, g])
                 for sid, s in zip(session_ids, known)
             ],
         )
@@ -196,8 +234,10 @@ class RedisStore:
         """Raise if the update cannot be stored (so one bad session cannot fail a whole batch)."""
         encode_state(update.state)
 
-    async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]]) -> list[bool]:
+    async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]], gen: int | None = None) -> list[bool]:
+        """`gen`: write a rebuild's generation (its views only: the index, counters and chat jobs stay live)."""
         k = self.keys
+        g = "" if gen is None else gen
 
         def fill(pipe: Any) -> None:
             for tenant, u in updates:
@@ -206,16 +246,23 @@ class RedisStore:
                 session_json = json_encode(u.session) if u.session is not None else b""
                 tools_json = json_encode(ToolList(u.session.tools)) if u.session is not None and u.tools_changed else b""
                 job_keys, job_args = [], []
-                for job in u.jobs:
+                snapshots: list[Any] = []
+                for snap in u.snapshots:
+                    snapshots += [snap.version, encode_state(snap)]
+                for job in u.jobs if gen is None else ():
                     fields = job_fields(job)
                     job_keys.append(k.chat(sid, job.job_id))
                     job_args += [job.job_id, len(fields) // 2, *fields]
                 APPLY.queue(
                     pipe,
-                    [k.view(sid), k.messages(sid), k.index(p, tenant), k.projected(p), k.chats(sid), *job_keys],
+                    [
+                        k.head(sid), k.view(sid), k.messages(sid), k.snapshots(sid), k.index(p, tenant), k.projected(p),
+                        k.chats(sid), *job_keys,
+                    ],
                     [
                         tenant, u.from_version, u.to_version, encode_state(u.state), session_json, tools_json,
-                        u.index or "", sid, self.chat_retention_s, len(u.message_versions), *u.message_versions, *job_args,
+                        u.index or "", sid, self.chat_retention_s, g, len(u.message_versions), *u.message_versions,
+                        len(u.snapshots), *snapshots, *job_args,
                     ],
                 )
 

@@ -416,7 +416,7 @@ def test_delete_answers_202_and_the_session_is_gone_everywhere(c, fresh_tenant):
     add_message(c, s["id"], {"role": "user", "content": "hello"}, fresh_tenant)
     r = c.delete(f"/sessions/{s['id']}", headers=fresh_tenant)
     assert r.status_code == 202, r.text
-    assert set(r.json()) == {"id", "deleted_at"}
+    assert set(r.json()) == {"id", "deleted_at", "purged"} and r.json()["purged"] is False
     assert r.json()["id"] == s["id"]
     assert ts(r.json()["deleted_at"]) >= ts(s["created_at"])
 

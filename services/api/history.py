@@ -1,0 +1,119 @@
+"""The log as an API: a session's events (a page, or followed live over SSE) and the tenant's audit stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, MediaType, Request, Response, get
+from litestar.di import Provide
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from shared.codec import json_encode
+from shared.domain.errors import Invalid, NotFound
+from shared.domain.events import AuditPage, EventPage
+from shared.ports import EventLog
+from shared.redis.history import RedisHistory
+from services.api.auth import provide_tenant
+from services.api.sessions import Limit, _errors, _service, _session_id
+
+After = Annotated[int, Parameter(ge=0, le=2**63 - 1, description="A version: the page starts after it (exclusive).")]
+LastEventId = Annotated[
+    str | None,
+    Parameter(header="Last-Event-ID", required=False, description="SSE resume point (a version); wins over `after`."),
+]
+SSE_BATCH = 500
+
+
+class _EventHead(msgspec.Struct):
+    type: str
+    version: int
+
+
+_event_head = msgspec.json.Decoder(_EventHead)
+
+
+class EventController(Controller):
+    path = "/sessions"
+    tags = ["history"]
+    dependencies = {"tenant": Provide(provide_tenant)}
+    security = [{"bearer": []}, {"apiKey": []}]
+
+    @get("/{session_id:str}/events", responses=_errors(404))
+    async def list_events(
+        self,
+        request: Request,
+        tenant: str,
+        session_id: str,
+        after: After = 0,
+        limit: Limit = 100,
+        last_event_id: LastEventId = None,
+    ) -> Response[EventPage]:
+        """The session's log, oldest first, deleted sessions too (until purged).
+
+        With `Accept: text/event-stream` it follows the log live: the events after `after` (or `Last-Event-ID`),
+        then each new one as it is appended; `id:` is the version, `event:` the type. It ends after `SessionDeleted`."""
+        service = _service(request)
+        sid = _session_id(session_id)
+        if "text/event-stream" in request.headers.get("accept", ""):
+            if last_event_id is not None:
+                if not last_event_id.strip().isdigit() or int(last_event_id) >= 2**63:
+                    raise Invalid("Last-Event-ID must be a version (a non-negative integer)", {"header": "Last-Event-ID"})
+                after = int(last_event_id)
+            if (await service.log.events(tenant, sid, after, 1)).head == 0:  # 404 before the stream starts
+                raise NotFound(f"session {session_id} not found")
+            return _tail(service.log, tenant, sid, after, request.app.state.settings.sse_keepalive_s)  # type: ignore[return-value]
+        view = await service.log.events(tenant, sid, after, limit)
+        if view.head == 0:
+            raise NotFound(f"session {session_id} not found")
+        items = view.items or []
+        last = after + len(items)
+        nxt = b"%d" % last if items and last < view.head else b"null"
+        return Response(content=b'{"items":[' + b",".join(items) + b'],"next":' + nxt + b"}", media_type=MediaType.JSON)
+
+
+def _tail(log: EventLog, tenant: str, sid: str, after: int, keepalive_s: float) -> Stream:
+    async def frames() -> AsyncIterator[bytes]:
+        cursor, quiet_since = after, time.monotonic()
+        while True:
+            view = await log.events(tenant, sid, cursor, SSE_BATCH)
+            if view.head == 0:
+                return  # purged
+            for item in view.items or []:
+                head = _event_head.decode(item)
+                cursor = head.version
+                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (head.version, head.type.encode(), item)
+                if head.type == "SessionDeleted":
+                    return
+            if view.items:
+                quiet_since = time.monotonic()
+                continue
+            left = keepalive_s - (time.monotonic() - quiet_since)
+            if left <= 0:
+                yield b": keep-alive\n\n"
+                quiet_since = time.monotonic()
+                continue
+            started = time.monotonic()
+            if not await log.wait_events(sid, cursor, max(1, int(left * 1000))) and time.monotonic() - started < 0.001:
+                await asyncio.sleep(0.005)  # the store answered a blocking read at once (fakeredis does)
+
+    return Stream(frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+AuditAfter = Annotated[str | None, Parameter(max_length=200, description="The `next` cursor of the previous page.")]
+
+
+@get("/audit", tags=["history"], dependencies={"tenant": Provide(provide_tenant)}, security=[{"bearer": []}, {"apiKey": []}], responses=_errors())
+async def audit(request: Request, tenant: str, after: AuditAfter = None, limit: Limit = 100) -> Response[AuditPage]:
+    """The tenant's erasure record: one `SessionPurged` tombstone per purged session (no content), oldest first."""
+    history: RedisHistory = request.app.state.history
+    try:
+        items, cursor = await history.audit(tenant, after, limit)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Invalid("after is not a cursor this endpoint gave out", {"query": "after"}) from e
+    nxt = json_encode(cursor)
+    return Response(content=b'{"items":[' + b",".join(items) + b'],"next":' + nxt + b"}", media_type=MediaType.JSON)

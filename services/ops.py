@@ -1,0 +1,182 @@
+"""`parley rebuild | export | import | purge`: the history operations, with progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from redis.asyncio import Redis
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+from shared import history
+from shared.config import Settings
+from shared.domain.commands import Limits
+from shared.redis.chats import ChatQueue, ChatStore
+from shared.redis.connect import check_partitions, connect
+from shared.redis.feed import RedisFeed
+from shared.redis.history import RedisHistory
+from shared.redis.keys import Keys
+from shared.redis.store import RedisStore
+from shared.service import SessionService
+from services.worker.projector import Projector
+from services.worker.rebuild import Rebuilder, Scope
+
+console = Console(stderr=True)
+
+
+class CountColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.completed:,.0f}/{task.total or 0:,.0f}")
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} events/s", style="cyan")
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), CountColumn(),
+        RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+    )
+
+
+@dataclass
+class Ops:
+    redis: Redis
+    keys: Keys
+    store: RedisStore
+    history: RedisHistory
+    service: SessionService
+    chats: ChatStore
+
+    def live_projector(self) -> Projector:
+        """The projector's catch-up, run in this process (with its chat hook), for work that cannot wait for a worker."""
+        return Projector(self.store, RedisFeed(self.redis, self.keys, "ops"), on_chats=ChatQueue(self.redis).enqueue)
+
+
+def redis_url(settings: Settings) -> str:
+    """REDIS_URL, else the private redis-server a running `parley dev` wrote down."""
+    if settings.redis_url:
+        return settings.redis_url
+    port_file = Path(settings.data_dir) / "redis.port"
+    if port_file.exists():
+        return f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
+    sys.exit("REDIS_URL is not set and no `parley dev` store was found in " + settings.data_dir)
+
+
+@asynccontextmanager
+async def connected(settings: Settings) -> AsyncIterator[Ops]:
+    redis = connect(redis_url(settings))
+    try:
+        await check_partitions(redis, settings.partitions)
+        keys = Keys(settings.partitions)
+        store = RedisStore(redis, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
+        await store.load_scripts()
+        service = SessionService(store, store, settings.partitions, Limits(max_content_chars=settings.max_content_chars))
+        yield Ops(redis, keys, store, RedisHistory(redis, keys), service, ChatStore(redis, keys, settings.chat_retention_s))
+    finally:
+        await redis.aclose()
+
+
+async def rebuild(settings: Settings, args: argparse.Namespace) -> None:
+    scope = Scope(session_id=args.session, tenant=args.tenant)
+    async with connected(settings) as ops:
+        with progress() as bar:
+            task = bar.add_task(f"rebuild {scope.name}", total=0)
+            rebuilder = Rebuilder(ops.store, ops.history, ops.live_projector(), lambda n: bar.advance(task, n))
+            targets, resumed = await rebuilder.remaining(scope)
+            if resumed:
+                console.print(f"resuming a killed rebuild of {scope.name}: {len(targets)} sessions left")
+            bar.update(task, total=await rebuilder.total_events(targets))
+            report = await rebuilder.run(scope, targets)
+            bar.update(task, total=report.events, completed=report.events)
+    console.print(f"rebuilt {report.sessions} sessions, {report.events} events")
+
+
+async def export(settings: Settings, args: argparse.Namespace) -> None:
+    async with connected(settings) as ops:
+        head, _, _ = await ops.history.head(args.session)
+        out: IO[bytes] = open(args.output, "wb") if args.output else sys.stdout.buffer
+        try:
+            with progress() as bar:
+                task = bar.add_task(f"export {args.session}", total=head)
+                async for line in history.export_lines(ops.history, args.session):
+                    out.write(line)
+                    bar.advance(task, 0 if line.startswith(b'{"format"') else 1)
+        finally:
+            if args.output:
+                out.close()
+            else:
+                out.flush()
+
+
+async def import_(settings: Settings, args: argparse.Namespace) -> None:
+    source: IO[bytes] = open(args.file, "rb") if args.file and args.file != "-" else sys.stdin.buffer
+    with source:
+        lines = list(_lines(source))
+    async with connected(settings) as ops:
+        done = await history.import_sessions(ops.service, ops.history, args.tenant, lines)
+        total = sum(n for _, n in done)
+        with progress() as bar:
+            task = bar.add_task("project", total=total)
+            projector = ops.live_projector()
+            for sid, n in done:
+                await projector.catch_up([sid])
+                bar.advance(task, n)
+    for sid, n in done:
+        print(f"{sid}\t{n} events", file=sys.stderr)
+
+
+async def purge(settings: Settings, args: argparse.Namespace) -> None:
+    async with connected(settings) as ops:
+        if args.session:
+            targets = [args.session]
+        else:
+            targets = await history.sessions_of_user(ops.service, ops.history, args.tenant, args.user_id)
+        heads = [(await ops.history.head(sid))[0] for sid in targets]
+        with progress() as bar:
+            task = bar.add_task(f"purge {len(targets)} sessions", total=sum(heads))
+            for sid, n in zip(targets, heads):
+                _, before = await history.purge(ops.service, ops.history, args.tenant, sid)
+                for chat in before.active_chats:
+                    await ops.chats.emit(sid, chat.job_id, "error", b'{"code":"session_deleted","message":"the session was deleted"}')
+                bar.advance(task, n)
+        started = await ops.history.rewrite_persistence()
+    for sid in targets:
+        print(sid)
+    console.print(f"purged {len(targets)} sessions" + (f"; Redis is rewriting its files ({', '.join(started)})" if started else ""))
+
+
+def _lines(source: IO[bytes]) -> Iterator[bytes]:
+    for line in source:
+        yield line.rstrip(b"\n")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("rebuild", help="rebuild read models from the log while the service runs (resumes if killed)")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--session")
+    g.add_argument("--tenant")
+    g.add_argument("--all", action="store_true")
+    e = sub.add_parser("export", help="write a session's log as NDJSON")
+    e.add_argument("--session", required=True)
+    e.add_argument("-o", "--output")
+    i = sub.add_parser("import", help="load exported sessions into this deployment as the tenant's, then project them")
+    i.add_argument("--tenant", required=True)
+    i.add_argument("file", nargs="?", help="an export file (default: stdin)")
+    p = sub.add_parser("purge", help="erase sessions (a user's, or one) and everything derived from them")
+    p.add_argument("--tenant", required=True)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user-id")
+    who.add_argument("--session")
+
+
+COMMANDS = {"rebuild": rebuild, "export": export, "import": import_, "purge": purge}

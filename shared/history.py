@@ -1,0 +1,154 @@
+"""The service layer of history: export and import a session's log, and purge (erase) sessions.
+
+An export is NDJSON: one header line, then each event as the `/events` API shows it.
+Import validates the whole log with the pure fold before writing anything, then
+appends it in one atomic script as if the session were created with all of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
+
+import msgspec
+
+from shared.codec import event_json, json_encode
+from shared.domain.commands import DeleteSession
+from shared.domain.errors import InvalidImport, NotFound, SessionExists, VersionConflict
+from shared.domain.events import SCHEMA_VERSION, Event, SessionDeleted, SessionPurged, SessionPurgedData
+from shared.domain.ids import parse_uuid, uuid7
+from shared.domain.state import SessionState, fold
+from shared.domain.upcast import upcast
+from shared.ports import Appended
+from shared.redis.history import PurgeConflict, RedisHistory
+from shared.service import Reply, SessionService
+
+FORMAT = "parley.session"
+EXPORT_BATCH = 1_000
+
+
+class ExportHeader(msgspec.Struct, kw_only=True, omit_defaults=False):
+    format: str = FORMAT
+    schema: int = SCHEMA_VERSION
+    """The schema of the events' `data` below; import upcasts older ones."""
+    session_id: str
+    events: int
+
+
+_event = msgspec.json.Decoder(Event)
+_header = msgspec.json.Decoder(ExportHeader)
+_any = msgspec.json.Decoder()
+
+
+async def export_lines(history: RedisHistory, session_id: str) -> AsyncIterator[bytes]:
+    """The session's log up to its version when the export began, as NDJSON lines (each ends in a newline)."""
+    head, tenant, _ = await history.head(session_id)
+    if tenant is None:
+        raise NotFound(f"session {session_id} not found")
+    yield json_encode(ExportHeader(session_id=session_id, events=head)) + b"\n"
+    after = 0
+    while after < head:
+        entries = await history.log_entries(session_id, after, min(EXPORT_BATCH, head - after))
+        if not entries:
+            raise RuntimeError(f"the log of {session_id} ends at {after}, before its head {head}")
+        for version, fields in entries:
+            yield event_json(version, fields) + b"\n"
+            after = version
+
+
+def parse_export(lines: Iterable[bytes]) -> list[tuple[str, list[Event]]]:
+    """Every session in an export file, validated: versions 1..n, the header's count, a log the fold accepts."""
+    sessions: list[tuple[ExportHeader, list[Event]]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            raw = _any.decode(line)
+            if isinstance(raw, dict) and raw.get("format") == FORMAT:
+                header = _header.decode(line)
+                if parse_uuid(header.session_id) != header.session_id:
+                    raise ValueError(f"session_id {header.session_id!r} is not a lowercase UUID")
+                sessions.append((header, []))
+                continue
+            if not sessions:
+                raise ValueError("an event before any header line")
+            header = sessions[-1][0]
+            if header.schema != SCHEMA_VERSION and isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+                raw["data"] = upcast(str(raw.get("type")), header.schema, raw["data"])
+                line = json_encode(raw)
+            sessions[-1][1].append(_event.decode(line))
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError) as e:
+            raise InvalidImport(f"line {number}: {e}") from e
+    out = []
+    for header, events in sessions:
+        if len(events) != header.events:
+            raise InvalidImport(f"session {header.session_id}: the header counts {header.events} events, the file has {len(events)}")
+        try:
+            fold(SessionState(id=header.session_id), events)
+        except (ValueError, TypeError) as e:
+            raise InvalidImport(f"session {header.session_id}: {e}") from e
+        out.append((header.session_id, events))
+    if not out:
+        raise InvalidImport("no session in the input")
+    return out
+
+
+async def import_sessions(service: SessionService, history: RedisHistory, tenant: str, lines: Iterable[bytes]) -> list[tuple[str, int]]:
+    """Append each parsed session as the tenant's; refuses (writing nothing) if any of the ids exists anywhere."""
+    sessions = parse_export(lines)
+    for sid, _ in sessions:
+        if (await history.head(sid))[1] is not None:
+            raise SessionExists(f"session {sid} already exists in this deployment; nothing was imported")
+    done = []
+    for sid, events in sessions:
+        outcome = await service.log.append(tenant, sid, 0, events)
+        if not isinstance(outcome, Appended):
+            raise SessionExists(f"session {sid} already exists in this deployment; {len(done)} sessions were imported before it")
+        done.append((sid, outcome.version))
+    return done
+
+
+async def purge(
+    service: SessionService, history: RedisHistory, tenant: str, session_id: str, expected_version: int | None = None
+) -> tuple[datetime, SessionState]:
+    """Delete the session if it is live, then erase it, leaving a `SessionPurged` tombstone in the audit stream.
+
+    Answers when it was deleted and its state before the purge (whose chats the caller may still have to end)."""
+    before = await service.log.load(tenant, session_id)
+    if before is None:
+        raise NotFound(f"session {session_id} not found")
+    if before.exists:
+        command = DeleteSession(expected_version=expected_version)
+        await service.execute(tenant, session_id, command, lambda s, e: Reply(status=202, body=msgspec.Raw(b"{}")))
+    elif expected_version is not None and expected_version != before.version:
+        raise VersionConflict(f"the session is at version {before.version}, not {expected_version}")
+    for _ in range(8):
+        state = await service.log.load(tenant, session_id)
+        if state is None:
+            raise NotFound(f"session {session_id} not found")
+        last = (await service.log.read(session_id, state.version - 1, 1))[0]
+        deleted_at = last.occurred_at if isinstance(last, SessionDeleted) else datetime.now(UTC)
+        assert state.session is not None
+        tombstone = SessionPurged(
+            id=uuid7(),
+            occurred_at=datetime.now(UTC),
+            data=SessionPurgedData(session_id=session_id, user_id=state.session.user_id, event_count=state.version),
+        )
+        try:
+            if not await history.purge(tenant, session_id, state.version, tombstone):
+                raise NotFound(f"session {session_id} not found")
+        except PurgeConflict:
+            continue
+        service.forget(tenant, session_id)
+        return deleted_at, before
+    raise RuntimeError(f"session {session_id} kept changing while being purged")
+
+
+async def sessions_of_user(service: SessionService, history: RedisHistory, tenant: str, user_id: str) -> list[str]:
+    """The tenant's sessions (deleted ones too) whose `user_id` is this user."""
+    out = []
+    for sid in await history.session_ids(tenant):
+        state = await service.log.load(tenant, sid)
+        if state is not None and state.session is not None and state.session.user_id == user_id:
+            out.append(sid)
+    return out

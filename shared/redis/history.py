@@ -1,0 +1,137 @@
+"""The log's operations beyond append and read: enumerate, switch generations, purge, audit.
+
+Used by `parley rebuild / export / import / purge` and the purge and audit endpoints;
+none of them is on a hot path, so enumeration may walk every partition.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from redis.asyncio import Redis
+
+from shared.codec import json_encode
+from shared.domain.events import SessionPurged
+from shared.redis.keys import Keys, partition_of
+from shared.redis.store import PURGE, SWITCH
+
+
+class PurgeConflict(Exception):
+    """The session changed between reading it and purging it: read again."""
+
+
+class RedisHistory:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    # -- enumeration ----------------------------------------------------------------------
+    async def tenants(self) -> list[str]:
+        pipe = self.redis.pipeline(transaction=False)
+        for p in range(self.keys.partitions):
+            pipe.hkeys(self.keys.written(p))
+        return sorted({t.decode() for names in await pipe.execute() for t in names})
+
+    async def session_ids(self, tenant: str) -> list[str]:
+        """Every session the tenant created and has not purged, deleted ones too, in id (creation) order."""
+        pipe = self.redis.pipeline(transaction=False)
+        for p in range(self.keys.partitions):
+            pipe.zrange(self.keys.sessions(p, tenant), 0, -1)
+        return sorted(s.decode() for ids in await pipe.execute() for s in ids)
+
+    async def head(self, session_id: str) -> tuple[int, str | None, int]:
+        """(version, tenant, generation); (0, None, 0) when there is no such session."""
+        v, t, g = await self.redis.hmget(self.keys.head(session_id), "v", "t", "g")
+        return int(v or 0), t.decode() if t else None, int(g or 0)
+
+    async def view_version(self, session_id: str, gen: int) -> int:
+        return int(await self.redis.hget(self.keys.view(session_id, gen), "v") or 0)
+
+    async def log_entries(self, session_id: str, after: int, count: int) -> list[tuple[int, dict[bytes, bytes]]]:
+        entries = await self.redis.xrange(self.keys.log(session_id), f"{after + 1}-0", "+", count=count)
+        return [(int(eid.split(b"-", 1)[0]), fields) for eid, fields in entries]
+
+    # -- rebuild ---------------------------------------------------------------------------
+    async def switch(self, tenant: str, session_id: str, gen: int) -> int:
+        """Make generation `gen` live: 1 done, 0 not caught up yet, -1 purged."""
+        k = self.keys
+        p = partition_of(session_id, k.partitions)
+        keys = [k.head(session_id), k.view(session_id), k.messages(session_id), k.snapshots(session_id), k.index(p, tenant)]
+        return int(await SWITCH(self.redis, keys, [gen, session_id]))
+
+    async def drop(self, session_id: str, gen: int) -> None:
+        k = self.keys
+        await self.redis.unlink(k.view(session_id, gen), k.messages(session_id, gen), k.snapshots(session_id, gen))
+
+    # -- erasure ---------------------------------------------------------------------------
+    async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
+        """Erase the session and record `tombstone`, atomically. False: no such session for this tenant."""
+        k = self.keys
+        p = partition_of(session_id, k.partitions)
+        keys = [
+            k.head(session_id), k.log(session_id), k.view(session_id), k.messages(session_id), k.snapshots(session_id),
+            k.chats(session_id), k.idempotency_of(session_id), k.index(p, tenant), k.sessions(p, tenant), k.audit(p, tenant),
+            k.projected(p),
+        ]
+        at = json_encode(tombstone.occurred_at)[1:-1]
+        args = [tenant, session_id, expected, k.tag(p) + ":", "SessionPurged", tombstone.id, at, json_encode(tombstone.data)]
+        reply = await PURGE(self.redis, keys, args)
+        if isinstance(reply, list):
+            raise PurgeConflict(f"session {session_id} is at version {int(reply[1])}, not {expected}")
+        return reply == 1
+
+    async def audit(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]:
+        """The tenant's tombstones, oldest first, merged over partitions; the cursor is (entry id, partition)."""
+        k = self.keys
+        since, at = _decode_cursor(after) if after else ((0, 0), -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for p in range(k.partitions):
+            # entries after the cursor in (entry id, partition) order: partitions up to the cursor's strictly after
+            start = f"({since[0]}-{since[1]}" if p <= at else f"{since[0]}-{since[1]}"
+            pipe.xrange(k.audit(p, tenant), start if after else "-", "+", count=limit + 1)
+        merged: list[tuple[tuple[int, int], int, dict[bytes, bytes]]] = []
+        for p, entries in enumerate(await pipe.execute()):
+            for eid, fields in entries:
+                ms, seq = eid.split(b"-")
+                merged.append(((int(ms), int(seq)), p, fields))
+        merged.sort(key=lambda m: (m[0], m[1]))
+        page, more = merged[:limit], len(merged) > limit
+        items = [
+            b'{"type":"SessionPurged","id":"%s","occurred_at":"%s","data":%s}' % (f[b"i"], f[b"a"], f[b"d"])
+            for _, _, f in page
+        ]
+        cursor = _encode_cursor(page[-1][0], page[-1][1]) if more and page else None
+        return items, cursor
+
+    # -- persistence -------------------------------------------------------------------------
+    async def rewrite_persistence(self) -> list[str]:
+        """Ask Redis to rewrite its AOF and RDB files, so erased content leaves the disk too. Answers what it started."""
+        started: list[str] = []
+        config: dict[str, Any] = await self.redis.config_get("appendonly")
+        if config.get("appendonly") == "yes":
+            await self.redis.bgrewriteaof()
+            started.append("BGREWRITEAOF")
+        save: dict[str, Any] = await self.redis.config_get("save")
+        if save.get("save"):
+            try:
+                await self.redis.bgsave()
+                started.append("BGSAVE")
+            except Exception:  # noqa: BLE001 - a save already running will write the same state
+                pass
+        return started
+
+
+def _encode_cursor(entry: tuple[int, int], partition: int) -> str:
+    return base64.urlsafe_b64encode(f"{entry[0]}-{entry[1]}-{partition}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[tuple[int, int], int]:
+    """Raises ValueError on anything that is not one of our cursors."""
+    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    ms, seq, partition = (int(x) for x in raw.split("-"))
+    if min(ms, seq, partition) < 0 or ms >= 2**64 or seq >= 2**64:
+        raise ValueError(cursor)
+    return (ms, seq), partition
+
+
