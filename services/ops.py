@@ -18,6 +18,7 @@ from rich.text import Text
 from shared import history
 from shared.config import Settings
 from shared.domain.commands import Limits
+from shared.domain.state import SessionState
 from shared.redis.chats import ChatQueue, ChatStore
 from shared.redis.connect import check_partitions, connect
 from shared.redis.feed import RedisFeed
@@ -56,6 +57,10 @@ class Ops:
     history: RedisHistory
     service: SessionService
     chats: ChatStore
+
+    async def end_chats(self, before: SessionState) -> None:
+        for chat in before.active_chats:
+            await self.chats.emit(before.id, chat.job_id, "error", b'{"code":"session_deleted","message":"the session was deleted"}')
 
     def live_projector(self) -> Projector:
         """The projector's catch-up, run in this process (with its chat hook), for work that cannot wait for a worker."""
@@ -145,9 +150,7 @@ async def purge(settings: Settings, args: argparse.Namespace) -> None:
         with progress() as bar:
             task = bar.add_task(f"purge {len(targets)} sessions", total=sum(heads))
             for sid, n in zip(targets, heads):
-                _, before = await history.purge(ops.service, ops.history, args.tenant, sid)
-                for chat in before.active_chats:
-                    await ops.chats.emit(sid, chat.job_id, "error", b'{"code":"session_deleted","message":"the session was deleted"}')
+                await history.purge(ops.service, ops.history, args.tenant, sid, end_chats=ops.end_chats)
                 bar.advance(task, n)
         started = await ops.history.rewrite_persistence()
     for sid in targets:

@@ -7,7 +7,7 @@ appends it in one atomic script as if the session were created with all of it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 
 import msgspec
@@ -109,11 +109,17 @@ async def import_sessions(service: SessionService, history: RedisHistory, tenant
 
 
 async def purge(
-    service: SessionService, history: RedisHistory, tenant: str, session_id: str, expected_version: int | None = None
-) -> tuple[datetime, SessionState]:
+    service: SessionService,
+    history: RedisHistory,
+    tenant: str,
+    session_id: str,
+    expected_version: int | None = None,
+    end_chats: Callable[[SessionState], Awaitable[None]] | None = None,
+) -> datetime:
     """Delete the session if it is live, then erase it, leaving a `SessionPurged` tombstone in the audit stream.
 
-    Answers when it was deleted and its state before the purge (whose chats the caller may still have to end)."""
+    `end_chats` runs between the two with the state before the delete: it tells whoever waits on the session's
+    chats that they ended, while their streams still exist. Answers when the session was deleted."""
     before = await service.log.load(tenant, session_id)
     if before is None:
         raise NotFound(f"session {session_id} not found")
@@ -122,6 +128,8 @@ async def purge(
         await service.execute(tenant, session_id, command, lambda s, e: Reply(status=202, body=msgspec.Raw(b"{}")))
     elif expected_version is not None and expected_version != before.version:
         raise VersionConflict(f"the session is at version {before.version}, not {expected_version}")
+    if end_chats is not None:
+        await end_chats(before)
     for _ in range(8):
         state = await service.log.load(tenant, session_id)
         if state is None:
@@ -140,7 +148,7 @@ async def purge(
         except PurgeConflict:
             continue
         service.forget(tenant, session_id)
-        return deleted_at, before
+        return deleted_at
     raise RuntimeError(f"session {session_id} kept changing while being purged")
 
 

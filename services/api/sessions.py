@@ -171,8 +171,9 @@ class SessionController(Controller):
         service = _service(request)
         sid = _session_id(session_id)
         if purge:
-            deleted_at, before = await history.purge(service, request.app.state.history, tenant, sid, _expected_version(if_match))
-            await _end_chats(request, sid, before)
+            deleted_at = await history.purge(
+                service, request.app.state.history, tenant, sid, _expected_version(if_match), lambda s: _end_chats(request, sid, s)
+            )
             return Response(content=json_encode(SessionDeletion(id=sid, deleted_at=deleted_at, purged=True)), status_code=202, media_type=MediaType.JSON)
 
         def respond(_: SessionState, events: list[Event]) -> Reply:

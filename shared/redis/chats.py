@@ -23,6 +23,7 @@ from shared.redis.lua import Script, run_pipeline
 from shared.redis.store import ALL_SCRIPTS, READ_VIEW
 
 READ_CHAT = Script(scripts.READ_CHAT)
+CHUNKS = Script(scripts.CHUNKS)
 MARK_RUNNING = Script(scripts.MARK_RUNNING)
 
 QUEUE = f"{PREFIX}:{{arq}}:queue"
@@ -97,15 +98,13 @@ class ChatStore:
         return raw.decode() if raw else None
 
     # -- chunk streams -----------------------------------------------------------------
-    async def emit(self, session_id: str, job_id: str, kind: str, data: bytes) -> bytes:
-        key = self.keys.chunks(session_id, job_id)
-        entry_id = await self.redis.xadd(key, {"k": kind, "d": data})
-        if kind in ("done", "error"):
-            await self.redis.expire(key, self.retention_s)
-        return entry_id
+    async def emit(self, session_id: str, job_id: str, kind: str, data: bytes) -> bytes | None:
+        """Append one entry; None if the session is gone (purged)."""
+        keys = [self.keys.head(session_id), self.keys.chunks(session_id, job_id)]
+        return await CHUNKS(self.redis, keys, [self.retention_s, kind, data])
 
     def writer(self, session_id: str, job_id: str) -> ChunkWriter:
-        return ChunkWriter(self.redis, self.keys.chunks(session_id, job_id), self.retention_s)
+        return ChunkWriter(self.redis, [self.keys.head(session_id), self.keys.chunks(session_id, job_id)], self.retention_s)
 
     async def chunks(self, session_id: str, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, str, bytes]]:
         """(entry id, kind, data) after `after`, waiting up to `block_ms` for the first."""
@@ -136,9 +135,10 @@ class ChunkWriter:
     together in the next pipeline.
     """
 
-    def __init__(self, redis: Redis, key: str, retention_s: int) -> None:
+    def __init__(self, redis: Redis, keys: list[str], retention_s: int) -> None:
         self.redis = redis
-        self.key = key
+        self.keys = keys
+        """The session's head (no head: purged, write nothing) and the chunk stream."""
         self.retention_s = retention_s
         self._pending: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
@@ -151,11 +151,10 @@ class ChunkWriter:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            pipe = self.redis.pipeline(transaction=False)
+            args: list[Any] = [self.retention_s]  # a job that never ends still has its chunks expire
             for data in batch:
-                pipe.xadd(self.key, {"k": "chunk", "d": data})
-            pipe.expire(self.key, self.retention_s)  # a job that never ends still has its chunks expire
-            await pipe.execute()
+                args += ["chunk", data]
+            await CHUNKS(self.redis, self.keys, args)
 
     async def drain(self) -> None:
         """Wait until every chunk put so far is in Redis (raises what a write raised)."""

@@ -248,3 +248,13 @@ redis.call('ZREM', KEYS[9], ARGV[2])
 redis.call('XADD', KEYS[10], '*', 't', ARGV[5], 'i', ARGV[6], 'a', ARGV[7], 'd', ARGV[8])
 return 1
 """
+
+CHUNKS = """
+-- KEYS: head, a chat job's chunk stream.  ARGV: retention seconds, then kind/data pairs
+-- Appends the entries unless the session is gone: a late worker must not bring a purged session's text back.
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local id
+for i = 2, #ARGV, 2 do id = redis.call('XADD', KEYS[2], '*', 'k', ARGV[i], 'd', ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return id
+"""
