@@ -64,8 +64,12 @@ class EventController(Controller):
                 if not last_event_id.strip().isdigit() or int(last_event_id) >= 2**63:
                     raise Invalid("Last-Event-ID must be a version (a non-negative integer)", {"header": "Last-Event-ID"})
                 after = int(last_event_id)
-            if (await service.log.events(tenant, sid, after, 1)).head == 0:  # 404 before the stream starts
+            head = (await service.log.events(tenant, sid, after, 1)).head
+            if head == 0:  # 404 before the stream starts
                 raise NotFound(f"session {session_id} not found")
+            if after >= head and await _deleted(service.log, tenant, sid, head):
+                # the client saw SessionDeleted: nothing can follow, and 204 tells an EventSource not to reconnect
+                return Response(content=b"", status_code=204)
             return _tail(service.log, tenant, sid, after, request.app.state.settings.sse_keepalive_s)  # type: ignore[return-value]
         view = await service.log.events(tenant, sid, after, limit)
         if view.head == 0:
@@ -74,6 +78,11 @@ class EventController(Controller):
         last = after + len(items)
         nxt = b"%d" % last if items and last < view.head else b"null"
         return Response(content=b'{"items":[' + b",".join(items) + b'],"next":' + nxt + b"}", media_type=MediaType.JSON)
+
+
+async def _deleted(log: EventLog, tenant: str, sid: str, head: int) -> bool:
+    last = (await log.events(tenant, sid, head - 1, 1)).items or []
+    return bool(last) and _event_head.decode(last[0]).type == "SessionDeleted"
 
 
 def _tail(log: EventLog, tenant: str, sid: str, after: int, keepalive_s: float) -> Stream:

@@ -140,7 +140,9 @@ return out
 """
 
 MARK_RUNNING = """
--- KEYS: chat job hash.  ARGV: started_at.  Marks a job running unless it already ended; answers the attempt.
+-- KEYS: chat job hash, the session's head.  ARGV: started_at.
+-- Marks a job running unless it already ended or its session was purged; answers the attempt (0: don't run).
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
