@@ -29,6 +29,7 @@ from shared.service import SessionService
 from services.api.auth import Authenticator
 from services.api.errors import EXCEPTION_HANDLERS, error_response
 from services.api.chats import ChatController
+from services.api.openai_api import OpenAIController
 from services.api.history import EventController, audit
 from services.api.sessions import SessionController
 from services.worker.main import run_worker as worker_main
@@ -98,7 +99,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
                 await client.aclose()
 
     return Litestar(
-        route_handlers=[SessionController, ChatController, EventController, audit, health, ready],
+        route_handlers=[SessionController, ChatController, OpenAIController, EventController, audit, health, ready],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,

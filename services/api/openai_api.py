@@ -1,0 +1,449 @@
+"""A session as a stateful OpenAI Chat Completions endpoint: `base_url = {PARLEY}/sessions/{id}` in any OpenAI client.
+
+`POST /sessions/{id}/chat/completions` takes the client's whole conversation, stores only the turns the session
+does not hold yet (`plan_turns`), and runs the same chat job as `POST /chat` (`RequestChat`: context builder,
+token budget, `ContextBuilt`, the job under `/chats`). It answers a `chat.completion`, or streams
+`chat.completion.chunk` events as OpenAI does: `data:` lines only, then `data: [DONE]`.
+Errors keep Parley's `{"error": {status, code, message}}` and add OpenAI's `type` and `param`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.di import Provide
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.response import Stream
+
+from shared.codec import json_encode
+from shared.domain.commands import RequestChat
+from shared.domain.errors import Contention, NotFound
+from shared.domain.events import ChatCancelled, ChatRequested, Event, MessageAdded
+from shared.domain.ids import derived_id, uuid7
+from shared.domain.model import ChatRequest, ChatResponse, ErrorBody, Message, MessageCreate
+from shared.domain.openai_wire import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionChoice,
+    CompletionMessage,
+    CompletionUsage,
+    Key,
+    ModelCard,
+    ModelList,
+    OpenAIErrorBody,
+    OpenAIErrorDetail,
+    WireRejected,
+    chain,
+    error_type,
+    max_tokens_of,
+    message_key,
+    plan_turns,
+    stored_needed,
+    to_message,
+    to_tools,
+    without_situation,
+)
+from shared.domain.state import SessionState
+from shared.redis.chats import ChatStore
+from shared.service import Reply, SessionService
+from services.api.auth import provide_tenant
+from services.api.body import StrictBody
+from services.api.chats import ChatFailed, ChatTimeout, ERROR_STATUS, JobAccepted, _wait
+from services.api.errors import EXCEPTION_HANDLERS
+from services.api.sessions import IdempotencyKey, _idempotency, _service, _session_id
+
+PAGE = 1000
+PLAN_ATTEMPTS = 8
+STARTED = int(time.time())
+_messages = msgspec.json.Decoder(Message)
+_response = msgspec.json.Decoder(ChatResponse)
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+class _Stale(Exception):
+    """The session's conversation grew between our read and our append: plan again."""
+
+
+# -- remembering what we compared -----------------------------------------------------------------------------------
+class PrefixCache:
+    """Per process: (tenant, session) → (message count, digest of those messages, id of the last one).
+
+    Stored messages never change, so a client that resends its conversation is compared against the digest and
+    only the messages stored since are read (the id check catches a session re-imported under the same id).
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple[str, str], tuple[int, bytes, str]] = OrderedDict()
+
+    def get(self, tenant: str, sid: str) -> tuple[int, bytes, str] | None:
+        item = self._items.get((tenant, sid))
+        if item is not None:
+            self._items.move_to_end((tenant, sid))
+        return item
+
+    def put(self, tenant: str, sid: str, count: int, digest: bytes, last_id: str) -> None:
+        if count <= 0:
+            return
+        self._items[(tenant, sid)] = (count, digest, last_id)
+        self._items.move_to_end((tenant, sid))
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+PREFIXES = PrefixCache()
+
+
+async def _read_messages(service: SessionService, tenant: str, sid: str, offset: int, end: int) -> list[Message]:
+    out: list[Message] = []
+    while offset + len(out) < end:
+        at = offset + len(out)
+        view = await service.read(lambda o=at, n=min(PAGE, end - at): service.views.messages(tenant, sid, n, o))
+        page = [_messages.decode(raw) for raw in view.items or []]
+        if not page:
+            break
+        out += page
+    return out
+
+
+async def _stored(service: SessionService, tenant: str, sid: str, n: int, request: list[Key], digests: list[bytes]) -> tuple[list[Key], list[str]] | None:
+    """The stored conversation's keys and ids (those of a cached prefix as "" placeholders), or None if not needed."""
+    if n == 0:
+        return [], []
+    if not stored_needed(len(request), n):
+        return None
+    cached = PREFIXES.get(tenant, sid)
+    if cached is not None:
+        count, digest, last_id = cached
+        if count <= min(n, len(request)) and digests[count] == digest:
+            rest = await _read_messages(service, tenant, sid, count - 1, n)
+            if rest and rest[0].id == last_id:
+                return list(request[:count]) + [message_key(m) for m in rest[1:]], [""] * (count - 1) + [m.id for m in rest]
+    stored = await _read_messages(service, tenant, sid, 0, n)
+    return [message_key(m) for m in stored], [m.id for m in stored]
+
+
+# -- errors ---------------------------------------------------------------------------------------------------------
+def _param(details: Any) -> str | None:
+    if isinstance(details, dict):
+        for k in ("param", "field", "header"):
+            if isinstance(details.get(k), str):
+                return details[k]
+    if isinstance(details, list) and details and isinstance(details[0], dict):
+        if (m := _PATH.search(str(details[0].get("message", "")))) and m.group(1):
+            return m.group(1)
+        if isinstance(details[0].get("key"), str):
+            return details[0]["key"]
+    return None
+
+
+def _as_openai(handler: Callable[[Request, Any], Response[ErrorBody]]) -> Callable[[Request, Any], Response[OpenAIErrorBody]]:
+    """Parley's error answer, reshaped: same status and fields, plus `type` and `param`."""
+
+    def handle(request: Request, exc: Any) -> Response[OpenAIErrorBody]:
+        original = handler(request, exc)
+        err = original.content.error
+        status = 400 if err.code == "token_budget_exceeded" else err.status
+        body = OpenAIErrorDetail(status=status, code=err.code, message=err.message, type=error_type(status), param=_param(err.details), details=err.details)
+        return Response(OpenAIErrorBody(body), status_code=status, media_type=MediaType.JSON, headers=dict(original.headers) or None)
+
+    return handle
+
+
+def _on_rejected(_: Request, exc: WireRejected) -> Response[OpenAIErrorBody]:
+    body = OpenAIErrorDetail(status=exc.status, code=exc.code, message=exc.message, type=error_type(exc.status), param=exc.param)
+    return Response(OpenAIErrorBody(body), status_code=exc.status, media_type=MediaType.JSON)
+
+
+OPENAI_EXCEPTION_HANDLERS: dict[Any, Any] = {t: _as_openai(h) for t, h in EXCEPTION_HANDLERS.items()} | {WireRejected: _on_rejected}
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {c: ResponseSpec(data_container=OpenAIErrorBody, description="Error (the SDK raises the matching exception)") for c in codes}
+
+
+# -- answers ----------------------------------------------------------------------------------------------------------
+def _completion(r: ChatResponse) -> ChatCompletion:
+    u = r.usage
+    return ChatCompletion(
+        id=r.id,
+        created=int(r.created_at.timestamp()),
+        model=r.model,
+        choices=[
+            CompletionChoice(index=c.index, finish_reason=c.finish_reason, message=CompletionMessage(content=c.message.content, tool_calls=c.message.tool_calls))
+            for c in r.choices
+        ],
+        usage=CompletionUsage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens),
+    )
+
+
+def _data(value: Any) -> bytes:
+    return b"data: " + json_encode(value) + b"\n\n"
+
+
+def _error_event(code: str, message: str) -> bytes:
+    status = 400 if code == "token_budget_exceeded" else ERROR_STATUS.get(code, 502)
+    return _data({"error": OpenAIErrorDetail(status=status, code=code, message=message, type=error_type(status), param=None)})
+
+
+def _sse(events: AsyncIterator[bytes]) -> Stream:
+    return Stream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _replayed_stream(c: ChatCompletion, include_usage: bool) -> Stream:
+    """A stored answer as a stream: the role, the content, the tool calls, the finish reason (and the usage)."""
+
+    async def events() -> AsyncIterator[bytes]:
+        usage: Any = None if include_usage else msgspec.UNSET
+        m = c.choices[0].message
+
+        def chunk(delta: ChunkDelta, finish: str | None = None) -> bytes:
+            return _data(ChatCompletionChunk(id=c.id, created=c.created, model=c.model, choices=[ChunkChoice(delta=delta, finish_reason=finish)], usage=usage))
+
+        yield chunk(ChunkDelta(role="assistant", content=""))
+        if m.content:
+            yield chunk(ChunkDelta(content=m.content))
+        if m.tool_calls:
+            yield chunk(ChunkDelta(tool_calls=[{"index": i, **msgspec.to_builtins(t)} for i, t in enumerate(m.tool_calls)]))
+        yield chunk(ChunkDelta(), c.choices[0].finish_reason)
+        if include_usage:
+            yield _data(ChatCompletionChunk(id=c.id, created=c.created, model=c.model, choices=[], usage=c.usage))
+        yield b"data: [DONE]\n\n"
+
+    return _sse(events())
+
+
+async def _first(chats: ChatStore, sid: str, job_id: str, wait_s: float) -> list[tuple[str, str, bytes]]:
+    """The job's first stream entries, before any byte of the answer goes out: a job that fails before its first
+    token (token budget, provider down) answers an HTTP error the SDK raises, not a broken stream."""
+    deadline = time.monotonic() + wait_s
+    while (left := deadline - time.monotonic()) > 0:
+        entries = await chats.chunks(sid, job_id, "0-0", int(min(left, 5.0) * 1000) or 1)
+        if entries:
+            eid, kind, data = entries[0]
+            if kind == "error":
+                err = msgspec.json.decode(data)
+                raise ChatFailed(err["code"], err["message"], ERROR_STATUS.get(err["code"], 502))
+            return entries
+        await asyncio.sleep(0.005)  # only when the store answers a blocking read at once (fakeredis)
+    raise ChatTimeout(f"chat {job_id} sent nothing within {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}", {"job_id": job_id})
+
+
+def _relay(chats: ChatStore, sid: str, job_id: str, model: str, include_usage: bool, first: list[tuple[str, str, bytes]], wait_s: float) -> Stream:
+    """The job's chunk stream with OpenAI's framing: no `id:` lines, no comments, `[DONE]` at the end."""
+    created = int(time.time())
+    usage: Any = None if include_usage else msgspec.UNSET
+
+    def chunk(choices: list[ChunkChoice], u: Any = usage) -> bytes:
+        return _data(ChatCompletionChunk(id=job_id, created=created, model=model, choices=choices, usage=u))
+
+    async def events() -> AsyncIterator[bytes]:
+        yield chunk([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
+        entries, cursor = first, "0-0"
+        quiet_since = time.monotonic()
+        while True:
+            for eid, kind, data in entries:
+                cursor = eid
+                if kind == "chunk":
+                    for c in msgspec.json.decode(data).get("choices") or ():
+                        delta = msgspec.convert(c.get("delta") or {}, ChunkDelta)
+                        yield chunk([ChunkChoice(index=c.get("index", 0), delta=delta, finish_reason=c.get("finish_reason"))])
+                elif kind == "done":
+                    if include_usage:
+                        u = _response.decode(data).usage
+                        yield chunk([], CompletionUsage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens))
+                    yield b"data: [DONE]\n\n"
+                    return
+                else:
+                    err = msgspec.json.decode(data)
+                    yield _error_event(err["code"], err["message"])
+                    return
+            if entries:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > wait_s:
+                yield _error_event("chat_timeout", f"chat {job_id} sent nothing for {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}")
+                return
+            else:
+                await asyncio.sleep(0.005)  # the store answered a blocking read at once (fakeredis does)
+            entries = await chats.chunks(sid, job_id, cursor, 5000)
+
+    return _sse(events())
+
+
+# -- the controller ---------------------------------------------------------------------------------------------------
+class OpenAIController(Controller):
+    path = "/sessions/{session_id:str}"
+    tags = ["openai"]
+    dependencies = {"tenant": Provide(provide_tenant)}
+    security = [{"bearer": []}, {"apiKey": []}]
+    exception_handlers = OPENAI_EXCEPTION_HANDLERS
+
+    @post(
+        "/chat/completions",
+        status_code=200,
+        dto=StrictBody[ChatCompletionRequest],
+        return_dto=None,
+        responses=_errors(400, 401, 404, 409, 413, 422, 502, 503, 504),
+    )
+    async def create_completion(
+        self, request: Request, tenant: str, session_id: str, data: ChatCompletionRequest, idempotency_key: IdempotencyKey = None
+    ) -> Response[ChatCompletion]:
+        """OpenAI Chat Completions on this session (point an OpenAI client's `base_url` at `/sessions/{id}`).
+
+        Send the whole conversation, as OpenAI clients do: only the messages the session does not hold yet are
+        stored (README: "Use it from any OpenAI client"). `stream: true` answers `text/event-stream` of
+        `chat.completion.chunk` objects (`data:` lines only), a usage chunk with `stream_options.include_usage`,
+        then `data: [DONE]`. The completion's `id` is the chat job's id (`GET /sessions/{id}/chats/{job}`).
+        """
+        if data.n not in (None, 1):
+            raise WireRejected("n must be 1: a session holds one conversation", "n")
+        service, sid = _service(request), _session_id(session_id)
+        settings = request.app.state.settings
+        chats: ChatStore = request.app.state.chats
+        sent = [to_message(m, i) for i, m in enumerate(data.messages)]
+        model = data.model or settings.model
+        stream = bool(data.stream)
+        include_usage = bool(stream and data.stream_options and data.stream_options.include_usage)
+        idem = await _idempotency(request, idempotency_key)
+
+        for _ in range(PLAN_ATTEMPTS):
+            state = await service.log.load(tenant, sid, service.cache.get(tenant, sid))
+            if state is None or not state.exists:
+                raise NotFound(f"session {sid} not found")
+            assert state.session is not None
+            service.cache.put(tenant, state)  # the append decides on this state (a stale one would only fail the check)
+            turns = without_situation(sent, state.session.situation)
+            keys = [message_key(m) for m in turns]
+            digests = chain(keys)
+            n = state.message_count
+            stored = await _stored(service, tenant, sid, n, keys, digests)
+            plan = plan_turns(keys, stored[0] if stored else None, n)
+            if stored is not None and plan.kind == "current":
+                PREFIXES.put(tenant, sid, n, digests[n], stored[1][-1] if n else "")
+            if plan.kind == "replay":
+                assert stored is not None and plan.index is not None
+                return await self._replay(service, chats, tenant, sid, plan.index, model, stream, include_usage)
+            if plan.kind == "current" and state.active_chats:
+                return await self._answer(request, chats, sid, state.active_chats[-1].job_id, model, stream, include_usage)
+            new = turns[plan.start :]
+            try:
+                job_id, cancelled, last_id = await self._request(request, service, tenant, sid, n, new, data, state, model, idem)
+            except _Stale:
+                continue
+            if plan.start == n and last_id:
+                PREFIXES.put(tenant, sid, len(keys), digests[-1], last_id)
+            break
+        else:
+            raise Contention(f"session {sid} is changing too fast; retry")
+
+        for other in cancelled:
+            await chats.emit(sid, other, "error", json_encode({"code": "cancelled", "message": f"interrupted by chat {job_id}"}))
+        head = service.cache.get(tenant, sid)
+        if head is not None and head.active_chats and head.active_chats[0].job_id == job_id:
+            await request.app.state.queue.enqueue(tenant, sid, [job_id])
+        return await self._answer(request, chats, sid, job_id, model, stream, include_usage)
+
+    async def _request(
+        self, request: Request, service: SessionService, tenant: str, sid: str, n: int, new: list[MessageCreate],
+        data: ChatCompletionRequest, state: SessionState, model: str, idem: Any,
+    ) -> tuple[str, list[str], str | None]:
+        """Append the new turns and the chat request, iff the session still holds exactly the `n` messages we compared."""
+        assert state.session is not None
+        chat = ChatRequest(
+            messages=new,
+            stream=bool(data.stream),
+            max_tokens=max_tokens_of(data, state.session.token_budget),
+            model=model,
+            temperature=data.temperature,
+            top_p=data.top_p,
+            stop=data.stop,
+            seed=data.seed,
+            tools=to_tools(data.tools),
+            tool_choice=data.tool_choice,
+            response_format=data.response_format,
+        )
+        cancelled: list[str] = []
+        last: list[str | None] = [None]
+
+        def respond(after: SessionState, events: list[Event]) -> Reply:
+            added = [e for e in events if isinstance(e, MessageAdded)]
+            if after.message_count - len(added) != n:
+                raise _Stale()
+            last[0] = added[-1].data.id if added else None
+            cancelled[:] = [e.data.job_id for e in events if isinstance(e, ChatCancelled)]
+            req = next(e for e in events if isinstance(e, ChatRequested))
+            body = JobAccepted(id=req.data.job_id, session_id=sid, status="queued", created_at=req.occurred_at)
+            return Reply(status=202, body=msgspec.Raw(json_encode(body)))
+
+        job_id = uuid7()
+        command = RequestChat(job_id=job_id, request=chat, default_model=request.app.state.settings.model)
+        reply = await service.execute(tenant, sid, command, respond, idem)
+        accepted = msgspec.json.decode(bytes(reply.body))["id"]
+        if accepted != job_id:  # an Idempotency-Key replay: the first request did the rest
+            return accepted, [], None
+        return job_id, cancelled, last[0]
+
+    async def _answer(self, request: Request, chats: ChatStore, sid: str, job_id: str, model: str, stream: bool, include_usage: bool) -> Response[ChatCompletion]:
+        wait_s = request.app.state.settings.chat_wait_s
+        if stream:
+            first = await _first(chats, sid, job_id, wait_s)
+            return _relay(chats, sid, job_id, model, include_usage, first, wait_s)  # type: ignore[return-value]
+        done = await _wait(chats, sid, job_id, wait_s)
+        return Response(_completion(_response.decode(done)), media_type=MediaType.JSON)
+
+    async def _replay(
+        self, service: SessionService, chats: ChatStore, tenant: str, sid: str, index: int, model: str, stream: bool, include_usage: bool
+    ) -> Response[ChatCompletion]:
+        """A retry whose answer is stored: that answer again, with the id of the job that produced it; nothing runs."""
+        [message] = await _read_messages(service, tenant, sid, index, index + 1)
+        answer = await _job_answer(service, chats, tenant, sid, message)
+        if answer is not None:
+            completion = _completion(answer)
+        else:  # an assistant message someone stored with POST /messages (or a job past its retention)
+            completion = ChatCompletion(
+                id=message.id,
+                created=int(message.created_at.timestamp()),
+                model=model,
+                choices=[CompletionChoice(finish_reason="tool_calls" if message.tool_calls else "stop",
+                                          message=CompletionMessage(content=message.content if isinstance(message.content, str) else None, tool_calls=message.tool_calls))],
+                usage=CompletionUsage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
+            )
+        if stream:
+            return _replayed_stream(completion, include_usage)  # type: ignore[return-value]
+        return Response(completion, media_type=MediaType.JSON)
+
+    @get("/models", responses=_errors(401, 404, 503))
+    async def list_models(self, request: Request, tenant: str, session_id: str) -> ModelList:
+        """The models this deployment serves (the SDK's `models.list()`); a completion accepts any model name."""
+        service, sid = _service(request), _session_id(session_id)
+        await service.read(lambda: service.views.session(tenant, sid))  # 404 for unknown sessions and other tenants
+        return ModelList(data=[ModelCard(id=request.app.state.settings.model, created=STARTED, owned_by="parley")])
+
+
+async def _job_answer(service: SessionService, chats: ChatStore, tenant: str, sid: str, message: Message) -> ChatResponse | None:
+    """The response of the chat job whose answer `message` is. Answer ids derive from job ids and share their time
+    prefix, so the newest-first scan stops at the first job older than the message's prefix (usually page one)."""
+    prefix = message.id[:13]
+    offset = 0
+    while True:
+        view = await service.read(lambda o=offset: chats.jobs(tenant, sid, 100, o))
+        items = view.items or []
+        for raw in items:
+            job = msgspec.json.decode(raw)
+            if derived_id(job["id"], "answer") == message.id and job.get("response"):
+                return msgspec.convert(job["response"], ChatResponse)
+            if job["id"][:13] < prefix:
+                return None
+        if len(items) < 100:
+            return None
+        offset += 100

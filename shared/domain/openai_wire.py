@@ -1,0 +1,391 @@
+"""OpenAI Chat Completions on the wire, and the rule that stores each message of a resent conversation once.
+
+`POST /sessions/{id}/chat/completions` takes and answers these types exactly as the official `openai` SDK
+sends and parses them. OpenAI clients send the whole conversation on every call; `plan_turns` decides which of
+the request's messages are new to the session. Pure: no I/O, so it is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from shared.domain.model import (
+    ContentPart,
+    ImagePart,
+    MessageCreate,
+    ShortText,
+    TextPart,
+    Tool,
+    ToolCall,
+    FunctionDef,
+    Wire,
+)
+
+# -- the request ------------------------------------------------------------------------------------------------
+OpenAIRole = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class InputAudioPart(Wire, tag_field="type", tag="input_audio"):
+    input_audio: dict[str, Any]
+
+
+class FilePart(Wire, tag_field="type", tag="file"):
+    file: dict[str, Any]
+
+
+class RefusalPart(Wire, tag_field="type", tag="refusal"):
+    refusal: str
+
+
+OpenAIContentPart = TextPart | ImagePart | InputAudioPart | FilePart | RefusalPart
+"""What the protocol allows in `content`; Parley stores `text` and `image_url` parts (the others → 422)."""
+
+
+class OpenAIMessage(Wire):
+    """Any message of a Chat Completions request (system, developer, user, assistant, tool)."""
+
+    role: OpenAIRole
+    content: str | Annotated[list[OpenAIContentPart], Meta(max_length=64)] | None = None
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    tool_calls: Annotated[list[ToolCall], Meta(max_length=64)] | None = None
+    tool_call_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    refusal: str | None = None
+    """Accepted (an SDK that echoes `choices[0].message` sends it) and ignored."""
+    annotations: list[Any] | None = None
+    """Accepted and ignored, like `refusal`."""
+    audio: dict[str, Any] | None = None
+    """Accepted and ignored."""
+    function_call: dict[str, Any] | None = None
+    """Deprecated by OpenAI; accepted and ignored."""
+
+
+class OpenAIFunctionDef(Wire):
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Annotated[str, Meta(max_length=4096)] | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+    """Accepted; not forwarded (Parley's tools have no `strict`)."""
+
+
+class OpenAITool(Wire):
+    type: Literal["function"]
+    function: OpenAIFunctionDef
+
+
+class StreamOptions(Wire):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+    """Accepted and ignored (Parley adds no obfuscation field)."""
+
+
+class ChatCompletionRequest(Wire):
+    """OpenAI's `POST /chat/completions` body. Fields Parley cannot honour are accepted and ignored (see README)."""
+
+    messages: Annotated[list[OpenAIMessage], Meta(min_length=1, max_length=100_000)]
+    model: ShortText | None = None
+    """Any name; passed to the provider. Absent: the deployment's default model."""
+    max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    """Wins over `max_tokens` when both are set."""
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
+    seed: int | None = None
+    tools: Annotated[list[OpenAITool], Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    n: int | None = None
+    """Only 1 (or absent): one session has one conversation. Anything else → 400."""
+    user: Annotated[str, Meta(max_length=256)] | None = None
+    metadata: Annotated[dict[str, str], Meta(max_length=16)] | None = None
+    # Accepted and ignored: the provider interface carries none of these.
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, int] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    parallel_tool_calls: bool | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    safety_identifier: str | None = None
+    moderation: Any = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+
+FORWARDED = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "response_format")
+"""Request fields that reach the provider (as Parley's `ChatParams`)."""
+IGNORED = tuple(f for f in ChatCompletionRequest.__struct_fields__ if f not in (*FORWARDED, "messages", "stream", "stream_options", "n"))
+"""Accepted so any client's request validates, then ignored (`stream_options.include_usage` is honoured)."""
+
+
+# -- the answer --------------------------------------------------------------------------------------------------
+class CompletionUsage(Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionMessage(Struct, kw_only=True):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class CompletionChoice(Struct, kw_only=True):
+    index: int = 0
+    message: CompletionMessage
+    finish_reason: str
+    """`stop`, `length`, `tool_calls` or `content_filter`, as the model ended."""
+    logprobs: None = None
+
+
+class ChatCompletion(Struct, kw_only=True):
+    id: str
+    """The chat job's id: `GET /sessions/{id}/chats/{job}` shows what went into its context."""
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    """Unix seconds."""
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+    system_fingerprint: str | None = None
+
+
+class ChunkDelta(Struct, kw_only=True, omit_defaults=True):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """OpenAI's tool call deltas: `{index, id?, type?, function: {name?, arguments?}}`."""
+
+
+class ChunkChoice(Struct, kw_only=True):
+    index: int = 0
+    delta: ChunkDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    """One `data:` event of a streamed completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | None | UnsetType = UNSET
+    """With `stream_options.include_usage`: null on every chunk but the last, which has `choices: []`."""
+
+
+class ModelCard(Struct, kw_only=True):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(Struct, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIErrorDetail(Struct, kw_only=True, omit_defaults=True):
+    """Parley's error fields plus OpenAI's `type` and `param`, which the SDK reads into its exceptions."""
+
+    status: int
+    code: str
+    message: str
+    type: str
+    param: str | None
+    details: Any = None
+
+
+class OpenAIErrorBody(Struct):
+    error: OpenAIErrorDetail
+
+
+def error_type(status: int) -> str:
+    """OpenAI's `error.type` for a status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+# -- from the wire into Parley --------------------------------------------------------------------------------------
+class WireRejected(Exception):
+    """A well-formed request Parley cannot take; `param` names the field, as OpenAI's errors do."""
+
+    def __init__(self, message: str, param: str | None, code: str = "unsupported_value", status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status = message, param, code, status
+
+
+def to_message(m: OpenAIMessage, index: int) -> MessageCreate:
+    """One request message as Parley stores it. `developer` is stored as `system` (OpenAI treats them alike)."""
+    content: Any = m.content
+    if isinstance(content, list):
+        parts: list[ContentPart] = []
+        for j, p in enumerate(content):
+            if not isinstance(p, TextPart | ImagePart):
+                raise WireRejected(f"content parts of type {type(p).__struct_config__.tag!r} are not supported; send text or image_url parts",
+                                   f"messages[{index}].content[{j}]", "unsupported_content", 422)
+            parts.append(p)
+        content = parts
+    return MessageCreate(
+        role="system" if m.role == "developer" else m.role,
+        content=content,
+        name=m.name,
+        tool_call_id=m.tool_call_id,
+        tool_calls=m.tool_calls or None,
+    )
+
+
+def to_tools(tools: list[OpenAITool] | None) -> list[Tool] | None:
+    if tools is None:
+        return None
+    return [Tool(type="function", function=FunctionDef(name=t.function.name, description=t.function.description, parameters=t.function.parameters)) for t in tools]
+
+
+def max_tokens_of(request: ChatCompletionRequest, token_budget: int | None, default: int = 4096) -> int:
+    """The answer's token limit: the request's, else `default` (at most half the session's budget, if it has one)."""
+    if request.max_completion_tokens is not None:
+        return request.max_completion_tokens
+    if request.max_tokens is not None:
+        return request.max_tokens
+    return max(1, min(default, token_budget // 2)) if token_budget else default
+
+
+def without_situation(messages: list[MessageCreate], situation: str | None) -> list[MessageCreate]:
+    """Drop a leading system message whose text is the session's situation: Parley sends the situation itself."""
+    if situation is not None and messages and messages[0].role == "system" and _content_key(messages[0].content) == situation:
+        return messages[1:]
+    return messages
+
+
+# -- message equality -------------------------------------------------------------------------------------------------
+Key = tuple[Any, ...]
+
+
+def message_key(m: Any) -> Key:
+    """What makes two messages the same turn, for a `MessageCreate` or a stored `Message`.
+
+    role (`developer` = `system`), content, name, tool_call_id and tool_calls (id, type, function name and
+    arguments). Null and absent are the same; `[{"type":"text","text":t}]` equals `t`; an assistant's `""` equals
+    null; tool call arguments compare as JSON values (whitespace and key order aside). Message ids, `seq`, times,
+    and the ignored `refusal`/`annotations` do not count.
+    """
+    role = "system" if m.role == "developer" else m.role
+    content = _content_key(m.content)
+    if role == "assistant" and content == "":
+        content = None
+    calls = tuple((c.id, c.type, c.function.name, _arguments_key(c.function.arguments)) for c in m.tool_calls or ())
+    return (role, content, m.name, m.tool_call_id, calls)
+
+
+def _content_key(content: Any) -> Any:
+    if content is None or isinstance(content, str):
+        return content
+    parts = tuple(_part_key(p) for p in content)
+    if len(parts) == 1 and parts[0][0] == "text":
+        return parts[0][1]
+    return parts
+
+
+def _part_key(p: Any) -> tuple[Any, ...]:
+    if isinstance(p, TextPart):
+        return ("text", p.text)
+    if isinstance(p, ImagePart):
+        return ("image_url", p.image_url.url, p.image_url.detail)
+    if isinstance(p, dict):  # not reached through the typed paths; kept total for callers with plain data
+        if p.get("type") == "text":
+            return ("text", p.get("text"))
+        url = p.get("image_url") or {}
+        return ("image_url", url.get("url"), url.get("detail"))
+    raise TypeError(f"unknown content part {p!r}")
+
+
+def _arguments_key(arguments: str) -> Any:
+    try:
+        return ("json", json.dumps(json.loads(arguments), sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+    except ValueError:
+        return ("text", arguments)
+
+
+def chain(keys: Sequence[Key], start: bytes = b"") -> list[bytes]:
+    """Rolling digests: `out[i]` stands for `keys[:i]` (`out[0]` is `start`), so equal digests mean equal prefixes."""
+    out = [start]
+    d = start
+    for k in keys:
+        d = hashlib.blake2b(d + msgspec.msgpack.encode(k), digest_size=16).digest()
+        out.append(d)
+    return out
+
+
+# -- the rule ---------------------------------------------------------------------------------------------------------
+class TurnPlan(Struct, frozen=True, kw_only=True):
+    kind: Literal["append", "current", "replay"]
+    """append: store `request[start:]` and answer; current: store nothing and answer the stored conversation
+    (or join the chat already answering it); replay: store nothing, run nothing, answer the stored reply
+    `stored[index]` (a retry whose answer was stored)."""
+    start: int = 0
+    index: int | None = None
+
+
+def stored_needed(request_len: int, stored_count: int) -> bool:
+    """Whether the stored conversation must be read: only when the request could start with it, or be it less its
+    last message. A longer stored conversation can be neither, so a client that sends only new turns costs no read."""
+    return 0 < stored_count <= request_len + 1
+
+
+def plan_turns(request: Sequence[Key], stored: Sequence[Key] | None, stored_count: int) -> TurnPlan:
+    """Which of the request's messages (the situation already removed) are new to the session.
+
+    1. The request starts with the whole stored conversation: its rest is new (`append` from there); if there is
+       no rest, nothing is new (`current`).
+    2. The request is the stored conversation less its last message, and that message is an assistant's: a
+       retry whose answer was stored (`replay` it).
+    3. Otherwise every message of the request is a new turn (`append` from 0): a client that sends only new turns.
+    `stored` may be None only when `stored_needed` says it is not (then rule 3 applies).
+    """
+    m, n = len(request), stored_count
+    if stored is None:
+        if stored_needed(m, n):
+            raise ValueError("the stored conversation is needed to plan this request")
+        start = 0
+    else:
+        if len(stored) != n:
+            raise ValueError(f"{len(stored)} stored messages given, {n} expected")
+        if m >= n and list(request[:n]) == list(stored):
+            start = n
+        elif m == n - 1 and list(request) == list(stored[:m]) and stored[m][0] == "assistant":
+            return TurnPlan(kind="replay", index=m)
+        else:
+            start = 0
+    return TurnPlan(kind="append", start=start) if start < m else TurnPlan(kind="current", start=m)
