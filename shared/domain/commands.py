@@ -144,7 +144,7 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
             return [SessionDeleted(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=SessionDeletedData())]
         case AddMessage():
             _check_live(state, None)
-            return [_message_added(state, state.version + 1, state.message_count + 1, command.body, stamp, limits, state.tool_call_ids)]
+            return [_message_added(state, state.version + 1, state.message_count + 1, command.body, stamp, limits, state.open_tool_calls)]
         case RequestChat():
             return _request_chat(state, command, stamp, limits)
         case RecordContext(job_id=job) if _running(state, job):
@@ -242,7 +242,7 @@ def _check_message(b: MessageCreate, limits: Limits, known_calls: frozenset[str]
     if b.role != "tool" and b.tool_call_id is not None:
         raise Invalid("only a message with role 'tool' may have a tool_call_id", {"field": "tool_call_id"})
     if b.tool_call_id is not None and b.tool_call_id not in known_calls:
-        raise Invalid(f"tool_call_id {b.tool_call_id!r} answers no earlier tool call", {"field": "tool_call_id"})
+        raise Invalid(f"tool_call_id {b.tool_call_id!r} answers no open tool call (none made it, or it was answered)", {"field": "tool_call_id"})
 
 
 def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limits: Limits) -> list[Event]:
@@ -264,7 +264,7 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
             version += 1
             data = ChatCancelledData(job_id=job, reason=f"interrupted by chat {command.job_id}")
             events.append(ChatCancelled(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=data))
-    known = set(state.tool_call_ids)
+    known = set(state.open_tool_calls)
     ids: list[str] = []
     for i, m in enumerate(r.messages):
         if r.save:
@@ -274,6 +274,7 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
             events.append(event)
         else:
             _check_message(m, limits, frozenset(known))
+        known.discard(m.tool_call_id)  # type: ignore[arg-type]
         known |= {c.id for c in m.tool_calls or ()}
     params = ChatParams(
         model=r.model or command.default_model,

@@ -44,8 +44,9 @@ class SessionState(Struct, kw_only=True):
     message_count: int = 0
     active_chats: tuple[ActiveChat, ...] = ()
     """Chat jobs requested and not yet ended, in request order: the first one runs."""
-    tool_call_ids: frozenset[str] = frozenset()
-    """Ids of every tool call an assistant message made: a tool result must answer one."""
+    open_tool_calls: frozenset[str] = frozenset()
+    """Ids of the tool calls assistant messages made that no tool result has answered yet: a tool result must
+    answer one of them. (Only the open ones, so the state stays small however long the session runs.)"""
     summary: Summary | None = None
 
     @property
@@ -88,8 +89,12 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             return structs.replace(state, version=event.version, session=session)
         case MessageAdded(data=m):
             session = structs.replace(_live(state), version=event.version, updated_at=at)
-            calls = state.tool_call_ids | {c.id for c in m.tool_calls} if m.tool_calls else state.tool_call_ids
-            return structs.replace(state, version=event.version, session=session, message_count=m.seq, tool_call_ids=calls)
+            calls = state.open_tool_calls
+            if m.tool_call_id is not None:
+                calls = calls - {m.tool_call_id}
+            if m.tool_calls:
+                calls = calls | {c.id for c in m.tool_calls}
+            return structs.replace(state, version=event.version, session=session, message_count=m.seq, open_tool_calls=calls)
         case SessionDeleted():
             _live(state)
             return structs.replace(state, version=event.version, deleted=True, active_chats=())

@@ -135,3 +135,17 @@ def test_uuid7_ids_are_version_7_and_sort_by_creation():
     parsed = uuid.UUID(ids[0])
     assert parsed.version == 7 and parsed.variant == uuid.RFC_4122 and str(parsed) == ids[0]
     assert parse_uuid(ids[0].upper()) == ids[0] and parse_uuid("not-a-uuid") is None
+
+
+def test_a_tool_result_answers_an_open_call_once_and_the_state_keeps_only_open_calls():
+    from shared.domain.model import FunctionCall, ToolCall
+
+    call = lambda i: ToolCall(id=f"call_{i}", function=FunctionCall(name="lookup", arguments="{}"))  # noqa: E731
+    s = run(created(), AddMessage(body=MessageCreate(role="assistant", content=None, tool_calls=[call(1), call(2)])))
+    assert s.open_tool_calls == {"call_1", "call_2"}
+    s = run(s, AddMessage(body=MessageCreate(role="tool", content="42", tool_call_id="call_1")))
+    assert s.open_tool_calls == {"call_2"}
+    with pytest.raises(Invalid, match="answers no open tool call"):
+        decide(s, AddMessage(body=MessageCreate(role="tool", content="again", tool_call_id="call_1")), stamp())
+    s = run(s, AddMessage(body=MessageCreate(role="tool", content="7", tool_call_id="call_2")))
+    assert s.open_tool_calls == frozenset()  # however many calls a session made, its state holds none of them now
