@@ -254,7 +254,7 @@ class Bench:
         for what in ("session", "messages50", "messages50_last_page"):
             out[f"{what}_cost_ratio_{big}_vs_{small}"] = out[f"{what}_rps_{small}"] / out[f"{what}_rps_{big}"]
         out[f"chat_cost_ratio_{big}_vs_{small}"] = out[f"chat_p50_ms_{big}"] / out[f"chat_p50_ms_{small}"]
-        out["time_travel"] = "not yet (replay issue)"
+        out["time_travel"] = "see P5tt"
         self.record("P5", **out, goal="cost ratio (rps at 100 / rps at 100k) <= 1.2")
 
     def p7(self) -> None:
@@ -301,9 +301,6 @@ class Bench:
                     first_chunk_added_ms=first_added, chat_jobs_per_s=jobs, arq_noop_jobs_per_s=noop, jobs_ratio=jobs / noop,
                     goal="added p50 <= 5 ms; jobs_ratio >= 0.8")
 
-    def not_yet(self) -> None:
-        self.rows["P6"] = {"status": "not yet (replay issue)"}
-
 
 def markdown(result: dict) -> str:
     lines = [f"# Parley benchmark — {result['when']}", "", f"`{result['command']}` · reps {result['reps']} × {result['seconds']} s · "
@@ -328,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args.seconds = args.seconds or (1.0 if args.quick else 5.0)
     bench = Bench(args)
     bench.start()
-    rows = set(args.rows.split(",")) if args.rows else {"P1", "P2", "P3", "P4", "P5", "P7"}
+    rows = set(args.rows.split(",")) if args.rows else {"P1", "P2", "P3", "P4", "P5", "P7", "P6", "P5tt"}
     try:
         if rows & {"P1", "P2", "P3"}:
             bench.p1_p2()
@@ -340,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.p5()
         if "P7" in rows:
             bench.p7()
-        bench.not_yet()
+        if rows & {"P6", "P5tt"}:
+            from tests.bench import replay_bench
+
+            replay_bench.run(bench, rows)
     finally:
         bench.stop()
     result = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "command": "python -m tests.bench " + " ".join(argv or sys.argv[1:]),
