@@ -81,16 +81,18 @@ class ReadModelUpdate(Struct, kw_only=True):
 def project(state: SessionState, events: Sequence[Event], snapshot_every: int = SNAPSHOT_EVERY) -> ReadModelUpdate:
     after = state
     snapshots: list[SessionState] = []
-    for e in events:
-        after = evolve(after, e)
-        if after.version % snapshot_every == 0:
-            snapshots.append(after)
     index: Literal["add", "remove"] | None = None
     tools_changed = False
     versions: list[int] = []
     jobs: list[JobUpdate] = []
     active = [c.job_id for c in state.active_chats]
     for e in events:
+        after = evolve(after, e)
+        if after.version % snapshot_every == 0:
+            snapshots.append(after)
+        if type(e) is MessageAdded:  # most of any log: skip the match below
+            versions.append(e.version)
+            continue
         match e:
             case SessionCreated():
                 index, tools_changed = "add", True

@@ -7,6 +7,7 @@ none of them is on a hot path, so enumeration may walk every partition.
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -14,7 +15,8 @@ from redis.asyncio import Redis
 from shared.codec import json_encode
 from shared.domain.events import SessionPurged
 from shared.redis.keys import Keys, partition_of
-from shared.redis.store import PURGE, SWITCH
+from shared.redis.lua import run_pipeline
+from shared.redis.store import ALL_SCRIPTS, PURGE, SWITCH
 
 
 class PurgeConflict(Exception):
@@ -53,12 +55,25 @@ class RedisHistory:
         return [(int(eid.split(b"-", 1)[0]), fields) for eid, fields in entries]
 
     # -- rebuild ---------------------------------------------------------------------------
-    async def switch(self, tenant: str, session_id: str, gen: int) -> int:
-        """Make generation `gen` live: 1 done, 0 not caught up yet, -1 purged."""
+    async def generations(self, session_ids: Sequence[str]) -> list[int]:
+        """Each session's live read-model generation."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in session_ids:
+            pipe.hget(self.keys.head(sid), "g")
+        return [int(g or 0) for g in await pipe.execute()]
+
+    async def switch(self, targets: Sequence[tuple[str, str, int]]) -> list[int]:
+        """For each (tenant, session, generation), make that generation live: 1 done, 0 not caught up yet,
+        -1 purged. One pipeline; each switch is atomic on its own."""
         k = self.keys
-        p = partition_of(session_id, k.partitions)
-        keys = [k.head(session_id), k.view(session_id), k.messages(session_id), k.snapshots(session_id), k.index(p, tenant)]
-        return int(await SWITCH(self.redis, keys, [gen, session_id]))
+
+        def fill(pipe: Any) -> None:
+            for tenant, sid, gen in targets:
+                p = partition_of(sid, k.partitions)
+                keys = [k.head(sid), k.view(sid), k.messages(sid), k.snapshots(sid), k.index(p, tenant)]
+                SWITCH.queue(pipe, keys, [gen, sid])
+
+        return [int(r) for r in await run_pipeline(self.redis, ALL_SCRIPTS, fill)]
 
     async def drop(self, session_id: str, gen: int) -> None:
         k = self.keys
