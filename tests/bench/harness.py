@@ -300,6 +300,11 @@ class Bench:
                     direct_first_chunk_p50_ms=med(direct, "first_chunk_p50_ms"), parley_first_chunk_p50_ms=med(parley, "first_chunk_p50_ms"),
                     first_chunk_added_ms=first_added, chat_jobs_per_s=jobs, arq_noop_jobs_per_s=noop, jobs_ratio=jobs / noop,
                     goal="added p50 <= 5 ms; jobs_ratio >= 0.8")
+        from tests.bench import openai_bench
+
+        oa = openai_bench.p4_openai(self, a.reps, n)
+        self.record("P4openai", **{k: v for k, v in oa.items() if k != "errors"},
+                    goal="what /chat/completions adds over /chat (same run, interleaved): report")
 
 
 def markdown(result: dict) -> str:

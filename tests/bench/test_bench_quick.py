@@ -24,9 +24,10 @@ def test_quick_benchmark_runs_and_every_request_succeeds(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["errors"] == 0
-    assert set(result["rows"]) == {"P1", "P2", "P3", "P4", "P5", "P5tt", "P6", "P7"}
+    assert set(result["rows"]) == {"P1", "P2", "P3", "P4", "P4openai", "P5", "P5tt", "P6", "P7"}
     assert result["rows"]["P1"]["parley_rps"] > 0 and result["rows"]["P1"]["ceiling_rps"] > 0
     assert result["rows"]["P3"]["probes"] > 0
+    assert result["rows"]["P4openai"]["completions_full_history_p50_ms"] > 0
     assert result["rows"]["P6"]["rebuild_eps"] > 0 and result["rows"]["P6"]["xrange_eps"] > 0
     assert result["rows"]["P5tt"]["session_far_p50_ms"] > 0 and result["rows"]["P5tt"]["at_version_far_p50_ms"] > 0
     assert (tmp_path / "result.md").read_text().startswith("# Parley benchmark")
