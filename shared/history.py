@@ -81,6 +81,8 @@ def parse_export(lines: Iterable[bytes]) -> list[tuple[str, list[Event]]]:
             raise InvalidImport(f"line {number}: {e}") from e
     out = []
     for header, events in sessions:
+        if not events:
+            raise InvalidImport(f"session {header.session_id}: no events (a log starts with SessionCreated)")
         if len(events) != header.events:
             raise InvalidImport(f"session {header.session_id}: the header counts {header.events} events, the file has {len(events)}")
         try:

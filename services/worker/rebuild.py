@@ -138,26 +138,29 @@ class Rebuilder:
                 states[sid] = decode_state(raw) if raw is not None else SessionState(id=sid)
                 tenants[sid] = tenant.decode()
         folded = 0
+        stopped: set[str] = set()  # sessions whose write failed: another rebuild wrote their generation
         reading = asyncio.ensure_future(self._read({sid: s.version for sid, s in states.items()}))
         writing: asyncio.Future[list[tuple[ReadModelUpdate, bool]]] | None = None
         while True:
             logs = await reading
-            after = {sid: _version(entries[-1][0]) for sid, entries in logs.items() if len(entries) == READ_BATCH}
+            after = {
+                sid: _version(entries[-1][0]) for sid, entries in logs.items() if len(entries) == READ_BATCH and sid not in stopped
+            }
             if after:
                 reading = asyncio.ensure_future(self._read(after))
             updates: list[tuple[str, ReadModelUpdate]] = []
             for sid, entries in logs.items():
-                if entries:
+                if entries and sid not in stopped:
                     first = _version(entries[0][0])  # a log's versions are contiguous
                     update = project(states[sid], [decode_event(first + i, f) for i, (_, f) in enumerate(entries)])
-                    states[sid] = update.state  # the next round folds on; a write that fails stops this session below
+                    states[sid] = update.state  # the next round folds on; a failed write stops the session
                     updates.append((tenants[sid], update))
             if writing is not None:
-                folded += self._written(await writing, after)
+                folded += self._written(await writing, stopped)
             writing = asyncio.ensure_future(self._write(updates, gens)) if updates else None
             if not after:
                 if writing is not None:
-                    folded += self._written(await writing, after)
+                    folded += self._written(await writing, stopped)
                 return folded
 
     async def _write(self, updates: list[tuple[str, ReadModelUpdate]], gens: dict[str, int]) -> list[tuple[ReadModelUpdate, bool]]:
@@ -170,21 +173,23 @@ class Rebuilder:
             out += zip((u for _, u in batch), await self.store.apply(batch, gen=gen))
         return out
 
-    def _written(self, results: list[tuple[ReadModelUpdate, bool]], after: dict[str, int]) -> int:
+    def _written(self, results: list[tuple[ReadModelUpdate, bool]], stopped: set[str]) -> int:
         folded = 0
         for u, ok in results:
             if ok:
                 folded += u.event_count
                 self.on_events(u.event_count)
-            else:  # another rebuild wrote this generation: stop here; the switch fails and the next pass starts over
-                after.pop(u.session_id, None)
+            else:  # its later rounds would fail too; the switch fails and the next pass starts it over
+                stopped.add(u.session_id)
         return folded
 
     async def _read(self, after: dict[str, int]) -> dict[str, list[tuple[bytes, dict[bytes, bytes]]]]:
+        """Each session's next entries after the version given (`after` is the caller's to keep: not mutated)."""
+        targets = list(after.items())
         pipe = self.store.redis.pipeline(transaction=False)
-        for sid, version in after.items():
+        for sid, version in targets:
             pipe.xrange(self.store.keys.log(sid), f"{version + 1}-0", "+", count=READ_BATCH)
-        return dict(zip(after, await pipe.execute()))
+        return {sid: entries for (sid, _), entries in zip(targets, await pipe.execute())}
 
 
 @contextlib.contextmanager

@@ -88,6 +88,9 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             session = structs.replace(_live(state), tools=d.tools, version=event.version, updated_at=at)
             return structs.replace(state, version=event.version, session=session)
         case MessageAdded(data=m):
+            if m.seq != state.message_count + 1 or m.session_id != state.id:
+                raise ValueError(f"message {m.id} (seq {m.seq} of session {m.session_id}) is not message "
+                                 f"{state.message_count + 1} of session {state.id}")
             session = structs.replace(_live(state), version=event.version, updated_at=at)
             calls = state.open_tool_calls
             if m.tool_call_id is not None:
