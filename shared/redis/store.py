@@ -65,6 +65,8 @@ class RedisStore:
         events: Sequence[Event],
         claim: IdempotencyClaim | None = None,
     ) -> AppendOutcome:
+        if not events:
+            raise ValueError("an append needs at least one event")  # a head without events would be no session
         k = self.keys
         partition = partition_of(session_id, k.partitions)
         idem_key = k.idempotency(partition, tenant, claim.key) if claim else k.idempotency(partition, tenant, "-")
