@@ -17,7 +17,7 @@ import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import HeaderParameter
 from litestar.response import Stream
 
 from shared.codec import json_encode
@@ -88,7 +88,7 @@ class ChatController(Controller):
         tenant: str,
         session_id: str,
         data: ChatRequest,
-        prefer: Annotated[str | None, Parameter(header="Prefer", required=False, description="respond-async: answer 202 with the job at once")] = None,
+        prefer: Annotated[str | None, HeaderParameter(name="Prefer", required=False, description="respond-async: answer 202 with the job at once")] = None,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[ChatResponse]:
         """Chat: the request's messages join the session, a worker answers, the answer joins too.
@@ -158,7 +158,7 @@ class ChatController(Controller):
         tenant: str,
         session_id: str,
         job_id: str,
-        last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID", required=False)] = None,
+        last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False)] = None,
     ) -> Stream:
         """The job's event stream from the start, or after `Last-Event-ID`: nothing missed, nothing repeated."""
         service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)

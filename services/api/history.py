@@ -10,7 +10,7 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get
 from litestar.di import Provide
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, Parameter
 from litestar.response import Stream
 
 from shared.codec import json_encode
@@ -24,7 +24,7 @@ from services.api.sessions import Limit, _errors, _service, _session_id
 After = Annotated[int, Parameter(ge=0, le=2**63 - 1, description="A version: the page starts after it (exclusive).")]
 LastEventId = Annotated[
     str | None,
-    Parameter(header="Last-Event-ID", required=False, description="SSE resume point (a version); wins over `after`."),
+    HeaderParameter(name="Last-Event-ID", required=False, description="SSE resume point (a version); wins over `after`."),
 ]
 SSE_BATCH = 500
 

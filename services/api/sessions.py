@@ -12,7 +12,7 @@ import msgspec
 from litestar import Controller, MediaType, Request, Response, delete, get, post, route
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, Parameter
 
 from shared.codec import json_encode
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, UpdateSession
@@ -41,7 +41,7 @@ Limit = Annotated[int, Parameter(ge=1, le=1000, description="Items per page (1..
 Offset = Annotated[int, Parameter(ge=0, le=1_000_000_000, description="Items to skip (0..10⁹).")]
 IdempotencyKey = Annotated[
     str | None,
-    Parameter(header="Idempotency-Key", required=False, max_length=255, description="Retrying with the same key and body within 24 h answers the first result and writes nothing."),
+    HeaderParameter(name="Idempotency-Key", required=False, max_length=255, description="Retrying with the same key and body within 24 h answers the first result and writes nothing."),
 ]
 AtVersion = Annotated[
     int | None,
@@ -50,7 +50,7 @@ AtVersion = Annotated[
 Purge = Annotated[bool, Parameter(description="Also erase the log and everything derived from it, leaving a tombstone in /audit.")]
 IfMatch = Annotated[
     str | None,
-    Parameter(header="If-Match", required=False, description="The ETag you hold; a stale one answers 412 and changes nothing."),
+    HeaderParameter(name="If-Match", required=False, description="The ETag you hold; a stale one answers 412 and changes nothing."),
 ]
 
 
