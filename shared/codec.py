@@ -59,7 +59,26 @@ def encode_state(state: SessionState) -> bytes:
 
 
 def decode_state(raw: bytes) -> SessionState:
+    if b"tool_call_ids" in raw:  # possibly written before open_tool_calls (cheap to test, rare to be true)
+        return _from_legacy(_legacy_state_decoder.decode(raw))
     return _state_decoder.decode(raw)
+
+
+class _StateWithToolCallIds(SessionState, kw_only=True):
+    """Read models written before `open_tool_calls` kept every call id in `tool_call_ids`."""
+
+    tool_call_ids: frozenset[str] = frozenset()
+
+
+_legacy_state_decoder = msgspec.msgpack.Decoder(_StateWithToolCallIds)
+
+
+def _from_legacy(old: _StateWithToolCallIds) -> SessionState:
+    """All of an old state's calls count as open: a result may still answer any of them, as it could before.
+    `parley rebuild` replaces such states with exact ones."""
+    fields = {f: getattr(old, f) for f in SessionState.__struct_fields__}
+    fields["open_tool_calls"] = old.open_tool_calls | old.tool_call_ids
+    return SessionState(**fields)
 
 
 def pairs(flat: list[Any]) -> dict[bytes, bytes]:

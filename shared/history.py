@@ -38,6 +38,7 @@ class ExportHeader(msgspec.Struct, kw_only=True, omit_defaults=False):
 _event = msgspec.json.Decoder(Event)
 _header = msgspec.json.Decoder(ExportHeader)
 _any = msgspec.json.Decoder()
+_msgpack = msgspec.msgpack.Encoder().encode
 
 
 async def export_lines(history: RedisHistory, session_id: str) -> AsyncIterator[bytes]:
@@ -87,7 +88,9 @@ def parse_export(lines: Iterable[bytes]) -> list[tuple[str, list[Event]]]:
             raise InvalidImport(f"session {header.session_id}: the header counts {header.events} events, the file has {len(events)}")
         try:
             fold(SessionState(id=header.session_id), events)
-        except (ValueError, TypeError) as e:
+            for event in events:  # what the read models could not store (integers past 64 bits) is refused here
+                _msgpack(event.data)
+        except (ValueError, TypeError, OverflowError) as e:
             raise InvalidImport(f"session {header.session_id}: {e}") from e
         out.append((header.session_id, events))
     if not out:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -27,6 +28,7 @@ LastEventId = Annotated[
     HeaderParameter(name="Last-Event-ID", required=False, description="SSE resume point (a version); wins over `after`."),
 ]
 SSE_BATCH = 500
+_VERSION = re.compile(r"[0-9]{1,20}")
 
 
 class _EventHead(msgspec.Struct):
@@ -61,7 +63,7 @@ class EventController(Controller):
         sid = _session_id(session_id)
         if "text/event-stream" in request.headers.get("accept", ""):
             if last_event_id is not None:
-                if not last_event_id.strip().isdigit() or int(last_event_id) >= 2**63:
+                if not _VERSION.fullmatch(last_event_id.strip()) or int(last_event_id) >= 2**63:
                     raise Invalid("Last-Event-ID must be a version (a non-negative integer)", {"header": "Last-Event-ID"})
                 after = int(last_event_id)
             head = (await service.log.events(tenant, sid, after, 1)).head

@@ -375,10 +375,15 @@ class OpenAIController(Controller):
         cancelled: list[str] = []
         last: list[str | None] = [None]
 
+        planned = {c.job_id for c in state.active_chats}
+
         def respond(after: SessionState, events: list[Event]) -> Reply:
             added = [e for e in events if isinstance(e, MessageAdded)]
             if after.message_count - len(added) != n:
                 raise _Stale()
+            ended = {e.data.job_id for e in events if isinstance(e, ChatCancelled)}
+            if {c.job_id for c in after.active_chats if c.job_id != job_id} | ended != planned:
+                raise _Stale()  # a chat started (or ended) since we planned: an identical request joins it instead
             last[0] = added[-1].data.id if added else None
             cancelled[:] = [e.data.job_id for e in events if isinstance(e, ChatCancelled)]
             req = next(e for e in events if isinstance(e, ChatRequested))

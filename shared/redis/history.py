@@ -64,7 +64,7 @@ class RedisHistory:
 
     async def switch(self, targets: Sequence[tuple[str, str, int]]) -> list[int]:
         """For each (tenant, session, generation), make that generation live: 1 done, 0 not caught up yet,
-        -1 purged. One pipeline; each switch is atomic on its own."""
+        -1 purged, 2 another rebuild switched to a generation at least as new. One pipeline; each switch is atomic."""
         k = self.keys
 
         def fill(pipe: Any) -> None:

@@ -71,6 +71,8 @@ APPLY = GEN + """
 local head = redis.call('HMGET', KEYS[1], 'v', 'g')
 if not head[1] then return 0 end  -- purged meanwhile: nothing may bring its content back
 local live = ARGV[10] == ''
+-- a rebuild writes only a generation newer than the live one (another rebuild may have switched to its own)
+if not live and tonumber(ARGV[10]) <= (tonumber(head[2]) or 0) then return 0 end
 local g = live and head[2] or ARGV[10]
 local view, msgs, snaps = at(KEYS[2], g), at(KEYS[3], g), at(KEYS[4], g)
 local current = tonumber(redis.call('HGET', view, 'v')) or 0
@@ -208,16 +210,18 @@ return {tonumber(head[1]), base, state, events}
 SWITCH = GEN + """
 -- KEYS: head, view, messages, snapshots, the tenant's index.  ARGV: new generation, session id
 -- A rebuild's last step: when the new generation and the live one both hold every event, make the new one
--- live and drop the old one. Answers 1, 0 (not caught up: build on and retry) or -1 (the session was purged).
+-- live and drop the old one. Answers 1, 0 (not caught up: build on and retry), -1 (the session was purged) or
+-- 2 (another rebuild already made a generation at least as new live: nothing left to do).
 local head = redis.call('HMGET', KEYS[1], 'v', 'g')
 if not head[1] then return -1 end
 local old, new = head[2] or '0', ARGV[1]
+if tonumber(new) <= tonumber(old) then return 2 end
 local fresh = redis.call('HMGET', at(KEYS[2], new), 'v', 'j')
 local live = tonumber(redis.call('HGET', at(KEYS[2], old), 'v')) or 0
 if tonumber(fresh[1]) ~= tonumber(head[1]) or live ~= tonumber(head[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'g', new)
 if fresh[2] then redis.call('ZADD', KEYS[5], 0, ARGV[2]) else redis.call('ZREM', KEYS[5], ARGV[2]) end
-if old ~= new then redis.call('UNLINK', at(KEYS[2], old), at(KEYS[3], old), at(KEYS[4], old)) end
+redis.call('UNLINK', at(KEYS[2], old), at(KEYS[3], old), at(KEYS[4], old))
 return 1
 """
 

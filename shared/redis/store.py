@@ -109,6 +109,9 @@ class RedisStore:
             pending = (await self._tails([session_id], [state]))[0]
             if pending is None or pending.tenant != tenant:
                 return None
+            if state is not None and pending.head < state.version:  # purged and imported again: what we knew is void
+                state = None
+                continue
             state = fold(pending.state, pending.events)
             if state.version >= pending.head:
                 return state

@@ -585,8 +585,11 @@ def test_sse_after_and_last_event_id_choose_where_the_stream_starts(c):
         assert [f.id for f in read_to_end(sse)] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("bad", ["abc", "-1", "1.5", "3a", "0x10", "99999999999999999999"])
+@pytest.mark.parametrize(
+    "bad", ["abc", "-1", "1.5", "3a", "0x10", "99999999999999999999", "²".encode("latin-1"), "١٢".encode()]
+)
 def test_an_invalid_last_event_id_answers_422(c, bad):
+    """Non-ASCII digits too ('²' is a digit to str.isdigit, not to int)."""
     sid = create(c)["id"]
     resp = c.get(f"/sessions/{sid}/events", headers={**ACME, **SSE_ACCEPT, "Last-Event-ID": bad})
     assert_error(resp, 422, "validation_failed")
