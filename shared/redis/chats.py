@@ -91,7 +91,8 @@ class ChatStore:
     async def mark_running(self, session_id: str, job_id: str) -> int:
         """The attempt number, or 0 if the job already ended."""
         started = json_encode(datetime.now(UTC))
-        return int(await MARK_RUNNING(self.redis, [self.keys.chat(session_id, job_id), self.keys.head(session_id)], [started]))
+        keys = [self.keys.chat(session_id, job_id), self.keys.head(session_id), self.keys.chats(session_id)]
+        return int(await MARK_RUNNING(self.redis, keys, [started, job_id]))
 
     async def status(self, session_id: str, job_id: str) -> str | None:
         raw = await self.redis.hget(self.keys.chat(session_id, job_id), "status")

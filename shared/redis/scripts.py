@@ -142,9 +142,11 @@ return out
 """
 
 MARK_RUNNING = """
--- KEYS: chat job hash, the session's head.  ARGV: started_at.
+-- KEYS: chat job hash, the session's head, the session's chat list.  ARGV: started_at, job id.
 -- Marks a job running unless it already ended or its session was purged; answers the attempt (0: don't run).
+-- The job joins the chat list here too (the projector may not have listed it yet), so a purge finds its keys.
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
