@@ -63,6 +63,8 @@ async def run(spec: Spec) -> dict:
     reqs = _requests(spec)
     latencies: list[float] = []
     errors = 0
+    failures: dict[str, int] = {}
+    """What each error was: an HTTP status, or the exception a connection raised."""
     start = time.perf_counter()
     end = start + spec.seconds
     counter = 0
@@ -76,13 +78,15 @@ async def run(spec: Spec) -> dict:
             t = time.perf_counter()
             try:
                 status = await conn.request(raw)
-            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
                 errors += 1
+                failures[type(e).__name__] = failures.get(type(e).__name__, 0) + 1
                 conn = await _connect(spec)
                 continue
             latencies.append(time.perf_counter() - t)
             if not 200 <= status < 300:
                 errors += 1
+                failures[str(status)] = failures.get(str(status), 0) + 1
 
     if spec.mode == "closed":
         await asyncio.gather(*(closed_worker() for _ in range(spec.connections)))
@@ -95,13 +99,15 @@ async def run(spec: Spec) -> dict:
             conn = idle.pop() if idle else await _connect(spec)
             try:
                 status = await conn.request(raw)
-            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
                 errors += 1
+                failures[type(e).__name__] = failures.get(type(e).__name__, 0) + 1
                 return
             latencies.append(time.perf_counter() - due)
             idle.append(conn)
             if not 200 <= status < 300:
                 errors += 1
+                failures[str(status)] = failures.get(str(status), 0) + 1
 
         interval = 1.0 / spec.rate
         i = 0
@@ -117,7 +123,7 @@ async def run(spec: Spec) -> dict:
     elapsed = time.perf_counter() - start
     latencies.sort()
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0.0  # noqa: E731
-    return {"requests": len(latencies), "seconds": elapsed, "rps": len(latencies) / elapsed, "p50_ms": pick(0.5), "p99_ms": pick(0.99), "errors": errors}
+    return {"requests": len(latencies), "seconds": elapsed, "rps": len(latencies) / elapsed, "p50_ms": pick(0.5), "p99_ms": pick(0.99), "errors": errors, "failures": failures}
 
 
 def main() -> None:
