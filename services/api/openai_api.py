@@ -27,7 +27,7 @@ from shared.domain.commands import RequestChat
 from shared.domain.errors import Contention, NotFound
 from shared.domain.events import ChatCancelled, ChatRequested, Event, MessageAdded
 from shared.domain.ids import derived_id, uuid7
-from shared.domain.model import ChatRequest, ChatResponse, ErrorBody, Message, MessageCreate
+from shared.domain.model import ChatRequest, ChatResponse, ErrorBody, Message, MessageCreate, Usage
 from shared.domain.openai_wire import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -36,7 +36,6 @@ from shared.domain.openai_wire import (
     ChunkDelta,
     CompletionChoice,
     CompletionMessage,
-    CompletionUsage,
     Key,
     ModelCard,
     ModelList,
@@ -174,7 +173,6 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
 
 # -- answers ----------------------------------------------------------------------------------------------------------
 def _completion(r: ChatResponse) -> ChatCompletion:
-    u = r.usage
     return ChatCompletion(
         id=r.id,
         created=int(r.created_at.timestamp()),
@@ -183,7 +181,7 @@ def _completion(r: ChatResponse) -> ChatCompletion:
             CompletionChoice(index=c.index, finish_reason=c.finish_reason, message=CompletionMessage(content=c.message.content, tool_calls=c.message.tool_calls))
             for c in r.choices
         ],
-        usage=CompletionUsage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens),
+        usage=r.usage,
     )
 
 
@@ -260,8 +258,7 @@ def _relay(chats: ChatStore, sid: str, job_id: str, model: str, include_usage: b
                         yield chunk([ChunkChoice(index=c.get("index", 0), delta=delta, finish_reason=c.get("finish_reason"))])
                 elif kind == "done":
                     if include_usage:
-                        u = _response.decode(data).usage
-                        yield chunk([], CompletionUsage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens))
+                        yield chunk([], _response.decode(data).usage)
                     yield b"data: [DONE]\n\n"
                     return
                 else:
@@ -421,7 +418,7 @@ class OpenAIController(Controller):
                 model=model,
                 choices=[CompletionChoice(finish_reason="tool_calls" if message.tool_calls else "stop",
                                           message=CompletionMessage(content=message.content if isinstance(message.content, str) else None, tool_calls=message.tool_calls))],
-                usage=CompletionUsage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
+                usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
             )
         if stream:
             return _replayed_stream(completion, include_usage)  # type: ignore[return-value]

@@ -23,6 +23,7 @@ from shared.domain.model import (
     TextPart,
     Tool,
     ToolCall,
+    Usage,
     FunctionDef,
     Wire,
 )
@@ -137,12 +138,6 @@ IGNORED = tuple(f for f in ChatCompletionRequest.__struct_fields__ if f not in (
 
 
 # -- the answer --------------------------------------------------------------------------------------------------
-class CompletionUsage(Struct, kw_only=True):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class CompletionMessage(Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str | None
@@ -166,7 +161,7 @@ class ChatCompletion(Struct, kw_only=True):
     """Unix seconds."""
     model: str
     choices: list[CompletionChoice]
-    usage: CompletionUsage
+    usage: Usage
     system_fingerprint: str | None = None
 
 
@@ -192,7 +187,7 @@ class ChatCompletionChunk(Struct, kw_only=True):
     created: int
     model: str
     choices: list[ChunkChoice]
-    usage: CompletionUsage | None | UnsetType = UNSET
+    usage: Usage | None | UnsetType = UNSET
     """With `stream_options.include_usage`: null on every chunk but the last, which has `choices: []`."""
 
 
