@@ -93,4 +93,17 @@ async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: st
         await asyncio.sleep(interval)
 
 
-__all__ = ["API_KEYS", "TENANTS", "ParleyProcess", "RedisServer", "auth", "free_port", "wait_for"]
+def wait_ready(url: str, timeout: float = 20.0) -> None:
+    """Start-up only: the API answers /ready once a projector has sent its first heartbeat."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} never became ready")
+
+
+__all__ = ["API_KEYS", "TENANTS", "ParleyProcess", "RedisServer", "auth", "free_port", "wait_for", "wait_ready"]

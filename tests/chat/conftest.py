@@ -7,20 +7,17 @@ the other suites' flushes of the session-wide redis-server never touch them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
 from shared.redis.server import RedisServer
 from tests.model_server import MODEL_NAME, ModelServer
-from tests.support import ParleyProcess
+from tests.support import ParleyProcess, wait_ready
 
 MODEL_API_KEY = "model-secret"
-READY_TIMEOUT_S = 20.0
 
 
 @dataclass
@@ -52,17 +49,6 @@ class Stack:
         self.redis.stop()
 
 
-def wait_ready(url: str, timeout: float = READY_TIMEOUT_S) -> None:
-    """Start-up only: the API answers /ready once a projector has sent its first heartbeat."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} never became ready")
 
 
 def model_env(server: ModelServer, **extra: str) -> dict[str, str]:

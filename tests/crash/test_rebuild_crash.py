@@ -41,7 +41,7 @@ from shared.domain.state import SessionState, fold
 from shared.redis.keys import Keys, partition_of
 from shared.redis.server import RedisServer
 from shared.redis.store import RedisStore
-from tests.support import API_KEYS, ROOT, ParleyProcess, auth
+from tests.support import API_KEYS, ROOT, ParleyProcess, auth, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -70,16 +70,6 @@ def cli_env(redis_url: str) -> dict[str, str]:
     return {**os.environ, "REDIS_URL": redis_url, "PARLEY_API_KEYS": OTHER_KEYS, "PARLEY_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
 
 
-def wait_ready(url: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"{url} never became ready")
 
 
 def stack(fresh_redis, spawn, api: bool = True) -> tuple[RedisServer, ParleyProcess | None, redis_sync.Redis]:

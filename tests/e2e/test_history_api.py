@@ -27,7 +27,7 @@ import redis as redis_sync
 
 from shared.redis.keys import Keys, partition_of
 from shared.redis.server import RedisServer
-from tests.support import API_KEYS, ParleyProcess, auth
+from tests.support import API_KEYS, ParleyProcess, auth, wait_ready
 
 HIST = {f"hist{i}": f"hist{i}-key" for i in range(12)}
 """Tenants handed out one per use by `tenant()`: their audit streams and session lists start empty."""
@@ -71,7 +71,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         worker = ParleyProcess("worker", server.url, root, env)
         procs.append(worker)
         worker.start()
-        _wait_ready(api.url)
+        wait_ready(api.url)
         yield Stack(server, api, worker)
     finally:
         for p in reversed(procs):
@@ -79,14 +79,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         server.stop()
 
 
-def _wait_ready(url: str, timeout: float = 20.0) -> None:
-    """Startup only: wait until the worker has sent its first heartbeat."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if httpx.get(url + "/ready", timeout=2).status_code == 200:
-            return
-        time.sleep(0.05)
-    raise RuntimeError("the API never became ready")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ import httpx
 import pytest
 
 from shared.redis.server import RedisServer
-from tests.support import API_KEYS, TENANTS, ParleyProcess, auth
+from tests.support import API_KEYS, TENANTS, ParleyProcess, auth, wait_ready
 
 ISOLATED = {f"iso{i}": f"iso{i}-key" for i in range(64)}
 """Tenants handed out one per test by `fresh_tenant`, so a test can assert its whole session list."""
@@ -62,7 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         worker = ParleyProcess("worker", redis.url, root, {"PARLEY_API_KEYS": ALL_KEYS})
         procs.append(worker)
         worker.start()
-        _wait_ready(api.url)
+        wait_ready(api.url)
         yield Stack(redis, api, worker)
     finally:
         for p in reversed(procs):
@@ -70,14 +69,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         redis.stop()
 
 
-def _wait_ready(url: str, timeout: float = 20.0) -> None:
-    """Startup only: wait until the worker has sent its first heartbeat."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if httpx.get(url + "/ready", timeout=2).status_code == 200:
-            return
-        time.sleep(0.05)
-    raise RuntimeError("the API never became ready")
 
 
 @pytest.fixture(scope="module")
