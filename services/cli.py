@@ -123,6 +123,7 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
         loop="none",
         http="httptools" if _has("httptools") else "h11",
         access_log=False,
+        timeout_keep_alive=int(settings.keep_alive_s),
         log_level=settings.log_level.lower(),
         lifespan="on",
     )

@@ -45,6 +45,9 @@ class Settings(Struct, kw_only=True, frozen=True):
     worker_max_jobs: int = 100
     worker_poll_delay_s: float = 0.05
     """arq's queue poll; new jobs also wake an idle worker at once, so this only bounds missed wake-ups."""
+    keep_alive_s: float = 75.0
+    """How long an idle HTTP connection stays open. Longer than the usual load balancer / client pool idle timeout
+    (60 s): a server that closes first races with a client reusing the connection, which then fails a request."""
     sse_keepalive_s: float = 15.0
     """A quiet event stream (`GET /sessions/{id}/events` as SSE) sends a comment this often."""
     data_dir: str = ".parley"
