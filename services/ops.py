@@ -97,8 +97,10 @@ async def rebuild(settings: Settings, args: argparse.Namespace) -> None:
         with progress() as bar:
             task = bar.add_task(f"rebuild {scope.name}", total=0)
             rebuilder = Rebuilder(ops.store, ops.history, ops.live_projector(), lambda n: bar.advance(task, n))
-            targets, resumed = await rebuilder.remaining(scope)
-            if resumed:
+            if args.fresh:
+                await rebuilder.forget(scope)
+            targets, _ = await rebuilder.remaining(scope)
+            if await rebuilder.resuming(scope):
                 console.print(f"resuming a killed rebuild of {scope.name}: {len(targets)} sessions left")
             bar.update(task, total=await rebuilder.total_events(targets))
             report = await rebuilder.run(scope, targets)
@@ -169,6 +171,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--session")
     g.add_argument("--tenant")
     g.add_argument("--all", action="store_true")
+    r.add_argument("--fresh", action="store_true", help="start over instead of resuming a killed run of this scope")
     e = sub.add_parser("export", help="write a session's log as NDJSON")
     e.add_argument("--session", required=True)
     e.add_argument("-o", "--output")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+from datetime import UTC, datetime
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -87,27 +88,43 @@ class Rebuilder:
         done = cursor.decode()
         return [t for t in targets if _mark(t) > done], done
 
+    async def resuming(self, scope: Scope) -> bool:
+        """A run of this scope was killed: its progress record is still there."""
+        return bool(await self.store.redis.exists(self.store.keys.rebuild(scope.name)))
+
+    async def forget(self, scope: Scope) -> None:
+        """Start this scope over (`parley rebuild --fresh`): no resuming, partial generations rebuilt from scratch."""
+        await self.store.redis.delete(self.store.keys.rebuild(scope.name))
+
     async def run(self, scope: Scope, targets: Sequence[tuple[str, str]] | None = None) -> Report:
         with _no_cycle_collection():
             return await self._run(scope, targets)
 
     async def _run(self, scope: Scope, targets: Sequence[tuple[str, str]] | None) -> Report:
         report = Report()
+        progress = self.store.keys.rebuild(scope.name)
+        # Only a run that resumes its own killed run continues the partial generations that run left; any other
+        # run starts them over, so a generation is never part built by an older projection code.
+        resume = await self.resuming(scope)
+        await self.store.redis.hsetnx(progress, "started", datetime.now(UTC).isoformat())
         if targets is None:
             targets, report.resumed_after = await self.remaining(scope)
-        progress = self.store.keys.rebuild(scope.name)
         for i in range(0, len(targets), BATCH):
             batch = targets[i : i + BATCH]
-            report.events += await self.rebuild(batch)
+            report.events += await self.rebuild(batch, resume)
             report.sessions += len(batch)
             await self.store.redis.hset(progress, "cursor", _mark(batch[-1]))
         await self.store.redis.delete(progress)
         return report
 
-    async def rebuild(self, batch: Sequence[tuple[str, str]]) -> int:
-        """Rebuild these sessions' read models; answers the events folded."""
+    async def rebuild(self, batch: Sequence[tuple[str, str]], resume: bool = False) -> int:
+        """Rebuild these sessions' read models; answers the events folded. `resume`: continue what a killed run
+        left in their new generations rather than start them over."""
         todo = [sid for _, sid in batch]
         gens = {sid: g + 1 for sid, g in zip(todo, await self.history.generations(todo))}
+        if not resume:
+            for sid in todo:
+                await self.history.drop(sid, gens[sid])
         tenants = dict((sid, t) for t, sid in batch)
         folded = 0
         while todo:

@@ -442,7 +442,7 @@ def kill_rebuild_halfway(url: str, r: redis_sync.Redis, keys: Keys) -> subproces
     run = subprocess.Popen([str(PARLEY), "rebuild", "--all"], env=cli_env(url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + CLI_TIMEOUT_S
     try:
-        while not r.exists(cursor):
+        while not r.hexists(cursor, "cursor"):  # the record exists from the start; the cursor after a batch
             if run.poll() is not None:
                 pytest.fail(f"the rebuild ended (rc {run.returncode}) before its cursor was seen: seed more history\n"
                             + run.stderr.read().decode()[-1000:])  # type: ignore[union-attr]

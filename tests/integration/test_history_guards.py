@@ -20,7 +20,7 @@ from shared.redis.history import RedisHistory
 from shared.redis.keys import Keys, partition_of
 from shared.redis.store import RedisStore
 from services.worker.projector import Projector
-from services.worker.rebuild import Rebuilder
+from services.worker.rebuild import Rebuilder, Scope
 
 
 def stamp() -> Stamp:
@@ -109,3 +109,18 @@ async def test_a_session_purged_and_imported_again_is_not_decided_on_what_a_proc
     await store.append("acme", state.id, 0, events)
     loaded = await store.load("acme", state.id, remembered)
     assert loaded is not None and loaded.version == 1 and loaded.session is not None and loaded.session.user_id == "v"
+
+
+async def test_a_rebuild_that_is_not_resuming_its_own_run_starts_partial_generations_over(store):
+    """A partial generation left by some earlier killed run (maybe of older projection code) is not trusted."""
+    live = Projector(store, feed=None)  # type: ignore[arg-type]
+    state = await _session(store, 3)
+    await live.catch_up([state.id])
+    k = store.keys
+    first = fold(SessionState(id=state.id), (await store.read(state.id))[:1])
+    await store.redis.hset(k.view(state.id, 1), mapping={"v": 1, "t": "acme", "st": encode_state(first)})
+    await store.redis.rpush(k.messages(state.id, 1), 999)  # what an older, wrong projection left behind
+    await Rebuilder(store, RedisHistory(store.redis, k), live).run(Scope(session_id=state.id))
+    assert await RedisHistory(store.redis, k).generations([state.id]) == [1]
+    assert [int(v) for v in await store.redis.lrange(k.messages(state.id, 1), 0, -1)] == [2, 3, 4]
+    assert not await store.redis.exists(k.rebuild(Scope(session_id=state.id).name))
