@@ -26,21 +26,18 @@ import pytest
 import redis as redis_sync
 
 from shared.redis.keys import Keys, partition_of
-from shared.redis.server import RedisServer
-from tests.support import API_KEYS, ParleyProcess, auth, wait_ready
+from tests.e2e.helpers import (
+    ACME, GLOBEX, UUID7, Stack, add_message, assert_error, create, running_stack, tool, ts, unknown_id,
+)
+from tests.support import API_KEYS
 
 HIST = {f"hist{i}": f"hist{i}-key" for i in range(12)}
 """Tenants handed out one per use by `tenant()`: their audit streams and session lists start empty."""
 ALL_KEYS = ",".join([API_KEYS, *(f"{t}:{k}" for t, k in HIST.items())])
 _unused = iter(HIST)
 
-ACME = auth("acme")
-GLOBEX = auth("globex")
-JSON = {"Content-Type": "application/json"}
 SSE_ACCEPT = {"Accept": "text/event-stream"}
 KEEPALIVE_S = 0.3
-UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 EVENT_KEYS = {"id", "type", "version", "occurred_at", "data"}
 EVENT_TYPES = [
     "SessionCreated", "SessionUpdated", "ToolsChanged", "MessageAdded", "SessionDeleted", "ChatRequested",
@@ -51,34 +48,11 @@ SESSION_ONLY = {"id", "version", "created_at", "updated_at"}
 
 
 # -- the processes ---------------------------------------------------------------------------------
-@dataclass
-class Stack:
-    redis: RedisServer
-    api: ParleyProcess
-    worker: ParleyProcess
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("e2e-history")
-    server = RedisServer(root / "redis").start()
     env = {"PARLEY_API_KEYS": ALL_KEYS, "PARLEY_SSE_KEEPALIVE_S": str(KEEPALIVE_S)}
-    procs: list[ParleyProcess] = []
-    try:
-        api = ParleyProcess("api", server.url, root, env)
-        procs.append(api)
-        api.start()
-        worker = ParleyProcess("worker", server.url, root, env)
-        procs.append(worker)
-        worker.start()
-        wait_ready(api.url)
-        yield Stack(server, api, worker)
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        server.stop()
-
-
+    with running_stack(tmp_path_factory.mktemp("e2e-history"), env) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +79,8 @@ def tenant_name(headers: dict[str, str]) -> str:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def create(c: httpx.Client, body: dict[str, Any] | None = None, headers: dict[str, str] = ACME) -> dict[str, Any]:
-    resp = c.post("/sessions", json=body or {}, headers=headers)
-    assert resp.status_code == 201, resp.text
-    return resp.json()
 
 
-def add_message(c: httpx.Client, sid: str, body: dict[str, Any], headers: dict[str, str] = ACME) -> dict[str, Any]:
-    resp = c.post(f"/sessions/{sid}/messages", json=body, headers=headers)
-    assert resp.status_code == 201, resp.text
-    return resp.json()
 
 
 def patch(c: httpx.Client, sid: str, body: dict[str, Any], headers: dict[str, str] = ACME) -> dict[str, Any]:
@@ -167,40 +133,12 @@ def at_version(c: httpx.Client, sid: str, version: int, headers: dict[str, str] 
     return resp.json(), resp.headers["ETag"], msgs.json()["items"], tls.json()["items"]
 
 
-def assert_error(resp: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    """The one error shape: {"error": {status, code, message, details?}} with status == the HTTP status."""
-    assert resp.status_code == status, f"expected {status} {code}, got {resp.status_code}: {resp.text}"
-    assert resp.headers["content-type"].startswith("application/json"), resp.headers
-    body = resp.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert {"status", "code", "message"} <= set(err) <= {"status", "code", "message", "details"}, err
-    assert err["status"] == status and type(err["status"]) is int
-    assert isinstance(err["code"], str) and err["code"]
-    if code is not None:
-        assert err["code"] == code, err
-    assert isinstance(err["message"], str) and err["message"]
-    return err
 
 
-def ts(text: str) -> datetime:
-    assert RFC3339_UTC.match(text), text
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def tool(name: str, description: str = "does a thing") -> dict[str, Any]:
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
-        },
-    }
 
 
-def unknown_id() -> str:
-    return str(uuid.UUID(int=uuid.uuid4().int & ~(0xF << 76) | (0x7 << 76)))
 
 
 def marker(what: str) -> str:

@@ -14,15 +14,15 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from shared.redis.server import RedisServer
-from tests.support import API_KEYS, TENANTS, ParleyProcess, auth, wait_ready
+from tests.e2e.helpers import (
+    ACME, GLOBEX, JSON, UUID7, Stack, add_message, assert_error, create, running_stack, tool, ts, unknown_id,
+)
+from tests.support import API_KEYS, TENANTS
 
 ISOLATED = {f"iso{i}": f"iso{i}-key" for i in range(64)}
 """Tenants handed out one per test by `fresh_tenant`, so a test can assert its whole session list."""
@@ -31,44 +31,18 @@ _unused_tenants = iter(ISOLATED)
 
 MAX_BODY = 1 << 20
 MAX_CHARS = 100_000
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 SESSION_FIELDS = {
     "id", "agent_id", "user_id", "situation", "token_budget", "context_overflow", "multitask",
     "tools", "metadata", "version", "created_at", "updated_at",
 }
 MESSAGE_FIELDS = {"id", "session_id", "role", "content", "name", "tool_call_id", "tool_calls", "seq", "created_at"}
-JSON = {"Content-Type": "application/json"}
 
 
 # -- the processes ---------------------------------------------------------------------------
-@dataclass
-class Stack:
-    redis: RedisServer
-    api: ParleyProcess
-    worker: ParleyProcess
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("e2e-http")
-    redis = RedisServer(root / "redis").start()
-    procs: list[ParleyProcess] = []
-    try:
-        api = ParleyProcess("api", redis.url, root, {"PARLEY_API_KEYS": ALL_KEYS})
-        procs.append(api)
-        api.start()
-        worker = ParleyProcess("worker", redis.url, root, {"PARLEY_API_KEYS": ALL_KEYS})
-        procs.append(worker)
-        worker.start()
-        wait_ready(api.url)
-        yield Stack(redis, api, worker)
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        redis.stop()
-
-
+    with running_stack(tmp_path_factory.mktemp("e2e-http"), {"PARLEY_API_KEYS": ALL_KEYS}) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -85,20 +59,10 @@ def fresh_tenant() -> dict[str, str]:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-ACME = auth("acme")
-GLOBEX = auth("globex")
 
 
-def create(c: httpx.Client, body: dict[str, Any] | None = None, headers: dict[str, str] = ACME) -> dict[str, Any]:
-    r = c.post("/sessions", json=body or {}, headers=headers)
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
-def add_message(c: httpx.Client, sid: str, body: dict[str, Any], headers: dict[str, str] = ACME) -> dict[str, Any]:
-    r = c.post(f"/sessions/{sid}/messages", json=body, headers=headers)
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 def get_session(c: httpx.Client, sid: str, headers: dict[str, str] = ACME) -> dict[str, Any]:
@@ -140,38 +104,12 @@ def snapshot(c: httpx.Client, sid: str, headers: dict[str, str] = ACME) -> tuple
     return r.json(), r.headers["ETag"], messages(c, sid, headers), tools(c, sid, headers)
 
 
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The one error shape: {"error": {status, code, message, details?}} with status == the HTTP status."""
-    assert r.status_code == status, f"expected {status} {code}, got {r.status_code}: {r.text}"
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert {"status", "code", "message"} <= set(err) <= {"status", "code", "message", "details"}, err
-    assert err["status"] == status and type(err["status"]) is int
-    assert err["code"] == code, err
-    assert isinstance(err["message"], str) and err["message"]
-    return err
 
 
-def ts(text: str) -> datetime:
-    assert RFC3339_UTC.match(text), text
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def tool(name: str, description: str = "does a thing") -> dict[str, Any]:
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
-        },
-    }
 
 
-def unknown_id() -> str:
-    return str(uuid.UUID(int=uuid.uuid4().int & ~(0xF << 76) | (0x7 << 76)))
 
 
 FULL_BODY = {
@@ -191,7 +129,7 @@ def test_create_answers_201_with_the_whole_session_location_and_etag(c):
     assert r.status_code == 201, r.text
     body = r.json()
     assert set(body) == SESSION_FIELDS
-    assert UUID_RE.match(body["id"]) and uuid.UUID(body["id"]).version == 7
+    assert UUID7.match(body["id"]) and uuid.UUID(body["id"]).version == 7
     assert {k: body[k] for k in FULL_BODY} == FULL_BODY
     assert body["version"] == 1
     assert ts(body["created_at"]) == ts(body["updated_at"])
@@ -439,7 +377,7 @@ def test_post_message_answers_201_with_the_message_and_its_1_based_seq(c):
         assert r.status_code == 201, r.text
         m = r.json()
         assert set(m) == MESSAGE_FIELDS
-        assert UUID_RE.match(m["id"])
+        assert UUID7.match(m["id"])
         ts(m["created_at"])
         assert m == {
             "id": m["id"], "session_id": s["id"], "role": body["role"], "content": body["content"],
