@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -436,18 +436,17 @@ def test_rebuild_under_concurrent_writes_loses_nothing_and_the_service_answers_t
 # -- 2. kill -9 halfway, rerun ---------------------------------------------------------------------------
 
 
-def kill_rebuild_halfway(url: str, r: redis_sync.Redis, keys: Keys) -> subprocess.Popen[bytes]:
-    """Start `parley rebuild --all` and SIGKILL it as soon as its progress cursor exists (one batch done)."""
-    cursor = keys.rebuild("all")
+def kill_rebuild_when(url: str, reached: Callable[[], bool], what: str) -> subprocess.Popen[bytes]:
+    """Start `parley rebuild --all` and SIGKILL it as soon as `reached()` (polled every 0.5 ms)."""
     run = subprocess.Popen([str(PARLEY), "rebuild", "--all"], env=cli_env(url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + CLI_TIMEOUT_S
     try:
-        while not r.hexists(cursor, "cursor"):  # the record exists from the start; the cursor after a batch
+        while not reached():
             if run.poll() is not None:
-                pytest.fail(f"the rebuild ended (rc {run.returncode}) before its cursor was seen: seed more history\n"
+                pytest.fail(f"the rebuild ended (rc {run.returncode}) before {what}: seed more history\n"
                             + run.stderr.read().decode()[-1000:])  # type: ignore[union-attr]
             if time.monotonic() > deadline:
-                pytest.fail("the rebuild never wrote its progress cursor")
+                pytest.fail(f"the rebuild never reached {what}")
             time.sleep(0.0005)
         run.send_signal(signal.SIGKILL)
     finally:
@@ -455,6 +454,12 @@ def kill_rebuild_halfway(url: str, r: redis_sync.Redis, keys: Keys) -> subproces
             run.kill()
         run.wait()
     return run
+
+
+def kill_rebuild_halfway(url: str, r: redis_sync.Redis, keys: Keys) -> subprocess.Popen[bytes]:
+    """SIGKILL `parley rebuild --all` as soon as its progress cursor exists (one batch done; the record itself
+    exists from the start)."""
+    return kill_rebuild_when(url, lambda: bool(r.hexists(keys.rebuild("all"), "cursor")), "its progress cursor")
 
 
 def bulk_plan(sessions: int, events: int, long_every: int, long_events: int) -> list[tuple[str, str | None, int]]:
@@ -507,18 +512,7 @@ def test_rebuild_killed_inside_a_long_session_resumes_from_its_partial_generatio
     wait_projected(r)
     live = read_models(r, keys, sessions)
 
-    run = subprocess.Popen([str(PARLEY), "rebuild", "--all"], env=cli_env(server.url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + CLI_TIMEOUT_S
-    try:
-        while r.hget(keys.view(big, 1), "v") is None:
-            assert run.poll() is None, "the rebuild ended before it started on the long session"
-            assert time.monotonic() < deadline, "the rebuild never started on the long session"
-            time.sleep(0.0005)
-        run.send_signal(signal.SIGKILL)
-    finally:
-        if run.poll() is None:
-            run.kill()
-        run.wait()
+    run = kill_rebuild_when(server.url, lambda: r.hget(keys.view(big, 1), "v") is not None, "the long session's build")
     assert run.returncode == -signal.SIGKILL
     partial = int(r.hget(keys.view(big, 1), "v"))
     assert 0 < partial < 20_000, f"not killed inside the long session's build (its new generation is at {partial})"
