@@ -7,7 +7,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
+import contextlib
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -127,23 +128,46 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
         log_level=settings.log_level.lower(),
         lifespan="on",
     )
+    server = uvicorn.Server(config)
     log.info("Parley on http://%s:%d (OpenAPI at /schema)", host, port)
-    await uvicorn.Server(config).serve()
+    await _until_failure(server.serve(), app.state.supervisor, lambda: setattr(server, "should_exit", True))
 
 
 async def _worker(settings: Settings) -> None:
     from services.worker.main import run_worker
-    from shared.redis.connect import check_partitions, connect
+    from shared.redis.connect import Deadlines, check_partitions, connect, connect_blocking
+    from shared.supervise import Supervisor, until_available
 
-    redis = connect(settings.redis_url or "")
-    await check_partitions(redis, settings.partitions)
+    redis = connect(settings.redis_url or "", Deadlines.of(settings))
+    blocking = connect_blocking(settings.redis_url or "", Deadlines.of(settings))
+    await until_available(lambda: check_partitions(redis, settings.partitions), "the store")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("worker running: projector and chat jobs (model: %s)", settings.model_base_url or "offline")
-    await run_worker(redis, settings, stop)
-    await redis.aclose()
+    supervisor = Supervisor(logging.getLogger("parley.worker"))
+    try:
+        await _until_failure(run_worker(redis, blocking, settings, stop, supervisor), supervisor, stop.set)
+    finally:
+        await redis.aclose()
+        await blocking.aclose()
+
+
+async def _until_failure(main: Coroutine[Any, Any, None], supervisor: Any, shut_down: Callable[[], None]) -> None:
+    """Run `main` (the server, the worker); if a supervised part fails for good, shut it down gracefully and exit
+    with status 70 so the process's own supervisor restarts it (`shared.supervise`)."""
+    task = asyncio.ensure_future(main)
+    failed = asyncio.ensure_future(supervisor.failed())
+    await asyncio.wait([task, failed], return_when=asyncio.FIRST_COMPLETED)
+    if failed.done():
+        failed.exception()  # logged by the supervisor already
+        shut_down()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+        sys.exit(70)
+    failed.cancel()
+    await task
 
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ from shared.config import Settings
 from shared.domain.commands import Limits
 from shared.domain.state import SessionState
 from shared.redis.chats import ChatQueue, ChatStore
-from shared.redis.connect import check_partitions, connect
+from shared.redis.connect import Deadlines, check_partitions, connect
 from shared.redis.feed import RedisFeed
 from shared.redis.history import RedisHistory
 from shared.redis.keys import Keys
@@ -30,6 +30,8 @@ from services.worker.projector import Projector
 from services.worker.rebuild import Rebuilder, Scope
 
 console = Console(stderr=True)
+OPS_TIMEOUT_S = 120.0
+"""Operations run scripts that may take seconds (an import appends a whole log in one): their deadline is long."""
 
 
 class CountColumn(ProgressColumn):
@@ -79,7 +81,7 @@ def redis_url(settings: Settings) -> str:
 
 @asynccontextmanager
 async def connected(settings: Settings) -> AsyncIterator[Ops]:
-    redis = connect(redis_url(settings))
+    redis = connect(redis_url(settings), Deadlines(timeout_s=OPS_TIMEOUT_S))
     try:
         await check_partitions(redis, settings.partitions)
         keys = Keys(settings.partitions)

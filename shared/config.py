@@ -26,6 +26,17 @@ class Settings(Struct, kw_only=True, frozen=True):
     """How long an API process trusts a looked-up key; a revoke takes effect within this time."""
     idempotency_ttl_s: int = 86_400
     state_cache_size: int = 10_000
+    redis_timeout_s: float = 1.0
+    """Deadline of every Redis command (blocking reads add their own block time): a paused or unreachable Redis
+    answers 503 `store_unavailable` within about this long instead of hanging the request."""
+    redis_connect_timeout_s: float = 1.0
+    redis_pool_size: int = 256
+    """Redis connections per process (per client); blocking reads use a small pool of their own."""
+    redis_pool_wait_s: float = 0.25
+    """How long a request waits for a free Redis connection before it is shed with 503 `overloaded`."""
+    read_assist_s: float = 0.5
+    """A read that has waited this long for the projector catches the session up itself (so a dead worker never
+    makes a read answer 503); see docs/architecture.md, "A read"."""
     projector_batch: int = 256
     projector_claim_idle_ms: int = 2_000
     """A feed entry a consumer has held this long is taken over (its projector died)."""
@@ -48,6 +59,8 @@ class Settings(Struct, kw_only=True, frozen=True):
     keep_alive_s: float = 75.0
     """How long an idle HTTP connection stays open. Longer than the usual load balancer / client pool idle timeout
     (60 s): a server that closes first races with a client reusing the connection, which then fails a request."""
+    max_streams: int = 10_000
+    """Open event streams (and waiting synchronous chats) one API process holds; beyond it 429 `too_many_streams`."""
     sse_keepalive_s: float = 15.0
     """A quiet event stream (`GET /sessions/{id}/events` as SSE) sends a comment this often."""
     data_dir: str = ".parley"

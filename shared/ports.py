@@ -71,10 +71,6 @@ class EventLog(Protocol):
         """Up to `limit` events after version `after`, as wire JSON in `items`; `head` 0: no such session."""
         ...
 
-    async def wait_events(self, session_id: str, after: int, block_ms: int) -> bool:
-        """Wait up to `block_ms` for an event after `after`; True if one may be there."""
-        ...
-
     async def at_version(self, tenant: str, session_id: str, version: int) -> tuple[int, SessionState | None]:
         """(head, the state right after event `version`, or None past the head); head 0: no such session."""
         ...
@@ -112,8 +108,9 @@ class ReadModels(Protocol):
         """`items` holds the page's message JSON, oldest first; `body` is None once the session is gone."""
         ...
 
-    async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[bool, list[bytes]]:
-        """(caught up?, session JSON newest first). Not caught up: some acknowledged write is not projected yet."""
+    async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:
+        """(lagging partitions, session JSON newest first). A lagging partition holds an acknowledged write of the
+        tenant's that is not projected yet."""
         ...
 
     async def pending(self, session_ids: Sequence[str]) -> list[Pending | None]:

@@ -11,8 +11,8 @@ import contextlib
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Protocol, TypeVar
 from datetime import UTC, datetime
 import msgspec
 
@@ -36,6 +36,14 @@ from shared.redis.keys import partition_of
 
 MAX_ATTEMPTS = 8
 T = TypeVar("T")
+
+
+class Projection(Protocol):
+    """What a reader that waited too long may run itself: the projector's catch-up (`services.worker.projector`)."""
+
+    async def catch_up(self, session_ids: Iterable[str]) -> None: ...
+
+    async def catch_up_partitions(self, partitions: Iterable[int]) -> None: ...
 
 
 class Reply(msgspec.Struct, kw_only=True):
@@ -127,7 +135,11 @@ class SessionService:
         cache_size: int = 10_000,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         new_id: Callable[[], str] = uuid7,
+        projection: Projection | None = None,
+        read_assist_s: float = 0.5,
     ) -> None:
+        """`projection`: catches read models up in this process when a read has waited `read_assist_s` for the
+        projector (None: reads only wait)."""
         self.log = log
         self.views = views
         self.partitions = partitions
@@ -137,6 +149,9 @@ class SessionService:
         self.clock = clock
         self.new_id = new_id
         self.locks = KeyedLocks()
+        self.projection = projection
+        self.read_assist_s = read_assist_s
+        self._assisting: dict[str, asyncio.Future[None]] = {}
 
     def new_session_id(self, tenant: str, idempotency: Idempotency | None) -> str:
         """A fresh id; with an Idempotency-Key, one in the partition the key's record lives in."""
@@ -236,18 +251,18 @@ class SessionService:
             raise NotFound(f"session {session_id} was deleted at version {version}", {"version": version})
         return state
 
-    async def read_past(self, fetch: Callable[[], Awaitable[View]], version: int) -> View:
+    async def read_past(self, session_id: str, fetch: Callable[[], Awaitable[View]], version: int) -> View:
         """Like `read`, waiting until the read models hold `version` (time travel reads their message pointers)."""
-        view = await self._fresh(fetch, lambda v: v.head == 0 or v.version >= version)
+        view = await self._fresh(fetch, lambda v: v.head == 0 or v.version >= version, lambda: self._assist([session_id]))
         if view is None:
             raise ProjectionLagging("the read model is behind the version asked for; retry shortly")
         if view.head == 0:
             raise NotFound("session not found")
         return view
 
-    async def read(self, fetch: Callable[[], Awaitable[View]]) -> View:
+    async def read(self, session_id: str, fetch: Callable[[], Awaitable[View]]) -> View:
         """Wait (bounded) until the read model holds every write acknowledged before this read began."""
-        view = await self._fresh(fetch, lambda v: v.head == 0 or v.version >= v.head)
+        view = await self._fresh(fetch, lambda v: v.head == 0 or v.version >= v.head, lambda: self._assist([session_id]))
         if view is None:
             raise ProjectionLagging("the read model is behind the last acknowledged write; retry shortly")
         if view.head == 0 or view.body is None:
@@ -255,20 +270,56 @@ class SessionService:
         return view
 
     async def read_sessions(self, tenant: str, limit: int, offset: int) -> list[bytes]:
-        page = await self._fresh(lambda: self.views.sessions(tenant, limit, offset), lambda p: p[0])
+        lagging: list[int] = []
+
+        async def fetch() -> tuple[list[int], list[bytes]]:
+            page = await self.views.sessions(tenant, limit, offset)
+            lagging[:] = page[0]
+            return page
+
+        page = await self._fresh(fetch, lambda p: not p[0], lambda: self._assist_partitions(list(lagging)))
         if page is None:
             raise ProjectionLagging("the session index is behind the last acknowledged write; retry shortly")
         return page[1]
 
-    async def _fresh(self, fetch: Callable[[], Awaitable[T]], caught_up: Callable[[T], bool]) -> T | None:
-        """Poll `fetch` with a short backoff until `caught_up`, or None after `read_timeout_s`."""
-        deadline = time.monotonic() + self.read_timeout_s
+    async def _fresh(
+        self, fetch: Callable[[], Awaitable[T]], caught_up: Callable[[T], bool], assist: Callable[[], Awaitable[None]]
+    ) -> T | None:
+        """Poll `fetch` with a short backoff until `caught_up`, or None after `read_timeout_s`. After
+        `read_assist_s` of waiting, `assist` catches the read models up in this process (once): a dead or
+        overloaded worker then delays a read by about that long instead of failing it."""
+        start = time.monotonic()
+        deadline = start + self.read_timeout_s
+        assisted = self.projection is None
         delay = 0.0005
         while True:
             result = await fetch()
             if caught_up(result):
                 return result
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 return None
+            if not assisted and now - start >= self.read_assist_s:
+                assisted = True
+                await assist()
+                continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
+
+    async def _assist(self, session_ids: list[str]) -> None:
+        """Catch these sessions up here, sharing one catch-up per session among concurrent readers."""
+        assert self.projection is not None
+        waits = {running for sid in session_ids if (running := self._assisting.get(sid)) is not None}
+        todo = [sid for sid in session_ids if sid not in self._assisting]
+        if todo:
+            task = asyncio.ensure_future(self.projection.catch_up(todo))
+            for sid in todo:
+                self._assisting[sid] = task
+            task.add_done_callback(lambda _: [self._assisting.pop(sid, None) for sid in todo])
+            waits.add(task)
+        for running in waits:
+            await asyncio.shield(running)  # a reader that gives up does not cancel the others' catch-up
+
+    async def _assist_partitions(self, partitions: list[int]) -> None:
+        assert self.projection is not None
+        await self.projection.catch_up_partitions(partitions)

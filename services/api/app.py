@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from litestar import Litestar, MediaType, Response, get
@@ -19,9 +20,11 @@ from shared.config import Settings
 from shared.domain.commands import Limits
 from shared.domain.model import ErrorBody, Health, Readiness
 from shared.redis.api_keys import RedisApiKeys
-from shared.redis.connect import check_partitions, connect
+from shared.redis.connect import Deadlines, check_partitions, connect, connect_blocking
+from shared.redis.notify import Notifier
+from shared.supervise import TRANSIENT, Supervisor, until_available
 from shared.redis.chats import ChatQueue, ChatStore
-from shared.redis.feed import projector_alive
+from shared.redis.feed import RedisFeed, projector_alive
 from shared.redis.history import RedisHistory
 from shared.redis.keys import Keys
 from shared.redis.store import RedisStore
@@ -32,7 +35,9 @@ from services.api.chats import ChatController
 from services.api.openai_api import OpenAIController
 from services.api.history import EventController, audit
 from services.api.sessions import SessionController
+from services.api.sse import StreamSlots
 from services.worker.main import run_worker as worker_main
+from services.worker.projector import Projector
 
 log = logging.getLogger("parley.api")
 
@@ -45,30 +50,65 @@ async def health() -> Health:
 
 @get("/ready", tags=["operations"], responses={503: ResponseSpec(data_container=ErrorBody, description="Not ready")})
 async def ready(state: State) -> Response[Readiness]:
-    """Readiness: Redis answers and a projector has sent a heartbeat in the last 10 s."""
-    redis: Redis = state.redis
-    try:
-        redis_ok = bool(await redis.ping())
-        projector_ok = await projector_alive(redis, state.layout)
-    except Exception as e:  # noqa: BLE001 - any failure here means "not ready"
-        log.warning("readiness check failed: %r", e)
-        redis_ok, projector_ok = False, False
-    body = Readiness(status="ready" if redis_ok and projector_ok else "not_ready", redis=redis_ok, projector=projector_ok)
+    """Readiness: Redis answered within the last second, a projector sent a heartbeat in the last few seconds,
+    and every part of this process runs. Answered from what the health part last saw: it never waits on Redis."""
+    seen: HealthCheck = state.health
+    parts = state.supervisor.ready
+    body = Readiness(status="ready" if seen.redis and seen.projector and parts else "not_ready", redis=seen.redis, projector=seen.projector)
     if body.status != "ready":
-        return error_response(503, "not_ready", "Redis or the projector is not available", {"redis": redis_ok, "projector": projector_ok})  # type: ignore[return-value]
+        details = {"redis": seen.redis, "projector": seen.projector, "parts": state.supervisor.status()}
+        return error_response(503, "not_ready", "Redis, the projector or a part of this process is not available", details, {"Retry-After": "1"})  # type: ignore[return-value]
     return Response(body, media_type=MediaType.JSON)
 
 
+class HealthCheck:
+    """A part of the API process: pings Redis and reads the projectors' heartbeats every `interval_s`, so `/ready`
+    answers at once (and 503 within about half a second of Redis pausing)."""
+
+    def __init__(self, client: Redis, keys: Keys, interval_s: float = 0.25, timeout_s: float = 0.5) -> None:
+        self.client = client
+        self.keys = keys
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._redis = self._projector = False
+        self._at = 0.0
+
+    @property
+    def redis(self) -> bool:
+        return self._redis and time.monotonic() - self._at < 4 * self.interval_s + self.timeout_s
+
+    @property
+    def projector(self) -> bool:
+        return self._projector and self.redis
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    self._projector = await projector_alive(self.client, self.keys, within_ms=3_000)
+                self._redis = True
+            except TRANSIENT:
+                self._redis = self._projector = False
+                raise
+            finally:
+                self._at = time.monotonic()
+            await asyncio.sleep(self.interval_s)
+
+
 def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool = False) -> Litestar:
-    """`run_worker` runs the worker (projector and chat jobs) in this process too (`parley dev`, in-process tests)."""
+    """`redis`: a client to use instead of connecting to `REDIS_URL` (fakeredis in `parley dev`); it then also
+    serves blocking reads, by polling. `run_worker` runs the worker (projector and chat jobs) in this process too
+    (`parley dev`)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        client = redis or connect(_require_url(settings))
+        fake = redis is not None and _is_fake(redis)
+        client = redis or connect(_require_url(settings), Deadlines.of(settings))
+        blocking = redis or connect_blocking(_require_url(settings), Deadlines.of(settings))
         keys = Keys(settings.partitions)
-        await check_partitions(client, settings.partitions)
+        supervisor: Supervisor = app.state.supervisor
+        await until_available(lambda: check_partitions(client, settings.partitions), "the store")
         store = RedisStore(client, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
-        await store.load_scripts()
         app.state.redis = client
         app.state.layout = keys
         app.state.store = store
@@ -77,6 +117,8 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
         app.state.chats = ChatStore(client, keys, settings.chat_retention_s)
         app.state.queue = ChatQueue(client)
         app.state.history = RedisHistory(client, keys)
+        app.state.notifier = Notifier(blocking, keys, supervisor, poll_s=0.01 if fake else None)
+        app.state.streams = StreamSlots(settings.max_streams)
         app.state.service = SessionService(
             store,
             store,
@@ -84,21 +126,27 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
             Limits(max_content_chars=settings.max_content_chars),
             settings.read_timeout_s,
             settings.state_cache_size,
+            projection=Projector(store, RedisFeed(client, keys, "assist"), on_chats=app.state.queue.enqueue),
+            read_assist_s=settings.read_assist_s,
         )
+        check = app.state.health = HealthCheck(client, keys)
+        supervisor.run("health", check.run)
         stop = asyncio.Event()
-        task = None
+        worker = None
         if run_worker:
-            task = asyncio.create_task(worker_main(client, settings, stop, fake=_is_fake(client)))
+            worker = asyncio.create_task(worker_main(client, blocking, settings, stop, supervisor, fake=fake))
         try:
             yield
         finally:
             stop.set()
-            if task is not None:
-                await task
+            if worker is not None:
+                await worker
+            await supervisor.stop_all()
             if redis is None:
                 await client.aclose()
+                await blocking.aclose()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[SessionController, ChatController, OpenAIController, EventController, audit, health, ready],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
@@ -118,6 +166,8 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
         ),
         logging_config=None,
     )
+    app.state.supervisor = Supervisor(logging.getLogger("parley.api"))
+    return app
 
 
 def _is_fake(redis: Redis) -> bool:

@@ -6,7 +6,7 @@ a streamed chat relays that stream as server-sent events; `Prefer: respond-async
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +18,6 @@ from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter
-from litestar.response import Stream
 
 from shared.codec import json_encode
 from shared.domain.commands import CancelChat, RequestChat
@@ -31,9 +30,11 @@ from shared.redis.chats import ChatStore
 from shared.service import Reply
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
+from services.api.sse import EventStream, detach, follow
 from services.api.sessions import IdempotencyKey, Limit, Offset, _idempotency, _service, _session_id
 
 KEEPALIVE_S = 15.0
+"""A quiet chat stream sends a comment this often."""
 _EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}(\.1)?")
 ERROR_STATUS = {"token_budget_exceeded": 422, "cancelled": 409, "session_deleted": 409}
 
@@ -121,15 +122,15 @@ class ChatController(Controller):
         if prefer and "respond-async" in prefer.lower():
             return Response(content=bytes(reply.body), status_code=202, headers=reply.headers, media_type=MediaType.JSON)
         if data.stream:
-            return _sse(chats, sid, job_id, "0-0")  # type: ignore[return-value]
-        return Response(content=await _wait(chats, sid, job_id, request.app.state.settings.chat_wait_s), media_type=MediaType.JSON)
+            return _sse(request, sid, job_id, "0-0")  # type: ignore[return-value]
+        return Response(content=await wait_answer(request, sid, job_id, request.app.state.settings.chat_wait_s), media_type=MediaType.JSON)
 
     @get("/chats", responses=_errors())
     async def list_chats(self, request: Request, tenant: str, session_id: str, limit: Limit = 100, offset: Offset = 0) -> Response[ChatJobList]:
         """The session's chat jobs, newest first."""
         service, sid = _service(request), _session_id(session_id)
         chats: ChatStore = request.app.state.chats
-        view = await service.read(lambda: chats.jobs(tenant, sid, limit, offset))
+        view = await service.read(sid, lambda: chats.jobs(tenant, sid, limit, offset))
         return Response(content=b'{"items":[' + b",".join(view.items or []) + b"]}", media_type=MediaType.JSON)
 
     @get("/chats/{job_id:str}", responses=_errors())
@@ -137,7 +138,7 @@ class ChatController(Controller):
         """A chat job: its status, attempts, what went into its context, and its answer or error."""
         service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
         chats: ChatStore = request.app.state.chats
-        view = await service.read(lambda: chats.job(tenant, sid, job))
+        view = await service.read(sid, lambda: chats.job(tenant, sid, job))
         return Response(content=view.body, media_type=MediaType.JSON)
 
     @post("/chats/{job_id:str}/cancel", status_code=200, responses=_errors(409))
@@ -145,10 +146,10 @@ class ChatController(Controller):
         """Cancel a queued or running chat (409 `chat_not_active` once it ended)."""
         service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
         chats: ChatStore = request.app.state.chats
-        await service.read(lambda: chats.job(tenant, sid, job))  # an unknown job is a 404, an ended one a 409
+        await service.read(sid, lambda: chats.job(tenant, sid, job))  # an unknown job is a 404, an ended one a 409
         await service.execute(tenant, sid, CancelChat(job_id=job), lambda s, e: Reply(status=200, body=msgspec.Raw(b"{}")))
         await chats.emit(sid, job, "error", json_encode({"code": "cancelled", "message": "cancelled by the client"}))
-        view = await service.read(lambda: chats.job(tenant, sid, job))
+        view = await service.read(sid, lambda: chats.job(tenant, sid, job))
         return Response(content=view.body, media_type=MediaType.JSON)
 
     @get("/chats/{job_id:str}/stream", responses=_errors())
@@ -159,14 +160,14 @@ class ChatController(Controller):
         session_id: str,
         job_id: str,
         last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False)] = None,
-    ) -> Stream:
+    ) -> EventStream:
         """The job's event stream from the start, or after `Last-Event-ID`: nothing missed, nothing repeated."""
         service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
         chats: ChatStore = request.app.state.chats
-        await service.read(lambda: chats.job(tenant, sid, job))  # 404 for unknown jobs and other tenants
+        await service.read(sid, lambda: chats.job(tenant, sid, job))  # 404 for unknown jobs and other tenants
         if last_event_id is not None and not _valid_event_id(last_event_id):
             raise Invalid("Last-Event-ID is not an event id of this stream", {"header": "Last-Event-ID"})
-        return _sse(chats, sid, job, last_event_id or "0-0")
+        return _sse(request, sid, job, last_event_id or "0-0")
 
 
 def _valid_event_id(text: str) -> bool:
@@ -177,44 +178,57 @@ def _valid_event_id(text: str) -> bool:
     return int(ms) < 2**64 and int(seq) < 2**64
 
 
-async def _wait(chats: ChatStore, sid: str, job_id: str, wait_s: float) -> bytes:
+def follow_chunks(
+    request: Request, sid: str, job_id: str, after: str = "0-0", keepalive_s: float = KEEPALIVE_S, deadline: float | None = None
+) -> AsyncIterator[list[tuple[str, str, bytes]]]:
+    """The job's chunk stream after `after`, batch by batch as the worker writes it (`services.api.sse.follow`)."""
+    chats: ChatStore = request.app.state.chats
+    cursor = after
+
+    async def fetch() -> list[tuple[str, str, bytes]]:
+        nonlocal cursor
+        entries = await chats.chunks(sid, job_id, cursor)
+        if entries:
+            cursor = entries[-1][0]
+        return entries
+
+    return follow(request.app.state.notifier, job_id, sid, fetch, keepalive_s, deadline)
+
+
+def chat_failed(data: bytes) -> ChatFailed:
+    err = msgspec.json.decode(data)
+    return ChatFailed(err["code"], err["message"], ERROR_STATUS.get(err["code"], 502))
+
+
+async def wait_answer(request: Request, sid: str, job_id: str, wait_s: float) -> bytes:
+    """The job's answer (its `done` entry), waiting at most `wait_s`; holds no Redis connection while it waits."""
+    detach(request)
     deadline = time.monotonic() + wait_s
-    after = "0-0"
-    while (left := deadline - time.monotonic()) > 0:
-        entries = await chats.chunks(sid, job_id, after, int(min(left, 5.0) * 1000) or 1)
-        if not entries:
-            await asyncio.sleep(0.005)  # only reached when the store answers a blocking read at once (fakeredis)
-        for eid, kind, data in entries:
-            after = eid
-            if kind == "done":
-                return data
-            if kind == "error":
-                err = msgspec.json.decode(data)
-                raise ChatFailed(err["code"], err["message"], ERROR_STATUS.get(err["code"], 502))
+    with request.app.state.streams.held():
+        async with contextlib.aclosing(follow_chunks(request, sid, job_id, keepalive_s=wait_s, deadline=deadline)) as batches:
+            async for batch in batches:
+                for _, kind, data in batch:
+                    if kind == "done":
+                        return data
+                    if kind == "error":
+                        raise chat_failed(data)
     raise ChatTimeout(f"chat {job_id} did not finish within {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}", {"job_id": job_id})
 
 
-def _sse(chats: ChatStore, sid: str, job_id: str, after: str) -> Stream:
-    async def events() -> AsyncIterator[bytes]:
+def _sse(request: Request, sid: str, job_id: str, after: str) -> EventStream:
+    chats: ChatStore = request.app.state.chats
+
+    async def frames() -> AsyncIterator[bytes]:
         cursor = after.removesuffix(".1")
         if after.endswith(".1"):
             return  # the client saw [DONE]
         if cursor != "0-0" and await chats.is_terminal(sid, job_id, cursor):
             yield b"id: %s.1\ndata: [DONE]\n\n" % cursor.encode()  # the client saw the last event, not [DONE]
             return
-        quiet_since = time.monotonic()
-        while True:
-            entries = await chats.chunks(sid, job_id, cursor, int(KEEPALIVE_S * 1000))
-            if not entries:
-                if time.monotonic() - quiet_since >= KEEPALIVE_S:
-                    yield b": keep-alive\n\n"
-                    quiet_since = time.monotonic()
-                else:
-                    await asyncio.sleep(0.005)  # the store answered a blocking read at once (fakeredis does)
-                continue
-            quiet_since = time.monotonic()
-            for eid, kind, data in entries:
-                cursor = eid
+        async for batch in follow_chunks(request, sid, job_id, cursor):
+            if not batch:
+                yield b": keep-alive\n\n"
+            for eid, kind, data in batch:
                 if kind == "chunk":
                     yield b"id: %s\ndata: %s\n\n" % (eid.encode(), data)
                 elif kind == "done":
@@ -227,4 +241,4 @@ def _sse(chats: ChatStore, sid: str, job_id: str, after: str) -> Stream:
                     yield b"id: %s.1\ndata: [DONE]\n\n" % eid.encode()
                     return
 
-    return Stream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(request, frames())

@@ -6,8 +6,9 @@ import logging
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.redis.connect import pool_exhausted
+from shared.supervise import TRANSIENT
 
 from shared.domain.context import TokenBudgetExceeded
 from shared.domain.errors import (
@@ -91,7 +92,9 @@ def on_http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
 
 
 def on_store_error(_: Request, exc: Exception) -> Response[ErrorBody]:
-    log.warning("redis unavailable: %s", exc)
+    if pool_exhausted(exc):  # every Redis connection of this process is busy: shed the request
+        return error_response(503, "overloaded", "the server is at capacity; retry shortly", None, {"Retry-After": "1"})
+    log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
     return error_response(503, "store_unavailable", "the store is unavailable; retry shortly", None, {"Retry-After": "1"})
 
 
@@ -110,7 +113,6 @@ def _details(extra: object) -> object:
 EXCEPTION_HANDLERS = {
     DomainError: on_domain_error,
     HTTPException: on_http_error,
-    RedisConnectionError: on_store_error,
-    RedisTimeoutError: on_store_error,
+    **{t: on_store_error for t in TRANSIENT},
     Exception: on_unexpected,
 }

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -12,7 +10,6 @@ import msgspec
 from litestar import Controller, MediaType, Request, Response, get
 from litestar.di import Provide
 from litestar.params import HeaderParameter, Parameter
-from litestar.response import Stream
 
 from shared.codec import json_encode
 from shared.domain.errors import Invalid, NotFound
@@ -20,6 +17,7 @@ from shared.domain.events import AuditPage, EventPage
 from shared.ports import EventLog
 from shared.redis.history import RedisHistory
 from services.api.auth import provide_tenant
+from services.api.sse import EventStream, follow
 from services.api.sessions import Limit, _errors, _service, _session_id
 
 After = Annotated[int, Parameter(ge=0, le=2**63 - 1, description="A version: the page starts after it (exclusive).")]
@@ -72,7 +70,7 @@ class EventController(Controller):
             if after >= head and await _deleted(service.log, tenant, sid, head):
                 # the client saw SessionDeleted: nothing can follow, and 204 tells an EventSource not to reconnect
                 return Response(content=b"", status_code=204)
-            return _tail(service.log, tenant, sid, after, request.app.state.settings.sse_keepalive_s)  # type: ignore[return-value]
+            return _tail(request, service.log, tenant, sid, after, request.app.state.settings.sse_keepalive_s)  # type: ignore[return-value]
         view = await service.log.events(tenant, sid, after, limit)
         if view.head == 0:
             raise NotFound(f"session {session_id} not found")
@@ -87,32 +85,36 @@ async def _deleted(log: EventLog, tenant: str, sid: str, head: int) -> bool:
     return bool(last) and _event_head.decode(last[0]).type == "SessionDeleted"
 
 
-def _tail(log: EventLog, tenant: str, sid: str, after: int, keepalive_s: float) -> Stream:
-    async def frames() -> AsyncIterator[bytes]:
-        cursor, quiet_since = after, time.monotonic()
-        while True:
-            view = await log.events(tenant, sid, cursor, SSE_BATCH)
-            if view.head == 0:
-                return  # purged
-            for item in view.items or []:
-                head = _event_head.decode(item)
-                cursor = head.version
-                yield b"id: %d\nevent: %s\ndata: %s\n\n" % (head.version, head.type.encode(), item)
-                if head.type == "SessionDeleted":
-                    return
-            if view.items:
-                quiet_since = time.monotonic()
-                continue
-            left = keepalive_s - (time.monotonic() - quiet_since)
-            if left <= 0:
-                yield b": keep-alive\n\n"
-                quiet_since = time.monotonic()
-                continue
-            started = time.monotonic()
-            if not await log.wait_events(sid, cursor, max(1, int(left * 1000))) and time.monotonic() - started < 0.001:
-                await asyncio.sleep(0.005)  # the store answered a blocking read at once (fakeredis does)
+def _tail(request: Request, log: EventLog, tenant: str, sid: str, after: int, keepalive_s: float) -> EventStream:
+    cursor = after
 
-    return Stream(frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def fetch() -> list[bytes]:
+        nonlocal cursor
+        view = await log.events(tenant, sid, cursor, SSE_BATCH)
+        if view.head == 0:
+            raise _Purged()
+        return view.items or []
+
+    async def frames() -> AsyncIterator[bytes]:
+        nonlocal cursor
+        try:
+            async for batch in follow(request.app.state.notifier, sid, sid, fetch, keepalive_s):
+                if not batch:
+                    yield b": keep-alive\n\n"
+                for item in batch:
+                    head = _event_head.decode(item)
+                    cursor = head.version
+                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (head.version, head.type.encode(), item)
+                    if head.type == "SessionDeleted":
+                        return
+        except _Purged:
+            return
+
+    return EventStream(request, frames())
+
+
+class _Purged(Exception):
+    """The session's log is gone: the stream ends."""
 
 
 AuditAfter = Annotated[str | None, Parameter(max_length=200, description="The `next` cursor of the previous page.")]

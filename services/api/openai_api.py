@@ -9,7 +9,7 @@ Errors keep Parley's `{"error": {status, code, message}}` and add OpenAI's `type
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import re
 import time
 from collections import OrderedDict
@@ -20,7 +20,6 @@ import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.response import Stream
 
 from shared.codec import json_encode
 from shared.domain.commands import RequestChat
@@ -57,8 +56,9 @@ from shared.redis.chats import ChatStore
 from shared.service import Reply, SessionService
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
-from services.api.chats import ChatFailed, ChatTimeout, ERROR_STATUS, JobAccepted, _wait
+from services.api.chats import ERROR_STATUS, ChatTimeout, JobAccepted, chat_failed, follow_chunks, wait_answer
 from services.api.errors import EXCEPTION_HANDLERS
+from services.api.sse import EventStream
 from services.api.sessions import IdempotencyKey, _idempotency, _service, _session_id
 
 PAGE = 1000
@@ -107,7 +107,7 @@ async def _read_messages(service: SessionService, tenant: str, sid: str, offset:
     out: list[Message] = []
     while offset + len(out) < end:
         at = offset + len(out)
-        view = await service.read(lambda o=at, n=min(PAGE, end - at): service.views.messages(tenant, sid, n, o))
+        view = await service.read(sid, lambda o=at, n=min(PAGE, end - at): service.views.messages(tenant, sid, n, o))
         page = [_messages.decode(raw) for raw in view.items or []]
         if not page:
             break
@@ -194,11 +194,7 @@ def _error_event(code: str, message: str) -> bytes:
     return _data({"error": OpenAIErrorDetail(status=status, code=code, message=message, type=error_type(status), param=None)})
 
 
-def _sse(events: AsyncIterator[bytes]) -> Stream:
-    return Stream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _replayed_stream(c: ChatCompletion, include_usage: bool) -> Stream:
+def _replayed_stream(request: Request, c: ChatCompletion, include_usage: bool) -> EventStream:
     """A stored answer as a stream: the role, the content, the tool calls, the finish reason (and the usage)."""
 
     async def events() -> AsyncIterator[bytes]:
@@ -218,63 +214,56 @@ def _replayed_stream(c: ChatCompletion, include_usage: bool) -> Stream:
             yield _data(ChatCompletionChunk(id=c.id, created=c.created, model=c.model, choices=[], usage=c.usage))
         yield b"data: [DONE]\n\n"
 
-    return _sse(events())
+    return EventStream(request, events())
 
 
-async def _first(chats: ChatStore, sid: str, job_id: str, wait_s: float) -> list[tuple[str, str, bytes]]:
-    """The job's first stream entries, before any byte of the answer goes out: a job that fails before its first
-    token (token budget, provider down) answers an HTTP error the SDK raises, not a broken stream."""
-    deadline = time.monotonic() + wait_s
-    while (left := deadline - time.monotonic()) > 0:
-        entries = await chats.chunks(sid, job_id, "0-0", int(min(left, 5.0) * 1000) or 1)
-        if entries:
-            eid, kind, data = entries[0]
-            if kind == "error":
-                err = msgspec.json.decode(data)
-                raise ChatFailed(err["code"], err["message"], ERROR_STATUS.get(err["code"], 502))
-            return entries
-        await asyncio.sleep(0.005)  # only when the store answers a blocking read at once (fakeredis)
-    raise ChatTimeout(f"chat {job_id} sent nothing within {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}", {"job_id": job_id})
+async def _relay(request: Request, sid: str, job_id: str, model: str, include_usage: bool, wait_s: float) -> EventStream:
+    """The job's chunk stream with OpenAI's framing: no `id:` lines, no comments, `[DONE]` at the end.
 
-
-def _relay(chats: ChatStore, sid: str, job_id: str, model: str, include_usage: bool, first: list[tuple[str, str, bytes]], wait_s: float) -> Stream:
-    """The job's chunk stream with OpenAI's framing: no `id:` lines, no comments, `[DONE]` at the end."""
+    The first entries are awaited before any byte of the answer goes out: a job that fails before its first token
+    (token budget, provider down) answers an HTTP error the SDK raises, not a broken stream. A stream quiet for
+    `wait_s` ends with a `chat_timeout` error event (the job goes on)."""
     created = int(time.time())
     usage: Any = None if include_usage else msgspec.UNSET
+    batches = follow_chunks(request, sid, job_id, keepalive_s=wait_s)  # an empty batch: quiet for wait_s
+    try:
+        first = await anext(batches)
+        if not first:
+            raise ChatTimeout(f"chat {job_id} sent nothing within {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}", {"job_id": job_id})
+        if first[0][1] == "error":
+            raise chat_failed(first[0][2])
+    except BaseException:
+        await batches.aclose()
+        raise
 
     def chunk(choices: list[ChunkChoice], u: Any = usage) -> bytes:
         return _data(ChatCompletionChunk(id=job_id, created=created, model=model, choices=choices, usage=u))
 
     async def events() -> AsyncIterator[bytes]:
         yield chunk([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
-        entries, cursor = first, "0-0"
-        quiet_since = time.monotonic()
-        while True:
-            for eid, kind, data in entries:
-                cursor = eid
-                if kind == "chunk":
-                    for c in msgspec.json.decode(data).get("choices") or ():
-                        delta = msgspec.convert(c.get("delta") or {}, ChunkDelta)
-                        yield chunk([ChunkChoice(index=c.get("index", 0), delta=delta, finish_reason=c.get("finish_reason"))])
-                elif kind == "done":
-                    if include_usage:
-                        yield chunk([], _response.decode(data).usage)
-                    yield b"data: [DONE]\n\n"
+        async with contextlib.aclosing(batches):
+            batch = first
+            while True:
+                if not batch:
+                    yield _error_event("chat_timeout", f"chat {job_id} sent nothing for {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}")
                     return
-                else:
-                    err = msgspec.json.decode(data)
-                    yield _error_event(err["code"], err["message"])
-                    return
-            if entries:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > wait_s:
-                yield _error_event("chat_timeout", f"chat {job_id} sent nothing for {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}")
-                return
-            else:
-                await asyncio.sleep(0.005)  # the store answered a blocking read at once (fakeredis does)
-            entries = await chats.chunks(sid, job_id, cursor, 5000)
+                for _, kind, data in batch:
+                    if kind == "chunk":
+                        for c in msgspec.json.decode(data).get("choices") or ():
+                            delta = msgspec.convert(c.get("delta") or {}, ChunkDelta)
+                            yield chunk([ChunkChoice(index=c.get("index", 0), delta=delta, finish_reason=c.get("finish_reason"))])
+                    elif kind == "done":
+                        if include_usage:
+                            yield chunk([], _response.decode(data).usage)
+                        yield b"data: [DONE]\n\n"
+                        return
+                    else:
+                        err = msgspec.json.decode(data)
+                        yield _error_event(err["code"], err["message"])
+                        return
+                batch = await anext(batches)
 
-    return _sse(events())
+    return EventStream(request, events())
 
 
 # -- the controller ---------------------------------------------------------------------------------------------------
@@ -329,7 +318,7 @@ class OpenAIController(Controller):
                 PREFIXES.put(tenant, sid, n, digests[n], stored[1][-1] if n else "")
             if plan.kind == "replay":
                 assert stored is not None and plan.index is not None
-                return await self._replay(service, chats, tenant, sid, plan.index, model, stream, include_usage)
+                return await self._replay(request, service, chats, tenant, sid, plan.index, model, stream, include_usage)
             if plan.kind == "current" and state.active_chats:
                 return await self._answer(request, chats, sid, state.active_chats[-1].job_id, model, stream, include_usage)
             new = turns[plan.start :]
@@ -398,13 +387,12 @@ class OpenAIController(Controller):
     async def _answer(self, request: Request, chats: ChatStore, sid: str, job_id: str, model: str, stream: bool, include_usage: bool) -> Response[ChatCompletion]:
         wait_s = request.app.state.settings.chat_wait_s
         if stream:
-            first = await _first(chats, sid, job_id, wait_s)
-            return _relay(chats, sid, job_id, model, include_usage, first, wait_s)  # type: ignore[return-value]
-        done = await _wait(chats, sid, job_id, wait_s)
+            return await _relay(request, sid, job_id, model, include_usage, wait_s)  # type: ignore[return-value]
+        done = await wait_answer(request, sid, job_id, wait_s)
         return Response(_completion(_response.decode(done)), media_type=MediaType.JSON)
 
     async def _replay(
-        self, service: SessionService, chats: ChatStore, tenant: str, sid: str, index: int, model: str, stream: bool, include_usage: bool
+        self, request: Request, service: SessionService, chats: ChatStore, tenant: str, sid: str, index: int, model: str, stream: bool, include_usage: bool
     ) -> Response[ChatCompletion]:
         """A retry whose answer is stored: that answer again, with the id of the job that produced it; nothing runs."""
         [message] = await _read_messages(service, tenant, sid, index, index + 1)
@@ -421,14 +409,14 @@ class OpenAIController(Controller):
                 usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
             )
         if stream:
-            return _replayed_stream(completion, include_usage)  # type: ignore[return-value]
+            return _replayed_stream(request, completion, include_usage)  # type: ignore[return-value]
         return Response(completion, media_type=MediaType.JSON)
 
     @get("/models", responses=_errors(401, 404, 503))
     async def list_models(self, request: Request, tenant: str, session_id: str) -> ModelList:
         """The models this deployment serves (the SDK's `models.list()`); a completion accepts any model name."""
         service, sid = _service(request), _session_id(session_id)
-        await service.read(lambda: service.views.session(tenant, sid))  # 404 for unknown sessions and other tenants
+        await service.read(sid, lambda: service.views.session(tenant, sid))  # 404 for unknown sessions and other tenants
         return ModelList(data=[ModelCard(id=request.app.state.settings.model, created=STARTED, owned_by="parley")])
 
 
@@ -438,7 +426,7 @@ async def _job_answer(service: SessionService, chats: ChatStore, tenant: str, si
     prefix = message.id[:13]
     offset = 0
     while True:
-        view = await service.read(lambda o=offset: chats.jobs(tenant, sid, 100, o))
+        view = await service.read(sid, lambda o=offset: chats.jobs(tenant, sid, 100, o))
         items = view.items or []
         for raw in items:
             job = msgspec.json.decode(raw)

@@ -135,7 +135,7 @@ class SessionController(Controller):
         if version is not None:
             state = await service.at_version(tenant, sid, version)
             return Response(content=json_encode(state.session), media_type=MediaType.JSON, headers={"ETag": _etag(version)})
-        view = await service.read(lambda: service.views.session(tenant, sid))
+        view = await service.read(sid, lambda: service.views.session(tenant, sid))
         return Response(content=view.body, media_type=MediaType.JSON, headers={"ETag": _etag(view.version)})
 
     @route("/{session_id:str}", http_method=["PUT", "PATCH"], responses=_errors(404, 412), dto=StrictBody[SessionPatch], return_dto=None)
@@ -211,9 +211,9 @@ class SessionController(Controller):
         sid = _session_id(session_id)
         if version is not None:
             count = (await service.at_version(tenant, sid, version)).message_count
-            view = await service.read_past(lambda: service.views.messages(tenant, sid, limit, offset, count), version)
+            view = await service.read_past(sid, lambda: service.views.messages(tenant, sid, limit, offset, count), version)
         else:
-            view = await service.read(lambda: service.views.messages(tenant, sid, limit, offset))
+            view = await service.read(sid, lambda: service.views.messages(tenant, sid, limit, offset))
         return Response(content=b'{"items":[' + b",".join(view.items or []) + b"]}", media_type=MediaType.JSON)
 
     @get("/{session_id:str}/tools", responses=_errors(404))
@@ -225,7 +225,7 @@ class SessionController(Controller):
             state = await service.at_version(tenant, sid, version)
             assert state.session is not None
             return Response(content=json_encode(ToolList(state.session.tools)), media_type=MediaType.JSON)
-        view = await service.read(lambda: service.views.tools(tenant, sid))
+        view = await service.read(sid, lambda: service.views.tools(tenant, sid))
         return Response(content=view.body, media_type=MediaType.JSON)
 
 

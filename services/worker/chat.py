@@ -151,7 +151,7 @@ class ChatRunner:
         offset = 0
         while offset < up_to_seq:
             limit = min(1000, up_to_seq - offset)
-            view = await self.service.read(lambda o=offset, n=limit: self.store.messages(tenant, session_id, n, o))
+            view = await self.service.read(session_id, lambda o=offset, n=limit: self.store.messages(tenant, session_id, n, o))
             page = [_message_decoder.decode(raw) for raw in view.items or []]
             if not page:
                 break
@@ -249,7 +249,7 @@ class ChatRunner:
         if entries and entries[-1][1] in ("done", "error"):
             return
         try:
-            view = await self.service.read(lambda: self.chats.job(tenant, session_id, job_id))
+            view = await self.service.read(session_id, lambda: self.chats.job(tenant, session_id, job_id))
         except DomainError:
             return
         job = msgspec.json.decode(view.body or b"{}")

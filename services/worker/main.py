@@ -15,6 +15,7 @@ from arq.worker import Retry, Worker, func
 from redis.asyncio import Redis
 
 from shared.config import Settings
+from shared.supervise import TRANSIENT, Supervisor
 from shared.domain.commands import Limits
 from shared.models import ModelProvider
 from shared.models.offline import OfflineModel
@@ -41,56 +42,59 @@ def make_provider(settings: Settings) -> ModelProvider:
     return OfflineModel()
 
 
-def make_projector(redis: Redis, keys: Keys, settings: Settings, block: bool = True) -> Projector:
+def make_projector(redis: Redis, blocking: Redis, keys: Keys, settings: Settings, block: bool = True) -> Projector:
     consumer = f"{socket.gethostname()}-{os.getpid()}-{id(redis):x}"
     store = RedisStore(redis, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
     queue = ChatQueue(redis)
     return Projector(
-        store, RedisFeed(redis, keys, consumer), settings.projector_batch, settings.projector_claim_idle_ms,
+        store, RedisFeed(redis, keys, consumer, blocking), settings.projector_batch, settings.projector_claim_idle_ms,
         1_000 if block else None, on_chats=queue.enqueue,
     )
 
 
 class ParleyWorker(Worker):
-    """arq's worker, woken by the API's push to WAKE instead of waiting out its poll delay.
+    """arq's worker, driven by Parley's supervisor instead of `Worker.main`, and woken by the API's push to WAKE
+    instead of waiting out its poll delay.
 
-    Also skips arq's start-up INFO call, which fakeredis does not implement.
+    `poll` and `listen` are two supervised parts (`shared.supervise`): a store error ends them and the supervisor
+    runs them again. It also skips arq's start-up INFO call, which fakeredis does not implement.
     """
 
-    def __init__(self, *args: Any, claim_s: float = 5.0, listen: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, claim_s: float = 5.0, wake: Redis | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_progress_timeout_s = claim_s  # kept alive by the job's heartbeat while it runs
+        self.wake_client = wake
+        """A client for the blocking wake-up read (None: poll only, for fakeredis)."""
         self._wake = asyncio.Event()
-        self._listen = listen
 
-    async def main(self) -> None:
+    async def poll(self, stop: asyncio.Event) -> None:
         self.ctx["redis"] = self.pool
-        listener = asyncio.create_task(self._listen_for_work()) if self._listen else None
-        try:
-            while True:
-                self._wake.clear()
-                await self._poll_iteration()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
-        finally:
-            if listener is not None:
-                listener.cancel()
+        while not stop.is_set():
+            self._wake.clear()
+            await self._poll_iteration()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
 
-    async def _listen_for_work(self) -> None:
-        while True:
-            try:
-                if await self.pool.blpop([WAKE], timeout=1):
-                    self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - Redis restarting: the poll still finds the work
-                log.debug("wake listener: %s", e)
-                await asyncio.sleep(0.5)
+    async def listen(self, stop: asyncio.Event) -> None:
+        assert self.wake_client is not None
+        while not stop.is_set():
+            if await self.wake_client.blpop([WAKE], timeout=1):
+                self._wake.set()
+
+    async def main(self) -> None:  # arq's entry point; Parley runs `poll` and `listen` under its supervisor
+        raise NotImplementedError("run ParleyWorker.poll / listen under a Supervisor")
 
 
-def make_chat_worker(redis: Redis, keys: Keys, settings: Settings, provider: ModelProvider | None = None, listen: bool = True) -> ParleyWorker:
+def make_chat_worker(
+    redis: Redis, blocking: Redis | None, keys: Keys, settings: Settings, provider: ModelProvider | None = None
+) -> ParleyWorker:
+    """`blocking`: the client of the wake-up listener (None: no listener, the poll alone finds work)."""
     store = RedisStore(redis, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
-    service = SessionService(store, store, settings.partitions, Limits(max_content_chars=settings.max_content_chars), settings.read_timeout_s * 5, settings.state_cache_size)
+    service = SessionService(
+        store, store, settings.partitions, Limits(max_content_chars=settings.max_content_chars), settings.read_timeout_s * 5,
+        settings.state_cache_size, projection=Projector(store, RedisFeed(redis, keys, "assist"), on_chats=ChatQueue(redis).enqueue),
+        read_assist_s=settings.read_assist_s,
+    )
     runner = ChatRunner(service, store, ChatStore(redis, keys, settings.chat_retention_s), provider or make_provider(settings))
     claim_ms = int(settings.chat_claim_s * 1000)
     Tokenizer.for_model(settings.model).count("warm up")  # loading the encodings takes about a second: not on a chat's clock
@@ -101,7 +105,10 @@ def make_chat_worker(redis: Redis, keys: Keys, settings: Settings, provider: Mod
         async def heartbeat() -> None:
             while True:
                 await asyncio.sleep(settings.chat_claim_s / 4)
-                await ctx["redis"].pexpire(key, claim_ms)
+                try:
+                    await ctx["redis"].pexpire(key, claim_ms)
+                except TRANSIENT as e:  # a missed beat or two is fine; the lease outlives four of them
+                    log.warning("chat %s: heartbeat failed (%s); retrying", job_id, e)
 
         beat = asyncio.create_task(heartbeat())
         try:
@@ -126,20 +133,29 @@ def make_chat_worker(redis: Redis, keys: Keys, settings: Settings, provider: Mod
         keep_result=0,
         poll_delay=settings.worker_poll_delay_s,
         claim_s=settings.chat_claim_s,
-        listen=listen,
+        wake=blocking,
     )
 
 
-async def run_worker(redis: Redis, settings: Settings, stop: asyncio.Event, fake: bool = False) -> None:
-    """Run the projector and the chat worker until `stop` is set."""
+async def run_worker(
+    redis: Redis, blocking: Redis, settings: Settings, stop: asyncio.Event, supervisor: Supervisor, fake: bool = False
+) -> None:
+    """Run the projector and the chat worker as supervised parts until `stop` is set, then stop them gracefully:
+    the projector finishes and acknowledges its batch before its consumer leaves the group."""
     keys = Keys(settings.partitions)
-    projector = make_projector(redis, keys, settings, block=not fake)
-    worker = make_chat_worker(redis, keys, settings, listen=not fake)
-    tasks = [asyncio.create_task(projector.run(stop)), asyncio.create_task(worker.main())]
+    projector = make_projector(redis, blocking, keys, settings, block=not fake)
+    worker = make_chat_worker(redis, None if fake else blocking, keys, settings)
+    parts = [
+        supervisor.run("projector", lambda: projector.run(stop)),
+        supervisor.run("projector-maintenance", lambda: projector.maintain(stop)),
+        supervisor.run("chat-worker", lambda: worker.poll(stop)),
+    ]
+    if not fake:
+        parts.append(supervisor.run("wake-listener", lambda: worker.listen(stop)))
     await stop.wait()
-    tasks[1].cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await tasks[1]
-    worker.handle_sig(15)
-    await tasks[0]
-    await projector.feed.forget_consumer()
+    done, pending = await asyncio.wait(parts, timeout=5)
+    for task in pending:  # a part waiting out a store outage: nothing of it is in flight
+        task.cancel()
+    worker.handle_sig(15)  # cancels chat jobs in flight: their arq leases expire and another worker runs them
+    with contextlib.suppress(*TRANSIENT):
+        await projector.feed.forget_consumer()

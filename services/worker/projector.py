@@ -10,11 +10,9 @@ the read model's version already moved.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
-
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
 from shared.domain.projection import project
 from shared.ports import ReadModels
@@ -47,36 +45,28 @@ class Projector:
         self.applied = 0
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Project until `stop` is set. Store errors propagate: the supervisor retries them (`shared.supervise`)."""
         await self._start()
-        next_maintenance = 0.0
-        trims = 0
-        backoff = 0.05
         while not stop.is_set():
-            try:
-                if time.monotonic() >= next_maintenance:
-                    await self.feed.heartbeat()
-                    await self.handle(await self.feed.claim_stale(self.claim_idle_ms, self.batch))
-                    trims += 1
-                    if trims % 10 == 0:
-                        await self.feed.trim()
-                    next_maintenance = time.monotonic() + self.maintenance_s
-                entries = await self.feed.read(self.batch, self.block_ms)
-                if entries:
-                    await self.handle(entries)
-                elif self.block_ms is None:
-                    await asyncio.sleep(0.002)
-                backoff = 0.05
-            except Exception as e:  # noqa: BLE001 - the projector must outlive any one failure
-                if isinstance(e, (ConnectionError, TimeoutError, BusyLoadingError, OSError)):
-                    log.warning("redis unavailable (%s); retrying in %.2fs", e, backoff)
-                else:
-                    log.exception("projector batch failed; retrying in %.2fs", backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                try:
-                    await self._start()
-                except (ConnectionError, TimeoutError, BusyLoadingError, OSError):
-                    pass
+            entries = await self.feed.read(self.batch, self.block_ms)
+            if entries:
+                await self.handle(entries)
+            elif self.block_ms is None:
+                await asyncio.sleep(0.002)
+
+    async def maintain(self, stop: asyncio.Event) -> None:
+        """Every `maintenance_s`: heartbeat, take over what dead consumers left unacknowledged, and now and then
+        trim the feeds. A part of its own, so a slow trim never delays projection."""
+        await self._start()
+        rounds = 0
+        while not stop.is_set():
+            await self.feed.heartbeat()
+            await self.handle(await self.feed.claim_stale(self.claim_idle_ms, self.batch))
+            rounds += 1
+            if rounds % 10 == 0:
+                await self.feed.trim()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.maintenance_s)
 
     async def _start(self) -> None:
         await self.feed.ensure_groups()
@@ -87,6 +77,12 @@ class Projector:
             return
         await self.catch_up({e.session_id for e in entries})
         await self.feed.ack(entries)
+
+    async def catch_up_partitions(self, partitions: Iterable[int]) -> None:
+        """Bring every session a partition's feed still names up to its head (a reader's help; see
+        `SessionService._fresh`)."""
+        for p in partitions:
+            await self.catch_up(await self.feed.backlog(p))
 
     async def catch_up(self, session_ids: Iterable[str]) -> None:
         """Bring each session's read model to its log's head."""

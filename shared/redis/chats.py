@@ -18,7 +18,7 @@ from shared.codec import json_encode, pairs
 from shared.domain.model import ChatJob
 from shared.ports import View
 from shared.redis import scripts
-from shared.redis.keys import PREFIX, Keys
+from shared.redis.keys import PREFIX, Keys, partition_of
 from shared.redis.lua import Script, run_pipeline
 from shared.redis.store import ALL_SCRIPTS, READ_VIEW
 
@@ -101,15 +101,18 @@ class ChatStore:
     # -- chunk streams -----------------------------------------------------------------
     async def emit(self, session_id: str, job_id: str, kind: str, data: bytes) -> bytes | None:
         """Append one entry; None if the session is gone (purged)."""
-        keys = [self.keys.head(session_id), self.keys.chunks(session_id, job_id)]
-        return await CHUNKS(self.redis, keys, [self.retention_s, kind, data])
+        return await CHUNKS(self.redis, self._chunk_keys(session_id, job_id), [self.retention_s, job_id, kind, data])
 
     def writer(self, session_id: str, job_id: str) -> ChunkWriter:
-        return ChunkWriter(self.redis, [self.keys.head(session_id), self.keys.chunks(session_id, job_id)], self.retention_s)
+        return ChunkWriter(self.redis, self._chunk_keys(session_id, job_id), job_id, self.retention_s)
 
-    async def chunks(self, session_id: str, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, str, bytes]]:
-        """(entry id, kind, data) after `after`, waiting up to `block_ms` for the first."""
-        reply = await self.redis.xread({self.keys.chunks(session_id, job_id): after}, count=500, block=block_ms)
+    def _chunk_keys(self, session_id: str, job_id: str) -> list[str]:
+        k = self.keys
+        return [k.head(session_id), k.chunks(session_id, job_id), k.relay(partition_of(session_id, k.partitions))]
+
+    async def chunks(self, session_id: str, job_id: str, after: str) -> list[tuple[str, str, bytes]]:
+        """(entry id, kind, data) of up to 500 entries after `after`; waiting for more is `shared.redis.notify`'s."""
+        reply = await self.redis.xread({self.keys.chunks(session_id, job_id): after}, count=500)
         out = []
         for _, entries in reply or []:
             for eid, f in entries:
@@ -136,10 +139,11 @@ class ChunkWriter:
     together in the next pipeline.
     """
 
-    def __init__(self, redis: Redis, keys: list[str], retention_s: int) -> None:
+    def __init__(self, redis: Redis, keys: list[str], job_id: str, retention_s: int) -> None:
         self.redis = redis
         self.keys = keys
-        """The session's head (no head: purged, write nothing) and the chunk stream."""
+        """The session's head (no head: purged, write nothing), the chunk stream and the partition's relay stream."""
+        self.job_id = job_id
         self.retention_s = retention_s
         self._pending: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
@@ -152,7 +156,7 @@ class ChunkWriter:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            args: list[Any] = [self.retention_s]  # a job that never ends still has its chunks expire
+            args: list[Any] = [self.retention_s, self.job_id]  # a job that never ends still has its chunks expire
             for data in batch:
                 args += ["chunk", data]
             await CHUNKS(self.redis, self.keys, args)

@@ -37,8 +37,10 @@ class FeedEntry(tuple):
 
 
 class RedisFeed:
-    def __init__(self, redis: Redis, keys: Keys, consumer: str) -> None:
+    def __init__(self, redis: Redis, keys: Keys, consumer: str, blocking: Redis | None = None) -> None:
+        """`blocking`: the client for blocking reads (its deadline allows for the block); default `redis`."""
         self.redis = redis
+        self.blocking = blocking or redis
         self.keys = keys
         self.consumer = consumer
         self._streams = {keys.feed(p): p for p in range(keys.partitions)}
@@ -53,7 +55,8 @@ class RedisFeed:
 
     async def read(self, count: int, block_ms: int | None) -> list[FeedEntry]:
         """New entries from every partition (one XREADGROUP; all feeds share a node in standalone Redis)."""
-        reply = await self.redis.xreadgroup(
+        client = self.blocking if block_ms else self.redis
+        reply = await client.xreadgroup(
             GROUP, self.consumer, {s: ">" for s in self._streams}, count=count, block=block_ms
         )
         return self._entries(reply or [])
@@ -65,6 +68,12 @@ class RedisFeed:
             reply = await self.redis.xautoclaim(stream, GROUP, self.consumer, min_idle_ms, "0-0", count=count)
             out.extend(FeedEntry((p, eid, f[b"s"].decode())) for eid, f in reply[1] if f)
         return out
+
+    async def backlog(self, partition: int, count: int = 2_000) -> list[str]:
+        """The sessions the feed names in entries not yet trimmed (pending, undelivered, or acknowledged since the
+        last trim): a superset of the partition's unprojected sessions, for a reader that catches them up."""
+        entries = await self.redis.xrange(self.keys.feed(partition), count=count)
+        return list(dict.fromkeys(f[b"s"].decode() for _, f in entries if f))
 
     async def ack(self, entries: Sequence[FeedEntry]) -> None:
         by_stream: dict[str, list[bytes]] = {}

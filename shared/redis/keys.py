@@ -39,6 +39,11 @@ class Keys:
         """Stream: one entry per append naming the session; the projector's consumer group reads it."""
         return f"{self.tag(partition)}:feed"
 
+    def relay(self, partition: int) -> str:
+        """Stream (capped): one entry per chunk write naming the job, so a process's one reader per partition
+        wakes whoever waits on that job's chunks (`shared.redis.notify`)."""
+        return f"{self.tag(partition)}:relay"
+
     def sessions(self, partition: int, tenant: str) -> str:
         """Sorted set of every session id the tenant ever created in this partition, deleted ones too
         (all scores 0): what `rebuild --tenant` and `purge --user-id` walk. Only a purge removes one."""

@@ -15,7 +15,9 @@ end
 
 APPEND = """
 -- KEYS: head, log, feed, written, idempotency, the tenant's session registry, the session's idempotency set
--- ARGV: tenant, expected, session id, claim?, request hash, response, ttl, schema, then 4 per event
+-- ARGV: tenant, expected, session id, claim?, request hash, response, ttl, schema, then 4 per event (type, id,
+--       occurred_at, data)
+-- Idempotent per event id: appending the same events again (a client library's retry) answers 'appended'.
 local tenant, expected = ARGV[1], tonumber(ARGV[2])
 if ARGV[4] == '1' then
   local rec = redis.call('HMGET', KEYS[5], 'h', 'r')
@@ -27,7 +29,17 @@ end
 local head = redis.call('HMGET', KEYS[1], 'v', 't')
 local v = tonumber(head[1]) or 0
 if head[2] and head[2] ~= tenant then return {'missing'} end
-if v ~= expected then return {'conflict', v} end
+if v ~= expected then
+  -- a retry of an append that did land (its reply was lost): the log holds our first event at expected + 1
+  local mine = redis.call('XRANGE', KEYS[2], (expected + 1) .. '-0', (expected + 1) .. '-0')
+  if mine[1] then
+    local f = mine[1][2]
+    for k = 1, #f, 2 do
+      if f[k] == 'i' and f[k + 1] == ARGV[10] then return {'appended', expected + (#ARGV - 8) / 4} end
+    end
+  end
+  return {'conflict', v}
+end
 for i = 9, #ARGV, 4 do
   v = v + 1
   redis.call('XADD', KEYS[2], v .. '-0', 't', ARGV[i], 'i', ARGV[i+1], 'a', ARGV[i+2], 's', ARGV[8], 'd', ARGV[i+3])
@@ -258,11 +270,14 @@ return 1
 """
 
 CHUNKS = """
--- KEYS: head, a chat job's chunk stream.  ARGV: retention seconds, then kind/data pairs
+-- KEYS: head, a chat job's chunk stream, the partition's relay stream.  ARGV: retention seconds, job id, then
+--       kind/data pairs
 -- Appends the entries unless the session is gone: a late worker must not bring a purged session's text back.
+-- One relay entry per call wakes whoever waits on the job (shared.redis.notify).
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local id
-for i = 2, #ARGV, 2 do id = redis.call('XADD', KEYS[2], '*', 'k', ARGV[i], 'd', ARGV[i + 1]) end
+for i = 3, #ARGV, 2 do id = redis.call('XADD', KEYS[2], '*', 'k', ARGV[i], 'd', ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'j', ARGV[2])
 return id
 """

@@ -349,7 +349,7 @@ class World:
             lambda: self.store.messages(tenant, sid, PAGE, 0),
         ):
             try:
-                view = await self.service.read(fetch)
+                view = await self.service.read(sid, fetch)
             except NotFound:
                 out.append(None)
                 continue
@@ -365,7 +365,7 @@ class World:
         except NotFound:
             return None, None, None
         assert state.session is not None
-        view = await self.service.read_past(lambda: self.store.messages(tenant, sid, PAGE, 0, state.message_count), version)
+        view = await self.service.read_past(sid, lambda: self.store.messages(tenant, sid, PAGE, 0, state.message_count), version)
         return json_encode(state.session), json_encode(ToolList(state.session.tools)), view.items
 
     async def log(self, sid: str) -> list[Event]:
@@ -575,7 +575,7 @@ def test_rebuilding_twice_is_idempotent_and_a_deleted_session_stays_deleted(back
 
         assert await redis.zscore(index, sid) is None
         with pytest.raises(NotFound):
-            await w.service.read(lambda: w.store.session(tenant, sid))
+            await w.service.read(sid, lambda: w.store.session(tenant, sid))
         with pytest.raises(NotFound):
             await w.service.at_version(tenant, sid, deleted_at)
         assert sid.encode() not in b"".join(await w.service.read_sessions(tenant, PAGE, 0))
@@ -750,4 +750,4 @@ async def test_a_session_purged_while_the_rebuild_reads_ahead_leaves_the_others_
         view = await redis.hgetall(KEYS.view(sid, g))
         assert decode_state(view[b"st"]) == state, f"{sid}: its rebuilt state is not its log's fold"
         assert view[b"j"] == json_encode(state.session), f"{sid}: serves another session's state"
-        assert (await w.service.read(lambda: w.store.session("acme", sid))).body == json_encode(state.session)
+        assert (await w.service.read(sid, lambda: w.store.session("acme", sid))).body == json_encode(state.session)

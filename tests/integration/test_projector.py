@@ -114,10 +114,10 @@ async def test_running_projector_makes_reads_see_writes(redis):
         await service.execute("acme", sid, CreateSession(body=SessionCreate()), ok)
         for i in range(20):
             await service.execute("acme", sid, AddMessage(body=MessageCreate(role="user", content=str(i))), ok)
-            page = await service.read(lambda: store.messages("acme", sid, 100, 0))
+            page = await service.read(sid, lambda: store.messages("acme", sid, 100, 0))
             assert [json.loads(m)["content"] for m in page.items] == [str(j) for j in range(i + 1)]
         await service.execute("acme", sid, UpdateSession(patch=SessionPatch(situation="new")), ok)
-        view = await service.read(lambda: store.session("acme", sid))
+        view = await service.read(sid, lambda: store.session("acme", sid))
         assert json.loads(view.body)["situation"] == "new"
     finally:
         stop.set()

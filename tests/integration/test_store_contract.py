@@ -17,7 +17,7 @@ from shared.domain.projection import project
 from shared.domain.state import SessionState, fold
 from shared.ports import Appended, Conflict, IdempotencyClaim, IdempotencyMismatch, Missing, Replayed
 from shared.redis.api_keys import RedisApiKeys, key_id
-from shared.redis.keys import Keys
+from shared.redis.keys import Keys, partition_of
 from shared.redis.store import LOAD_BATCH, RedisStore
 
 _ids = count()
@@ -135,7 +135,7 @@ async def test_other_tenants_and_unknown_ids_see_nothing(store):
         await store.session("acme", uuid7()),
     ):
         assert view.head == 0 and not view.items
-    assert (await store.sessions("globex", 10, 0)) == (True, [])
+    assert (await store.sessions("globex", 10, 0)) == ([], [])  # no lagging partition, no session
 
 
 async def test_messages_page_in_conversation_order(store):
@@ -174,11 +174,11 @@ async def test_pending_continues_from_the_view(store):
 async def test_session_list_is_newest_first_across_partitions_and_waits_for_projection(store):
     states = [await create(store) for _ in range(9)]
     other = await create(store, tenant="globex")
-    caught_up, _ = await store.sessions("acme", 100, 0)
-    assert not caught_up
+    lagging, _ = await store.sessions("acme", 100, 0)
+    assert lagging == sorted({partition_of(s.id, store.keys.partitions) for s in states})
     await project_all(store, *[s.id for s in states], other.id)
-    caught_up, items = await store.sessions("acme", 100, 0)
-    assert caught_up
+    lagging, items = await store.sessions("acme", 100, 0)
+    assert not lagging
     expected = [s.id for s in reversed(states)]
     assert [json.loads(i)["id"] for i in items] == expected
     assert [json.loads(i)["id"] for i in (await store.sessions("acme", 3, 2))[1]] == expected[2:5]
@@ -193,7 +193,7 @@ async def test_deleted_sessions_leave_the_read_models_but_not_the_log(store):
     view = await store.session("acme", state.id)
     assert (view.head, view.version, view.body) == (3, 3, None)
     assert (await store.messages("acme", state.id, 10, 0)).body is None
-    assert (await store.sessions("acme", 10, 0)) == (True, [])
+    assert (await store.sessions("acme", 10, 0)) == ([], [])  # no lagging partition, no session
     assert len(await store.read(state.id)) == 3
     # the message pointers stay (no content: versions into the log) so past versions still answer
     past = await store.messages("acme", state.id, 10, 0, count=1)

@@ -225,7 +225,7 @@ class _CountingService:
 
         self.views = Views()
 
-    async def read(self, fetch: Any) -> Any:
+    async def read(self, session_id: str, fetch: Any) -> Any:
         return await fetch()
 
 
