@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from shared.config import Settings
+from shared.config import Settings, check_tenant
 from shared.domain.errors import DomainError
 
 log = logging.getLogger("parley")
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
                 _run(ops.COMMANDS[command](settings, args))
             except DomainError as e:
                 sys.exit(f"parley {command}: {e.message}")
+            except ValueError as e:
+                sys.exit(f"parley {command}: {e}")
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -115,14 +117,16 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
     import uvicorn
 
     from services.api.app import create_app
+    from services.api.guard import Guard
+    from services.api.server import guarded_protocol
 
     app = create_app(settings, redis=redis, run_worker=run_worker)
     config = uvicorn.Config(
-        app,
+        Guard(app, settings.max_inflight),
         host=host,
         port=port,
         loop="none",
-        http="httptools" if _has("httptools") else "h11",
+        http=guarded_protocol(settings.header_timeout_s, settings.body_timeout_s),
         access_log=False,
         timeout_keep_alive=int(settings.keep_alive_s),
         log_level=settings.log_level.lower(),
@@ -178,7 +182,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> None:
     store = RedisApiKeys(redis)
     match args.keys_command:
         case "create":
-            key = await store.create(args.tenant)
+            key = await store.create(check_tenant(args.tenant))
             print(key)
             print(f"id {key_id(key)} for tenant {args.tenant}", file=sys.stderr)
         case "revoke":

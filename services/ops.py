@@ -10,22 +10,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import msgspec
+
 from redis.asyncio import Redis
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
 from shared import history
-from shared.config import Settings
+from shared.codec import json_encode
+from shared.config import Settings, check_tenant
 from shared.domain.commands import Limits
 from shared.domain.state import SessionState
-from shared.redis.chats import ChatQueue, ChatStore
+from shared.redis.chats import ChatStore
 from shared.redis.connect import Deadlines, check_partitions, connect
 from shared.redis.feed import RedisFeed
 from shared.redis.history import RedisHistory
 from shared.redis.keys import Keys
+from shared.redis.limits import FIELDS, RedisLimits, tenant_defaults
 from shared.redis.store import RedisStore
 from shared.service import SessionService
+from services.worker.main import chat_hooks
 from services.worker.projector import Projector
 from services.worker.rebuild import Rebuilder, Scope
 
@@ -59,6 +64,7 @@ class Ops:
     history: RedisHistory
     service: SessionService
     chats: ChatStore
+    settings: Settings
 
     async def end_chats(self, before: SessionState) -> None:
         for chat in before.active_chats:
@@ -66,7 +72,7 @@ class Ops:
 
     def live_projector(self) -> Projector:
         """The projector's catch-up, run in this process (with its chat hook), for work that cannot wait for a worker."""
-        return Projector(self.store, RedisFeed(self.redis, self.keys, "ops"), on_chats=ChatQueue(self.redis).enqueue)
+        return Projector(self.store, RedisFeed(self.redis, self.keys, "ops"), **chat_hooks(self.redis, self.keys, self.settings))
 
 
 def redis_url(settings: Settings) -> str:
@@ -88,7 +94,7 @@ async def connected(settings: Settings) -> AsyncIterator[Ops]:
         store = RedisStore(redis, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
         await store.load_scripts()
         service = SessionService(store, store, settings.partitions, Limits(max_content_chars=settings.max_content_chars))
-        yield Ops(redis, keys, store, RedisHistory(redis, keys), service, ChatStore(redis, keys, settings.chat_retention_s))
+        yield Ops(redis, keys, store, RedisHistory(redis, keys), service, ChatStore(redis, keys, settings.chat_retention_s), settings)
     finally:
         await redis.aclose()
 
@@ -162,6 +168,26 @@ async def purge(settings: Settings, args: argparse.Namespace) -> None:
     console.print(f"purged {len(targets)} sessions" + (f"; Redis is rewriting its files ({', '.join(started)})" if started else ""))
 
 
+async def tenants(settings: Settings, args: argparse.Namespace) -> None:
+    """`parley tenants set-limits | show`: a tenant's limits (its own over the deployment's defaults) and usage."""
+    tenant = check_tenant(args.tenant)
+    async with connected(settings) as ops:
+        limits = RedisLimits(ops.redis, ops.keys, tenant_defaults(settings))
+        if args.tenants_command == "set-limits":
+            values = {f: v for f in FIELDS if (v := getattr(args, f)) is not None}
+            if not values and not args.reset:
+                sys.exit("parley tenants set-limits: name at least one limit (or --reset one)")
+            await limits.set_limits(tenant, values, args.reset or ())
+        effective = await limits.limits(tenant, max_age_s=0)
+        report = {
+            "tenant": tenant,
+            "limits": msgspec.structs.asdict(effective),
+            "own": await limits.overrides(tenant),
+            "usage": [msgspec.structs.asdict(d) for d in await limits.usage(tenant, args.days if args.tenants_command == "show" else 1)],
+        }
+    sys.stdout.write(msgspec.json.format(json_encode(report), indent=2).decode() + "\n")
+
+
 def _lines(source: IO[bytes]) -> Iterator[bytes]:
     for line in source:
         yield line.rstrip(b"\n")
@@ -187,4 +213,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     who.add_argument("--session")
 
 
-COMMANDS = {"rebuild": rebuild, "export": export, "import": import_, "purge": purge}
+    t = sub.add_parser("tenants", help="a tenant's limits and usage")
+    tsub = t.add_subparsers(dest="tenants_command", required=True)
+    sl = tsub.add_parser("set-limits", help="set a tenant's own limits (0: unlimited); the rest stay the defaults")
+    sl.add_argument("--tenant", required=True)
+    sl.add_argument("--rps", type=float, help="requests per second, across every API process")
+    sl.add_argument("--burst", type=int, help="requests at once after a quiet spell")
+    sl.add_argument("--concurrent-chats", dest="concurrent_chats", type=int, help="chats queued or running at once")
+    sl.add_argument("--chat-tokens-per-day", dest="chat_tokens_per_day", type=int, help="prompt + completion tokens per UTC day")
+    sl.add_argument("--streams", type=int, help="open event streams (and waiting synchronous chats)")
+    sl.add_argument("--reset", nargs="+", choices=FIELDS, help="these limits go back to the deployment's defaults")
+    sh = tsub.add_parser("show", help="a tenant's limits (effective and its own) and its usage per day")
+    sh.add_argument("--tenant", required=True)
+    sh.add_argument("--days", type=int, default=7)
+
+
+COMMANDS = {"rebuild": rebuild, "export": export, "import": import_, "purge": purge, "tenants": tenants}

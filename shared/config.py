@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import msgspec
@@ -59,6 +60,25 @@ class Settings(Struct, kw_only=True, frozen=True):
     keep_alive_s: float = 75.0
     """How long an idle HTTP connection stays open. Longer than the usual load balancer / client pool idle timeout
     (60 s): a server that closes first races with a client reusing the connection, which then fails a request."""
+    header_timeout_s: float = 10.0
+    """A connection must send a request's headers within this long (from accepting it, or from the request's
+    first byte); else 408 and the connection is closed (slow clients, slowloris)."""
+    body_timeout_s: float = 30.0
+    """A request's body must arrive within this long after its headers; else 408 and the connection is closed."""
+    max_inflight: int = 64
+    """Requests one API process works on at once; beyond it a request is shed at once with 503 `overloaded` and
+    `Retry-After` (streams and waiting chats do not count once they wait)."""
+    tenant_rps: float = 1_000.0
+    """Default requests per second per tenant, across every API process (0: unlimited); `parley tenants
+    set-limits` overrides it per tenant."""
+    tenant_burst: int = 2_000
+    """Default requests a tenant may send at once after a quiet spell."""
+    tenant_concurrent_chats: int = 100
+    """Default chats (queued or running) per tenant at once (0: unlimited)."""
+    tenant_chat_tokens_per_day: int = 0
+    """Default prompt plus completion tokens per tenant and UTC day (0: unlimited)."""
+    tenant_streams: int = 1_000
+    """Default open event streams (and waiting synchronous chats) per tenant (0: unlimited)."""
     max_streams: int = 10_000
     """Open event streams (and waiting synchronous chats) one API process holds; beyond it 429 `too_many_streams`."""
     sse_keepalive_s: float = 15.0
@@ -86,5 +106,15 @@ class Settings(Struct, kw_only=True, frozen=True):
             tenant, sep, key = pair.partition(":")
             if not sep or not tenant or not key:
                 raise ValueError(f"PARLEY_API_KEYS entry {pair!r} is not tenant:key")
-            keys[key] = tenant
+            keys[key] = check_tenant(tenant)
         return keys
+
+
+TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""A tenant's name: it is part of Redis key names and hash tags, so no braces, colons or spaces."""
+
+
+def check_tenant(name: str) -> str:
+    if not TENANT.fullmatch(name):
+        raise ValueError(f"tenant {name!r} is not 1 to 64 of A-Z a-z 0-9 . _ -")
+    return name

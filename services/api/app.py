@@ -27,6 +27,7 @@ from shared.redis.chats import ChatQueue, ChatStore
 from shared.redis.feed import RedisFeed, projector_alive
 from shared.redis.history import RedisHistory
 from shared.redis.keys import Keys
+from shared.redis.limits import RedisLimits, tenant_defaults
 from shared.redis.store import RedisStore
 from shared.service import SessionService
 from services.api.auth import Authenticator
@@ -35,8 +36,10 @@ from services.api.chats import ChatController
 from services.api.openai_api import OpenAIController
 from services.api.history import EventController, audit
 from services.api.sessions import SessionController
+from services.api import strict
 from services.api.sse import StreamSlots
-from services.worker.main import run_worker as worker_main
+from services.api.usage import usage
+from services.worker.main import chat_hooks, run_worker as worker_main
 from services.worker.projector import Projector
 
 log = logging.getLogger("parley.api")
@@ -118,7 +121,9 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
         app.state.queue = ChatQueue(client)
         app.state.history = RedisHistory(client, keys)
         app.state.notifier = Notifier(blocking, keys, supervisor, poll_s=0.01 if fake else None)
-        app.state.streams = StreamSlots(settings.max_streams)
+        app.state.limits = limits = RedisLimits(client, keys, tenant_defaults(settings))
+        app.state.streams = StreamSlots(settings.max_streams, limits)
+        supervisor.run("stream-slots", app.state.streams.renew)
         app.state.service = SessionService(
             store,
             store,
@@ -126,7 +131,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
             Limits(max_content_chars=settings.max_content_chars),
             settings.read_timeout_s,
             settings.state_cache_size,
-            projection=Projector(store, RedisFeed(client, keys, "assist"), on_chats=app.state.queue.enqueue),
+            projection=Projector(store, RedisFeed(client, keys, "assist"), **chat_hooks(client, keys, settings)),
             read_assist_s=settings.read_assist_s,
         )
         check = app.state.health = HealthCheck(client, keys)
@@ -147,9 +152,10 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
                 await blocking.aclose()
 
     app = Litestar(
-        route_handlers=[SessionController, ChatController, OpenAIController, EventController, audit, health, ready],
+        route_handlers=[SessionController, ChatController, OpenAIController, EventController, audit, usage, health, ready],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        before_request=strict.before_request,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Parley",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from litestar import Request
+from litestar.types import Scope
 from litestar.exceptions import NotAuthorizedException
 
 from shared.redis.api_keys import RedisApiKeys, key_hash
@@ -34,22 +35,29 @@ class Authenticator:
         return tenant
 
 
-def presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-        return None
-    return request.headers.get("x-auth-key") or None
+def presented_key(scope: Scope) -> str | None:
+    """The API key from `Authorization: Bearer <key>`, else `X-Auth-Key`."""
+    headers = scope["headers"]
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    for name, value in headers:
+        if name == b"x-auth-key":
+            return value.decode("latin-1") or None
+    return None
 
 
 async def provide_tenant(request: Request) -> str:
-    """The dependency every tenant-scoped handler declares as `tenant: str`."""
-    key = presented_key(request)
+    """The dependency every tenant-scoped handler declares as `tenant: str` (the guard usually found it already)."""
+    tenant = request.scope.get("state", {}).get("parley.tenant")
+    if tenant is not None:
+        return tenant
+    key = presented_key(request.scope)
     if key is None:
         raise NotAuthorizedException("missing API key: send Authorization: Bearer <key> or X-Auth-Key")
     tenant = await request.app.state.auth.tenant(key)
     if tenant is None:
         raise NotAuthorizedException("invalid API key")
+    request.scope.setdefault("state", {})["parley.tenant"] = tenant  # type: ignore[typeddict-item]
     return tenant

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import msgspec
@@ -27,15 +27,16 @@ from shared.domain.ids import parse_uuid, uuid7
 from shared.domain.model import ChatJob, ChatJobList, ChatRequest, ChatResponse, ErrorBody
 from shared.domain.state import SessionState
 from shared.redis.chats import ChatStore
+from shared.redis.limits import RedisLimits
 from shared.service import Reply
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
-from services.api.sse import EventStream, detach, follow
+from services.api.sse import EventStream, follow, open_stream, take_stream
 from services.api.sessions import IdempotencyKey, Limit, Offset, _idempotency, _service, _session_id
 
 KEEPALIVE_S = 15.0
 """A quiet chat stream sends a comment this often."""
-_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}(\.1)?")
+_EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}(\.1)?")
 ERROR_STATUS = {"token_budget_exceeded": 422, "cancelled": 409, "session_deleted": 409}
 
 
@@ -108,8 +109,11 @@ class ChatController(Controller):
             return Reply(status=202, body=msgspec.Raw(json_encode(body)), headers={"Location": f"/sessions/{sid}/chats/{req.data.job_id}"})
 
         command = RequestChat(job_id=job_id, request=data, default_model=request.app.state.settings.model)
-        reply = await service.execute(tenant, sid, command, respond, await _idempotency(request, idempotency_key))
-        accepted = msgspec.json.decode(bytes(reply.body))
+        idem = await _idempotency(request, idempotency_key)
+        async with admitted_chat(request, tenant, job_id) as keep:
+            reply = await service.execute(tenant, sid, command, respond, idem)
+            accepted = msgspec.json.decode(bytes(reply.body))
+            keep(accepted["id"] == job_id)
         if accepted["id"] != job_id:  # an Idempotency-Key replay: the first request did the rest
             cancelled.clear()
         job_id = accepted["id"]
@@ -122,7 +126,7 @@ class ChatController(Controller):
         if prefer and "respond-async" in prefer.lower():
             return Response(content=bytes(reply.body), status_code=202, headers=reply.headers, media_type=MediaType.JSON)
         if data.stream:
-            return _sse(request, sid, job_id, "0-0")  # type: ignore[return-value]
+            return await _sse(request, sid, job_id, "0-0")  # type: ignore[return-value]
         return Response(content=await wait_answer(request, sid, job_id, request.app.state.settings.chat_wait_s), media_type=MediaType.JSON)
 
     @get("/chats", responses=_errors())
@@ -167,7 +171,7 @@ class ChatController(Controller):
         await service.read(sid, lambda: chats.job(tenant, sid, job))  # 404 for unknown jobs and other tenants
         if last_event_id is not None and not _valid_event_id(last_event_id):
             raise Invalid("Last-Event-ID is not an event id of this stream", {"header": "Last-Event-ID"})
-        return _sse(request, sid, job, last_event_id or "0-0")
+        return await _sse(request, sid, job, last_event_id or "0-0")
 
 
 def _valid_event_id(text: str) -> bool:
@@ -176,6 +180,56 @@ def _valid_event_id(text: str) -> bool:
         return False
     ms, seq = text.removesuffix(".1").split("-")
     return int(ms) < 2**64 and int(seq) < 2**64
+
+
+CHAT_SLOT_TTL_S = 900.0
+"""A concurrent-chat slot is given back when the chat ends (by the projector); one whose holder vanished expires."""
+
+
+class RateLimited(DomainError):
+    code = "rate_limited"
+    status = 429
+    retry_after = 1
+
+
+class QuotaExceeded(DomainError):
+    code = "quota_exceeded"
+    status = 429
+
+    def __init__(self, message: str, details: object, retry_after: int) -> None:
+        super().__init__(message, details)
+        self.retry_after = retry_after
+
+
+@contextlib.asynccontextmanager
+async def admitted_chat(request: Request, tenant: str, job_id: str) -> AsyncIterator[Callable[[bool], None]]:
+    """Admit a chat under the tenant's limits: its chat tokens today (429 `quota_exceeded`) and its concurrent
+    chats (429 `rate_limited`), taking a slot for `job_id`. The body calls `keep(False)` when no new chat was
+    recorded (an Idempotency-Key replay); the slot is then given back, as it is when the body raises."""
+    limits: RedisLimits = request.app.state.limits
+    own = await limits.limits(tenant)
+    if own.chat_tokens_per_day:
+        used = await limits.tokens_today(tenant)
+        if used >= own.chat_tokens_per_day:
+            now = datetime.now(UTC)
+            midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)
+            raise QuotaExceeded(
+                f"this tenant used its {own.chat_tokens_per_day} chat tokens of today (UTC)",
+                {"limit": "chat_tokens_per_day", "max": own.chat_tokens_per_day, "used": used},
+                max(1, int((midnight - now).total_seconds())),
+            )
+    slot = await limits.take(tenant, "chats", job_id, CHAT_SLOT_TTL_S)
+    if not slot.taken:
+        raise RateLimited(f"this tenant has {slot.limit} chats queued or running; retry when one ends", {"limit": "concurrent_chats", "max": slot.limit})
+    kept = [True]
+    try:
+        yield lambda keep: kept.__setitem__(0, keep)
+    except BaseException:
+        kept[0] = False
+        raise
+    finally:
+        if not kept[0]:
+            await limits.give(tenant, "chats", job_id)
 
 
 def follow_chunks(
@@ -202,9 +256,9 @@ def chat_failed(data: bytes) -> ChatFailed:
 
 async def wait_answer(request: Request, sid: str, job_id: str, wait_s: float) -> bytes:
     """The job's answer (its `done` entry), waiting at most `wait_s`; holds no Redis connection while it waits."""
-    detach(request)
+    slot = await take_stream(request)
     deadline = time.monotonic() + wait_s
-    with request.app.state.streams.held():
+    try:
         async with contextlib.aclosing(follow_chunks(request, sid, job_id, keepalive_s=wait_s, deadline=deadline)) as batches:
             async for batch in batches:
                 for _, kind, data in batch:
@@ -212,10 +266,12 @@ async def wait_answer(request: Request, sid: str, job_id: str, wait_s: float) ->
                         return data
                     if kind == "error":
                         raise chat_failed(data)
+    finally:
+        await slot.give()
     raise ChatTimeout(f"chat {job_id} did not finish within {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}", {"job_id": job_id})
 
 
-def _sse(request: Request, sid: str, job_id: str, after: str) -> EventStream:
+async def _sse(request: Request, sid: str, job_id: str, after: str) -> EventStream:
     chats: ChatStore = request.app.state.chats
 
     async def frames() -> AsyncIterator[bytes]:
@@ -241,4 +297,4 @@ def _sse(request: Request, sid: str, job_id: str, after: str) -> EventStream:
                     yield b"id: %s.1\ndata: [DONE]\n\n" % eid.encode()
                     return
 
-    return EventStream(request, frames())
+    return await open_stream(request, frames())

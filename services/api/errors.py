@@ -76,7 +76,8 @@ def error_response(status: int, code: str, message: str, details: object = None,
 
 def on_domain_error(_: Request, exc: DomainError) -> Response[ErrorBody]:
     status = getattr(exc, "status", None) or next((DOMAIN_STATUS[c] for c in type(exc).__mro__ if c in DOMAIN_STATUS), 400)
-    headers = {"Retry-After": "1"} if status == 503 else None
+    retry = getattr(exc, "retry_after", None) or (1 if status == 503 else None)
+    headers = {"Retry-After": str(retry)} if retry else None
     return error_response(status, exc.code, exc.message, exc.details, headers)
 
 

@@ -17,7 +17,7 @@ from shared.domain.events import AuditPage, EventPage
 from shared.ports import EventLog
 from shared.redis.history import RedisHistory
 from services.api.auth import provide_tenant
-from services.api.sse import EventStream, follow
+from services.api.sse import EventStream, follow, open_stream
 from services.api.sessions import Limit, _errors, _service, _session_id
 
 After = Annotated[int, Parameter(ge=0, le=2**63 - 1, description="A version: the page starts after it (exclusive).")]
@@ -70,7 +70,7 @@ class EventController(Controller):
             if after >= head and await _deleted(service.log, tenant, sid, head):
                 # the client saw SessionDeleted: nothing can follow, and 204 tells an EventSource not to reconnect
                 return Response(content=b"", status_code=204)
-            return _tail(request, service.log, tenant, sid, after, request.app.state.settings.sse_keepalive_s)  # type: ignore[return-value]
+            return await _tail(request, service.log, tenant, sid, after, request.app.state.settings.sse_keepalive_s)  # type: ignore[return-value]
         view = await service.log.events(tenant, sid, after, limit)
         if view.head == 0:
             raise NotFound(f"session {session_id} not found")
@@ -85,7 +85,7 @@ async def _deleted(log: EventLog, tenant: str, sid: str, head: int) -> bool:
     return bool(last) and _event_head.decode(last[0]).type == "SessionDeleted"
 
 
-def _tail(request: Request, log: EventLog, tenant: str, sid: str, after: int, keepalive_s: float) -> EventStream:
+async def _tail(request: Request, log: EventLog, tenant: str, sid: str, after: int, keepalive_s: float) -> EventStream:
     cursor = after
 
     async def fetch() -> list[bytes]:
@@ -110,7 +110,7 @@ def _tail(request: Request, log: EventLog, tenant: str, sid: str, after: int, ke
         except _Purged:
             return
 
-    return EventStream(request, frames())
+    return await open_stream(request, frames())
 
 
 class _Purged(Exception):

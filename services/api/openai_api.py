@@ -56,9 +56,9 @@ from shared.redis.chats import ChatStore
 from shared.service import Reply, SessionService
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
-from services.api.chats import ERROR_STATUS, ChatTimeout, JobAccepted, chat_failed, follow_chunks, wait_answer
+from services.api.chats import ERROR_STATUS, ChatTimeout, JobAccepted, admitted_chat, chat_failed, follow_chunks, wait_answer
 from services.api.errors import EXCEPTION_HANDLERS
-from services.api.sse import EventStream
+from services.api.sse import EventStream, open_stream, stream_response, take_stream
 from services.api.sessions import IdempotencyKey, _idempotency, _service, _session_id
 
 PAGE = 1000
@@ -194,7 +194,7 @@ def _error_event(code: str, message: str) -> bytes:
     return _data({"error": OpenAIErrorDetail(status=status, code=code, message=message, type=error_type(status), param=None)})
 
 
-def _replayed_stream(request: Request, c: ChatCompletion, include_usage: bool) -> EventStream:
+async def _replayed_stream(request: Request, c: ChatCompletion, include_usage: bool) -> EventStream:
     """A stored answer as a stream: the role, the content, the tool calls, the finish reason (and the usage)."""
 
     async def events() -> AsyncIterator[bytes]:
@@ -214,7 +214,7 @@ def _replayed_stream(request: Request, c: ChatCompletion, include_usage: bool) -
             yield _data(ChatCompletionChunk(id=c.id, created=c.created, model=c.model, choices=[], usage=c.usage))
         yield b"data: [DONE]\n\n"
 
-    return EventStream(request, events())
+    return await open_stream(request, events())
 
 
 async def _relay(request: Request, sid: str, job_id: str, model: str, include_usage: bool, wait_s: float) -> EventStream:
@@ -225,6 +225,7 @@ async def _relay(request: Request, sid: str, job_id: str, model: str, include_us
     `wait_s` ends with a `chat_timeout` error event (the job goes on)."""
     created = int(time.time())
     usage: Any = None if include_usage else msgspec.UNSET
+    slot = await take_stream(request)
     batches = follow_chunks(request, sid, job_id, keepalive_s=wait_s)  # an empty batch: quiet for wait_s
     try:
         first = await anext(batches)
@@ -234,6 +235,7 @@ async def _relay(request: Request, sid: str, job_id: str, model: str, include_us
             raise chat_failed(first[0][2])
     except BaseException:
         await batches.aclose()
+        await slot.give()
         raise
 
     def chunk(choices: list[ChunkChoice], u: Any = usage) -> bytes:
@@ -263,7 +265,7 @@ async def _relay(request: Request, sid: str, job_id: str, model: str, include_us
                         return
                 batch = await anext(batches)
 
-    return EventStream(request, events())
+    return stream_response(slot, events())
 
 
 # -- the controller ---------------------------------------------------------------------------------------------------
@@ -378,8 +380,10 @@ class OpenAIController(Controller):
 
         job_id = uuid7()
         command = RequestChat(job_id=job_id, request=chat, default_model=request.app.state.settings.model)
-        reply = await service.execute(tenant, sid, command, respond, idem)
-        accepted = msgspec.json.decode(bytes(reply.body))["id"]
+        async with admitted_chat(request, tenant, job_id) as keep:
+            reply = await service.execute(tenant, sid, command, respond, idem)
+            accepted = msgspec.json.decode(bytes(reply.body))["id"]
+            keep(accepted == job_id)
         if accepted != job_id:  # an Idempotency-Key replay: the first request did the rest
             return accepted, [], None
         return job_id, cancelled, last[0]
@@ -409,7 +413,7 @@ class OpenAIController(Controller):
                 usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
             )
         if stream:
-            return _replayed_stream(request, completion, include_usage)  # type: ignore[return-value]
+            return await _replayed_stream(request, completion, include_usage)  # type: ignore[return-value]
         return Response(completion, media_type=MediaType.JSON)
 
     @get("/models", responses=_errors(401, 404, 503))

@@ -6,6 +6,7 @@ pre-encoded JSON without decoding it.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import msgspec
@@ -41,17 +42,27 @@ Limit = Annotated[int, Parameter(ge=1, le=1000, description="Items per page (1..
 Offset = Annotated[int, Parameter(ge=0, le=1_000_000_000, description="Items to skip (0..10⁹).")]
 IdempotencyKey = Annotated[
     str | None,
-    HeaderParameter(name="Idempotency-Key", required=False, max_length=255, description="Retrying with the same key and body within 24 h answers the first result and writes nothing."),
+    HeaderParameter(
+        name="Idempotency-Key", required=False, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$",
+        description="1 to 255 printable ASCII characters. Retrying with the same key and body within 24 h answers the first "
+        "result and writes nothing.",
+    ),
 ]
 AtVersion = Annotated[
     int | None,
-    Parameter(ge=0, le=2**63 - 1, required=False, description="Time travel: the state right after this event version (folded from the log)."),
+    Parameter(ge=1, le=2**63 - 1, required=False, description="Time travel: the state right after this event version (folded from the log)."),
 ]
 Purge = Annotated[bool, Parameter(description="Also erase the log and everything derived from it, leaving a tombstone in /audit.")]
 IfMatch = Annotated[
     str | None,
-    HeaderParameter(name="If-Match", required=False, description="The ETag you hold; a stale one answers 412 and changes nothing."),
+    HeaderParameter(
+        name="If-Match", required=False, max_length=64,
+        description='The ETag you hold (`"7"`, or `*`); a stale or malformed one answers 412 and changes nothing.',
+    ),
 ]
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
+_ETAG = re.compile(r'(?:W/)?"([0-9]{1,19})"|([0-9]{1,19})')
+"""An entity tag of ours: a version in quotes (weak or not), or bare, ASCII digits only."""
 
 
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
@@ -80,10 +91,10 @@ def _etag(version: int) -> str:
 def _expected_version(if_match: str | None) -> int | None:
     if if_match is None or if_match.strip() == "*":
         return None
-    tag = if_match.strip().removeprefix("W/").strip('"')
-    if not tag.isdigit():
-        raise VersionConflict(f"If-Match {if_match!r} matches no version of this session")
-    return int(tag)
+    m = _ETAG.fullmatch(if_match.strip())
+    if m is None:
+        raise VersionConflict("If-Match is not an ETag of this session (a version in quotes)", {"header": "If-Match"})
+    return int(m.group(1) or m.group(2))
 
 
 def _session_reply(status: int, state: SessionState, location: bool = False) -> Reply:
@@ -97,8 +108,8 @@ def _session_reply(status: int, state: SessionState, location: bool = False) -> 
 async def _idempotency(request: Request, key: str | None) -> Idempotency | None:
     if key is None:
         return None
-    if not key.strip():
-        raise Invalid("Idempotency-Key must not be empty", {"header": "Idempotency-Key"})
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise Invalid("Idempotency-Key must be 1 to 255 printable ASCII characters", {"header": "Idempotency-Key"})
     return Idempotency.of(key, request.method, request.url.path, await request.body())
 
 

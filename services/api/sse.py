@@ -4,15 +4,19 @@ One loop serves them all (`follow`): read what is new with an ordinary command; 
 process's shared reader to say the thing grew (`shared.redis.notify`), re-checking every few seconds regardless.
 So an open stream or a waiting synchronous chat holds no Redis connection while it waits.
 
-`EventStream` is the one `text/event-stream` response: it counts against the process's cap of open streams
-(`PARLEY_MAX_STREAMS`, 429 beyond), takes itself out of the in-flight work the overload guard bounds (a stream
-is long-lived but costs nothing while it waits), and always closes its generator, so every slot it took is
-given back even when the client vanishes.
+`open_stream` makes the one `text/event-stream` response: it takes one of the tenant's stream slots and one of
+the process's (`StreamSlots`, 429 beyond), takes itself out of the in-flight work the overload guard bounds (a
+stream is long-lived but costs nothing while it waits), and always closes its generator, so every slot it took
+is given back even when the client vanishes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -24,9 +28,14 @@ from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Send
 
 from shared.domain.errors import DomainError
+from shared.redis.limits import RedisLimits
 from shared.redis.notify import Notifier
+from shared.supervise import TRANSIENT
 
-__all__ = ["EventStream", "StreamSlots", "TooManyStreams", "detach", "follow"]
+__all__ = [
+    "EventStream", "StreamSlot", "StreamSlots", "TooManyStreams", "detach", "follow", "open_stream", "stream_response",
+    "take_stream", "tenant_of",
+]
 
 T = TypeVar("T")
 RECHECK_S = 2.0
@@ -35,9 +44,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class TooManyStreams(DomainError):
-    """The process (or the tenant) holds as many open streams as it may (→ 429)."""
+    """The tenant, or this process, holds as many open streams as it may (→ 429)."""
 
-    code = "too_many_streams"
+    code = "rate_limited"
     status = 429
 
 
@@ -77,27 +86,56 @@ async def follow(
 
 
 class StreamSlots:
-    """The process's open streams, capped."""
+    """Open streams (and waiting synchronous chats): capped per process here, and per tenant in Redis, where each
+    one holds a slot that this process renews while it is open (a crashed process's slots expire)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, limits: RedisLimits, ttl_s: float = 60.0) -> None:
         self.limit = limit
+        self.limits = limits
+        self.ttl_s = ttl_s
         self.open = 0
+        self._held: dict[str, set[str]] = {}
+        self._seq = itertools.count()
+        self._me = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
 
-    def take(self) -> None:
+    async def take(self, tenant: str) -> str:
         if self.open >= self.limit:
-            raise TooManyStreams(f"this server holds {self.limit} open streams; retry shortly", {"limit": self.limit})
+            raise TooManyStreams(f"this server holds {self.limit} open streams; retry shortly", {"limit": "process_streams", "max": self.limit})
+        member = f"{self._me}:{next(self._seq)}"
         self.open += 1
-
-    def give(self) -> None:
-        self.open -= 1
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        self.take()
         try:
-            yield
-        finally:
-            self.give()
+            slot = await self.limits.take(tenant, "streams", member, self.ttl_s)
+        except BaseException:
+            self.open -= 1
+            raise
+        if not slot.taken:
+            self.open -= 1
+            raise TooManyStreams(f"this tenant holds {slot.limit} open streams; close one first", {"limit": "streams", "max": slot.limit})
+        self._held.setdefault(tenant, set()).add(member)
+        return member
+
+    async def give(self, tenant: str, member: str) -> None:
+        held = self._held.get(tenant)
+        if held is None or member not in held:
+            return
+        held.discard(member)
+        if not held:
+            del self._held[tenant]
+        self.open -= 1
+        with contextlib.suppress(*TRANSIENT):  # unreachable now: the slot expires on its own
+            await self.limits.give(tenant, "streams", member)
+
+    async def renew(self) -> None:
+        """A part of the API process: keeps this process's slots alive while their streams are open."""
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            for tenant, members in list(self._held.items()):
+                await self.limits.renew(tenant, "streams", list(members), self.ttl_s)
+
+
+def tenant_of(request: Request[Any, Any, Any]) -> str:
+    """The request's tenant (resolved by the guard or by the `tenant` dependency)."""
+    return request.scope["state"]["parley.tenant"]  # type: ignore[typeddict-item]
 
 
 def detach(request: Request[Any, Any, Any]) -> None:
@@ -110,9 +148,9 @@ def detach(request: Request[Any, Any, Any]) -> None:
 class _Frames:
     """A stream's frames. Closing them gives the stream's slot back, even if they were never started."""
 
-    def __init__(self, frames: AsyncIterator[bytes], release: Callable[[], None]) -> None:
+    def __init__(self, frames: AsyncIterator[bytes], release: Callable[[], Awaitable[None]]) -> None:
         self._frames = frames
-        self._release: Callable[[], None] | None = release
+        self._release: Callable[[], Awaitable[None]] | None = release
 
     def __aiter__(self) -> _Frames:
         return self
@@ -122,11 +160,13 @@ class _Frames:
 
     async def aclose(self) -> None:
         release, self._release = self._release, None
-        if release is not None:
-            release()
-        aclose = getattr(self._frames, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        try:
+            aclose = getattr(self._frames, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            if release is not None:
+                await release()
 
 
 class _ClosingStreamingResponse(ASGIStreamingResponse):
@@ -142,15 +182,42 @@ class _ClosingStreamingResponse(ASGIStreamingResponse):
 
 
 class EventStream(Stream):
-    """A `text/event-stream` answer holding one of the process's stream slots until it ends."""
-
-    def __init__(self, request: Request[Any, Any, Any], frames: AsyncIterator[bytes], status_code: int = 200) -> None:
-        slots: StreamSlots = request.app.state.streams
-        slots.take()
-        detach(request)
-        super().__init__(_Frames(frames, slots.give), media_type="text/event-stream", headers=SSE_HEADERS, status_code=status_code)
+    """A `text/event-stream` answer holding one of the tenant's and the process's stream slots until it ends."""
 
     def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
         response = super().to_asgi_response(*args, **kwargs)
         response.__class__ = _ClosingStreamingResponse
         return response
+
+
+class StreamSlot:
+    """One open stream's slot, given back exactly once."""
+
+    def __init__(self, slots: StreamSlots, tenant: str, member: str) -> None:
+        self._slots: StreamSlots | None = slots
+        self.tenant = tenant
+        self.member = member
+
+    async def give(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            await slots.give(self.tenant, self.member)
+
+
+async def take_stream(request: Request[Any, Any, Any]) -> StreamSlot:
+    """Take a stream slot for this request (429 if none is free); the request then waits rather than works."""
+    slots: StreamSlots = request.app.state.streams
+    tenant = tenant_of(request)
+    slot = StreamSlot(slots, tenant, await slots.take(tenant))
+    detach(request)
+    return slot
+
+
+def stream_response(slot: StreamSlot, frames: AsyncIterator[bytes], status_code: int = 200) -> EventStream:
+    """The `text/event-stream` answer of `frames`; it gives `slot` back when it ends."""
+    return EventStream(_Frames(frames, slot.give), media_type="text/event-stream", headers=SSE_HEADERS, status_code=status_code)
+
+
+async def open_stream(request: Request[Any, Any, Any], frames: AsyncIterator[bytes], status_code: int = 200) -> EventStream:
+    """`take_stream`, then `stream_response`."""
+    return stream_response(await take_stream(request), frames, status_code)

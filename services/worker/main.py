@@ -22,6 +22,7 @@ from shared.models.offline import OfflineModel
 from shared.redis.chats import QUEUE, RUN_CHAT, WAKE, ChatQueue, ChatStore
 from shared.redis.feed import RedisFeed
 from shared.redis.keys import Keys
+from shared.redis.limits import RedisLimits, tenant_defaults
 from shared.redis.store import RedisStore
 from shared.service import SessionService
 from shared.tokens import Tokenizer
@@ -42,13 +43,23 @@ def make_provider(settings: Settings) -> ModelProvider:
     return OfflineModel()
 
 
+def chat_hooks(redis: Redis, keys: Keys, settings: Settings) -> dict[str, Any]:
+    """What every projector does after projecting chat events: queue the session's next chat, and give back the
+    concurrent-chat slots of chats that ended."""
+    limits = RedisLimits(redis, keys, tenant_defaults(settings))
+
+    async def ended(tenant: str, job_ids: list[str]) -> None:
+        await limits.give(tenant, "chats", *job_ids)
+
+    return {"on_chats": ChatQueue(redis).enqueue, "on_ended": ended}
+
+
 def make_projector(redis: Redis, blocking: Redis, keys: Keys, settings: Settings, block: bool = True) -> Projector:
     consumer = f"{socket.gethostname()}-{os.getpid()}-{id(redis):x}"
     store = RedisStore(redis, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
-    queue = ChatQueue(redis)
     return Projector(
         store, RedisFeed(redis, keys, consumer, blocking), settings.projector_batch, settings.projector_claim_idle_ms,
-        1_000 if block else None, on_chats=queue.enqueue,
+        1_000 if block else None, **chat_hooks(redis, keys, settings),
     )
 
 
@@ -92,7 +103,7 @@ def make_chat_worker(
     store = RedisStore(redis, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
     service = SessionService(
         store, store, settings.partitions, Limits(max_content_chars=settings.max_content_chars), settings.read_timeout_s * 5,
-        settings.state_cache_size, projection=Projector(store, RedisFeed(redis, keys, "assist"), on_chats=ChatQueue(redis).enqueue),
+        settings.state_cache_size, projection=Projector(store, RedisFeed(redis, keys, "assist"), **chat_hooks(redis, keys, settings)),
         read_assist_s=settings.read_assist_s,
     )
     runner = ChatRunner(service, store, ChatStore(redis, keys, settings.chat_retention_s), provider or make_provider(settings))

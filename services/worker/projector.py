@@ -32,6 +32,7 @@ class Projector:
         block_ms: int | None = 1_000,
         maintenance_s: float = 1.0,
         on_chats: Callable[[str, str, list[str]], Awaitable[None]] | None = None,
+        on_ended: Callable[[str, list[str]], Awaitable[None]] | None = None,
     ) -> None:
         """`block_ms=None` polls instead of blocking (fakeredis answers a blocking read at once)."""
         self.views = views
@@ -42,6 +43,8 @@ class Projector:
         self.maintenance_s = maintenance_s
         self.on_chats = on_chats
         """Called with (tenant, session, [head job]) after chat events are projected: queue the next chat."""
+        self.on_ended = on_ended
+        """Called with (tenant, [job ids]) for chats that ended: give back their tenant's concurrent-chat slots."""
         self.applied = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -108,5 +111,8 @@ class Projector:
                     head_moved = any(j.status is not None for j in u.jobs)  # a chat was requested or ended
                     if head_moved and self.on_chats is not None and u.state.active_chats:
                         await self.on_chats(tenant, u.session_id, [u.state.active_chats[0].job_id])
+                    ended = [j.job_id for j in u.jobs if j.ended]
+                    if ended and self.on_ended is not None:
+                        await self.on_ended(tenant, ended)
                 if not ok or u.to_version < head:
                     todo.append(u.session_id)

@@ -276,3 +276,40 @@ class ChatJob(Struct, kw_only=True):
 
 class ChatJobList(Struct):
     items: list[ChatJob]
+
+
+# -- tenancy ------------------------------------------------------------------------------
+class TenantLimits(Struct, kw_only=True, frozen=True):
+    """A tenant's limits; 0 means unlimited."""
+
+    rps: float = 0
+    """Requests per second, sustained, across every API process."""
+    burst: int = 0
+    """Requests admitted at once after a quiet spell."""
+    concurrent_chats: int = 0
+    """Chats queued or running at once."""
+    chat_tokens_per_day: int = 0
+    """Prompt plus completion tokens per UTC day."""
+    streams: int = 0
+    """Open event streams (and waiting synchronous chats)."""
+
+
+class UsageDay(Struct, kw_only=True):
+    day: str
+    """YYYY-MM-DD (UTC)."""
+    requests: int = 0
+    """Requests admitted."""
+    chats: int = 0
+    """Chats requested."""
+    prompt_tokens: int = 0
+    """Tokens of every prompt sent to a model (`ContextBuilt`)."""
+    completion_tokens: int = 0
+    """Tokens of the answers (their usage)."""
+
+
+class UsageReport(Struct, kw_only=True):
+    """`GET /usage`: the tenant's limits as they apply now, and its counters per day, newest first."""
+
+    tenant: str
+    limits: TenantLimits
+    days: list[UsageDay]

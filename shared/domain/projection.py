@@ -13,7 +13,7 @@ from typing import Literal
 
 from msgspec import Struct
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from shared.domain.events import (
     ChatCancelled,
@@ -52,6 +52,19 @@ class JobUpdate(Struct, kw_only=True, omit_defaults=True):
         return self.status in ("succeeded", "failed", "cancelled")
 
 
+class UsageDelta(Struct, kw_only=True, array_like=True):
+    """What a run of events adds to the tenant's usage on one day (UTC): the usage ledger is the log itself."""
+
+    day: str
+    """YYYY-MM-DD."""
+    chats: int = 0
+    """Chats requested."""
+    prompt_tokens: int = 0
+    """From `ContextBuilt`: every prompt a model was sent (a retried attempt builds, and sends, one again)."""
+    completion_tokens: int = 0
+    """From the answers' usage (`ChatCompleted`)."""
+
+
 class ReadModelUpdate(Struct, kw_only=True):
     session_id: str
     from_version: int
@@ -68,6 +81,8 @@ class ReadModelUpdate(Struct, kw_only=True):
     """Chat job records to write, in event order."""
     snapshots: list[SessionState] = []
     """The states at the versions in this run that are multiples of `SNAPSHOT_EVERY`."""
+    usage: list[UsageDelta] = []
+    """Per day, what the run adds to the tenant's usage counters (chats, tokens)."""
 
     @property
     def to_version(self) -> int:
@@ -85,6 +100,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
     tools_changed = False
     versions: list[int] = []
     jobs: list[JobUpdate] = []
+    usage: dict[str, UsageDelta] = {}
     active = [c.job_id for c in state.active_chats]
     for e in events:
         after = evolve(after, e)
@@ -105,12 +121,15 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
                 reason = ChatError(code="session_deleted", message="the session was deleted")
                 jobs += [JobUpdate(job_id=j, status="cancelled", finished_at=e.occurred_at, error=reason) for j in active]
             case ChatRequested(data=d):
+                _usage(usage, e).chats += 1
                 active.append(d.job_id)
                 jobs.append(JobUpdate(job_id=d.job_id, status="queued", model=d.params.model, stream=d.params.stream, created_at=e.occurred_at))
             case ContextBuilt(data=d):
+                _usage(usage, e).prompt_tokens += d.prompt_tokens
                 report = ContextReport(**{f: getattr(d, f) for f in ContextReport.__struct_fields__})
                 jobs.append(JobUpdate(job_id=d.job_id, context=report))
             case ChatCompleted(data=d):
+                _usage(usage, e).completion_tokens += d.response.usage.completion_tokens
                 jobs.append(JobUpdate(job_id=d.job_id, status="succeeded", finished_at=e.occurred_at, response=d.response))
             case ChatFailed(data=d):
                 jobs.append(JobUpdate(job_id=d.job_id, status="failed", finished_at=e.occurred_at, error=d.error))
@@ -129,4 +148,13 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
         index=index,
         jobs=jobs,
         snapshots=snapshots,
+        usage=list(usage.values()),
     )
+
+
+def _usage(usage: dict[str, UsageDelta], event: Event) -> UsageDelta:
+    day = event.occurred_at.astimezone(UTC).date().isoformat()
+    delta = usage.get(day)
+    if delta is None:
+        delta = usage[day] = UsageDelta(day=day)
+    return delta

@@ -10,6 +10,8 @@ from __future__ import annotations
 import zlib
 
 PREFIX = "parley"
+USAGE_TTL_S = 40 * 86_400
+"""Usage counters (per tenant and day) are kept this long."""
 
 
 def partition_of(session_id: str, partitions: int) -> int:
@@ -83,6 +85,11 @@ class Keys:
     def index(self, partition: int, tenant: str) -> str:
         """Sorted set of the tenant's live session ids in this partition (all scores 0: UUIDv7 text order)."""
         return f"{self.tag(partition)}:idx:{tenant}"
+
+    def usage(self, partition: int, tenant: str, day: str) -> str:
+        """Hash {chats, prompt_tokens, completion_tokens}: the tenant's usage on `day` (YYYY-MM-DD) from this
+        partition's sessions, counted by APPLY (exactly once); kept `USAGE_TTL_S`."""
+        return f"{self.tag(partition)}:usage:{tenant}:{day}"
 
     def chat(self, sid: str, job_id: str) -> str:
         """Hash: a chat job's record (the `ChatJob` resource's fields; nested ones as JSON)."""

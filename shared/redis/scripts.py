@@ -75,10 +75,12 @@ return {tonumber(head[1]), head[2], base, state, events}
 """
 
 APPLY = GEN + """
--- KEYS: head, view, messages, snapshots, index, projected, session's chat list, then one chat job hash per job update
+-- KEYS: head, view, messages, snapshots, index, projected, session's chat list, then one chat job hash per job update,
+--       then one usage hash per usage delta
 -- ARGV: tenant, from, to, state, session JSON ('' once deleted), tools JSON ('' unchanged), index op, session id,
 --       retention seconds, generation ('': the live one), message count n, n message versions,
---       snapshot count s, s version/state pairs, then per job: job id, field count m, m field/value pairs
+--       snapshot count s, s version/state pairs, job count J, then per job: job id, field count m, m field/value
+--       pairs, then usage count U, then per usage delta: chats, prompt tokens, completion tokens, TTL seconds
 -- A rebuild names its generation: it then writes only that generation's keys (no index, counters or jobs).
 local head = redis.call('HMGET', KEYS[1], 'v', 'g')
 if not head[1] then return 0 end  -- purged meanwhile: nothing may bring its content back
@@ -110,7 +112,9 @@ elseif ARGV[7] == 'remove' then
 end
 redis.call('HINCRBY', KEYS[6], ARGV[1], tonumber(ARGV[3]) - tonumber(ARGV[2]))
 local k = 8
-while i <= #ARGV do
+local jobs = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, jobs do
   local job, m = ARGV[i], tonumber(ARGV[i + 1])
   redis.call('ZADD', KEYS[7], 0, job)
   local status = redis.call('HGET', KEYS[k], 'status')
@@ -125,6 +129,15 @@ while i <= #ARGV do
     redis.call('EXPIRE', KEYS[k], ARGV[9])
   end
   i, k = i + 2 + 2 * m, k + 1
+end
+-- the tenant's usage per day: exactly once, as everything above, because the version check guards it
+local usage = tonumber(ARGV[i])
+for j = i + 1, i + 4 * usage, 4 do
+  redis.call('HINCRBY', KEYS[k], 'chats', ARGV[j])
+  redis.call('HINCRBY', KEYS[k], 'prompt_tokens', ARGV[j + 1])
+  redis.call('HINCRBY', KEYS[k], 'completion_tokens', ARGV[j + 2])
+  redis.call('EXPIRE', KEYS[k], ARGV[j + 3])
+  k = k + 1
 end
 return 1
 """
@@ -280,4 +293,50 @@ for i = 3, #ARGV, 2 do id = redis.call('XADD', KEYS[2], '*', 'k', ARGV[i], 'd', 
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'j', ARGV[2])
 return id
+"""
+
+ADMIT = """
+-- KEYS: the tenant's rate state (its theoretical arrival time, ms), its limits hash, today's request counter
+-- ARGV: default requests per second, default burst, the counter's TTL seconds
+-- GCRA (a token bucket without a refill timer): each request moves the arrival time on by 1/rate; a request is
+-- admitted while that stays within `burst` requests of now. Redis's clock, so every API process agrees.
+-- Answers {admitted 1/0, burst, remaining, ms until a request is admitted again (refused) or until the burst is
+-- whole again (admitted), the rate in thousandths per second}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lim = redis.call('HMGET', KEYS[2], 'rps', 'burst')
+local rps = tonumber(lim[1]) or tonumber(ARGV[1])
+local burst = tonumber(lim[2]) or tonumber(ARGV[2])
+if rps <= 0 or burst <= 0 then
+  if redis.call('INCR', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
+  return {1, 0, 0, 0, 0}
+end
+local milli = math.floor(rps * 1000)
+local step = 1000 / rps
+local span = step * burst
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local next_tat = tat + step
+if next_tat - now > span then
+  return {0, burst, 0, math.ceil(next_tat - now - span), milli}
+end
+redis.call('SET', KEYS[1], next_tat, 'PX', math.ceil(next_tat - now) + 1)
+if redis.call('INCR', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
+return {1, burst, math.floor((span - (next_tat - now)) / step), math.ceil(next_tat - now), milli}
+"""
+
+TAKE_SLOT = """
+-- KEYS: a set of the tenant's held slots (sorted set: member -> expiry ms), its limits hash
+-- ARGV: the limit's field in the hash, its default, member, ttl ms
+-- Takes a slot (a concurrent chat, an open stream) unless the tenant holds its limit; slots of crashed holders
+-- expire. Answers {taken 1/0, limit, held}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local limit = tonumber(redis.call('HGET', KEYS[2], ARGV[1])) or tonumber(ARGV[2])
+local held = redis.call('ZCARD', KEYS[1])
+if limit > 0 and held >= limit and not redis.call('ZSCORE', KEYS[1], ARGV[3]) then return {0, limit, held} end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]) + 1000)
+return {1, limit, redis.call('ZCARD', KEYS[1])}
 """

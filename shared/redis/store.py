@@ -30,7 +30,7 @@ from shared.ports import (
     View,
 )
 from shared.redis import scripts
-from shared.redis.keys import Keys, partition_of
+from shared.redis.keys import USAGE_TTL_S, Keys, partition_of
 from shared.redis.lua import Script, run_pipeline
 
 APPEND = Script(scripts.APPEND)
@@ -258,20 +258,26 @@ class RedisStore:
                 snapshots: list[Any] = []
                 for snap in u.snapshots:
                     snapshots += [snap.version, encode_state(snap)]
-                for job in u.jobs if gen is None else ():
+                live = gen is None
+                for job in u.jobs if live else ():
                     fields = job_fields(job)
                     job_keys.append(k.chat(sid, job.job_id))
                     job_args += [job.job_id, len(fields) // 2, *fields]
+                usage = u.usage if live else []
+                usage_keys = [k.usage(p, tenant, d.day) for d in usage]
+                usage_args: list[Any] = []
+                for d in usage:
+                    usage_args += [d.chats, d.prompt_tokens, d.completion_tokens, USAGE_TTL_S]
                 APPLY.queue(
                     pipe,
                     [
                         k.head(sid), k.view(sid), k.messages(sid), k.snapshots(sid), k.index(p, tenant), k.projected(p),
-                        k.chats(sid), *job_keys,
+                        k.chats(sid), *job_keys, *usage_keys,
                     ],
                     [
                         tenant, u.from_version, u.to_version, encode_state(u.state), session_json, tools_json,
                         u.index or "", sid, self.chat_retention_s, g, len(u.message_versions), *u.message_versions,
-                        len(u.snapshots), *snapshots, *job_args,
+                        len(u.snapshots), *snapshots, len(job_keys), *job_args, len(usage), *usage_args,
                     ],
                 )
 

@@ -73,6 +73,21 @@ async def test_stale_expected_version_conflicts_and_writes_nothing(store):
     assert len(await store.read(state.id)) == 2
 
 
+async def test_an_append_repeated_after_a_lost_reply_is_recognised_not_written_twice(store):
+    """A client library that retries an append whose reply it lost (redis-py's cluster client does) sends the very
+    same events again: APPEND answers 'appended' at their version, even after later appends, and stores them once."""
+    state = await create(store)
+    events = decide(state, AddMessage(body=MessageCreate(role="user", content="once")), stamp())
+    assert await store.append("acme", state.id, 1, events) == Appended(2)
+    assert await store.append("acme", state.id, 1, events) == Appended(2)
+    later = await add(store, fold(state, events), "later")
+    assert await store.append("acme", state.id, 1, events) == Appended(2)
+    stored = await store.read(state.id)
+    assert len(stored) == later.version == 3 and [e.id for e in stored].count(events[0].id) == 1
+    other = decide(state, AddMessage(body=MessageCreate(role="user", content="new")), stamp())
+    assert await store.append("acme", state.id, 1, other) == Conflict(3)  # other events at a stale version: a conflict
+
+
 async def test_another_tenant_cannot_append_or_load(store):
     state = await create(store)
     events = decide(state, AddMessage(body=MessageCreate(role="user", content="x")), stamp())

@@ -1,0 +1,172 @@
+"""Per-tenant limits, kept in Redis so that every API process enforces the same ones.
+
+Each tenant's limiter keys share the tenant's hash tag (`{t:<tenant>}`): the rate (GCRA, one script call per
+request), the concurrent chats and open streams (sorted sets of slots that expire if their holder dies), the
+limits themselves (a hash `parley tenants set-limits` writes; a field absent: the deployment's default) and the
+requests per day. Chat tokens per day are read from the usage counters APPLY keeps per partition (so the usage
+ledger is the log itself).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from shared.config import Settings
+from shared.domain.model import TenantLimits, UsageDay
+from shared.redis import scripts
+from shared.redis.keys import PREFIX, USAGE_TTL_S, Keys
+from shared.redis.lua import Script
+
+__all__ = ["Admission", "RedisLimits", "Slot", "tenant_defaults", "today"]
+
+ADMIT = Script(scripts.ADMIT)
+TAKE_SLOT = Script(scripts.TAKE_SLOT)
+FIELDS = ("rps", "burst", "concurrent_chats", "chat_tokens_per_day", "streams")
+
+
+class Admission(msgspec.Struct, frozen=True, array_like=True):
+    admitted: bool
+    burst: int
+    """0: the tenant has no rate limit."""
+    remaining: int
+    wait_ms: int
+    """Admitted: until the burst is whole again; refused: until a request is admitted again."""
+    rps: float = 0
+
+
+class Slot(msgspec.Struct, frozen=True):
+    taken: bool
+    limit: int
+    held: int
+
+
+def tenant_defaults(settings: Settings) -> TenantLimits:
+    return TenantLimits(
+        rps=settings.tenant_rps,
+        burst=settings.tenant_burst,
+        concurrent_chats=settings.tenant_concurrent_chats,
+        chat_tokens_per_day=settings.tenant_chat_tokens_per_day,
+        streams=settings.tenant_streams,
+    )
+
+
+def today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+class RedisLimits:
+    def __init__(self, redis: Redis, keys: Keys, defaults: TenantLimits) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.defaults = defaults
+        self._limits: dict[str, tuple[float, TenantLimits]] = {}
+        self._tokens: dict[str, tuple[float, int]] = {}
+
+    @staticmethod
+    def _tag(tenant: str) -> str:
+        return f"{PREFIX}:{{t:{tenant}}}"
+
+    # -- requests per second ---------------------------------------------------------------
+    async def admit(self, tenant: str) -> Admission:
+        tag, d = self._tag(tenant), self.defaults
+        reply = await ADMIT(
+            self.redis,
+            [f"{tag}:rate", f"{tag}:limits", f"{tag}:requests:{today()}"],
+            [d.rps, d.burst, USAGE_TTL_S],
+        )
+        admitted, burst, remaining, wait_ms, milli_rps = (int(x) for x in reply)
+        return Admission(bool(admitted), burst, remaining, wait_ms, milli_rps / 1000)
+
+    # -- slots: concurrent chats, open streams ------------------------------------------------
+    async def take(self, tenant: str, kind: str, member: str, ttl_s: float) -> Slot:
+        """Take one of the tenant's `kind` slots ("chats" or "streams") for `member`, held `ttl_s` unless renewed."""
+        tag = self._tag(tenant)
+        field = "concurrent_chats" if kind == "chats" else "streams"
+        default = getattr(self.defaults, field)
+        reply = await TAKE_SLOT(self.redis, [f"{tag}:{kind}", f"{tag}:limits"], [field, default, member, int(ttl_s * 1000)])
+        return Slot(bool(reply[0]), int(reply[1]), int(reply[2]))
+
+    async def renew(self, tenant: str, kind: str, members: Sequence[str], ttl_s: float) -> None:
+        if not members:
+            return
+        key = f"{self._tag(tenant)}:{kind}"
+        until = int(time.time() * 1000 + ttl_s * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(key, {m: until for m in members}, xx=True)
+        pipe.pexpire(key, int(ttl_s * 1000) + 1000)
+        await pipe.execute()
+
+    async def give(self, tenant: str, kind: str, *members: str) -> None:
+        if members:
+            await self.redis.zrem(f"{self._tag(tenant)}:{kind}", *members)
+
+    # -- configuration -------------------------------------------------------------------------
+    async def limits(self, tenant: str, max_age_s: float = 1.0) -> TenantLimits:
+        """The tenant's limits (its own, else the defaults), cached in this process for `max_age_s`."""
+        now = time.monotonic()
+        hit = self._limits.get(tenant)
+        if hit is not None and now - hit[0] < max_age_s:
+            return hit[1]
+        raw = await self.redis.hgetall(f"{self._tag(tenant)}:limits")
+        own = {k.decode(): v.decode() for k, v in raw.items()}
+        merged = msgspec.convert({**msgspec.structs.asdict(self.defaults), **own}, TenantLimits, strict=False)
+        self._limits[tenant] = (now, merged)
+        return merged
+
+    async def overrides(self, tenant: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(f"{self._tag(tenant)}:limits")
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def set_limits(self, tenant: str, values: dict[str, Any], reset: Sequence[str] = ()) -> None:
+        """Set some of the tenant's limits (`FIELDS`); `reset` ones go back to the deployment's defaults."""
+        unknown = (set(values) | set(reset)) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown limits: {', '.join(sorted(unknown))}")
+        key = f"{self._tag(tenant)}:limits"
+        pipe = self.redis.pipeline(transaction=True)
+        if values:
+            pipe.hset(key, mapping={k: str(v) for k, v in values.items()})
+        if reset:
+            pipe.hdel(key, *reset)
+        await pipe.execute()
+
+    # -- usage -------------------------------------------------------------------------------------
+    async def usage(self, tenant: str, days: int) -> list[UsageDay]:
+        """The tenant's counters for the last `days` UTC days, newest first."""
+        start = datetime.now(UTC).date()
+        names = [(start - timedelta(days=i)).isoformat() for i in range(days)]
+        tag = self._tag(tenant)
+        pipe = self.redis.pipeline(transaction=False)
+        for day in names:
+            pipe.get(f"{tag}:requests:{day}")
+            for p in range(self.keys.partitions):
+                pipe.hmget(self.keys.usage(p, tenant, day), "chats", "prompt_tokens", "completion_tokens")
+        replies = await pipe.execute()
+        out = []
+        step = 1 + self.keys.partitions
+        for i, day in enumerate(names):
+            block = replies[i * step : (i + 1) * step]
+            u = UsageDay(day=day, requests=int(block[0] or 0))
+            for chats, prompt, completion in block[1:]:
+                u.chats += int(chats or 0)
+                u.prompt_tokens += int(prompt or 0)
+                u.completion_tokens += int(completion or 0)
+            out.append(u)
+        return out
+
+    async def tokens_today(self, tenant: str, max_age_s: float = 1.0) -> int:
+        """Prompt plus completion tokens the tenant used today, cached in this process for `max_age_s`."""
+        now = time.monotonic()
+        hit = self._tokens.get(tenant)
+        if hit is not None and now - hit[0] < max_age_s:
+            return hit[1]
+        [day] = await self.usage(tenant, 1)
+        tokens = day.prompt_tokens + day.completion_tokens
+        self._tokens[tenant] = (now, tokens)
+        return tokens
