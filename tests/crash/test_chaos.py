@@ -935,7 +935,7 @@ async def _projects_and_ready(v: Verdict, client: httpx.AsyncClient, api: Parley
     v.check(
         f"GET after POST answers 200 with the write within {WORKER_RECOVERY_S:.0f}s (the worker projects)",
         alive and found,
-        f"GET outcomes {dict(seen)}; {excerpt(worker)}",
+        f"GET outcomes {dict(seen)}" + (f"; the worker runs but does not project: {excerpt(worker)}" if alive else ""),
     )
 
     async def ready_or_dead() -> bool:
