@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from litestar import Litestar, MediaType, Response, get
 from litestar.datastructures import State
+from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
@@ -36,7 +37,7 @@ from services.api.chats import ChatController
 from services.api.openai_api import OpenAIController
 from services.api.history import EventController, audit
 from services.api.sessions import SessionController
-from services.api import strict
+from services.api import openapi, strict
 from services.api.sse import StreamSlots
 from services.api.usage import usage
 from services.worker.main import chat_hooks, run_worker as worker_main
@@ -173,6 +174,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
         logging_config=None,
     )
     app.state.supervisor = Supervisor(logging.getLogger("parley.api"))
+    openapi.finish(app.plugins.get(OpenAPIPlugin).provide_openapi_schema())
     return app
 
 

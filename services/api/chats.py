@@ -163,7 +163,10 @@ class ChatController(Controller):
         tenant: str,
         session_id: str,
         job_id: str,
-        last_event_id: Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False)] = None,
+        last_event_id: Annotated[
+            str | None,
+            HeaderParameter(name="Last-Event-ID", required=False, pattern=r"^[0-9]{1,20}-[0-9]{1,20}(\.1)?$", description="Resume after this event's `id:`."),
+        ] = None,
     ) -> EventStream:
         """The job's event stream from the start, or after `Last-Event-ID`: nothing missed, nothing repeated."""
         service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)

@@ -23,7 +23,7 @@ from services.api.sessions import Limit, _errors, _service, _session_id
 After = Annotated[int, Parameter(ge=0, le=2**63 - 1, description="A version: the page starts after it (exclusive).")]
 LastEventId = Annotated[
     str | None,
-    HeaderParameter(name="Last-Event-ID", required=False, description="SSE resume point (a version); wins over `after`."),
+    HeaderParameter(name="Last-Event-ID", required=False, pattern=r"^[0-9]{1,19}$", description="SSE resume point (a version); wins over `after`."),
 ]
 SSE_BATCH = 500
 _VERSION = re.compile(r"[0-9]{1,20}")

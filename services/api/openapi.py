@@ -1,0 +1,189 @@
+"""The OpenAPI document, made exact: what litestar generates from the handlers, finished by one table.
+
+litestar documents a default 400 body (`{status_code, detail, extra}`) Parley never sends, knows nothing of the
+statuses the guard, the HTTP protocol or the store answer (401, 408, 415, 429, 503…), of event streams, or of
+response headers. `finish` rewrites the generated document once at start-up, so that a generated client (or a
+fuzzer) finds every status an operation can answer, each with Parley's one error body and its codes, the
+`text/event-stream` answers beside the JSON ones, the `ETag` / `Location` / `Retry-After` / `RateLimit` headers,
+`security: []` on the probes, and parameters no looser than what the API accepts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+__all__ = ["finish"]
+
+ERROR = {"$ref": "#/components/schemas/ErrorBody"}
+OPENAI_ERROR = {"$ref": "#/components/schemas/OpenAIErrorBody"}
+
+CODES: dict[int, dict[str, str]] = {
+    400: {"invalid_json": "the body is not JSON", "bad_request": "the request is not valid HTTP"},
+    401: {"unauthorized": "no key, or an unknown or revoked key"},
+    404: {"not_found": "no such session (or job) for this tenant", "version_not_found": "the session never had that version"},
+    409: {
+        "write_contention": "too many concurrent writers on one session; retry",
+        "chat_in_progress": "another chat runs and the multitask policy is `reject`",
+        "chat_not_active": "the chat already ended",
+        "cancelled": "the chat was cancelled",
+        "session_deleted": "the session was deleted while the chat ran",
+    },
+    412: {"version_conflict": "`If-Match` is not the session's version"},
+    413: {"payload_too_large": "the body is over `PARLEY_MAX_BODY_BYTES`"},
+    415: {"unsupported_media_type": "the body is not sent as `application/json`"},
+    422: {
+        "validation_failed": "the body, a parameter or a header does not match the schema, or breaks a rule",
+        "idempotency_key_reused": "the Idempotency-Key was used with another request",
+        "token_budget_exceeded": "the prompt cannot fit the session's token budget",
+    },
+    429: {
+        "rate_limited": "the tenant is over its request rate, its concurrent chats or its open streams",
+        "quota_exceeded": "the tenant used its chat tokens of the day",
+    },
+    502: {"model_unavailable": "the model's server failed", "model_rate_limited": "the model's server refused (429)",
+          "model_timeout": "the model did not answer in time", "model_error": "the model answered an error"},
+    503: {
+        "store_unavailable": "Redis does not answer (within `PARLEY_REDIS_TIMEOUT_S`)",
+        "overloaded": "the process is at its in-flight bound, or out of Redis connections",
+        "projection_lagging": "the read model did not catch up within `PARLEY_READ_TIMEOUT_S`",
+    },
+    504: {"chat_timeout": "no answer within `PARLEY_CHAT_WAIT_S` (the job goes on)"},
+}
+"""Every error code the API answers, by status (README: the error table)."""
+OPENAI_CODES: dict[int, dict[str, str]] = {
+    400: {"unsupported_value": "a field Parley cannot honour (`n` other than 1)", "token_budget_exceeded": "the prompt cannot fit the session's token budget"},
+    422: {"unsupported_content": "a content part Parley does not store (audio, file)"},
+}
+"""The OpenAI-compatible endpoint answers these too (its errors add OpenAI's `type` and `param`)."""
+
+HEADERS = {
+    "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer", "minimum": 1}},
+    "RateLimit-Policy": {
+        "description": 'The tenant\'s request quota (draft-ietf-httpapi-ratelimit-headers): `"tenant";q=<requests>;w=<seconds>`.',
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": 'What is left of it: `"tenant";r=<remaining>;t=<seconds until whole again>`.',
+        "schema": {"type": "string"},
+    },
+    "ETag": {"description": "The session's version, quoted: send it back in `If-Match`.", "schema": {"type": "string"}},
+    "Location": {"description": "The URL of what was created.", "schema": {"type": "string"}},
+}
+
+INT64_MAX = 2**63 - 1
+SSE = {"text/event-stream": {"schema": {"type": "string", "description": "Server-sent events (README: event names)."}}}
+PROBES = {"/health", "/ready"}
+SESSION_WRITES = re.compile(r"^/sessions(/\{session_id\}(/messages)?)?$")
+
+
+def finish(doc: dict[str, Any]) -> dict[str, Any]:
+    """Make the generated document exact (in place; answers it)."""
+    components = doc.setdefault("components", {})
+    components.setdefault("headers", {}).update(copy.deepcopy(HEADERS))
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method in ("get", "post", "put", "patch", "delete"):
+                _finish_operation(path, method, op)
+    return doc
+
+
+def _finish_operation(path: str, method: str, op: dict[str, Any]) -> None:
+    responses: dict[str, Any] = op["responses"]
+    responses.pop("400", None)  # litestar's own ValidationException body: never sent
+    for p in op.get("parameters", ()):
+        _tighten(p)
+    if path in PROBES:
+        op["security"] = []
+        if path == "/ready":
+            responses["503"] = _error(503, {"not_ready": "Redis, the projector or a part of this process is not available"}, ERROR)
+        return
+    openai = path.endswith("/chat/completions") or path.endswith("/models")
+    body = ERROR if not openai else OPENAI_ERROR
+    has_body = "requestBody" in op
+    has_params = has_body or any(p["in"] in ("query", "header") for p in op.get("parameters", ()))
+    statuses = {400, 401, 429, 503}
+    if "{session_id}" in path:
+        statuses.add(404)
+    if has_params:
+        statuses.add(422)
+    if has_body:
+        statuses |= {413, 415}
+    if method in ("post", "put", "patch", "delete") and SESSION_WRITES.match(path):
+        statuses.add(409)
+    if method in ("put", "patch", "delete") and path == "/sessions/{session_id}":
+        statuses.add(412)
+    if path.endswith("/chat") or (openai and method == "post"):
+        statuses |= {409, 502, 504}
+    if path.endswith("/cancel"):
+        statuses.add(409)
+    for status in sorted(statuses):
+        codes = dict(CODES[status])
+        if status == 400 and not has_body:
+            codes.pop("invalid_json")
+        if status == 404 and "version" not in {p["name"] for p in op.get("parameters", ())}:
+            codes.pop("version_not_found")
+        if status == 422 and not path.endswith("/chat"):
+            codes.pop("token_budget_exceeded")
+        if openai and status in OPENAI_CODES:
+            codes.update(OPENAI_CODES[status])
+        responses[str(status)] = _error(status, codes, body)
+    for status, response in responses.items():
+        if status.startswith("2"):
+            headers = response.setdefault("headers", {})
+            headers.update({h: {"$ref": f"#/components/headers/{h}"} for h in ("RateLimit-Policy", "RateLimit")})
+    _success_headers(path, method, responses)
+    _streams(path, method, responses)
+
+
+def _error(status: int, codes: dict[str, str], schema: dict[str, str]) -> dict[str, Any]:
+    lines = "; ".join(f"`{code}`: {when}" for code, when in codes.items())
+    response: dict[str, Any] = {"description": f"Error ({lines}).", "content": {"application/json": {"schema": schema}}}
+    if status in (429, 503):
+        response["headers"] = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
+        if status == 429:
+            response["headers"].update({h: {"$ref": f"#/components/headers/{h}"} for h in ("RateLimit-Policy", "RateLimit")})
+    return response
+
+
+def _success_headers(path: str, method: str, responses: dict[str, Any]) -> None:
+    def add(status: str, *names: str) -> None:
+        if status in responses:
+            responses[status].setdefault("headers", {}).update({n: {"$ref": f"#/components/headers/{n}"} for n in names})
+
+    if path == "/sessions" and method == "post":
+        add("201", "ETag", "Location")
+    if path == "/sessions/{session_id}" and method in ("get", "put", "patch"):
+        add("200", "ETag")
+    if path.endswith("/chat") and method == "post":
+        add("202", "Location")
+
+
+def _streams(path: str, method: str, responses: dict[str, Any]) -> None:
+    """Answers that are (or may be) `text/event-stream`."""
+    ok = responses.get("200")
+    if ok is None:
+        return
+    if path.endswith("/chats/{job_id}/stream"):
+        ok["content"] = copy.deepcopy(SSE)
+        ok["description"] = "The job's events (OpenAI-style chunks, the usage, then `[DONE]`)."
+    elif path.endswith("/events") or (method == "post" and (path.endswith("/chat") or path.endswith("/chat/completions"))):
+        ok.setdefault("content", {}).update(copy.deepcopy(SSE))
+        ok["description"] = "JSON, or `text/event-stream` when streamed (`Accept: text/event-stream` / `stream: true`)."
+
+
+def _tighten(param: dict[str, Any]) -> None:
+    """A header or query parameter is absent or a value, never null: `T | None` documents as `T`. Integer bounds
+    are integers (litestar writes them as floats, and 2**63 - 1 as a float is 2**63, which the API refuses)."""
+    schema = param.get("schema") or {}
+    variants = schema.get("oneOf")
+    if param["in"] in ("header", "query") and isinstance(variants, list):
+        kinds = [v for v in variants if v.get("type") != "null"]
+        if len(kinds) == 1 and len(kinds) < len(variants):
+            schema = {**{k: v for k, v in schema.items() if k != "oneOf"}, **kinds[0]}
+    if schema.get("type") == "integer":
+        for bound in ("minimum", "maximum"):
+            if isinstance(schema.get(bound), float):
+                schema[bound] = INT64_MAX if schema[bound] == float(INT64_MAX) else int(schema[bound])
+    param["schema"] = schema
