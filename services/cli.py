@@ -117,16 +117,17 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
     import uvicorn
 
     from services.api.app import create_app
-    from services.api.guard import Guard
+    from services.api.guard import Gate, Guard
     from services.api.server import guarded_protocol
 
     app = create_app(settings, redis=redis, run_worker=run_worker)
+    gate = Gate(settings.max_inflight)
     config = uvicorn.Config(
-        Guard(app, settings.max_inflight),
+        Guard(app, gate),
         host=host,
         port=port,
         loop="none",
-        http=guarded_protocol(settings.header_timeout_s, settings.body_timeout_s),
+        http=guarded_protocol(settings.header_timeout_s, settings.body_timeout_s, gate),
         access_log=False,
         timeout_keep_alive=int(settings.keep_alive_s),
         log_level=settings.log_level.lower(),

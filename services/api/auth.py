@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from litestar import Request
-from litestar.types import Scope
+from collections.abc import Iterable
 from litestar.exceptions import NotAuthorizedException
 
 from shared.redis.api_keys import RedisApiKeys, key_hash
@@ -35,9 +35,9 @@ class Authenticator:
         return tenant
 
 
-def presented_key(scope: Scope) -> str | None:
-    """The API key from `Authorization: Bearer <key>`, else `X-Auth-Key`."""
-    headers = scope["headers"]
+def key_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The API key from `Authorization: Bearer <key>`, else `X-Auth-Key` (raw ASGI / parser headers)."""
+    headers = list(headers)
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
@@ -53,7 +53,7 @@ async def provide_tenant(request: Request) -> str:
     tenant = request.scope.get("state", {}).get("parley.tenant")
     if tenant is not None:
         return tenant
-    key = presented_key(request.scope)
+    key = key_of(request.scope["headers"])
     if key is None:
         raise NotAuthorizedException("missing API key: send Authorization: Bearer <key> or X-Auth-Key")
     tenant = await request.app.state.auth.tenant(key)

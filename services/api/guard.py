@@ -16,6 +16,7 @@ The tenant found here is handed to litestar in the scope's state (`parley.tenant
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from typing import Any
@@ -26,9 +27,9 @@ from litestar.types import Message, Receive, Scope, Send
 from shared.redis.connect import pool_exhausted
 from shared.redis.limits import Admission
 from shared.supervise import TRANSIENT
-from services.api.auth import presented_key
+from services.api.auth import key_of
 
-__all__ = ["Guard"]
+__all__ = ["OVERLOADED_RESPONSE", "Gate", "Guard"]
 
 EXEMPT = frozenset({"/health", "/ready"})
 
@@ -52,33 +53,94 @@ def ratelimit_headers(a: Admission) -> list[tuple[bytes, bytes]]:
     ]
 
 
-class Guard:
-    def __init__(self, app: Litestar, max_inflight: int) -> None:
-        self.app = app
-        self.max_inflight = max_inflight
-        self.inflight = 0
+class Gate:
+    """What the HTTP protocol and the guard share: the process's work in flight, and the tenants it refuses now.
+
+    Work in flight counts requests parsed and waiting for the event loop to run them, plus requests being worked
+    on. The protocol counts a request in as soon as its headers are parsed, and refuses it right there, before a
+    task is even created, when the process is full or the key's tenant is being refused (the cheapest refusal
+    there is: one write). The guard moves a request from waiting to working, and out when it ends or detaches
+    to wait on a stream."""
+
+    def __init__(self, limit: int, max_wait_s: float = 0.5) -> None:
+        self.limit = limit
+        self.max_wait_s = max_wait_s
+        """A request the event loop reaches only after this long is shed too: it waited longer than any client will."""
+        self.waiting = 0
+        self.working = 0
         self.shed = 0
         """Requests refused as overload, since start (for /metrics)."""
-        self._refusing: dict[str, tuple[float, Admission]] = {}
+        self._refusing: dict[bytes, tuple[float, Admission]] = {}
+        """sha256(key) → (until when, the admission that refused it): refused here without Redis meanwhile."""
+
+    def admit(self) -> bool:
+        """A request's headers are parsed: count it in, or say it must be shed."""
+        if self.waiting + self.working >= self.limit:
+            self.shed += 1
+            return False
+        self.waiting += 1
+        return True
+
+    def refuse(self, key: str, admission: Admission, wait_s: float) -> None:
+        self._refusing[_digest(key)] = (time.monotonic() + wait_s, admission)
+
+    def refusal(self, key: str) -> tuple[Admission, float] | None:
+        """(the refusing admission, seconds left) while this key's tenant is refused; else None."""
+        digest = _digest(key)
+        hit = self._refusing.get(digest)
+        if hit is None:
+            return None
+        left = hit[0] - time.monotonic()
+        if left <= 0:
+            del self._refusing[digest]
+            return None
+        return hit[1], left
+
+    def early_answer(self, headers: list[tuple[bytes, bytes]]) -> bytes | None:
+        """For the protocol, at parse time: the whole 429 answer if the request's key is being refused."""
+        if not self._refusing:
+            return None
+        key = key_of(headers)
+        refused = self.refusal(key) if key is not None else None
+        if refused is None:
+            return None
+        admission, left = refused
+        return _response(429, RATE_LIMITED, _refusal_headers(admission, left))
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class Guard:
+    def __init__(self, app: Litestar, gate: Gate) -> None:
+        self.app = app
+        self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in EXEMPT:
             await self.app(scope, receive, send)
             return
-        if self.inflight >= self.max_inflight:
-            self.shed += 1
+        gate = self.gate
+        state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+        parsed_at = state.pop("parley.parsed_at", None)
+        if parsed_at is None and not gate.admit():  # not counted in by the protocol (another server): count it here
             await _answer(send, 503, OVERLOADED, [(b"retry-after", b"1")])
             return
-        self.inflight += 1
+        gate.waiting -= 1
+        if parsed_at is not None and time.monotonic() - parsed_at > gate.max_wait_s:
+            gate.shed += 1
+            await _answer(send, 503, OVERLOADED, [(b"retry-after", b"1")])
+            return
+        gate.working += 1
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.inflight -= 1
+                gate.working -= 1
 
-        state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
         state["parley.detach"] = release
         try:
             headers = await self._admit(scope, state, send)
@@ -92,37 +154,34 @@ class Guard:
 
     async def _admit(self, scope: Scope, state: dict[str, Any], send: Send) -> list[tuple[bytes, bytes]] | None:
         """None: refused (answered); else the headers to add to the answer."""
-        key = presented_key(scope)
+        key = key_of(scope["headers"])
         if key is None:
             return []  # litestar answers 401 on routes that need a key
+        refused = self.gate.refusal(key)
+        if refused is not None:
+            await _answer(send, 429, RATE_LIMITED, _refusal_headers(*refused))
+            return None
         app_state = self.app.state
         try:
             tenant = await app_state.auth.tenant(key)
             if tenant is None:
                 return []
             state["parley.tenant"] = tenant
-            refusing = self._refusing.get(tenant)
-            now = time.monotonic()
-            if refusing is not None:
-                if now < refusing[0]:
-                    await self._refuse(send, refusing[1], refusing[0] - now)
-                    return None
-                del self._refusing[tenant]
             admission: Admission = await app_state.limits.admit(tenant)
         except TRANSIENT as e:
             await _answer(send, 503, OVERLOADED if pool_exhausted(e) else UNAVAILABLE, [(b"retry-after", b"1")])
             return None
         if not admission.admitted:
             wait = admission.wait_ms / 1000
-            self._refusing[tenant] = (now + wait, admission)
-            await self._refuse(send, admission, wait)
+            self.gate.refuse(key, admission, wait)
+            await _answer(send, 429, RATE_LIMITED, _refusal_headers(admission, wait))
             return None
         return ratelimit_headers(admission) if admission.burst else []
 
-    async def _refuse(self, send: Send, admission: Admission, wait_s: float) -> None:
-        retry = max(1, math.ceil(wait_s))
-        headers = [(b"retry-after", b"%d" % retry), *ratelimit_headers(Admission(False, admission.burst, 0, int(wait_s * 1000), admission.rps))]
-        await _answer(send, 429, RATE_LIMITED, headers)
+
+def _refusal_headers(admission: Admission, wait_s: float) -> list[tuple[bytes, bytes]]:
+    retry = max(1, math.ceil(wait_s))
+    return [(b"retry-after", b"%d" % retry), *ratelimit_headers(Admission(False, admission.burst, 0, int(wait_s * 1000), admission.rps))]
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
@@ -143,3 +202,17 @@ async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[byte
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+_REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
+
+
+def _response(status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A whole HTTP/1.1 answer, for the protocol to write in one go."""
+    lines = [b"HTTP/1.1 %d %s" % (status, _REASONS[status]), b"content-type: application/json", b"content-length: %d" % len(body)]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+OVERLOADED_RESPONSE = _response(503, OVERLOADED, [(b"retry-after", b"1")])
+"""The whole answer the protocol writes when it sheds a request before it becomes a task."""

@@ -37,6 +37,8 @@ from tests.bench import wrk
 
 ROOT = Path(__file__).resolve().parents[2]
 TENANT, KEY = "bench", "bench-key"
+QUIET_KEY, NOISY_KEY = "quiet-key", "noisy-key"
+"""P8's two tenants: one at a modest rate, one far over its own limit."""
 BODY = b'{"role":"user","content":"' + b"x" * 200 + b'"}'
 PARTITIONS = 16
 
@@ -80,14 +82,25 @@ def _wait_port(port: int) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def load(url: str, paths: list[str], seconds: float, connections: int, method: str = "GET", body: bytes | None = None, mode: str = "closed", rate: float = 0.0) -> dict:
-    """wrk for closed-loop runs when installed; our own generator (a separate process) otherwise and for open loop."""
-    if mode == "closed" and wrk.available():
+def load(url: str, paths: list[str], seconds: float, connections: int, method: str = "GET", body: bytes | None = None, mode: str = "closed",
+         rate: float = 0.0, key: str = KEY, cpus: set[int] | None = None) -> dict:
+    """wrk for closed-loop runs when installed; our own generator (a separate process) otherwise and for open loop.
+    `cpus`: run the generator on these cores only."""
+    if mode == "closed" and wrk.available() and key == KEY and cpus is None:
         return msgspec.to_builtins(wrk.run(url, paths, seconds, connections, KEY, method, body))
-    spec = {"url": url, "paths": paths, "seconds": seconds, "key": KEY, "method": method, "body": body.decode() if body else None,
-            "mode": mode, "connections": connections, "rate": rate}
-    out = subprocess.run([sys.executable, "-m", "tests.bench.loadgen", json.dumps(spec)], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "tests.bench.loadgen", loadgen_spec(url, paths, seconds, connections, method, body, mode, rate, key)],
+                         capture_output=True, text=True, check=True, cwd=ROOT, preexec_fn=_on(cpus))
     return json.loads(out.stdout)
+
+
+def _on(cpus: set[int] | None):  # noqa: ANN202 - a preexec_fn
+    return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+
+
+def loadgen_spec(url: str, paths: list[str], seconds: float, connections: int, method: str = "GET", body: bytes | None = None,
+                 mode: str = "closed", rate: float = 0.0, key: str = KEY) -> str:
+    return json.dumps({"url": url, "paths": paths, "seconds": seconds, "key": key, "method": method, "body": body.decode() if body else None,
+                       "mode": mode, "connections": connections, "rate": rate})
 
 
 def med(runs: list[dict], field: str) -> float:
@@ -104,8 +117,11 @@ class Bench:
 
     def start(self) -> None:
         self.redis_server = RedisServer(self.tmp / "redis", appendfsync="everysec").start()
-        env = {**os.environ, "REDIS_URL": self.redis_server.url, "PARLEY_API_KEYS": f"{TENANT}:{KEY}", "PARLEY_LOG_LEVEL": "WARNING",
-               "PYTHONPATH": str(ROOT), "PARLEY_PARTITIONS": str(PARTITIONS)}
+        env = {**os.environ, "REDIS_URL": self.redis_server.url, "PARLEY_LOG_LEVEL": "WARNING",
+               "PARLEY_API_KEYS": f"{TENANT}:{KEY},quiet:{QUIET_KEY},noisy:{NOISY_KEY}",
+               "PYTHONPATH": str(ROOT), "PARLEY_PARTITIONS": str(PARTITIONS),
+               # the limiter runs on every request (its cost is in every row) but never refuses the benchmark
+               "PARLEY_TENANT_RPS": "1000000", "PARLEY_TENANT_BURST": "1000000"}
         py = sys.executable
         self.model = Proc([py, "-m", "tests.bench.zero_model", "--port", str(mp := free_port())], env, self.tmp / "model.log", port=None)
         self.model_url = f"http://127.0.0.1:{mp}/v1"
@@ -308,6 +324,74 @@ class Bench:
                     goal="what /chat/completions adds over /chat (same run, interleaved): report")
 
 
+    def p8(self) -> None:
+        """Overload and tenants. (a) Writes offered open-loop at 4x what the API served closed-loop, against the
+        same writes at half that rate: the served requests' p99, the share of the closed-loop rate still served,
+        and how soon a request is served normally once the overload stops. (b) A quiet tenant's p99 alone, and
+        beside a noisy tenant sending 10x its own limit."""
+        a = self.args
+        ids = self.sessions(20 if a.quick else 100)
+        paths = [f"/sessions/{s}/messages" for s in ids]
+        closed, calm, over, recovery = [], [], [], []
+        for _ in range(a.reps):
+            closed.append(load(self.api.url, paths, a.seconds, a.connections, "POST", BODY))
+            capacity = closed[-1]["rps"]
+            calm.append(load(self.api.url, paths, a.seconds, 64, "POST", BODY, mode="open", rate=capacity / 2))
+            over.append(load(self.api.url, paths, a.seconds, 256, "POST", BODY, mode="open", rate=capacity * 4))
+            recovery.append(self._recovery_ms(paths[0]))
+        self.check(closed + calm)
+        self.errors += sum(r["errors"] - r["failures"].get("503", 0) for r in over)  # 503 overloaded is the point
+        cap, served = med(closed, "rps"), med(over, "ok_rps")
+        self.record("P8overload", closed_loop_rps=cap, offered_rps=cap * 4, served_rps=served, served_share=served / cap,
+                    shed_per_s=med(over, "rps") - served, unloaded_p99_ms=med(calm, "ok_p99_ms"), served_p99_ms=med(over, "ok_p99_ms"),
+                    p99_ratio=med(over, "ok_p99_ms") / med(calm, "ok_p99_ms"), recovery_ms=statistics.median(recovery),
+                    goal="served_share >= 0.9, p99_ratio <= 3, recovery_ms <= 1000")
+        self._set_limits("noisy", rps=50, burst=50)
+        with httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {QUIET_KEY}"}) as quiet:
+            quiet_paths = [f"/sessions/{quiet.post('/sessions', json={}).json()['id']}" for _ in range(20)]
+        rate = max(50.0, cap / 4)
+        # The API alone on core 0, everything else (Redis, the worker, both load generators) on core 1: what the
+        # noisy tenant costs the quiet one inside Parley, not the noisy generator's own CPU on a 2-core machine.
+        self._pin({0})
+        alone, beside, noisy = [], [], []
+        try:
+            for _ in range(a.reps):
+                alone.append(load(self.api.url, quiet_paths, a.seconds, 64, mode="open", rate=rate, key=QUIET_KEY, cpus={1}))
+                gen = subprocess.Popen([sys.executable, "-m", "tests.bench.loadgen",
+                                        loadgen_spec(self.api.url, ["/usage?days=1"], a.seconds + 1, 64, mode="open", rate=500, key=NOISY_KEY)],
+                                       stdout=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_on({1}))
+                time.sleep(0.5)
+                beside.append(load(self.api.url, quiet_paths, a.seconds, 64, mode="open", rate=rate, key=QUIET_KEY, cpus={1}))
+                noisy.append(json.loads(gen.communicate()[0]))
+        finally:
+            self._pin(None)
+        self.check(alone + beside)
+        self.record("P8tenants", quiet_rps=rate, quiet_p99_alone_ms=med(alone, "p99_ms"), quiet_p99_beside_noisy_ms=med(beside, "p99_ms"),
+                    p99_ratio=med(beside, "p99_ms") / med(alone, "p99_ms"), noisy_offered_rps=500, noisy_limit_rps=50,
+                    noisy_served_rps=med(noisy, "ok_rps"), pinned="API on core 0; Redis, worker, load generators on core 1",
+                    goal="p99_ratio <= 1.2")
+
+    def _pin(self, api_cores: set[int] | None) -> None:
+        """Pin the API to `api_cores` and the rest of the stack to the other cores (None: undo)."""
+        every = set(range(os.cpu_count() or 1))
+        rest = every - api_cores if api_cores else every
+        os.sched_setaffinity(self.api.proc.pid, api_cores or every)
+        for pid in (self.worker.proc.pid, self.redis_server.proc.pid, self.model.proc.pid, self.ceiling.proc.pid):
+            os.sched_setaffinity(pid, rest or every)
+
+    def _recovery_ms(self, path: str) -> float:
+        """From the end of an overload, how long until a request is answered 2xx (the overload's tail drains)."""
+        started = time.perf_counter()
+        with httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}) as h:
+            while time.perf_counter() - started < 10:
+                if h.post(path, content=BODY).status_code == 201:
+                    break
+        return (time.perf_counter() - started) * 1000
+
+    def _set_limits(self, tenant: str, **limits: float) -> None:
+        self.redis.hset(f"parley:{{t:{tenant}}}:limits", mapping={k: str(v) for k, v in limits.items()})
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Parley benchmark — {result['when']}", "", f"`{result['command']}` · reps {result['reps']} × {result['seconds']} s · "
              f"{result['connections']} connections · load generator: {result['loadgen']}", "", "| row | figures | goal |", "|---|---|---|"]
@@ -331,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     args.seconds = args.seconds or (1.0 if args.quick else 5.0)
     bench = Bench(args)
     bench.start()
-    rows = set(args.rows.split(",")) if args.rows else {"P1", "P2", "P3", "P4", "P5", "P7", "P6", "P5tt"}
+    rows = set(args.rows.split(",")) if args.rows else {"P1", "P2", "P3", "P4", "P5", "P7", "P6", "P5tt", "P8"}
     try:
         if rows & {"P1", "P2", "P3"}:
             bench.p1_p2()
@@ -343,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.p5()
         if "P7" in rows:
             bench.p7()
+        if "P8" in rows:
+            bench.p8()
         if rows & {"P6", "P5tt"}:
             from tests.bench import replay_bench
 
