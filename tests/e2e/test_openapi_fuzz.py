@@ -553,12 +553,13 @@ def test_directed_probes(
     """A few requests generation cannot or should not produce, through the same checks: no key or an unknown key
     (generation always sends the tenant's), a body that is not JSON or not `application/json`, a body over
     PARLEY_MAX_BODY_BYTES, `Accept: text/event-stream` on the log (on a deleted session, whose stream ends), a
-    finished job's stream resumed after its end, and a synchronous and a streamed chat and completion on a session
-    that can answer."""
+    finished job's stream resumed after its end; and on a fresh session (fuzzing changed the seeded ones' budgets and
+    tools) the successes generation rarely reaches: a message, a PATCH, a synchronous and a streamed chat and
+    completion."""
     auth = TENANT_AUTH[tenant]
     rich = seeded.sessions[tenant][0]
     with httpx.Client(base_url=stack.api.url, timeout=15) as c:
-        fresh = _create(c, {"situation": "You are a support agent."}, auth)  # fuzzing changed the seeded ones
+        fresh = _create(c, {"situation": "You are a support agent."}, auth)
     OWNER[fresh] = tenant
     messages = {"messages": [{"role": "user", "content": "hello"}]}
     job = seeded.jobs[tenant][0]
@@ -593,6 +594,8 @@ def test_directed_probes(
         (op("GET", "/sessions/{session_id}/chats/{job_id}/stream").Case(  # resumed after a finished job's last event
             path_parameters={"session_id": job[0], "job_id": job[1]},
             headers={**auth, "Last-Event-ID": "18446744073709551615-0"}), {"timeout": 2}),
+        (json_case("POST", "/sessions/{session_id}/messages", {"role": "user", "content": "hi"}, fresh), {}),
+        (json_case("PATCH", "/sessions/{session_id}", {"agent_id": "probe"}, fresh), {}),
         (json_case("POST", "/sessions/{session_id}/chat", messages, fresh), {}),
         (json_case("POST", "/sessions/{session_id}/chat", {**messages, "stream": True}, fresh), {}),
         (json_case("POST", "/sessions/{session_id}/chat/completions", messages, fresh), {}),
