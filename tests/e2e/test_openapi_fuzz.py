@@ -387,7 +387,9 @@ def _is_object(schema: dict[str, Any]) -> bool:
 
 
 def _type_enum(schema: dict[str, Any]) -> list[Any]:
-    return schema.get("properties", {}).get("type", {}).get("enum") or []
+    """The values an object schema allows for its `type` property (`enum` or `const`)."""
+    prop = schema.get("properties", {}).get("type", {})
+    return prop.get("enum") or ([prop["const"]] if "const" in prop else [])
 
 
 def _documented_only(value: Any, schema: Any, doc: dict[str, Any], depth: int = 0) -> Any:
@@ -398,7 +400,7 @@ def _documented_only(value: Any, schema: Any, doc: dict[str, Any], depth: int = 
     alternatives = [_resolve(s, doc) for s in schema.get("oneOf", []) + schema.get("anyOf", [])]
     if isinstance(value, dict):
         candidates = [s for s in [schema, *alternatives] if isinstance(s, dict) and _is_object(s)]
-        # several object alternatives (content parts): the one whose `type` enum names the value's `type`
+        # several object alternatives (content parts): the one whose `type` property names the value's `type`
         match = next((s for s in candidates if value.get("type") in _type_enum(s)), None)
         chosen = match or next(iter(candidates), None)
         if chosen is None or chosen.get("additionalProperties", False) is not False:
@@ -554,8 +556,8 @@ def test_directed_probes(
     (generation always sends the tenant's), a body that is not JSON or not `application/json`, a body over
     PARLEY_MAX_BODY_BYTES, `Accept: text/event-stream` on the log (on a deleted session, whose stream ends), a
     finished job's stream resumed after its end; and on a fresh session (fuzzing changed the seeded ones' budgets and
-    tools) the successes generation rarely reaches: a message, a PATCH, a synchronous and a streamed chat and
-    completion."""
+    tools) the successes generation rarely reaches: a message, a PATCH, a queued, a synchronous and a streamed chat,
+    and a completion and a streamed one."""
     auth = TENANT_AUTH[tenant]
     rich = seeded.sessions[tenant][0]
     with httpx.Client(base_url=stack.api.url, timeout=15) as c:
@@ -596,6 +598,7 @@ def test_directed_probes(
             headers={**auth, "Last-Event-ID": "18446744073709551615-0"}), {"timeout": 2}),
         (json_case("POST", "/sessions/{session_id}/messages", {"role": "user", "content": "hi"}, fresh), {}),
         (json_case("PATCH", "/sessions/{session_id}", {"agent_id": "probe"}, fresh), {}),
+        (json_case("POST", "/sessions/{session_id}/chat", messages, fresh, {"Prefer": "respond-async"}), {}),
         (json_case("POST", "/sessions/{session_id}/chat", messages, fresh), {}),
         (json_case("POST", "/sessions/{session_id}/chat", {**messages, "stream": True}, fresh), {}),
         (json_case("POST", "/sessions/{session_id}/chat/completions", messages, fresh), {}),
