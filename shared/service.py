@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 import msgspec
 
 from shared.domain.commands import Command, CreateSession, Limits, Stamp, decide
-from shared.domain.errors import Contention, DomainError, IdempotencyKeyReused, NotFound, ProjectionLagging, VersionNotFound
+from shared.codec import check_readable
+from shared.domain.errors import Contention, DomainError, IdempotencyKeyReused, Invalid, NotFound, ProjectionLagging, VersionNotFound
 from shared.domain.events import Event
 from shared.domain.ids import uuid7
 from shared.domain.state import SessionState, fold
@@ -199,6 +200,11 @@ class SessionService:
             if not events and not fresh:  # "nothing to do" may only mean our cached state is stale
                 state, fresh = await self._reload(tenant, state), True
                 continue
+            for event in events:
+                try:
+                    check_readable(event)
+                except msgspec.ValidationError as e:
+                    raise Invalid(f"the request would store an event the log cannot read back: {e}") from e
             after = fold(state, events)
             reply = respond(after, events)
             if not events:

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from shared.config import Settings
 from shared.domain.commands import Limits
+from shared.domain import events, model, openai_wire
 from shared.domain.model import ErrorBody, Health, Readiness
 from shared.redis.api_keys import RedisApiKeys
 from shared.redis.connect import Deadlines, check_partitions, connect, connect_blocking
@@ -37,7 +38,7 @@ from services.api.chats import ChatController
 from services.api.openai_api import OpenAIController
 from services.api.history import EventController, audit
 from services.api.sessions import SessionController
-from services.api import openapi, strict
+from services.api import chats, openapi, sse, strict
 from services.api.sse import StreamSlots
 from services.api.usage import usage
 from services.worker.main import chat_hooks, run_worker as worker_main
@@ -174,7 +175,10 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
         logging_config=None,
     )
     app.state.supervisor = Supervisor(logging.getLogger("parley.api"))
-    openapi.finish(app.plugins.get(OpenAPIPlugin).provide_openapi_schema())
+    openapi.finish(
+        app.plugins.get(OpenAPIPlugin).provide_openapi_schema(),
+        openapi.structs_of(model, events, openai_wire, chats, sse),
+    )
     return app
 
 

@@ -8,7 +8,7 @@ bytes straight into the wire type, strictly, and the OpenAPI schema is the wire 
 from __future__ import annotations
 
 import json
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -97,9 +97,25 @@ def _pairs_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _storable(value: object) -> None:
-    """What the API accepts must also fit the store's encodings (msgpack state): a 2**70 in `metadata`
-    is valid JSON but would stop the projector, so it is refused here."""
-    try:
-        msgspec.msgpack.encode(value)
-    except OverflowError as e:
-        raise SchemaMismatch("the request body holds an integer outside the 64-bit range", [{"message": str(e), "source": "body"}]) from e
+    """What the API accepts must also fit the store's encodings (msgpack state): a 2**70 in `metadata` is valid JSON
+    but would stop the projector, so numbers beyond [-2**63, 2**64 - 1] are refused here — floats too, because
+    JSON Schema (and so the OpenAPI document, and clients generated from it) cannot tell 1e20 from 10**20."""
+    for number in _numbers(msgspec.to_builtins(value)):
+        if not LOWEST <= number <= HIGHEST:
+            raise SchemaMismatch(
+                "the request body holds a number outside [-2**63, 2**64 - 1]", [{"message": f"{number!r} is out of range", "source": "body"}]
+            )
+
+
+LOWEST, HIGHEST = -(2**63), 2**64 - 1
+
+
+def _numbers(value: Any) -> Iterator[int | float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)

@@ -165,16 +165,31 @@ class ChatController(Controller):
         job_id: str,
         last_event_id: Annotated[
             str | None,
-            HeaderParameter(name="Last-Event-ID", required=False, pattern=r"^[0-9]{1,20}-[0-9]{1,20}(\.1)?$", description="Resume after this event's `id:`."),
+            HeaderParameter(name="Last-Event-ID", required=False, pattern=r"^([0-9]{1,20}-[0-9]{1,20}(\.1)?)?$", description="Resume after this event's `id:`."),
         ] = None,
-    ) -> EventStream:
-        """The job's event stream from the start, or after `Last-Event-ID`: nothing missed, nothing repeated."""
+    ) -> EventStream | Response[None]:
+        """The job's event stream from the start, or after `Last-Event-ID`: nothing missed, nothing repeated. 204
+        once nothing can follow (the client saw the end), so an EventSource stops reconnecting."""
         service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
         chats: ChatStore = request.app.state.chats
         await service.read(sid, lambda: chats.job(tenant, sid, job))  # 404 for unknown jobs and other tenants
-        if last_event_id is not None and not _valid_event_id(last_event_id):
+        after = last_event_id or "0-0"  # an empty Last-Event-ID is none (an EventSource sends none before an id)
+        if not _valid_event_id(after):
             raise Invalid("Last-Event-ID is not an event id of this stream", {"header": "Last-Event-ID"})
-        return await _sse(request, sid, job, last_event_id or "0-0")
+        if after.endswith(".1") or await _past_the_end(chats, sid, job, after):
+            return Response(content=None, status_code=204)
+        return await _sse(request, sid, job, after)
+
+
+async def _past_the_end(chats: ChatStore, sid: str, job_id: str, after: str) -> bool:
+    """The job ended and `after` lies beyond its last event: nothing can follow."""
+    last = await chats.last_entry(sid, job_id)
+    return last is not None and last[1] in ("done", "error") and _id_key(after) > _id_key(last[0])
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.removesuffix(".1").split("-")
+    return int(ms), int(seq)
 
 
 def _valid_event_id(text: str) -> bool:

@@ -23,7 +23,7 @@ from services.api.sessions import Limit, _errors, _service, _session_id
 After = Annotated[int, Parameter(ge=0, le=2**63 - 1, description="A version: the page starts after it (exclusive).")]
 LastEventId = Annotated[
     str | None,
-    HeaderParameter(name="Last-Event-ID", required=False, pattern=r"^[0-9]{1,19}$", description="SSE resume point (a version); wins over `after`."),
+    HeaderParameter(name="Last-Event-ID", required=False, pattern=r"^([0-9]{1,19})?$", description="SSE resume point (a version); wins over `after` (empty: none)."),
 ]
 SSE_BATCH = 500
 _VERSION = re.compile(r"[0-9]{1,20}")
@@ -60,7 +60,7 @@ class EventController(Controller):
         service = _service(request)
         sid = _session_id(session_id)
         if "text/event-stream" in request.headers.get("accept", ""):
-            if last_event_id is not None:
+            if last_event_id:  # an empty Last-Event-ID is none (an EventSource sends none before its first id)
                 if not _VERSION.fullmatch(last_event_id.strip()) or int(last_event_id) >= 2**63:
                     raise Invalid("Last-Event-ID must be a version (a non-negative integer)", {"header": "Last-Event-ID"})
                 after = int(last_event_id)

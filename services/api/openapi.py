@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["finish"]
+import msgspec
+
+__all__ = ["finish", "structs_of"]
 
 ERROR = {"$ref": "#/components/schemas/ErrorBody"}
 OPENAI_ERROR = {"$ref": "#/components/schemas/OpenAIErrorBody"}
@@ -69,19 +72,36 @@ HEADERS = {
         "schema": {"type": "string"},
     },
     "ETag": {"description": "The session's version, quoted: send it back in `If-Match`.", "schema": {"type": "string"}},
+    "WWW-Authenticate": {"description": "`Bearer`: how to authenticate.", "schema": {"type": "string"}},
     "Location": {"description": "The URL of what was created.", "schema": {"type": "string"}},
 }
 
 INT64_MAX = 2**63 - 1
-SSE = {"text/event-stream": {"schema": {"type": "string", "description": "Server-sent events (README: event names)."}}}
+SSE = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "description": "One server-sent event (README: the event names and what each `data` holds).",
+            "properties": {
+                "id": {"type": "string"},
+                "event": {"type": "string"},
+                "data": {"type": "string", "description": "JSON, or `[DONE]` at the end of a chat's stream."},
+                "retry": {"type": "integer"},
+            },
+        }
+    }
+}
+NO_MORE = {"description": "Nothing follows the `Last-Event-ID` given (the stream ended): an EventSource stops reconnecting."}
 PROBES = {"/health", "/ready"}
 SESSION_WRITES = re.compile(r"^/sessions(/\{session_id\}(/messages)?)?$")
 
 
-def finish(doc: dict[str, Any]) -> dict[str, Any]:
-    """Make the generated document exact (in place; answers it)."""
+def finish(doc: dict[str, Any], types: Iterable[type]) -> dict[str, Any]:
+    """Make the generated document exact (in place; answers it). `types`: the msgspec Structs of the API, whose
+    schemas msgspec itself writes (the decoder's own rules: bounds, `additionalProperties: false`, lengths)."""
     components = doc.setdefault("components", {})
     components.setdefault("headers", {}).update(copy.deepcopy(HEADERS))
+    _exact_schemas(components.setdefault("schemas", {}), types)
     for path, item in doc["paths"].items():
         for method, op in item.items():
             if method in ("get", "post", "put", "patch", "delete"):
@@ -140,6 +160,8 @@ def _finish_operation(path: str, method: str, op: dict[str, Any]) -> None:
 def _error(status: int, codes: dict[str, str], schema: dict[str, str]) -> dict[str, Any]:
     lines = "; ".join(f"`{code}`: {when}" for code, when in codes.items())
     response: dict[str, Any] = {"description": f"Error ({lines}).", "content": {"application/json": {"schema": schema}}}
+    if status == 401:
+        return {**response, "headers": {"WWW-Authenticate": {"$ref": "#/components/headers/WWW-Authenticate"}}}
     if status in (429, 503):
         response["headers"] = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
         if status == 429:
@@ -168,7 +190,12 @@ def _streams(path: str, method: str, responses: dict[str, Any]) -> None:
     if path.endswith("/chats/{job_id}/stream"):
         ok["content"] = copy.deepcopy(SSE)
         ok["description"] = "The job's events (OpenAI-style chunks, the usage, then `[DONE]`)."
-    elif path.endswith("/events") or (method == "post" and (path.endswith("/chat") or path.endswith("/chat/completions"))):
+        responses["204"] = copy.deepcopy(NO_MORE)
+    elif path.endswith("/events"):
+        ok.setdefault("content", {}).update(copy.deepcopy(SSE))
+        ok["description"] = "A page of the log, or with `Accept: text/event-stream` the log followed live."
+        responses["204"] = copy.deepcopy(NO_MORE)
+    elif method == "post" and (path.endswith("/chat") or path.endswith("/chat/completions")):
         ok.setdefault("content", {}).update(copy.deepcopy(SSE))
         ok["description"] = "JSON, or `text/event-stream` when streamed (`Accept: text/event-stream` / `stream: true`)."
 
@@ -187,3 +214,113 @@ def _tighten(param: dict[str, Any]) -> None:
             if isinstance(schema.get(bound), float):
                 schema[bound] = INT64_MAX if schema[bound] == float(INT64_MAX) else int(schema[bound])
     param["schema"] = schema
+
+
+# -- component schemas ------------------------------------------------------------------------------------------
+def _exact_schemas(schemas: dict[str, Any], types: Iterable[type]) -> None:
+    """Replace litestar's schema of each Struct with msgspec's own (litestar drops `minimum: 0` on optional fields,
+    `minItems` inside unions and `additionalProperties: false`), then state the rules msgspec cannot: which fields
+    a message of each role takes."""
+    named = {t.__name__: t for t in types if t.__name__ in schemas}
+    _, generated = msgspec.json.schema_components(list(named.values()), ref_template="#/components/schemas/{name}")
+    for name, schema in generated.items():
+        schema.pop("title", None)
+        schemas[name] = schema
+    schemas["JsonValue"] = JSON_VALUE
+    for schema in generated.values():
+        _json_values(schema)
+    for name in ("MessageCreate", "OpenAIMessage"):
+        if name in schemas:
+            schemas[name] = _by_role(schemas[name])
+    if "OpenAIMessage" in schemas:  # only these parts are stored; the others answer 422 `unsupported_content`
+        for variant in schemas["OpenAIMessage"]["oneOf"]:
+            content = variant["properties"].get("content")
+            if content is not None:
+                variant["properties"]["content"] = _text_and_image_parts(content)
+    request = schemas.get("ChatCompletionRequest")
+    if request is not None:  # one session holds one conversation: any other `n` answers 400 `unsupported_value`
+        request["properties"]["n"] = {"anyOf": [{"const": 1}, {"type": "null"}], "default": None}
+
+
+JSON_VALUE: dict[str, Any] = {
+    "description": "Any JSON value whose numbers lie within [-2**63, 2**64 - 1] (what the store can keep; others answer 422).",
+    "anyOf": [
+        {"type": "null"}, {"type": "boolean"}, {"type": "string"}, {"type": "number", "minimum": -(2**63), "maximum": 2**64 - 1},
+        {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+        {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}},
+    ],
+}
+
+
+def _json_values(node: Any) -> None:
+    """Free-form values (`metadata`, tool `parameters`, an `Any` field…) are JSON values within the store's numbers."""
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" not in node and "additionalProperties" not in node:
+            node["additionalProperties"] = {"$ref": "#/components/schemas/JsonValue"}
+        for name, sub in (node.get("properties") or {}).items():
+            if _unconstrained(sub):
+                node["properties"][name] = {"anyOf": [{"$ref": "#/components/schemas/JsonValue"}], **sub}
+        if _unconstrained(node.get("items")) or (node.get("type") == "array" and "items" not in node):
+            node["items"] = {"$ref": "#/components/schemas/JsonValue"}
+        for value in node.values():
+            _json_values(value)
+    elif isinstance(node, list):
+        for value in node:
+            _json_values(value)
+
+
+def _unconstrained(schema: Any) -> bool:
+    """msgspec's schema of an `Any` field: nothing but a default or a description."""
+    return isinstance(schema, dict) and not set(schema) - {"default", "description"}
+
+
+def _by_role(schema: dict[str, Any]) -> dict[str, Any]:
+    """A message as one schema per role (as OpenAI's own document has them): `content` is required, except on an
+    assistant message that carries `tool_calls`; only a `tool` message has (and needs) `tool_call_id`; only an
+    assistant message has `tool_calls`."""
+    props: dict[str, Any] = schema["properties"]
+    roles = props["role"]["enum"]
+    content = copy.deepcopy(props["content"])
+    content["anyOf"] = [v for v in content["anyOf"] if v.get("type") != "null"]
+    content.pop("default", None)
+    common = {k: v for k, v in props.items() if k not in ("role", "content", "tool_call_id", "tool_calls")}
+    variants = []
+    for role in roles:
+        p: dict[str, Any] = {"role": {"const": role}, **copy.deepcopy(common)}
+        required = ["role", "content"]
+        variant: dict[str, Any] = {"type": "object", "properties": p, "additionalProperties": schema.get("additionalProperties", True)}
+        if role == "assistant":
+            p["content"] = copy.deepcopy(props["content"])
+            p["tool_calls"] = copy.deepcopy(props["tool_calls"])
+            p["tool_calls"]["anyOf"] = [v for v in p["tool_calls"]["anyOf"] if v.get("type") != "null"]
+            required = ["role"]
+            variant["anyOf"] = [
+                {"required": ["content"], "properties": {"content": copy.deepcopy(content)}},
+                {"required": ["tool_calls"], "properties": {"tool_calls": {**p["tool_calls"]["anyOf"][0], "minItems": 1}}},
+            ]
+        else:
+            p["content"] = copy.deepcopy(content)
+        if role == "tool":
+            p["tool_call_id"] = {k: v for k, v in copy.deepcopy(props["tool_call_id"]).items() if k != "default"}
+            p["tool_call_id"]["anyOf"] = [v for v in p["tool_call_id"]["anyOf"] if v.get("type") != "null"]
+            required.append("tool_call_id")
+        variant["required"] = required
+        variants.append(variant)
+    return {"oneOf": variants}
+
+
+def _text_and_image_parts(content: dict[str, Any]) -> dict[str, Any]:
+    kept = {"#/components/schemas/TextPart", "#/components/schemas/ImagePart"}
+    for variant in content.get("anyOf", ()):
+        items = variant.get("items") if variant.get("type") == "array" else None
+        if items and "anyOf" in items:
+            items["anyOf"] = [i for i in items["anyOf"] if i.get("$ref") in kept]
+            mapping = items.get("discriminator", {}).get("mapping")
+            if mapping:
+                items["discriminator"]["mapping"] = {k: v for k, v in mapping.items() if v in kept}
+    return content
+
+
+def structs_of(*modules: Any) -> list[type]:
+    """The msgspec Structs the modules define: the API's types, for `finish`."""
+    return [v for m in modules for v in vars(m).values() if isinstance(v, type) and issubclass(v, msgspec.Struct) and v.__module__ == m.__name__]

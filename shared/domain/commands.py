@@ -231,6 +231,10 @@ def _message_added(
 
 
 def _check_message(b: MessageCreate, limits: Limits, known_calls: frozenset[str]) -> None:
+    if isinstance(b.content, list) and not 1 <= len(b.content) <= 64:
+        # the wire type says so; a message built in code (the OpenAI endpoint's) is checked here, because a log entry
+        # the decoder refuses would stop the session's projection
+        raise Invalid("content parts must number 1 to 64", {"field": "content"})
     if b.content is not None:
         _check_content(b.content, limits)
     elif not (b.role == "assistant" and b.tool_calls):
@@ -242,7 +246,10 @@ def _check_message(b: MessageCreate, limits: Limits, known_calls: frozenset[str]
     if b.role != "tool" and b.tool_call_id is not None:
         raise Invalid("only a message with role 'tool' may have a tool_call_id", {"field": "tool_call_id"})
     if b.tool_call_id is not None and b.tool_call_id not in known_calls:
-        raise Invalid(f"tool_call_id {b.tool_call_id!r} answers no open tool call (none made it, or it was answered)", {"field": "tool_call_id"})
+        raise Invalid(
+            f"tool_call_id {b.tool_call_id!r} answers no open tool call (none made it, or it was answered)",
+            {"field": "tool_call_id", "rule": "answers_an_open_call"},
+        )
 
 
 def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limits: Limits) -> list[Event]:

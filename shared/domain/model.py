@@ -21,6 +21,8 @@ ShortText = Annotated[str, Meta(max_length=256)]
 ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 TokenBudget = Annotated[int, Meta(ge=1, le=10_000_000)]
 Metadata = Annotated[dict[str, Any], Meta(max_length=64)]
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+"""An integer the store can keep (msgpack's range): larger ones answer 422, so the schema says so."""
 
 
 class Wire(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -41,7 +43,7 @@ class Tool(Wire):
     function: FunctionDef
 
 
-Tools = Annotated[list[Tool], Meta(max_length=128)]
+Tools = Annotated[list[Tool], Meta(max_length=128, description="At most 128 tools, their names unique (a duplicate name answers 422).")]
 
 
 class TextPart(Wire, tag_field="type", tag="text"):
@@ -189,7 +191,7 @@ class ChatRequest(Wire):
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     tools: Tools | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None

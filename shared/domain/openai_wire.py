@@ -25,6 +25,7 @@ from shared.domain.model import (
     ToolCall,
     Usage,
     FunctionDef,
+    Int64,
     Wire,
 )
 
@@ -52,7 +53,7 @@ class OpenAIMessage(Wire):
     """Any message of a Chat Completions request (system, developer, user, assistant, tool)."""
 
     role: OpenAIRole
-    content: str | Annotated[list[OpenAIContentPart], Meta(max_length=64)] | None = None
+    content: str | Annotated[list[OpenAIContentPart], Meta(min_length=1, max_length=64)] | None = None
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
     tool_calls: Annotated[list[ToolCall], Meta(max_length=64)] | None = None
     tool_call_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
@@ -99,7 +100,7 @@ class ChatCompletionRequest(Wire):
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     tools: Annotated[list[OpenAITool], Meta(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -108,11 +109,11 @@ class ChatCompletionRequest(Wire):
     user: Annotated[str, Meta(max_length=256)] | None = None
     metadata: Annotated[dict[str, str], Meta(max_length=16)] | None = None
     # Accepted and ignored: the provider interface carries none of these.
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, int] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[int, Meta(ge=-100, le=100)]] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     parallel_tool_calls: bool | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None

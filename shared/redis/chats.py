@@ -126,6 +126,11 @@ class ChatStore:
             return False
         return bool(entries) and entries[0][1].get(b"k") in (b"done", b"error")
 
+    async def last_entry(self, session_id: str, job_id: str) -> tuple[str, str] | None:
+        """(entry id, kind) of the job's last chunk-stream entry, or None if it has none."""
+        entries = await self.redis.xrevrange(self.keys.chunks(session_id, job_id), count=1)
+        return (entries[0][0].decode(), entries[0][1][b"k"].decode()) if entries else None
+
     async def streamed(self, session_id: str, job_id: str) -> list[tuple[str, str, bytes]]:
         """Everything a job streamed so far (a retried attempt resumes after it)."""
         entries = await self.redis.xrange(self.keys.chunks(session_id, job_id))
