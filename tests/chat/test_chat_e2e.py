@@ -481,10 +481,11 @@ def test_a_stream_resumed_with_last_event_id_misses_nothing_and_repeats_nothing(
     assert [(e.id, e.data) for e in union] == [(e.id, e.data) for e in whole], "a gap or a duplicate"
     assert deltas(union) == f"echo: {text}" == messages(c, s["id"])[-1]["content"]
 
-    # Resuming after the usage event gives [DONE] alone; after [DONE], nothing.
+    # Resuming after the usage event gives [DONE] alone; after [DONE], nothing: 204, so an EventSource stops.
     tail = stream_events(c, s["id"], job_id, last_event_id=whole[-2].id)
     assert [e.data for e in tail] == ["[DONE]"]
-    assert stream_events(c, s["id"], job_id, last_event_id=whole[-1].id) == []
+    after_done = c.get(f"/sessions/{s['id']}/chats/{job_id}/stream", headers={**ACME, "Last-Event-ID": whole[-1].id})
+    assert after_done.status_code == 204 and after_done.content == b""
 
 
 @pytest.mark.slow

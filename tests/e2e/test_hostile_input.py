@@ -69,7 +69,7 @@ def test_a_request_the_http_parser_refuses_is_400_in_the_one_error_shape(c):
     unchanged(c, s["id"], 1, 0)
 
 
-@pytest.mark.parametrize("last_event_id", [*UNICODE_DIGITS, "-1", "1.5", "1e3", "", "99999999999999999999999"])
+@pytest.mark.parametrize("last_event_id", [*UNICODE_DIGITS, "-1", "1.5", "1e3", "99999999999999999999999"])
 def test_a_malformed_last_event_id_is_422(c, last_event_id):
     s = create(c)
     headers = [*raw_headers(**{"Last-Event-ID": last_event_id}), (b"authorization", ACME["Authorization"].encode()), (b"accept", b"text/event-stream")]
