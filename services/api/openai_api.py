@@ -423,6 +423,14 @@ class OpenAIController(Controller):
         await service.read(sid, lambda: service.views.session(tenant, sid))  # 404 for unknown sessions and other tenants
         return ModelList(data=[ModelCard(id=request.app.state.settings.model, created=STARTED, owned_by="parley")])
 
+    @get("/models/{model:str}", responses=_errors(401, 404, 503))
+    async def get_model(self, request: Request, tenant: str, session_id: str, model: str) -> ModelCard:
+        """One model (the SDK's `models.retrieve(id)`): a completion passes any model name to the model server, so
+        every name is answered, as the model card OpenAI answers for it."""
+        service, sid = _service(request), _session_id(session_id)
+        await service.read(sid, lambda: service.views.session(tenant, sid))
+        return ModelCard(id=model, created=STARTED, owned_by="parley")
+
 
 async def _job_answer(service: SessionService, chats: ChatStore, tenant: str, sid: str, message: Message) -> ChatResponse | None:
     """The response of the chat job whose answer `message` is. Answer ids derive from job ids and share their time

@@ -232,7 +232,7 @@ def _exact_schemas(schemas: dict[str, Any], types: Iterable[type]) -> None:
     for name in ("MessageCreate", "OpenAIMessage"):
         if name in schemas:
             schemas[name] = _by_role(schemas[name])
-    if "OpenAIMessage" in schemas:  # only these parts are stored; the others answer 422 `unsupported_content`
+    if "OpenAIMessage" in schemas:  # text and image parts are stored, refusal parts dropped; the others answer 422
         for variant in schemas["OpenAIMessage"]["oneOf"]:
             content = variant["properties"].get("content")
             if content is not None:
@@ -310,7 +310,7 @@ def _by_role(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _text_and_image_parts(content: dict[str, Any]) -> dict[str, Any]:
-    kept = {"#/components/schemas/TextPart", "#/components/schemas/ImagePart"}
+    kept = {f"#/components/schemas/{n}" for n in ("OpenAITextPart", "OpenAIImagePart", "RefusalPart")}
     for variant in content.get("anyOf", ()):
         items = variant.get("items") if variant.get("type") == "array" else None
         if items and "anyOf" in items:

@@ -222,7 +222,7 @@ class SessionController(Controller):
         sid = _session_id(session_id)
         if version is not None:
             count = (await service.at_version(tenant, sid, version)).message_count
-            view = await service.read_past(sid, lambda: service.views.messages(tenant, sid, limit, offset, count), version)
+            view = await service.read_past(sid, lambda: service.views.messages(tenant, sid, limit, offset, count, version), version)
         else:
             view = await service.read(sid, lambda: service.views.messages(tenant, sid, limit, offset))
         return Response(content=b'{"items":[' + b",".join(view.items or []) + b"]}", media_type=MediaType.JSON)

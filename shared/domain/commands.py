@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from msgspec import UNSET, Struct, structs
+from msgspec import UNSET, Struct, UnsetType, structs
 
 from shared.domain.errors import ChatInProgress, ChatNotActive, Invalid, NotFound, VersionConflict
 from shared.domain.events import (
@@ -28,6 +28,9 @@ from shared.domain.events import (
     SummaryAdded,
     SummaryAddedData,
     MessageAdded,
+    MessageEdited,
+    MessageRemoved,
+    MessageRemovedData,
     SessionCreated,
     SessionCreatedData,
     SessionDeleted,
@@ -51,7 +54,7 @@ from shared.domain.model import (
     SessionPatch,
     Tool,
 )
-from shared.domain.state import SessionState
+from shared.domain.state import SessionState, fold
 
 
 class Limits(Struct, kw_only=True, frozen=True):
@@ -82,10 +85,30 @@ class AddMessage(Struct, kw_only=True, frozen=True):
     body: MessageCreate
 
 
+class EditMessage(Struct, kw_only=True, frozen=True):
+    """Change a message's content (and name). `message` is the message as it is now (from the read models)."""
+
+    message: Message
+    content: Content | None
+    name: str | None | UnsetType = UNSET
+
+
+class RemoveMessage(Struct, kw_only=True, frozen=True):
+    """Take a message out of the conversation; its events stay in the log."""
+
+    message: Message
+
+
+Amendment = EditMessage | RemoveMessage
+
+
 class RequestChat(Struct, kw_only=True, frozen=True):
     job_id: str
     request: ChatRequest
     default_model: str
+    amend: tuple[Amendment, ...] = ()
+    """Edits and removals of stored messages recorded before the request's messages, in the same append (the
+    OpenAI endpoint's conversation rule: a client that cut off or edited an answer)."""
 
 
 class RecordContext(Struct, kw_only=True, frozen=True):
@@ -124,6 +147,8 @@ Command = (
     | UpdateSession
     | DeleteSession
     | AddMessage
+    | EditMessage
+    | RemoveMessage
     | RequestChat
     | RecordContext
     | AddSummary
@@ -145,6 +170,9 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
         case AddMessage():
             _check_live(state, None)
             return [_message_added(state, state.version + 1, state.message_count + 1, command.body, stamp, limits, state.open_tool_calls)]
+        case EditMessage() | RemoveMessage():
+            _check_live(state, None)
+            return _amend(state, state.version + 1, command, stamp, limits)
         case RequestChat():
             return _request_chat(state, command, stamp, limits)
         case RecordContext(job_id=job) if _running(state, job):
@@ -252,6 +280,23 @@ def _check_message(b: MessageCreate, limits: Limits, known_calls: frozenset[str]
         )
 
 
+def _amend(state: SessionState, version: int, command: Amendment, stamp: Stamp, limits: Limits) -> list[Event]:
+    m = command.message
+    if m.session_id != state.id or not 1 <= m.seq <= state.message_count or m.seq in state.removed:
+        raise NotFound(f"message {m.id} not found")
+    if isinstance(command, RemoveMessage):
+        calls = [c.id for c in m.tool_calls or ()]
+        data = MessageRemovedData(message_id=m.id, seq=m.seq, tool_call_ids=calls)
+        return [MessageRemoved(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=data)]
+    name = m.name if command.name is UNSET else command.name
+    _check_message(
+        MessageCreate(role=m.role, content=command.content, name=name, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls),
+        limits, frozenset({m.tool_call_id}) if m.tool_call_id else frozenset(),
+    )
+    edited = structs.replace(m, content=command.content, name=name, edited_at=stamp.now)
+    return [MessageEdited(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=edited)]
+
+
 def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limits: Limits) -> list[Event]:
     _check_live(state, None)
     assert state.session is not None
@@ -266,6 +311,11 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
             f"chat {state.active_chats[0].job_id} is still in progress in this session",
             {"active": [c.job_id for c in state.active_chats]},
         )
+    for amendment in command.amend:  # first, so the rest is decided on the amended conversation
+        amended = _amend(state, version + 1, amendment, stamp, limits)
+        version += len(amended)
+        events += amended
+        state = fold(state, amended)
     if state.active_chats and policy == "interrupt":
         for job in (c.job_id for c in state.active_chats):
             version += 1

@@ -53,6 +53,13 @@ class SessionDeletedData(Struct, kw_only=True):
     pass
 
 
+class MessageRemovedData(Struct, kw_only=True):
+    message_id: str
+    seq: int
+    tool_call_ids: list[str] = msgspec.field(default_factory=list)
+    """The tool calls the removed message made: they are no longer open."""
+
+
 class ChatRequestedData(Struct, kw_only=True):
     job_id: str
     params: ChatParams
@@ -114,6 +121,18 @@ class MessageAdded(EventBase, tag=True, frozen=True):
     data: Message
 
 
+class MessageEdited(EventBase, tag=True, frozen=True):
+    """A message's content (or name) changed: `data` is the whole message as it is now (same id and seq)."""
+
+    data: Message
+
+
+class MessageRemoved(EventBase, tag=True, frozen=True):
+    """A message left the conversation (its text stays in the log: time travel shows it)."""
+
+    data: MessageRemovedData
+
+
 class SessionDeleted(EventBase, tag=True, frozen=True):
     data: SessionDeletedData
 
@@ -147,6 +166,8 @@ Event = (
     | SessionUpdated
     | ToolsChanged
     | MessageAdded
+    | MessageEdited
+    | MessageRemoved
     | SessionDeleted
     | ChatRequested
     | ContextBuilt

@@ -146,6 +146,8 @@ class Message(Struct, kw_only=True):
     seq: int
     """The message's 1-based position in its session."""
     created_at: datetime
+    edited_at: datetime | UnsetType = UNSET
+    """When the message was last edited (absent: never); its past text stays in the log (time travel)."""
 
 
 class MessageList(Struct):

@@ -24,47 +24,73 @@ from shared.domain.model import (
     Tool,
     ToolCall,
     Usage,
+    FunctionCall,
     FunctionDef,
+    ImageUrl,
     Int64,
     Wire,
 )
 
 # -- the request ------------------------------------------------------------------------------------------------
+# Inside messages, content parts and tool calls the endpoint is lenient, as OpenAI is: SDK helpers echo back what
+# they parsed (`parsed`, `parsed_arguments`, a leftover stream `index`, `refusal`, `annotations`, `audio`…) and a
+# future SDK will add more. Such fields are accepted and not stored. The top level stays a known set (README).
 OpenAIRole = Literal["system", "developer", "user", "assistant", "tool"]
 
 
-class InputAudioPart(Wire, tag_field="type", tag="input_audio"):
+class Lenient(Struct, kw_only=True):
+    """Base of the inbound OpenAI types inside a request: unknown fields are ignored, never stored."""
+
+
+class OpenAIImageUrl(Lenient, kw_only=True):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class OpenAITextPart(Lenient, kw_only=True, tag_field="type", tag="text"):
+    text: str
+
+
+class OpenAIImagePart(Lenient, kw_only=True, tag_field="type", tag="image_url"):
+    image_url: OpenAIImageUrl
+
+
+class InputAudioPart(Lenient, kw_only=True, tag_field="type", tag="input_audio"):
     input_audio: dict[str, Any]
 
 
-class FilePart(Wire, tag_field="type", tag="file"):
+class FilePart(Lenient, kw_only=True, tag_field="type", tag="file"):
     file: dict[str, Any]
 
 
-class RefusalPart(Wire, tag_field="type", tag="refusal"):
+class RefusalPart(Lenient, kw_only=True, tag_field="type", tag="refusal"):
     refusal: str
 
 
-OpenAIContentPart = TextPart | ImagePart | InputAudioPart | FilePart | RefusalPart
-"""What the protocol allows in `content`; Parley stores `text` and `image_url` parts (the others → 422)."""
+OpenAIContentPart = OpenAITextPart | OpenAIImagePart | InputAudioPart | FilePart | RefusalPart
+"""What the protocol allows in `content`. Parley stores `text` and `image_url` parts; `refusal` parts (an
+assistant message echoed back) are dropped like the `refusal` field; `input_audio` and `file` parts → 422."""
 
 
-class OpenAIMessage(Wire):
+class OpenAIFunctionCall(Lenient, kw_only=True):
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    arguments: str
+
+
+class OpenAIToolCall(Lenient, kw_only=True):
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+    type: Literal["function"] = "function"
+    function: OpenAIFunctionCall
+
+
+class OpenAIMessage(Lenient, kw_only=True):
     """Any message of a Chat Completions request (system, developer, user, assistant, tool)."""
 
     role: OpenAIRole
     content: str | Annotated[list[OpenAIContentPart], Meta(min_length=1, max_length=64)] | None = None
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
-    tool_calls: Annotated[list[ToolCall], Meta(max_length=64)] | None = None
+    tool_calls: Annotated[list[OpenAIToolCall], Meta(max_length=64)] | None = None
     tool_call_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
-    refusal: str | None = None
-    """Accepted (an SDK that echoes `choices[0].message` sends it) and ignored."""
-    annotations: list[Any] | None = None
-    """Accepted and ignored, like `refusal`."""
-    audio: dict[str, Any] | None = None
-    """Accepted and ignored."""
-    function_call: dict[str, Any] | None = None
-    """Deprecated by OpenAI; accepted and ignored."""
 
 
 class OpenAIFunctionDef(Wire):
@@ -244,22 +270,27 @@ class WireRejected(Exception):
 
 
 def to_message(m: OpenAIMessage, index: int) -> MessageCreate:
-    """One request message as Parley stores it. `developer` is stored as `system` (OpenAI treats them alike)."""
+    """One request message as Parley stores it, without the fields it ignores. `developer` is stored as `system`
+    (OpenAI treats them alike); `refusal` parts are dropped (an assistant message echoed back with its refusal)."""
     content: Any = m.content
     if isinstance(content, list):
         parts: list[ContentPart] = []
         for j, p in enumerate(content):
-            if not isinstance(p, TextPart | ImagePart):
+            if isinstance(p, OpenAITextPart):
+                parts.append(TextPart(text=p.text))
+            elif isinstance(p, OpenAIImagePart):
+                parts.append(ImagePart(image_url=ImageUrl(url=p.image_url.url, detail=p.image_url.detail)))
+            elif not isinstance(p, RefusalPart):
                 raise WireRejected(f"content parts of type {type(p).__struct_config__.tag!r} are not supported; send text or image_url parts",
                                    f"messages[{index}].content[{j}]", "unsupported_content", 422)
-            parts.append(p)
-        content = parts
+        content = parts or (None if m.role == "assistant" and m.tool_calls else "")
+    calls = [ToolCall(id=c.id, type=c.type, function=FunctionCall(name=c.function.name, arguments=c.function.arguments)) for c in m.tool_calls or ()]
     return MessageCreate(
         role="system" if m.role == "developer" else m.role,
         content=content,
         name=m.name,
         tool_call_id=m.tool_call_id,
-        tool_calls=m.tool_calls or None,
+        tool_calls=calls or None,
     )
 
 
@@ -315,9 +346,9 @@ def _content_key(content: Any) -> Any:
 
 
 def _part_key(p: Any) -> tuple[Any, ...]:
-    if isinstance(p, TextPart):
+    if isinstance(p, TextPart | OpenAITextPart):
         return ("text", p.text)
-    if isinstance(p, ImagePart):
+    if isinstance(p, ImagePart | OpenAIImagePart):
         return ("image_url", p.image_url.url, p.image_url.detail)
     if isinstance(p, dict):  # not reached through the typed paths; kept total for callers with plain data
         if p.get("type") == "text":

@@ -23,6 +23,8 @@ from shared.domain.events import (
     ContextBuilt,
     Event,
     MessageAdded,
+    MessageEdited,
+    MessageRemoved,
     SessionCreated,
     SessionDeleted,
     ToolsChanged,
@@ -75,6 +77,9 @@ class ReadModelUpdate(Struct, kw_only=True):
     tools_changed: bool
     message_versions: list[int]
     """Versions of the `MessageAdded` events, in order: the message list holds pointers into the log."""
+    message_mods: list[tuple[int, int, str]] = []
+    """(seq, version, "e" edited | "r" removed) of each `MessageEdited` / `MessageRemoved`, in order: reads show
+    a message as its latest edit at or before the version they read, and skip it once removed."""
     index: Literal["add", "remove"] | None
     """How the tenant's newest-first session index changes."""
     jobs: list[JobUpdate] = []
@@ -99,6 +104,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
     index: Literal["add", "remove"] | None = None
     tools_changed = False
     versions: list[int] = []
+    mods: list[tuple[int, int, str]] = []
     jobs: list[JobUpdate] = []
     usage: dict[str, UsageDelta] = {}
     active = [c.job_id for c in state.active_chats]
@@ -114,6 +120,10 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
                 index, tools_changed = "add", True
             case ToolsChanged():
                 tools_changed = True
+            case MessageEdited(data=m):
+                mods.append((m.seq, e.version, "e"))
+            case MessageRemoved(data=d):
+                mods.append((d.seq, e.version, "r"))
             case MessageAdded():
                 versions.append(e.version)
             case SessionDeleted():
@@ -145,6 +155,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
         session=after.session if after.exists else None,
         tools_changed=tools_changed,
         message_versions=versions,
+        message_mods=mods,
         index=index,
         jobs=jobs,
         snapshots=snapshots,

@@ -19,6 +19,8 @@ from shared.domain.events import (
     ContextBuilt,
     Event,
     MessageAdded,
+    MessageEdited,
+    MessageRemoved,
     SessionCreated,
     SessionDeleted,
     SessionUpdated,
@@ -48,6 +50,8 @@ class SessionState(Struct, kw_only=True):
     """Ids of the tool calls assistant messages made that no tool result has answered yet: a tool result must
     answer one of them. (Only the open ones, so the state stays small however long the session runs.)"""
     summary: Summary | None = None
+    removed: frozenset[int] = frozenset()
+    """The seqs of the messages removed from the conversation (rare, so the set stays small)."""
 
     @property
     def exists(self) -> bool:
@@ -98,6 +102,16 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             if m.tool_calls:
                 calls = calls | {c.id for c in m.tool_calls}
             return structs.replace(state, version=event.version, session=session, message_count=m.seq, open_tool_calls=calls)
+        case MessageEdited(data=m):
+            if not 1 <= m.seq <= state.message_count or m.session_id != state.id or m.seq in state.removed:
+                raise ValueError(f"edited message {m.id} (seq {m.seq}) is not a message of session {state.id}")
+            return _touch(state, event)
+        case MessageRemoved(data=d):
+            if not 1 <= d.seq <= state.message_count:
+                raise ValueError(f"removed message {d.message_id} (seq {d.seq}) is not a message of session {state.id}")
+            if d.seq in state.removed:
+                raise ValueError(f"message {d.message_id} (seq {d.seq}) of session {state.id} was removed already")
+            return _touch(state, event, open_tool_calls=state.open_tool_calls - set(d.tool_call_ids), removed=state.removed | {d.seq})
         case SessionDeleted():
             _live(state)
             return structs.replace(state, version=event.version, deleted=True, active_chats=())

@@ -70,14 +70,14 @@ class RedisHistory:
         def fill(pipe: Any) -> None:
             for tenant, sid, gen in targets:
                 p = partition_of(sid, k.partitions)
-                keys = [k.head(sid), k.view(sid), k.messages(sid), k.snapshots(sid), k.index(p, tenant)]
+                keys = [k.head(sid), k.view(sid), k.messages(sid), k.snapshots(sid), k.index(p, tenant), k.mods(sid)]
                 SWITCH.queue(pipe, keys, [gen, sid])
 
         return [int(r) for r in await run_pipeline(self.redis, ALL_SCRIPTS, fill)]
 
     async def drop(self, session_id: str, gen: int) -> None:
         k = self.keys
-        await self.redis.unlink(k.view(session_id, gen), k.messages(session_id, gen), k.snapshots(session_id, gen))
+        await self.redis.unlink(k.view(session_id, gen), k.messages(session_id, gen), k.snapshots(session_id, gen), k.mods(session_id, gen))
 
     # -- erasure ---------------------------------------------------------------------------
     async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
@@ -87,7 +87,7 @@ class RedisHistory:
         keys = [
             k.head(session_id), k.log(session_id), k.view(session_id), k.messages(session_id), k.snapshots(session_id),
             k.chats(session_id), k.idempotency_of(session_id), k.index(p, tenant), k.sessions(p, tenant), k.audit(p, tenant),
-            k.projected(p),
+            k.projected(p), k.mods(session_id),
         ]
         at = json_encode(tombstone.occurred_at)[1:-1]
         args = [tenant, session_id, expected, k.tag(p) + ":", "SessionPurged", tombstone.id, at, json_encode(tombstone.data)]

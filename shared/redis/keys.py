@@ -78,6 +78,11 @@ class Keys:
         time travel reads it)."""
         return _gen(f"{self.of(sid)}:msgs:{sid}", gen)
 
+    def mods(self, sid: str, gen: int = 0) -> str:
+        """Hash seq → "version:kind,…" of the session's message edits (e) and removals (r), and `r`: how many
+        removals; reads show each message as its latest edit up to the version they read."""
+        return _gen(f"{self.of(sid)}:mods:{sid}", gen)
+
     def snapshots(self, sid: str, gen: int = 0) -> str:
         """Hash version → state (msgpack) every `SNAPSHOT_EVERY` versions: time travel folds from the nearest."""
         return _gen(f"{self.of(sid)}:snaps:{sid}", gen)

@@ -75,12 +75,13 @@ return {tonumber(head[1]), head[2], base, state, events}
 """
 
 APPLY = GEN + """
--- KEYS: head, view, messages, snapshots, index, projected, session's chat list, then one chat job hash per job update,
---       then one usage hash per usage delta
+-- KEYS: head, view, messages, snapshots, index, projected, session's chat list, message mods, then one chat job
+--       hash per job update, then one usage hash per usage delta
 -- ARGV: tenant, from, to, state, session JSON ('' once deleted), tools JSON ('' unchanged), index op, session id,
 --       retention seconds, generation ('': the live one), message count n, n message versions,
---       snapshot count s, s version/state pairs, job count J, then per job: job id, field count m, m field/value
---       pairs, then usage count U, then per usage delta: chats, prompt tokens, completion tokens, TTL seconds
+--       mod count d, d (seq, version, kind) triples, snapshot count s, s version/state pairs, job count J, then per
+--       job: job id, field count m, m field/value pairs, then usage count U, then per usage delta: chats, prompt
+--       tokens, completion tokens, TTL seconds
 -- A rebuild names its generation: it then writes only that generation's keys (no index, counters or jobs).
 local head = redis.call('HMGET', KEYS[1], 'v', 'g')
 if not head[1] then return 0 end  -- purged meanwhile: nothing may bring its content back
@@ -94,6 +95,13 @@ if current ~= tonumber(ARGV[2]) then return 0 end
 local n = tonumber(ARGV[11])
 if n > 0 then redis.call('RPUSH', msgs, unpack(ARGV, 12, 11 + n)) end
 local i = 12 + n
+local mods = at(KEYS[8], g)
+local d = tonumber(ARGV[i])
+for j = i + 1, i + 3 * d, 3 do  -- seq -> "version:kind,..." in version order; 'r' counts the removals
+  redis.call('HSET', mods, ARGV[j], (redis.call('HGET', mods, ARGV[j]) or '') .. ARGV[j + 1] .. ':' .. ARGV[j + 2] .. ',')
+  if ARGV[j + 2] == 'r' then redis.call('HINCRBY', mods, 'r', 1) end
+end
+i = i + 1 + 3 * d
 local s = tonumber(ARGV[i])
 for j = i + 1, i + 2 * s, 2 do redis.call('HSET', snaps, ARGV[j], ARGV[j + 1]) end
 i = i + 1 + 2 * s
@@ -111,7 +119,7 @@ elseif ARGV[7] == 'remove' then
   redis.call('ZREM', KEYS[5], ARGV[8])
 end
 redis.call('HINCRBY', KEYS[6], ARGV[1], tonumber(ARGV[3]) - tonumber(ARGV[2]))
-local k = 8
+local k = 9
 local jobs = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, jobs do
@@ -143,25 +151,62 @@ return 1
 """
 
 READ_MESSAGES = GEN + """
--- KEYS: head, view, messages, log.  ARGV: tenant, start, stop, past ('1': a past version's page, the caller
--- clipped it, so read it even if the session is deleted now)
--- Answers {head version, view version, live?, then schema and data of each message on the page}.
+-- KEYS: head, view, messages, log, message mods.  ARGV: tenant, offset, limit, count ('': every message; else a past
+--       version's message count: the page is read even if the session is deleted now), at ('': now; else the version
+--       whose edits and removals count)
+-- Answers {head version, view version, live?, then schema and data of each message on the page}: each message as
+-- its latest edit at or before `at`, removed ones skipped (`offset` counts the messages shown).
 local head = redis.call('HMGET', KEYS[1], 'v', 't', 'g')
 if not head[1] or head[2] ~= ARGV[1] then return {0, 0, 0} end
-local view = redis.call('HMGET', at(KEYS[2], head[3]), 'v', 'j')
-local live = view[2] or ARGV[4] == '1'
+local g = head[3]
+local view = redis.call('HMGET', at(KEYS[2], g), 'v', 'j')
+local live = view[2] or ARGV[4] ~= ''
 local out = {tonumber(head[1]), tonumber(view[1]) or 0, live and 1 or 0}
-if live and tonumber(ARGV[3]) >= tonumber(ARGV[2]) then
-  for _, v in ipairs(redis.call('LRANGE', at(KEYS[3], head[3]), ARGV[2], ARGV[3])) do
-    local e = redis.call('XRANGE', KEYS[4], v .. '-0', v .. '-0')
-    local f = e[1][2]
-    local s, d
-    for k = 1, #f, 2 do
-      if f[k] == 's' then s = f[k + 1] elseif f[k] == 'd' then d = f[k + 1] end
+if not live then return out end
+local msgs = at(KEYS[3], g)
+local offset, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local total = ARGV[4] ~= '' and tonumber(ARGV[4]) or redis.call('LLEN', msgs)
+local upto = ARGV[5] ~= '' and tonumber(ARGV[5]) or math.huge
+local last, removals = {}, false
+local mods = redis.call('HGETALL', at(KEYS[5], g))
+for i = 1, #mods, 2 do
+  if mods[i] ~= 'r' then
+    for v, kind in string.gmatch(mods[i + 1], '(%d+):(%a)') do
+      if tonumber(v) <= upto then
+        last[tonumber(mods[i])] = {kind, v}
+        if kind == 'r' then removals = true end
+      end
     end
-    out[#out + 1] = s
-    out[#out + 1] = d
   end
+end
+local page = {}
+if not removals then  -- positions are the messages shown: read the page alone
+  local stop = math.min(offset + limit, total) - 1
+  if stop >= offset then
+    for j, v in ipairs(redis.call('LRANGE', msgs, offset, stop)) do page[#page + 1] = {offset + j, v} end
+  end
+else  -- skip the removed ones: walk from the start (only sessions with removals pay for this)
+  local shown = 0
+  for j, v in ipairs(redis.call('LRANGE', msgs, 0, total - 1)) do
+    local m = last[j]
+    if not (m and m[1] == 'r') then
+      shown = shown + 1
+      if shown > offset then page[#page + 1] = {j, v} end
+      if #page == limit then break end
+    end
+  end
+end
+for _, p in ipairs(page) do
+  local m = last[p[1]]
+  local v = (m and m[1] == 'e') and m[2] or p[2]
+  local e = redis.call('XRANGE', KEYS[4], v .. '-0', v .. '-0')
+  local f = e[1][2]
+  local s, d
+  for k = 1, #f, 2 do
+    if f[k] == 's' then s = f[k + 1] elseif f[k] == 'd' then d = f[k + 1] end
+  end
+  out[#out + 1] = s
+  out[#out + 1] = d
 end
 return out
 """
@@ -235,7 +280,7 @@ return {tonumber(head[1]), base, state, events}
 """
 
 SWITCH = GEN + """
--- KEYS: head, view, messages, snapshots, the tenant's index.  ARGV: new generation, session id
+-- KEYS: head, view, messages, snapshots, the tenant's index, message mods.  ARGV: new generation, session id
 -- A rebuild's last step: when the new generation and the live one both hold every event, make the new one
 -- live and drop the old one. Answers 1, 0 (not caught up: build on and retry), -1 (the session was purged) or
 -- 2 (another rebuild already made a generation at least as new live: nothing left to do).
@@ -248,13 +293,13 @@ local live = tonumber(redis.call('HGET', at(KEYS[2], old), 'v')) or 0
 if tonumber(fresh[1]) ~= tonumber(head[1]) or live ~= tonumber(head[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'g', new)
 if fresh[2] then redis.call('ZADD', KEYS[5], 0, ARGV[2]) else redis.call('ZREM', KEYS[5], ARGV[2]) end
-redis.call('UNLINK', at(KEYS[2], old), at(KEYS[3], old), at(KEYS[4], old))
+redis.call('UNLINK', at(KEYS[2], old), at(KEYS[3], old), at(KEYS[4], old), at(KEYS[6], old))
 return 1
 """
 
 PURGE = GEN + """
 -- KEYS: head, log, view, messages, snapshots, chat list, idempotency set, index, session registry, audit stream,
---       projected
+--       projected, message mods
 -- ARGV: tenant, session id, expected version, key prefix of the session's slot, then the tombstone's
 --       type, id, occurred_at, data
 -- Erases everything the session wrote and records the tombstone, in one step. Answers 1, 0 (no such session
@@ -268,7 +313,7 @@ local g = tonumber(head[3]) or 0
 local seen = tonumber(redis.call('HGET', at(KEYS[3], g), 'v')) or 0
 redis.call('HINCRBY', KEYS[11], ARGV[1], tonumber(head[1]) - seen)
 for _, gen in ipairs({g, g + 1}) do  -- the live generation, and one a killed rebuild may have left
-  for k = 3, 5 do doomed[#doomed + 1] = at(KEYS[k], gen) end
+  for _, k in ipairs({3, 4, 5, 12}) do doomed[#doomed + 1] = at(KEYS[k], gen) end
 end
 for _, job in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
   doomed[#doomed + 1] = ARGV[4] .. 'chat:' .. job

@@ -167,14 +167,16 @@ class RedisStore:
         reply = await READ_VIEW(self.redis, [k.head(session_id), k.view(session_id)], [tenant, field])
         return View(int(reply[0]), int(reply[1]), reply[2] if len(reply) > 2 else None)
 
-    async def messages(self, tenant: str, session_id: str, limit: int, offset: int, count: int | None = None) -> View:
-        """`count`: the number of messages at a past version; the page is clipped to them, deleted or not."""
+    async def messages(
+        self, tenant: str, session_id: str, limit: int, offset: int, count: int | None = None, at: int | None = None
+    ) -> View:
+        """`count`, `at`: the messages at a past version (`count` of them, edits and removals up to `at` counted);
+        the page is read whether or not the session is deleted now."""
         k = self.keys
-        stop = offset + limit - 1 if count is None else min(offset + limit, count) - 1
         reply = await READ_MESSAGES(
             self.redis,
-            [k.head(session_id), k.view(session_id), k.messages(session_id), k.log(session_id)],
-            [tenant, offset, stop, "" if count is None else "1"],
+            [k.head(session_id), k.view(session_id), k.messages(session_id), k.log(session_id), k.mods(session_id)],
+            [tenant, offset, limit, "" if count is None else count, "" if at is None else at],
         )
         head, version, live = int(reply[0]), int(reply[1]), reply[2] == 1
         rest = reply[3:]
@@ -272,12 +274,12 @@ class RedisStore:
                     pipe,
                     [
                         k.head(sid), k.view(sid), k.messages(sid), k.snapshots(sid), k.index(p, tenant), k.projected(p),
-                        k.chats(sid), *job_keys, *usage_keys,
+                        k.chats(sid), k.mods(sid), *job_keys, *usage_keys,
                     ],
                     [
                         tenant, u.from_version, u.to_version, encode_state(u.state), session_json, tools_json,
                         u.index or "", sid, self.chat_retention_s, g, len(u.message_versions), *u.message_versions,
-                        len(u.snapshots), *snapshots, len(job_keys), *job_args, len(usage), *usage_args,
+                        len(u.message_mods), *(x for mod in u.message_mods for x in mod), len(u.snapshots), *snapshots, len(job_keys), *job_args, len(usage), *usage_args,
                     ],
                 )
 

@@ -365,7 +365,7 @@ class World:
         except NotFound:
             return None, None, None
         assert state.session is not None
-        view = await self.service.read_past(sid, lambda: self.store.messages(tenant, sid, PAGE, 0, state.message_count), version)
+        view = await self.service.read_past(sid, lambda: self.store.messages(tenant, sid, PAGE, 0, state.message_count, version), version)
         return json_encode(state.session), json_encode(ToolList(state.session.tools)), view.items
 
     async def log(self, sid: str) -> list[Event]:
