@@ -22,7 +22,7 @@ from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 
 from shared.codec import json_encode
-from shared.domain.commands import RequestChat
+from shared.domain.commands import Amendment, EditMessage, RemoveMessage, RequestChat
 from shared.domain.errors import Contention, NotFound
 from shared.domain.events import ChatCancelled, ChatRequested, Event, MessageAdded
 from shared.domain.ids import derived_id, uuid7
@@ -46,7 +46,8 @@ from shared.domain.openai_wire import (
     max_tokens_of,
     message_key,
     plan_turns,
-    stored_needed,
+    stored_to_read,
+    TurnPlan,
     to_message,
     to_tools,
     without_situation,
@@ -75,26 +76,28 @@ class _Stale(Exception):
 
 # -- remembering what we compared -----------------------------------------------------------------------------------
 class PrefixCache:
-    """Per process: (tenant, session) → (message count, digest of those messages, id of the last one).
+    """Per process: (tenant, session) → (message count, digest of those messages, id of the last one, the session's
+    last amendment version).
 
-    Stored messages never change, so a client that resends its conversation is compared against the digest and
-    only the messages stored since are read (the id check catches a session re-imported under the same id).
+    Stored messages change only by an amendment (an edit or a removal, which moves the session's `amended`
+    version), so a client that resends its conversation is compared against the digest and only the messages
+    stored since are read (the id check catches a session re-imported under the same id).
     """
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
-        self._items: OrderedDict[tuple[str, str], tuple[int, bytes, str]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], tuple[int, bytes, str, int]] = OrderedDict()
 
-    def get(self, tenant: str, sid: str) -> tuple[int, bytes, str] | None:
+    def get(self, tenant: str, sid: str) -> tuple[int, bytes, str, int] | None:
         item = self._items.get((tenant, sid))
         if item is not None:
             self._items.move_to_end((tenant, sid))
         return item
 
-    def put(self, tenant: str, sid: str, count: int, digest: bytes, last_id: str) -> None:
+    def put(self, tenant: str, sid: str, count: int, digest: bytes, last_id: str, amended: int) -> None:
         if count <= 0:
             return
-        self._items[(tenant, sid)] = (count, digest, last_id)
+        self._items[(tenant, sid)] = (count, digest, last_id, amended)
         self._items.move_to_end((tenant, sid))
         while len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -115,21 +118,34 @@ async def _read_messages(service: SessionService, tenant: str, sid: str, offset:
     return out
 
 
-async def _stored(service: SessionService, tenant: str, sid: str, n: int, request: list[Key], digests: list[bytes]) -> tuple[list[Key], list[str]] | None:
-    """The stored conversation's keys and ids (those of a cached prefix as "" placeholders), or None if not needed."""
-    if n == 0:
+async def _stored(
+    service: SessionService, tenant: str, sid: str, want: int, amended: int, request: list[Key], digests: list[bytes]
+) -> tuple[list[Key], list[str]]:
+    """The first `want` stored messages' keys and ids (those of a cached prefix as "" placeholders)."""
+    if want == 0:
         return [], []
-    if not stored_needed(len(request), n):
-        return None
     cached = PREFIXES.get(tenant, sid)
     if cached is not None:
-        count, digest, last_id = cached
-        if count <= min(n, len(request)) and digests[count] == digest:
-            rest = await _read_messages(service, tenant, sid, count - 1, n)
+        count, digest, last_id, at = cached
+        if at == amended and count <= min(want, len(request)) and digests[count] == digest:
+            rest = await _read_messages(service, tenant, sid, count - 1, want)
             if rest and rest[0].id == last_id:
                 return list(request[:count]) + [message_key(m) for m in rest[1:]], [""] * (count - 1) + [m.id for m in rest]
-    stored = await _read_messages(service, tenant, sid, 0, n)
+    stored = await _read_messages(service, tenant, sid, 0, want)
     return [message_key(m) for m in stored], [m.id for m in stored]
+
+
+async def _amendments(service: SessionService, tenant: str, sid: str, plan: TurnPlan, turns: list[MessageCreate], n: int) -> tuple[Amendment, ...]:
+    """What `plan` (an `amend`) records: the client's version of the stored message where they part (an edit), or
+    its removal, and the removal of every stored message after it."""
+    assert plan.at is not None
+    tail = await _read_messages(service, tenant, sid, plan.at, n)
+    out: list[Amendment] = []
+    if plan.edit:
+        mine = turns[plan.at]
+        out.append(EditMessage(message=tail[0], content=mine.content, name=mine.name))
+        tail = tail[1:]
+    return (*out, *(RemoveMessage(message=m) for m in tail))
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
@@ -313,23 +329,24 @@ class OpenAIController(Controller):
             turns = without_situation(sent, state.session.situation)
             keys = [message_key(m) for m in turns]
             digests = chain(keys)
-            n = state.message_count
-            stored = await _stored(service, tenant, sid, n, keys, digests)
-            plan = plan_turns(keys, stored[0] if stored else None, n)
-            if stored is not None and plan.kind == "current":
-                PREFIXES.put(tenant, sid, n, digests[n], stored[1][-1] if n else "")
+            n = state.message_count - len(state.removed)  # the conversation as shown
+            stored = await _stored(service, tenant, sid, stored_to_read(len(keys), n), state.amended, keys, digests)
+            plan = plan_turns(keys, stored[0], n)
+            if plan.kind == "current" and n:
+                PREFIXES.put(tenant, sid, n, digests[n], stored[1][-1], state.amended)
             if plan.kind == "replay":
-                assert stored is not None and plan.index is not None
+                assert plan.index is not None
                 return await self._replay(request, service, chats, tenant, sid, plan.index, model, stream, include_usage)
             if plan.kind == "current" and state.active_chats:
                 return await self._answer(request, chats, sid, state.active_chats[-1].job_id, model, stream, include_usage)
+            amend = await _amendments(service, tenant, sid, plan, turns, n) if plan.kind == "amend" else ()
             new = turns[plan.start :]
             try:
-                job_id, cancelled, last_id = await self._request(request, service, tenant, sid, n, new, data, state, model, idem)
+                job_id, cancelled, last_id = await self._request(request, service, tenant, sid, new, amend, data, state, model, idem)
             except _Stale:
                 continue
             if plan.start == n and last_id:
-                PREFIXES.put(tenant, sid, len(keys), digests[-1], last_id)
+                PREFIXES.put(tenant, sid, len(keys), digests[-1], last_id, state.amended)
             break
         else:
             raise Contention(f"session {sid} is changing too fast; retry")
@@ -342,10 +359,11 @@ class OpenAIController(Controller):
         return await self._answer(request, chats, sid, job_id, model, stream, include_usage)
 
     async def _request(
-        self, request: Request, service: SessionService, tenant: str, sid: str, n: int, new: list[MessageCreate],
+        self, request: Request, service: SessionService, tenant: str, sid: str, new: list[MessageCreate], amend: tuple[Amendment, ...],
         data: ChatCompletionRequest, state: SessionState, model: str, idem: Any,
     ) -> tuple[str, list[str], str | None]:
-        """Append the new turns and the chat request, iff the session still holds exactly the `n` messages we compared."""
+        """Record the amendments, the new turns and the chat request, iff the session is still at the version we
+        planned on (else `_Stale`: plan again)."""
         assert state.session is not None
         chat = ChatRequest(
             messages=new,
@@ -363,15 +381,10 @@ class OpenAIController(Controller):
         cancelled: list[str] = []
         last: list[str | None] = [None]
 
-        planned = {c.job_id for c in state.active_chats}
-
         def respond(after: SessionState, events: list[Event]) -> Reply:
+            if after.version - len(events) != state.version:
+                raise _Stale()  # the conversation or its chats changed since we planned: an identical request joins
             added = [e for e in events if isinstance(e, MessageAdded)]
-            if after.message_count - len(added) != n:
-                raise _Stale()
-            ended = {e.data.job_id for e in events if isinstance(e, ChatCancelled)}
-            if {c.job_id for c in after.active_chats if c.job_id != job_id} | ended != planned:
-                raise _Stale()  # a chat started (or ended) since we planned: an identical request joins it instead
             last[0] = added[-1].data.id if added else None
             cancelled[:] = [e.data.job_id for e in events if isinstance(e, ChatCancelled)]
             req = next(e for e in events if isinstance(e, ChatRequested))
@@ -379,7 +392,7 @@ class OpenAIController(Controller):
             return Reply(status=202, body=msgspec.Raw(json_encode(body)))
 
         job_id = uuid7()
-        command = RequestChat(job_id=job_id, request=chat, default_model=request.app.state.settings.model)
+        command = RequestChat(job_id=job_id, request=chat, default_model=request.app.state.settings.model, amend=amend)
         async with admitted_chat(request, tenant, job_id) as keep:
             reply = await service.execute(tenant, sid, command, respond, idem)
             accepted = msgspec.json.decode(bytes(reply.body))["id"]

@@ -377,42 +377,53 @@ def chain(keys: Sequence[Key], start: bytes = b"") -> list[bytes]:
 
 # -- the rule ---------------------------------------------------------------------------------------------------------
 class TurnPlan(Struct, frozen=True, kw_only=True):
-    kind: Literal["append", "current", "replay"]
+    kind: Literal["append", "current", "replay", "amend"]
     """append: store `request[start:]` and answer; current: store nothing and answer the stored conversation
     (or join the chat already answering it); replay: store nothing, run nothing, answer the stored reply
-    `stored[index]` (a retry whose answer was stored)."""
+    `stored[index]` (a retry whose answer was stored); amend: the request shares the stored conversation up to
+    `at` and then goes its own way: record the client's version of stored message `at` as an edit (`edit`), or
+    remove it, remove the stored messages after it, and store `request[start:]`."""
     start: int = 0
     index: int | None = None
+    at: int | None = None
+    edit: bool = False
 
 
-def stored_needed(request_len: int, stored_count: int) -> bool:
-    """Whether the stored conversation must be read: only when the request could start with it, or be it less its
-    last message. A longer stored conversation can be neither, so a client that sends only new turns costs no read."""
-    return 0 < stored_count <= request_len + 1
+def stored_to_read(request_len: int, stored_count: int) -> int:
+    """How many of the stored messages (from the first) planning needs: never more than the request has, plus one
+    (so a client that sends only new turns costs a read as long as its request, not as long as the session)."""
+    return min(request_len + 1, stored_count) if request_len else 0
 
 
-def plan_turns(request: Sequence[Key], stored: Sequence[Key] | None, stored_count: int) -> TurnPlan:
+def plan_turns(request: Sequence[Key], stored: Sequence[Key], stored_count: int) -> TurnPlan:
     """Which of the request's messages (the situation already removed) are new to the session.
 
+    `stored` holds the first `stored_to_read(len(request), stored_count)` stored messages' keys.
     1. The request starts with the whole stored conversation: its rest is new (`append` from there); if there is
        no rest, nothing is new (`current`).
     2. The request is the stored conversation less its last message, and that message is an assistant's: a
        retry whose answer was stored (`replay` it).
-    3. Otherwise every message of the request is a new turn (`append` from 0): a client that sends only new turns.
-    `stored` may be None only when `stored_needed` says it is not (then rule 3 applies).
+    3. The request starts like the stored conversation (an assistant turn among what they share, or where they
+       part) and then differs (a client that stopped an answer half-way and kept what it got, or edited a turn): `amend` from
+       where they part. If there both hold an
+       assistant message with the same tool calls, the client's is recorded as an edit of the stored one;
+       otherwise the stored one is removed. The stored messages after it are removed, the request's stored.
+       No second copy of the conversation is ever stored, and the log keeps what was there (time travel).
+    4. It starts otherwise: every message of the request is a new turn (`append` from 0) — a client that sends
+       only new turns.
     """
     m, n = len(request), stored_count
-    if stored is None:
-        if stored_needed(m, n):
-            raise ValueError("the stored conversation is needed to plan this request")
-        start = 0
-    else:
-        if len(stored) != n:
-            raise ValueError(f"{len(stored)} stored messages given, {n} expected")
-        if m >= n and list(request[:n]) == list(stored):
-            start = n
-        elif m == n - 1 and list(request) == list(stored[:m]) and stored[m][0] == "assistant":
-            return TurnPlan(kind="replay", index=m)
-        else:
-            start = 0
-    return TurnPlan(kind="append", start=start) if start < m else TurnPlan(kind="current", start=m)
+    if len(stored) != stored_to_read(m, n):
+        raise ValueError(f"{len(stored)} stored messages given, {stored_to_read(m, n)} expected")
+    shared = next((i for i, (a, b) in enumerate(zip(request, stored)) if a != b), min(m, len(stored)))
+    if shared == n:
+        return TurnPlan(kind="append", start=n) if n < m else TurnPlan(kind="current", start=m)
+    if m == n - 1 and shared == m and stored[m][0] == "assistant":
+        return TurnPlan(kind="replay", index=m)
+    if shared == 0 or all(k[0] != "assistant" for k in request[: shared + 1]):
+        # nothing shared, or only turns a new message may repeat ("hi" again): the request holds new turns only
+        return TurnPlan(kind="append", start=0) if m else TurnPlan(kind="current", start=0)
+    mine = request[shared] if shared < m else None
+    theirs = stored[shared]
+    edit = mine is not None and mine[0] == theirs[0] == "assistant" and mine[3:] == theirs[3:]
+    return TurnPlan(kind="amend", at=shared, edit=edit, start=shared + 1 if edit else shared)

@@ -52,6 +52,9 @@ class SessionState(Struct, kw_only=True):
     summary: Summary | None = None
     removed: frozenset[int] = frozenset()
     """The seqs of the messages removed from the conversation (rare, so the set stays small)."""
+    amended: int = 0
+    """The version of the last edit or removal of a message (0: none): what was read of the conversation before it
+    may have changed."""
 
     @property
     def exists(self) -> bool:
@@ -105,13 +108,14 @@ def evolve(state: SessionState, event: Event) -> SessionState:
         case MessageEdited(data=m):
             if not 1 <= m.seq <= state.message_count or m.session_id != state.id or m.seq in state.removed:
                 raise ValueError(f"edited message {m.id} (seq {m.seq}) is not a message of session {state.id}")
-            return _touch(state, event)
+            return _touch(state, event, amended=event.version)
         case MessageRemoved(data=d):
             if not 1 <= d.seq <= state.message_count:
                 raise ValueError(f"removed message {d.message_id} (seq {d.seq}) is not a message of session {state.id}")
             if d.seq in state.removed:
                 raise ValueError(f"message {d.message_id} (seq {d.seq}) of session {state.id} was removed already")
-            return _touch(state, event, open_tool_calls=state.open_tool_calls - set(d.tool_call_ids), removed=state.removed | {d.seq})
+            calls = state.open_tool_calls - set(d.tool_call_ids)
+            return _touch(state, event, open_tool_calls=calls, removed=state.removed | {d.seq}, amended=event.version)
         case SessionDeleted():
             _live(state)
             return structs.replace(state, version=event.version, deleted=True, active_chats=())

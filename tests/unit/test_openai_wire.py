@@ -21,7 +21,8 @@ from shared.domain.openai_wire import (
     max_tokens_of,
     message_key,
     plan_turns,
-    stored_needed,
+    stored_to_read,
+    TurnPlan,
     to_message,
     without_situation,
 )
@@ -140,7 +141,7 @@ A = [("assistant", f"a{i}", None, None, ()) for i in range(10)]
 
 
 def plan(request: list[Key], stored: list[Key]) -> Any:
-    return plan_turns(request, stored if stored_needed(len(request), len(stored)) else None, len(stored))
+    return plan_turns(request, stored[: stored_to_read(len(request), len(stored))], len(stored))
 
 
 def test_rules() -> None:
@@ -150,18 +151,29 @@ def test_rules() -> None:
     assert plan(s[:3], s) == plan_turns(s[:3], s, 4) and plan(s[:3], s).kind == "replay" and plan(s[:3], s).index == 3  # retry
     assert plan([U[5]], s).kind == "append" and plan([U[5]], s).start == 0  # only the new turn
     assert plan(s[:1], s).kind == "append" and plan(s[:1], s).start == 0  # an older prefix: a new turn that repeats one
-    assert plan([U[0], A[0], U[2]], s).kind == "append" and plan([U[0], A[0], U[2]], s).start == 0  # a different history
     assert plan([], s).kind == "current" and plan([], []).kind == "current"
     assert plan([U[0]], []).kind == "append"
-    assert plan(s[:3] + [U[1]], s).start == 0  # not a retry: stored message 3 is not what was sent
-    assert plan([U[0], A[0], U[1]], [U[0], A[0], U[1], U[2]]).kind == "append"  # after the prefix comes no answer: new turns
 
 
-def test_the_stored_conversation_is_read_only_when_it_can_match() -> None:
-    assert not stored_needed(1, 3) and not stored_needed(5, 0)
-    assert stored_needed(1, 2) and stored_needed(5, 5) and stored_needed(5, 1)
+def test_a_conversation_that_parts_from_the_stored_one_amends_it_instead_of_storing_it_again() -> None:
+    s = [U[0], A[0], U[1], A[1]]
+    cut = ("assistant", "a1 (cut off)", None, None, ())
+    assert plan([U[0], A[0], U[1], cut, U[2]], s) == TurnPlan(kind="amend", at=3, edit=True, start=4)  # stopped answer
+    assert plan([U[0], A[0], U[1], cut], s) == TurnPlan(kind="amend", at=3, edit=True, start=4)  # kept, nothing new
+    assert plan([U[0], A[0], U[2]], s) == TurnPlan(kind="amend", at=2, edit=False, start=2)  # an edited question
+    assert plan(s[:3] + [U[1]], s) == TurnPlan(kind="amend", at=3, edit=False, start=3)  # the answer dropped, asked again
+    # the stored conversation holds a turn the client never had: it goes
+    assert plan([U[0], A[0], U[1]], [U[0], A[0], U[1], U[2]]) == TurnPlan(kind="amend", at=3, edit=False, start=3)
+    called = ("assistant", None, None, None, (("c1", "function", "f", ("json", "{}")),))
+    other_call = ("assistant", None, None, None, (("c2", "function", "f", ("json", "{}")),))
+    assert plan([U[0], other_call], [U[0], called]).edit is False  # tool calls differ: not an edit of that turn
+
+
+def test_the_stored_conversation_is_read_no_further_than_the_request_reaches() -> None:
+    assert stored_to_read(1, 3) == 2 and stored_to_read(5, 0) == 0 and stored_to_read(0, 7) == 0
+    assert stored_to_read(1, 2) == 2 and stored_to_read(5, 5) == 5 and stored_to_read(5, 100) == 6
     with pytest.raises(ValueError):
-        plan_turns([U[0]], None, 2)
+        plan_turns([U[0]], [], 2)
 
 
 def serve(stored: list[Key], request: list[Key]) -> Key:
@@ -169,6 +181,10 @@ def serve(stored: list[Key], request: list[Key]) -> Key:
     p = plan(request, stored)
     if p.kind == "replay":
         return stored[p.index]
+    if p.kind == "amend":
+        del stored[p.at :]
+        if p.edit:
+            stored.append(request[p.at])
     stored.extend(request[p.start :])
     answer = ("assistant", f"answer {len(stored)}", None, None, ())
     stored.append(answer)
@@ -187,6 +203,20 @@ def test_a_client_resending_its_history_with_retries_stores_each_turn_once(retri
             assert serve(stored, request) == answer
         client = request + [answer]
         assert stored == client
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 8)), min_size=1, max_size=12))
+def test_a_client_that_stops_answers_half_way_stores_each_turn_once(steps: list[tuple[bool, int]]) -> None:
+    """"Stop generating": the client keeps the part it got and sends its conversation on. The session then holds
+    the client's conversation exactly — the cut answer as the client has it, every turn once."""
+    stored: list[Key] = []
+    client: list[Key] = []
+    for i, (stop, kept) in enumerate(steps):
+        request = client + [("user", f"q{i}", None, None, ())]
+        answer = serve(stored, request)
+        assert stored == request + [answer]
+        client = request + [("assistant", (answer[1] or "")[:kept], None, None, ()) if stop else answer]
 
 
 @settings(max_examples=300)
@@ -241,20 +271,25 @@ async def test_a_resent_conversation_reads_only_the_messages_stored_since_the_la
     keys = [message_key(m) for m in convo]
 
     request = keys[:38] + [("user", "new", None, None, ())]
-    stored, ids = await _stored(service, "t", "sess-prefix", 38, request, chain(request))  # type: ignore[arg-type]
+    stored, ids = await _stored(service, "t", "sess-prefix", 38, 0, request, chain(request))  # type: ignore[arg-type]
     assert stored == keys[:38] and ids[-1] == "id-37" and service.read_count == 38  # cold: the whole conversation
-    PREFIXES.put("t", "sess-prefix", 38, chain(request)[38], "id-37")
+    PREFIXES.put("t", "sess-prefix", 38, chain(request)[38], "id-37", 0)
 
     service.read_count = 0
     request = keys[:40] + [("user", "newer", None, None, ())]
-    stored, ids = await _stored(service, "t", "sess-prefix", 40, request, chain(request))  # type: ignore[arg-type]
+    stored, ids = await _stored(service, "t", "sess-prefix", 40, 0, request, chain(request))  # type: ignore[arg-type]
     assert stored == keys[:40] and service.read_count == 3  # message 38 (to check its id), 39 and 40
 
     service.read_count = 0
     other = [("user", "something else", None, None, ())] + keys[1:40]  # a different history: the digest does not match
-    stored, _ = await _stored(service, "t", "sess-prefix", 40, other, chain(other))  # type: ignore[arg-type]
+    stored, _ = await _stored(service, "t", "sess-prefix", 40, 0, other, chain(other))  # type: ignore[arg-type]
+    assert stored == keys[:40] and service.read_count == 40
+
+    service.read_count = 0  # an amendment since the prefix was cached: it no longer counts
+    stored, _ = await _stored(service, "t", "sess-prefix", 40, 7, request, chain(request))  # type: ignore[arg-type]
     assert stored == keys[:40] and service.read_count == 40
 
     service.read_count = 0
-    assert await _stored(service, "t", "sess-prefix", 40, [("user", "only new", None, None, ())], chain([])) is None  # type: ignore[arg-type]
-    assert service.read_count == 0  # a request that cannot match costs no read
+    only_new = [("user", "only new", None, None, ())]
+    stored, _ = await _stored(service, "t", "sess-prefix", stored_to_read(1, 40), 0, only_new, chain(only_new))  # type: ignore[arg-type]
+    assert stored == keys[:2] and service.read_count == 2  # a request of one turn reads two stored messages, not 40
