@@ -26,7 +26,7 @@ from shared.domain.events import ChatCancelled, ChatRequested, Event
 from shared.domain.ids import parse_uuid, uuid7
 from shared.domain.model import ChatJob, ChatJobList, ChatRequest, ChatResponse, ErrorBody
 from shared.domain.state import SessionState
-from shared.redis.chats import ChatStore
+from shared.redis.chats import ChatStore, streamed_text
 from shared.redis.limits import RedisLimits
 from shared.service import Reply
 from services.api.auth import provide_tenant
@@ -34,6 +34,8 @@ from services.api.body import StrictBody
 from services.api.sse import EventStream, follow, open_stream, take_stream
 from services.api.sessions import IdempotencyKey, Limit, Offset, _idempotency, _service, _session_id
 
+RETRY_MS = 3_000
+"""`retry:` of the chat streams: how long an EventSource waits before it reconnects."""
 KEEPALIVE_S = 15.0
 """A quiet chat stream sends a comment this often."""
 _EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}(\.1)?")
@@ -147,11 +149,20 @@ class ChatController(Controller):
 
     @post("/chats/{job_id:str}/cancel", status_code=200, responses=_errors(409))
     async def cancel_chat(self, request: Request, tenant: str, session_id: str, job_id: str) -> Response[ChatJob]:
-        """Cancel a queued or running chat (409 `chat_not_active` once it ended)."""
+        """Cancel a queued or running chat (409 `chat_not_active` once it ended). What it had streamed so far is
+        stored as its answer (unless the request had `save: false`): the conversation ends where the model was
+        stopped, as a client that stopped reading the stream saw it."""
         service, sid, job = _service(request), _session_id(session_id), _job_id(job_id)
         chats: ChatStore = request.app.state.chats
         await service.read(sid, lambda: chats.job(tenant, sid, job))  # an unknown job is a 404, an ended one a 409
-        await service.execute(tenant, sid, CancelChat(job_id=job), lambda s, e: Reply(status=200, body=msgspec.Raw(b"{}")))
+        partial = None
+        state = await service.log.load(tenant, sid)
+        active = state.active(job) if state is not None else None
+        if active is not None:
+            [requested] = await service.log.read(sid, after=active.requested_at - 1, limit=1)
+            if isinstance(requested, ChatRequested) and requested.data.params.save:
+                partial = streamed_text(await chats.streamed(sid, job)) or None
+        await service.execute(tenant, sid, CancelChat(job_id=job, partial=partial), lambda s, e: Reply(status=200, body=msgspec.Raw(b"{}")))
         await chats.emit(sid, job, "error", json_encode({"code": "cancelled", "message": "cancelled by the client"}))
         view = await service.read(sid, lambda: chats.job(tenant, sid, job))
         return Response(content=view.body, media_type=MediaType.JSON)
@@ -293,9 +304,7 @@ async def _sse(request: Request, sid: str, job_id: str, after: str) -> EventStre
     chats: ChatStore = request.app.state.chats
 
     async def frames() -> AsyncIterator[bytes]:
-        cursor = after.removesuffix(".1")
-        if after.endswith(".1"):
-            return  # the client saw [DONE]
+        cursor = after
         if cursor != "0-0" and await chats.is_terminal(sid, job_id, cursor):
             yield b"id: %s.1\ndata: [DONE]\n\n" % cursor.encode()  # the client saw the last event, not [DONE]
             return
@@ -310,9 +319,9 @@ async def _sse(request: Request, sid: str, job_id: str, after: str) -> EventStre
                     yield b"id: %s\ndata: %s\n\n" % (eid.encode(), json_encode({"id": job_id, "choices": [], "usage": usage}))
                     yield b"id: %s.1\ndata: [DONE]\n\n" % eid.encode()
                     return
-                else:
-                    yield b"id: %s\nevent: error\ndata: %s\n\n" % (eid.encode(), json_encode({"error": msgspec.json.decode(data)}))
+                else:  # named so that it is not EventSource's own `error` event (a connection failure)
+                    yield b"id: %s\nevent: chat.failed\ndata: %s\n\n" % (eid.encode(), json_encode({"error": msgspec.json.decode(data)}))
                     yield b"id: %s.1\ndata: [DONE]\n\n" % eid.encode()
                     return
 
-    return await open_stream(request, frames())
+    return await open_stream(request, frames(), retry_ms=RETRY_MS)

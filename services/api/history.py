@@ -26,6 +26,9 @@ LastEventId = Annotated[
     HeaderParameter(name="Last-Event-ID", required=False, pattern=r"^([0-9]{1,19})?$", description="SSE resume point (a version); wins over `after` (empty: none)."),
 ]
 SSE_BATCH = 500
+RETRY_MS = 3_000
+"""`retry:` of the event stream: how long an EventSource waits before it reconnects."""
+Unnamed = Annotated[bool, Parameter(description="SSE only: send events without `event:` names, so `EventSource.onmessage` sees them.")]
 _VERSION = re.compile(r"[0-9]{1,20}")
 
 
@@ -52,11 +55,14 @@ class EventController(Controller):
         after: After = 0,
         limit: Limit = 100,
         last_event_id: LastEventId = None,
+        unnamed: Unnamed = False,
     ) -> Response[EventPage]:
         """The session's log, oldest first, deleted sessions too (until purged).
 
         With `Accept: text/event-stream` it follows the log live: the events after `after` (or `Last-Event-ID`),
-        then each new one as it is appended; `id:` is the version, `event:` the type. It ends after `SessionDeleted`."""
+        then each new one as it is appended; `id:` is the version, `event:` the type (`unnamed=true`: no `event:`
+        field, for clients that listen to `onmessage` only; the type is in `data`). It ends after `SessionDeleted`
+        (resumed after it: 204, so an EventSource stops reconnecting)."""
         service = _service(request)
         sid = _session_id(session_id)
         if "text/event-stream" in request.headers.get("accept", ""):
@@ -70,7 +76,7 @@ class EventController(Controller):
             if after >= head and await _deleted(service.log, tenant, sid, head):
                 # the client saw SessionDeleted: nothing can follow, and 204 tells an EventSource not to reconnect
                 return Response(content=b"", status_code=204)
-            return await _tail(request, service.log, tenant, sid, after, request.app.state.settings.sse_keepalive_s)  # type: ignore[return-value]
+            return await _tail(request, service.log, tenant, sid, after, request.app.state.settings.sse_keepalive_s, unnamed)  # type: ignore[return-value]
         view = await service.log.events(tenant, sid, after, limit)
         if view.head == 0:
             raise NotFound(f"session {session_id} not found")
@@ -85,7 +91,7 @@ async def _deleted(log: EventLog, tenant: str, sid: str, head: int) -> bool:
     return bool(last) and _event_head.decode(last[0]).type == "SessionDeleted"
 
 
-async def _tail(request: Request, log: EventLog, tenant: str, sid: str, after: int, keepalive_s: float) -> EventStream:
+async def _tail(request: Request, log: EventLog, tenant: str, sid: str, after: int, keepalive_s: float, unnamed: bool) -> EventStream:
     cursor = after
 
     async def fetch() -> list[bytes]:
@@ -104,13 +110,16 @@ async def _tail(request: Request, log: EventLog, tenant: str, sid: str, after: i
                 for item in batch:
                     head = _event_head.decode(item)
                     cursor = head.version
-                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (head.version, head.type.encode(), item)
+                    if unnamed:
+                        yield b"id: %d\ndata: %s\n\n" % (head.version, item)
+                    else:
+                        yield b"id: %d\nevent: %s\ndata: %s\n\n" % (head.version, head.type.encode(), item)
                     if head.type == "SessionDeleted":
                         return
         except _Purged:
             return
 
-    return await open_stream(request, frames())
+    return await open_stream(request, frames(), retry_ms=RETRY_MS)
 
 
 class _Purged(Exception):

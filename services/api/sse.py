@@ -146,17 +146,22 @@ def detach(request: Request[Any, Any, Any]) -> None:
 
 
 class _Frames:
-    """A stream's frames. Closing them gives the stream's slot back, even if they were never started."""
+    """A stream's frames. Closing them gives the stream's slot back, even if they were never started. `retry`:
+    the SSE `retry:` field to send with the first frame (an EventSource's reconnection delay)."""
 
-    def __init__(self, frames: AsyncIterator[bytes], release: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, frames: AsyncIterator[bytes], release: Callable[[], Awaitable[None]], retry: bytes = b"") -> None:
         self._frames = frames
         self._release: Callable[[], Awaitable[None]] | None = release
+        self._first = retry
 
     def __aiter__(self) -> _Frames:
         return self
 
     async def __anext__(self) -> bytes:
-        return await self._frames.__anext__()
+        frame = await self._frames.__anext__()
+        if self._first:
+            frame, self._first = self._first + frame, b""
+        return frame
 
     async def aclose(self) -> None:
         release, self._release = self._release, None
@@ -213,11 +218,13 @@ async def take_stream(request: Request[Any, Any, Any]) -> StreamSlot:
     return slot
 
 
-def stream_response(slot: StreamSlot, frames: AsyncIterator[bytes], status_code: int = 200) -> EventStream:
-    """The `text/event-stream` answer of `frames`; it gives `slot` back when it ends."""
-    return EventStream(_Frames(frames, slot.give), media_type="text/event-stream", headers=SSE_HEADERS, status_code=status_code)
+def stream_response(slot: StreamSlot, frames: AsyncIterator[bytes], retry_ms: int | None = None) -> EventStream:
+    """The `text/event-stream` answer of `frames`; it gives `slot` back when it ends. `retry_ms`: send the SSE
+    `retry:` field (not on the OpenAI-compatible streams, whose framing is OpenAI's)."""
+    retry = b"retry: %d\n" % retry_ms if retry_ms else b""
+    return EventStream(_Frames(frames, slot.give, retry), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def open_stream(request: Request[Any, Any, Any], frames: AsyncIterator[bytes], status_code: int = 200) -> EventStream:
+async def open_stream(request: Request[Any, Any, Any], frames: AsyncIterator[bytes], retry_ms: int | None = None) -> EventStream:
     """`take_stream`, then `stream_response`."""
-    return stream_response(await take_stream(request), frames, status_code)
+    return stream_response(await take_stream(request), frames, retry_ms)

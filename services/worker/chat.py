@@ -23,7 +23,7 @@ from shared.domain.events import ChatRequested
 from shared.domain.model import AssistantMessage, ChatChoice, ChatResponse, ContextReport, Message, Tool, Usage
 from shared.domain.state import SessionState
 from shared.models import Completion, Delta, ModelError, ModelProvider, ModelRequest
-from shared.redis.chats import ChatStore
+from shared.redis.chats import ChatStore, streamed_text
 from shared.redis.store import RedisStore
 from shared.service import Reply, SessionService
 from shared.tokens import Tokenizer
@@ -192,11 +192,7 @@ class ChatRunner:
 
     async def _stream(self, session_id: str, job_id: str, request: ModelRequest) -> Completion:
         # A retried attempt resumes the stream: skip what an earlier attempt already sent, if the answer agrees.
-        sent = "".join(
-            (msgspec.json.decode(d).get("choices") or [{}])[0].get("delta", {}).get("content") or ""
-            for _, kind, d in await self.chats.streamed(session_id, job_id)
-            if kind == "chunk"
-        )
+        sent = streamed_text(await self.chats.streamed(session_id, job_id))
         produced = ""
         next_check = time.monotonic() + CANCEL_CHECK_S
         writer = self.chats.writer(session_id, job_id)

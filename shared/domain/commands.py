@@ -140,6 +140,9 @@ class FailChat(Struct, kw_only=True, frozen=True):
 class CancelChat(Struct, kw_only=True, frozen=True):
     job_id: str
     reason: str = "cancelled by the client"
+    partial: str | None = None
+    """The text the job had streamed when it was stopped: stored as its answer (the request's `save` permitting),
+    so the conversation ends where the model was stopped, as the client saw it."""
 
 
 Command = (
@@ -190,8 +193,14 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
             _check_live(state, None)
             if state.active(job) is None:
                 raise ChatNotActive(f"chat {job} is not queued or running")
-            data = ChatCancelledData(job_id=job, reason=command.reason)
-            return [ChatCancelled(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=data)]
+            events: list[Event] = []
+            message_id = None
+            if command.partial:
+                answer = _answer_message(state, job, command.partial, None, stamp)
+                message_id = answer.data.id
+                events.append(answer)
+            data = ChatCancelledData(job_id=job, reason=command.reason, message_id=message_id)
+            return [*events, ChatCancelled(id=stamp.new_id(), version=state.version + len(events) + 1, occurred_at=stamp.now, data=data)]
         case RecordContext() | AddSummary() | CompleteChat() | FailChat():
             return []  # the job already ended (answered, failed or cancelled): a repeat run changes nothing
     raise TypeError(f"unknown command {type(command).__name__}")
@@ -363,22 +372,28 @@ def _complete_chat(state: SessionState, command: CompleteChat, stamp: Stamp) -> 
     message_id = None
     if command.save:
         version += 1
-        message = Message(
-            id=derived_id(command.job_id, "answer"),
-            session_id=state.id,
-            role="assistant",
-            content=answer.content,
-            name=None,
-            tool_call_id=None,
-            tool_calls=answer.tool_calls,
-            seq=state.message_count + 1,
-            created_at=stamp.now,
-        )
-        message_id = message.id
-        events.append(MessageAdded(id=derived_id(command.job_id, "answer-event"), version=version, occurred_at=stamp.now, data=message))
+        added = _answer_message(state, command.job_id, answer.content, answer.tool_calls, stamp)
+        message_id = added.data.id
+        events.append(added)
     data = ChatCompletedData(job_id=command.job_id, message_id=message_id, response=command.response)
     events.append(ChatCompleted(id=derived_id(command.job_id, "completed"), version=version + 1, occurred_at=stamp.now, data=data))
     return events
+
+
+def _answer_message(state: SessionState, job_id: str, content: str | None, tool_calls: list | None, stamp: Stamp) -> MessageAdded:
+    """A chat's answer as the session's next message; its ids derive from the job's, so a job answers once."""
+    message = Message(
+        id=derived_id(job_id, "answer"),
+        session_id=state.id,
+        role="assistant",
+        content=content,
+        name=None,
+        tool_call_id=None,
+        tool_calls=tool_calls,
+        seq=state.message_count + 1,
+        created_at=stamp.now,
+    )
+    return MessageAdded(id=derived_id(job_id, "answer-event"), version=state.version + 1, occurred_at=stamp.now, data=message)
 
 
 def _running(state: SessionState, job_id: str) -> bool:

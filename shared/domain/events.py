@@ -97,6 +97,9 @@ class ChatFailedData(Struct, kw_only=True):
 class ChatCancelledData(Struct, kw_only=True):
     job_id: str
     reason: str
+    message_id: str | None = None
+    """The answer as far as the model got when it was stopped, stored as an assistant message (None: nothing
+    streamed yet, or `save: false`)."""
 
 
 class EventBase(Struct, kw_only=True, frozen=True, tag_field="type"):

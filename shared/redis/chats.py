@@ -137,6 +137,13 @@ class ChatStore:
         return [(eid.decode(), f[b"k"].decode(), f[b"d"]) for eid, f in entries]
 
 
+def streamed_text(entries: Sequence[tuple[str, str, bytes]]) -> str:
+    """The answer's text as the chunk-stream entries so far carry it."""
+    return "".join(
+        (msgspec.json.decode(d).get("choices") or [{}])[0].get("delta", {}).get("content") or "" for _, kind, d in entries if kind == "chunk"
+    )
+
+
 class ChunkWriter:
     """Appends a job's chunks in order without making the model wait on Redis.
 

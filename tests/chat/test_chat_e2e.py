@@ -204,7 +204,7 @@ def stream_events(c: httpx.Client, sid: str, job_id: str, last_event_id: str | N
 def deltas(events: list[SSE]) -> str:
     out = []
     for e in events:
-        if e.data is None or e.data == "[DONE]" or e.event == "error":
+        if e.data is None or e.data == "[DONE]" or e.event == "chat.failed":
             continue
         body = e.json()
         for choice in body["choices"]:
@@ -583,14 +583,18 @@ def test_cancel_a_running_chat(c, model):
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "cancelled" and r.json()["error"]["code"] == "cancelled"
 
-    # Whatever the worker does next, no answer joins the session and the job stays cancelled.
+    # The answer as far as it had streamed joins the session, once; the job stays cancelled, whatever the worker
+    # does next; the stream ends with a `chat.failed` event (not `error`, which is EventSource's own).
     wait_model_outcome(model, mark)
     j = job(c, s["id"], jid)
     assert j["status"] == "cancelled" and j["response"] is None and j["error"]["code"] == "cancelled"
-    assert [m["role"] for m in messages(c, s["id"])] == ["user"]
     events = stream_events(c, s["id"], jid)
-    assert events[-1].data == "[DONE]" and events[-2].event == "error"
+    assert events[-1].data == "[DONE]" and events[-2].event == "chat.failed"
     assert events[-2].json()["error"]["code"] == "cancelled"
+    streamed = deltas(events[:-2])
+    stored = messages(c, s["id"])
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"] and streamed.startswith(stored[1]["content"]), (stored[1]["content"], streamed)
 
     # Once ended it cannot be cancelled again.
     assert_error(c.post(f"/sessions/{s['id']}/chats/{jid}/cancel", headers=ACME), 409, "chat_not_active")
@@ -696,7 +700,7 @@ def test_multitask_interrupt_cancels_the_running_chat(c, model, stack):
     assert [(m["role"], m["content"]) for m in messages(c, s["id"])] == [
         ("user", f"{SLOW_TEXT} {mark}"), ("user", f"never mind {mark}"), ("assistant", f"echo: never mind {mark}")]
     events = stream_events(c, s["id"], a["id"])
-    assert events[-1].data == "[DONE]" and events[-2].event == "error" and events[-2].json()["error"]["code"] == "cancelled"
+    assert events[-1].data == "[DONE]" and events[-2].event == "chat.failed" and events[-2].json()["error"]["code"] == "cancelled"
 
 
 def test_deleting_the_session_ends_its_waiting_chat_with_409_session_deleted(c, model, stack):
@@ -931,7 +935,7 @@ def test_a_provider_that_keeps_failing_fails_the_job(c, model, status, code):
     assert j["response"] is None
     assert len(model_requests(model, f"queued {mark}")) == 3, "one try and PARLEY_MODEL_MAX_RETRIES=2 retries"
     events = stream_events(c, s["id"], a["id"])
-    assert events[-1].data == "[DONE]" and events[-2].event == "error" and events[-2].json()["error"]["code"] == code
+    assert events[-1].data == "[DONE]" and events[-2].event == "chat.failed" and events[-2].json()["error"]["code"] == code
 
     # A synchronous chat answers 502 with the code.
     r = chat(c, s["id"], user(f"waiting {mark}"))
@@ -945,7 +949,7 @@ def test_a_streamed_chat_that_fails_ends_with_an_error_event(c, model):
     s = create(c)
     model.control(fail_always=500)
     events = stream_chat(c, s["id"], user(f"x {mark}"))
-    assert events[-1].data == "[DONE]" and events[-2].event == "error"
+    assert events[-1].data == "[DONE]" and events[-2].event == "chat.failed"
     assert events[-2].json()["error"]["code"] == "model_unavailable"
     assert all(e.id for e in events)
 
@@ -1081,5 +1085,5 @@ def test_an_idempotent_replay_of_an_interrupting_chat_interrupts_nothing_new(c, 
     assert replay.status_code == 200 and replay.json() == first.json()
     assert wait_job(c, s["id"], later["id"])["status"] == "succeeded"
     events = stream_events(c, s["id"], later["id"])
-    assert not [e for e in events if e.event == "error"], "the replay wrote a cancellation into another chat's stream"
+    assert not [e for e in events if e.event == "chat.failed"], "the replay wrote a cancellation into another chat's stream"
     assert_complete_stream(events, later["id"])

@@ -171,6 +171,7 @@ class SSEReader:
         self._buf = b""
         self.ended = False
         self.comments = 0
+        self.saw_retry = False
 
     def block(self) -> bytes | None:
         """The next block, or None when the server ended the stream."""
@@ -182,6 +183,10 @@ class SSEReader:
                 assert self._buf == b"", f"the stream ended inside a frame: {self._buf!r}"
                 return None
         block, self._buf = self._buf.split(b"\n\n", 1)
+        if block.startswith(b"retry: "):  # the stream's first frame carries the reconnection delay
+            retry, _, block = block.partition(b"\n")
+            assert retry == b"retry: 3000" and not self.saw_retry, retry
+            self.saw_retry = True
         return block
 
     def next(self) -> Frame | None:
@@ -470,7 +475,8 @@ def test_sse_frames_are_id_event_data_exactly(c):
         assert resp.status_code == 200
         raw = resp.read()
     log = all_events(c, sid)
-    blocks = raw.split(b"\n\n")
+    assert raw.startswith(b"retry: 3000\n"), raw  # the reconnection delay, with the first frame
+    blocks = raw.removeprefix(b"retry: 3000\n").split(b"\n\n")
     assert blocks[-1] == b"" and len(blocks) == len(log) + 1, raw
     datas = []
     for block, e in zip(blocks, log):
