@@ -123,7 +123,7 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
     app = create_app(settings, redis=redis, run_worker=run_worker)
     gate = Gate(settings.max_inflight)
     config = uvicorn.Config(
-        Guard(app, gate),
+        Guard(app, gate, settings.cors()),
         host=host,
         port=port,
         loop="none",

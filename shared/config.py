@@ -79,6 +79,12 @@ class Settings(Struct, kw_only=True, frozen=True):
     """Default prompt plus completion tokens per tenant and UTC day (0: unlimited)."""
     tenant_streams: int = 1_000
     """Default open event streams (and waiting synchronous chats) per tenant (0: unlimited)."""
+    cors_origins: str = ""
+    """Comma-separated origins browsers may call the API from (`*`: any); empty: no CORS."""
+    stream_token_ttl_s: int = 300
+    """How long a stream token (`POST /sessions/{id}/stream-tokens`) lasts by default."""
+    stream_token_secret: str = ""
+    """The HMAC key of stream tokens; empty: one is made at first start and kept in Redis for every process."""
     max_streams: int = 10_000
     """Open event streams (and waiting synchronous chats) one API process holds; beyond it 429 `too_many_streams`."""
     sse_keepalive_s: float = 15.0
@@ -98,6 +104,9 @@ class Settings(Struct, kw_only=True, frozen=True):
                 raw[name] = env[key]
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return msgspec.convert(raw, cls, strict=False)
+
+    def cors(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
 
     def static_keys(self) -> dict[str, str]:
         """`PARLEY_API_KEYS` as {key: tenant}."""

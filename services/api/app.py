@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 
 from litestar import Litestar, MediaType, Response, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.openapi import OpenAPIConfig
@@ -39,6 +41,7 @@ from services.api.openai_api import OpenAIController
 from services.api.history import EventController, audit
 from services.api.sessions import SessionController
 from services.api import chats, openapi, sse, strict
+from services.api.guard import EXPOSED_HEADERS
 from services.api.sse import StreamSlots
 from services.api.usage import usage
 from services.worker.main import chat_hooks, run_worker as worker_main
@@ -100,6 +103,15 @@ class HealthCheck:
             await asyncio.sleep(self.interval_s)
 
 
+async def stream_secret(redis: Redis, settings: Settings) -> bytes:
+    """The HMAC key of stream tokens: the configured one, else one made at first start and kept in Redis, so that
+    every API process accepts the tokens any of them gave out."""
+    if settings.stream_token_secret:
+        return settings.stream_token_secret.encode()
+    await redis.hsetnx(Keys.config, "stream_token_secret", secrets.token_hex(32))
+    return bytes(await redis.hget(Keys.config, "stream_token_secret"))
+
+
 def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool = False) -> Litestar:
     """`redis`: a client to use instead of connecting to `REDIS_URL` (fakeredis in `parley dev`); it then also
     serves blocking reads, by polling. `run_worker` runs the worker (projector and chat jobs) in this process too
@@ -123,6 +135,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
         app.state.queue = ChatQueue(client)
         app.state.history = RedisHistory(client, keys)
         app.state.notifier = Notifier(blocking, keys, supervisor, poll_s=0.01 if fake else None)
+        app.state.stream_secret = await stream_secret(client, settings)
         app.state.limits = limits = RedisLimits(client, keys, tenant_defaults(settings))
         app.state.streams = StreamSlots(settings.max_streams, limits)
         supervisor.run("stream-slots", app.state.streams.renew)
@@ -158,6 +171,11 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         before_request=strict.before_request,
+        cors_config=CORSConfig(
+            allow_origins=settings.cors(), allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "X-Auth-Key", "Content-Type", "Idempotency-Key", "If-Match", "Last-Event-ID", "Prefer", "X-Request-ID"],
+            expose_headers=EXPOSED_HEADERS, max_age=600,
+        ) if settings.cors() else None,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Parley",

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
+from urllib.parse import unquote_to_bytes
 from typing import Any
 
 from litestar import Litestar
 from litestar.types import Message, Receive, Scope, Send
 
 from shared.redis.connect import pool_exhausted
+from shared.domain.stream_tokens import verify
 from shared.redis.limits import Admission
 from shared.supervise import TRANSIENT
 from services.api.auth import key_of
@@ -40,6 +43,10 @@ def _error(status: int, code: str, message: str) -> bytes:
 
 OVERLOADED = _error(503, "overloaded", "the server is at capacity; retry shortly")
 UNAVAILABLE = _error(503, "store_unavailable", "the store is unavailable; retry shortly")
+EXPOSED_HEADERS = ["ETag", "Location", "Retry-After", "RateLimit", "RateLimit-Policy", "Last-Event-ID", "X-Request-ID"]
+"""Response headers a browser page may read (CORS)."""
+EXPOSED = ", ".join(EXPOSED_HEADERS).encode()
+BAD_TOKEN = _error(401, "unauthorized", "the stream token is invalid, expired, or not for this stream")
 RATE_LIMITED = _error(429, "rate_limited", "this tenant is over its request rate; retry after Retry-After seconds")
 
 
@@ -113,24 +120,28 @@ def _digest(key: str) -> bytes:
 
 
 class Guard:
-    def __init__(self, app: Litestar, gate: Gate) -> None:
+    def __init__(self, app: Litestar, gate: Gate, cors_origins: list[str] | None = None) -> None:
+        """`cors_origins`: the guard's own answers (429, 503…) carry the CORS fields litestar's answers carry, so a
+        browser can read why it was refused."""
         self.app = app
         self.gate = gate
+        self.cors = set(cors_origins or ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in EXEMPT:
             await self.app(scope, receive, send)
             return
         gate = self.gate
+        own = self._cors(scope, send) if self.cors else send  # the guard's own answers (litestar adds CORS to its)
         state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
         parsed_at = state.pop("parley.parsed_at", None)
         if parsed_at is None and not gate.admit():  # not counted in by the protocol (another server): count it here
-            await _answer(send, 503, OVERLOADED, [(b"retry-after", b"1")])
+            await _answer(own, 503, OVERLOADED, [(b"retry-after", b"1")])
             return
         gate.waiting -= 1
         if parsed_at is not None and time.monotonic() - parsed_at > gate.max_wait_s:
             gate.shed += 1
-            await _answer(send, 503, OVERLOADED, [(b"retry-after", b"1")])
+            await _answer(own, 503, OVERLOADED, [(b"retry-after", b"1")])
             return
         gate.working += 1
         released = False
@@ -143,29 +154,44 @@ class Guard:
 
         state["parley.detach"] = release
         try:
-            headers = await self._admit(scope, state, send)
+            headers = await self._admit(scope, state, own)
             if headers is None:
                 return
-            if headers:
-                send = _with_headers(send, headers)
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _with_headers(send, headers) if headers else send)
         finally:
             release()
 
+    def _cors(self, scope: Scope, send: Send) -> Send:
+        origin = next((v for n, v in scope["headers"] if n == b"origin"), None)
+        if origin is None or not ("*" in self.cors or origin.decode("latin-1") in self.cors):
+            return send
+        extra = [(b"access-control-allow-origin", b"*" if "*" in self.cors else origin), (b"access-control-expose-headers", EXPOSED), (b"vary", b"Origin")]
+        return _with_headers(send, extra)
+
     async def _admit(self, scope: Scope, state: dict[str, Any], send: Send) -> list[tuple[bytes, bytes]] | None:
         """None: refused (answered); else the headers to add to the answer."""
+        app_state = self.app.state
         key = key_of(scope["headers"])
         if key is None:
-            return []  # litestar answers 401 on routes that need a key
+            token = _query_param(scope, b"token")
+            if token is None:
+                return []  # litestar answers 401 on routes that need a key
+            grant = verify(app_state.stream_secret, token, time.time())
+            if grant is None or not _stream_route(scope, grant.session_id):
+                await _answer(send, 401, BAD_TOKEN, [(b"www-authenticate", b"Bearer")])
+                return None
+            key, tenant = token, grant.tenant
+        else:
+            tenant = None
         refused = self.gate.refusal(key)
         if refused is not None:
             await _answer(send, 429, RATE_LIMITED, _refusal_headers(*refused))
             return None
-        app_state = self.app.state
         try:
-            tenant = await app_state.auth.tenant(key)
             if tenant is None:
-                return []
+                tenant = await app_state.auth.tenant(key)
+                if tenant is None:
+                    return []
             state["parley.tenant"] = tenant
             admission: Admission = await app_state.limits.admit(tenant)
         except TRANSIENT as e:
@@ -177,6 +203,27 @@ class Guard:
             await _answer(send, 429, RATE_LIMITED, _refusal_headers(admission, wait))
             return None
         return ratelimit_headers(admission) if admission.burst else []
+
+
+_STREAM_ROUTE = re.compile(r"^/sessions/([0-9a-f-]{36})/(events|chats/[0-9a-f-]{36}/stream)$")
+
+
+def _stream_route(scope: Scope, session_id: str) -> bool:
+    """A stream token opens its own session's event streams, read-only, and nothing else."""
+    match = _STREAM_ROUTE.match(scope["path"])
+    if scope["method"] != "GET" or match is None or match.group(1) != session_id:
+        return False
+    if match.group(2) == "events":  # the page of events is not a stream
+        return any(n == b"accept" and b"text/event-stream" in v for n, v in scope["headers"])
+    return True
+
+
+def _query_param(scope: Scope, name: bytes) -> str | None:
+    for pair in scope.get("query_string", b"").split(b"&"):
+        k, _, v = pair.partition(b"=")
+        if k == name:
+            return unquote_to_bytes(v).decode("latin-1")
+    return None
 
 
 def _refusal_headers(admission: Admission, wait_s: float) -> list[tuple[bytes, bytes]]:

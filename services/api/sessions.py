@@ -7,6 +7,8 @@ pre-encoded JSON without decoding it.
 from __future__ import annotations
 
 import re
+import time
+from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -30,9 +32,12 @@ from shared.domain.model import (
     SessionDeletion,
     SessionList,
     SessionPatch,
+    StreamToken,
+    StreamTokenRequest,
     ToolList,
 )
 from shared.domain.state import SessionState
+from shared.domain.stream_tokens import StreamGrant, sign
 from shared import history
 from shared.service import Idempotency, Reply, SessionService
 from services.api.auth import provide_tenant
@@ -238,6 +243,20 @@ class SessionController(Controller):
             return Response(content=json_encode(ToolList(state.session.tools)), media_type=MediaType.JSON)
         view = await service.read(sid, lambda: service.views.tools(tenant, sid))
         return Response(content=view.body, media_type=MediaType.JSON)
+
+
+    @post("/{session_id:str}/stream-tokens", status_code=201, responses=_errors(404), dto=StrictBody[StreamTokenRequest], return_dto=None)
+    async def stream_token(self, request: Request, tenant: str, session_id: str, data: StreamTokenRequest) -> Response[StreamToken]:
+        """A short-lived, read-only token for this session's event streams, for a browser's `EventSource` (which
+        cannot send `Authorization`): pass it as `?token=` to `/sessions/{id}/events` (SSE) or
+        `/sessions/{id}/chats/{job}/stream`. It opens nothing else; it is never logged."""
+        service, sid = _service(request), _session_id(session_id)
+        await service.read(sid, lambda: service.views.session(tenant, sid))  # 404 for unknown sessions and other tenants
+        ttl = data.ttl_s or request.app.state.settings.stream_token_ttl_s
+        expires = int(time.time()) + ttl
+        token = sign(request.app.state.stream_secret, StreamGrant(tenant, sid, expires))
+        body = StreamToken(token=token, session_id=sid, expires_at=datetime.fromtimestamp(expires, UTC))
+        return Response(content=json_encode(body), status_code=201, media_type=MediaType.JSON)
 
 
 async def _end_chats(request: Request, sid: str, before: SessionState | None) -> None:

@@ -317,3 +317,16 @@ class UsageReport(Struct, kw_only=True):
     tenant: str
     limits: TenantLimits
     days: list[UsageDay]
+
+
+# -- stream tokens --------------------------------------------------------------------------------------------------
+class StreamTokenRequest(Wire):
+    ttl_s: Annotated[int, Meta(ge=10, le=3600)] | None = None
+    """Seconds the token lasts (10..3600; absent: `PARLEY_STREAM_TOKEN_TTL_S`)."""
+
+
+class StreamToken(Struct, kw_only=True):
+    token: str
+    """Pass it as `?token=` to this session's `/events` (with `Accept: text/event-stream`) or a chat's `/stream`."""
+    session_id: str
+    expires_at: datetime
