@@ -83,7 +83,7 @@ def _require_redis(settings: Settings) -> None:
 
 
 async def _dev(settings: Settings, host: str, port: int) -> None:
-    from shared.redis.server import RedisServer, redis_server_binary
+    from shared.adapters.redis.server import RedisServer, redis_server_binary
 
     if not settings.api_keys:
         settings = Settings.from_env(api_keys=DEV_KEY)
@@ -140,7 +140,7 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
 
 async def _worker(settings: Settings) -> None:
     from services.worker.main import run_worker
-    from shared.redis.connect import Deadlines, check_partitions, connect, connect_blocking
+    from shared.adapters.redis.connect import Deadlines, check_partitions, connect, connect_blocking
     from shared.supervise import Supervisor, until_available
 
     redis = connect(settings.redis_url or "", Deadlines.of(settings))
@@ -176,8 +176,8 @@ async def _until_failure(main: Coroutine[Any, Any, None], supervisor: Any, shut_
 
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> None:
-    from shared.redis.api_keys import RedisApiKeys, key_id
-    from shared.redis.connect import connect
+    from shared.adapters.redis.api_keys import RedisApiKeys, key_id
+    from shared.adapters.redis.connect import connect
 
     redis = connect(settings.redis_url or "")
     store = RedisApiKeys(redis)

@@ -17,19 +17,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from shared import history
-from shared.codec import json_encode
+from shared.app import history
+from shared.adapters.codec import json_encode
 from shared.config import Settings, check_tenant
 from shared.domain.commands import Limits
 from shared.domain.state import SessionState
-from shared.redis.chats import ChatStore
-from shared.redis.connect import Deadlines, check_partitions, connect
-from shared.redis.feed import RedisFeed
-from shared.redis.history import RedisHistory
-from shared.redis.keys import Keys
-from shared.redis.limits import FIELDS, RedisLimits, tenant_defaults
-from shared.redis.store import RedisStore
-from shared.service import SessionService
+from shared.adapters.redis.chats import ChatStore
+from shared.adapters.redis.connect import Deadlines, check_partitions, connect
+from shared.adapters.redis.feed import RedisFeed
+from shared.adapters.redis.history import RedisHistory
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.limits import FIELDS, RedisLimits, tenant_defaults
+from shared.adapters.redis.store import RedisStore
+from shared.app.service import SessionService
 from services.worker.main import chat_hooks
 from services.worker.projector import Projector
 from services.worker.rebuild import Rebuilder, Scope

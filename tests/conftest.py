@@ -9,7 +9,7 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from shared.redis.server import RedisServer
+from shared.adapters.redis.server import RedisServer
 from tests.support import ParleyProcess
 
 

@@ -45,8 +45,8 @@ from typing import Any
 
 import httpx
 
-try:  # shared.redis.server.free_port when run inside Parley's tree
-    from shared.redis.server import free_port
+try:  # shared.adapters.redis.server.free_port when run inside Parley's tree
+    from shared.adapters.redis.server import free_port
 except ImportError:  # pragma: no cover - standalone
     import socket
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.redis.server import RedisServer, free_port, terminate
+from shared.adapters.redis.server import RedisServer, free_port, terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANTS = {"acme": "acme-key", "globex": "globex-key"}

@@ -21,19 +21,19 @@ from redis.asyncio import Redis
 
 from shared.config import Settings
 from shared.domain.commands import Limits
-from shared.domain import events, model, openai_wire
-from shared.domain.model import ErrorBody, Health, Readiness
-from shared.redis.api_keys import RedisApiKeys
-from shared.redis.connect import Deadlines, check_partitions, connect, connect_blocking
-from shared.redis.notify import Notifier
+from shared.domain import events, openai_wire, wire
+from shared.domain.wire import ErrorBody, Health, Readiness
+from shared.adapters.redis.api_keys import RedisApiKeys
+from shared.adapters.redis.connect import Deadlines, check_partitions, connect, connect_blocking
+from shared.adapters.redis.notify import Notifier
 from shared.supervise import TRANSIENT, Supervisor, until_available
-from shared.redis.chats import ChatQueue, ChatStore
-from shared.redis.feed import RedisFeed, projector_alive
-from shared.redis.history import RedisHistory
-from shared.redis.keys import Keys
-from shared.redis.limits import RedisLimits, tenant_defaults
-from shared.redis.store import RedisStore
-from shared.service import SessionService
+from shared.adapters.redis.chats import ChatQueue, ChatStore
+from shared.adapters.redis.feed import RedisFeed, projector_alive
+from shared.adapters.redis.history import RedisHistory
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.limits import RedisLimits, tenant_defaults
+from shared.adapters.redis.store import RedisStore
+from shared.app.service import SessionService
 from services.api.auth import Authenticator
 from services.api.errors import EXCEPTION_HANDLERS, error_response
 from services.api.chats import ChatController
@@ -195,7 +195,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
     app.state.supervisor = Supervisor(logging.getLogger("parley.api"))
     openapi.finish(
         app.plugins.get(OpenAPIPlugin).provide_openapi_schema(),
-        openapi.structs_of(model, events, openai_wire, chats, sse),
+        openapi.structs_of(wire, events, openai_wire, chats, sse),
     )
     return app
 

@@ -8,7 +8,7 @@ from litestar import Request
 from collections.abc import Iterable
 from litestar.exceptions import NotAuthorizedException
 
-from shared.redis.api_keys import RedisApiKeys, key_hash
+from shared.adapters.redis.api_keys import RedisApiKeys, key_hash
 
 NEGATIVE_TTL_S = 1.0
 

@@ -19,16 +19,16 @@ from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter
 
-from shared.codec import json_encode
+from shared.adapters.codec import json_encode
 from shared.domain.commands import CancelChat, RequestChat
 from shared.domain.errors import DomainError, Invalid, NotFound
 from shared.domain.events import ChatCancelled, ChatRequested, Event
 from shared.domain.ids import parse_uuid, uuid7
-from shared.domain.model import ChatJob, ChatJobList, ChatRequest, ChatResponse, ErrorBody
+from shared.domain.wire import ChatJob, ChatJobList, ChatRequest, ChatResponse, ErrorBody
 from shared.domain.state import SessionState
-from shared.redis.chats import ChatStore, streamed_text
-from shared.redis.limits import RedisLimits
-from shared.service import Reply
+from shared.adapters.redis.chats import ChatStore, streamed_text
+from shared.adapters.redis.limits import RedisLimits
+from shared.app.service import Reply
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
 from services.api.sse import EventStream, follow, open_stream, take_stream

@@ -7,7 +7,7 @@ import logging
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from shared.redis.connect import pool_exhausted
+from shared.adapters.redis.connect import pool_exhausted
 from shared.supervise import TRANSIENT
 
 from shared.domain.context import TokenBudgetExceeded
@@ -24,7 +24,7 @@ from shared.domain.errors import (
     ProjectionLagging,
     VersionConflict,
 )
-from shared.domain.model import ErrorBody, ErrorDetail
+from shared.domain.wire import ErrorBody, ErrorDetail
 from services.api.body import InvalidJson, SchemaMismatch
 from services.api.chats import ChatTimeout
 

@@ -6,7 +6,7 @@ few microseconds and the requests that are served keep their latency:
 - **Work in flight** is bounded per process (`PARLEY_MAX_INFLIGHT`). Beyond it a request is answered 503
   `overloaded` with `Retry-After: 1` at once instead of queueing behind the others. A stream or a waiting chat
   stops counting once it waits (`services.api.sse.detach`). `/health` and `/ready` are never shed.
-- **A tenant's rate** is checked in Redis (`shared.redis.limits`, GCRA, the same for every process) once the key
+- **A tenant's rate** is checked in Redis (`shared.adapters.redis.limits`, GCRA, the same for every process) once the key
   names the tenant. A refused request answers 429 `rate_limited` with `Retry-After`; for that long this process
   refuses the tenant without asking Redis again, so a noisy tenant costs the others little. Every answer to a
   limited tenant carries the IETF `RateLimit-Policy` and `RateLimit` fields.
@@ -26,9 +26,9 @@ from typing import Any
 from litestar import Litestar
 from litestar.types import Message, Receive, Scope, Send
 
-from shared.redis.connect import pool_exhausted
+from shared.adapters.redis.connect import pool_exhausted
 from shared.domain.stream_tokens import verify
-from shared.redis.limits import Admission
+from shared.adapters.redis.limits import Admission
 from shared.supervise import TRANSIENT
 from services.api.auth import key_of
 

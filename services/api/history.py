@@ -11,11 +11,11 @@ from litestar import Controller, MediaType, Request, Response, get
 from litestar.di import Provide
 from litestar.params import HeaderParameter, Parameter
 
-from shared.codec import json_encode
+from shared.adapters.codec import json_encode
 from shared.domain.errors import Invalid, NotFound
 from shared.domain.events import AuditPage, EventPage
-from shared.ports import EventLog
-from shared.redis.history import RedisHistory
+from shared.app.ports import EventLog
+from shared.adapters.redis.history import RedisHistory
 from services.api.auth import provide_tenant
 from services.api.sse import EventStream, follow, open_stream
 from services.api.sessions import Limit, _errors, _service, _session_id

@@ -21,12 +21,12 @@ from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 
-from shared.codec import json_encode
+from shared.adapters.codec import json_encode
 from shared.domain.commands import Amendment, EditMessage, RemoveMessage, RequestChat
 from shared.domain.errors import Contention, NotFound
 from shared.domain.events import ChatCancelled, ChatRequested, Event, MessageAdded
 from shared.domain.ids import derived_id, uuid7
-from shared.domain.model import ChatRequest, ChatResponse, ErrorBody, Message, MessageCreate, Usage
+from shared.domain.wire import ChatRequest, ChatResponse, ErrorBody, Message, MessageCreate, Usage
 from shared.domain.openai_wire import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -53,8 +53,8 @@ from shared.domain.openai_wire import (
     without_situation,
 )
 from shared.domain.state import SessionState
-from shared.redis.chats import ChatStore
-from shared.service import Reply, SessionService
+from shared.adapters.redis.chats import ChatStore
+from shared.app.service import Reply, SessionService
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
 from services.api.chats import ERROR_STATUS, ChatTimeout, JobAccepted, admitted_chat, chat_failed, follow_chunks, wait_answer

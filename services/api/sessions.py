@@ -17,12 +17,12 @@ from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, Parameter
 
-from shared.codec import json_encode
+from shared.adapters.codec import json_encode
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, UpdateSession
 from shared.domain.errors import Invalid, NotFound, VersionConflict
 from shared.domain.events import Event, MessageAdded
 from shared.domain.ids import parse_uuid
-from shared.domain.model import (
+from shared.domain.wire import (
     ErrorBody,
     Message,
     MessageCreate,
@@ -38,8 +38,8 @@ from shared.domain.model import (
 )
 from shared.domain.state import SessionState
 from shared.domain.stream_tokens import StreamGrant, sign
-from shared import history
-from shared.service import Idempotency, Reply, SessionService
+from shared.app import history
+from shared.app.service import Idempotency, Reply, SessionService
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
 

@@ -1,7 +1,7 @@
 """Following something that grows — a session's log, a chat job's chunks — for every stream and wait of the API.
 
 One loop serves them all (`follow`): read what is new with an ordinary command; if nothing is, wait for the
-process's shared reader to say the thing grew (`shared.redis.notify`), re-checking every few seconds regardless.
+process's shared reader to say the thing grew (`shared.adapters.redis.notify`), re-checking every few seconds regardless.
 So an open stream or a waiting synchronous chat holds no Redis connection while it waits.
 
 `open_stream` makes the one `text/event-stream` response: it takes one of the tenant's stream slots and one of
@@ -28,8 +28,8 @@ from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Send
 
 from shared.domain.errors import DomainError
-from shared.redis.limits import RedisLimits
-from shared.redis.notify import Notifier
+from shared.adapters.redis.limits import RedisLimits
+from shared.adapters.redis.notify import Notifier
 from shared.supervise import TRANSIENT
 
 __all__ = [

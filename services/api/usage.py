@@ -8,9 +8,9 @@ from litestar import MediaType, Request, Response, get
 from litestar.di import Provide
 from litestar.params import Parameter
 
-from shared.codec import json_encode
-from shared.domain.model import UsageReport
-from shared.redis.limits import RedisLimits
+from shared.adapters.codec import json_encode
+from shared.domain.wire import UsageReport
+from shared.adapters.redis.limits import RedisLimits
 from services.api.auth import provide_tenant
 from services.api.sessions import _errors
 

@@ -15,18 +15,18 @@ from typing import Any
 
 import msgspec
 
-from shared.codec import json_encode
+from shared.adapters.codec import json_encode
 from shared.domain.commands import AddSummary, CompleteChat, FailChat, RecordContext
 from shared.domain.context import ContextMessage, ContextPlan, Summary, TokenBudgetExceeded, plan_context, to_openai
 from shared.domain.errors import DomainError
 from shared.domain.events import ChatRequested
-from shared.domain.model import AssistantMessage, ChatChoice, ChatResponse, ContextReport, Message, Tool, Usage
+from shared.domain.wire import AssistantMessage, ChatChoice, ChatResponse, ContextReport, Message, Tool, Usage
 from shared.domain.state import SessionState
-from shared.models import Completion, Delta, ModelError, ModelProvider, ModelRequest
-from shared.redis.chats import ChatStore, streamed_text
-from shared.redis.store import RedisStore
-from shared.service import Reply, SessionService
-from shared.tokens import Tokenizer
+from shared.adapters.llm import Completion, Delta, ModelError, ModelProvider, ModelRequest
+from shared.adapters.redis.chats import ChatStore, streamed_text
+from shared.adapters.redis.store import RedisStore
+from shared.app.service import Reply, SessionService
+from shared.adapters.tokenizer import Tokenizer
 
 log = logging.getLogger("parley.chat")
 

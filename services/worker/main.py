@@ -17,15 +17,15 @@ from redis.asyncio import Redis
 from shared.config import Settings
 from shared.supervise import TRANSIENT, Supervisor
 from shared.domain.commands import Limits
-from shared.models import ModelProvider
-from shared.models.offline import OfflineModel
-from shared.redis.chats import QUEUE, RUN_CHAT, WAKE, ChatQueue, ChatStore
-from shared.redis.feed import RedisFeed
-from shared.redis.keys import Keys
-from shared.redis.limits import RedisLimits, tenant_defaults
-from shared.redis.store import RedisStore
-from shared.service import SessionService
-from shared.tokens import Tokenizer
+from shared.adapters.llm import ModelProvider
+from shared.adapters.llm.offline import OfflineModel
+from shared.adapters.redis.chats import QUEUE, RUN_CHAT, WAKE, ChatQueue, ChatStore
+from shared.adapters.redis.feed import RedisFeed
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.limits import RedisLimits, tenant_defaults
+from shared.adapters.redis.store import RedisStore
+from shared.app.service import SessionService
+from shared.adapters.tokenizer import Tokenizer
 from services.worker.chat import ChatRunner
 from services.worker.projector import Projector
 
@@ -37,7 +37,7 @@ MAX_TRIES = 5
 
 def make_provider(settings: Settings) -> ModelProvider:
     if settings.model_base_url:
-        from shared.models.openai_compat import OpenAICompatible
+        from shared.adapters.llm.openai_compat import OpenAICompatible
 
         return OpenAICompatible(settings.model_base_url, settings.model_api_key, settings.model, settings.model_max_retries, settings.model_timeout_s)
     return OfflineModel()

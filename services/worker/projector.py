@@ -15,9 +15,9 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 from shared.domain.projection import project
-from shared.ports import ReadModels
-from shared.redis.feed import FeedEntry, RedisFeed
-from shared.redis.store import RedisStore
+from shared.app.ports import ReadModels
+from shared.adapters.redis.feed import FeedEntry, RedisFeed
+from shared.adapters.redis.store import RedisStore
 
 log = logging.getLogger("parley.projector")
 

@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from shared.codec import decode_event, decode_state
+from shared.adapters.codec import decode_event, decode_state
 from shared.domain.projection import ReadModelUpdate, project
 from shared.domain.state import SessionState
-from shared.redis.history import RedisHistory
-from shared.redis.store import RedisStore
+from shared.adapters.redis.history import RedisHistory
+from shared.adapters.redis.store import RedisStore
 from services.worker.projector import Projector
 
 BATCH = 64

@@ -41,7 +41,7 @@ from shared.domain.events import (
     ToolsChangedData,
 )
 from shared.domain.ids import derived_id
-from shared.domain.model import (
+from shared.domain.wire import (
     ChatError,
     ChatParams,
     ChatRequest,

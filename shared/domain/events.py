@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
-from shared.domain.model import ChatError, ChatParams, ChatResponse, ContextOverflow, ContextReport, Message, MessageCreate, Multitask, Tool
+from shared.domain.wire import ChatError, ChatParams, ChatResponse, ContextOverflow, ContextReport, Message, MessageCreate, Multitask, Tool
 
 SCHEMA_VERSION = 2
 """Bumped when a payload's shape changes; readers upcast older payloads (`shared.domain.upcast`).

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from shared.domain.model import (
+from shared.domain.wire import (
     ContentPart,
     ImagePart,
     MessageCreate,

@@ -29,7 +29,7 @@ from shared.domain.events import (
     SessionDeleted,
     ToolsChanged,
 )
-from shared.domain.model import ChatError, ChatResponse, ChatStatus, ContextReport, Session
+from shared.domain.wire import ChatError, ChatResponse, ChatStatus, ContextReport, Session
 from shared.domain.state import SessionState, evolve
 
 SNAPSHOT_EVERY = 100

@@ -28,7 +28,7 @@ from shared.domain.events import (
     ToolsChanged,
 )
 from shared.domain.context import Summary
-from shared.domain.model import Session
+from shared.domain.wire import Session
 
 
 class ActiveChat(Struct, frozen=True, array_like=True):

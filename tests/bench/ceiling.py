@@ -12,9 +12,9 @@ import contextlib
 import msgspec
 import uvicorn
 from litestar import Litestar, MediaType, Request, Response, get, post
-from shared.redis.connect import connect
+from shared.adapters.redis.connect import connect
 
-from shared.domain.model import MessageCreate
+from shared.domain.wire import MessageCreate
 
 _decode = msgspec.json.Decoder(MessageCreate).decode
 

@@ -27,11 +27,11 @@ from redis import Redis
 
 from shared.domain.commands import AddMessage, CreateSession, Stamp, decide
 from shared.domain.ids import uuid7
-from shared.domain.model import MessageCreate, SessionCreate
+from shared.domain.wire import MessageCreate, SessionCreate
 from shared.domain.state import SessionState, fold
-from shared.redis.keys import Keys
-from shared.redis.server import RedisServer, free_port
-from shared.redis.store import RedisStore
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.server import RedisServer, free_port
+from shared.adapters.redis.store import RedisStore
 from redis.asyncio import Redis as AsyncRedis
 from tests.bench import wrk
 

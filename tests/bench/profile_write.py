@@ -16,8 +16,8 @@ import tempfile
 import time
 
 from shared.config import Settings
-from shared.redis.connect import connect
-from shared.redis.server import RedisServer
+from shared.adapters.redis.connect import connect
+from shared.adapters.redis.server import RedisServer
 from services.api.app import create_app
 from tests.bench.ceiling import build
 

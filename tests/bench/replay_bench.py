@@ -33,16 +33,16 @@ from services.worker.rebuild import BATCH, Rebuilder, Scope
 from shared.domain.commands import AddMessage, CreateSession, Stamp, UpdateSession, decide
 from shared.domain.events import Event
 from shared.domain.ids import uuid7
-from shared.domain.model import FunctionCall, FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool, ToolCall
+from shared.domain.wire import FunctionCall, FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool, ToolCall
 from shared.domain.projection import SNAPSHOT_EVERY
 from shared.domain.state import SessionState, fold
-from shared.ports import Appended
-from shared.redis.chats import ChatQueue
-from shared.redis.connect import connect
-from shared.redis.feed import RedisFeed
-from shared.redis.history import RedisHistory
-from shared.redis.keys import Keys
-from shared.redis.store import RedisStore
+from shared.app.ports import Appended
+from shared.adapters.redis.chats import ChatQueue
+from shared.adapters.redis.connect import connect
+from shared.adapters.redis.feed import RedisFeed
+from shared.adapters.redis.history import RedisHistory
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.store import RedisStore
 from tests.bench.harness import KEY, PARTITIONS, ROOT, TENANT, Bench
 
 REPLAY_TENANT = "replay"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.redis.server import RedisServer
+from shared.adapters.redis.server import RedisServer
 from tests.model_server import MODEL_NAME, ModelServer
 from tests.support import ParleyProcess, wait_ready
 

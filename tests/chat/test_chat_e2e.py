@@ -23,12 +23,12 @@ from redis.asyncio import Redis
 
 from shared.domain.context import REPLY_PRIMING, SUMMARY_PREFIX, ContextMessage, message_tokens, prompt_tokens
 from shared.domain.events import MessageAdded, SummaryAdded
-from shared.redis.keys import Keys
-from shared.redis.store import RedisStore
-from shared.tokens import Tokenizer
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.store import RedisStore
+from shared.adapters.tokenizer import Tokenizer
 from tests.chat.conftest import Stack, model_env
 from tests.model_server import MODEL_NAME, SSE, ModelServer, iter_sse, parse_sse, text_of
-from shared.redis.keys import partition_of
+from shared.adapters.redis.keys import partition_of
 from tests.support import auth
 
 ACME = auth("acme")

@@ -38,9 +38,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.redis.feed import GROUP
-from shared.redis.keys import Keys
-from shared.redis.server import RedisServer, _die_with_parent
+from shared.adapters.redis.feed import GROUP
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.server import RedisServer, _die_with_parent
 from tests.crash.test_projector_crash import keys_of, lagging_sessions, log_tail, run_all, worker_registered
 from tests.support import ParleyProcess, auth, wait_for
 

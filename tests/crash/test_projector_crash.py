@@ -21,16 +21,16 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.codec import decode_state, json_encode
+from shared.adapters.codec import decode_state, json_encode
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, UpdateSession
 from shared.domain.errors import Contention, NotFound
 from shared.domain.events import Event, MessageAdded, SessionCreated
-from shared.domain.model import MessageCreate, SessionCreate, SessionPatch, Tool, ToolList
+from shared.domain.wire import MessageCreate, SessionCreate, SessionPatch, Tool, ToolList
 from shared.domain.state import SessionState, fold
-from shared.redis.feed import GROUP
-from shared.redis.keys import Keys, partition_of
-from shared.redis.store import RedisStore
-from shared.service import Reply, SessionService
+from shared.adapters.redis.feed import GROUP
+from shared.adapters.redis.keys import Keys, partition_of
+from shared.adapters.redis.store import RedisStore
+from shared.app.service import Reply, SessionService
 from tests.support import ParleyProcess, auth, wait_for
 
 pytestmark = pytest.mark.slow

@@ -31,16 +31,16 @@ import pytest
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from shared.codec import decode_event, decode_state, json_encode
+from shared.adapters.codec import decode_event, decode_state, json_encode
 from shared.domain.commands import AddMessage, Command, CreateSession, Stamp, UpdateSession, decide
 from shared.domain.events import Event, EventPage, MessageAdded
 from shared.domain.ids import uuid7
-from shared.domain.model import FunctionCall, FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool, ToolCall, ToolList
+from shared.domain.wire import FunctionCall, FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool, ToolCall, ToolList
 from shared.domain.projection import SNAPSHOT_EVERY
 from shared.domain.state import SessionState, fold
-from shared.redis.keys import Keys, partition_of
-from shared.redis.server import RedisServer
-from shared.redis.store import RedisStore
+from shared.adapters.redis.keys import Keys, partition_of
+from shared.adapters.redis.server import RedisServer
+from shared.adapters.redis.store import RedisStore
 from tests.support import API_KEYS, ROOT, ParleyProcess, auth, wait_ready
 
 pytestmark = pytest.mark.slow

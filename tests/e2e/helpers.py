@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from shared.redis.server import RedisServer
+from shared.adapters.redis.server import RedisServer
 from tests.support import ParleyProcess, auth, wait_ready
 
 ACME = auth("acme")

@@ -25,7 +25,7 @@ import httpx
 import pytest
 import redis as redis_sync
 
-from shared.redis.keys import Keys, partition_of
+from shared.adapters.redis.keys import Keys, partition_of
 from tests.e2e.helpers import (
     ACME, GLOBEX, UUID7, Stack, add_message, assert_error, create, running_stack, tool, ts, unknown_id,
 )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from shared.redis.server import RedisServer
+from shared.adapters.redis.server import RedisServer
 from tests.chat.conftest import model_env
 from tests.model_server import ModelServer
 from tests.support import ROOT, ParleyProcess, wait_ready

@@ -8,17 +8,17 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from shared.codec import decode_state, encode_state, json_encode
+from shared.adapters.codec import decode_state, encode_state, json_encode
 from shared.domain.commands import AddMessage, CreateSession, Stamp, decide
 from shared.domain.errors import InvalidImport
 from shared.domain.ids import uuid7
 from shared.domain.projection import project
-from shared.domain.model import FunctionCall, MessageCreate, SessionCreate, ToolCall
+from shared.domain.wire import FunctionCall, MessageCreate, SessionCreate, ToolCall
 from shared.domain.state import SessionState, fold
-from shared.history import ExportHeader, parse_export
-from shared.redis.history import RedisHistory
-from shared.redis.keys import Keys, partition_of
-from shared.redis.store import RedisStore
+from shared.app.history import ExportHeader, parse_export
+from shared.adapters.redis.history import RedisHistory
+from shared.adapters.redis.keys import Keys, partition_of
+from shared.adapters.redis.store import RedisStore
 from services.worker.projector import Projector
 from services.worker.rebuild import Rebuilder, Scope
 

@@ -34,9 +34,9 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 import shared.domain.projection as projection_module
-import shared.redis.store as store_module
-from shared import history as history_ops
-from shared.codec import decode_state, json_encode
+import shared.adapters.redis.store as store_module
+from shared.app import history as history_ops
+from shared.adapters.codec import decode_state, json_encode
 from shared.domain.commands import (
     AddMessage,
     CancelChat,
@@ -52,7 +52,7 @@ from shared.domain.commands import (
 from shared.domain.errors import DomainError, NotFound, VersionNotFound
 from shared.domain.events import Event, MessageAdded
 from shared.domain.ids import uuid7
-from shared.domain.model import (
+from shared.domain.wire import (
     ChatRequest,
     FunctionCall,
     FunctionDef,
@@ -68,11 +68,11 @@ from shared.domain.model import (
 )
 from shared.domain.projection import SNAPSHOT_EVERY
 from shared.domain.state import SessionState, fold
-from shared.redis.feed import RedisFeed
-from shared.redis.history import RedisHistory
-from shared.redis.keys import Keys, partition_of
-from shared.redis.store import TIME_TRAVEL, RedisStore
-from shared.service import Reply, SessionService
+from shared.adapters.redis.feed import RedisFeed
+from shared.adapters.redis.history import RedisHistory
+from shared.adapters.redis.keys import Keys, partition_of
+from shared.adapters.redis.store import TIME_TRAVEL, RedisStore
+from shared.app.service import Reply, SessionService
 from services.worker.projector import Projector
 from services.worker.rebuild import READ_BATCH, Rebuilder, Scope
 

@@ -9,14 +9,14 @@ import fakeredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.codec import json_encode
+from shared.adapters.codec import json_encode
 from shared.domain.commands import AddMessage, CreateSession, UpdateSession
-from shared.domain.model import MessageCreate, SessionCreate, SessionPatch
+from shared.domain.wire import MessageCreate, SessionCreate, SessionPatch
 from shared.domain.state import SessionState, fold
-from shared.redis.feed import GROUP, RedisFeed
-from shared.redis.keys import Keys
-from shared.redis.store import RedisStore
-from shared.service import Reply, SessionService
+from shared.adapters.redis.feed import GROUP, RedisFeed
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.store import RedisStore
+from shared.app.service import Reply, SessionService
 from services.worker.projector import Projector
 
 KEYS = Keys(4)

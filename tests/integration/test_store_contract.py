@@ -9,16 +9,16 @@ from itertools import count
 import msgspec
 import pytest
 
-from shared.codec import json_encode
+from shared.adapters.codec import json_encode
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, Stamp, UpdateSession, decide
 from shared.domain.ids import uuid7
-from shared.domain.model import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
+from shared.domain.wire import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
 from shared.domain.projection import project
 from shared.domain.state import SessionState, fold
-from shared.ports import Appended, Conflict, IdempotencyClaim, IdempotencyMismatch, Missing, Replayed
-from shared.redis.api_keys import RedisApiKeys, key_id
-from shared.redis.keys import Keys, partition_of
-from shared.redis.store import LOAD_BATCH, RedisStore
+from shared.app.ports import Appended, Conflict, IdempotencyClaim, IdempotencyMismatch, Missing, Replayed
+from shared.adapters.redis.api_keys import RedisApiKeys, key_id
+from shared.adapters.redis.keys import Keys, partition_of
+from shared.adapters.redis.store import LOAD_BATCH, RedisStore
 
 _ids = count()
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from shared.codec import json_encode
+from shared.adapters.codec import json_encode
 from shared.domain.events import SCHEMA_VERSION, ChatFailed, ChatRequested
 from shared.domain.state import SessionState, fold
-from shared.history import export_lines, import_sessions, parse_export
-from shared.redis.history import RedisHistory
-from shared.redis.keys import Keys
-from shared.redis.store import RedisStore
-from shared.service import SessionService
+from shared.app.history import export_lines, import_sessions, parse_export
+from shared.adapters.redis.history import RedisHistory
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.store import RedisStore
+from shared.app.service import SessionService
 from services.worker.projector import Projector
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "schema1_session.ndjson"

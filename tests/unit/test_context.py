@@ -19,8 +19,8 @@ from shared.domain.context import (
     to_openai,
 )
 from shared.domain.errors import DomainError
-from shared.domain.model import FunctionDef, ImagePart, ImageUrl, TextPart, Tool
-from shared.tokens import Tokenizer
+from shared.domain.wire import FunctionDef, ImagePart, ImageUrl, TextPart, Tool
+from shared.adapters.tokenizer import Tokenizer
 
 TOK = Tokenizer("o200k_base")
 MAX = 50

@@ -11,7 +11,7 @@ from msgspec import UNSET
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, Limits, Stamp, UpdateSession, decide
 from shared.domain.errors import Invalid, NotFound, VersionConflict
 from shared.domain.events import MessageAdded, SessionCreated, SessionDeleted, SessionUpdated, ToolsChanged
-from shared.domain.model import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
+from shared.domain.wire import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
 from shared.domain.projection import project
 from shared.domain.state import SessionState, evolve, fold
 
@@ -138,7 +138,7 @@ def test_uuid7_ids_are_version_7_and_sort_by_creation():
 
 
 def test_a_tool_result_answers_an_open_call_once_and_the_state_keeps_only_open_calls():
-    from shared.domain.model import FunctionCall, ToolCall
+    from shared.domain.wire import FunctionCall, ToolCall
 
     call = lambda i: ToolCall(id=f"call_{i}", function=FunctionCall(name="lookup", arguments="{}"))  # noqa: E731
     s = run(created(), AddMessage(body=MessageCreate(role="assistant", content=None, tool_calls=[call(1), call(2)])))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, Stamp, UpdateSession, decide
 from shared.domain.errors import DomainError
 from shared.domain.events import Event
-from shared.domain.model import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
+from shared.domain.wire import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
 from shared.domain.projection import project
 from shared.domain.state import SessionState, fold
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.domain.model import FunctionCall, ImagePart, ImageUrl, Message, MessageCreate, TextPart, ToolCall
+from shared.domain.wire import FunctionCall, ImagePart, ImageUrl, Message, MessageCreate, TextPart, ToolCall
 from shared.domain.openai_wire import (
     IGNORED,
     ChatCompletionRequest,
@@ -247,7 +247,7 @@ class _CountingService:
 
         class Views:
             async def messages(self, tenant: str, sid: str, limit: int, offset: int) -> Any:
-                from shared.ports import View
+                from shared.app.ports import View
 
                 page = outer.messages[offset : offset + limit]
                 outer.read_count += len(page)

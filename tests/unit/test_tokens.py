@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import tokens
-from shared.tokens import Tokenizer, chunks, encoding_name_for_model, for_model
+from shared.adapters import tokenizer as tokens
+from shared.adapters.tokenizer import Tokenizer, chunks, encoding_name_for_model, for_model
 
 O200K = Tokenizer("o200k_base")
 CL100K = Tokenizer("cl100k_base")

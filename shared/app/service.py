@@ -17,12 +17,12 @@ from datetime import UTC, datetime
 import msgspec
 
 from shared.domain.commands import Command, CreateSession, Limits, Stamp, decide
-from shared.codec import check_readable
+from shared.adapters.codec import check_readable
 from shared.domain.errors import Contention, DomainError, IdempotencyKeyReused, Invalid, NotFound, ProjectionLagging, VersionNotFound
 from shared.domain.events import Event
 from shared.domain.ids import uuid7
 from shared.domain.state import SessionState, fold
-from shared.ports import (
+from shared.app.ports import (
     Appended,
     Conflict,
     EventLog,
@@ -33,7 +33,7 @@ from shared.ports import (
     Replayed,
     View,
 )
-from shared.redis.keys import partition_of
+from shared.adapters.redis.keys import partition_of
 
 MAX_ATTEMPTS = 8
 T = TypeVar("T")

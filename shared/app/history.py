@@ -12,16 +12,16 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from shared.codec import event_json, json_encode
+from shared.adapters.codec import event_json, json_encode
 from shared.domain.commands import DeleteSession
 from shared.domain.errors import InvalidImport, NotFound, SessionExists, VersionConflict
 from shared.domain.events import SCHEMA_VERSION, Event, SessionDeleted, SessionPurged, SessionPurgedData
 from shared.domain.ids import parse_uuid, uuid7
 from shared.domain.state import SessionState, fold
 from shared.domain.upcast import upcast
-from shared.ports import Appended
-from shared.redis.history import PurgeConflict, RedisHistory
-from shared.service import Reply, SessionService
+from shared.app.ports import Appended
+from shared.adapters.redis.history import PurgeConflict, RedisHistory
+from shared.app.service import Reply, SessionService
 
 FORMAT = "parley.session"
 EXPORT_BATCH = 1_000

@@ -13,12 +13,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.codec import decode_event, decode_state, encode_state, event_fields, event_json, json_encode, pairs, upcast
+from shared.adapters.codec import decode_event, decode_state, encode_state, event_fields, event_json, json_encode, pairs, upcast
 from shared.domain.events import SCHEMA_VERSION, Event
-from shared.domain.model import ToolList
+from shared.domain.wire import ToolList
 from shared.domain.projection import SNAPSHOT_EVERY, JobUpdate, ReadModelUpdate
 from shared.domain.state import SessionState, fold
-from shared.ports import (
+from shared.app.ports import (
     Appended,
     AppendOutcome,
     Conflict,
@@ -29,9 +29,9 @@ from shared.ports import (
     Replayed,
     View,
 )
-from shared.redis import scripts
-from shared.redis.keys import USAGE_TTL_S, Keys, partition_of
-from shared.redis.lua import Script, run_pipeline
+from shared.adapters.redis import scripts
+from shared.adapters.redis.keys import USAGE_TTL_S, Keys, partition_of
+from shared.adapters.redis.lua import Script, run_pipeline
 
 APPEND = Script(scripts.APPEND)
 LOAD = Script(scripts.LOAD)

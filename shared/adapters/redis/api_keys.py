@@ -7,7 +7,7 @@ import secrets
 
 from redis.asyncio import Redis
 
-from shared.redis.keys import Keys
+from shared.adapters.redis.keys import Keys
 
 
 def key_hash(key: str) -> str:

@@ -17,7 +17,7 @@ import msgspec
 from redis.asyncio import BlockingConnectionPool, Connection, Redis
 
 from shared.config import Settings
-from shared.redis.keys import Keys
+from shared.adapters.redis.keys import Keys
 
 try:
     from hiredis import pack_command as _hiredis_pack

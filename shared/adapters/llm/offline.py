@@ -13,9 +13,9 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from shared.domain.model import FunctionCall, ToolCall
-from shared.models import Completion, Delta, ModelRequest
-from shared.tokens import Tokenizer
+from shared.domain.wire import FunctionCall, ToolCall
+from shared.adapters.llm import Completion, Delta, ModelRequest
+from shared.adapters.tokenizer import Tokenizer
 
 NAME = "parley-offline"
 

@@ -43,7 +43,7 @@ class Keys:
 
     def relay(self, partition: int) -> str:
         """Stream (capped): one entry per chunk write naming the job, so a process's one reader per partition
-        wakes whoever waits on that job's chunks (`shared.redis.notify`)."""
+        wakes whoever waits on that job's chunks (`shared.adapters.redis.notify`)."""
         return f"{self.tag(partition)}:relay"
 
     def sessions(self, partition: int, tenant: str) -> str:

@@ -14,13 +14,13 @@ from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.codec import json_encode, pairs
-from shared.domain.model import ChatJob
-from shared.ports import View
-from shared.redis import scripts
-from shared.redis.keys import PREFIX, Keys, partition_of
-from shared.redis.lua import Script, run_pipeline
-from shared.redis.store import ALL_SCRIPTS, READ_VIEW
+from shared.adapters.codec import json_encode, pairs
+from shared.domain.wire import ChatJob
+from shared.app.ports import View
+from shared.adapters.redis import scripts
+from shared.adapters.redis.keys import PREFIX, Keys, partition_of
+from shared.adapters.redis.lua import Script, run_pipeline
+from shared.adapters.redis.store import ALL_SCRIPTS, READ_VIEW
 
 READ_CHAT = Script(scripts.READ_CHAT)
 CHUNKS = Script(scripts.CHUNKS)
@@ -111,7 +111,7 @@ class ChatStore:
         return [k.head(session_id), k.chunks(session_id, job_id), k.relay(partition_of(session_id, k.partitions))]
 
     async def chunks(self, session_id: str, job_id: str, after: str) -> list[tuple[str, str, bytes]]:
-        """(entry id, kind, data) of up to 500 entries after `after`; waiting for more is `shared.redis.notify`'s."""
+        """(entry id, kind, data) of up to 500 entries after `after`; waiting for more is `shared.adapters.redis.notify`'s."""
         reply = await self.redis.xread({self.keys.chunks(session_id, job_id): after}, count=500)
         out = []
         for _, entries in reply or []:

@@ -12,11 +12,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.codec import json_encode
+from shared.adapters.codec import json_encode
 from shared.domain.events import SessionPurged
-from shared.redis.keys import Keys, partition_of
-from shared.redis.lua import run_pipeline
-from shared.redis.store import ALL_SCRIPTS, PURGE, SWITCH
+from shared.adapters.redis.keys import Keys, partition_of
+from shared.adapters.redis.lua import run_pipeline
+from shared.adapters.redis.store import ALL_SCRIPTS, PURGE, SWITCH
 
 
 class PurgeConflict(Exception):

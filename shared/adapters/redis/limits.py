@@ -18,10 +18,10 @@ import msgspec
 from redis.asyncio import Redis
 
 from shared.config import Settings
-from shared.domain.model import TenantLimits, UsageDay
-from shared.redis import scripts
-from shared.redis.keys import PREFIX, USAGE_TTL_S, Keys
-from shared.redis.lua import Script
+from shared.domain.wire import TenantLimits, UsageDay
+from shared.adapters.redis import scripts
+from shared.adapters.redis.keys import PREFIX, USAGE_TTL_S, Keys
+from shared.adapters.redis.lua import Script
 
 __all__ = ["Admission", "RedisLimits", "Slot", "tenant_defaults", "today"]
 

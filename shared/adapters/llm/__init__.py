@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from msgspec import Struct
 
-from shared.domain.model import ToolCall, Usage
+from shared.domain.wire import ToolCall, Usage
 
 
 class ModelRequest(Struct, kw_only=True):

@@ -331,7 +331,7 @@ CHUNKS = """
 -- KEYS: head, a chat job's chunk stream, the partition's relay stream.  ARGV: retention seconds, job id, then
 --       kind/data pairs
 -- Appends the entries unless the session is gone: a late worker must not bring a purged session's text back.
--- One relay entry per call wakes whoever waits on the job (shared.redis.notify).
+-- One relay entry per call wakes whoever waits on the job (shared.adapters.redis.notify).
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local id
 for i = 3, #ARGV, 2 do id = redis.call('XADD', KEYS[2], '*', 'k', ARGV[i], 'd', ARGV[i + 1]) end

@@ -11,8 +11,8 @@ from typing import Any
 
 import openai
 
-from shared.domain.model import FunctionCall, ToolCall, Usage
-from shared.models import Completion, Delta, ModelError, ModelRequest
+from shared.domain.wire import FunctionCall, ToolCall, Usage
+from shared.adapters.llm import Completion, Delta, ModelError, ModelRequest
 
 
 class OpenAICompatible:

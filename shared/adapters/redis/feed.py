@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from shared.redis.keys import Keys
+from shared.adapters.redis.keys import Keys
 
 GROUP = "projector"
 

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
-from shared.redis.keys import Keys, partition_of
+from shared.adapters.redis.keys import Keys, partition_of
 from shared.supervise import Supervisor
 
 __all__ = ["Notifier", "Watch"]
