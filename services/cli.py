@@ -9,7 +9,6 @@ import signal
 import sys
 import contextlib
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 from shared.config import Settings, check_tenant
@@ -30,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
-    sub.add_parser("worker", help="the projector against REDIS_URL (run as many as you like)")
+    w = sub.add_parser("worker", help="the projector and the chat worker against REDIS_URL (run as many as you like)")
+    w.add_argument("--role", choices=("all", "projector", "chat"), default="all", help="run only the projector, or only chat jobs")
     keys = sub.add_parser("keys", help="manage API keys stored in Redis")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", help="create a key for a tenant and print it")
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             _run(_serve(settings, args.host, args.port, run_worker=False))
         case "worker":
             _require_redis(settings)
-            _run(_worker(settings))
+            _run(_worker(settings, args.role))
         case "keys":
             _require_redis(settings)
             _run(_keys(settings, args))
@@ -83,44 +83,25 @@ def _require_redis(settings: Settings) -> None:
 
 
 async def _dev(settings: Settings, host: str, port: int) -> None:
-    from shared.adapters.redis.server import RedisServer, redis_server_binary
+    from shared.bootstrap import embedded_store
 
     if not settings.api_keys:
         settings = Settings.from_env(api_keys=DEV_KEY)
         log.warning("PARLEY_API_KEYS is unset: accepting tenant 'demo' with key 'demo-key'")
-    server = None
-    redis = None
-    if settings.redis_url:
-        log.info("store: %s", settings.redis_url)
-    elif (binary := redis_server_binary()) is not None:
-        data = Path(settings.data_dir) / "redis"
-        port_file = Path(settings.data_dir) / "redis.port"
-        server = RedisServer(data, binary=binary).start()
-        port_file.write_text(str(server.port))
-        settings = Settings.from_env(api_keys=settings.api_keys, redis_url=server.url)
-        log.info("store: private redis-server on %s, data in %s (AOF, fsync every second)", server.url, data)
-    else:
-        import fakeredis
-
-        redis = fakeredis.FakeAsyncRedis()
-        log.warning("store: fakeredis in memory; nothing survives a restart (install redis-server to keep data)")
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exit so `finally` stops redis-server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
+    with embedded_store(settings) as (settings, redis):
         await _serve(settings, host, port, run_worker=True, redis=redis)
-    finally:
-        if server is not None:
-            server.stop()
 
 
-async def _serve(settings: Settings, host: str, port: int, run_worker: bool, redis=None) -> None:
+async def _serve(settings: Settings, host: str, port: int, run_worker: bool, redis: Any = None) -> None:
     import uvicorn
 
     from services.api.app import create_app
     from services.api.guard import Gate, Guard
     from services.api.server import guarded_protocol
 
-    app = create_app(settings, redis=redis, run_worker=run_worker)
+    app = create_app(settings, redis=redis, run_worker_too=run_worker)
     gate = Gate(settings.max_inflight)
     config = uvicorn.Config(
         Guard(app, gate, settings.cors()),
@@ -138,25 +119,22 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
     await _until_failure(server.serve(), app.state.supervisor, lambda: setattr(server, "should_exit", True))
 
 
-async def _worker(settings: Settings) -> None:
+async def _worker(settings: Settings, role: str) -> None:
+    from shared import bootstrap
+    from shared.supervise import Supervisor
     from services.worker.main import run_worker
-    from shared.adapters.redis.connect import Deadlines, check_partitions, connect, connect_blocking
-    from shared.supervise import Supervisor, until_available
 
-    redis = connect(settings.redis_url or "", Deadlines.of(settings))
-    blocking = connect_blocking(settings.redis_url or "", Deadlines.of(settings))
-    await until_available(lambda: check_partitions(redis, settings.partitions), "the store")
+    supervisor = Supervisor(logging.getLogger("parley.worker"))
+    parley = await bootstrap.start(settings, supervisor=supervisor)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker running: projector and chat jobs (model: %s)", settings.model_base_url or "offline")
-    supervisor = Supervisor(logging.getLogger("parley.worker"))
+    log.info("worker running (%s; model: %s)", role, settings.model_base_url or "offline")
     try:
-        await _until_failure(run_worker(redis, blocking, settings, stop, supervisor), supervisor, stop.set)
+        await _until_failure(run_worker(parley, stop, role), supervisor, stop.set)  # type: ignore[arg-type]
     finally:
-        await redis.aclose()
-        await blocking.aclose()
+        await parley.close()
 
 
 async def _until_failure(main: Coroutine[Any, Any, None], supervisor: Any, shut_down: Callable[[], None]) -> None:
@@ -176,25 +154,25 @@ async def _until_failure(main: Coroutine[Any, Any, None], supervisor: Any, shut_
 
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> None:
-    from shared.adapters.redis.api_keys import RedisApiKeys, key_id
-    from shared.adapters.redis.connect import connect
+    from shared import bootstrap
+    from shared.domain.ids import key_id
 
-    redis = connect(settings.redis_url or "")
-    store = RedisApiKeys(redis)
-    match args.keys_command:
-        case "create":
-            key = await store.create(check_tenant(args.tenant))
-            print(key)
-            print(f"id {key_id(key)} for tenant {args.tenant}", file=sys.stderr)
-        case "revoke":
-            if not await store.revoke(args.key):
-                await redis.aclose()
-                sys.exit("no such key")
-            print("revoked", file=sys.stderr)
-        case "list":
-            for kid, tenant in await store.list():
-                print(f"{kid}\t{tenant}")
-    await redis.aclose()
+    parley = await bootstrap.start(settings, wait_for_store=False)
+    try:
+        match args.keys_command:
+            case "create":
+                key = await parley.api_keys.create(check_tenant(args.tenant))
+                print(key)
+                print(f"id {key_id(key)} for tenant {args.tenant}", file=sys.stderr)
+            case "revoke":
+                if not await parley.api_keys.revoke(args.key):
+                    sys.exit("no such key")
+                print("revoked", file=sys.stderr)
+            case "list":
+                for kid, tenant in await parley.api_keys.list():
+                    print(f"{kid}\t{tenant}")
+    finally:
+        await parley.close()
 
 
 def _has(module: str) -> bool:

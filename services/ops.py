@@ -6,33 +6,19 @@ import argparse
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import IO
 
 import msgspec
-
-from redis.asyncio import Redis
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from shared.app import history
-from shared.adapters.codec import json_encode
+from shared import bootstrap
+from shared.app.rebuild import Scope
 from shared.config import Settings, check_tenant
-from shared.domain.commands import Limits
-from shared.domain.state import SessionState
-from shared.adapters.redis.chats import ChatStore
-from shared.adapters.redis.connect import Deadlines, check_partitions, connect
-from shared.adapters.redis.feed import RedisFeed
-from shared.adapters.redis.history import RedisHistory
-from shared.adapters.redis.keys import Keys
-from shared.adapters.redis.limits import FIELDS, RedisLimits, tenant_defaults
-from shared.adapters.redis.store import RedisStore
-from shared.app.service import SessionService
-from services.worker.main import chat_hooks
-from services.worker.projector import Projector
-from services.worker.rebuild import Rebuilder, Scope
+from shared.domain.wire import TenantLimits
+
+__all__ = ["COMMANDS", "add_parsers"]
 
 console = Console(stderr=True)
 OPS_TIMEOUT_S = 120.0
@@ -56,55 +42,28 @@ def progress() -> Progress:
     )
 
 
-@dataclass
-class Ops:
-    redis: Redis
-    keys: Keys
-    store: RedisStore
-    history: RedisHistory
-    service: SessionService
-    chats: ChatStore
-    settings: Settings
-
-    async def end_chats(self, before: SessionState) -> None:
-        for chat in before.active_chats:
-            await self.chats.emit(before.id, chat.job_id, "error", b'{"code":"session_deleted","message":"the session was deleted"}')
-
-    def live_projector(self) -> Projector:
-        """The projector's catch-up, run in this process (with its chat hook), for work that cannot wait for a worker."""
-        return Projector(self.store, RedisFeed(self.redis, self.keys, "ops"), **chat_hooks(self.redis, self.keys, self.settings))
-
-
-def redis_url(settings: Settings) -> str:
-    """REDIS_URL, else the private redis-server a running `parley dev` wrote down."""
-    if settings.redis_url:
-        return settings.redis_url
-    port_file = Path(settings.data_dir) / "redis.port"
-    if port_file.exists():
-        return f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
-    sys.exit("REDIS_URL is not set and no `parley dev` store was found in " + settings.data_dir)
+FIELDS = tuple(f.name for f in msgspec.structs.fields(TenantLimits))
 
 
 @asynccontextmanager
-async def connected(settings: Settings) -> AsyncIterator[Ops]:
-    redis = connect(redis_url(settings), Deadlines(timeout_s=OPS_TIMEOUT_S))
+async def connected(settings: Settings) -> AsyncIterator[bootstrap.Parley]:
+    """The deployment, wired as the API and the worker wire it, with a long command deadline."""
+    url = bootstrap.dev_store_url(settings)
+    if url is None:
+        sys.exit("REDIS_URL is not set and no `parley dev` store was found in " + settings.data_dir)
+    parley = await bootstrap.start(msgspec.structs.replace(settings, redis_url=url), timeout_s=OPS_TIMEOUT_S, wait_for_store=False)
     try:
-        await check_partitions(redis, settings.partitions)
-        keys = Keys(settings.partitions)
-        store = RedisStore(redis, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
-        await store.load_scripts()
-        service = SessionService(store, store, settings.partitions, Limits(max_content_chars=settings.max_content_chars))
-        yield Ops(redis, keys, store, RedisHistory(redis, keys), service, ChatStore(redis, keys, settings.chat_retention_s), settings)
+        yield parley
     finally:
-        await redis.aclose()
+        await parley.close()
 
 
 async def rebuild(settings: Settings, args: argparse.Namespace) -> None:
     scope = Scope(session_id=args.session, tenant=args.tenant)
-    async with connected(settings) as ops:
+    async with connected(settings) as parley:
         with progress() as bar:
             task = bar.add_task(f"rebuild {scope.name}", total=0)
-            rebuilder = Rebuilder(ops.store, ops.history, ops.live_projector(), lambda n: bar.advance(task, n))
+            rebuilder = parley.rebuilder(lambda n: bar.advance(task, n))
             if args.fresh:
                 await rebuilder.forget(scope)
             targets, _ = await rebuilder.remaining(scope)
@@ -117,13 +76,13 @@ async def rebuild(settings: Settings, args: argparse.Namespace) -> None:
 
 
 async def export(settings: Settings, args: argparse.Namespace) -> None:
-    async with connected(settings) as ops:
-        head, _, _ = await ops.history.head(args.session)
+    async with connected(settings) as parley:
+        head, _ = await parley.history.head(args.session)
         out: IO[bytes] = open(args.output, "wb") if args.output else sys.stdout.buffer
         try:
             with progress() as bar:
                 task = bar.add_task(f"export {args.session}", total=head)
-                async for line in history.export_lines(ops.history, args.session):
+                async for line in parley.history.export(args.session):
                     out.write(line)
                     bar.advance(task, 0 if line.startswith(b'{"format"') else 1)
         finally:
@@ -137,32 +96,31 @@ async def import_(settings: Settings, args: argparse.Namespace) -> None:
     source: IO[bytes] = open(args.file, "rb") if args.file and args.file != "-" else sys.stdin.buffer
     with source:
         lines = list(_lines(source))
-    async with connected(settings) as ops:
-        done = await history.import_sessions(ops.service, ops.history, args.tenant, lines)
+    async with connected(settings) as parley:
+        done = await parley.history.import_(args.tenant, lines)
         total = sum(n for _, n in done)
         with progress() as bar:
             task = bar.add_task("project", total=total)
-            projector = ops.live_projector()
-            for sid, n in done:
-                await projector.catch_up([sid])
+            for sid, n in done:  # projected here: an import is readable when the command returns
+                await parley.projection.catch_up([sid])
                 bar.advance(task, n)
     for sid, n in done:
         print(f"{sid}\t{n} events", file=sys.stderr)
 
 
 async def purge(settings: Settings, args: argparse.Namespace) -> None:
-    async with connected(settings) as ops:
+    async with connected(settings) as parley:
         if args.session:
             targets = [args.session]
         else:
-            targets = await history.sessions_of_user(ops.service, ops.history, args.tenant, args.user_id)
-        heads = [(await ops.history.head(sid))[0] for sid in targets]
+            targets = await parley.history.sessions_of_user(args.tenant, args.user_id)
+        heads = [(await parley.history.head(sid))[0] for sid in targets]
         with progress() as bar:
             task = bar.add_task(f"purge {len(targets)} sessions", total=sum(heads))
             for sid, n in zip(targets, heads):
-                await history.purge(ops.service, ops.history, args.tenant, sid, end_chats=ops.end_chats)
+                await parley.history.purge(args.tenant, sid)
                 bar.advance(task, n)
-        started = await ops.history.rewrite_persistence()
+        started = await parley.history.rewrite_persistence()
     for sid in targets:
         print(sid)
     console.print(f"purged {len(targets)} sessions" + (f"; Redis is rewriting its files ({', '.join(started)})" if started else ""))
@@ -171,21 +129,20 @@ async def purge(settings: Settings, args: argparse.Namespace) -> None:
 async def tenants(settings: Settings, args: argparse.Namespace) -> None:
     """`parley tenants set-limits | show`: a tenant's limits (its own over the deployment's defaults) and usage."""
     tenant = check_tenant(args.tenant)
-    async with connected(settings) as ops:
-        limits = RedisLimits(ops.redis, ops.keys, tenant_defaults(settings))
+    async with connected(settings) as parley:
         if args.tenants_command == "set-limits":
             values = {f: v for f in FIELDS if (v := getattr(args, f)) is not None}
             if not values and not args.reset:
                 sys.exit("parley tenants set-limits: name at least one limit (or --reset one)")
-            await limits.set_limits(tenant, values, args.reset or ())
-        effective = await limits.limits(tenant, max_age_s=0)
+            await parley.tenancy.set_limits(tenant, values, args.reset or ())
+        usage = await parley.tenancy.usage(tenant, args.days if args.tenants_command == "show" else 1)
         report = {
             "tenant": tenant,
-            "limits": msgspec.structs.asdict(effective),
-            "own": await limits.overrides(tenant),
-            "usage": [msgspec.structs.asdict(d) for d in await limits.usage(tenant, args.days if args.tenants_command == "show" else 1)],
+            "limits": msgspec.structs.asdict(usage.limits),
+            "own": await parley.tenancy.overrides(tenant),
+            "usage": [msgspec.structs.asdict(d) for d in usage.days],
         }
-    sys.stdout.write(msgspec.json.format(json_encode(report), indent=2).decode() + "\n")
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(report), indent=2).decode() + "\n")
 
 
 def _lines(source: IO[bytes]) -> Iterator[bytes]:

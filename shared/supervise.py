@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 T = TypeVar("T")
 
-__all__ = ["TRANSIENT", "PartFailed", "Supervisor", "is_transient", "until_available"]
+__all__ = ["TRANSIENT", "PartFailed", "Supervisor", "is_transient", "pool_exhausted", "until_available"]
 
 TRANSIENT: tuple[type[BaseException], ...] = (
     RedisConnectionError,  # includes BusyLoadingError: Redis is loading its AOF
@@ -43,6 +43,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 
 def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT)
+
+
+def pool_exhausted(exc: BaseException) -> bool:
+    """True for redis-py's "no free connection within the pool's wait": the process is overloaded, the store is fine."""
+    return type(exc).__name__ == "ConnectionError" and str(exc) == "No connection available."
 
 
 class PartFailed(Exception):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 
@@ -19,33 +18,23 @@ from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from redis.asyncio import Redis
 
+from shared import bootstrap
 from shared.config import Settings
-from shared.domain.commands import Limits
 from shared.domain import events, openai_wire, wire
 from shared.domain.wire import ErrorBody, Health, Readiness
-from shared.adapters.redis.api_keys import RedisApiKeys
-from shared.adapters.redis.connect import Deadlines, check_partitions, connect, connect_blocking
-from shared.adapters.redis.notify import Notifier
-from shared.supervise import TRANSIENT, Supervisor, until_available
-from shared.adapters.redis.chats import ChatQueue, ChatStore
-from shared.adapters.redis.feed import RedisFeed, projector_alive
-from shared.adapters.redis.history import RedisHistory
-from shared.adapters.redis.keys import Keys
-from shared.adapters.redis.limits import RedisLimits, tenant_defaults
-from shared.adapters.redis.store import RedisStore
-from shared.app.service import SessionService
+from shared.supervise import TRANSIENT, Supervisor
+from services.api import openapi, strict
 from services.api.auth import Authenticator
-from services.api.errors import EXCEPTION_HANDLERS, error_response
 from services.api.chats import ChatController
-from services.api.openai_api import OpenAIController
-from services.api.history import EventController, audit
-from services.api.sessions import SessionController
-from services.api import chats, openapi, sse, strict
+from services.api.context import Api
+from services.api.errors import EXCEPTION_HANDLERS, error_response
 from services.api.guard import EXPOSED_HEADERS
+from services.api.history import EventController, audit
+from services.api.openai_api import OpenAIController
+from services.api.sessions import SessionController
 from services.api.sse import StreamSlots
 from services.api.usage import usage
-from services.worker.main import chat_hooks, run_worker as worker_main
-from services.worker.projector import Projector
+from services.worker.main import run_worker
 
 log = logging.getLogger("parley.api")
 
@@ -60,7 +49,7 @@ async def health() -> Health:
 async def ready(state: State) -> Response[Readiness]:
     """Readiness: Redis answered within the last second, a projector sent a heartbeat in the last few seconds,
     and every part of this process runs. Answered from what the health part last saw: it never waits on Redis."""
-    seen: HealthCheck = state.health
+    seen: HealthCheck = state.api.health
     parts = state.supervisor.ready
     body = Readiness(status="ready" if seen.redis and seen.projector and parts else "not_ready", redis=seen.redis, projector=seen.projector)
     if body.status != "ready":
@@ -70,12 +59,11 @@ async def ready(state: State) -> Response[Readiness]:
 
 
 class HealthCheck:
-    """A part of the API process: pings Redis and reads the projectors' heartbeats every `interval_s`, so `/ready`
-    answers at once (and 503 within about half a second of Redis pausing)."""
+    """A part of the API process: pings the store and reads the projectors' heartbeats every `interval_s`, so
+    `/ready` answers at once (and 503 within about half a second of Redis pausing)."""
 
-    def __init__(self, client: Redis, keys: Keys, interval_s: float = 0.25, timeout_s: float = 0.5) -> None:
-        self.client = client
-        self.keys = keys
+    def __init__(self, parley: bootstrap.Parley, interval_s: float = 0.25, timeout_s: float = 0.5) -> None:
+        self.parley = parley
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._redis = self._projector = False
@@ -93,7 +81,7 @@ class HealthCheck:
         while True:
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    self._projector = await projector_alive(self.client, self.keys, within_ms=3_000)
+                    self._projector = await self.parley.feed.alive(3_000)
                 self._redis = True
             except TRANSIENT:
                 self._redis = self._projector = False
@@ -103,68 +91,33 @@ class HealthCheck:
             await asyncio.sleep(self.interval_s)
 
 
-async def stream_secret(redis: Redis, settings: Settings) -> bytes:
-    """The HMAC key of stream tokens: the configured one, else one made at first start and kept in Redis, so that
-    every API process accepts the tokens any of them gave out."""
-    if settings.stream_token_secret:
-        return settings.stream_token_secret.encode()
-    await redis.hsetnx(Keys.config, "stream_token_secret", secrets.token_hex(32))
-    return bytes(await redis.hget(Keys.config, "stream_token_secret"))
-
-
-def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool = False) -> Litestar:
+def create_app(settings: Settings, redis: Redis | None = None, run_worker_too: bool = False) -> Litestar:
     """`redis`: a client to use instead of connecting to `REDIS_URL` (fakeredis in `parley dev`); it then also
-    serves blocking reads, by polling. `run_worker` runs the worker (projector and chat jobs) in this process too
-    (`parley dev`)."""
+    serves blocking reads, by polling. `run_worker_too`: run the worker (projector and chat jobs) in this process
+    too (`parley dev`)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        fake = redis is not None and _is_fake(redis)
-        client = redis or connect(_require_url(settings), Deadlines.of(settings))
-        blocking = redis or connect_blocking(_require_url(settings), Deadlines.of(settings))
-        keys = Keys(settings.partitions)
         supervisor: Supervisor = app.state.supervisor
-        await until_available(lambda: check_partitions(client, settings.partitions), "the store")
-        store = RedisStore(client, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
-        app.state.redis = client
-        app.state.layout = keys
-        app.state.store = store
-        app.state.auth = Authenticator(settings.static_keys(), RedisApiKeys(client), settings.key_cache_ttl_s)
-        app.state.settings = settings
-        app.state.chats = ChatStore(client, keys, settings.chat_retention_s)
-        app.state.queue = ChatQueue(client)
-        app.state.history = RedisHistory(client, keys)
-        app.state.notifier = Notifier(blocking, keys, supervisor, poll_s=0.01 if fake else None)
-        app.state.stream_secret = await stream_secret(client, settings)
-        app.state.limits = limits = RedisLimits(client, keys, tenant_defaults(settings))
-        app.state.streams = StreamSlots(settings.max_streams, limits)
-        supervisor.run("stream-slots", app.state.streams.renew)
-        app.state.service = SessionService(
-            store,
-            store,
-            settings.partitions,
-            Limits(max_content_chars=settings.max_content_chars),
-            settings.read_timeout_s,
-            settings.state_cache_size,
-            projection=Projector(store, RedisFeed(client, keys, "assist"), **chat_hooks(client, keys, settings)),
-            read_assist_s=settings.read_assist_s,
+        parley = await bootstrap.start(settings, redis, supervisor, serves_api=True)
+        check = HealthCheck(parley)
+        app.state.api = Api(
+            parley=parley,
+            auth=Authenticator(settings.static_keys(), parley.api_keys, settings.key_cache_ttl_s),
+            streams=StreamSlots(settings.max_streams, parley.limits),
+            health=check,
         )
-        check = app.state.health = HealthCheck(client, keys)
         supervisor.run("health", check.run)
+        supervisor.run("stream-slots", app.state.api.streams.renew)
         stop = asyncio.Event()
-        worker = None
-        if run_worker:
-            worker = asyncio.create_task(worker_main(client, blocking, settings, stop, supervisor, fake=fake))
+        worker = asyncio.create_task(run_worker(parley, stop)) if run_worker_too else None
         try:
             yield
         finally:
             stop.set()
             if worker is not None:
                 await worker
-            await supervisor.stop_all()
-            if redis is None:
-                await client.aclose()
-                await blocking.aclose()
+            await parley.close()
 
     app = Litestar(
         route_handlers=[SessionController, ChatController, OpenAIController, EventController, audit, usage, health, ready],
@@ -195,16 +148,6 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker: bool 
     app.state.supervisor = Supervisor(logging.getLogger("parley.api"))
     openapi.finish(
         app.plugins.get(OpenAPIPlugin).provide_openapi_schema(),
-        openapi.structs_of(wire, events, openai_wire, chats, sse),
+        openapi.structs_of(wire, events, openai_wire),
     )
     return app
-
-
-def _is_fake(redis: Redis) -> bool:
-    return type(redis).__module__.startswith("fakeredis")
-
-
-def _require_url(settings: Settings) -> str:
-    if not settings.redis_url:
-        raise RuntimeError("REDIS_URL is not set")
-    return settings.redis_url

@@ -3,35 +3,40 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from litestar import Request
-from collections.abc import Iterable
 from litestar.exceptions import NotAuthorizedException
 
-from shared.adapters.redis.api_keys import RedisApiKeys, key_hash
+from shared.app.ports import ApiKeys
+from services.api.context import api
+
+__all__ = ["Authenticator", "key_of", "provide_tenant"]
 
 NEGATIVE_TTL_S = 1.0
 
 
 class Authenticator:
-    def __init__(self, static_keys: dict[str, str], stored: RedisApiKeys, ttl_s: float) -> None:
-        self._static = {key_hash(k): t for k, t in static_keys.items()}
+    """Key → tenant, from the configured keys, else the stored ones (cached: a hit costs no Redis round trip; an
+    unknown key is remembered for a second only, so a key created elsewhere works at once)."""
+
+    def __init__(self, static_keys: dict[str, str], stored: ApiKeys, ttl_s: float) -> None:
+        self._static = dict(static_keys)
         self._stored = stored
         self._ttl_s = ttl_s
         self._cache: dict[str, tuple[str | None, float]] = {}
 
     async def tenant(self, key: str) -> str | None:
-        digest = key_hash(key)
-        if (tenant := self._static.get(digest)) is not None:
+        if (tenant := self._static.get(key)) is not None:
             return tenant
         now = time.monotonic()
-        hit = self._cache.get(digest)
+        hit = self._cache.get(key)
         if hit is not None and hit[1] > now:
             return hit[0]
         tenant = await self._stored.tenant_of(key)
         if len(self._cache) > 100_000:
             self._cache.clear()
-        self._cache[digest] = (tenant, now + (self._ttl_s if tenant else NEGATIVE_TTL_S))
+        self._cache[key] = (tenant, now + (self._ttl_s if tenant else NEGATIVE_TTL_S))
         return tenant
 
 
@@ -56,7 +61,7 @@ async def provide_tenant(request: Request) -> str:
     key = key_of(request.scope["headers"])
     if key is None:
         raise NotAuthorizedException("missing API key: send Authorization: Bearer <key> or X-Auth-Key")
-    tenant = await request.app.state.auth.tenant(key)
+    tenant = await api(request).auth.tenant(key)
     if tenant is None:
         raise NotAuthorizedException("invalid API key")
     request.scope.setdefault("state", {})["parley.tenant"] = tenant  # type: ignore[typeddict-item]

@@ -7,26 +7,29 @@ import logging
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from shared.adapters.redis.connect import pool_exhausted
-from shared.supervise import TRANSIENT
-
 from shared.domain.context import TokenBudgetExceeded
 from shared.domain.errors import (
     ChatInProgress,
-    InvalidImport,
-    SessionExists,
     ChatNotActive,
+    ChatTimeout,
+    ChatUnanswered,
     Contention,
     DomainError,
     IdempotencyKeyReused,
     Invalid,
+    InvalidImport,
     NotFound,
     ProjectionLagging,
+    QuotaExceeded,
+    RateLimited,
+    SessionExists,
     VersionConflict,
 )
 from shared.domain.wire import ErrorBody, ErrorDetail
+from shared.supervise import TRANSIENT, pool_exhausted
 from services.api.body import InvalidJson, SchemaMismatch
-from services.api.chats import ChatTimeout
+
+__all__ = ["DOMAIN_STATUS", "EXCEPTION_HANDLERS", "UNANSWERED_STATUS", "error_response", "status_of"]
 
 log = logging.getLogger("parley.api")
 
@@ -45,7 +48,20 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
     ChatTimeout: 504,
     SessionExists: 409,
     InvalidImport: 422,
+    RateLimited: 429,
+    QuotaExceeded: 429,
 }
+"""The HTTP status of each domain error (an error with its own `status` attribute keeps it)."""
+
+UNANSWERED_STATUS = {"token_budget_exceeded": 422, "cancelled": 409, "session_deleted": 409}
+"""A chat that ended without an answer, by its job's error code; any other (the model's) is a 502."""
+
+
+def status_of(exc: DomainError) -> int:
+    if isinstance(exc, ChatUnanswered):
+        return UNANSWERED_STATUS.get(exc.code, 502)
+    status = getattr(exc, "status", None)
+    return status or next((DOMAIN_STATUS[c] for c in type(exc).__mro__ if c in DOMAIN_STATUS), 400)
 
 HTTP_CODES = {
     400: "bad_request",
@@ -75,7 +91,7 @@ def error_response(status: int, code: str, message: str, details: object = None,
 
 
 def on_domain_error(_: Request, exc: DomainError) -> Response[ErrorBody]:
-    status = getattr(exc, "status", None) or next((DOMAIN_STATUS[c] for c in type(exc).__mro__ if c in DOMAIN_STATUS), 400)
+    status = status_of(exc)
     retry = getattr(exc, "retry_after", None) or (1 if status == 503 else None)
     headers = {"Retry-After": str(retry)} if retry else None
     return error_response(status, exc.code, exc.message, exc.details, headers)

@@ -26,11 +26,11 @@ from typing import Any
 from litestar import Litestar
 from litestar.types import Message, Receive, Scope, Send
 
-from shared.adapters.redis.connect import pool_exhausted
+from shared.app.ports import Admission
 from shared.domain.stream_tokens import verify
-from shared.adapters.redis.limits import Admission
-from shared.supervise import TRANSIENT
+from shared.supervise import TRANSIENT, pool_exhausted
 from services.api.auth import key_of
+from services.api.context import Api
 
 __all__ = ["OVERLOADED_RESPONSE", "Gate", "Guard"]
 
@@ -170,13 +170,13 @@ class Guard:
 
     async def _admit(self, scope: Scope, state: dict[str, Any], send: Send) -> list[tuple[bytes, bytes]] | None:
         """None: refused (answered); else the headers to add to the answer."""
-        app_state = self.app.state
+        api: Api = self.app.state.api
         key = key_of(scope["headers"])
         if key is None:
             token = _query_param(scope, b"token")
             if token is None:
                 return []  # litestar answers 401 on routes that need a key
-            grant = verify(app_state.stream_secret, token, time.time())
+            grant = verify(api.parley.stream_secret, token, time.time())
             if grant is None or not _stream_route(scope, grant.session_id):
                 await _answer(send, 401, BAD_TOKEN, [(b"www-authenticate", b"Bearer")])
                 return None
@@ -189,11 +189,11 @@ class Guard:
             return None
         try:
             if tenant is None:
-                tenant = await app_state.auth.tenant(key)
+                tenant = await api.auth.tenant(key)
                 if tenant is None:
                     return []
             state["parley.tenant"] = tenant
-            admission: Admission = await app_state.limits.admit(tenant)
+            admission = await api.parley.limits.admit(tenant)
         except TRANSIENT as e:
             await _answer(send, 503, OVERLOADED if pool_exhausted(e) else UNAVAILABLE, [(b"retry-after", b"1")])
             return None

@@ -1,13 +1,11 @@
-"""Following something that grows — a session's log, a chat job's chunks — for every stream and wait of the API.
+"""The one `text/event-stream` response every stream of the API makes (a session's log, a chat's chunks, the
+OpenAI relay), and the slots it holds.
 
-One loop serves them all (`follow`): read what is new with an ordinary command; if nothing is, wait for the
-process's shared reader to say the thing grew (`shared.adapters.redis.notify`), re-checking every few seconds regardless.
-So an open stream or a waiting synchronous chat holds no Redis connection while it waits.
-
-`open_stream` makes the one `text/event-stream` response: it takes one of the tenant's stream slots and one of
-the process's (`StreamSlots`, 429 beyond), takes itself out of the in-flight work the overload guard bounds (a
-stream is long-lived but costs nothing while it waits), and always closes its generator, so every slot it took
-is given back even when the client vanishes.
+What a stream follows comes from the use cases (`shared.app.follow`: read what is new, else wait for the process's
+shared reader to say it grew), so an open stream holds no Redis connection while it waits. `open_stream` takes one
+of the tenant's stream slots and one of the process's (`StreamSlots`, 429 beyond), takes itself out of the
+in-flight work the overload guard bounds (a stream is long-lived but costs nothing while it waits), and always
+closes its generator, so every slot it took is given back even when the client vanishes.
 """
 
 from __future__ import annotations
@@ -17,9 +15,8 @@ import contextlib
 import itertools
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 from litestar import Request
 from litestar.response import Stream
@@ -27,19 +24,16 @@ from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Send
 
+from shared.app.ports import Limits
 from shared.domain.errors import DomainError
-from shared.adapters.redis.limits import RedisLimits
-from shared.adapters.redis.notify import Notifier
 from shared.supervise import TRANSIENT
+from services.api.context import api
 
 __all__ = [
-    "EventStream", "StreamSlot", "StreamSlots", "TooManyStreams", "detach", "follow", "open_stream", "stream_response",
-    "take_stream", "tenant_of",
+    "EventStream", "StreamSlot", "StreamSlots", "TooManyStreams", "detach", "open_stream", "stream_response", "take_stream",
+    "tenant_of",
 ]
 
-T = TypeVar("T")
-RECHECK_S = 2.0
-"""Even without a wake-up, look again this often (a wake-up lost while Redis restarted only delays a stream)."""
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -50,46 +44,11 @@ class TooManyStreams(DomainError):
     status = 429
 
 
-async def follow(
-    notifier: Notifier,
-    name: str,
-    session_id: str,
-    fetch: Callable[[], Awaitable[list[T]]],
-    keepalive_s: float,
-    deadline: float | None = None,
-) -> AsyncIterator[list[T]]:
-    """Yield each non-empty batch `fetch()` answers as it appears; an empty batch after `keepalive_s` of quiet
-    (time for a keep-alive comment). Ends at `deadline` (monotonic), or when the caller stops iterating.
-
-    `fetch` moves its own cursor; `name` is what `notifier` wakes for (the session id for its log, the job id
-    for its chunks)."""
-    async with notifier.watching(name, session_id) as watch:
-        quiet_since = time.monotonic()
-        while True:
-            watch.clear()  # before the read: a wake-up that arrives while reading is kept
-            batch = await fetch()
-            now = time.monotonic()
-            if batch:
-                quiet_since = now
-                yield batch
-                continue
-            if deadline is not None and now >= deadline:
-                return
-            if now - quiet_since >= keepalive_s:
-                quiet_since = now
-                yield []
-                continue
-            wait = min(RECHECK_S, keepalive_s - (now - quiet_since))
-            if deadline is not None:
-                wait = min(wait, deadline - now)
-            await watch.wait(wait)
-
-
 class StreamSlots:
     """Open streams (and waiting synchronous chats): capped per process here, and per tenant in Redis, where each
     one holds a slot that this process renews while it is open (a crashed process's slots expire)."""
 
-    def __init__(self, limit: int, limits: RedisLimits, ttl_s: float = 60.0) -> None:
+    def __init__(self, limit: int, limits: Limits, ttl_s: float = 60.0) -> None:
         self.limit = limit
         self.limits = limits
         self.ttl_s = ttl_s
@@ -211,7 +170,7 @@ class StreamSlot:
 
 async def take_stream(request: Request[Any, Any, Any]) -> StreamSlot:
     """Take a stream slot for this request (429 if none is free); the request then waits rather than works."""
-    slots: StreamSlots = request.app.state.streams
+    slots = api(request).streams
     tenant = tenant_of(request)
     slot = StreamSlot(slots, tenant, await slots.take(tenant))
     detach(request)

@@ -27,12 +27,6 @@ def event_fields(event: Event) -> tuple[str, str, str, bytes]:
     return type(event).__name__, event.id, at, json_encode(event.data)
 
 
-def check_readable(event: Event) -> None:
-    """Raise `msgspec.ValidationError` if the log could not read this event back (a constraint of the wire types
-    that code building the event skipped): such an entry would stop its session's projection for good."""
-    _EVENT_TYPES[type(event).__name__.encode()][1].decode(json_encode(event.data))
-
-
 def event_json(version: int, fields: dict[bytes, bytes]) -> bytes:
     """The wire JSON of a logged event, assembled without decoding its data."""
     data = upcast(fields[b"t"], int(fields.get(b"s", b"1")), fields[b"d"])

@@ -1,4 +1,4 @@
-"""The service layer of history: export and import a session's log, and purge (erase) sessions.
+"""The history use cases: export and import a session's log, purge (erase) sessions, the audit stream of purges.
 
 An export is NDJSON: one header line, then each event as the `/events` API shows it.
 Import validates the whole log with the pure fold before writing anything, then
@@ -12,18 +12,19 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from shared.adapters.codec import event_json, json_encode
 from shared.domain.commands import DeleteSession
-from shared.domain.errors import InvalidImport, NotFound, SessionExists, VersionConflict
+from shared.domain.errors import Invalid, InvalidImport, NotFound, SessionExists, VersionConflict
 from shared.domain.events import SCHEMA_VERSION, Event, SessionDeleted, SessionPurged, SessionPurgedData
 from shared.domain.ids import parse_uuid, uuid7
 from shared.domain.state import SessionState, fold
 from shared.domain.upcast import upcast
-from shared.app.ports import Appended
-from shared.adapters.redis.history import PurgeConflict, RedisHistory
-from shared.app.service import Reply, SessionService
+from shared.app.ports import Appended, ChatJobs, LogAdmin, PurgeConflict
+from shared.app.service import SessionService
+
+__all__ = ["ExportHeader", "History", "export_lines", "import_sessions", "parse_export", "purge", "sessions_of_user"]
 
 FORMAT = "parley.session"
+SESSION_DELETED = b'{"code":"session_deleted","message":"the session was deleted"}'
 EXPORT_BATCH = 1_000
 
 
@@ -39,21 +40,22 @@ _event = msgspec.json.Decoder(Event)
 _header = msgspec.json.Decoder(ExportHeader)
 _any = msgspec.json.Decoder()
 _msgpack = msgspec.msgpack.Encoder().encode
+_encode = msgspec.json.Encoder().encode
 
 
-async def export_lines(history: RedisHistory, session_id: str) -> AsyncIterator[bytes]:
+async def export_lines(admin: LogAdmin, session_id: str) -> AsyncIterator[bytes]:
     """The session's log up to its version when the export began, as NDJSON lines (each ends in a newline)."""
-    head, tenant, _ = await history.head(session_id)
+    head, tenant, _ = await admin.head(session_id)
     if tenant is None:
         raise NotFound(f"session {session_id} not found")
-    yield json_encode(ExportHeader(session_id=session_id, events=head)) + b"\n"
+    yield _encode(ExportHeader(session_id=session_id, events=head)) + b"\n"
     after = 0
     while after < head:
-        entries = await history.log_entries(session_id, after, min(EXPORT_BATCH, head - after))
+        entries = await admin.log_json(session_id, after, min(EXPORT_BATCH, head - after))
         if not entries:
             raise RuntimeError(f"the log of {session_id} ends at {after}, before its head {head}")
-        for version, fields in entries:
-            yield event_json(version, fields) + b"\n"
+        for version, line in entries:
+            yield line + b"\n"
             after = version
 
 
@@ -76,7 +78,7 @@ def parse_export(lines: Iterable[bytes]) -> list[tuple[str, list[Event]]]:
             header = sessions[-1][0]
             if header.schema != SCHEMA_VERSION and isinstance(raw, dict) and isinstance(raw.get("data"), dict):
                 raw["data"] = upcast(str(raw.get("type")), header.schema, raw["data"])
-                line = json_encode(raw)
+                line = _encode(raw)
             sessions[-1][1].append(_event.decode(line))
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError) as e:
             raise InvalidImport(f"line {number}: {e}") from e
@@ -98,11 +100,11 @@ def parse_export(lines: Iterable[bytes]) -> list[tuple[str, list[Event]]]:
     return out
 
 
-async def import_sessions(service: SessionService, history: RedisHistory, tenant: str, lines: Iterable[bytes]) -> list[tuple[str, int]]:
+async def import_sessions(service: SessionService, admin: LogAdmin, tenant: str, lines: Iterable[bytes]) -> list[tuple[str, int]]:
     """Append each parsed session as the tenant's; refuses (writing nothing) if any of the ids exists anywhere."""
     sessions = parse_export(lines)
     for sid, _ in sessions:
-        if (await history.head(sid))[1] is not None:
+        if (await admin.head(sid))[1] is not None:
             raise SessionExists(f"session {sid} already exists in this deployment; nothing was imported")
     done = []
     for sid, events in sessions:
@@ -115,7 +117,7 @@ async def import_sessions(service: SessionService, history: RedisHistory, tenant
 
 async def purge(
     service: SessionService,
-    history: RedisHistory,
+    admin: LogAdmin,
     tenant: str,
     session_id: str,
     expected_version: int | None = None,
@@ -130,7 +132,7 @@ async def purge(
         raise NotFound(f"session {session_id} not found")
     if before.exists:
         command = DeleteSession(expected_version=expected_version)
-        await service.execute(tenant, session_id, command, lambda s, e: Reply(status=202, body=msgspec.Raw(b"{}")))
+        await service.execute(tenant, session_id, command, lambda s, e: None)
     elif expected_version is not None and expected_version != before.version:
         raise VersionConflict(f"the session is at version {before.version}, not {expected_version}")
     if end_chats is not None:
@@ -148,7 +150,7 @@ async def purge(
             data=SessionPurgedData(session_id=session_id, user_id=state.session.user_id, event_count=state.version),
         )
         try:
-            if not await history.purge(tenant, session_id, state.version, tombstone):
+            if not await admin.purge(tenant, session_id, state.version, tombstone):
                 raise NotFound(f"session {session_id} not found")
         except PurgeConflict:
             continue
@@ -157,11 +159,54 @@ async def purge(
     raise RuntimeError(f"session {session_id} kept changing while being purged")
 
 
-async def sessions_of_user(service: SessionService, history: RedisHistory, tenant: str, user_id: str) -> list[str]:
+async def sessions_of_user(service: SessionService, admin: LogAdmin, tenant: str, user_id: str) -> list[str]:
     """The tenant's sessions (deleted ones too) whose `user_id` is this user."""
     out = []
-    for sid in await history.session_ids(tenant):
+    for sid in await admin.session_ids(tenant):
         state = await service.log.load(tenant, sid)
         if state is not None and state.session is not None and state.session.user_id == user_id:
             out.append(sid)
     return out
+
+
+class History:
+    """The history use cases over one deployment's log: export, import, purge (one session or a user's), the audit
+    stream of purges. (Rebuilding the read models is `shared.app.rebuild`.)"""
+
+    def __init__(self, service: SessionService, admin: LogAdmin, jobs: ChatJobs) -> None:
+        self.service = service
+        self.admin = admin
+        self.jobs = jobs
+
+    async def end_chats(self, before: SessionState) -> None:
+        """Whoever waits on a deleted session's chats learns they ended (`before`: its state before the delete)."""
+        for chat in before.active_chats:
+            await self.jobs.emit(before.id, chat.job_id, "error", SESSION_DELETED)
+
+    async def head(self, session_id: str) -> tuple[int, str | None]:
+        """(the session's last version, its tenant); (0, None) for no such session."""
+        head, tenant, _ = await self.admin.head(session_id)
+        return head, tenant
+
+    def export(self, session_id: str) -> AsyncIterator[bytes]:
+        return export_lines(self.admin, session_id)
+
+    async def import_(self, tenant: str, lines: Iterable[bytes]) -> list[tuple[str, int]]:
+        return await import_sessions(self.service, self.admin, tenant, lines)
+
+    async def purge(self, tenant: str, session_id: str, expected_version: int | None = None) -> datetime:
+        return await purge(self.service, self.admin, tenant, session_id, expected_version, self.end_chats)
+
+    async def sessions_of_user(self, tenant: str, user_id: str) -> list[str]:
+        return await sessions_of_user(self.service, self.admin, tenant, user_id)
+
+    async def audit(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]:
+        """The tenant's `SessionPurged` tombstones after the cursor `after`, oldest first, and the next cursor."""
+        try:
+            return await self.admin.audit(tenant, after, limit)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise Invalid("after is not a cursor this endpoint gave out", {"query": "after"}) from e
+
+    async def rewrite_persistence(self) -> list[str]:
+        """Ask the store to rewrite its persistence files, so purged data leaves the disk too."""
+        return await self.admin.rewrite_persistence()

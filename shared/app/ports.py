@@ -1,18 +1,44 @@
-"""The I/O contracts the services depend on. Adapters implement them; one contract
-test suite (tests/integration/test_store_contract.py) runs against every adapter."""
+"""Every seam between the use cases and the world, as a small protocol.
+
+Adapters implement them: Redis (`shared/adapters/redis`), in memory (`shared/adapters/memory`), the LLM providers
+(`shared/adapters/llm`). One contract suite per port runs against each adapter (tests/integration/contracts), so a
+use case behaves the same on all of them; the use cases' own tests run on the memory adapters.
+
+| port | what it promises |
+|---|---|
+| `EventLog` | a session's events, appended atomically under an expected version, exactly once per event id |
+| `ReadModels` | the projections the GETs serve, with the version they reached; applied only on top of that version |
+| `ChatJobs` | chat job records and each job's chunk stream (what the worker streamed, in order) |
+| `ChatQueue` | a chat job runs once the queue hands it out (again after its worker died) |
+| `Feed` | which sessions changed, for the projector: handed out, acknowledged, taken over after a crash |
+| `Wakeups` | a waiter hears that a session or a job grew, without holding a connection |
+| `LogAdmin` | the log beyond append and read: enumerate, rebuild generations, purge, audit |
+| `ApiKeys` | key → tenant |
+| `Limits` | per-tenant rates, slots and usage, shared by every process |
+| `ModelProvider` | an LLM's answer, streamed |
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 from msgspec import Struct
 
-from shared.domain.events import Event
+from shared.domain.events import Event, SessionPurged
 from shared.domain.projection import ReadModelUpdate
 from shared.domain.state import SessionState
+from shared.domain.wire import TenantLimits, ToolCall, Usage, UsageDay
+
+__all__ = [
+    "Admission", "AppendOutcome", "Appended", "ApiKeys", "ChatJobs", "ChatQueue", "ChunkWriter", "Completion", "Conflict",
+    "Delta", "EventLog", "Feed", "FeedEntry", "IdempotencyClaim", "IdempotencyMismatch", "Limits", "LogAdmin", "Missing",
+    "ModelError", "ModelProvider", "ModelRequest", "Pending", "ReadModels", "Replayed", "Slot", "View", "Wakeups", "Watch",
+]
 
 
+# -- the event log ------------------------------------------------------------------------------------------------
 class IdempotencyClaim(Struct, kw_only=True, frozen=True):
     """Stored with an append, atomically: a retry with the same key gets `response` back."""
 
@@ -44,16 +70,25 @@ class Missing(Struct, frozen=True):
 AppendOutcome = Appended | Replayed | Conflict | IdempotencyMismatch | Missing
 
 
+class View(Struct, frozen=True):
+    """A read-model answer plus what it takes to judge its freshness.
+
+    `head` is the session's last appended version (0: no such session for this tenant), `version` the version the
+    read model has reached. The service layer waits while `version < head`, which is how a client reads its own
+    writes."""
+
+    head: int
+    version: int
+    body: bytes | None
+    items: list[bytes] | None = None
+
+
 class EventLog(Protocol):
     async def append(
-        self,
-        tenant: str,
-        session_id: str,
-        expected_version: int,
-        events: Sequence[Event],
-        claim: IdempotencyClaim | None = None,
+        self, tenant: str, session_id: str, expected_version: int, events: Sequence[Event], claim: IdempotencyClaim | None = None
     ) -> AppendOutcome:
-        """Append iff the session's version is `expected_version` (0: the session must not exist)."""
+        """Append iff the session's version is `expected_version` (0: the session must not exist). The same events
+        appended again (a retried call whose answer was lost) answer `Appended`, once."""
         ...
 
     async def load(self, tenant: str, session_id: str, known: SessionState | None = None) -> SessionState | None:
@@ -61,8 +96,8 @@ class EventLog(Protocol):
         ...
 
     async def recall(self, tenant: str, session_id: str, key: str, request_hash: str) -> bytes | None:
-        """The stored response of an idempotent write: None if the key is unused, b"" if it was used
-        with another request. `session_id` names the partition the record lives in."""
+        """The stored response of an idempotent write: None if the key is unused, b"" if it was used with another
+        request. `session_id` names the partition the record lives in."""
         ...
 
     async def read(self, session_id: str, after: int = 0, limit: int = 100) -> list[Event]: ...
@@ -76,20 +111,7 @@ class EventLog(Protocol):
         ...
 
 
-class View(Struct, frozen=True):
-    """A read-model answer plus what it takes to judge its freshness.
-
-    `head` is the session's last appended version (0: no such session for this
-    tenant), `version` the version the read model has reached. The service layer
-    waits while `version < head`, which is how a client reads its own writes.
-    """
-
-    head: int
-    version: int
-    body: bytes | None
-    items: list[bytes] | None = None
-
-
+# -- read models --------------------------------------------------------------------------------------------------
 class Pending(Struct, frozen=True):
     """A session's events the read models have not folded in yet, and the state to fold them onto."""
 
@@ -104,8 +126,12 @@ class ReadModels(Protocol):
 
     async def tools(self, tenant: str, session_id: str) -> View: ...
 
-    async def messages(self, tenant: str, session_id: str, limit: int, offset: int) -> View:
-        """`items` holds the page's message JSON, oldest first; `body` is None once the session is gone."""
+    async def messages(
+        self, tenant: str, session_id: str, limit: int, offset: int, count: int | None = None, at: int | None = None
+    ) -> View:
+        """`items` holds the page's message JSON, oldest first, each as its latest edit, removed ones skipped;
+        `body` is None once the session is gone. `count`, `at`: the page as it was at version `at` (`count`
+        messages then), deleted or not."""
         ...
 
     async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:
@@ -113,10 +139,297 @@ class ReadModels(Protocol):
         tenant's that is not projected yet."""
         ...
 
-    async def pending(self, session_ids: Sequence[str]) -> list[Pending | None]:
-        """For each session, what the projector still has to apply (None: unknown session)."""
+    async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:
+        """For each session, what the projector still has to apply (None: unknown session). `gen`: a rebuild's
+        generation instead of the live one."""
         ...
 
-    async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]]) -> list[bool]:
-        """Apply each (tenant, update) iff its read model is at `update.from_version`; False: someone else did."""
+    async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]], gen: int | None = None) -> list[bool]:
+        """Apply each (tenant, update) iff its read model is at `update.from_version`; False: someone else did.
+        `gen`: write a rebuild's generation (its views only: the index, counters and chat jobs stay live)."""
+        ...
+
+
+# -- chat jobs ------------------------------------------------------------------------------------------------------
+class ChunkWriter(Protocol):
+    def put(self, data: bytes) -> None:
+        """Queue a chunk; chunks are written in order without making the caller wait."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until every chunk put so far is stored."""
+        ...
+
+
+class ChatJobs(Protocol):
+    async def job(self, tenant: str, session_id: str, job_id: str) -> View:
+        """The job's record (`body`: its JSON; None for no such job of this session)."""
+        ...
+
+    async def jobs(self, tenant: str, session_id: str, limit: int, offset: int) -> View:
+        """The session's jobs, newest first (`items`); `body` None once the session is gone."""
+        ...
+
+    async def mark_running(self, session_id: str, job_id: str) -> int:
+        """The attempt number, or 0 if the job already ended (or its session was purged)."""
+        ...
+
+    async def status(self, session_id: str, job_id: str) -> str | None: ...
+
+    async def emit(self, session_id: str, job_id: str, kind: str, data: bytes) -> bytes | None:
+        """Append one entry (`chunk`, `done`, `error`) to the job's stream; None if the session is gone."""
+        ...
+
+    def writer(self, session_id: str, job_id: str) -> ChunkWriter: ...
+
+    async def chunks(self, session_id: str, job_id: str, after: str) -> list[tuple[str, str, bytes]]:
+        """(entry id, kind, data) of up to 500 entries after `after` ("0-0": from the start)."""
+        ...
+
+    async def is_terminal(self, session_id: str, job_id: str, entry_id: str) -> bool:
+        """The entry exists and ends the stream (`done` or `error`)."""
+        ...
+
+    async def last_entry(self, session_id: str, job_id: str) -> tuple[str, str] | None:
+        """(entry id, kind) of the stream's last entry."""
+        ...
+
+    async def streamed(self, session_id: str, job_id: str) -> list[tuple[str, str, bytes]]:
+        """Every entry so far."""
+        ...
+
+
+class ChatQueue(Protocol):
+    async def enqueue(self, tenant: str, session_id: str, job_ids: Sequence[str]) -> None:
+        """Queue the jobs to run (a job already queued is not queued twice) and wake an idle worker."""
+        ...
+
+
+# -- the projector's work -----------------------------------------------------------------------------------------
+class FeedEntry(tuple):  # type: ignore[type-arg]
+    """(partition, entry id, session id)"""
+
+    __slots__ = ()
+
+    @property
+    def partition(self) -> int:
+        return self[0]  # type: ignore[no-any-return]
+
+    @property
+    def entry_id(self) -> bytes:
+        return self[1]  # type: ignore[no-any-return]
+
+    @property
+    def session_id(self) -> str:
+        return self[2]  # type: ignore[no-any-return]
+
+
+class Feed(Protocol):
+    async def ensure_groups(self) -> None: ...
+
+    async def read(self, count: int, block_ms: int | None) -> list[FeedEntry]:
+        """New entries (sessions that changed), handed to this consumer only."""
+        ...
+
+    async def claim_stale(self, min_idle_ms: int, count: int) -> list[FeedEntry]:
+        """Take over entries that a dead consumer read but never acknowledged."""
+        ...
+
+    async def ack(self, entries: Sequence[FeedEntry]) -> None: ...
+
+    async def trim(self) -> None:
+        """Drop entries every consumer is done with."""
+        ...
+
+    async def backlog(self, partition: int, count: int = 2_000) -> list[str]:
+        """A superset of the partition's unprojected sessions (a reader catching them up itself)."""
+        ...
+
+    async def heartbeat(self) -> None: ...
+
+    async def forget_consumer(self) -> None: ...
+
+    async def alive(self, within_ms: int) -> bool:
+        """Some projector sent a heartbeat within `within_ms`."""
+        ...
+
+
+class Watch(Protocol):
+    def clear(self) -> None: ...
+
+    async def wait(self, timeout_s: float) -> bool:
+        """True if woken, False after `timeout_s`."""
+        ...
+
+
+class Wakeups(Protocol):
+    def watching(self, name: str, session_id: str) -> AbstractAsyncContextManager[Watch]:
+        """Wake-ups for `name` (a session id: appended to; a job id: its chunks grew), in `session_id`'s partition."""
+        ...
+
+
+# -- the log's administration ---------------------------------------------------------------------------------------
+class LogAdmin(Protocol):
+    async def tenants(self) -> list[str]: ...
+
+    async def session_ids(self, tenant: str) -> list[str]:
+        """Every session the tenant created and has not purged, deleted ones too, in id (creation) order."""
+        ...
+
+    async def head(self, session_id: str) -> tuple[int, str | None, int]:
+        """(version, tenant, live read-model generation); (0, None, 0) for no such session."""
+        ...
+
+    async def heads(self, session_ids: Sequence[str]) -> list[int]:
+        """Each session's last version (0: none)."""
+        ...
+
+    async def log_json(self, session_id: str, after: int, count: int) -> list[tuple[int, bytes]]:
+        """(version, wire JSON) of up to `count` events after `after`, as `/events` shows them."""
+        ...
+
+    async def generations(self, session_ids: Sequence[str]) -> list[int]: ...
+
+    async def generation_states(self, gens: dict[str, int]) -> dict[str, tuple[str, SessionState]]:
+        """For each session, (tenant, the state its generation `gens[sid]` reached); purged ones are left out."""
+        ...
+
+    async def read_logs(self, after: dict[str, int], count: int) -> dict[str, list[Event]]:
+        """Each session's next (up to `count`) events after the version given."""
+        ...
+
+    async def switch(self, targets: Sequence[tuple[str, str, int]]) -> list[int]:
+        """Make each (tenant, session, generation) live: 1 done, 0 not caught up, -1 purged, 2 a newer one is live."""
+        ...
+
+    async def drop(self, session_id: str, gen: int) -> None: ...
+
+    async def progress(self, scope: str) -> str | None:
+        """The cursor of a rebuild of `scope` (None: none ran, or the last one finished)."""
+        ...
+
+    async def set_progress(self, scope: str, cursor: str | None) -> None:
+        """Record a rebuild's cursor ("": started), or forget it (None)."""
+        ...
+
+    async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
+        """Erase the session and record `tombstone`, atomically. False: no such session for this tenant; raises
+        `PurgeConflict` if its version is not `expected`."""
+        ...
+
+    async def audit(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]: ...
+
+    async def rewrite_persistence(self) -> list[str]:
+        """Ask the store to rewrite its files (erased data leaves the disk too); answers what it started."""
+        ...
+
+
+class PurgeConflict(Exception):
+    """The session changed between reading it and purging it: read again."""
+
+
+# -- tenants ----------------------------------------------------------------------------------------------------------
+class ApiKeys(Protocol):
+    async def tenant_of(self, key: str) -> str | None: ...
+
+    async def create(self, tenant: str) -> str: ...
+
+    async def revoke(self, key_or_id: str) -> bool: ...
+
+    async def list(self) -> list[tuple[str, str]]:
+        """(key id, tenant) of every stored key."""
+        ...
+
+
+class Admission(Struct, frozen=True, array_like=True):
+    admitted: bool
+    burst: int
+    """0: the tenant has no rate limit."""
+    remaining: int
+    wait_ms: int
+    """Admitted: until the burst is whole again; refused: until a request is admitted again."""
+    rps: float = 0
+
+
+class Slot(Struct, frozen=True):
+    taken: bool
+    limit: int
+    held: int
+
+
+class Limits(Protocol):
+    async def admit(self, tenant: str) -> Admission:
+        """One request of the tenant's, against its rate (and counted for the day)."""
+        ...
+
+    async def take(self, tenant: str, kind: str, member: str, ttl_s: float) -> Slot:
+        """One of the tenant's `kind` slots ("chats", "streams") for `member`, held `ttl_s` unless renewed."""
+        ...
+
+    async def renew(self, tenant: str, kind: str, members: Sequence[str], ttl_s: float) -> None: ...
+
+    async def give(self, tenant: str, kind: str, *members: str) -> None: ...
+
+    async def limits(self, tenant: str, max_age_s: float = 1.0) -> TenantLimits:
+        """The tenant's limits (its own, else the defaults)."""
+        ...
+
+    async def overrides(self, tenant: str) -> dict[str, str]: ...
+
+    async def set_limits(self, tenant: str, values: dict[str, Any], reset: Sequence[str] = ()) -> None: ...
+
+    async def usage(self, tenant: str, days: int) -> list[UsageDay]:
+        """The tenant's counters for the last `days` UTC days, newest first."""
+        ...
+
+    async def tokens_today(self, tenant: str, max_age_s: float = 1.0) -> int: ...
+
+
+# -- the LLM ----------------------------------------------------------------------------------------------------------
+class ModelRequest(Struct, kw_only=True):
+    model: str
+    messages: list[dict[str, Any]]
+    """Chat Completions `messages`, as OpenAI's API takes them."""
+    max_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class Delta(Struct, kw_only=True, omit_defaults=True):
+    """One streamed piece of the answer, in OpenAI's delta shape."""
+
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class Completion(Struct, kw_only=True):
+    """The whole answer; a provider's stream ends with exactly one."""
+
+    content: str | None
+    tool_calls: list[ToolCall] | None
+    finish_reason: str
+    model: str
+    usage: Usage | None = None
+
+
+class ModelError(Exception):
+    """The provider failed for good (after its retries). `code` becomes the chat job's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ModelProvider(Protocol):
+    def stream(self, request: ModelRequest) -> AsyncIterator[Delta | Completion]: ...
+
+    @property
+    def models(self) -> list[str]:
+        """The model names this deployment serves by default."""
         ...

@@ -17,10 +17,9 @@ from datetime import UTC, datetime
 import msgspec
 
 from shared.domain.commands import Command, CreateSession, Limits, Stamp, decide
-from shared.adapters.codec import check_readable
 from shared.domain.errors import Contention, DomainError, IdempotencyKeyReused, Invalid, NotFound, ProjectionLagging, VersionNotFound
-from shared.domain.events import Event
-from shared.domain.ids import uuid7
+from shared.domain.events import Event, check_readable
+from shared.domain.ids import partition_of, uuid7
 from shared.domain.state import SessionState, fold
 from shared.app.ports import (
     Appended,
@@ -33,10 +32,10 @@ from shared.app.ports import (
     Replayed,
     View,
 )
-from shared.adapters.redis.keys import partition_of
 
 MAX_ATTEMPTS = 8
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Projection(Protocol):
@@ -47,18 +46,10 @@ class Projection(Protocol):
     async def catch_up_partitions(self, partitions: Iterable[int]) -> None: ...
 
 
-class Reply(msgspec.Struct, kw_only=True):
-    """An HTTP answer decided by the service layer; stored verbatim for idempotent replays."""
+Decision = Callable[[SessionState, list[Event]], R]
+"""What a use case makes of a decision: the state after the events, and the events (none: nothing to do)."""
 
-    status: int
-    body: msgspec.Raw
-    headers: dict[str, str] = msgspec.field(default_factory=dict)
-
-
-_reply_encoder = msgspec.json.Encoder()
-_reply_decoder = msgspec.json.Decoder(Reply)
-
-Respond = Callable[[SessionState, list[Event]], Reply]
+_encode = msgspec.json.Encoder().encode
 
 
 class Idempotency(msgspec.Struct, frozen=True):
@@ -169,16 +160,23 @@ class SessionService:
         tenant: str,
         session_id: str,
         command: Command,
-        respond: Respond,
+        result: Decision[R],
         idempotency: Idempotency | None = None,
-    ) -> Reply:
-        """Decide on the freshest state we have and append with an expected-version check; retry on conflict."""
+        result_type: type[R] | None = None,
+    ) -> R:
+        """Decide on the freshest state we have and append with an expected-version check; retry on conflict.
+
+        Answers `result(state after, events)`. With an Idempotency-Key that result (a msgspec type, `result_type`)
+        is stored with the append, atomically; a retry gets the stored one back and appends nothing."""
+        if idempotency is not None and result_type is None:
+            raise TypeError("an idempotent write needs the result's type, to give a replay back")
         async with self.locks.hold((tenant, session_id)):
-            return await self._execute(tenant, session_id, command, respond, idempotency)
+            return await self._execute(tenant, session_id, command, result, idempotency, result_type)
 
     async def _execute(
-        self, tenant: str, session_id: str, command: Command, respond: Respond, idempotency: Idempotency | None
-    ) -> Reply:
+        self, tenant: str, session_id: str, command: Command, result: Decision[R], idempotency: Idempotency | None,
+        result_type: type[R] | None,
+    ) -> R:
         state = self.cache.get(tenant, session_id)
         fresh = state is None
         if isinstance(command, CreateSession):
@@ -191,8 +189,8 @@ class SessionService:
             try:
                 events = decide(state, command, Stamp(now=self.clock(), new_id=self.new_id), self.limits)
             except DomainError:
-                if idempotency is not None and (replay := await self._replay(tenant, session_id, idempotency)):
-                    return replay
+                if idempotency is not None and (replay := await self._replay(tenant, session_id, idempotency)) is not None:
+                    return msgspec.json.decode(replay, type=result_type)
                 if fresh:
                     raise
                 state, fresh = await self._reload(tenant, state), True
@@ -206,18 +204,18 @@ class SessionService:
                 except msgspec.ValidationError as e:
                     raise Invalid(f"the request would store an event the log cannot read back: {e}") from e
             after = fold(state, events)
-            reply = respond(after, events)
+            answer = result(after, events)
             if not events:
-                return reply
+                return answer
             claim = None
             if idempotency is not None:
-                claim = IdempotencyClaim(key=idempotency.key, request_hash=idempotency.request_hash, response=_reply_encoder.encode(reply))
+                claim = IdempotencyClaim(key=idempotency.key, request_hash=idempotency.request_hash, response=_encode(answer))
             match await self.log.append(tenant, session_id, state.version, events, claim):
                 case Appended():
                     self.cache.put(tenant, after)
-                    return reply
+                    return answer
                 case Replayed(response=raw):
-                    return _reply_decoder.decode(raw)
+                    return msgspec.json.decode(raw, type=result_type)
                 case IdempotencyMismatch():
                     raise IdempotencyKeyReused("this Idempotency-Key was used with a different request")
                 case Missing():
@@ -237,13 +235,12 @@ class SessionService:
         self.cache.put(tenant, state)
         return state
 
-    async def _replay(self, tenant: str, session_id: str, idempotency: Idempotency) -> Reply | None:
+    async def _replay(self, tenant: str, session_id: str, idempotency: Idempotency) -> bytes | None:
+        """The stored result of an idempotent write, or None if the key is unused."""
         raw = await self.log.recall(tenant, session_id, idempotency.key, idempotency.request_hash)
-        if raw is None:
-            return None
         if raw == b"":
             raise IdempotencyKeyReused("this Idempotency-Key was used with a different request")
-        return _reply_decoder.decode(raw)
+        return raw
 
     # -- reads ------------------------------------------------------------------------
     async def at_version(self, tenant: str, session_id: str, version: int) -> SessionState:

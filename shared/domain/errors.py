@@ -76,3 +76,35 @@ class InvalidImport(DomainError):
     """An export file that is not a whole, valid session log (→ 422); nothing is written."""
 
     code = "invalid_import"
+
+
+class ChatUnanswered(DomainError):
+    """The chat job ended without an answer; `code` is the job's error code (`token_budget_exceeded`, `cancelled`,
+    `session_deleted`, `model_…`)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ChatTimeout(DomainError):
+    """No answer within the wait (`PARLEY_CHAT_WAIT_S`); the job goes on."""
+
+    code = "chat_timeout"
+
+
+class RateLimited(DomainError):
+    """The tenant is at one of its limits (rate, concurrent chats, open streams) (→ 429)."""
+
+    code = "rate_limited"
+    retry_after = 1
+
+
+class QuotaExceeded(DomainError):
+    """The tenant used its chat tokens of the day (→ 429 until midnight UTC)."""
+
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, details: object, retry_after: int) -> None:
+        super().__init__(message, details)
+        self.retry_after = retry_after

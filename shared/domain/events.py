@@ -182,6 +182,17 @@ Event = (
 
 CHAT_ENDED = (ChatCompleted, ChatFailed, ChatCancelled)
 
+_DATA_DECODERS = {
+    cls: msgspec.json.Decoder(next(f.type for f in msgspec.structs.fields(cls) if f.name == "data")) for cls in Event.__args__  # type: ignore[attr-defined]
+}
+_encode = msgspec.json.Encoder().encode
+
+
+def check_readable(event: Event) -> None:
+    """Raise `msgspec.ValidationError` if the log could not read this event back (a constraint of the wire types
+    that code building the event skipped): such an entry would stop its session's projection for good."""
+    _DATA_DECODERS[type(event)].decode(_encode(event.data))
+
 
 class EventPage(Struct):
     """A page of a session's log, oldest first. `next` is the `after` of the next page; null on the last."""

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import uuid
+import zlib
 
 _lock = threading.Lock()
 _last_ms = 0
@@ -52,3 +53,18 @@ def derived_id(base: str, purpose: str) -> str:
     head = base.replace("-", "")[:12]
     h = head + "7" + "%03x" % (digest >> 68 & 0xFFF) + "%016x" % (0b10 << 62 | digest & ((1 << 62) - 1))
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition (of `partitions`) a session id, or an idempotency key, hashes into (CRC32)."""
+    return zlib.crc32(key.encode()) % partitions
+
+
+def key_hash(api_key: str) -> str:
+    """What is stored of an API key: its SHA-256, never the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def key_id(api_key: str) -> str:
+    """An API key's public id (the first 12 hex digits of its hash): what lists show and revoke accepts."""
+    return key_hash(api_key)[:12]

@@ -150,6 +150,13 @@ class Message(Struct, kw_only=True):
     """When the message was last edited (absent: never); its past text stays in the log (time travel)."""
 
 
+class MessagePatch(Wire):
+    """An edit of a message: its `content` (null only on an assistant message with tool calls) or `name`."""
+
+    content: Content | None | UnsetType = UNSET
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None | UnsetType = UNSET
+
+
 class MessageList(Struct):
     items: list[Message]
 
@@ -245,6 +252,15 @@ class ChatResponse(Struct, kw_only=True):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+class JobAccepted(Struct, kw_only=True):
+    """A queued chat (`Prefer: respond-async`)."""
+
+    id: str
+    session_id: str
+    status: str
+    created_at: datetime
 
 
 class ChatError(Struct, kw_only=True):

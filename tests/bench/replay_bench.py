@@ -28,8 +28,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from services.worker.projector import Projector
-from services.worker.rebuild import BATCH, Rebuilder, Scope
+from shared import bootstrap
+from shared.app.rebuild import BATCH, Rebuilder, Scope
+from shared.config import Settings
 from shared.domain.commands import AddMessage, CreateSession, Stamp, UpdateSession, decide
 from shared.domain.events import Event
 from shared.domain.ids import uuid7
@@ -37,10 +38,7 @@ from shared.domain.wire import FunctionCall, FunctionDef, MessageCreate, Session
 from shared.domain.projection import SNAPSHOT_EVERY
 from shared.domain.state import SessionState, fold
 from shared.app.ports import Appended
-from shared.adapters.redis.chats import ChatQueue
 from shared.adapters.redis.connect import connect
-from shared.adapters.redis.feed import RedisFeed
-from shared.adapters.redis.history import RedisHistory
 from shared.adapters.redis.keys import Keys
 from shared.adapters.redis.store import RedisStore
 from tests.bench.harness import KEY, PARTITIONS, ROOT, TENANT, Bench
@@ -204,10 +202,10 @@ async def xrange_all(redis: Any, keys: Keys, session_ids: list[str], count: int 
     return total
 
 
-def rebuilder(redis: Any, keys: Keys, store: RedisStore) -> Rebuilder:
-    """As services/ops.py builds it for `parley rebuild` (its live projector with the chat hook), no progress bar."""
-    live = Projector(store, RedisFeed(redis, keys, "ops"), on_chats=ChatQueue(redis).enqueue)
-    return Rebuilder(store, RedisHistory(redis, keys), live)
+async def rebuilder(redis_url: str) -> tuple[Rebuilder, bootstrap.Parley]:
+    """As `parley rebuild` builds it (services/ops.py: the composition root, a long deadline), no progress bar."""
+    parley = await bootstrap.start(Settings.from_env(redis_url=redis_url, partitions=PARTITIONS), timeout_s=120, wait_for_store=False)
+    return parley.rebuilder(), parley
 
 
 async def _timed(fn: Callable[[], Awaitable[int]]) -> tuple[int, float]:
@@ -221,9 +219,7 @@ async def p6_rep(redis_url: str, many: list[str], big: str, flip: bool) -> dict[
     `flip` says, so neither always runs first)."""
     redis = connect(redis_url)
     keys = Keys(PARTITIONS)
-    store = RedisStore(redis, keys)
-    await store.load_scripts()
-    rb = rebuilder(redis, keys, store)
+    rb, parley = await rebuilder(redis_url)
     out: dict[str, float] = {}
 
     async def rebuild(scope: Scope) -> int:
@@ -240,6 +236,7 @@ async def p6_rep(redis_url: str, many: list[str], big: str, flip: bool) -> dict[
                 out[f"{name}_{what}_events"] = n
                 out[f"{name}_{what}_s"] = s
     finally:
+        await parley.close()
         await redis.aclose()
     return out
 

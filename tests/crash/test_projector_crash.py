@@ -30,7 +30,7 @@ from shared.domain.state import SessionState, fold
 from shared.adapters.redis.feed import GROUP
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.store import RedisStore
-from shared.app.service import Reply, SessionService
+from shared.app.service import SessionService
 from tests.support import ParleyProcess, auth, wait_for
 
 pytestmark = pytest.mark.slow
@@ -378,9 +378,9 @@ async def _true_if_zero(pending: Awaitable[int]) -> bool:
 
 
 # -- test 2: in-process writer, two workers, one of them killed 3-5 times at random moments ---
-def _reply_with(events: list[Event]) -> Reply:
+def _reply_with(events: list[Event]) -> bytes:
     data = events[0].data if isinstance(events[0], MessageAdded) else {"version": events[-1].version}
-    return Reply(status=200, body=msgspec.Raw(json_encode(data)))
+    return json_encode(data)
 
 
 async def test_projector_killed_at_random_moments_projects_exactly_once(fresh_redis, spawn):
@@ -441,7 +441,7 @@ async def test_projector_killed_at_random_moments_projects_exactly_once(fresh_re
                     else:
                         msg = MessageCreate(role="user", content=f"w{w}-n{n}")
                         reply = await service.execute(tenant, sid, AddMessage(body=msg), lambda s, ev: _reply_with(ev))
-                        body = json.loads(bytes(reply.body))
+                        body = json.loads(reply)
                         acked_messages[sid][body["id"]] = body
                     writes[0] += 1
                 except (NotFound, Contention):

@@ -695,7 +695,7 @@ def test_export_import_round_trip_is_byte_for_byte_and_a_failed_import_writes_no
         message = dup.stderr.decode()
         assert f"session {sid} already exists" in message and "nothing was imported" in message, message[-1000:]
         assert dump(rb) == loaded, f"{name}: the refused import wrote something"
-    assert rb.dbsize() == len(loaded)
+    assert sum(1 for k in rb.scan_iter(count=1000) if b":{t:" not in k) == len(loaded)  # the limiter keys aside, as in dump()
     assert not rb.exists(Keys(int(rb.hget(Keys.config, "partitions"))).head(spare))
 
 

@@ -89,9 +89,9 @@ async def test_a_paused_redis_makes_requests_answer_503_within_their_deadline_no
 FAULTY_WORKER = textwrap.dedent(
     """
     import sys
-    from services.worker.projector import Projector
+    from shared.app.projection import Projection
 
-    real = Projector.handle
+    real = Projection.handle
     calls = 0
 
     async def handle(self, entries):
@@ -101,7 +101,7 @@ FAULTY_WORKER = textwrap.dedent(
             raise RuntimeError("injected: a bug the projector does not expect")
         return await real(self, entries)
 
-    Projector.handle = handle
+    Projection.handle = handle
     from services.cli import main
     main(["worker"])
     """

@@ -19,8 +19,8 @@ from shared.app.history import ExportHeader, parse_export
 from shared.adapters.redis.history import RedisHistory
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.store import RedisStore
-from services.worker.projector import Projector
-from services.worker.rebuild import Rebuilder, Scope
+from shared.app.projection import Projection
+from shared.app.rebuild import Rebuilder, Scope
 
 
 def stamp() -> Stamp:
@@ -49,7 +49,7 @@ async def _counters(store: RedisStore, sid: str) -> tuple[int, int]:
 
 
 async def test_a_second_rebuild_of_the_same_generation_neither_writes_the_live_one_nor_switches(store):
-    live = Projector(store, feed=None)  # type: ignore[arg-type]
+    live = Projection(store, feed=None)  # type: ignore[arg-type]
     state = await _session(store, 3)
     await live.catch_up([state.id])
     history = RedisHistory(store.redis, store.keys)
@@ -113,7 +113,7 @@ async def test_a_session_purged_and_imported_again_is_not_decided_on_what_a_proc
 
 async def test_a_rebuild_that_is_not_resuming_its_own_run_starts_partial_generations_over(store):
     """A partial generation left by some earlier killed run (maybe of older projection code) is not trusted."""
-    live = Projector(store, feed=None)  # type: ignore[arg-type]
+    live = Projection(store, feed=None)  # type: ignore[arg-type]
     state = await _session(store, 3)
     await live.catch_up([state.id])
     k = store.keys

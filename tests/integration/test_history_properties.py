@@ -72,9 +72,9 @@ from shared.adapters.redis.feed import RedisFeed
 from shared.adapters.redis.history import RedisHistory
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.store import TIME_TRAVEL, RedisStore
-from shared.app.service import Reply, SessionService
-from services.worker.projector import Projector
-from services.worker.rebuild import READ_BATCH, Rebuilder, Scope
+from shared.app.projection import Projection
+from shared.app.rebuild import READ_BATCH, Rebuilder, Scope
+from shared.app.service import SessionService
 
 KEYS = Keys(4)
 TENANTS = ("acme", "globex")
@@ -265,7 +265,7 @@ class World:
     store: RedisStore
     service: SessionService
     history: RedisHistory
-    live: Projector
+    live: Projection
     sessions: list[tuple[str, str]] = field(default_factory=list)
     """(tenant, session id), in creation order."""
     answers: dict[str, dict[int, Answer]] = field(default_factory=dict)
@@ -276,12 +276,12 @@ class World:
     def on(cls, redis: Redis) -> World:
         store = RedisStore(redis, KEYS)
         service = SessionService(store, store, KEYS.partitions, read_timeout_s=5)
-        live = Projector(RedisStore(redis, KEYS), RedisFeed(redis, KEYS, "live"), block_ms=None)
+        live = Projection(RedisStore(redis, KEYS), RedisFeed(redis, KEYS, "live"))
         return cls(redis, store, service, RedisHistory(redis, KEYS), live)
 
     def rebuilder(self) -> Rebuilder:
         # the rebuild's own catch-up projector, as `parley rebuild` builds one beside the worker's
-        return Rebuilder(self.store, self.history, Projector(self.store, RedisFeed(self.redis, KEYS, "ops"), block_ms=None))
+        return Rebuilder(self.store, self.history, Projection(self.store, RedisFeed(self.redis, KEYS, "ops")))
 
     def add_session(self, tenant: str) -> str:
         sid = self.service.new_session_id(tenant, None)
@@ -326,9 +326,9 @@ class World:
         False: refused, or nothing to append."""
         ended: list[int] = []
 
-        def respond(state: SessionState, events: list[Event]) -> Reply:
+        def respond(state: SessionState, events: list[Event]) -> None:
             ended[:] = [state.version] if events else []
-            return Reply(status=200, body=msgspec.Raw(b"{}"))
+            return None
 
         try:
             await self.service.execute(tenant, sid, command, respond)
@@ -372,8 +372,8 @@ class World:
         return await self.store.read(sid, 0, 100_000)
 
 
-def no_body(_state: SessionState, _events: list[Event]) -> Reply:
-    return Reply(status=200, body=msgspec.Raw(b"{}"))
+def no_body(_state: SessionState, _events: list[Event]) -> None:
+    return None
 
 
 def folded_answer(state: SessionState, events: list[Event]) -> Answer:
@@ -715,7 +715,7 @@ async def test_a_session_purged_while_the_rebuild_reads_ahead_leaves_the_others_
             await asyncio.sleep(0.01)  # the rebuild's own task handles that answer first
 
     rebuilder = Rebuilder(
-        RedisStore(HookedRedis(redis, after_xrange), KEYS), w.history, Projector(w.store, RedisFeed(redis, KEYS, "ops"), block_ms=None)
+        w.store, RedisHistory(HookedRedis(redis, after_xrange), KEYS), Projection(w.store, RedisFeed(redis, KEYS, "ops"))
     )
     write, writes = rebuilder._write, [0]
 

@@ -16,14 +16,15 @@ from shared.domain.state import SessionState, fold
 from shared.adapters.redis.feed import GROUP, RedisFeed
 from shared.adapters.redis.keys import Keys
 from shared.adapters.redis.store import RedisStore
-from shared.app.service import Reply, SessionService
+from shared.app.projection import Projection
+from shared.app.service import SessionService
 from services.worker.projector import Projector
 
 KEYS = Keys(4)
 
 
-def ok(_state, _events) -> Reply:
-    return Reply(status=200, body=b"{}")
+def ok(_state, _events) -> None:
+    return None
 
 
 def wire(redis):
@@ -32,7 +33,8 @@ def wire(redis):
 
 
 def projector(redis, name: str, block: bool) -> Projector:
-    return Projector(RedisStore(redis, KEYS), RedisFeed(redis, KEYS, name), batch=50, block_ms=50 if block else None)
+    feed = RedisFeed(redis, KEYS, name)
+    return Projector(Projection(RedisStore(redis, KEYS), feed), feed, batch=50, block_ms=50 if block else None)
 
 
 async def write(service: SessionService, sessions: int, messages: int) -> list[str]:
@@ -64,9 +66,9 @@ async def test_one_batch_catches_up_and_acknowledges(redis):
     p = projector(redis, "c1", block=False)
     await p.feed.ensure_groups()
     while entries := await p.feed.read(50, None):
-        await p.handle(entries)
+        await p.projection.handle(entries)
     await assert_views_equal_fold(store, ids)
-    assert p.applied == 3 * 6
+    assert p.projection.applied == 3 * 6
     for part in range(KEYS.partitions):
         assert (await redis.xpending(KEYS.feed(part), GROUP))["pending"] == 0
 
@@ -81,10 +83,10 @@ async def test_a_dead_consumers_entries_are_claimed_and_projected_once(redis):
     assert await live.feed.read(100, None) == []
     claimed = await live.feed.claim_stale(0, 100)
     assert sorted(e.entry_id for e in claimed) == sorted(e.entry_id for e in taken)
-    await live.handle(claimed)
-    await live.handle(claimed)  # a second delivery changes nothing
+    await live.projection.handle(claimed)
+    await live.projection.handle(claimed)  # a second delivery changes nothing
     await assert_views_equal_fold(store, ids)
-    assert live.applied == 2 * 4
+    assert live.projection.applied == 2 * 4
 
 
 async def test_trim_drops_only_acknowledged_entries(redis):
@@ -94,12 +96,12 @@ async def test_trim_drops_only_acknowledged_entries(redis):
     await write(service, 4, 2)
     first = await p.feed.read(1, None)  # COUNT is per stream: one entry from each partition
     assert first
-    await p.handle(first)
+    await p.projection.handle(first)
     rest = await p.feed.read(100, None)  # delivered, not acknowledged
     await p.feed.trim()
     remaining = sum([await redis.xlen(KEYS.feed(part)) for part in range(KEYS.partitions)])
     assert remaining == len(rest)
-    await p.handle(rest)
+    await p.projection.handle(rest)
     await p.feed.trim()
     assert sum([await redis.xlen(KEYS.feed(part)) for part in range(KEYS.partitions)]) == 0
 
@@ -138,9 +140,9 @@ def test_projection_in_any_interleaving_equals_the_fold(plan):
         for which, n in plan:
             for _ in range(n):
                 await service.execute("acme", ids[which], AddMessage(body=MessageCreate(role="user", content="x")), ok)
-            await p.handle(await p.feed.read(1 + n, None))
+            await p.projection.handle(await p.feed.read(1 + n, None))
         while entries := await p.feed.read(100, None):
-            await p.handle(entries)
+            await p.projection.handle(entries)
         await assert_views_equal_fold(store, ids)
         await redis.aclose()
 

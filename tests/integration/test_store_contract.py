@@ -16,7 +16,8 @@ from shared.domain.wire import FunctionDef, MessageCreate, SessionCreate, Sessio
 from shared.domain.projection import project
 from shared.domain.state import SessionState, fold
 from shared.app.ports import Appended, Conflict, IdempotencyClaim, IdempotencyMismatch, Missing, Replayed
-from shared.adapters.redis.api_keys import RedisApiKeys, key_id
+from shared.adapters.redis.api_keys import RedisApiKeys
+from shared.domain.ids import key_id
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.store import LOAD_BATCH, RedisStore
 

@@ -16,7 +16,7 @@ from shared.adapters.redis.history import RedisHistory
 from shared.adapters.redis.keys import Keys
 from shared.adapters.redis.store import RedisStore
 from shared.app.service import SessionService
-from services.worker.projector import Projector
+from shared.app.projection import Projection
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "schema1_session.ndjson"
 SID = "01954c00-0000-7000-8000-000000000001"
@@ -71,7 +71,7 @@ async def test_a_schema1_log_in_redis_replays_projects_and_time_travels(store):
     failed = [msgspec.json.decode(i) for i in page.items if b'"ChatFailed"' in i][0]
     assert failed["data"] == {"job_id": FIRST_JOB, "error": {"code": "model_unavailable", "message": "the model server answered 503"}}
 
-    await Projector(store, feed=None).catch_up([SID])  # type: ignore[arg-type]
+    await Projection(store, feed=None).catch_up([SID])  # type: ignore[arg-type]
     view = await store.session("acme", SID)
     assert view.version == 8 and view.body == json_encode(expected.session)
     messages = await store.messages("acme", SID, 10, 0)

@@ -264,32 +264,34 @@ def _stored_message(i: int, role: str, text: str) -> Message:
 
 
 async def test_a_resent_conversation_reads_only_the_messages_stored_since_the_last_call() -> None:
-    from services.api.openai_api import PREFIXES, _stored
+    from shared.app.completions import Completions
 
     convo = [_stored_message(i, "user" if i % 2 == 0 else "assistant", f"t{i}") for i in range(40)]
     service = _CountingService(convo)
+    completions = Completions(service, None, None, "m")  # type: ignore[arg-type]
+    _stored, PREFIXES = completions._stored, completions.prefixes
     keys = [message_key(m) for m in convo]
 
     request = keys[:38] + [("user", "new", None, None, ())]
-    stored, ids = await _stored(service, "t", "sess-prefix", 38, 0, request, chain(request))  # type: ignore[arg-type]
+    stored, ids = await _stored("t", "sess-prefix", 38, 0, request, chain(request))  # type: ignore[arg-type]
     assert stored == keys[:38] and ids[-1] == "id-37" and service.read_count == 38  # cold: the whole conversation
     PREFIXES.put("t", "sess-prefix", 38, chain(request)[38], "id-37", 0)
 
     service.read_count = 0
     request = keys[:40] + [("user", "newer", None, None, ())]
-    stored, ids = await _stored(service, "t", "sess-prefix", 40, 0, request, chain(request))  # type: ignore[arg-type]
+    stored, ids = await _stored("t", "sess-prefix", 40, 0, request, chain(request))  # type: ignore[arg-type]
     assert stored == keys[:40] and service.read_count == 3  # message 38 (to check its id), 39 and 40
 
     service.read_count = 0
     other = [("user", "something else", None, None, ())] + keys[1:40]  # a different history: the digest does not match
-    stored, _ = await _stored(service, "t", "sess-prefix", 40, 0, other, chain(other))  # type: ignore[arg-type]
+    stored, _ = await _stored("t", "sess-prefix", 40, 0, other, chain(other))  # type: ignore[arg-type]
     assert stored == keys[:40] and service.read_count == 40
 
     service.read_count = 0  # an amendment since the prefix was cached: it no longer counts
-    stored, _ = await _stored(service, "t", "sess-prefix", 40, 7, request, chain(request))  # type: ignore[arg-type]
+    stored, _ = await _stored("t", "sess-prefix", 40, 7, request, chain(request))  # type: ignore[arg-type]
     assert stored == keys[:40] and service.read_count == 40
 
     service.read_count = 0
     only_new = [("user", "only new", None, None, ())]
-    stored, _ = await _stored(service, "t", "sess-prefix", stored_to_read(1, 40), 0, only_new, chain(only_new))  # type: ignore[arg-type]
+    stored, _ = await _stored("t", "sess-prefix", stored_to_read(1, 40), 0, only_new, chain(only_new))  # type: ignore[arg-type]
     assert stored == keys[:2] and service.read_count == 2  # a request of one turn reads two stored messages, not 40

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 
 from redis.asyncio import Redis
 
 from shared.adapters.redis.keys import Keys
+from shared.domain.ids import key_hash, key_id
 
-
-def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def key_id(key: str) -> str:
-    return key_hash(key)[:12]
+__all__ = ["RedisApiKeys"]
 
 
 class RedisApiKeys:

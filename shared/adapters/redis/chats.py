@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -18,7 +17,7 @@ from shared.adapters.codec import json_encode, pairs
 from shared.domain.wire import ChatJob
 from shared.app.ports import View
 from shared.adapters.redis import scripts
-from shared.adapters.redis.keys import PREFIX, Keys, partition_of
+from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import Script, run_pipeline
 from shared.adapters.redis.store import ALL_SCRIPTS, READ_VIEW
 
@@ -26,11 +25,6 @@ READ_CHAT = Script(scripts.READ_CHAT)
 CHUNKS = Script(scripts.CHUNKS)
 MARK_RUNNING = Script(scripts.MARK_RUNNING)
 
-QUEUE = f"{PREFIX}:{{arq}}:queue"
-"""arq's queue (a sorted set) for chat jobs."""
-WAKE = f"{PREFIX}:{{arq}}:wake"
-"""A list the API pushes to after enqueueing, so an idle worker starts at once instead of at its next poll."""
-RUN_CHAT = "run_chat"
 
 _JSON_FIELDS = ("created_at", "started_at", "finished_at", "context", "response", "error")
 
@@ -137,13 +131,6 @@ class ChatStore:
         return [(eid.decode(), f[b"k"].decode(), f[b"d"]) for eid, f in entries]
 
 
-def streamed_text(entries: Sequence[tuple[str, str, bytes]]) -> str:
-    """The answer's text as the chunk-stream entries so far carry it."""
-    return "".join(
-        (msgspec.json.decode(d).get("choices") or [{}])[0].get("delta", {}).get("content") or "" for _, kind, d in entries if kind == "chunk"
-    )
-
-
 class ChunkWriter:
     """Appends a job's chunks in order without making the model wait on Redis.
 
@@ -177,23 +164,3 @@ class ChunkWriter:
         """Wait until every chunk put so far is in Redis (raises what a write raised)."""
         if self._task is not None:
             await self._task
-
-
-class ChatQueue:
-    """Enqueues chat jobs on arq. A job id can sit in the queue once; a second enqueue is a no-op.
-
-    arq names its keys `arq:job:<job id>`, `arq:in-progress:<job id>`…; the `{arq}` hash tag in the job id puts
-    them in the queue's Redis Cluster slot, which arq's enqueue transaction needs.
-    """
-
-    def __init__(self, redis: Redis) -> None:
-        self.arq = ArqRedis(connection_pool=redis.connection_pool)
-
-    async def enqueue(self, tenant: str, session_id: str, job_ids: Sequence[str]) -> None:
-        for job_id in job_ids:
-            await self.arq.enqueue_job(RUN_CHAT, tenant, session_id, job_id, _job_id=f"{{arq}}chat:{job_id}", _queue_name=QUEUE)
-        if job_ids:
-            await self.arq.lpush(WAKE, *(b"1" for _ in job_ids))
-            await self.arq.ltrim(WAKE, 0, 999)
-
-

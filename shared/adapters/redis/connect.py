@@ -84,11 +84,6 @@ def _client(url: str, timeout: float, connect_timeout: float, size: int, wait: f
     return Redis.from_pool(pool)  # the client owns (and closes) the pool
 
 
-def pool_exhausted(exc: BaseException) -> bool:
-    """True for redis-py's "no free connection within the pool's wait": the process is overloaded, Redis is fine."""
-    return type(exc).__name__ == "ConnectionError" and str(exc) == "No connection available."
-
-
 async def check_partitions(redis: Redis, partitions: int) -> None:
     """The partition count is fixed at first start; a process configured otherwise refuses to run."""
     await redis.hsetnx(Keys.config, "partitions", partitions)

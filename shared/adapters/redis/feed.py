@@ -14,26 +14,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.adapters.redis.keys import Keys
+from shared.app.ports import FeedEntry
 
 GROUP = "projector"
-
-
-class FeedEntry(tuple):
-    """(partition, entry id, session id)"""
-
-    __slots__ = ()
-
-    @property
-    def partition(self) -> int:
-        return self[0]
-
-    @property
-    def entry_id(self) -> bytes:
-        return self[1]
-
-    @property
-    def session_id(self) -> str:
-        return self[2]
 
 
 class RedisFeed:
@@ -100,6 +83,9 @@ class RedisFeed:
 
     async def heartbeat(self) -> None:
         await self.redis.zadd(self.keys.projectors, {self.consumer: int(time.time() * 1000)})
+
+    async def alive(self, within_ms: int) -> bool:
+        return await projector_alive(self.redis, self.keys, within_ms)
 
     async def forget_consumer(self) -> None:
         for stream in self._streams:

@@ -7,20 +7,19 @@ none of them is on a hot path, so enumeration may walk every partition.
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
 from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 
-from shared.adapters.codec import json_encode
-from shared.domain.events import SessionPurged
+from shared.adapters.codec import decode_event, decode_state, event_json, json_encode
+from shared.app.ports import PurgeConflict
+from shared.domain.state import SessionState
+from shared.domain.events import Event, SessionPurged
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import run_pipeline
 from shared.adapters.redis.store import ALL_SCRIPTS, PURGE, SWITCH
-
-
-class PurgeConflict(Exception):
-    """The session changed between reading it and purging it: read again."""
 
 
 class RedisHistory:
@@ -47,12 +46,58 @@ class RedisHistory:
         v, t, g = await self.redis.hmget(self.keys.head(session_id), "v", "t", "g")
         return int(v or 0), t.decode() if t else None, int(g or 0)
 
+    async def heads(self, session_ids: Sequence[str]) -> list[int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in session_ids:
+            pipe.hget(self.keys.head(sid), "v")
+        return [int(v or 0) for v in await pipe.execute()]
+
     async def view_version(self, session_id: str, gen: int) -> int:
         return int(await self.redis.hget(self.keys.view(session_id, gen), "v") or 0)
 
-    async def log_entries(self, session_id: str, after: int, count: int) -> list[tuple[int, dict[bytes, bytes]]]:
+    async def log_json(self, session_id: str, after: int, count: int) -> list[tuple[int, bytes]]:
         entries = await self.redis.xrange(self.keys.log(session_id), f"{after + 1}-0", "+", count=count)
-        return [(int(eid.split(b"-", 1)[0]), fields) for eid, fields in entries]
+        return [(v, event_json(v, fields)) for v, fields in ((_version(eid), fields) for eid, fields in entries)]
+
+    async def read_logs(self, after: dict[str, int], count: int) -> dict[str, list[Event]]:
+        """Plain pipelined XRANGE (read through a script, the log cost ~3.5 µs an event of Redis's time against
+        0.9 µs), decoding only each event's `data` (rebuild spends most of its time here)."""
+        targets = list(after.items())
+        pipe = self.redis.pipeline(transaction=False)
+        for sid, version in targets:
+            pipe.xrange(self.keys.log(sid), f"{version + 1}-0", "+", count=count)
+        return {
+            sid: [decode_event(_version(eid), fields) for eid, fields in entries]
+            for (sid, _), entries in zip(targets, await pipe.execute())
+        }
+
+    async def generation_states(self, gens: dict[str, int]) -> dict[str, tuple[str, SessionState]]:
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for sid, gen in gens.items():
+            pipe.hget(k.view(sid, gen), "st")
+            pipe.hget(k.head(sid), "t")
+        replies = await pipe.execute()
+        out: dict[str, tuple[str, SessionState]] = {}
+        for sid, raw, tenant in zip(gens, replies[::2], replies[1::2]):
+            if tenant is not None:  # else purged meanwhile
+                out[sid] = (tenant.decode(), decode_state(raw) if raw is not None else SessionState(id=sid))
+        return out
+
+    async def progress(self, scope: str) -> str | None:
+        cursor = await self.redis.hget(self.keys.rebuild(scope), "cursor")
+        if cursor is not None:
+            return cursor.decode()
+        return "" if await self.redis.exists(self.keys.rebuild(scope)) else None
+
+    async def set_progress(self, scope: str, cursor: str | None) -> None:
+        key = self.keys.rebuild(scope)
+        if cursor is None:
+            await self.redis.delete(key)
+        elif cursor == "":
+            await self.redis.hsetnx(key, "started", datetime.now(UTC).isoformat())
+        else:
+            await self.redis.hset(key, "cursor", cursor)
 
     # -- rebuild ---------------------------------------------------------------------------
     async def generations(self, session_ids: Sequence[str]) -> list[int]:
@@ -150,3 +195,7 @@ def _decode_cursor(cursor: str) -> tuple[tuple[int, int], int]:
     return (ms, seq), partition
 
 
+
+
+def _version(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[0])

@@ -7,15 +7,12 @@ head, log and read models, and its partition's feed, counters and tenant index.
 
 from __future__ import annotations
 
-import zlib
+from shared.domain.ids import partition_of
+
 
 PREFIX = "parley"
 USAGE_TTL_S = 40 * 86_400
 """Usage counters (per tenant and day) are kept this long."""
-
-
-def partition_of(session_id: str, partitions: int) -> int:
-    return zlib.crc32(session_id.encode()) % partitions
 
 
 class Keys:

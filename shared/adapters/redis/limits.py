@@ -18,6 +18,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from shared.config import Settings
+from shared.app.ports import Admission, Slot
 from shared.domain.wire import TenantLimits, UsageDay
 from shared.adapters.redis import scripts
 from shared.adapters.redis.keys import PREFIX, USAGE_TTL_S, Keys
@@ -28,22 +29,6 @@ __all__ = ["Admission", "RedisLimits", "Slot", "tenant_defaults", "today"]
 ADMIT = Script(scripts.ADMIT)
 TAKE_SLOT = Script(scripts.TAKE_SLOT)
 FIELDS = ("rps", "burst", "concurrent_chats", "chat_tokens_per_day", "streams")
-
-
-class Admission(msgspec.Struct, frozen=True, array_like=True):
-    admitted: bool
-    burst: int
-    """0: the tenant has no rate limit."""
-    remaining: int
-    wait_ms: int
-    """Admitted: until the burst is whole again; refused: until a request is admitted again."""
-    rps: float = 0
-
-
-class Slot(msgspec.Struct, frozen=True):
-    taken: bool
-    limit: int
-    held: int
 
 
 def tenant_defaults(settings: Settings) -> TenantLimits:

@@ -240,11 +240,6 @@ class RedisStore:
             out.append(Pending(tenant=tenant, state=state, events=events, head=head))
         return out
 
-    @staticmethod
-    def check_encodable(update: ReadModelUpdate) -> None:
-        """Raise if the update cannot be stored (so one bad session cannot fail a whole batch)."""
-        encode_state(update.state)
-
     async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]], gen: int | None = None) -> list[bool]:
         """`gen`: write a rebuild's generation (its views only: the index, counters and chat jobs stay live)."""
         k = self.keys

@@ -10,23 +10,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
-from shared.adapters.codec import json_encode
 from shared.domain.commands import AddSummary, CompleteChat, FailChat, RecordContext
-from shared.domain.context import ContextMessage, ContextPlan, Summary, TokenBudgetExceeded, plan_context, to_openai
+from shared.domain.context import ContextMessage, ContextPlan, Summary, TokenBudgetExceeded, TokenCounter, plan_context, to_openai
 from shared.domain.errors import DomainError
 from shared.domain.events import ChatRequested
 from shared.domain.wire import AssistantMessage, ChatChoice, ChatResponse, ContextReport, Message, Tool, Usage
 from shared.domain.state import SessionState
-from shared.adapters.llm import Completion, Delta, ModelError, ModelProvider, ModelRequest
-from shared.adapters.redis.chats import ChatStore, streamed_text
-from shared.adapters.redis.store import RedisStore
-from shared.app.service import Reply, SessionService
-from shared.adapters.tokenizer import Tokenizer
+from shared.app.ports import ChatJobs, Completion, Delta, ModelError, ModelProvider, ModelRequest
+from shared.app.service import SessionService
+from shared.app.chats import streamed_text
 
 log = logging.getLogger("parley.chat")
 
@@ -35,6 +33,7 @@ SUMMARY_INSTRUCTION = (
     "and open questions. Write plain sentences, no preamble."
 )
 CANCEL_CHECK_S = 0.1
+_encode = msgspec.json.Encoder().encode
 _message_decoder = msgspec.json.Decoder(Message)
 
 
@@ -42,16 +41,20 @@ class Cancelled(Exception):
     pass
 
 
-def _noop(*_: Any) -> Reply:
-    return Reply(status=200, body=msgspec.Raw(b"{}"))
-
-
 class ChatRunner:
-    def __init__(self, service: SessionService, store: RedisStore, chats: ChatStore, provider: ModelProvider, summary_reserve: int = 256) -> None:
+    def __init__(
+        self,
+        service: SessionService,
+        chats: ChatJobs,
+        provider: ModelProvider,
+        counter_for: Callable[[str], TokenCounter],
+        summary_reserve: int = 256,
+    ) -> None:
+        """`counter_for(model)`: the token counter of a model (its tokenizer)."""
         self.service = service
-        self.store = store
         self.chats = chats
         self.provider = provider
+        self.counter_for = counter_for
         self.summary_reserve = summary_reserve
 
     async def run(self, tenant: str, session_id: str, job_id: str) -> str:
@@ -65,7 +68,7 @@ class ChatRunner:
             return "waiting"  # the projector enqueues it again when the chats before it end
         if not await self.chats.mark_running(session_id, job_id):
             return "ended"
-        [requested] = await self.store.read(session_id, after=active.requested_at - 1, limit=1)
+        [requested] = await self.service.log.read(session_id, after=active.requested_at - 1, limit=1)
         assert isinstance(requested, ChatRequested)
         try:
             plan, tools = await self._context(tenant, session_id, state, requested)
@@ -77,7 +80,7 @@ class ChatRunner:
         except Cancelled:
             await self._ensure_terminal(tenant, session_id, job_id)  # if whoever cancelled could not say so
             return "cancelled"
-        usage = completion.usage or _count_usage(plan, completion)
+        usage = completion.usage or _count_usage(plan, completion, self.counter_for(completion.model))
         response = ChatResponse(
             id=job_id,
             session_id=session_id,
@@ -88,7 +91,7 @@ class ChatRunner:
         )
         appended = await self._record(tenant, session_id, CompleteChat(job_id=job_id, response=response, save=requested.data.params.save))
         if appended:
-            await self.chats.emit(session_id, job_id, "done", json_encode(response))
+            await self.chats.emit(session_id, job_id, "done", _encode(response))
         else:
             await self._ensure_terminal(tenant, session_id, job_id)
         return "succeeded"
@@ -98,13 +101,13 @@ class ChatRunner:
         d = requested.data
         assert state.session is not None
         session = state.session
-        counter = Tokenizer.for_model(d.params.model)
+        counter = self.counter_for(d.params.model)
         # The conversation as it stands now (a queued chat sees the answers of the chats before it), less the
         # messages of chats requested after this one.
         later: set[str] = set()
         mine = [i for i, c in enumerate(state.active_chats) if c.job_id == d.job_id][0]
         for c in state.active_chats[mine + 1 :]:
-            [other] = await self.store.read(session_id, after=c.requested_at - 1, limit=1)
+            [other] = await self.service.log.read(session_id, after=c.requested_at - 1, limit=1)
             if isinstance(other, ChatRequested):
                 later.update(other.data.message_ids)
         stored = [m for m in await self._history(tenant, session_id, state.message_count) if m.id not in later]
@@ -116,7 +119,7 @@ class ChatRunner:
             for m in d.unsaved
         ]
         tools = _tools(session.tools, d.params.tools)
-        tools_json = json_encode(tools) if tools else None
+        tools_json = _encode(tools) if tools else None
         summary = state.summary
 
         def plan(summary: Summary | None) -> ContextPlan:
@@ -151,7 +154,7 @@ class ChatRunner:
         offset = 0
         while offset < up_to_seq:
             limit = min(1000, up_to_seq - offset)
-            view = await self.service.read(session_id, lambda o=offset, n=limit: self.store.messages(tenant, session_id, n, o))
+            view = await self.service.read(session_id, lambda o=offset, n=limit: self.service.views.messages(tenant, session_id, n, o))
             page = [_message_decoder.decode(raw) for raw in view.items or []]
             if not page:
                 break
@@ -204,7 +207,7 @@ class ChatRunner:
                     next_check = time.monotonic() + CANCEL_CHECK_S
                 if isinstance(item, Completion):
                     finish = {"id": job_id, "choices": [{"index": 0, "delta": {}, "finish_reason": item.finish_reason}]}
-                    writer.put(json_encode(finish))
+                    writer.put(_encode(finish))
                     await writer.drain()
                     return item
                 delta = item
@@ -214,7 +217,7 @@ class ChatRunner:
                         continue
                     if len(before) < len(sent) and produced.startswith(sent):
                         delta = Delta(content=produced[len(sent):])
-                writer.put(json_encode({"id": job_id, "choices": [{"index": 0, "delta": msgspec.to_builtins(delta), "finish_reason": None}]}))
+                writer.put(_encode({"id": job_id, "choices": [{"index": 0, "delta": msgspec.to_builtins(delta), "finish_reason": None}]}))
         await writer.drain()
         raise ModelError("model_error", "the model's stream ended without an answer")
 
@@ -223,9 +226,8 @@ class ChatRunner:
         """Append what the job decided; False when the job had already ended (a repeat run)."""
         appended: list[bool] = []
 
-        def respond(_: SessionState, events: list) -> Reply:
+        def respond(_: SessionState, events: list) -> None:
             appended.append(bool(events))
-            return _noop()
 
         try:
             await self.service.execute(tenant, session_id, command, respond)
@@ -237,7 +239,7 @@ class ChatRunner:
     async def fail(self, tenant: str, session_id: str, job_id: str, code: str, message: str) -> None:
         """End the job as failed (if it is still active) and tell whoever waits on its stream."""
         if await self._record(tenant, session_id, FailChat(job_id=job_id, code=code, message=message)):
-            await self.chats.emit(session_id, job_id, "error", json_encode({"code": code, "message": message}))
+            await self.chats.emit(session_id, job_id, "error", _encode({"code": code, "message": message}))
 
     async def _ensure_terminal(self, tenant: str, session_id: str, job_id: str) -> None:
         """A run that finds its job ended makes sure the chunk stream says how (an earlier run may have died first)."""
@@ -250,14 +252,13 @@ class ChatRunner:
             return
         job = msgspec.json.decode(view.body or b"{}")
         if job.get("response"):
-            await self.chats.emit(session_id, job_id, "done", json_encode(job["response"]))
+            await self.chats.emit(session_id, job_id, "done", _encode(job["response"]))
         elif job.get("error"):
-            await self.chats.emit(session_id, job_id, "error", json_encode(job["error"]))
+            await self.chats.emit(session_id, job_id, "error", _encode(job["error"]))
 
 
-def _count_usage(plan: ContextPlan, completion: Completion) -> Usage:
+def _count_usage(plan: ContextPlan, completion: Completion, counter: TokenCounter) -> Usage:
     """Usage by our own count (the plan's prompt, the answer's text and calls), for providers that report none."""
-    counter = Tokenizer.for_model(completion.model)
     calls = "".join(c.function.name + c.function.arguments for c in completion.tool_calls or ())
     out = counter.count(completion.content or "") + (counter.count(calls) if calls else 0)
     return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=out, total_tokens=plan.prompt_tokens + out)

@@ -1,0 +1,136 @@
+"""The chat queue on arq: enqueueing a job (the `ChatQueue` port) and the worker loop that runs jobs.
+
+arq gives each job a lease (its in-progress key) that the running job heart-beats; a worker that dies stops
+beating and another worker runs the job after `claim_s`. The answer is decided on the session's log (only an
+active job completes, with ids derived from its own), so a job run twice answers once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
+from arq.worker import Retry, Worker, func
+from redis.asyncio import Redis
+
+from shared.adapters.redis.keys import PREFIX
+from shared.supervise import TRANSIENT
+
+__all__ = ["MAX_TRIES", "QUEUE", "RUN_CHAT", "WAKE", "ArqChatWorker", "ChatQueue", "chat_worker"]
+
+log = logging.getLogger("parley.worker")
+
+QUEUE = f"{PREFIX}:{{arq}}:queue"
+"""arq's queue (a sorted set) for chat jobs."""
+WAKE = f"{PREFIX}:{{arq}}:wake"
+"""A list the API pushes to after enqueueing, so an idle worker starts at once instead of at its next poll."""
+RUN_CHAT = "run_chat"
+MAX_TRIES = 5
+"""Attempts of a chat job that raised an unexpected error before it is failed with `internal_error`."""
+
+
+class ChatQueue:
+    """Enqueues chat jobs on arq. A job id can sit in the queue once; a second enqueue is a no-op.
+
+    arq names its keys `arq:job:<job id>`, `arq:in-progress:<job id>`…; the `{arq}` hash tag in the job id puts
+    them in the queue's Redis Cluster slot, which arq's enqueue transaction needs.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self.arq = ArqRedis(connection_pool=redis.connection_pool)
+
+    async def enqueue(self, tenant: str, session_id: str, job_ids: Sequence[str]) -> None:
+        for job_id in job_ids:
+            await self.arq.enqueue_job(RUN_CHAT, tenant, session_id, job_id, _job_id=f"{{arq}}chat:{job_id}", _queue_name=QUEUE)
+        if job_ids:
+            await self.arq.lpush(WAKE, *(b"1" for _ in job_ids))
+            await self.arq.ltrim(WAKE, 0, 999)
+
+
+class ArqChatWorker(Worker):
+    """arq's worker, driven by Parley's supervisor instead of `Worker.main`, and woken by the API's push to WAKE
+    instead of waiting out its poll delay.
+
+    `poll` and `listen` are two supervised parts (`shared.supervise`): a store error ends them and the supervisor
+    runs them again. It also skips arq's start-up INFO call, which fakeredis does not implement.
+    """
+
+    def __init__(self, *args: Any, claim_s: float = 5.0, wake: Redis | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_progress_timeout_s = claim_s  # kept alive by the job's heartbeat while it runs
+        self.wake_client = wake
+        """A client for the blocking wake-up read (None: poll only, for fakeredis)."""
+        self._wake = asyncio.Event()
+
+    async def poll(self, stop: asyncio.Event) -> None:
+        self.ctx["redis"] = self.pool
+        while not stop.is_set():
+            self._wake.clear()
+            await self._poll_iteration()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        assert self.wake_client is not None
+        while not stop.is_set():
+            if await self.wake_client.blpop([WAKE], timeout=1):
+                self._wake.set()
+
+    async def main(self) -> None:  # arq's entry point; Parley runs `poll` and `listen` under its supervisor
+        raise NotImplementedError("run ParleyWorker.poll / listen under a Supervisor")
+
+
+RunChat = Callable[[str, str, str], Awaitable[str]]
+FailChat = Callable[[str, str, str, str, str], Awaitable[None]]
+
+
+def chat_worker(
+    redis: Redis, blocking: Redis | None, run: RunChat, fail: FailChat, *, claim_s: float, max_jobs: int, job_timeout_s: float,
+    poll_delay_s: float,
+) -> ArqChatWorker:
+    """The worker loop: `run(tenant, session, job)` each job arq hands out, heart-beating its lease; a job that
+    raises is retried with backoff, then `fail(tenant, session, job, code, message)`ed, never left running.
+    `blocking`: the client of the wake-up listener (None: no listener, the poll alone finds work)."""
+    claim_ms = int(claim_s * 1000)
+
+    async def run_chat(ctx: dict[str, Any], tenant: str, session_id: str, job_id: str) -> str:
+        key = in_progress_key_prefix + ctx["job_id"]
+
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(claim_s / 4)
+                try:
+                    await ctx["redis"].pexpire(key, claim_ms)
+                except TRANSIENT as e:  # a missed beat or two is fine; the lease outlives four of them
+                    log.warning("chat %s: heartbeat failed (%s); retrying", job_id, e)
+
+        beat = asyncio.create_task(heartbeat())
+        try:
+            return await run(tenant, session_id, job_id)
+        except Exception as e:  # noqa: BLE001 - a job must end as succeeded, failed or cancelled, never stuck running
+            if ctx.get("job_try", 1) < MAX_TRIES:
+                log.warning("chat %s attempt %s failed (%r); retrying", job_id, ctx.get("job_try"), e)
+                raise Retry(defer=min(2 ** ctx.get("job_try", 1) * 0.25, 10)) from e
+            log.exception("chat %s failed for good", job_id)
+            await fail(tenant, session_id, job_id, "internal_error", "the chat failed inside Parley; see the worker's log")
+            return "failed: internal_error"
+        finally:
+            beat.cancel()
+
+    return ArqChatWorker(
+        functions=[func(run_chat, name=RUN_CHAT, keep_result=0, max_tries=MAX_TRIES + 10)],  # + crashes
+        queue_name=QUEUE,
+        redis_pool=ArqRedis(connection_pool=redis.connection_pool),
+        handle_signals=False,
+        max_jobs=max_jobs,
+        job_timeout=job_timeout_s,
+        keep_result=0,
+        poll_delay=poll_delay_s,
+        claim_s=claim_s,
+        wake=blocking,
+    )

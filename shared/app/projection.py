@@ -1,0 +1,94 @@
+"""Projection as a use case: bring sessions' read models up to their logs' heads.
+
+The projector's loop (`services/worker/projector.py`) runs it for the sessions its feed names; a read that waited too
+long runs it for the one session it reads (`SessionService._fresh`); `parley rebuild` runs it on the live generation
+before each switch. All three share this code, so they agree by construction, and APPLY's version check lets them
+race harmlessly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+from shared.app.ports import ChatQueue, Feed, FeedEntry, Limits, ReadModels
+from shared.domain.projection import ReadModelUpdate, project
+from shared.supervise import is_transient
+
+__all__ = ["Projection"]
+
+log = logging.getLogger("parley.projector")
+
+
+class Projection:
+    def __init__(self, views: ReadModels, feed: Feed, queue: ChatQueue | None = None, limits: Limits | None = None) -> None:
+        """`queue`: queue a session's next chat when chat events are projected; `limits`: give back the
+        concurrent-chat slots of chats that ended."""
+        self.views = views
+        self.feed = feed
+        self.queue = queue
+        self.limits = limits
+        self.applied = 0
+
+    async def handle(self, entries: Sequence[FeedEntry]) -> None:
+        """Project the sessions these feed entries name, then acknowledge the entries."""
+        if not entries:
+            return
+        await self.catch_up({e.session_id for e in entries})
+        await self.feed.ack(entries)
+
+    async def catch_up_partitions(self, partitions: Iterable[int]) -> None:
+        """Bring every session a partition's feed still names up to its head (a reader's help)."""
+        for p in partitions:
+            await self.catch_up(await self.feed.backlog(p))
+
+    async def catch_up(self, session_ids: Iterable[str]) -> None:
+        """Bring each session's read model to its log's head."""
+        todo = sorted(set(session_ids))
+        while todo:
+            pending = await self.views.pending(todo)
+            updates, heads = [], []
+            for p in pending:
+                if p is not None and p.events:
+                    try:
+                        updates.append((p.tenant, project(p.state, p.events)))
+                    except Exception:  # noqa: BLE001 - one bad session must not stop the others
+                        log.exception("cannot project session %s; it stays behind until fixed", p.state.id)
+                        continue
+                    heads.append(p.head)
+            results = await self._apply(updates)
+            todo = []
+            for (tenant, u), head, ok in zip(updates, heads, results):
+                if ok:
+                    self.applied += u.event_count
+                    await self._after(tenant, u)
+                if ok is False or (ok and u.to_version < head):
+                    todo.append(u.session_id)
+
+    async def _apply(self, updates: list[tuple[str, ReadModelUpdate]]) -> list[bool | None]:
+        """Apply them together; if that fails for a reason other than the store's, one by one, so one session the
+        store refuses (None: skipped, logged) does not stop the others."""
+        try:
+            return list(await self.views.apply(updates))
+        except Exception as e:
+            if is_transient(e):
+                raise
+        out: list[bool | None] = []
+        for update in updates:
+            try:
+                out += await self.views.apply([update])
+            except Exception as e:
+                if is_transient(e):
+                    raise
+                log.exception("cannot store session %s's read models; it stays behind until fixed", update[1].session_id)
+                out.append(None)
+        return out
+
+    async def _after(self, tenant: str, u: ReadModelUpdate) -> None:
+        """The chat hooks: the session's next chat is queued when one was requested or ended; ended chats give
+        their concurrent-chat slots back."""
+        if self.queue is not None and u.state.active_chats and any(j.status is not None for j in u.jobs):
+            await self.queue.enqueue(tenant, u.session_id, [u.state.active_chats[0].job_id])
+        ended = [j.job_id for j in u.jobs if j.ended]
+        if ended and self.limits is not None:
+            await self.limits.give(tenant, "chats", *ended)

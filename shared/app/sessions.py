@@ -1,0 +1,225 @@
+"""The session use cases: create, read, change, delete (or purge) a session; its messages and tools; its event log;
+and the stream tokens a browser follows it with.
+
+Writes decide on the session's state and append (`SessionService.execute`), answering domain results the API
+encodes; reads answer the read models' pre-encoded JSON, fresh as of the read's start (read-your-writes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+
+import msgspec
+
+from shared.app.history import History
+from shared.app.follow import follow
+from shared.app.ports import EventLog, ReadModels, Wakeups
+from shared.app.service import Idempotency, SessionService
+from shared.domain.commands import AddMessage, CreateSession, DeleteSession, EditMessage, RemoveMessage, UpdateSession
+from shared.domain.errors import NotFound
+from shared.domain.events import Event, MessageAdded, MessageEdited, MessageRemoved
+from shared.domain.state import SessionState
+from shared.domain.stream_tokens import StreamGrant, sign
+from shared.domain.wire import Content, Message, MessageCreate, Session, SessionCreate, SessionDeletion, SessionPatch, StreamToken, ToolList
+from shared.domain.wire import MessagePatch
+
+__all__ = ["EventsPage", "Sessions"]
+
+_encode = msgspec.json.Encoder().encode
+_message = msgspec.json.Decoder(Message)
+
+
+class EventsPage(msgspec.Struct, frozen=True):
+    """A page of the log as wire JSON, oldest first; `next`: the `after` of the next page (None: the last)."""
+
+    items: list[bytes]
+    next: int | None
+
+
+class Sessions:
+    def __init__(self, service: SessionService, history: History, wakeups: Wakeups, stream_secret: bytes, stream_token_ttl_s: int) -> None:
+        self.service = service
+        self.history = history
+        self.wakeups = wakeups
+        self.stream_secret = stream_secret
+        self.stream_token_ttl_s = stream_token_ttl_s
+
+    @property
+    def log(self) -> EventLog:
+        return self.service.log
+
+    @property
+    def views(self) -> ReadModels:
+        return self.service.views
+
+    # -- sessions -------------------------------------------------------------------------------
+    async def list(self, tenant: str, limit: int, offset: int) -> list[bytes]:
+        """The tenant's sessions, newest first (JSON)."""
+        return await self.service.read_sessions(tenant, limit, offset)
+
+    async def create(self, tenant: str, body: SessionCreate, idem: Idempotency | None = None) -> tuple[Session, int]:
+        """(the new session, its version)."""
+        sid = self.service.new_session_id(tenant, idem)
+        return await self.service.execute(tenant, sid, CreateSession(body=body), _session, idem, tuple[Session, int])
+
+    async def get(self, tenant: str, sid: str, version: int | None = None) -> tuple[bytes, int]:
+        """(the session's JSON, its version); at `version`: as it was right after that event."""
+        if version is not None:
+            state = await self.service.at_version(tenant, sid, version)
+            return _encode(state.session), version
+        view = await self.service.read(sid, lambda: self.views.session(tenant, sid))
+        assert view.body is not None
+        return view.body, view.version
+
+    async def update(
+        self, tenant: str, sid: str, patch: SessionPatch, expected: int | None, idem: Idempotency | None = None
+    ) -> tuple[Session, int]:
+        """(the session as changed, its version)."""
+        command = UpdateSession(patch=patch, expected_version=expected)
+        return await self.service.execute(tenant, sid, command, _session, idem, tuple[Session, int])
+
+    async def delete(
+        self, tenant: str, sid: str, expected: int | None, idem: Idempotency | None = None, purge: bool = False
+    ) -> SessionDeletion:
+        """Delete: the session leaves the read models, the log keeps `SessionDeleted`. `purge`: erase the log and
+        everything derived from it too (a deleted session's as well), leaving a tombstone in the audit stream."""
+        if purge:
+            deleted_at = await self.history.purge(tenant, sid, expected)
+            return SessionDeletion(id=sid, deleted_at=deleted_at, purged=True)
+
+        def deletion(_: SessionState, events: list[Event]) -> SessionDeletion:
+            return SessionDeletion(id=sid, deleted_at=events[0].occurred_at)
+
+        before = await self.log.load(tenant, sid)
+        done = await self.service.execute(tenant, sid, DeleteSession(expected_version=expected), deletion, idem, SessionDeletion)
+        if before is not None:
+            await self.history.end_chats(before)
+        return done
+
+    async def tools(self, tenant: str, sid: str, version: int | None = None) -> bytes:
+        if version is not None:
+            state = await self.service.at_version(tenant, sid, version)
+            assert state.session is not None
+            return _encode(ToolList(state.session.tools))
+        view = await self.service.read(sid, lambda: self.views.tools(tenant, sid))
+        assert view.body is not None
+        return view.body
+
+    # -- messages -----------------------------------------------------------------------------
+    async def add_message(self, tenant: str, sid: str, body: MessageCreate, idem: Idempotency | None = None) -> Message:
+        return await self.service.execute(tenant, sid, AddMessage(body=body), _added, idem, Message)
+
+    async def messages(self, tenant: str, sid: str, limit: int, offset: int, version: int | None = None) -> list[bytes]:
+        """The conversation (JSON), oldest first, each message as it is now; at `version`: as it was then."""
+        if version is not None:
+            count = (await self.service.at_version(tenant, sid, version)).message_count
+            view = await self.service.read_past(sid, lambda: self.views.messages(tenant, sid, limit, offset, count, version), version)
+        else:
+            view = await self.service.read(sid, lambda: self.views.messages(tenant, sid, limit, offset))
+        return view.items or []
+
+    async def message(self, tenant: str, sid: str, message_id: str) -> Message:
+        """One message as it is now (not a removed one)."""
+        offset = 0
+        while True:  # pages of the conversation: a message is found by its id, never across sessions
+            page = await self.messages(tenant, sid, 1000, offset)
+            for raw in page:
+                m = _message.decode(raw)
+                if m.id == message_id:
+                    return m
+            if len(page) < 1000:
+                raise NotFound(f"message {message_id} not found")
+            offset += 1000
+
+    async def edit_message(self, tenant: str, sid: str, message_id: str, patch: MessagePatch, idem: Idempotency | None = None) -> Message:
+        current = await self.message(tenant, sid, message_id)
+        content: Content | None = current.content if patch.content is msgspec.UNSET else patch.content
+        command = EditMessage(message=current, content=content, name=patch.name)
+        return await self.service.execute(tenant, sid, command, _edited, idem, Message)
+
+    async def remove_message(self, tenant: str, sid: str, message_id: str, idem: Idempotency | None = None) -> Message:
+        current = await self.message(tenant, sid, message_id)
+
+        def removed(_: SessionState, events: list[Event]) -> Message:
+            assert isinstance(events[0], MessageRemoved)
+            return current
+
+        return await self.service.execute(tenant, sid, RemoveMessage(message=current), removed, idem, Message)
+
+    # -- the log --------------------------------------------------------------------------------
+    async def events(self, tenant: str, sid: str, after: int, limit: int) -> EventsPage:
+        """Up to `limit` events after version `after`, straight from the log (always fresh)."""
+        view = await self.log.events(tenant, sid, after, limit)
+        if view.head == 0:
+            raise NotFound(f"session {sid} not found")
+        items = view.items or []
+        last = after + len(items)
+        return EventsPage(items, last if items and last < view.head else None)
+
+    async def seen_to_the_end(self, tenant: str, sid: str, after: int) -> bool:
+        """Whether a reader who saw the log up to version `after` saw all there will ever be: the session's last
+        event, `SessionDeleted`. NotFound for no such session (or a purged one)."""
+        view = await self.log.events(tenant, sid, after, 1)
+        if view.head == 0:
+            raise NotFound(f"session {sid} not found")
+        if after < view.head:
+            return False
+        last = (await self.log.events(tenant, sid, view.head - 1, 1)).items or []
+        return bool(last) and last[0].startswith(b'{"type":"SessionDeleted"')
+
+    def follow_events(self, tenant: str, sid: str, after: int, keepalive_s: float, batch: int = 500) -> AsyncIterator[Sequence[bytes]]:
+        """The log after `after`, batch by batch as it grows (an empty batch: quiet for `keepalive_s`). Ends when
+        the session is purged."""
+        cursor = after
+
+        async def fetch() -> list[bytes]:
+            nonlocal cursor
+            view = await self.log.events(tenant, sid, cursor, batch)
+            if view.head == 0:
+                raise _Purged()
+            items = view.items or []
+            cursor += len(items)
+            return items
+
+        return _until_purged(follow(self.wakeups, sid, sid, fetch, keepalive_s))
+
+    # -- stream tokens -------------------------------------------------------------------------
+    async def stream_token(self, tenant: str, sid: str, ttl_s: int | None) -> StreamToken:
+        """A short-lived, read-only token for this session's event streams (a browser's EventSource)."""
+        if not self.stream_secret:
+            raise RuntimeError("this process was not started to serve the API: it holds no stream token key")
+        await self.service.read(sid, lambda: self.views.session(tenant, sid))  # NotFound for other tenants' too
+        expires = int(time.time()) + (ttl_s or self.stream_token_ttl_s)
+        token = sign(self.stream_secret, StreamGrant(tenant, sid, expires))
+        return StreamToken(token=token, session_id=sid, expires_at=datetime.fromtimestamp(expires, UTC))
+
+
+class _Purged(Exception):
+    """The session's log is gone: its stream ends."""
+
+
+async def _until_purged(batches: AsyncIterator[Sequence[bytes]]) -> AsyncIterator[Sequence[bytes]]:
+    try:
+        async for batch in batches:
+            yield batch
+    except _Purged:
+        return
+
+
+def _session(state: SessionState, _: list[Event]) -> tuple[Session, int]:
+    assert state.session is not None
+    return state.session, state.version
+
+
+def _added(_: SessionState, events: list[Event]) -> Message:
+    event = events[0]
+    assert isinstance(event, MessageAdded)
+    return event.data
+
+
+def _edited(_: SessionState, events: list[Event]) -> Message:
+    event = events[0]
+    assert isinstance(event, MessageEdited)
+    return event.data

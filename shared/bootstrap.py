@@ -1,0 +1,247 @@
+"""The one composition root: settings → adapters → use cases.
+
+The API, the worker and the `parley` command all call `start`, so they are wired the same way, with the same
+timeouts and caches; nothing else in `services/` imports an adapter. `Parley` is what they get: the ports and the use
+cases, typed, and the supervisor their long-running parts run under.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from shared.adapters.llm.offline import OfflineModel
+from shared.adapters.redis.api_keys import RedisApiKeys
+from shared.adapters.redis.chats import ChatStore
+from shared.adapters.redis.connect import Deadlines, check_partitions, connect, connect_blocking
+from shared.adapters.redis.feed import RedisFeed
+from shared.adapters.redis.history import RedisHistory
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.limits import RedisLimits, tenant_defaults
+from shared.adapters.redis.notify import Notifier
+from shared.adapters.redis.queue import ArqChatWorker, ChatQueue, chat_worker
+from shared.adapters.redis.store import RedisStore
+from shared.adapters.tokenizer import Tokenizer
+from shared.app.chat_run import ChatRunner
+from shared.app.chats import Chats
+from shared.app.completions import Completions
+from shared.app.history import History
+from shared.app.ports import ApiKeys, ChatJobs, EventLog, Feed, Limits, LogAdmin, ModelProvider, ReadModels, Wakeups
+from shared.app.projection import Projection
+from shared.app.rebuild import Rebuilder
+from shared.app.service import SessionService
+from shared.app.sessions import Sessions
+from shared.app.tenancy import Tenancy
+from shared.config import Settings
+from shared.domain.commands import Limits as ContentLimits
+from shared.supervise import Supervisor, until_available
+
+__all__ = ["Parley", "dev_store_url", "embedded_store", "make_provider", "start"]
+
+log = logging.getLogger("parley")
+
+
+@dataclass
+class Parley:
+    """Everything a process needs, wired once."""
+
+    settings: Settings
+    supervisor: Supervisor
+    # ports
+    log: EventLog
+    views: ReadModels
+    jobs: ChatJobs
+    queue: ChatQueue
+    feed: Feed
+    wakeups: Wakeups
+    admin: LogAdmin
+    api_keys: ApiKeys
+    limits: Limits
+    # use cases
+    service: SessionService
+    sessions: Sessions
+    chats: Chats
+    completions: Completions
+    history: History
+    projection: Projection
+    tenancy: Tenancy
+    stream_secret: bytes
+    ping: Callable[[], Awaitable[Any]]
+    """Asks the store whether it answers (readiness)."""
+    make_feed: Callable[[str], Feed]
+    """A feed consumer of the given name, reading with the blocking client."""
+    make_chat_worker: Callable[[ChatRunner], ArqChatWorker]
+    """The queue's worker loop around a chat runner."""
+    fake: bool = False
+    """The store is fakeredis in memory (`parley dev` without a redis-server): blocking reads are polled."""
+    _closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
+
+    def projector_feed(self, consumer: str | None = None) -> Feed:
+        """A feed consumer of this process's own (the projector loop reads the feeds through it)."""
+        return self.make_feed(consumer or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+
+    def chat_runner(self, provider: ModelProvider | None = None) -> ChatRunner:
+        """The chat job's run (a worker's), on the deployment's model unless `provider` is given."""
+        return ChatRunner(self.service, self.jobs, provider or make_provider(self.settings), _counter_for)
+
+    def rebuilder(self, on_events: Callable[[int], None] = lambda n: None) -> Rebuilder:
+        return Rebuilder(self.views, self.admin, self.projection, on_events)
+
+    async def close(self) -> None:
+        await self.supervisor.stop_all()
+        for close in reversed(self._closers):
+            await close()
+
+
+def make_provider(settings: Settings) -> ModelProvider:
+    if settings.model_base_url:
+        from shared.adapters.llm.openai_compat import OpenAICompatible
+
+        return OpenAICompatible(settings.model_base_url, settings.model_api_key, settings.model, settings.model_max_retries, settings.model_timeout_s)
+    return OfflineModel()
+
+
+def _counter_for(model: str) -> Tokenizer:
+    return Tokenizer.for_model(model)
+
+
+async def start(
+    settings: Settings,
+    redis: Redis | None = None,
+    supervisor: Supervisor | None = None,
+    timeout_s: float | None = None,
+    wait_for_store: bool = True,
+    serves_api: bool = False,
+) -> Parley:
+    """Connect to `REDIS_URL` (or use `redis`: fakeredis in `parley dev`) and wire everything.
+
+    `timeout_s`: the deadline of every store command (`parley` operations run long scripts); `wait_for_store`:
+    wait (with backoff) while the store is unreachable or loading, instead of failing; `serves_api`: this process
+    answers HTTP, so it needs the stream tokens' key (made at the deployment's first start; other processes write
+    nothing until asked to)."""
+    fake = redis is not None and type(redis).__module__.startswith("fakeredis")
+    deadlines = Deadlines.of(settings)
+    if timeout_s is not None:
+        deadlines = Deadlines(timeout_s=timeout_s, connect_timeout_s=deadlines.connect_timeout_s, pool_size=deadlines.pool_size, pool_wait_s=deadlines.pool_wait_s)
+    if redis is None:
+        if not settings.redis_url:
+            raise RuntimeError("REDIS_URL is not set")
+        client, blocking = connect(settings.redis_url, deadlines), connect_blocking(settings.redis_url, deadlines)
+        closers: list[Callable[[], Awaitable[Any]]] = [client.aclose, blocking.aclose]
+    else:
+        client = blocking = redis
+        closers = []
+    if wait_for_store:
+        await until_available(lambda: check_partitions(client, settings.partitions), "the store")
+    else:
+        await check_partitions(client, settings.partitions)
+    supervisor = supervisor or Supervisor()
+    keys = Keys(settings.partitions)
+    store = RedisStore(client, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
+    jobs = ChatStore(client, keys, settings.chat_retention_s)
+    queue = ChatQueue(client)
+    limits = RedisLimits(client, keys, tenant_defaults(settings))
+    admin = RedisHistory(client, keys)
+    wakeups = Notifier(blocking, keys, supervisor, poll_s=0.01 if fake else None)
+    projection = Projection(store, RedisFeed(client, keys, "assist"), queue, limits)
+    service = SessionService(
+        store, store, settings.partitions, ContentLimits(max_content_chars=settings.max_content_chars), settings.read_timeout_s,
+        settings.state_cache_size, projection=projection, read_assist_s=settings.read_assist_s,
+    )
+    await store.load_scripts()  # once per process: pipelines then run them by hash
+    secret = await _stream_secret(client, settings) if serves_api else b""
+    history = History(service, admin, jobs)
+    chats = Chats(service, jobs, queue, limits, wakeups, settings.model)
+
+    def make_chat_worker(runner: ChatRunner) -> ArqChatWorker:
+        # loading the encodings takes about a second: not on a chat's clock, and not on the event loop
+        threading.Thread(target=lambda: Tokenizer.for_model(settings.model).count("warm up"), name="tokenizer-warm-up", daemon=True).start()
+        return chat_worker(
+            client, None if fake else blocking, runner.run, runner.fail, claim_s=settings.chat_claim_s, max_jobs=settings.worker_max_jobs,
+            job_timeout_s=max(settings.model_timeout_s * (settings.model_max_retries + 1) * 2, 60), poll_delay_s=settings.worker_poll_delay_s,
+        )
+
+    return Parley(
+        settings=settings,
+        supervisor=supervisor,
+        log=store,
+        views=store,
+        jobs=jobs,
+        queue=queue,
+        feed=RedisFeed(client, keys, "assist"),
+        wakeups=wakeups,
+        admin=admin,
+        api_keys=RedisApiKeys(client),
+        limits=limits,
+        service=service,
+        sessions=Sessions(service, history, wakeups, secret, settings.stream_token_ttl_s),
+        chats=chats,
+        completions=Completions(service, chats, jobs, settings.model),
+        history=history,
+        projection=projection,
+        tenancy=Tenancy(limits),
+        stream_secret=secret,
+        ping=client.ping,
+        fake=fake,
+        _closers=closers,
+        make_feed=lambda consumer: RedisFeed(client, keys, consumer, blocking),
+        make_chat_worker=make_chat_worker,
+    )
+
+
+async def _stream_secret(redis: Redis, settings: Settings) -> bytes:
+    """The HMAC key of stream tokens: the configured one, else one made at first start and kept in Redis, so that
+    every API process accepts the tokens any of them gave out."""
+    if settings.stream_token_secret:
+        return settings.stream_token_secret.encode()
+    await redis.hsetnx(Keys.config, "stream_token_secret", secrets.token_hex(32))
+    return bytes(await redis.hget(Keys.config, "stream_token_secret"))
+
+
+@contextlib.contextmanager
+def embedded_store(settings: Settings) -> Iterator[tuple[Settings, Redis | None]]:
+    """The store of `parley dev`: `REDIS_URL` if set, else a private redis-server under `PARLEY_DATA_DIR` (AOF on,
+    its port written down for `parley` commands), else fakeredis in memory. Yields the settings to run with and the
+    client to use instead of connecting (fakeredis), or None."""
+    from shared.adapters.redis.server import RedisServer, redis_server_binary
+
+    if settings.redis_url:
+        log.info("store: %s", settings.redis_url)
+        yield settings, None
+        return
+    binary = redis_server_binary()
+    if binary is None:
+        import fakeredis
+
+        log.warning("store: fakeredis in memory; nothing survives a restart (install redis-server to keep data)")
+        yield settings, fakeredis.FakeAsyncRedis()
+        return
+    data = Path(settings.data_dir) / "redis"
+    server = RedisServer(data, binary=binary).start()
+    try:
+        (Path(settings.data_dir) / "redis.port").write_text(str(server.port))
+        log.info("store: private redis-server on %s, data in %s (AOF, fsync every second)", server.url, data)
+        yield msgspec.structs.replace(settings, redis_url=server.url), None
+    finally:
+        server.stop()
+
+
+def dev_store_url(settings: Settings) -> str | None:
+    """`REDIS_URL`, else the private redis-server a running `parley dev` wrote down (None: neither)."""
+    if settings.redis_url:
+        return settings.redis_url
+    port_file = Path(settings.data_dir) / "redis.port"
+    if port_file.exists():
+        return f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
+    return None
