@@ -119,8 +119,12 @@ def memory_backend() -> Backend:
 def redis_backend(name: str, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> Backend:
     keys = Keys(PARTITIONS)
     store = RedisStore(redis, keys, chat_retention_s=RETENTION_S)
-    supervisor = Supervisor()
+    supervisors: list[Supervisor] = []
     fake = name == "fakeredis"
+
+    def wakeups() -> Wakeups:
+        supervisors.append(supervisor := Supervisor())  # one per process, as each process has its own
+        return Notifier(redis, keys, supervisor, block_ms=200, poll_s=0.01 if fake else None)
 
     def worker(run: RunChat, fail: FailChat, max_tries: int) -> Worker:
         monkeypatch.setattr(redis_queue, "MAX_TRIES", max_tries)
@@ -136,10 +140,15 @@ def redis_backend(name: str, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> B
         api_keys=RedisApiKeys(redis),
         limits=lambda defaults: RedisLimits(redis, keys, defaults),
         feed=lambda consumer: RedisFeed(redis, keys, consumer),
-        wakeups=lambda: Notifier(redis, keys, supervisor, block_ms=200, poll_s=0.01 if fake else None),
+        wakeups=wakeups,
         worker=worker,
     )
-    backend._closers.append(supervisor.stop_all)
+
+    async def stop() -> None:
+        for supervisor in supervisors:
+            await supervisor.stop_all()
+
+    backend._closers.append(stop)
     return backend
 
 
