@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -80,7 +81,7 @@ class ChatWorker(Protocol):
 
     async def listen(self, stop: asyncio.Event) -> None: ...
 
-    def handle_sig(self, signum: int) -> None: ...
+    def handle_sig(self, signum: signal.Signals) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ def conversation(*turns: tuple[str, str]) -> ChatCompletionRequest:
 
 
 async def stored(parley: Parley, sid: str) -> list[tuple[str, str]]:
-    return [(m["role"], m["content"]) for m in map(msgspec.json.decode, await parley.sessions.messages("acme", sid, 100, 0))]
+    messages = [msgspec.json.decode(raw) for raw in await parley.sessions.messages("acme", sid, 100, 0)]
+    return [(m["role"], m["content"]) for m in messages]
 
 
 async def answered(parley: Parley, d: Deployment, sid: str, outcome: Answer | Replay) -> str:

@@ -5,6 +5,8 @@ adapter breaks its port's promise.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,9 +66,9 @@ RETENTION_S = 3_600
 class Worker(Protocol):
     """What the queue contract drives: a worker loop over the queue (arq's, or the memory one)."""
 
-    async def poll(self, stop: Any) -> None: ...
+    async def poll(self, stop: asyncio.Event) -> None: ...
 
-    def handle_sig(self, signum: int) -> None: ...
+    def handle_sig(self, signum: signal.Signals) -> None: ...
 
 
 RunChat = Callable[[str, str, str], Any]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from shared.domain.ids import uuid7
@@ -43,7 +44,7 @@ async def working(
         yield worker
     finally:
         stop.set()
-        worker.handle_sig(15)
+        worker.handle_sig(signal.SIGTERM)
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), TIMEOUT_S)
 
 
