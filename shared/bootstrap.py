@@ -55,7 +55,18 @@ from shared.app.chat_run import ChatRunner
 from shared.app.chats import Chats
 from shared.app.completions import Completions
 from shared.app.history import History
-from shared.app.ports import ApiKeys, ChatJobs, ChatQueue, EventLog, Feed, Limits, LogAdmin, ModelProvider, ReadModels, Wakeups
+from shared.app.ports import (
+    ApiKeys,
+    ChatJobs,
+    ChatQueue,
+    EventLog,
+    Feed,
+    Limits,
+    LogAdmin,
+    ModelProvider,
+    ReadModels,
+    Wakeups,
+)
 from shared.app.projection import Projection
 from shared.app.rebuild import Rebuilder
 from shared.app.service import SessionService

@@ -49,7 +49,10 @@ async def test_a_chat_is_requested_run_on_the_model_and_answered(parley: Parley)
     record = await job(parley, sid, requested.job.id)
     assert record["status"] == "succeeded" and record["attempts"] == 1 and record["context"]["prompt_tokens"] > 0
     messages = [msgspec.json.decode(m) for m in await parley.sessions.messages("acme", sid, 10, 0)]
-    assert [(m["role"], m["content"]) for m in messages] == [("user", "hello there"), ("assistant", "You said: hello there")]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "hello there"),
+        ("assistant", "You said: hello there"),
+    ]
     [listed] = await parley.chats.list("acme", sid, 10, 0)
     assert msgspec.json.decode(listed)["id"] == requested.job.id
     usage = await parley.tenancy.usage("acme", 1)
@@ -180,7 +183,9 @@ async def test_chat_tokens_per_day_are_a_quota() -> None:
 class Broken:
     """A model that fails for good, as a provider does after its retries."""
 
-    models = ["broken"]
+    @property
+    def models(self) -> list[str]:
+        return ["broken"]
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[Delta | Completion]:
         raise ModelError("model_unavailable", "the model is down")

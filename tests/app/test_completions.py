@@ -27,7 +27,9 @@ async def stored(parley: Parley, sid: str) -> list[tuple[str, str]]:
 async def answered(parley: Parley, d: Deployment, sid: str, outcome: Answer | Replay) -> str:
     assert isinstance(outcome, Answer)
     await d.settle()
-    return str(msgspec.json.decode(await parley.chats.wait(sid, outcome.job_id, 10))["choices"][0]["message"]["content"])
+    return str(
+        msgspec.json.decode(await parley.chats.wait(sid, outcome.job_id, 10))["choices"][0]["message"]["content"]
+    )
 
 
 async def test_a_resent_conversation_stores_each_message_once(parley: Parley) -> None:
@@ -36,9 +38,16 @@ async def test_a_resent_conversation_stores_each_message_once(parley: Parley) ->
     sid = session.id
     first = await parley.completions.complete("acme", sid, conversation(("user", "hi")))
     assert await answered(parley, d, sid, first) == "You said: hi"
-    second = await parley.completions.complete("acme", sid, conversation(("user", "hi"), ("assistant", "You said: hi"), ("user", "more")))
+    second = await parley.completions.complete(
+        "acme", sid, conversation(("user", "hi"), ("assistant", "You said: hi"), ("user", "more"))
+    )
     assert await answered(parley, d, sid, second) == "You said: more"
-    assert await stored(parley, sid) == [("user", "hi"), ("assistant", "You said: hi"), ("user", "more"), ("assistant", "You said: more")]
+    assert await stored(parley, sid) == [
+        ("user", "hi"),
+        ("assistant", "You said: hi"),
+        ("user", "more"),
+        ("assistant", "You said: more"),
+    ]
     assert len(await parley.chats.list("acme", sid, 10, 0)) == 2
 
 
@@ -59,9 +68,16 @@ async def test_a_conversation_that_parts_from_the_stored_one_amends_it(parley: P
     session, _ = await parley.sessions.create("acme", SessionCreate())
     sid = session.id
     await answered(parley, d, sid, await parley.completions.complete("acme", sid, conversation(("user", "hi"))))
-    edited = conversation(("user", "hi"), ("assistant", "You said: h"), ("user", "go on"))  # the client stopped the answer early
+    edited = conversation(
+        ("user", "hi"), ("assistant", "You said: h"), ("user", "go on")
+    )  # the client stopped the answer early
     assert await answered(parley, d, sid, await parley.completions.complete("acme", sid, edited)) == "You said: go on"
-    assert await stored(parley, sid) == [("user", "hi"), ("assistant", "You said: h"), ("user", "go on"), ("assistant", "You said: go on")]
+    assert await stored(parley, sid) == [
+        ("user", "hi"),
+        ("assistant", "You said: h"),
+        ("user", "go on"),
+        ("assistant", "You said: go on"),
+    ]
 
 
 async def test_a_missing_or_deleted_session_is_not_found(parley: Parley) -> None:

@@ -55,7 +55,9 @@ async def test_a_bad_import_writes_nothing(parley: Parley) -> None:
 
 async def test_a_purge_erases_a_session_and_leaves_a_tombstone(parley: Parley) -> None:
     sid = await session_with_messages(parley, user_id="u1")
-    requested = await parley.chats.request("acme", sid, ChatRequest(messages=[MessageCreate(role="user", content="hi")]))
+    requested = await parley.chats.request(
+        "acme", sid, ChatRequest(messages=[MessageCreate(role="user", content="hi")])
+    )
     with pytest.raises(VersionConflict):
         await parley.history.purge("acme", sid, expected_version=1)
     waiting = asyncio.ensure_future(parley.chats.wait(sid, requested.job.id, 10))
@@ -71,7 +73,11 @@ async def test_a_purge_erases_a_session_and_leaves_a_tombstone(parley: Parley) -
     assert await parley.log.read(sid) == []
     [stone], cursor = await parley.history.audit("acme", None, 10)
     assert cursor is None
-    assert msgspec.json.decode(stone)["data"] == {"session_id": sid, "user_id": "u1", "event_count": 7}  # created, 3 messages, the chat's message and request, deleted
+    assert msgspec.json.decode(stone)["data"] == {
+        "session_id": sid,
+        "user_id": "u1",
+        "event_count": 7,
+    }  # created, 3 messages, the chat's message and request, deleted
     with pytest.raises(NotFound):
         await parley.history.purge("acme", sid)
     with pytest.raises(Invalid):

@@ -12,7 +12,14 @@ from shared.domain.ids import uuid7
 from shared.domain.projection import project
 from shared.domain.state import SessionState, fold
 from shared.domain.wire import (
-    AssistantMessage, ChatChoice, ChatRequest, ChatResponse, MessageCreate, SessionCreate, TenantLimits, Usage,
+    AssistantMessage,
+    ChatChoice,
+    ChatRequest,
+    ChatResponse,
+    MessageCreate,
+    SessionCreate,
+    TenantLimits,
+    Usage,
 )
 
 DAY = 86_400.0
@@ -40,28 +47,40 @@ async def test_idempotency_records_expire_after_their_ttl() -> None:
     assert await log.recall("acme", state.id, "k", "h") is None
     more = decide(fold(state, events), AddMessage(body=MessageCreate(role="user", content="x")), stamp)
     claim = IdempotencyClaim(key="k", request_hash="other", response=b"s")
-    assert (await log.append("acme", state.id, 1, more, claim)).__class__.__name__ == "Appended"  # the key is free again
+    assert (
+        await log.append("acme", state.id, 1, more, claim)
+    ).__class__.__name__ == "Appended"  # the key is free again
 
 
 async def test_ended_jobs_and_their_chunks_expire_running_ones_stay() -> None:
     clock = Clock()
     memory = Memory(4, clock)
-    log, views, jobs = MemoryEventLog(memory), MemoryReadModels(memory, chat_retention_s=100), MemoryChatJobs(memory, retention_s=100)
+    log, views, jobs = (
+        MemoryEventLog(memory),
+        MemoryReadModels(memory, chat_retention_s=100),
+        MemoryChatJobs(memory, retention_s=100),
+    )
     limits = MemoryLimits(memory, TenantLimits())
     stamp = Stamp(now=datetime.fromtimestamp(clock.now, UTC), new_id=uuid7)
     state = SessionState(id=uuid7())
     done, running = uuid7(), uuid7()
     for command in (
         CreateSession(body=SessionCreate()),
-        RequestChat(job_id=done, request=ChatRequest(messages=[MessageCreate(role="user", content="a")]), default_model="m"),
+        RequestChat(
+            job_id=done, request=ChatRequest(messages=[MessageCreate(role="user", content="a")]), default_model="m"
+        ),
         RequestChat(job_id=running, request=ChatRequest(), default_model="m"),
     ):
         events = decide(state, command, stamp)
         await log.append("acme", state.id, state.version, events)
         state = fold(state, events)
     answer = ChatResponse(
-        id=done, session_id=state.id, created_at=datetime.now(UTC), model="m",
-        choices=[ChatChoice(finish_reason="stop", message=AssistantMessage(content="b"))], usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
+        id=done,
+        session_id=state.id,
+        created_at=datetime.now(UTC),
+        model="m",
+        choices=[ChatChoice(finish_reason="stop", message=AssistantMessage(content="b"))],
+        usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2),
     )
     events = decide(state, CompleteChat(job_id=done, response=answer, save=True), stamp)
     await log.append("acme", state.id, state.version, events)

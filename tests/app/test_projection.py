@@ -61,7 +61,14 @@ async def test_a_dead_consumers_entries_are_taken_over() -> None:
 
 async def test_the_projector_loop_projects_what_is_written() -> None:
     parley = await lagging_parley()
-    projector = Projector(parley.projection, parley.projector_feed("loop"), batch=10, claim_idle_ms=100, block_ms=1_000, maintenance_s=0.05)
+    projector = Projector(
+        parley.projection,
+        parley.projector_feed("loop"),
+        batch=10,
+        claim_idle_ms=100,
+        block_ms=1_000,
+        maintenance_s=0.05,
+    )
     stop = asyncio.Event()
     parts = [asyncio.create_task(projector.run(stop)), asyncio.create_task(projector.maintain(stop))]
     try:

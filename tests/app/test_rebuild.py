@@ -9,7 +9,10 @@ from shared.domain.wire import MessageCreate, SessionCreate, SessionPatch
 
 
 async def snapshot(parley: Parley, tenant: str, sids: list[str]) -> list[tuple[bytes, list[bytes]]]:
-    return [((await parley.sessions.get(tenant, sid))[0], await parley.sessions.messages(tenant, sid, 100, 0)) for sid in sids]
+    return [
+        ((await parley.sessions.get(tenant, sid))[0], await parley.sessions.messages(tenant, sid, 100, 0))
+        for sid in sids
+    ]
 
 
 async def populate(parley: Parley, tenant: str, sessions: int) -> list[str]:
@@ -37,7 +40,9 @@ async def test_a_rebuild_switches_every_session_to_a_new_generation_unchanged(pa
     assert sum(counted) == report.events
     assert await parley.admin.generations(acme + globex) == [1] * 5
     assert (await snapshot(parley, "acme", acme[1:]), await snapshot(parley, "globex", globex)) == before
-    assert sorted(await parley.sessions.list("acme", 10, 0)) == sorted(b for b, _ in before[0])  # the deleted one stays out
+    assert sorted(await parley.sessions.list("acme", 10, 0)) == sorted(
+        b for b, _ in before[0]
+    )  # the deleted one stays out
     assert not await rebuilder.resuming(Scope())
 
 
@@ -66,5 +71,8 @@ async def test_writes_after_a_rebuild_land_in_the_new_generation(parley: Parley)
     await parley.rebuilder().run(Scope())
     await parley.sessions.add_message("acme", sid, MessageCreate(role="user", content="after"))
     assert [m.split(b'"content":"')[1].split(b'"')[0] for m in await parley.sessions.messages("acme", sid, 10, 0)] == [
-        b"0:0", b"0:1", b"0:2", b"after"
+        b"0:0",
+        b"0:1",
+        b"0:2",
+        b"after",
     ]

@@ -48,7 +48,9 @@ async def test_an_idempotent_create_is_answered_once(parley: Parley) -> None:
     assert again == first
     assert len(await s.list("acme", 10, 0)) == 1
     with pytest.raises(IdempotencyKeyReused):
-        await s.create("acme", SessionCreate(agent_id="x"), Idempotency.of("key-1", "POST", "/sessions", b'{"agent_id":"x"}'))
+        await s.create(
+            "acme", SessionCreate(agent_id="x"), Idempotency.of("key-1", "POST", "/sessions", b'{"agent_id":"x"}')
+        )
 
 
 async def test_messages_are_added_edited_removed_and_read_as_they_were(parley: Parley) -> None:

@@ -22,13 +22,18 @@ def entry_key(entry_id: str) -> tuple[int, int]:
 
 async def request(backend: Backend, state: SessionState, text: str = "hi") -> tuple[SessionState, str]:
     job_id = uuid7()
-    command = RequestChat(job_id=job_id, request=ChatRequest(messages=[MessageCreate(role="user", content=text)]), default_model="m")
+    command = RequestChat(
+        job_id=job_id, request=ChatRequest(messages=[MessageCreate(role="user", content=text)]), default_model="m"
+    )
     return await run(backend.log, state, command), job_id
 
 
 def response(state: SessionState, job_id: str) -> ChatResponse:
     return ChatResponse(
-        id=job_id, session_id=state.id, created_at=datetime.now(UTC), model="m",
+        id=job_id,
+        session_id=state.id,
+        created_at=datetime.now(UTC),
+        model="m",
         choices=[ChatChoice(finish_reason="stop", message=AssistantMessage(content="hello"))],
         usage=Usage(prompt_tokens=3, completion_tokens=1, total_tokens=4),
     )
@@ -45,7 +50,13 @@ async def test_a_job_record_follows_its_events_and_the_worker(backend: Backend) 
     await project_all(backend.views, state.id)
     queued = await record(backend, state.id, job)
     assert queued is not None
-    assert (queued["id"], queued["session_id"], queued["status"], queued["model"], queued["attempts"]) == (job, state.id, "queued", "m", 0)
+    assert (queued["id"], queued["session_id"], queued["status"], queued["model"], queued["attempts"]) == (
+        job,
+        state.id,
+        "queued",
+        "m",
+        0,
+    )
     assert await backend.jobs.status(state.id, job) == "queued"
     assert await backend.jobs.mark_running(state.id, job) == 1
     assert await backend.jobs.mark_running(state.id, job) == 2  # a second attempt
@@ -54,7 +65,11 @@ async def test_a_job_record_follows_its_events_and_the_worker(backend: Backend) 
     state = await run(backend.log, state, CompleteChat(job_id=job, response=response(state, job), save=True))
     await project_all(backend.views, state.id)
     done = await record(backend, state.id, job)
-    assert done is not None and done["status"] == "succeeded" and done["response"]["choices"][0]["message"]["content"] == "hello"
+    assert (
+        done is not None
+        and done["status"] == "succeeded"
+        and done["response"]["choices"][0]["message"]["content"] == "hello"
+    )
     assert done["attempts"] == 2 and done["finished_at"]
     assert await backend.jobs.mark_running(state.id, job) == 0  # ended: never restarted
     assert await backend.jobs.status(state.id, job) == "succeeded"
@@ -128,7 +143,9 @@ async def test_chunk_streams_keep_order_and_know_their_end(backend: Backend) -> 
     done = await jobs.emit(state.id, job, "done", b'{"end":true}')
     assert done is not None
     entries = await jobs.streamed(state.id, job)
-    assert [(k, d) for _, k, d in entries] == [("chunk", b'{"n":%d}' % i) for i in range(5)] + [("done", b'{"end":true}')]
+    assert [(k, d) for _, k, d in entries] == [("chunk", b'{"n":%d}' % i) for i in range(5)] + [
+        ("done", b'{"end":true}')
+    ]
     ids = [e[0] for e in entries]
     assert sorted(ids, key=entry_key) == ids and len(set(ids)) == 6
     assert done.decode() == ids[-1]
@@ -157,7 +174,9 @@ async def test_a_purged_sessions_jobs_and_chunks_are_erased_and_stay_so(backend:
     assert await backend.jobs.emit(state.id, job, "chunk", b"secret") is not None
     assert await backend.jobs.mark_running(state.id, job) == 1
     tombstone = SessionPurged(
-        id=uuid7(), occurred_at=datetime.now(UTC), data=SessionPurgedData(session_id=state.id, user_id=None, event_count=state.version)
+        id=uuid7(),
+        occurred_at=datetime.now(UTC),
+        data=SessionPurgedData(session_id=state.id, user_id=None, event_count=state.version),
     )
     assert await backend.admin.purge("acme", state.id, state.version, tombstone)
     assert await backend.jobs.streamed(state.id, job) == []

@@ -35,7 +35,10 @@ class Calls:
 
 @contextlib.asynccontextmanager
 async def working(
-    backend: Backend, run: Callable[[str, str, str], Awaitable[str]], fail: Callable[..., Awaitable[None]], max_tries: int = 3
+    backend: Backend,
+    run: Callable[[str, str, str], Awaitable[str]],
+    fail: Callable[..., Awaitable[None]],
+    max_tries: int = 3,
 ) -> AsyncIterator[Worker]:
     worker = backend.worker(run, fail, max_tries)
     stop = asyncio.Event()

@@ -158,7 +158,10 @@ async def test_events_pages_the_log_as_wire_json(backend: Backend) -> None:
     page = await log.events("acme", state.id, 1, 2)
     assert page.head == page.version == 5 and page.body is not None
     items = [json.loads(i) for i in page.items or []]
-    assert [(i["type"], i["version"], i["data"]["content"]) for i in items] == [("MessageAdded", 2, "m0"), ("MessageAdded", 3, "m1")]
+    assert [(i["type"], i["version"], i["data"]["content"]) for i in items] == [
+        ("MessageAdded", 2, "m0"),
+        ("MessageAdded", 3, "m1"),
+    ]
     stored = await log.read(state.id, after=1, limit=2)
     assert [i["id"] for i in items] == [e.id for e in stored]
     end = await log.events("acme", state.id, 5, 10)

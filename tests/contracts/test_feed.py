@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from redis.exceptions import ResponseError
 
 from shared.domain.ids import partition_of
 from tests.contracts.conftest import Backend, add, create
@@ -14,7 +15,7 @@ from tests.contracts.conftest import Backend, add, create
 
 async def test_reading_needs_the_group(backend: Backend) -> None:
     await create(backend.log)
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, ResponseError), match="NOGROUP"):
         await backend.feed("c1").read(10, None)
 
 

@@ -11,7 +11,16 @@ import pytest
 
 from shared.domain.commands import CompleteChat, RecordContext, RequestChat
 from shared.domain.ids import uuid7
-from shared.domain.wire import AssistantMessage, ChatChoice, ChatRequest, ChatResponse, ContextReport, MessageCreate, TenantLimits, Usage
+from shared.domain.wire import (
+    AssistantMessage,
+    ChatChoice,
+    ChatRequest,
+    ChatResponse,
+    ContextReport,
+    MessageCreate,
+    TenantLimits,
+    Usage,
+)
 from tests.contracts.conftest import Backend, create, project_all, run
 
 DEFAULTS = TenantLimits(rps=1.0, burst=3, concurrent_chats=2, chat_tokens_per_day=0, streams=0)
@@ -87,11 +96,20 @@ async def test_usage_counts_requests_chats_and_tokens_per_day(backend: Backend) 
         await limits.admit("acme")
     state = await create(backend.log)
     job = uuid7()
-    state = await run(backend.log, state, RequestChat(job_id=job, request=ChatRequest(messages=[MessageCreate(role="user", content="hi")]), default_model="m"))
+    state = await run(
+        backend.log,
+        state,
+        RequestChat(
+            job_id=job, request=ChatRequest(messages=[MessageCreate(role="user", content="hi")]), default_model="m"
+        ),
+    )
     report = ContextReport(included=[], dropped=[], summarized=[], prompt_tokens=11, budget=None, max_tokens=150)
     state = await run(backend.log, state, RecordContext(job_id=job, report=report))
     answer = ChatResponse(
-        id=job, session_id=state.id, created_at=datetime.now(UTC), model="m",
+        id=job,
+        session_id=state.id,
+        created_at=datetime.now(UTC),
+        model="m",
         choices=[ChatChoice(finish_reason="stop", message=AssistantMessage(content="hello"))],
         usage=Usage(prompt_tokens=11, completion_tokens=5, total_tokens=16),
     )

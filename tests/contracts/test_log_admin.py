@@ -20,7 +20,11 @@ from tests.contracts.conftest import Backend, add, create, project_all, run, sta
 
 
 def tombstone(sid: str, events: int, user: str | None = None) -> SessionPurged:
-    return SessionPurged(id=uuid7(), occurred_at=datetime.now(UTC), data=SessionPurgedData(session_id=sid, user_id=user, event_count=events))
+    return SessionPurged(
+        id=uuid7(),
+        occurred_at=datetime.now(UTC),
+        data=SessionPurgedData(session_id=sid, user_id=user, event_count=events),
+    )
 
 
 async def rebuild(backend: Backend, sid: str) -> int:
@@ -55,7 +59,9 @@ async def test_heads_generations_and_the_log_as_lines(backend: Backend) -> None:
     assert await admin.generations([state.id, unknown]) == [0, 0]
     lines = await admin.log_json(state.id, 0, 10)
     assert [v for v, _ in lines] == [1, 2]
-    assert lines == [(v, page) for v, page in zip([1, 2], (await backend.log.events("acme", state.id, 0, 10)).items or [])]
+    assert lines == [
+        (v, page) for v, page in zip([1, 2], (await backend.log.events("acme", state.id, 0, 10)).items or [])
+    ]
     assert [v for v, _ in await admin.log_json(state.id, 1, 10)] == [2]
     assert await admin.log_json(state.id, 0, 1) == lines[:1]
     logs = await admin.read_logs({state.id: 0, unknown: 0}, 10)

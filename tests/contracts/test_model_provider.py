@@ -49,7 +49,10 @@ async def test_the_deltas_add_up_to_the_one_completion(provider: ModelProvider) 
 async def test_a_tool_is_called_when_asked_for(provider: ModelProvider) -> None:
     tool = {"type": "function", "function": {"name": "lookup_order", "parameters": {"type": "object"}}}
     request = ModelRequest(
-        model=provider.models[0], messages=[{"role": "user", "content": "call lookup_order 1234"}], max_tokens=100, tools=[tool]
+        model=provider.models[0],
+        messages=[{"role": "user", "content": "call lookup_order 1234"}],
+        max_tokens=100,
+        tools=[tool],
     )
     _, completion = await collect(provider, request)
     assert completion.finish_reason == "tool_calls"

@@ -34,7 +34,9 @@ async def test_views_lag_until_projected_then_serve_the_session(backend: Backend
     assert view.body == json_encode(state.session)
     tools = await views.tools("acme", state.id)
     assert tools.body is not None
-    assert json.loads(tools.body) == {"items": [{"type": "function", "function": {"name": "f", "description": None, "parameters": None}}]}
+    assert json.loads(tools.body) == {
+        "items": [{"type": "function", "function": {"name": "f", "description": None, "parameters": None}}]
+    }
 
 
 async def test_other_tenants_and_unknown_ids_see_nothing(backend: Backend) -> None:
@@ -78,10 +80,23 @@ async def test_messages_show_each_latest_edit_skip_removed_ones_and_travel_in_ti
     state = await run(log, state, RemoveMessage(message=stored[2]))
     await project_all(views, state.id)
     assert contents((await views.messages("acme", state.id, 10, 0)).items) == ["m0", "m1 edited", "m3"]
-    assert contents((await views.messages("acme", state.id, 2, 1)).items) == ["m1 edited", "m3"]  # offsets count what is shown
+    assert contents((await views.messages("acme", state.id, 2, 1)).items) == [
+        "m1 edited",
+        "m3",
+    ]  # offsets count what is shown
     assert contents((await views.messages("acme", state.id, 1, 2)).items) == ["m3"]
-    assert contents((await views.messages("acme", state.id, 10, 0, count=4, at=before_edit)).items) == ["m0", "m1", "m2", "m3"]
-    assert contents((await views.messages("acme", state.id, 10, 0, count=4, at=edited)).items) == ["m0", "m1 edited", "m2", "m3"]
+    assert contents((await views.messages("acme", state.id, 10, 0, count=4, at=before_edit)).items) == [
+        "m0",
+        "m1",
+        "m2",
+        "m3",
+    ]
+    assert contents((await views.messages("acme", state.id, 10, 0, count=4, at=edited)).items) == [
+        "m0",
+        "m1 edited",
+        "m2",
+        "m3",
+    ]
     assert contents((await views.messages("acme", state.id, 10, 0, count=2, at=3)).items) == ["m0", "m1"]
 
 
@@ -170,7 +185,9 @@ async def test_a_purged_session_cannot_be_brought_back_by_a_late_apply(backend: 
     assert p is not None
     late = project(p.state, p.events)
     tombstone = SessionPurged(
-        id=uuid7(), occurred_at=datetime.now(UTC), data=SessionPurgedData(session_id=state.id, user_id=None, event_count=2)
+        id=uuid7(),
+        occurred_at=datetime.now(UTC),
+        data=SessionPurgedData(session_id=state.id, user_id=None, event_count=2),
     )
     assert await backend.admin.purge("acme", state.id, 2, tombstone)
     assert await views.apply([(p.tenant, late)]) == [False]

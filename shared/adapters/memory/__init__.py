@@ -18,6 +18,17 @@ from shared.adapters.memory.views import MemoryReadModels
 from shared.adapters.memory.wakeups import MemoryWakeups, MemoryWatch
 
 __all__ = [
-    "Memory", "MemoryApiKeys", "MemoryChatJobs", "MemoryChatQueue", "MemoryChatWorker", "MemoryChunkWriter", "MemoryEventLog",
-    "MemoryFeed", "MemoryLimits", "MemoryLogAdmin", "MemoryReadModels", "MemoryWakeups", "MemoryWatch",
+    "Memory",
+    "MemoryApiKeys",
+    "MemoryChatJobs",
+    "MemoryChatQueue",
+    "MemoryChatWorker",
+    "MemoryChunkWriter",
+    "MemoryEventLog",
+    "MemoryFeed",
+    "MemoryLimits",
+    "MemoryLogAdmin",
+    "MemoryReadModels",
+    "MemoryWakeups",
+    "MemoryWatch",
 ]

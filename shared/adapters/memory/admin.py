@@ -48,7 +48,8 @@ class MemoryLogAdmin:
     async def read_logs(self, after: dict[str, int], count: int) -> dict[str, list[Event]]:
         logs = self.memory.logs
         return {
-            sid: [decode_event(v + i + 1, f) for i, f in enumerate(logs.get(sid, [])[v : v + count])] for sid, v in after.items()
+            sid: [decode_event(v + i + 1, f) for i, f in enumerate(logs.get(sid, [])[v : v + count])]
+            for sid, v in after.items()
         }
 
     async def generation_states(self, gens: dict[str, int]) -> dict[str, tuple[str, SessionState]]:
@@ -148,7 +149,8 @@ class MemoryLogAdmin:
         merged.sort(key=lambda x: (x[0], x[1]))
         page, more = merged[:limit], len(merged) > limit
         items = [
-            b'{"type":"SessionPurged","id":"%s","occurred_at":"%s","data":%s}' % (f[b"i"], f[b"a"], f[b"d"]) for _, _, f in page
+            b'{"type":"SessionPurged","id":"%s","occurred_at":"%s","data":%s}' % (f[b"i"], f[b"a"], f[b"d"])
+            for _, _, f in page
         ]
         return items, (_encode_cursor(page[-1][0], page[-1][1]) if more and page else None)
 

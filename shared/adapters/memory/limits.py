@@ -60,7 +60,9 @@ class MemoryLimits:
         m.rates.set(tenant, next_tat)
         m.rates.expire(tenant, (math.ceil(next_tat - now) + 1) / 1000)
         self._count_request(tenant)
-        return Admission(True, burst, math.floor((span - (next_tat - now)) / step), math.ceil(next_tat - now), milli / 1000)
+        return Admission(
+            True, burst, math.floor((span - (next_tat - now)) / step), math.ceil(next_tat - now), milli / 1000
+        )
 
     def _held(self, tenant: str, kind: str) -> dict[str, float]:
         """The tenant's live slots of `kind`: member → expiry (clock ms); expired ones are dropped."""

@@ -56,7 +56,12 @@ class MemoryEventLog:
         self.idempotency_ttl_s = idempotency_ttl_s
 
     async def append(
-        self, tenant: str, session_id: str, expected_version: int, events: Sequence[Event], claim: IdempotencyClaim | None = None
+        self,
+        tenant: str,
+        session_id: str,
+        expected_version: int,
+        events: Sequence[Event],
+        claim: IdempotencyClaim | None = None,
     ) -> AppendOutcome:
         if not events:
             raise ValueError("an append needs at least one event")  # a head without events would be no session

@@ -52,8 +52,15 @@ class MemoryChatWorker:
     """No separate wake-up listener: an enqueue wakes `poll` directly."""
 
     def __init__(
-        self, memory: Memory, run: RunChat, fail: FailChat, *, max_jobs: int = 100, max_tries: int = MAX_TRIES,
-        poll_delay_s: float = 0.5, name: str | None = None,
+        self,
+        memory: Memory,
+        run: RunChat,
+        fail: FailChat,
+        *,
+        max_jobs: int = 100,
+        max_tries: int = MAX_TRIES,
+        poll_delay_s: float = 0.5,
+        name: str | None = None,
     ) -> None:
         self.memory = memory
         self.run = run
@@ -80,12 +87,18 @@ class MemoryChatWorker:
                 try:
                     await self.run(tenant, session_id, job_id)
                     return
-                except Exception as e:  # noqa: BLE001 - a job must end, never stay running
+                except Exception as e:
                     if attempt < self.max_tries:
                         log.warning("chat %s attempt %s failed (%r); retrying", job_id, attempt, e)
                         continue
                     log.exception("chat %s failed for good", job_id)
-                    await self.fail(tenant, session_id, job_id, "internal_error", "the chat failed inside Parley; see the worker's log")
+                    await self.fail(
+                        tenant,
+                        session_id,
+                        job_id,
+                        "internal_error",
+                        "the chat failed inside Parley; see the worker's log",
+                    )
         except asyncio.CancelledError:  # the worker stopped: another one runs the job
             m.queued[job_id] = (tenant, session_id)
             for other in [j for j in m.queued if j != job_id]:

@@ -22,7 +22,7 @@ from shared.app.ports import Pending, View
 from shared.domain.projection import JobUpdate, ReadModelUpdate
 from shared.domain.wire import ToolList
 
-__all__ = ["MemoryReadModels", "USAGE_TTL_S"]
+__all__ = ["USAGE_TTL_S", "MemoryReadModels"]
 
 USAGE_TTL_S = 40 * 86_400
 """Usage counters (per tenant and day) are kept this long, as in Redis."""
@@ -95,9 +95,7 @@ class MemoryReadModels:
 
     async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:
         m = self.memory
-        lagging = [
-            p for p in range(m.partitions) if m.projected.get((p, tenant), 0) < m.written.get((p, tenant), 0)
-        ]
+        lagging = [p for p in range(m.partitions) if m.projected.get((p, tenant), 0) < m.written.get((p, tenant), 0)]
         ids = sorted((sid for p in range(m.partitions) for sid in m.index.get((p, tenant), ())), reverse=True)
         out = []
         for sid in ids[offset : offset + limit]:
@@ -112,11 +110,20 @@ class MemoryReadModels:
 
     async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]], gen: int | None = None) -> list[bool]:
         encoded = [(tenant, u, _encoded(u)) for tenant, u in updates]  # encode all first, as a pipeline would
-        return [self._apply(tenant, u, session, tools, state, snapshots, gen) for tenant, u, (session, tools, state, snapshots) in encoded]
+        return [
+            self._apply(tenant, u, session, tools, state, snapshots, gen)
+            for tenant, u, (session, tools, state, snapshots) in encoded
+        ]
 
     def _apply(
-        self, tenant: str, u: ReadModelUpdate, session: bytes | None, tools: bytes | None, state: bytes,
-        snapshots: list[tuple[int, bytes]], gen: int | None,
+        self,
+        tenant: str,
+        u: ReadModelUpdate,
+        session: bytes | None,
+        tools: bytes | None,
+        state: bytes,
+        snapshots: list[tuple[int, bytes]],
+        gen: int | None,
     ) -> bool:
         m = self.memory
         sid = u.session_id
@@ -169,7 +176,9 @@ class MemoryReadModels:
         if record is None:
             record = {}
             m.jobs.set(key, record)
-        elif fields.get("status") == "queued" and "status" in record:  # a worker may already have marked the job running
+        elif (
+            fields.get("status") == "queued" and "status" in record
+        ):  # a worker may already have marked the job running
             del fields["status"]
         record.update(fields)
         if record.get("status") in _ENDED:
