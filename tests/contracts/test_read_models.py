@@ -209,3 +209,23 @@ async def test_a_rebuild_generation_is_written_apart_and_only_above_the_live_one
     assert again is not None and again.events == [] and again.state == state
     view = await views.session("acme", state.id)  # the live generation is untouched until a switch
     assert (view.head, view.version) == (2, 2)
+
+
+async def test_a_stale_rebuild_cannot_write_into_the_live_generation(backend: Backend) -> None:
+    """Two rebuilds built generation 1; one switched to it. The other's later writes to generation 1 (now live) are
+    refused: a rebuild's write skips the index, the counters and the chat jobs, so it must never land in a live one."""
+    log, views = backend.log, backend.views
+    state = await add(log, await create(log), "x")
+    await project_all(views, state.id)
+    [fresh] = await views.pending([state.id], gen=1)
+    assert fresh is not None
+    assert await views.apply([("acme", project(fresh.state, fresh.events))], gen=1) == [True]
+    assert await backend.admin.switch([("acme", state.id, 1)]) == [1]
+    state = await add(log, state, "after the switch")
+    [stale] = await views.pending([state.id], gen=1)
+    assert stale is not None and [e.version for e in stale.events] == [3]
+    assert await views.apply([("acme", project(stale.state, stale.events))], gen=1) == [False]
+    lagging, _ = await views.sessions("acme", 10, 0)
+    assert lagging != []  # still unprojected: only the live projection may count it
+    await project_all(views, state.id)
+    assert await views.sessions("acme", 10, 0) == ([], [json_encode(state.session)])
