@@ -15,13 +15,25 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from shared.domain.ids import partition_of
 
-__all__ = ["EntryId", "Expiring", "Head", "Memory", "Stream", "ViewRecord", "parse_entry_id"]
+__all__ = [
+    "EntryId",
+    "Expiring",
+    "FeedGroup",
+    "Generation",
+    "Head",
+    "Memory",
+    "Stream",
+    "TTLMap",
+    "ViewRecord",
+    "entry_text",
+    "parse_entry_id",
+]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -111,9 +123,6 @@ class TTLMap(Generic[K, V]):
         value = self.get(key)
         self._items.pop(key, None)
         return value
-
-    def keys(self) -> Iterator[K]:
-        return iter([k for k in list(self._items) if self.get(k) is not None])
 
 
 @dataclass
