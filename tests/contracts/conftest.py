@@ -5,12 +5,10 @@ adapter breaks its port's promise.
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import fakeredis
 import pytest
@@ -52,6 +50,7 @@ from shared.app.ports import (
     ReadModels,
     Wakeups,
 )
+from shared.bootstrap import ChatWorker
 from shared.domain.commands import AddMessage, Command, CreateSession, Stamp, decide
 from shared.domain.ids import uuid7
 from shared.domain.projection import project
@@ -61,14 +60,6 @@ from shared.supervise import Supervisor
 
 PARTITIONS = 4
 RETENTION_S = 3_600
-
-
-class Worker(Protocol):
-    """What the queue contract drives: a worker loop over the queue (arq's, or the memory one)."""
-
-    async def poll(self, stop: asyncio.Event) -> None: ...
-
-    def handle_sig(self, signum: signal.Signals) -> None: ...
 
 
 RunChat = Callable[[str, str, str], Any]
@@ -91,7 +82,7 @@ class Backend:
     """A consumer of the projector's feed, by name."""
     wakeups: Callable[[], Wakeups]
     """A process's wake-ups (each call: another process)."""
-    worker: Callable[[RunChat, FailChat, int], Worker]
+    worker: Callable[[RunChat, FailChat, int], ChatWorker]
     """A chat worker over the queue: (run, fail, max tries)."""
     partitions: int = PARTITIONS
     _closers: list[Callable[[], Any]] = field(default_factory=list)
@@ -100,7 +91,7 @@ class Backend:
 def memory_backend() -> Backend:
     memory = Memory(PARTITIONS)
 
-    def worker(run: RunChat, fail: FailChat, max_tries: int) -> Worker:
+    def worker(run: RunChat, fail: FailChat, max_tries: int) -> ChatWorker:
         return MemoryChatWorker(memory, run, fail, max_tries=max_tries, poll_delay_s=0.05)
 
     return Backend(
@@ -128,7 +119,7 @@ def redis_backend(name: str, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> B
         supervisors.append(supervisor := Supervisor())  # one per process, as each process has its own
         return Notifier(redis, keys, supervisor, block_ms=200, poll_s=0.01 if fake else None)
 
-    def worker(run: RunChat, fail: FailChat, max_tries: int) -> Worker:
+    def worker(run: RunChat, fail: FailChat, max_tries: int) -> ChatWorker:
         monkeypatch.setattr(redis_queue, "MAX_TRIES", max_tries)
         return chat_worker(redis, None, run, fail, claim_s=1.0, max_jobs=10, job_timeout_s=60, poll_delay_s=0.05)
 

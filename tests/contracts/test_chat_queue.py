@@ -9,8 +9,9 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from shared.bootstrap import ChatWorker
 from shared.domain.ids import uuid7
-from tests.contracts.conftest import Backend, Worker
+from tests.contracts.conftest import Backend
 from tests.support import wait_for
 
 TIMEOUT_S = 30.0
@@ -39,7 +40,7 @@ async def working(
     run: Callable[[str, str, str], Awaitable[str]],
     fail: Callable[..., Awaitable[None]],
     max_tries: int = 3,
-) -> AsyncIterator[Worker]:
+) -> AsyncIterator[ChatWorker]:
     worker = backend.worker(run, fail, max_tries)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.poll(stop))
