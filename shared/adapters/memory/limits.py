@@ -83,7 +83,9 @@ class MemoryLimits:
         return Slot(True, limit, len(held))
 
     async def renew(self, tenant: str, kind: str, members: Sequence[str], ttl_s: float) -> None:
-        held = self._held(tenant, kind)
+        """Renew the members still in the set: as in Redis, one past its expiry stays there (and renewable) until
+        the next `take` sweeps it."""
+        held = self.memory.slots.get((tenant, kind), {})
         until = self.memory.clock() * 1000 + ttl_s * 1000
         for member in members:
             if member in held:
