@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from litestar import Request
@@ -31,7 +31,7 @@ from services.api.context import api
 
 __all__ = [
     "EventStream", "StreamSlot", "StreamSlots", "TooManyStreams", "detach", "open_stream", "stream_response", "take_stream",
-    "tenant_of",
+    "tenant_of", "wait_for_answer",
 ]
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -213,3 +213,14 @@ def stream_response(slot: StreamSlot, frames: AsyncIterator[bytes], retry_ms: in
 async def open_stream(request: Request[Any, Any, Any], frames: AsyncIterator[bytes], retry_ms: int | None = None) -> EventStream:
     """`take_stream`, then `stream_response`."""
     return stream_response(await take_stream(request), frames, retry_ms)
+
+
+async def wait_for_answer(request: Request[Any, Any, Any], sid: str, job_id: str) -> bytes:
+    """The job's answer, waiting at most `PARLEY_CHAT_WAIT_S` under a stream slot (a waiting chat is an open
+    stream: it costs no Redis connection, but it counts against the tenant's streams)."""
+    parley = api(request).parley
+    slot = await take_stream(request)
+    try:
+        return await parley.chats.wait(sid, job_id, parley.settings.chat_wait_s)
+    finally:
+        await slot.give()
