@@ -18,7 +18,7 @@ from shared.domain.wire import ErrorBody
 
 __all__ = [
     "AtVersion", "IdempotencyKey", "IfMatch", "Limit", "Offset", "etag", "errors", "expected_version", "idempotency",
-    "json_list", "json_response", "parse_job_id", "parse_session_id",
+    "json_list", "json_response", "parse_job_id", "parse_message_id", "parse_session_id",
 ]
 
 Limit = Annotated[int, Parameter(ge=1, le=1000, description="Items per page (1..1000).")]
@@ -57,6 +57,13 @@ def parse_session_id(raw: str) -> str:
     if sid is None:
         raise NotFound(f"session {raw} not found")
     return sid
+
+
+def parse_message_id(raw: str) -> str:
+    message_id = parse_uuid(raw)
+    if message_id is None:
+        raise NotFound(f"message {raw} not found")
+    return message_id
 
 
 def parse_job_id(raw: str) -> str:
