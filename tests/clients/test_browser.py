@@ -50,6 +50,9 @@ def test_a_page_of_another_origin_follows_a_session_and_a_streamed_chat(
     say(c, sid, "two")
     b.expect(page_added("two"))  # the browser reconnected by itself, with Last-Event-ID
 
+    # a fetch-based SSE client sends Last-Event-ID itself: the browser preflights the URL with the token in it
+    assert call(b, "resume", sid, token, "1") == {"status": 200, "id": "2", "type": "MessageAdded"}
+
     model.control(chunk_delay_s=0.05)
     chat = call(b, "chat", sid, "stream this to the page", token)
     assert chat["status"] == 200 and chat["contentType"].startswith("text/event-stream")
@@ -68,7 +71,8 @@ def test_a_page_of_another_origin_follows_a_session_and_a_streamed_chat(
     assert [e["data"]["data"]["content"] for e in got if e["type"] == "MessageAdded"][:2] == ["one", "two"]
     # what went over the wire: CORS preflights for the calls with a key, the event stream resumed after the cut
     seen = proxy.requests()
-    assert ("OPTIONS", f"/sessions/{sid}/stream-tokens") in {(r.method, r.path) for r in seen}
+    preflighted = {(r.method, r.path.split("?")[0]) for r in seen if r.method == "OPTIONS"}
+    assert preflighted == {("OPTIONS", f"/sessions/{sid}{p}") for p in ("", "/stream-tokens", "/chat", "/events")}, preflighted
     streams = [r for r in seen if r.path.startswith(f"/sessions/{sid}/events") and r.method == "GET"]
     assert [r.headers.get("last-event-id") for r in streams][:2] == [None, "2"], [(r.method, r.path, r.headers) for r in seen]
     assert streams[-1].headers.get("last-event-id") == str(versions[-1])

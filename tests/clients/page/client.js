@@ -67,3 +67,29 @@ async function chat(sessionId, text, token) {
     };
   });
 }
+
+/** A fetch-based SSE client (what a page uses when it needs headers) resuming the events after `lastEventId`: the
+ * Last-Event-ID header makes the browser preflight the URL, token included. Returns the first event it reads. */
+async function resume(sessionId, token, lastEventId) {
+  const controller = new AbortController();
+  try {
+    const r = await fetch(`${API}/sessions/${sessionId}/events?token=${encodeURIComponent(token)}`, {
+      headers: { Accept: "text/event-stream", "Last-Event-ID": lastEventId },
+      signal: controller.signal,
+    });
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    while (!buffer.includes("\ndata: ")) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+    }
+    const field = (name) => (buffer.split("\n").find((l) => l.startsWith(`${name}: `)) || "").slice(name.length + 2) || null;
+    return { status: r.status, id: field("id"), type: field("event") };
+  } catch (e) {
+    return { error: String(e) };
+  } finally {
+    controller.abort();
+  }
+}
