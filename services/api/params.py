@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
+import msgspec
 from litestar import MediaType, Request, Response
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, Parameter
@@ -86,9 +87,14 @@ async def idempotency(request: Request[Any, Any, Any], key: str | None) -> Idemp
     return Idempotency.of(key, request.method, request.url.path, await request.body())
 
 
-def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
-    """An answer of JSON already encoded (read models hold wire JSON: it is never decoded on the way out)."""
-    return Response(content=body, status_code=status, headers=headers, media_type=MediaType.JSON)
+def json_response(body: bytes | msgspec.Struct, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
+    """An answer of JSON: bytes already encoded (read models hold wire JSON: it is never decoded on the way out),
+    or a wire Struct a use case returned, encoded here once."""
+    content = body if isinstance(body, bytes) else _encode(body)
+    return Response(content=content, status_code=status, headers=headers, media_type=MediaType.JSON)
+
+
+_encode = msgspec.json.Encoder().encode
 
 
 def json_list(items: list[bytes], **fields: bytes) -> Response[Any]:

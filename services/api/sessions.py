@@ -11,7 +11,6 @@ from litestar import Controller, Request, Response, delete, get, post, route
 from litestar.di import Provide
 from litestar.params import Parameter
 
-from shared.adapters.codec import json_encode
 from shared.domain.wire import (
     Message,
     MessageCreate,
@@ -67,7 +66,7 @@ class SessionController(Controller):
         """Create a session. Answers the whole session with `Location` and `ETag`."""
         sessions = api(request).parley.sessions
         session, version = await sessions.create(tenant, data, await idempotency(request, idempotency_key))
-        return json_response(json_encode(session), 201, {"ETag": etag(version), "Location": f"/sessions/{session.id}"})
+        return json_response(session, 201, {"ETag": etag(version), "Location": f"/sessions/{session.id}"})
 
     @get("/{session_id:str}", responses=errors(404))
     async def get_session(self, request: Request, tenant: str, session_id: str, version: AtVersion = None) -> Response[Session]:
@@ -89,7 +88,7 @@ class SessionController(Controller):
         sessions = api(request).parley.sessions
         idem = await idempotency(request, idempotency_key)
         session, version = await sessions.update(tenant, parse_session_id(session_id), data, expected_version(if_match), idem)
-        return json_response(json_encode(session), headers={"ETag": etag(version)})
+        return json_response(session, headers={"ETag": etag(version)})
 
     @delete("/{session_id:str}", status_code=202, responses=errors(404, 412))
     async def delete_session(
@@ -107,7 +106,7 @@ class SessionController(Controller):
         sessions = api(request).parley.sessions
         idem = await idempotency(request, idempotency_key)
         deletion = await sessions.delete(tenant, parse_session_id(session_id), expected_version(if_match), idem, purge)
-        return json_response(json_encode(deletion), 202)
+        return json_response(deletion, 202)
 
     @post("/{session_id:str}/messages", status_code=201, responses=errors(404), dto=StrictBody[MessageCreate], return_dto=None)
     async def add_message(
@@ -116,7 +115,7 @@ class SessionController(Controller):
         """Append a message; `seq` is its 1-based position in the session."""
         sessions = api(request).parley.sessions
         message = await sessions.add_message(tenant, parse_session_id(session_id), data, await idempotency(request, idempotency_key))
-        return json_response(json_encode(message), 201)
+        return json_response(message, 201)
 
     @get("/{session_id:str}/messages", responses=errors(404))
     async def list_messages(
@@ -136,5 +135,5 @@ class SessionController(Controller):
         cannot send `Authorization`): pass it as `?token=` to `/sessions/{id}/events` (SSE) or
         `/sessions/{id}/chats/{job}/stream`. It opens nothing else; it is never logged."""
         token = await api(request).parley.sessions.stream_token(tenant, parse_session_id(session_id), data.ttl_s)
-        return json_response(json_encode(token), 201)
+        return json_response(token, 201)
 
