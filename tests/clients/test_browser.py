@@ -4,6 +4,7 @@ session's events live in an EventSource across a dropped connection, and a strea
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -73,7 +74,7 @@ def test_a_page_of_another_origin_follows_a_session_and_a_streamed_chat(
     seen = proxy.requests()
     preflighted = {(r.method, r.path.split("?")[0]) for r in seen if r.method == "OPTIONS"}
     assert preflighted == {("OPTIONS", f"/sessions/{sid}{p}") for p in ("", "/stream-tokens", "/chat", "/events")}, preflighted
-    streams = [r for r in seen if r.path.startswith(f"/sessions/{sid}/events") and r.method == "GET"]
-    assert [r.headers.get("last-event-id") for r in streams][:2] == [None, "2"], [(r.method, r.path, r.headers) for r in seen]
-    assert streams[-1].headers.get("last-event-id") == str(versions[-1])
+    streams = [r.headers.get("last-event-id") for r in seen if r.path.startswith(f"/sessions/{sid}/events") and r.method == "GET"]
+    # the EventSource: its first connection, its resume after the cut, its last try after the end (204); the fetch
+    assert Counter(streams) == Counter([None, "2", str(versions[-1]), "1"]), streams
     assert not [r for r in b.reports if r["kind"] == "pageerror"]
