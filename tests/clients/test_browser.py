@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.chat.conftest import Stack
 from tests.clients.api import ACME, KEY, create, say
@@ -16,6 +17,8 @@ from tests.clients.node import NodeScript
 from tests.clients.proxy import CutProxy
 from tests.clients.test_eventsource import EVENT_NAMES
 from tests.model_server import ModelServer
+
+pytestmark = pytest.mark.usefixtures("chromium")  # checked first: a skip (or failure) before any stack starts
 
 
 def page_events(b: NodeScript) -> list[dict[str, Any]]:
@@ -32,7 +35,7 @@ def call(b: NodeScript, name: str, *args: Any) -> Any:
 
 
 def test_a_page_of_another_origin_follows_a_session_and_a_streamed_chat(
-    stack: Stack, c: httpx.Client, model: ModelServer, proxy: CutProxy, page_server: str, chromium: None,
+    stack: Stack, c: httpx.Client, model: ModelServer, proxy: CutProxy, page_server: str,
     run_node: Callable[..., NodeScript],
 ) -> None:
     sid = create(c)

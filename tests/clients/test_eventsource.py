@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from shared.domain.events import Event
 from tests.chat.conftest import Stack
@@ -17,6 +18,8 @@ from tests.clients.api import ACME, KEY, create, say
 from tests.clients.node import NodeScript
 from tests.clients.proxy import CutProxy
 from tests.model_server import ModelServer
+
+pytestmark = pytest.mark.usefixtures("node")  # checked first: a skip (or failure) before any stack starts
 
 EVENT_NAMES = [cls.__name__ for cls in typing.get_args(Event)]
 CLOSED = 2

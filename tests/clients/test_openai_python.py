@@ -1,6 +1,6 @@
 """The Python `openai` SDK's `chat.completions.parse()`: its parsed message (carrying `parsed`, `refusal`, …) appended
-to the next request, as its docs show, must be accepted and stored once. (Plain `create`, streams and tools are
-tests/chat/test_openai_sdk.py.)"""
+to the next request, as its docs show, must be accepted and stored once; and `models.retrieve`. (Plain `create`,
+streams, tools and errors are tests/chat/test_openai_sdk.py.)"""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from tests.chat.conftest import Stack
 from tests.clients.api import KEY, create, marker, stored
+from tests.e2e.helpers import unknown_id
 from tests.model_server import ModelServer
 
 
@@ -47,3 +48,14 @@ def test_parse_with_a_response_format_model_then_append(stack: Stack, c: httpx.C
     assert [(x["role"], x["content"]) for x in stored(c, sid)] == [
         ("user", "Weather in Paris?"), ("assistant", message.content), ("user", "And tomorrow?"), ("assistant", "echo: And tomorrow?"),
     ]
+
+
+def test_models_retrieve(stack: Stack, c: httpx.Client) -> None:
+    """Any model name: a completion passes any name on to the provider, so the session answers for each."""
+    sid = create(c)
+    client = openai.OpenAI(base_url=f"{stack.url}/sessions/{sid}", api_key=KEY, max_retries=0, timeout=30)
+    got = client.models.retrieve("gpt-4o-mini")
+    assert got.id == "gpt-4o-mini" and got.object == "model" and got.owned_by == "parley" and isinstance(got.created, int)
+    elsewhere = openai.OpenAI(base_url=f"{stack.url}/sessions/{unknown_id()}", api_key=KEY, max_retries=0, timeout=30)
+    with pytest.raises(openai.NotFoundError):
+        elsewhere.models.retrieve("gpt-4o-mini")
