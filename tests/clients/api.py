@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import time
+import typing
 import uuid
 from typing import Any
 
 import httpx
 import pytest
 
+from shared.domain.events import Event
 from tests.support import TENANTS, auth
 
 ACME = auth("acme")
 KEY = TENANTS["acme"]
+EVENT_NAMES = [cls.__name__ for cls in typing.get_args(Event)]
+"""Every event type: the `event:` names of `/events`, which an EventSource must listen for one by one."""
 
 
 def marker() -> str:

@@ -1,6 +1,7 @@
 """A real headless browser (Debian's Chromium, driven by playwright-core) runs a page served from another origin
 than the API: CORS (PARLEY_CORS_ORIGINS is the page's origin), a stream token minted with `fetch` and the key, the
-session's events live in an EventSource across a dropped connection, and a streamed chat read to its end."""
+session's events live in an EventSource across a dropped connection, a fetch-based SSE client's preflighted resume,
+and a streamed chat read to its end."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ import httpx
 import pytest
 
 from tests.chat.conftest import Stack
-from tests.clients.api import ACME, KEY, create, say
+from tests.clients.api import ACME, EVENT_NAMES, KEY, create, say
 from tests.clients.node import NodeScript
 from tests.clients.proxy import CutProxy
-from tests.clients.test_eventsource import EVENT_NAMES
 from tests.model_server import ModelServer
 
 pytestmark = pytest.mark.usefixtures("chromium")  # checked first: a skip (or failure) before any stack starts

@@ -5,23 +5,20 @@ the stream has ended (Parley's 204), not reconnect every few seconds for ever.""
 from __future__ import annotations
 
 import json
-import typing
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from shared.domain.events import Event
 from tests.chat.conftest import Stack
-from tests.clients.api import ACME, KEY, create, say
+from tests.clients.api import ACME, EVENT_NAMES, KEY, create, say
 from tests.clients.node import NodeScript
 from tests.clients.proxy import CutProxy
 from tests.model_server import ModelServer
 
 pytestmark = pytest.mark.usefixtures("node")  # checked first: a skip (or failure) before any stack starts
 
-EVENT_NAMES = [cls.__name__ for cls in typing.get_args(Event)]
 CLOSED = 2
 
 
