@@ -1,10 +1,11 @@
 // A real headless Chromium (Debian's, through playwright-core) on the test page; the test calls the page's
 // functions ({"call": name, "args": [...]} on stdin) and gets back what the page reports and returns.
 import { chromium } from "playwright-core";
-import { args, command, emit, run } from "./lib.mjs";
+import { args, cleanups, command, emit, run } from "./lib.mjs";
 
 run(async () => {
   const browser = await chromium.launch({ executablePath: args.chromium ?? "/usr/bin/chromium", headless: true });
+  cleanups.push(() => browser.close());
   try {
     const page = await browser.newPage();
     await page.exposeFunction("report", (obj) => emit({ kind: "page", ...obj }));

@@ -17,10 +17,14 @@ export async function command() {
   return done ? null : JSON.parse(value);
 }
 
+/** What to undo before a script gives up (a browser to close: exiting alone would orphan its processes). */
+export const cleanups = [];
+
 /** Run `main`, report its result or its error, and exit; give up after args.deadline_ms (default 40 s). */
 export function run(main) {
-  const timer = setTimeout(() => {
+  const timer = setTimeout(async () => {
     emit({ kind: "timeout", after_ms: args.deadline_ms ?? 40000 });
+    await Promise.race([Promise.allSettled(cleanups.map((undo) => undo())), new Promise((r) => setTimeout(r, 5000))]);
     process.exit(3);
   }, args.deadline_ms ?? 40000);
   timer.unref();

@@ -110,7 +110,12 @@ class NodeScript:
         return self.stderr_path.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
+        """SIGTERM first: playwright closes its browser on it (a SIGKILL would orphan Chromium)."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self._stderr.close()
