@@ -18,7 +18,7 @@ from shared.domain.wire import ErrorBody
 
 __all__ = [
     "AtVersion", "IdempotencyKey", "IfMatch", "Limit", "Offset", "etag", "errors", "expected_version", "idempotency",
-    "json_list", "json_response", "parse_job_id", "parse_session_id",
+    "json_list", "json_response", "parse_job_id", "parse_message_id", "parse_session_id",
 ]
 
 Limit = Annotated[int, Parameter(ge=1, le=1000, description="Items per page (1..1000).")]
@@ -52,18 +52,24 @@ def errors(*codes: int) -> dict[int, ResponseSpec]:
     return {c: ResponseSpec(data_container=ErrorBody, description="Error") for c in (401, 422, 503, *codes)}
 
 
+def _parse_id(raw: str, what: str) -> str:
+    """A UUID path segment, normalised; anything else names nothing here (404, as an unknown id does)."""
+    parsed = parse_uuid(raw)
+    if parsed is None:
+        raise NotFound(f"{what} {raw} not found")
+    return parsed
+
+
 def parse_session_id(raw: str) -> str:
-    sid = parse_uuid(raw)
-    if sid is None:
-        raise NotFound(f"session {raw} not found")
-    return sid
+    return _parse_id(raw, "session")
+
+
+def parse_message_id(raw: str) -> str:
+    return _parse_id(raw, "message")
 
 
 def parse_job_id(raw: str) -> str:
-    job = parse_uuid(raw)
-    if job is None:
-        raise NotFound(f"chat {raw} not found")
-    return job
+    return _parse_id(raw, "chat")
 
 
 def etag(version: int) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Controller, Request, Response, delete, get, post, route
+from litestar import Controller, Request, Response, delete, get, patch, post, route
 from litestar.di import Provide
 from litestar.params import Parameter
 
@@ -15,6 +15,7 @@ from shared.domain.wire import (
     Message,
     MessageCreate,
     MessageList,
+    MessagePatch,
     Session,
     SessionCreate,
     SessionDeletion,
@@ -39,6 +40,7 @@ from services.api.params import (
     idempotency,
     json_list,
     json_response,
+    parse_message_id,
     parse_session_id,
 )
 
@@ -123,6 +125,35 @@ class SessionController(Controller):
     ) -> Response[MessageList]:
         """The session's messages in conversation order (oldest first); with `version`, those it had right after that event."""
         return json_list(await api(request).parley.sessions.messages(tenant, parse_session_id(session_id), limit, offset, version))
+
+    @get("/{session_id:str}/messages/{message_id:str}", responses=errors(404))
+    async def get_message(self, request: Request, tenant: str, session_id: str, message_id: str) -> Response[Message]:
+        """One message as it is now (edited: its current content and `edited_at`; removed: 404)."""
+        message = await api(request).parley.sessions.message(tenant, parse_session_id(session_id), parse_message_id(message_id))
+        return json_response(message)
+
+    @patch("/{session_id:str}/messages/{message_id:str}", responses=errors(404), dto=StrictBody[MessagePatch], return_dto=None)
+    async def edit_message(
+        self, request: Request, tenant: str, session_id: str, message_id: str, data: MessagePatch, idempotency_key: IdempotencyKey = None
+    ) -> Response[Message]:
+        """Edit a message's `content` or `name`, as a `MessageEdited` event: the list shows the new text, the context
+        builder uses it, and time travel (`?version=`) still shows what was there before."""
+        sessions = api(request).parley.sessions
+        idem = await idempotency(request, idempotency_key)
+        message = await sessions.edit_message(tenant, parse_session_id(session_id), parse_message_id(message_id), data, idem)
+        return json_response(message)
+
+    @delete("/{session_id:str}/messages/{message_id:str}", status_code=200, responses=errors(404))
+    async def remove_message(
+        self, request: Request, tenant: str, session_id: str, message_id: str, idempotency_key: IdempotencyKey = None
+    ) -> Response[Message]:
+        """Take a message out of the conversation, as a `MessageRemoved` event, answering it as it was: the list and
+        the context builder omit it; its events stay in the log (time travel shows it) until the session is purged.
+        Removing an assistant message that made tool calls closes those calls: no tool answer is expected any more."""
+        sessions = api(request).parley.sessions
+        idem = await idempotency(request, idempotency_key)
+        message = await sessions.remove_message(tenant, parse_session_id(session_id), parse_message_id(message_id), idem)
+        return json_response(message)
 
     @get("/{session_id:str}/tools", responses=errors(404))
     async def list_tools(self, request: Request, tenant: str, session_id: str, version: AtVersion = None) -> Response[ToolList]:
