@@ -203,15 +203,19 @@ async def start(
     else:
         client = blocking = redis
         closers = []
-    if wait_for_store:
-        await until_available(lambda: check_partitions(client, settings.partitions), "the store")
-    else:
-        await check_partitions(client, settings.partitions)
     supervisor = supervisor or Supervisor()
     keys = Keys(settings.partitions)
     store = RedisStore(client, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
-    await store.load_scripts()  # once per process: pipelines then run them by hash
-    secret = await _stream_secret(client, settings) if serves_api else b""
+
+    async def prepare() -> bytes:
+        """What a process asks the store before it serves: the partition count it was set up with, the scripts
+        (loaded once: pipelines then run them by hash), and the stream tokens' key if it serves HTTP."""
+        await check_partitions(client, settings.partitions)
+        await store.load_scripts()
+        return await _stream_secret(client, settings) if serves_api else b""
+
+    # the store may be down or loading, at any of these steps: wait for it (with backoff) rather than die
+    secret = await (until_available(prepare, "the store") if wait_for_store else prepare())
     adapters = Adapters(
         log=store,
         views=store,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import msgspec
 import pytest
@@ -187,7 +187,7 @@ class Broken:
     def models(self) -> list[str]:
         return ["broken"]
 
-    async def stream(self, request: ModelRequest) -> AsyncIterator[Delta | Completion]:
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[Delta | Completion, None]:
         raise ModelError("model_unavailable", "the model is down")
         yield Delta()  # pragma: no cover - makes this an async generator
 
