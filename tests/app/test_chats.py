@@ -169,6 +169,18 @@ async def test_concurrent_chats_are_limited_per_tenant_until_one_ends() -> None:
     await parley.chats.request("acme", two, ask("b"))
 
 
+async def test_a_retried_request_is_replayed_even_when_the_tenant_is_at_its_chat_limit() -> None:
+    """The retry of an acknowledged chat (its answer was lost) must get that chat back, not 429: it asks for no
+    new slot."""
+    parley = await bootstrap.in_memory(settings(tenant_concurrent_chats=1))
+    sid = await new_session(parley)
+    idem = Idempotency.of("k", "POST", f"/sessions/{sid}/chat", b"x")
+    first = await parley.chats.request("acme", sid, ask("hi"), idem)
+    again = await parley.chats.request("acme", sid, ask("hi"), idem)  # the one slot is the first request's
+    assert again.job.id == first.job.id
+    assert len(await parley.chats.list("acme", sid, 10, 0)) == 1
+
+
 async def test_chat_tokens_per_day_are_a_quota() -> None:
     parley = await bootstrap.in_memory(settings(tenant_chat_tokens_per_day=1))
     d = Deployment(parley)
