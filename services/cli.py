@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import contextlib
 from collections.abc import Callable, Coroutine
@@ -13,6 +14,7 @@ from typing import Any
 
 from shared.config import Settings, check_tenant
 from shared.domain.errors import DomainError
+from shared.observability import logs
 
 log = logging.getLogger("parley")
 
@@ -29,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
+        if name == "api":
+            p.add_argument("--workers", type=int, default=None, help="API processes on one socket (default: PARLEY_API_WORKERS, 1)")
+            p.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)  # a child of --workers: serve this socket
     w = sub.add_parser("worker", help="the projector and the chat worker against REDIS_URL (run as many as you like)")
     w.add_argument("--role", choices=("all", "projector", "chat"), default="all", help="run only the projector, or only chat jobs")
     keys = sub.add_parser("keys", help="manage API keys stored in Redis")
@@ -44,13 +49,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
     match args.command:
         case "dev":
             _run(_dev(settings, args.host, args.port))
         case "api":
             _require_redis(settings)
-            _run(_serve(settings, args.host, args.port, run_worker=False))
+            workers = args.workers if args.workers is not None else settings.api_workers
+            if workers < 1:
+                sys.exit("--workers must be at least 1")
+            if workers > 1 and args.fd is None:
+                from services.api.processes import serve_many
+
+                sys.exit(serve_many(args.host, args.port, workers))
+            sock = socket.socket(fileno=args.fd) if args.fd is not None else None
+            _run(_serve(settings, args.host, args.port, run_worker=False, sock=sock))
         case "worker":
             _require_redis(settings)
             _run(_worker(settings, args.role))
@@ -94,17 +107,19 @@ async def _dev(settings: Settings, host: str, port: int) -> None:
         await _serve(settings, host, port, run_worker=True, redis=redis)
 
 
-async def _serve(settings: Settings, host: str, port: int, run_worker: bool, redis: Any = None) -> None:
+async def _serve(settings: Settings, host: str, port: int, run_worker: bool, redis: Any = None, sock: socket.socket | None = None) -> None:
+    """`sock`: a listening socket to serve (a child of `parley api --workers`) instead of binding host:port."""
     import uvicorn
 
     from services.api.app import create_app
     from services.api.guard import Gate, Guard
+    from services.api.observe import Observed
     from services.api.server import guarded_protocol
 
     app = create_app(settings, redis=redis, run_worker_too=run_worker)
     gate = Gate(settings.max_inflight)
     config = uvicorn.Config(
-        Guard(app, gate, settings.cors()),
+        Observed(Guard(app, gate, settings.cors())),
         host=host,
         port=port,
         loop="none",
@@ -112,6 +127,7 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
         access_log=False,
         timeout_keep_alive=int(settings.keep_alive_s),
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's own lines go through Parley's handler (text or JSON)
         lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
@@ -123,8 +139,9 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
             await super().shutdown(sockets)
 
     server = Server(config)
-    log.info("Parley on http://%s:%d (OpenAPI at /schema)", host, port)
-    await _until_failure(server.serve(), app.state.supervisor, lambda: setattr(server, "should_exit", True))
+    if sock is None:
+        log.info("Parley on http://%s:%d (OpenAPI at /schema)", host, port)
+    await _until_failure(server.serve(sockets=[sock] if sock else None), app.state.supervisor, lambda: setattr(server, "should_exit", True))
 
 
 async def _worker(settings: Settings, role: str) -> None:
@@ -133,6 +150,10 @@ async def _worker(settings: Settings, role: str) -> None:
     from services.worker.main import run_worker
 
     supervisor = Supervisor(logging.getLogger("parley.worker"))
+    if settings.metrics_port:
+        from shared.observability import metrics
+
+        metrics.serve(settings.metrics_port)
     parley = await bootstrap.start(settings, supervisor=supervisor)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -140,7 +161,7 @@ async def _worker(settings: Settings, role: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("worker running (%s; model: %s)", role, settings.model_base_url or "offline")
     try:
-        await _until_failure(run_worker(parley, stop, role), supervisor, stop.set)  # type: ignore[arg-type]
+        await _until_failure(run_worker(parley, stop, role, sample_metrics=settings.metrics_port > 0), supervisor, stop.set)  # type: ignore[arg-type]
     finally:
         await parley.close()
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import msgspec
 from redis.asyncio import Redis
 
+from shared.adapters.llm.metered import Metered
 from shared.adapters.llm.offline import OfflineModel
 from shared.adapters.memory import (
     Memory,
@@ -74,6 +75,8 @@ from shared.app.sessions import Sessions
 from shared.app.tenancy import Tenancy
 from shared.config import Settings
 from shared.domain.commands import Limits as ContentLimits
+from shared.domain.wire import Usage
+from shared.observability import metrics
 from shared.supervise import Supervisor, until_available
 
 __all__ = ["Adapters", "ChatWorker", "Parley", "dev_store_url", "embedded_store", "in_memory", "make_provider", "start"]
@@ -154,7 +157,7 @@ class Parley:
 
     def chat_runner(self, provider: ModelProvider | None = None) -> ChatRunner:
         """The chat job's run (a worker's), on the deployment's model unless `provider` is given."""
-        return ChatRunner(self.service, self.jobs, provider or make_provider(self.settings), _counter_for)
+        return ChatRunner(self.service, self.jobs, Metered(provider or make_provider(self.settings)), _counter_for, on_usage=_count_tokens)
 
     def rebuilder(self, on_events: Callable[[int], None] = lambda n: None) -> Rebuilder:
         return Rebuilder(self.views, self.admin, self.projection, on_events)
@@ -175,6 +178,11 @@ def make_provider(settings: Settings) -> ModelProvider:
 
 def _counter_for(model: str) -> Tokenizer:
     return Tokenizer.for_model(model)
+
+
+def _count_tokens(usage: Usage) -> None:
+    metrics.MODEL_TOKENS.labels("prompt").inc(usage.prompt_tokens)
+    metrics.MODEL_TOKENS.labels("completion").inc(usage.completion_tokens)
 
 
 async def start(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from msgspec import Struct
@@ -94,6 +94,19 @@ class Settings(Struct, kw_only=True, frozen=True):
     """A quiet event stream (`GET /sessions/{id}/events` as SSE) sends a comment this often."""
     data_dir: str = ".parley"
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one JSON object per line (for a log pipeline); `text`: for people. Both carry the request id, and
+    in the worker the session and job ids."""
+    api_workers: int = 1
+    """HTTP worker processes of `parley api` (the default of `--workers`); they share one listening socket, and
+    their metrics are merged through prometheus-client's multiprocess mode."""
+    metrics_token: str = ""
+    """If set, `GET /metrics` wants `Authorization: Bearer <this>`; empty: it is open like `/health` (it holds
+    no keys and no content; keep it off the public network or set this)."""
+    metrics_port: int = 0
+    """`parley worker` serves its own metrics on this port (0: none); the API serves them at `/metrics`."""
+    otel: bool = False
+    """Send OpenTelemetry traces (needs the `otel` extra; the exporter is set by the standard `OTEL_*` variables)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -24,6 +24,8 @@ from redis.exceptions import BusyLoadingError, ClusterDownError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.observability import metrics
+
 T = TypeVar("T")
 
 __all__ = ["TRANSIENT", "PartFailed", "Supervisor", "is_transient", "pool_exhausted", "until_available"]
@@ -124,6 +126,7 @@ class Supervisor:
                 if not is_transient(e):
                     self._fail(part.name, e)
                     return
+                metrics.redis_error(e)
                 if time.monotonic() - part.since > 10 * self.backoff_max_s:
                     backoff = self.backoff_min_s  # it ran fine for a while: this is a new outage
                 self.log.warning("%s: store unavailable (%s: %s); retrying in %.2fs", part.name, type(e).__name__, e, backoff)

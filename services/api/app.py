@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from litestar import Litestar, MediaType, Response, get
+from litestar import Litestar, MediaType, Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar._openapi.plugin import OpenAPIPlugin
@@ -22,6 +23,7 @@ from shared import bootstrap
 from shared.config import Settings
 from shared.domain import events, openai_wire, wire
 from shared.domain.wire import ErrorBody, Health, Readiness
+from shared.observability import metrics
 from shared.supervise import TRANSIENT, Supervisor
 from services.api import openapi, strict
 from services.api.auth import Authenticator
@@ -59,6 +61,20 @@ async def ready(state: State) -> Response[Readiness]:
         details = {"redis": seen.redis, "projector": seen.projector, "parts": state.supervisor.status()}
         return error_response(503, "not_ready", "Redis, the projector or a part of this process is not available", details, {"Retry-After": "1"})  # type: ignore[return-value]
     return Response(body, media_type=MediaType.JSON)
+
+
+def metrics_route(token: str) -> Any:
+    """`GET /metrics` (Prometheus text format). Open like `/health` unless `PARLEY_METRICS_TOKEN` is set; it holds
+    no keys, tokens, ids or content (labels are route templates, statuses, tenants' names, partitions)."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    @get("/metrics", tags=["operations"], include_in_schema=False)
+    async def metrics_handler(request: Request) -> Response[bytes]:
+        if expected is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            return error_response(401, "unauthorized", "GET /metrics needs PARLEY_METRICS_TOKEN as a bearer token", None, {"WWW-Authenticate": "Bearer"})  # type: ignore[return-value]
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
+
+    return metrics_handler
 
 
 class HealthCheck:
@@ -123,7 +139,10 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker_too: b
             await parley.close()
 
     app = Litestar(
-        route_handlers=[SessionController, ChatController, OpenAIController, EventController, audit, usage, health, ready],
+        route_handlers=[
+            SessionController, ChatController, OpenAIController, EventController, audit, usage, health, ready,
+            metrics_route(settings.metrics_token),
+        ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         before_request=strict.before_request,

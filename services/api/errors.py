@@ -26,6 +26,7 @@ from shared.domain.errors import (
     VersionConflict,
 )
 from shared.domain.wire import ErrorBody, ErrorDetail
+from shared.observability import metrics
 from shared.supervise import TRANSIENT, pool_exhausted
 from services.api.body import InvalidJson, SchemaMismatch
 
@@ -110,7 +111,9 @@ def on_http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
 
 def on_store_error(_: Request, exc: Exception) -> Response[ErrorBody]:
     if pool_exhausted(exc):  # every Redis connection of this process is busy: shed the request
+        metrics.REJECTED.labels("overloaded", "").inc()
         return error_response(503, "overloaded", "the server is at capacity; retry shortly", None, {"Retry-After": "1"})
+    metrics.redis_error(exc)
     log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
     return error_response(503, "store_unavailable", "the store is unavailable; retry shortly", None, {"Retry-After": "1"})
 

@@ -5,7 +5,7 @@ few microseconds and the requests that are served keep their latency:
 
 - **Work in flight** is bounded per process (`PARLEY_MAX_INFLIGHT`). Beyond it a request is answered 503
   `overloaded` with `Retry-After: 1` at once instead of queueing behind the others. A stream or a waiting chat
-  stops counting once it waits (`services.api.sse.detach`). `/health` and `/ready` are never shed.
+  stops counting once it waits (`services.api.sse.detach`). `/health`, `/ready` and `/metrics` are never shed.
 - **A tenant's rate** is checked in Redis (`shared.adapters.redis.limits`, GCRA, the same for every process) once the key
   names the tenant. A refused request answers 429 `rate_limited` with `Retry-After`; for that long this process
   refuses the tenant without asking Redis again, so a noisy tenant costs the others little. Every answer to a
@@ -27,6 +27,7 @@ from litestar import Litestar
 from litestar.types import Message, Receive, Scope, Send
 
 from shared.app.ports import Admission
+from shared.observability import metrics
 from shared.domain.stream_tokens import verify
 from shared.supervise import TRANSIENT, pool_exhausted
 from services.api.auth import key_of
@@ -34,7 +35,7 @@ from services.api.context import Api
 
 __all__ = ["OVERLOADED_RESPONSE", "Gate", "Guard"]
 
-EXEMPT = frozenset({"/health", "/ready"})
+EXEMPT = frozenset({"/health", "/ready", "/metrics"})
 
 
 def _error(status: int, code: str, message: str) -> bytes:
@@ -47,6 +48,7 @@ EXPOSED_HEADERS = ["ETag", "Location", "Retry-After", "RateLimit", "RateLimit-Po
 """Response headers a browser page may read (CORS)."""
 EXPOSED = ", ".join(EXPOSED_HEADERS).encode()
 BAD_TOKEN = _error(401, "unauthorized", "the stream token is invalid, expired, or not for this stream")
+_OVERLOADED = metrics.REJECTED.labels("overloaded", "")
 RATE_LIMITED = _error(429, "rate_limited", "this tenant is over its request rate; retry after Retry-After seconds")
 
 
@@ -77,22 +79,27 @@ class Gate:
         self.working = 0
         self.shed = 0
         """Requests refused as overload, since start (for /metrics)."""
-        self._refusing: dict[bytes, tuple[float, Admission]] = {}
-        """sha256(key) → (until when, the admission that refused it): refused here without Redis meanwhile."""
+        self._refusing: dict[bytes, tuple[float, Admission, str]] = {}
+        """sha256(key) → (until when, the admission that refused it, its tenant): refused here without Redis
+        meanwhile."""
 
     def admit(self) -> bool:
         """A request's headers are parsed: count it in, or say it must be shed."""
         if self.waiting + self.working >= self.limit:
-            self.shed += 1
+            self.shed_one()
             return False
         self.waiting += 1
         return True
 
-    def refuse(self, key: str, admission: Admission, wait_s: float) -> None:
-        self._refusing[_digest(key)] = (time.monotonic() + wait_s, admission)
+    def shed_one(self) -> None:
+        self.shed += 1
+        _OVERLOADED.inc()
 
-    def refusal(self, key: str) -> tuple[Admission, float] | None:
-        """(the refusing admission, seconds left) while this key's tenant is refused; else None."""
+    def refuse(self, key: str, tenant: str, admission: Admission, wait_s: float) -> None:
+        self._refusing[_digest(key)] = (time.monotonic() + wait_s, admission, tenant)
+
+    def refusal(self, key: str) -> tuple[Admission, float, str] | None:
+        """(the refusing admission, seconds left, the tenant) while this key's tenant is refused; else None."""
         digest = _digest(key)
         hit = self._refusing.get(digest)
         if hit is None:
@@ -101,7 +108,7 @@ class Gate:
         if left <= 0:
             del self._refusing[digest]
             return None
-        return hit[1], left
+        return hit[1], left, hit[2]
 
     def early_answer(self, headers: list[tuple[bytes, bytes]]) -> bytes | None:
         """For the protocol, at parse time: the whole 429 answer if the request's key is being refused."""
@@ -111,7 +118,8 @@ class Gate:
         refused = self.refusal(key) if key is not None else None
         if refused is None:
             return None
-        admission, left = refused
+        admission, left, tenant = refused
+        metrics.REJECTED.labels("rate_limited", tenant).inc()  # answered by the protocol: the observer never sees it
         return _response(429, RATE_LIMITED, _refusal_headers(admission, left))
 
 
@@ -140,7 +148,7 @@ class Guard:
             return
         gate.waiting -= 1
         if parsed_at is not None and time.monotonic() - parsed_at > gate.max_wait_s:
-            gate.shed += 1
+            gate.shed_one()
             await _answer(own, 503, OVERLOADED, [(b"retry-after", b"1")])
             return
         gate.working += 1
@@ -187,7 +195,8 @@ class Guard:
             tenant = None
         refused = self.gate.refusal(key)
         if refused is not None:
-            await _answer(send, 429, RATE_LIMITED, _refusal_headers(*refused))
+            admission, left, state["parley.tenant"] = refused
+            await _answer(send, 429, RATE_LIMITED, _refusal_headers(admission, left))
             return None
         try:
             if tenant is None:
@@ -197,11 +206,15 @@ class Guard:
             state["parley.tenant"] = tenant
             admission = await api.parley.limits.admit(tenant)
         except TRANSIENT as e:
+            if pool_exhausted(e):
+                self.gate.shed_one()
+            else:
+                metrics.redis_error(e)
             await _answer(send, 503, OVERLOADED if pool_exhausted(e) else UNAVAILABLE, [(b"retry-after", b"1")])
             return None
         if not admission.admitted:
             wait = admission.wait_ms / 1000
-            self.gate.refuse(key, admission, wait)
+            self.gate.refuse(key, tenant, admission, wait)
             await _answer(send, 429, RATE_LIMITED, _refusal_headers(admission, wait))
             return None
         return ratelimit_headers(admission) if admission.burst else []

@@ -11,6 +11,7 @@ from typing import Literal
 from shared.bootstrap import Parley
 from shared.supervise import TRANSIENT
 from services.worker.projector import Projector
+from services.worker.sampler import sample
 
 __all__ = ["Role", "run_worker"]
 
@@ -19,10 +20,11 @@ log = logging.getLogger("parley.worker")
 Role = Literal["all", "projector", "chat"]
 
 
-async def run_worker(parley: Parley, stop: asyncio.Event, role: Role = "all") -> None:
+async def run_worker(parley: Parley, stop: asyncio.Event, role: Role = "all", sample_metrics: bool = True) -> None:
     """Run this process's parts until `stop` is set, then stop them gracefully: the projector finishes and
     acknowledges its batch before its consumer leaves the group; chat jobs in flight are cancelled (their leases
-    lapse and another worker runs them)."""
+    lapse and another worker runs them). `sample_metrics`: keep the lag and queue gauges current (someone
+    scrapes them)."""
     settings, supervisor = parley.settings, parley.supervisor
     parts: list[asyncio.Task[None]] = []
     projector = worker = None
@@ -40,6 +42,10 @@ async def run_worker(parley: Parley, stop: asyncio.Event, role: Role = "all") ->
         parts.append(supervisor.run("chat-worker", lambda: worker.poll(stop)))
         if worker.wake_client is not None:
             parts.append(supervisor.run("wake-listener", lambda: worker.listen(stop)))
+    if sample_metrics:
+        feed = parley.feed if projector is not None else None
+        depth = parley.queue.depth if worker is not None else None
+        parts.append(supervisor.run("metrics-sampler", lambda: sample(stop, feed, depth)))
     await stop.wait()
     _, pending = await asyncio.wait(parts, timeout=5)
     for task in pending:  # a part waiting out a store outage: nothing of it is in flight

@@ -54,13 +54,16 @@ class ChatRunner:
         provider: ModelProvider,
         counter_for: Callable[[str], TokenCounter],
         summary_reserve: int = 256,
+        on_usage: Callable[[Usage], None] = lambda usage: None,
     ) -> None:
-        """`counter_for(model)`: the token counter of a model (its tokenizer)."""
+        """`counter_for(model)`: the token counter of a model (its tokenizer); `on_usage`: told each answer's
+        usage (the provider's, else our own count), for metrics."""
         self.service = service
         self.chats = chats
         self.provider = provider
         self.counter_for = counter_for
         self.summary_reserve = summary_reserve
+        self.on_usage = on_usage
 
     async def run(self, tenant: str, session_id: str, job_id: str) -> str:
         """One attempt at a job; answers what happened (for arq's log)."""
@@ -96,6 +99,7 @@ class ChatRunner:
         )
         appended = await self._record(tenant, session_id, CompleteChat(job_id=job_id, response=response, save=requested.data.params.save))
         if appended:
+            self.on_usage(usage)
             await self.chats.emit(session_id, job_id, "done", _encode(response))
         else:
             await self._ensure_terminal(tenant, session_id, job_id)

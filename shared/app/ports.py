@@ -224,8 +224,24 @@ class FeedEntry(tuple):  # type: ignore[type-arg]
         return self[2]  # type: ignore[no-any-return]
 
 
+class PartitionLag(Struct, frozen=True):
+    """How far projection is behind on one partition (for metrics)."""
+
+    partition: int
+    entries: int
+    """Feed entries (one per acknowledged write) not yet projected: undelivered plus pending."""
+    pending: int
+    """Read by a projector, not yet acknowledged."""
+    oldest_ms: int | None
+    """When the oldest of them was written (Redis's clock, ms since the epoch); None: caught up."""
+
+
 class Feed(Protocol):
     async def ensure_groups(self) -> None: ...
+
+    async def lag(self) -> list[PartitionLag]:
+        """Every partition's projection lag (two pipelined round trips; for the metrics sampler)."""
+        ...
 
     async def read(self, count: int, block_ms: int | None) -> list[FeedEntry]:
         """New entries (sessions that changed), handed to this consumer only."""

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.adapters.redis.keys import Keys
-from shared.app.ports import FeedEntry
+from shared.app.ports import FeedEntry, PartitionLag
 
 GROUP = "projector"
 
@@ -80,6 +80,37 @@ class RedisFeed:
             if summary and summary.get("pending"):
                 floor = summary["min"].decode()
             await self.redis.xtrim(stream, minid=floor, approximate=False)
+
+    async def lag(self) -> list[PartitionLag]:
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self._streams:
+            pipe.xinfo_groups(stream)
+            pipe.xpending(stream, GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+        seen: list[tuple[int, str, int | None, int, bytes | None]] = []
+        """(partition, last delivered id, undelivered count or None, pending count, oldest pending id)"""
+        for p, groups, pending in zip(self._streams.values(), replies[0::2], replies[1::2]):
+            if isinstance(groups, Exception):  # no feed stream yet: nothing to project
+                seen.append((p, "0-0", 0, 0, None))
+                continue
+            group = next((g for g in groups if g["name"] == GROUP.encode()), None)
+            delivered = group["last-delivered-id"].decode() if group else "0-0"
+            count = int(pending["pending"]) if group and pending and not isinstance(pending, Exception) else 0
+            seen.append((p, delivered, group.get("lag") if group else None, count, pending["min"] if count else None))
+        pipe = self.redis.pipeline(transaction=False)
+        for p, delivered, _, _, _ in seen:
+            pipe.xrange(self.keys.feed(p), min=f"({delivered}", count=1)  # the oldest undelivered entry
+            pipe.xlen(self.keys.feed(p))
+        heads = await pipe.execute(raise_on_error=False)
+        out = []
+        for (p, _, undelivered, count, oldest), first, length in zip(seen, heads[0::2], heads[1::2]):
+            first = first if isinstance(first, list) else []
+            if undelivered is None:  # Redis cannot count them (entries were deleted): the stream's length bounds it
+                undelivered = int(length) if first and isinstance(length, int) else 0
+            ids = [i for i in (oldest, first[0][0] if first else None) if i is not None]
+            oldest_ms = min(_id_key(i)[0] for i in ids) if ids else None
+            out.append(PartitionLag(partition=p, entries=int(undelivered) + count, pending=count, oldest_ms=oldest_ms))
+        return out
 
     async def heartbeat(self) -> None:
         await self.redis.zadd(self.keys.projectors, {self.consumer: int(time.time() * 1000)})

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -19,6 +21,7 @@ from arq.worker import Retry, Worker, func
 from redis.asyncio import Redis
 
 from shared.adapters.redis.keys import PREFIX
+from shared.observability import logs, metrics
 from shared.supervise import TRANSIENT
 
 __all__ = ["MAX_TRIES", "QUEUE", "RUN_CHAT", "WAKE", "ArqChatWorker", "ChatQueue", "chat_worker"]
@@ -50,6 +53,10 @@ class ChatQueue:
         if job_ids:
             await self.arq.lpush(WAKE, *(b"1" for _ in job_ids))
             await self.arq.ltrim(WAKE, 0, 999)
+
+    async def depth(self) -> int:
+        """Jobs waiting in the queue (not yet started, or deferred for a retry)."""
+        return int(await self.arq.zcard(QUEUE))
 
 
 class ArqChatWorker(Worker):
@@ -99,6 +106,25 @@ def chat_worker(
     claim_ms = int(claim_s * 1000)
 
     async def run_chat(ctx: dict[str, Any], tenant: str, session_id: str, job_id: str) -> str:
+        with logs.bind(tenant=tenant, session_id=session_id, job_id=job_id):
+            if ctx.get("job_try", 1) == 1 and isinstance(ctx.get("enqueue_time"), datetime):
+                metrics.CHAT_QUEUE_WAIT.observe(max(0.0, time.time() - ctx["enqueue_time"].timestamp()))
+            start = time.perf_counter()
+            status = "retried"
+            try:
+                result = await attempt(ctx, tenant, session_id, job_id)
+                status = result.partition(":")[0]
+                return result
+            except asyncio.CancelledError:  # the worker is stopping: the lease lapses and the job runs again
+                status = "interrupted"
+                raise
+            finally:
+                seconds = time.perf_counter() - start
+                metrics.CHAT_JOBS.labels(status).inc()
+                metrics.CHAT_RUN.labels(status).observe(seconds)
+                log.info("chat attempt", extra={"fields": {"status": status, "attempt": ctx.get("job_try", 1), "duration_ms": round(seconds * 1000, 3)}})
+
+    async def attempt(ctx: dict[str, Any], tenant: str, session_id: str, job_id: str) -> str:
         key = in_progress_key_prefix + ctx["job_id"]
 
         async def heartbeat() -> None:

@@ -1,0 +1,75 @@
+"""The outermost ASGI layer: a request id, the request's metrics, and its one access-log line.
+
+It sits outside the guard, so refusals (429, 503) are counted and logged like any answer. Requests the HTTP
+protocol refuses before they become a task (`services.api.server`) never reach it; the gate counts those.
+
+The request id is the client's `X-Request-ID` when it looks like an id (1 to 128 of `A-Za-z0-9._:=+/-`), else a
+new one; it is echoed in the answer and bound to every log line of the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.observability import logs, metrics
+
+__all__ = ["UNROUTED", "Observed", "request_id"]
+
+UNROUTED = "unrouted"
+"""The route label of a request no route took (an unknown path, or one refused before routing)."""
+
+_SANE_ID = re.compile(rb"[A-Za-z0-9._:=+/-]{1,128}")
+
+
+def request_id(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bytes:
+    """The client's X-Request-ID if it is a sane id, else a new random one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            return value if _SANE_ID.fullmatch(value) else uuid.uuid4().hex.encode()
+    return uuid.uuid4().hex.encode()
+
+
+class Observed:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        rid = request_id(scope["headers"])
+        status = 500  # the app raised before answering: uvicorn answers 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]  # type: ignore[typeddict-unknown-key]
+            await send(message)
+
+        with logs.bind(request_id=rid.decode()):
+            try:
+                await self.app(scope, receive, sending)
+            finally:
+                self._done(scope, status, time.perf_counter() - start)
+
+    @staticmethod
+    def _done(scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("path_template") or UNROUTED
+        method = scope["method"]
+        metrics.observe_request(method, route, status, seconds)
+        tenant = scope.get("state", {}).get("parley.tenant")  # type: ignore[union-attr]
+        if status == 429:
+            metrics.REJECTED.labels("rate_limited", tenant or "").inc()
+        if logs.ACCESS.isEnabledFor(logging.INFO):
+            logs.ACCESS.info(
+                "request",
+                extra={"fields": {"method": method, "route": route, "path": scope["path"], "status": status,
+                                  "duration_ms": round(seconds * 1000, 3), "tenant": tenant}},
+            )

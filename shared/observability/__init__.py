@@ -1,0 +1,1 @@
+"""What operators see: logs (`logs`), Prometheus metrics (`metrics`) and optional OpenTelemetry traces (`tracing`)."""
