@@ -29,8 +29,10 @@ def auth(tenant: str = "acme") -> dict[str, str]:
 class ParleyProcess:
     """`parley api` or `parley worker` as a child process (kill() is SIGKILL, as a crash)."""
 
-    def __init__(self, role: str, redis_url: str, log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, role: str, redis_url: str, log_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+        """`args`: more command-line arguments (e.g. `--workers 2`)."""
         self.role = role
+        self.args = args or []
         self.port = free_port() if role in ("api", "dev") else None
         self.redis_url = redis_url
         self.log_path = log_dir / f"{role}-{time.monotonic_ns()}.log"
@@ -49,7 +51,7 @@ class ParleyProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> ParleyProcess:
-        args = [sys.executable, "-m", "services.cli", self.role]
+        args = [sys.executable, "-m", "services.cli", self.role, *self.args]
         if self.port:
             args += ["--port", str(self.port)]
         self._log = open(self.log_path, "ab")

@@ -17,6 +17,8 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
 )
 
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus-client opens its files there as metrics are defined
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 disable_created_metrics()  # the `_created` series double the output and say nothing a dashboard uses
 
 __all__ = [
