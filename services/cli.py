@@ -148,22 +148,25 @@ async def _worker(settings: Settings, role: str) -> None:
     from shared import bootstrap
     from shared.supervise import Supervisor
     from services.worker.main import run_worker
+    from services.worker.probes import ProbeServer
 
     supervisor = Supervisor(logging.getLogger("parley.worker"))
+    started = False
+    probes = ProbeServer(lambda: supervisor.status() if started else None)
     if settings.metrics_port:
-        from shared.observability import metrics
-
-        metrics.serve(settings.metrics_port)
+        await probes.start(settings.metrics_port)
     parley = await bootstrap.start(settings, supervisor=supervisor)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("worker running (%s; model: %s)", role, settings.model_base_url or "offline")
+    started = True
     try:
         await _until_failure(run_worker(parley, stop, role, sample_metrics=settings.metrics_port > 0), supervisor, stop.set)  # type: ignore[arg-type]
     finally:
         await parley.close()
+        await probes.close()
 
 
 async def _until_failure(main: Coroutine[Any, Any, None], supervisor: Any, shut_down: Callable[[], None]) -> None:

@@ -6,7 +6,7 @@ name any model.
 
 Processes: an API process serves `GET /metrics`; `parley api --workers N` runs N processes that write their
 values to `PROMETHEUS_MULTIPROC_DIR` (prometheus-client's multiprocess mode), so whichever of them answers a
-scrape reports the sum of all. A `parley worker` serves its own registry on `PARLEY_METRICS_PORT`.
+scrape reports the sum of all. A `parley worker` serves its own on `PARLEY_METRICS_PORT` (`services.worker.probes`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ disable_created_metrics()  # the `_created` series double the output and say not
 __all__ = [
     "CHAT_JOBS", "CHAT_QUEUE_DEPTH", "CHAT_QUEUE_WAIT", "CHAT_RUN", "CONTENT_TYPE", "FEED_PENDING", "HTTP_REQUESTS",
     "MODEL_CALL", "MODEL_TOKENS", "PROJECTION_LAG_ENTRIES", "PROJECTION_LAG_SECONDS", "REDIS_ERRORS", "REJECTED",
-    "exposition", "multiprocess", "observe_request", "redis_error", "serve",
+    "exposition", "multiprocess", "observe_request", "redis_error",
 ]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -123,10 +123,3 @@ def exposition() -> bytes:
         mp.MultiProcessCollector(registry)
         return generate_latest(registry)
     return generate_latest(REGISTRY)
-
-
-def serve(port: int, host: str = "0.0.0.0") -> None:
-    """Serve this process's metrics on their own port, from a thread (the worker has no HTTP server of its own)."""
-    from prometheus_client import start_http_server
-
-    start_http_server(port, host)

@@ -185,3 +185,12 @@ def test_logs_have_one_json_line_per_request_and_no_secrets(stack: Stack):
         assert secret not in text, "a secret in the logs"
         assert secret not in metrics_text, "a secret in the metrics"
     assert sid not in metrics_text  # routes are templates
+
+
+def test_the_worker_port_answers_probes(stack: Stack):
+    base = f"http://127.0.0.1:{stack.worker_metrics}"
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    ready = httpx.get(base + "/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"] == "ready" and {"projector", "chat-worker", "metrics-sampler"} <= set(ready.json()["parts"])
+    assert httpx.get(base + "/nowhere").status_code == 404
