@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_format)
+    if args.command in ("dev", "api", "worker"):
+        from shared.observability import tracing
+
+        tracing.configure(settings.otel, f"parley-{args.command}")
     match args.command:
         case "dev":
             _run(_dev(settings, args.host, args.port))

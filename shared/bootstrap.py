@@ -76,7 +76,7 @@ from shared.app.tenancy import Tenancy
 from shared.config import Settings
 from shared.domain.commands import Limits as ContentLimits
 from shared.domain.wire import Usage
-from shared.observability import metrics
+from shared.observability import metrics, tracing
 from shared.supervise import Supervisor, until_available
 
 __all__ = ["Adapters", "ChatWorker", "Parley", "dev_store_url", "embedded_store", "in_memory", "make_provider", "start"]
@@ -224,6 +224,8 @@ async def start(
 
     # the store may be down or loading, at any of these steps: wait for it (with backoff) rather than die
     secret = await (until_available(prepare, "the store") if wait_for_store else prepare())
+    if tracing.enabled():  # an `append` span per write: the request's, the job's context and answer
+        store.append = tracing.traced("append", store.append)  # type: ignore[method-assign]
     adapters = Adapters(
         log=store,
         views=store,

@@ -13,10 +13,11 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.observability import logs, metrics
+from shared.observability import logs, metrics, tracing
 
 __all__ = ["UNROUTED", "Observed", "request_id"]
 
@@ -54,6 +55,14 @@ class Observed:
             await send(message)
 
         with logs.bind(request_id=rid.decode()):
+            if tracing.enabled():
+                with tracing.server_span(scope["headers"], scope["method"]) as span:
+                    try:
+                        await self.app(scope, receive, sending)
+                    finally:
+                        _name(span, scope, status, rid)
+                        self._done(scope, status, time.perf_counter() - start)
+                return
             try:
                 await self.app(scope, receive, sending)
             finally:
@@ -73,3 +82,16 @@ class Observed:
                 extra={"fields": {"method": method, "route": route, "path": scope["path"], "status": status,
                                   "duration_ms": round(seconds * 1000, 3), "tenant": tenant}},
             )
+
+
+def _name(span: Any, scope: Scope, status: int, rid: bytes) -> None:
+    """Name the request's span by its route template and say how it ended (no URL: its query may hold a token)."""
+    route = scope.get("path_template") or UNROUTED
+    span.update_name(f"{scope['method']} {route}")
+    span.set_attribute("http.request.method", scope["method"])
+    span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    span.set_attribute("parley.request_id", rid.decode())
+    tenant = scope.get("state", {}).get("parley.tenant")  # type: ignore[union-attr]
+    if tenant:
+        span.set_attribute("parley.tenant", tenant)

@@ -21,7 +21,7 @@ from arq.worker import Retry, Worker, func
 from redis.asyncio import Redis
 
 from shared.adapters.redis.keys import PREFIX
-from shared.observability import logs, metrics
+from shared.observability import logs, metrics, tracing
 from shared.supervise import TRANSIENT
 
 __all__ = ["MAX_TRIES", "QUEUE", "RUN_CHAT", "WAKE", "ArqChatWorker", "ChatQueue", "chat_worker"]
@@ -49,7 +49,9 @@ class ChatQueue:
 
     async def enqueue(self, tenant: str, session_id: str, job_ids: Sequence[str]) -> None:
         for job_id in job_ids:
-            await self.arq.enqueue_job(RUN_CHAT, tenant, session_id, job_id, _job_id=f"{{arq}}chat:{job_id}", _queue_name=QUEUE)
+            await self.arq.enqueue_job(
+                RUN_CHAT, tenant, session_id, job_id, _job_id=f"{{arq}}chat:{job_id}", _queue_name=QUEUE, trace=tracing.inject()
+            )
         if job_ids:
             await self.arq.lpush(WAKE, *(b"1" for _ in job_ids))
             await self.arq.ltrim(WAKE, 0, 999)
@@ -105,8 +107,11 @@ def chat_worker(
     `blocking`: the client of the wake-up listener (None: no listener, the poll alone finds work)."""
     claim_ms = int(claim_s * 1000)
 
-    async def run_chat(ctx: dict[str, Any], tenant: str, session_id: str, job_id: str) -> str:
-        with logs.bind(tenant=tenant, session_id=session_id, job_id=job_id):
+    async def run_chat(ctx: dict[str, Any], tenant: str, session_id: str, job_id: str, trace: dict[str, str] | None = None) -> str:
+        """`trace`: the enqueuing request's trace context, when tracing is on (the job's span continues it)."""
+        with logs.bind(tenant=tenant, session_id=session_id, job_id=job_id), tracing.span(
+            "chat job", trace, **{"parley.tenant": tenant, "parley.session_id": session_id, "parley.job_id": job_id, "parley.attempt": ctx.get("job_try", 1)}
+        ):
             if ctx.get("job_try", 1) == 1 and isinstance(ctx.get("enqueue_time"), datetime):
                 metrics.CHAT_QUEUE_WAIT.observe(max(0.0, time.time() - ctx["enqueue_time"].timestamp()))
             start = time.perf_counter()
