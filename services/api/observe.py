@@ -9,30 +9,38 @@ new one; it is echoed in the answer and bound to every log line of the request.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.observability import logs, metrics, tracing
 
-__all__ = ["UNROUTED", "Observed", "request_id"]
+__all__ = ["UNROUTED", "Observed", "new_request_id", "request_id"]
 
 UNROUTED = "unrouted"
 """The route label of a request no route took (an unknown path, or one refused before routing)."""
 
 _SANE_ID = re.compile(rb"[A-Za-z0-9._:=+/-]{1,128}")
+_PREFIX = os.urandom(8).hex().encode()
+_counter = itertools.count(1)
+
+
+def new_request_id() -> bytes:
+    """32 hex digits: this process's random half, then a counter (unique without a syscall per request)."""
+    return b"%s%016x" % (_PREFIX, next(_counter))
 
 
 def request_id(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bytes:
-    """The client's X-Request-ID if it is a sane id, else a new random one."""
+    """The client's X-Request-ID if it is a sane id, else a new one."""
     for name, value in headers:
         if name == b"x-request-id":
-            return value if _SANE_ID.fullmatch(value) else uuid.uuid4().hex.encode()
-    return uuid.uuid4().hex.encode()
+            return value if _SANE_ID.fullmatch(value) else new_request_id()
+    return new_request_id()
 
 
 class Observed:
@@ -54,7 +62,8 @@ class Observed:
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]  # type: ignore[typeddict-unknown-key]
             await send(message)
 
-        with logs.bind(request_id=rid.decode()):
+        bound = logs.bind_request(rid.decode())
+        try:
             if tracing.enabled():
                 with tracing.server_span(scope["headers"], scope["method"]) as span:
                     try:
@@ -67,6 +76,8 @@ class Observed:
                 await self.app(scope, receive, sending)
             finally:
                 self._done(scope, status, time.perf_counter() - start)
+        finally:
+            logs.unbind(bound)
 
     @staticmethod
     def _done(scope: Scope, status: int, seconds: float) -> None:
@@ -77,11 +88,10 @@ class Observed:
         if status == 429:
             metrics.REJECTED.labels("rate_limited", tenant or "").inc()
         if logs.ACCESS.isEnabledFor(logging.INFO):
-            logs.ACCESS.info(
-                "request",
-                extra={"fields": {"method": method, "route": route, "path": scope["path"], "status": status,
-                                  "duration_ms": round(seconds * 1000, 3), "tenant": tenant}},
-            )
+            # made directly: `info()` would walk the stack to find its caller, a third of the line's cost
+            fields = {"method": method, "route": route, "path": scope["path"], "status": status,
+                      "duration_ms": round(seconds * 1000, 3), "tenant": tenant}
+            logs.ACCESS.handle(logs.ACCESS.makeRecord(logs.ACCESS.name, logging.INFO, __file__, 0, "request", (), None, extra={"fields": fields}))
 
 
 def _name(span: Any, scope: Scope, status: int, rid: bytes) -> None:

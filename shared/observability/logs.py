@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import logging
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["ACCESS", "JsonFormatter", "TextFormatter", "bind", "configure", "current"]
+import msgspec
+
+__all__ = ["ACCESS", "JsonFormatter", "TextFormatter", "bind", "bind_request", "configure", "current", "unbind"]
 
 ACCESS = logging.getLogger("parley.access")
 """One INFO line per HTTP request (request id, method, route, path, status, duration, tenant)."""
@@ -40,6 +41,15 @@ def bind(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+def bind_request(request_id: str) -> contextvars.Token[Mapping[str, Any]]:
+    """`bind(request_id=…)` without the context manager, for the per-request path; undo with `unbind`."""
+    return _context.set({"request_id": request_id})
+
+
+def unbind(token: contextvars.Token[Mapping[str, Any]]) -> None:
+    _context.reset(token)
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     """The bound context, then the record's own `extra={"fields": {...}}`."""
     own = getattr(record, "fields", None)
@@ -47,9 +57,17 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: `ts` (UTC, ms), `level`, `logger`, `msg`, then the fields (and `exc`)."""
+
+    _second = -1
+    _stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # one strftime per second, not per line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -57,7 +75,10 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str, ensure_ascii=False)
+        return _encode(line).decode()
+
+
+_encode = msgspec.json.Encoder(enc_hook=str).encode
 
 
 class TextFormatter(logging.Formatter):
@@ -82,3 +103,5 @@ def configure(level: str, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Parley's lines never show these; not looking them up makes each record cheaper (the access line is per request)
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
