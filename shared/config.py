@@ -104,7 +104,8 @@ class Settings(Struct, kw_only=True, frozen=True):
     """If set, `GET /metrics` wants `Authorization: Bearer <this>`; empty: it is open like `/health` (it holds
     no keys and no content; keep it off the public network or set this)."""
     metrics_port: int = 0
-    """`parley worker` serves its own metrics on this port (0: none); the API serves them at `/metrics`."""
+    """`parley worker` serves `/metrics`, `/health` and `/ready` on this port (0: none); the API serves its
+    metrics at `/metrics` on its own port."""
     otel: bool = False
     """Send OpenTelemetry traces (needs the `otel` extra; the exporter is set by the standard `OTEL_*` variables)."""
 

@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from shared.observability import logs, metrics, tracing
 
@@ -35,7 +36,7 @@ def new_request_id() -> bytes:
     return b"%s%016x" % (_PREFIX, next(_counter))
 
 
-def request_id(headers: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> bytes:
+def request_id(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """The client's X-Request-ID if it is a sane id, else a new one."""
     for name, value in headers:
         if name == b"x-request-id":
@@ -51,40 +52,41 @@ class Observed:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        http = cast("HTTPScope", scope)
         start = time.perf_counter()
-        rid = request_id(scope["headers"])
+        rid = request_id(http["headers"])
         status = 500  # the app raised before answering: uvicorn answers 500
 
         async def sending(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]  # type: ignore[typeddict-unknown-key]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
             await send(message)
 
         bound = logs.bind_request(rid.decode())
         try:
             if tracing.enabled():
-                with tracing.server_span(scope["headers"], scope["method"]) as span:
+                with tracing.server_span(http["headers"], http["method"]) as span:
                     try:
                         await self.app(scope, receive, sending)
                     finally:
-                        _name(span, scope, status, rid)
-                        self._done(scope, status, time.perf_counter() - start)
+                        _name(span, http, status, rid)
+                        self._done(http, status, time.perf_counter() - start)
                 return
             try:
                 await self.app(scope, receive, sending)
             finally:
-                self._done(scope, status, time.perf_counter() - start)
+                self._done(http, status, time.perf_counter() - start)
         finally:
             logs.unbind(bound)
 
     @staticmethod
-    def _done(scope: Scope, status: int, seconds: float) -> None:
+    def _done(scope: HTTPScope, status: int, seconds: float) -> None:
         route = scope.get("path_template") or UNROUTED
         method = scope["method"]
         metrics.observe_request(method, route, status, seconds)
-        tenant = scope.get("state", {}).get("parley.tenant")  # type: ignore[union-attr]
+        tenant = scope.get("state", {}).get("parley.tenant")
         if status == 429:
             metrics.REJECTED.labels("rate_limited", tenant or "").inc()
         if logs.ACCESS.isEnabledFor(logging.INFO):
@@ -94,7 +96,7 @@ class Observed:
             logs.ACCESS.handle(logs.ACCESS.makeRecord(logs.ACCESS.name, logging.INFO, __file__, 0, "request", (), None, extra={"fields": fields}))
 
 
-def _name(span: Any, scope: Scope, status: int, rid: bytes) -> None:
+def _name(span: Any, scope: HTTPScope, status: int, rid: bytes) -> None:
     """Name the request's span by its route template and say how it ended (no URL: its query may hold a token)."""
     route = scope.get("path_template") or UNROUTED
     span.update_name(f"{scope['method']} {route}")
@@ -102,6 +104,6 @@ def _name(span: Any, scope: Scope, status: int, rid: bytes) -> None:
     span.set_attribute("http.route", route)
     span.set_attribute("http.response.status_code", status)
     span.set_attribute("parley.request_id", rid.decode())
-    tenant = scope.get("state", {}).get("parley.tenant")  # type: ignore[union-attr]
+    tenant = scope.get("state", {}).get("parley.tenant")
     if tenant:
         span.set_attribute("parley.tenant", tenant)

@@ -75,14 +75,16 @@ def serve_many(host: str, port: int, workers: int) -> int:
     started = [time.monotonic()] * workers
     backoff = [0.5] * workers
     due: list[float | None] = [None] * workers
+    """When a dead child's successor is to start (None: the child runs)."""
     log.info("Parley on http://%s:%d with %d API processes (metrics merged in %s)", host, port, workers, metrics_dir)
     try:
         while not stopping:
             time.sleep(0.1)
             now = time.monotonic()
             for i, child in enumerate(children):
-                if due[i] is not None:
-                    if now >= due[i]:  # type: ignore[operator]
+                when = due[i]
+                if when is not None:
+                    if now >= when:
                         children[i], started[i], due[i] = start(), now, None
                     continue
                 if child.poll() is None:
@@ -112,4 +114,4 @@ def _forget(pid: int, metrics_dir: Path) -> None:
     """A dead child's live gauges must not be summed any more (its counters and histograms stay: they are totals)."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid, str(metrics_dir))
+    multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]

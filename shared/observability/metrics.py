@@ -19,7 +19,7 @@ from prometheus_client import (
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus-client opens its files there as metrics are defined
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
-disable_created_metrics()  # the `_created` series double the output and say nothing a dashboard uses
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the `_created` series double the output and say nothing a dashboard uses
 
 __all__ = [
     "CHAT_JOBS", "CHAT_QUEUE_DEPTH", "CHAT_QUEUE_WAIT", "CHAT_RUN", "CONTENT_TYPE", "FEED_PENDING", "HTTP_REQUESTS",
@@ -120,6 +120,6 @@ def exposition() -> bytes:
         from prometheus_client import multiprocess as mp
 
         registry = CollectorRegistry()
-        mp.MultiProcessCollector(registry)
+        mp.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest(REGISTRY)

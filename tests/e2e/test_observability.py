@@ -3,6 +3,7 @@ its own metrics, JSON logs with request ids, and no key, stream token or message
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -103,6 +104,37 @@ def test_both_api_processes_report_every_request_on_every_scrape(stack: Stack):
             assert value(text, "parley_http_request_duration_seconds_count", method="POST", route=route, status="201") == sent
 
 
+def children(pid: int) -> set[int]:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def test_a_killed_api_process_is_replaced_and_its_counts_are_kept(stack: Stack):
+    """kill -9 of one of the two processes: the parent starts another on the same socket, and the requests the
+    dead one served still count (counters and histograms are totals; only its gauges are dropped)."""
+    import os
+    import signal
+
+    assert stack.api.proc is not None
+    before = children(stack.api.proc.pid)
+    assert len(before) == 2
+    with httpx.Client(base_url=stack.api.url) as c:
+        counted = value(c.get("/metrics").text, "parley_http_request_duration_seconds_count", method="GET", route="/health", status="200")
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+
+    async def replaced() -> set[int] | None:
+        now = children(stack.api.proc.pid)  # type: ignore[union-attr]
+        return now if len(now) == 2 and victim not in now else None
+
+    asyncio.run(wait_for(replaced, 20, "the parent to start another API process"))
+    wait_ready(stack.api.url)
+    for _ in range(6):
+        with httpx.Client(base_url=stack.api.url) as fresh:
+            text = fresh.get("/metrics").text
+        # wait_ready's own /health probes are not counted: it asks /ready
+        assert value(text, "parley_http_request_duration_seconds_count", method="GET", route="/health", status="200") == counted
+
+
 def test_rate_limit_rejections_are_counted_by_tenant(stack: Stack):
     env = {**stack.api.env, "PARLEY_LOG_LEVEL": "WARNING"}
     subprocess.run([sys.executable, "-m", "services.cli", "tenants", "set-limits", "--tenant", "globex", "--rps", "1", "--burst", "1"],
@@ -128,8 +160,6 @@ def test_the_worker_reports_chats_model_calls_and_projection_lag(stack: Stack):
     async def scraped() -> str | None:
         text = httpx.get(f"http://127.0.0.1:{stack.worker_metrics}/metrics").text
         return text if value(text, "parley_chat_jobs_total", status="succeeded") >= 1 else None
-
-    import asyncio
 
     text = asyncio.run(wait_for(scraped, 20, "the worker's metrics to count the chat"))
     assert value(text, "parley_model_call_seconds_count", outcome="ok") >= 1
@@ -170,8 +200,6 @@ def test_logs_have_one_json_line_per_request_and_no_secrets(stack: Stack):
     async def chat_logged() -> list[dict] | None:
         lines = [json.loads(line) for line in stack.logs().splitlines() if line.startswith("{")]
         return lines if any(l.get("job_id") == job and l["msg"] == "chat attempt" for l in lines) else None
-
-    import asyncio
 
     lines = asyncio.run(wait_for(chat_logged, 20, "the worker's line about the chat"))
     text = stack.logs()

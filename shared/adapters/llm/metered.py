@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from shared.app.ports import Completion, Delta, ModelError, ModelProvider, ModelRequest
 from shared.observability import metrics, tracing
@@ -21,7 +21,7 @@ class Metered:
     def models(self) -> list[str]:
         return self.inner.models
 
-    async def stream(self, request: ModelRequest) -> AsyncIterator[Delta | Completion]:
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[Delta | Completion, None]:
         start = time.perf_counter()
         outcome = "error"
         with tracing.detached_span("model call", **{"gen_ai.request.model": request.model}) as span:
