@@ -204,6 +204,10 @@ class ChatQueue(Protocol):
         """Queue the jobs to run (a job already queued is not queued twice) and wake an idle worker."""
         ...
 
+    async def depth(self) -> int:
+        """Jobs waiting for a worker (for metrics and the chat workers' autoscaler)."""
+        ...
+
 
 # -- the projector's work -----------------------------------------------------------------------------------------
 class FeedEntry(tuple):  # type: ignore[type-arg]

@@ -130,3 +130,15 @@ async def test_the_job_of_a_worker_that_stopped_runs_on_another(backend: Backend
 
 async def _true(value: object) -> bool:
     return bool(value)
+
+
+async def test_depth_counts_the_jobs_waiting(backend: Backend) -> None:
+    assert await backend.queue.depth() == 0
+    jobs = [uuid7() for _ in range(3)]
+    await backend.queue.enqueue("acme", uuid7(), jobs[:2])
+    await backend.queue.enqueue("acme", uuid7(), jobs[1:])  # jobs[1] is queued once
+    assert await backend.queue.depth() == 3
+    calls = Calls()
+    async with working(backend, calls.run, calls.fail):
+        await wait_for(lambda: _true(all(calls.ran(j) for j in jobs)), TIMEOUT_S, "the jobs to run")
+    assert await backend.queue.depth() == 0

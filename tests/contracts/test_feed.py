@@ -119,3 +119,35 @@ async def test_a_consumer_that_leaves_drops_what_it_held(backend: Backend) -> No
     assert len(await leaving.read(10, None)) == 1
     await leaving.forget_consumer()
     assert await other.claim_stale(0, 10) == []
+
+
+async def oldest_ms(backend: Backend, partition: int, feed_entries: list) -> int:
+    """The time of the partition's oldest entry among `feed_entries` (its id's milliseconds)."""
+    return min(int(e.entry_id.split(b"-")[0]) for e in feed_entries if e.partition == partition)
+
+
+async def test_lag_counts_every_unprojected_write_until_acknowledged(backend: Backend) -> None:
+    """What the projection-lag metrics read: undelivered plus pending entries per partition, and the oldest one's
+    time (the feed entry's own), also before any projector made the group."""
+    states = [await create(backend.log) for _ in range(3)]
+    for s in states:
+        await add(backend.log, s, "x")  # 3 creations + 3 messages: 6 writes
+    probe = backend.feed("probe")
+    lag = await probe.lag()
+    assert [row.partition for row in lag] == list(range(backend.partitions))
+    assert sum(row.entries for row in lag) == 6 and all(row.pending == 0 for row in lag)
+    await probe.ensure_groups()
+    held = await probe.read(1, None)  # one per partition, not acknowledged
+    rest = await backend.feed("other").read(100, None)
+    lag = await probe.lag()
+    assert sum(row.entries for row in lag) == 6
+    assert sum(row.pending for row in lag) == 6 == len(held) + len(rest)
+    for row in lag:
+        assert row.oldest_ms == (await oldest_ms(backend, row.partition, held + rest) if row.entries else None)
+    await probe.ack(held)
+    lag = await probe.lag()
+    assert sum(row.entries for row in lag) == len(rest) and sum(row.pending for row in lag) == len(rest)
+    await probe.ack(rest)
+    assert [(row.entries, row.pending, row.oldest_ms) for row in await probe.lag()] == [
+        (0, 0, None)
+    ] * backend.partitions

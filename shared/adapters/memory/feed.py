@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shared.adapters.memory.store import EntryId, FeedGroup, Memory, entry_text, parse_entry_id
-from shared.app.ports import FeedEntry
+from shared.app.ports import FeedEntry, PartitionLag
 
 __all__ = ["GROUP", "MemoryFeed"]
 
@@ -89,6 +89,21 @@ class MemoryFeed:
     async def backlog(self, partition: int, count: int = 2_000) -> list[str]:
         entries = self.memory.feeds[partition].stream.entries[:count]
         return list(dict.fromkeys(sid for _, sid in entries))
+
+    async def lag(self) -> list[PartitionLag]:
+        out = []
+        for p, group in self.memory.feeds.items():
+            undelivered = group.stream.after(group.last_delivered if group.created else (0, 0))
+            ids = [*(group.pending if group.created else ()), *(eid for eid, _ in undelivered[:1])]
+            out.append(
+                PartitionLag(
+                    partition=p,
+                    entries=len(undelivered) + len(group.pending) if group.created else len(undelivered),
+                    pending=len(group.pending) if group.created else 0,
+                    oldest_ms=min(ids)[0] if ids else None,
+                )
+            )
+        return out
 
     async def heartbeat(self) -> None:
         self.memory.projectors[self.consumer] = self.memory.clock() * 1000

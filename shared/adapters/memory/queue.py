@@ -39,6 +39,9 @@ class MemoryChatQueue:
         if job_ids:
             m.signal("queue")
 
+    async def depth(self) -> int:
+        return len(self.memory.queued)
+
     def queued(self) -> list[str]:
         """The jobs waiting for a worker, oldest first."""
         return list(self.memory.queued)
