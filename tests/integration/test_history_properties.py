@@ -637,7 +637,7 @@ async def test_time_travel_across_real_snapshots_of_a_long_history(redis):
     await check([1, 2, 99, 100, 101, 102, 150, 199, 200, 201, 202, 298, 299, 300, 301, 302, head - 1, head])
     # the script folds from the nearest snapshot at or below the version: at most one interval of events
     for n, base in ((99, 0), (100, 100), (101, 100), (299, 200), (300, 300), (head, 300)):
-        reply = await TIME_TRAVEL(redis, [KEYS.head(sid), KEYS.snapshots(sid), KEYS.log(sid)], [tenant, n, SNAPSHOT_EVERY])
+        reply = await TIME_TRAVEL(redis, [KEYS.head(sid), KEYS.snapshots(sid), KEYS.log(sid)], [tenant, n, SNAPSHOT_EVERY, 0])
         assert int(reply[1]) == base and len(reply[3]) == n - base, f"version {n}"
 
     await w.rebuilder().run(Scope(session_id=sid))
