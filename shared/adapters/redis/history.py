@@ -16,6 +16,7 @@ from shared.adapters.codec import decode_event, decode_state, event_json, json_e
 from shared.app.ports import PurgeConflict
 from shared.domain.state import SessionState
 from shared.domain.events import Event, SessionPurged
+from shared.adapters.redis.cluster import ParleyCluster
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, run_live, stale_generation
 from shared.adapters.redis.scripts import PURGE, REGISTRY, SWITCH
@@ -198,20 +199,30 @@ class RedisHistory:
 
     # -- persistence -------------------------------------------------------------------------
     async def rewrite_persistence(self) -> list[str]:
-        """Ask Redis to rewrite its AOF and RDB files, so erased content leaves the disk too. Answers what it started."""
-        started: list[str] = []
-        config: dict[str, Any] = await self.redis.config_get("appendonly")
-        if config.get("appendonly") == "yes":
-            await self.redis.bgrewriteaof()
-            started.append("BGREWRITEAOF")
-        save: dict[str, Any] = await self.redis.config_get("save")
-        if save.get("save"):
-            try:
-                await self.redis.bgsave()
-                started.append("BGSAVE")
-            except Exception:  # noqa: BLE001 - a save already running will write the same state
-                pass
-        return started
+        """Ask Redis (every primary of a cluster) to rewrite its AOF and RDB files, so erased content leaves the disk
+        too. Answers what it started, per node on a cluster."""
+        if isinstance(self.redis, ParleyCluster):
+            started: list[str] = []
+            for node in self.redis.primaries():
+                started += [f"{what} on {node.name}" for what in await _rewrite(self.redis, target_nodes=node)]
+            return started
+        return await _rewrite(self.redis)
+
+
+async def _rewrite(redis: Any, **target: Any) -> list[str]:
+    started: list[str] = []
+    config: dict[str, Any] = await redis.config_get("appendonly", **target)
+    if config.get("appendonly") == "yes":
+        await redis.bgrewriteaof(**target)
+        started.append("BGREWRITEAOF")
+    save: dict[str, Any] = await redis.config_get("save", **target)
+    if save.get("save"):
+        try:
+            await redis.bgsave(**target)
+            started.append("BGSAVE")
+        except Exception:  # noqa: BLE001 - a save already running will write the same state
+            pass
+    return started
 
 
 def _encode_cursor(entry: tuple[int, int], partition: int) -> str:
