@@ -113,8 +113,16 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
         timeout_keep_alive=int(settings.keep_alive_s),
         log_level=settings.log_level.lower(),
         lifespan="on",
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
-    server = uvicorn.Server(config)
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            api = getattr(app.state, "api", None)
+            if api is not None:  # open streams end now; uvicorn waits for every connection to finish
+                api.streams.end_all()
+            await super().shutdown(sockets)
+
+    server = Server(config)
     log.info("Parley on http://%s:%d (OpenAPI at /schema)", host, port)
     await _until_failure(server.serve(), app.state.supervisor, lambda: setattr(server, "should_exit", True))
 

@@ -90,6 +90,9 @@ class Settings(Struct, kw_only=True, frozen=True):
     """How long a stream token (`POST /sessions/{id}/stream-tokens`) lasts by default."""
     stream_token_secret: str = ""
     """The HMAC key of stream tokens; empty: one is made at first start and kept in Redis for every process."""
+    shutdown_timeout_s: float = 15.0
+    """On SIGTERM the API stops accepting, ends its open streams and lets running requests finish for this long
+    (a waiting synchronous chat included), then cancels what is left."""
     max_streams: int = 10_000
     """Open event streams (and waiting synchronous chats) one API process holds; beyond it 429 `too_many_streams`."""
     sse_keepalive_s: float = 15.0

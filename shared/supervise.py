@@ -93,7 +93,8 @@ class Supervisor:
     # -- running parts -------------------------------------------------------------------
     def run(self, name: str, body: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
         """Run `body()` as the part `name` until it returns or is cancelled; restart it after transient errors."""
-        if name in self._parts and self._parts[name].task is not None and not self._parts[name].task.done():
+        running = self._parts[name].task if name in self._parts else None
+        if running is not None and not running.done():
             raise RuntimeError(f"part {name!r} is already running")
         part = self._parts[name] = _Part(name)
         part.task = asyncio.create_task(self._loop(part, body), name=f"part:{name}")

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from litestar import Litestar, MediaType, Response, get
 from litestar.config.cors import CORSConfig
@@ -16,7 +17,6 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from redis.asyncio import Redis
 
 from shared import bootstrap
 from shared.config import Settings
@@ -35,6 +35,9 @@ from services.api.sessions import SessionController
 from services.api.sse import StreamSlots
 from services.api.usage import usage
 from services.worker.main import run_worker
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger("parley.api")
 

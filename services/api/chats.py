@@ -23,9 +23,9 @@ from services.api.auth import provide_tenant
 from services.api.body import StrictBody
 from services.api.context import api
 from services.api.params import IdempotencyKey, Limit, Offset, errors, idempotency, json_list, json_response, parse_job_id, parse_session_id
-from services.api.sse import EventStream, open_stream, take_stream
+from services.api.sse import EventStream, open_stream, wait_for_answer
 
-__all__ = ["ChatController", "RETRY_MS", "wait_for_answer"]
+__all__ = ["ChatController", "RETRY_MS"]
 
 RETRY_MS = 3_000
 """`retry:` of the chat streams: how long an EventSource waits before it reconnects."""
@@ -114,17 +114,6 @@ def _valid_event_id(text: str) -> bool:
         return False
     ms, seq = text.removesuffix(".1").split("-")
     return int(ms) < 2**64 and int(seq) < 2**64
-
-
-async def wait_for_answer(request: Request[Any, Any, Any], sid: str, job_id: str) -> bytes:
-    """The job's answer, waiting at most `PARLEY_CHAT_WAIT_S` under a stream slot (a waiting chat is an open
-    stream: it costs no Redis connection, but it counts against the tenant's streams)."""
-    parley = api(request).parley
-    slot = await take_stream(request)
-    try:
-        return await parley.chats.wait(sid, job_id, parley.settings.chat_wait_s)
-    finally:
-        await slot.give()
 
 
 async def _sse(request: Request[Any, Any, Any], chats: Chats, sid: str, job_id: str, after: str) -> EventStream:

@@ -170,6 +170,8 @@ class Guard:
 
     async def _admit(self, scope: Scope, state: dict[str, Any], send: Send) -> list[tuple[bytes, bytes]] | None:
         """None: refused (answered); else the headers to add to the answer."""
+        if scope["method"] == "OPTIONS":  # a CORS preflight carries no credentials: litestar's CORS answers it
+            return []
         api: Api = self.app.state.api
         key = key_of(scope["headers"])
         if key is None:

@@ -39,11 +39,10 @@ from shared.domain.openai_wire import (
 from shared.domain.wire import ChatResponse, ErrorBody
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
-from services.api.chats import wait_for_answer
 from services.api.context import api
 from services.api.errors import EXCEPTION_HANDLERS, UNANSWERED_STATUS
 from services.api.params import IdempotencyKey, idempotency, parse_session_id
-from services.api.sse import EventStream, open_stream, stream_response, take_stream
+from services.api.sse import EventStream, open_stream, stream_response, take_stream, wait_for_answer
 
 __all__ = ["OpenAIController"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
+import msgspec
 from litestar import MediaType, Request, Response
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, Parameter
@@ -17,7 +18,7 @@ from shared.domain.wire import ErrorBody
 
 __all__ = [
     "AtVersion", "IdempotencyKey", "IfMatch", "Limit", "Offset", "etag", "errors", "expected_version", "idempotency",
-    "json_list", "json_response", "parse_job_id", "parse_session_id",
+    "json_list", "json_response", "parse_job_id", "parse_message_id", "parse_session_id",
 ]
 
 Limit = Annotated[int, Parameter(ge=1, le=1000, description="Items per page (1..1000).")]
@@ -51,18 +52,24 @@ def errors(*codes: int) -> dict[int, ResponseSpec]:
     return {c: ResponseSpec(data_container=ErrorBody, description="Error") for c in (401, 422, 503, *codes)}
 
 
+def _parse_id(raw: str, what: str) -> str:
+    """A UUID path segment, normalised; anything else names nothing here (404, as an unknown id does)."""
+    parsed = parse_uuid(raw)
+    if parsed is None:
+        raise NotFound(f"{what} {raw} not found")
+    return parsed
+
+
 def parse_session_id(raw: str) -> str:
-    sid = parse_uuid(raw)
-    if sid is None:
-        raise NotFound(f"session {raw} not found")
-    return sid
+    return _parse_id(raw, "session")
+
+
+def parse_message_id(raw: str) -> str:
+    return _parse_id(raw, "message")
 
 
 def parse_job_id(raw: str) -> str:
-    job = parse_uuid(raw)
-    if job is None:
-        raise NotFound(f"chat {raw} not found")
-    return job
+    return _parse_id(raw, "chat")
 
 
 def etag(version: int) -> str:
@@ -86,9 +93,14 @@ async def idempotency(request: Request[Any, Any, Any], key: str | None) -> Idemp
     return Idempotency.of(key, request.method, request.url.path, await request.body())
 
 
-def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
-    """An answer of JSON already encoded (read models hold wire JSON: it is never decoded on the way out)."""
-    return Response(content=body, status_code=status, headers=headers, media_type=MediaType.JSON)
+def json_response(body: bytes | msgspec.Struct, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
+    """An answer of JSON: bytes already encoded (read models hold wire JSON: it is never decoded on the way out),
+    or a wire Struct a use case returned, encoded here once."""
+    content = body if isinstance(body, bytes) else _encode(body)
+    return Response(content=content, status_code=status, headers=headers, media_type=MediaType.JSON)
+
+
+_encode = msgspec.json.Encoder().encode
 
 
 def json_list(items: list[bytes], **fields: bytes) -> Response[Any]:

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Controller, Request, Response, delete, get, post, route
+from litestar import Controller, Request, Response, delete, get, patch, post, route
 from litestar.di import Provide
 from litestar.params import Parameter
 
-from shared.adapters.codec import json_encode
 from shared.domain.wire import (
     Message,
     MessageCreate,
     MessageList,
+    MessagePatch,
     Session,
     SessionCreate,
     SessionDeletion,
@@ -40,6 +40,7 @@ from services.api.params import (
     idempotency,
     json_list,
     json_response,
+    parse_message_id,
     parse_session_id,
 )
 
@@ -67,7 +68,7 @@ class SessionController(Controller):
         """Create a session. Answers the whole session with `Location` and `ETag`."""
         sessions = api(request).parley.sessions
         session, version = await sessions.create(tenant, data, await idempotency(request, idempotency_key))
-        return json_response(json_encode(session), 201, {"ETag": etag(version), "Location": f"/sessions/{session.id}"})
+        return json_response(session, 201, {"ETag": etag(version), "Location": f"/sessions/{session.id}"})
 
     @get("/{session_id:str}", responses=errors(404))
     async def get_session(self, request: Request, tenant: str, session_id: str, version: AtVersion = None) -> Response[Session]:
@@ -89,7 +90,7 @@ class SessionController(Controller):
         sessions = api(request).parley.sessions
         idem = await idempotency(request, idempotency_key)
         session, version = await sessions.update(tenant, parse_session_id(session_id), data, expected_version(if_match), idem)
-        return json_response(json_encode(session), headers={"ETag": etag(version)})
+        return json_response(session, headers={"ETag": etag(version)})
 
     @delete("/{session_id:str}", status_code=202, responses=errors(404, 412))
     async def delete_session(
@@ -107,7 +108,7 @@ class SessionController(Controller):
         sessions = api(request).parley.sessions
         idem = await idempotency(request, idempotency_key)
         deletion = await sessions.delete(tenant, parse_session_id(session_id), expected_version(if_match), idem, purge)
-        return json_response(json_encode(deletion), 202)
+        return json_response(deletion, 202)
 
     @post("/{session_id:str}/messages", status_code=201, responses=errors(404), dto=StrictBody[MessageCreate], return_dto=None)
     async def add_message(
@@ -116,7 +117,7 @@ class SessionController(Controller):
         """Append a message; `seq` is its 1-based position in the session."""
         sessions = api(request).parley.sessions
         message = await sessions.add_message(tenant, parse_session_id(session_id), data, await idempotency(request, idempotency_key))
-        return json_response(json_encode(message), 201)
+        return json_response(message, 201)
 
     @get("/{session_id:str}/messages", responses=errors(404))
     async def list_messages(
@@ -124,6 +125,35 @@ class SessionController(Controller):
     ) -> Response[MessageList]:
         """The session's messages in conversation order (oldest first); with `version`, those it had right after that event."""
         return json_list(await api(request).parley.sessions.messages(tenant, parse_session_id(session_id), limit, offset, version))
+
+    @get("/{session_id:str}/messages/{message_id:str}", responses=errors(404))
+    async def get_message(self, request: Request, tenant: str, session_id: str, message_id: str) -> Response[Message]:
+        """One message as it is now (edited: its current content and `edited_at`; removed: 404)."""
+        message = await api(request).parley.sessions.message(tenant, parse_session_id(session_id), parse_message_id(message_id))
+        return json_response(message)
+
+    @patch("/{session_id:str}/messages/{message_id:str}", responses=errors(404), dto=StrictBody[MessagePatch], return_dto=None)
+    async def edit_message(
+        self, request: Request, tenant: str, session_id: str, message_id: str, data: MessagePatch, idempotency_key: IdempotencyKey = None
+    ) -> Response[Message]:
+        """Edit a message's `content` or `name`, as a `MessageEdited` event: the list shows the new text, the context
+        builder uses it, and time travel (`?version=`) still shows what was there before."""
+        sessions = api(request).parley.sessions
+        idem = await idempotency(request, idempotency_key)
+        message = await sessions.edit_message(tenant, parse_session_id(session_id), parse_message_id(message_id), data, idem)
+        return json_response(message)
+
+    @delete("/{session_id:str}/messages/{message_id:str}", status_code=200, responses=errors(404))
+    async def remove_message(
+        self, request: Request, tenant: str, session_id: str, message_id: str, idempotency_key: IdempotencyKey = None
+    ) -> Response[Message]:
+        """Take a message out of the conversation, as a `MessageRemoved` event, answering it as it was: the list and
+        the context builder omit it; its events stay in the log (time travel shows it) until the session is purged.
+        Removing an assistant message that made tool calls closes those calls: no tool answer is expected any more."""
+        sessions = api(request).parley.sessions
+        idem = await idempotency(request, idempotency_key)
+        message = await sessions.remove_message(tenant, parse_session_id(session_id), parse_message_id(message_id), idem)
+        return json_response(message)
 
     @get("/{session_id:str}/tools", responses=errors(404))
     async def list_tools(self, request: Request, tenant: str, session_id: str, version: AtVersion = None) -> Response[ToolList]:
@@ -136,5 +166,5 @@ class SessionController(Controller):
         cannot send `Authorization`): pass it as `?token=` to `/sessions/{id}/events` (SSE) or
         `/sessions/{id}/chats/{job}/stream`. It opens nothing else; it is never logged."""
         token = await api(request).parley.sessions.stream_token(tenant, parse_session_id(session_id), data.ttl_s)
-        return json_response(json_encode(token), 201)
+        return json_response(token, 201)
 

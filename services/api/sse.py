@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from litestar import Request
@@ -31,7 +31,7 @@ from services.api.context import api
 
 __all__ = [
     "EventStream", "StreamSlot", "StreamSlots", "TooManyStreams", "detach", "open_stream", "stream_response", "take_stream",
-    "tenant_of",
+    "tenant_of", "wait_for_answer",
 ]
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -56,6 +56,12 @@ class StreamSlots:
         self._held: dict[str, set[str]] = {}
         self._seq = itertools.count()
         self._me = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.closing = asyncio.Event()
+        """Set when the server shuts down: every open stream ends cleanly (its client reconnects elsewhere with
+        `Last-Event-ID`) instead of holding the shutdown up for ever."""
+
+    def end_all(self) -> None:
+        self.closing.set()
 
     async def take(self, tenant: str) -> str:
         if self.open >= self.limit:
@@ -108,8 +114,11 @@ class _Frames:
     """A stream's frames. Closing them gives the stream's slot back, even if they were never started. `retry`:
     the SSE `retry:` field to send with the first frame (an EventSource's reconnection delay)."""
 
-    def __init__(self, frames: AsyncIterator[bytes], release: Callable[[], Awaitable[None]], retry: bytes = b"") -> None:
+    def __init__(
+        self, frames: AsyncIterator[bytes], release: Callable[[], Awaitable[None]], retry: bytes = b"", closing: asyncio.Event | None = None,
+    ) -> None:
         self._frames = frames
+        self.closing = closing
         self._release: Callable[[], Awaitable[None]] | None = release
         self._first = retry
 
@@ -139,8 +148,24 @@ class _ClosingStreamingResponse(ASGIStreamingResponse):
     __slots__ = ()
 
     async def send_body(self, send: Send, receive: Receive) -> None:
+        closing: asyncio.Event | None = getattr(self.iterator, "closing", None)
         try:
-            await super().send_body(send, receive)
+            if closing is None:
+                await super().send_body(send, receive)
+                return
+            body = asyncio.ensure_future(super().send_body(send, receive))
+            ending = asyncio.ensure_future(closing.wait())
+            try:
+                await asyncio.wait((body, ending), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ending.cancel()
+            if body.done():
+                body.result()
+                return
+            body.cancel()  # the server shuts down: end the response properly, between two frames
+            with contextlib.suppress(asyncio.CancelledError):
+                await body
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await self.iterator.aclose()  # type: ignore[union-attr]
 
@@ -159,6 +184,7 @@ class StreamSlot:
 
     def __init__(self, slots: StreamSlots, tenant: str, member: str) -> None:
         self._slots: StreamSlots | None = slots
+        self.closing = slots.closing
         self.tenant = tenant
         self.member = member
 
@@ -181,9 +207,20 @@ def stream_response(slot: StreamSlot, frames: AsyncIterator[bytes], retry_ms: in
     """The `text/event-stream` answer of `frames`; it gives `slot` back when it ends. `retry_ms`: send the SSE
     `retry:` field (not on the OpenAI-compatible streams, whose framing is OpenAI's)."""
     retry = b"retry: %d\n" % retry_ms if retry_ms else b""
-    return EventStream(_Frames(frames, slot.give, retry), media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStream(_Frames(frames, slot.give, retry, slot.closing), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def open_stream(request: Request[Any, Any, Any], frames: AsyncIterator[bytes], retry_ms: int | None = None) -> EventStream:
     """`take_stream`, then `stream_response`."""
     return stream_response(await take_stream(request), frames, retry_ms)
+
+
+async def wait_for_answer(request: Request[Any, Any, Any], sid: str, job_id: str) -> bytes:
+    """The job's answer, waiting at most `PARLEY_CHAT_WAIT_S` under a stream slot (a waiting chat is an open
+    stream: it costs no Redis connection, but it counts against the tenant's streams)."""
+    parley = api(request).parley
+    slot = await take_stream(request)
+    try:
+        return await parley.chats.wait(sid, job_id, parley.settings.chat_wait_s)
+    finally:
+        await slot.give()

@@ -7,6 +7,7 @@ still active, and the answer's ids are derived from the job id.
 
 from __future__ import annotations
 
+import functools
 import contextlib
 import logging
 import time
@@ -19,7 +20,7 @@ import msgspec
 from shared.domain.commands import AddSummary, CompleteChat, FailChat, RecordContext
 from shared.domain.context import ContextMessage, ContextPlan, Summary, TokenBudgetExceeded, TokenCounter, plan_context, to_openai
 from shared.domain.errors import DomainError
-from shared.domain.events import ChatRequested
+from shared.domain.events import ChatRequested, Event
 from shared.domain.wire import AssistantMessage, ChatChoice, ChatResponse, ContextReport, Message, Tool, Usage
 from shared.domain.state import SessionState
 from shared.app.ports import ChatJobs, Completion, Delta, ModelError, ModelProvider, ModelRequest
@@ -154,7 +155,7 @@ class ChatRunner:
         offset = 0
         while offset < up_to_seq:
             limit = min(1000, up_to_seq - offset)
-            view = await self.service.read(session_id, lambda o=offset, n=limit: self.service.views.messages(tenant, session_id, n, o))
+            view = await self.service.read(session_id, functools.partial(self.service.views.messages, tenant, session_id, limit, offset))
             page = [_message_decoder.decode(raw) for raw in view.items or []]
             if not page:
                 break
@@ -226,7 +227,7 @@ class ChatRunner:
         """Append what the job decided; False when the job had already ended (a repeat run)."""
         appended: list[bool] = []
 
-        def respond(_: SessionState, events: list) -> None:
+        def respond(_: SessionState, events: list[Event]) -> None:
             appended.append(bool(events))
 
         try:

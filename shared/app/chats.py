@@ -8,9 +8,10 @@ chunk stream (`follow_chunks`, `wait`).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -155,11 +156,11 @@ class Chats:
 
     def follow_chunks(
         self, sid: str, job_id: str, after: str = "0-0", keepalive_s: float = 15.0, deadline: float | None = None
-    ) -> AsyncIterator[list[tuple[str, str, bytes]]]:
+    ) -> AsyncGenerator[builtins.list[tuple[str, str, bytes]], None]:
         """The job's chunk stream after `after`, batch by batch as the worker writes it (`shared.app.follow`)."""
         cursor = after
 
-        async def fetch() -> list[tuple[str, str, bytes]]:
+        async def fetch() -> builtins.list[tuple[str, str, bytes]]:
             nonlocal cursor
             entries = await self.jobs.chunks(sid, job_id, cursor)
             if entries:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import functools
 import msgspec
 
 from shared.app.chats import Chats, StaleConversation
@@ -142,7 +143,7 @@ class Completions:
         out: list[Message] = []
         while offset + len(out) < end:
             at = offset + len(out)
-            view = await self.service.read(sid, lambda o=at, n=min(PAGE, end - at): self.service.views.messages(tenant, sid, n, o))
+            view = await self.service.read(sid, functools.partial(self.service.views.messages, tenant, sid, min(PAGE, end - at), at))
             page = [_message.decode(raw) for raw in view.items or []]
             if not page:
                 break

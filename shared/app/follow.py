@@ -9,7 +9,7 @@ only delays it.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
 from shared.app.ports import Wakeups
@@ -28,7 +28,7 @@ async def follow(
     fetch: Callable[[], Awaitable[list[T]]],
     keepalive_s: float,
     deadline: float | None = None,
-) -> AsyncIterator[list[T]]:
+) -> AsyncGenerator[list[T], None]:
     """Yield each non-empty batch `fetch()` answers as it appears; an empty batch after `keepalive_s` of quiet
     (time for a keep-alive comment). Ends at `deadline` (monotonic), or when the caller stops iterating.
 

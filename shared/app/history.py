@@ -106,7 +106,7 @@ async def import_sessions(service: SessionService, admin: LogAdmin, tenant: str,
     for sid, _ in sessions:
         if (await admin.head(sid))[1] is not None:
             raise SessionExists(f"session {sid} already exists in this deployment; nothing was imported")
-    done = []
+    done: list[tuple[str, int]] = []
     for sid, events in sessions:
         outcome = await service.log.append(tenant, sid, 0, events)
         if not isinstance(outcome, Appended):

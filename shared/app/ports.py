@@ -20,7 +20,7 @@ use case behaves the same on all of them; the use cases' own tests run on the me
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -427,7 +427,7 @@ class ModelError(Exception):
 
 
 class ModelProvider(Protocol):
-    def stream(self, request: ModelRequest) -> AsyncIterator[Delta | Completion]: ...
+    def stream(self, request: ModelRequest) -> AsyncGenerator[Delta | Completion, None]: ...
 
     @property
     def models(self) -> list[str]:

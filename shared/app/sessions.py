@@ -7,6 +7,7 @@ encodes; reads answer the read models' pre-encoded JSON, fresh as of the read's 
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -89,7 +90,7 @@ class Sessions:
             deleted_at = await self.history.purge(tenant, sid, expected)
             return SessionDeletion(id=sid, deleted_at=deleted_at, purged=True)
 
-        def deletion(_: SessionState, events: list[Event]) -> SessionDeletion:
+        def deletion(_: SessionState, events: builtins.list[Event]) -> SessionDeletion:
             return SessionDeletion(id=sid, deleted_at=events[0].occurred_at)
 
         before = await self.log.load(tenant, sid)
@@ -111,7 +112,7 @@ class Sessions:
     async def add_message(self, tenant: str, sid: str, body: MessageCreate, idem: Idempotency | None = None) -> Message:
         return await self.service.execute(tenant, sid, AddMessage(body=body), _added, idem, Message)
 
-    async def messages(self, tenant: str, sid: str, limit: int, offset: int, version: int | None = None) -> list[bytes]:
+    async def messages(self, tenant: str, sid: str, limit: int, offset: int, version: int | None = None) -> builtins.list[bytes]:
         """The conversation (JSON), oldest first, each message as it is now; at `version`: as it was then."""
         if version is not None:
             count = (await self.service.at_version(tenant, sid, version)).message_count
@@ -142,7 +143,7 @@ class Sessions:
     async def remove_message(self, tenant: str, sid: str, message_id: str, idem: Idempotency | None = None) -> Message:
         current = await self.message(tenant, sid, message_id)
 
-        def removed(_: SessionState, events: list[Event]) -> Message:
+        def removed(_: SessionState, events: builtins.list[Event]) -> Message:
             assert isinstance(events[0], MessageRemoved)
             return current
 
@@ -174,7 +175,7 @@ class Sessions:
         the session is purged."""
         cursor = after
 
-        async def fetch() -> list[bytes]:
+        async def fetch() -> builtins.list[bytes]:
             nonlocal cursor
             view = await self.log.events(tenant, sid, cursor, batch)
             if view.head == 0:

@@ -53,6 +53,7 @@ from shared.domain.wire import (
     SessionCreate,
     SessionPatch,
     Tool,
+    ToolCall,
 )
 from shared.domain.state import SessionState, fold
 
@@ -179,16 +180,16 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
         case RequestChat():
             return _request_chat(state, command, stamp, limits)
         case RecordContext(job_id=job) if _running(state, job):
-            data = ContextBuiltData(job_id=job, **structs.asdict(command.report))
-            return [ContextBuilt(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=data)]
+            built = ContextBuiltData(job_id=job, **structs.asdict(command.report))
+            return [ContextBuilt(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=built)]
         case AddSummary(job_id=job) if _running(state, job):
-            data = SummaryAddedData(job_id=job, content=command.content, up_to_seq=command.up_to_seq, summarized=command.summarized)
-            return [SummaryAdded(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=data)]
+            summary = SummaryAddedData(job_id=job, content=command.content, up_to_seq=command.up_to_seq, summarized=command.summarized)
+            return [SummaryAdded(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=summary)]
         case CompleteChat(job_id=job) if _running(state, job):
             return _complete_chat(state, command, stamp)
         case FailChat(job_id=job) if _running(state, job):
-            data = ChatFailedData(job_id=job, error=ChatError(code=command.code, message=command.message))
-            return [ChatFailed(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=data)]
+            failed = ChatFailedData(job_id=job, error=ChatError(code=command.code, message=command.message))
+            return [ChatFailed(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=failed)]
         case CancelChat(job_id=job):
             _check_live(state, None)
             if state.active(job) is None:
@@ -199,8 +200,8 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
                 answer = _answer_message(state, job, command.partial, None, stamp)
                 message_id = answer.data.id
                 events.append(answer)
-            data = ChatCancelledData(job_id=job, reason=command.reason, message_id=message_id)
-            return [*events, ChatCancelled(id=stamp.new_id(), version=state.version + len(events) + 1, occurred_at=stamp.now, data=data)]
+            cancelled = ChatCancelledData(job_id=job, reason=command.reason, message_id=message_id)
+            return [*events, ChatCancelled(id=stamp.new_id(), version=state.version + len(events) + 1, occurred_at=stamp.now, data=cancelled)]
         case RecordContext() | AddSummary() | CompleteChat() | FailChat():
             return []  # the job already ended (answered, failed or cancelled): a repeat run changes nothing
     raise TypeError(f"unknown command {type(command).__name__}")
@@ -340,7 +341,7 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
             events.append(event)
         else:
             _check_message(m, limits, frozenset(known))
-        known.discard(m.tool_call_id)  # type: ignore[arg-type]
+        known.discard(m.tool_call_id)
         known |= {c.id for c in m.tool_calls or ()}
     params = ChatParams(
         model=r.model or command.default_model,
@@ -355,13 +356,13 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
         tool_choice=r.tool_choice,
         response_format=r.response_format,
     )
-    data = ChatRequestedData(
+    requested = ChatRequestedData(
         job_id=command.job_id,
         params=params,
         message_ids=ids,
         unsaved=[] if r.save else r.messages,
     )
-    events.append(ChatRequested(id=stamp.new_id(), version=version + 1, occurred_at=stamp.now, data=data))
+    events.append(ChatRequested(id=stamp.new_id(), version=version + 1, occurred_at=stamp.now, data=requested))
     return events
 
 
@@ -380,7 +381,7 @@ def _complete_chat(state: SessionState, command: CompleteChat, stamp: Stamp) -> 
     return events
 
 
-def _answer_message(state: SessionState, job_id: str, content: str | None, tool_calls: list | None, stamp: Stamp) -> MessageAdded:
+def _answer_message(state: SessionState, job_id: str, content: str | None, tool_calls: list[ToolCall] | None, stamp: Stamp) -> MessageAdded:
     """A chat's answer as the session's next message; its ids derive from the job's, so a job answers once."""
     message = Message(
         id=derived_id(job_id, "answer"),

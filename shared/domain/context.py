@@ -32,11 +32,11 @@ class ContextMessage(msgspec.Struct, kw_only=True):
     id: str | None
     """The stored message's id; None for one not stored (the situation, the summary, an unsaved message)."""
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list | None
+    content: str | list[Any] | None
     """Text, or content parts (`TextPart`/`ImagePart` or their dict forms)."""
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
     """OpenAI-shaped: `{"id", "type": "function", "function": {"name", "arguments"}}`."""
 
 
@@ -253,7 +253,7 @@ def _units(conv: list[ContextMessage]) -> list[list[int]]:
     return units
 
 
-def _content_tokens(counter: TokenCounter, content: str | list | None) -> int:
+def _content_tokens(counter: TokenCounter, content: str | list[Any] | None) -> int:
     if content is None:
         return 0
     if isinstance(content, str):

@@ -183,7 +183,7 @@ Event = (
 CHAT_ENDED = (ChatCompleted, ChatFailed, ChatCancelled)
 
 _DATA_DECODERS = {
-    cls: msgspec.json.Decoder(next(f.type for f in msgspec.structs.fields(cls) if f.name == "data")) for cls in Event.__args__  # type: ignore[attr-defined]
+    cls: msgspec.json.Decoder(next(f.type for f in msgspec.structs.fields(cls) if f.name == "data")) for cls in Event.__args__
 }
 _encode = msgspec.json.Encoder().encode
 

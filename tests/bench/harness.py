@@ -371,6 +371,82 @@ class Bench:
                     noisy_served_rps=med(noisy, "ok_rps"), pinned="API on core 0; Redis, worker, load generators on core 1",
                     goal="p99_ratio <= 1.2")
 
+    def p9(self) -> None:
+        """Scale-out on this machine. (a) Appends against one API process, then spread over two (a second
+        `parley api` on its own port, the same Redis and worker). (b) Chat jobs/s with one worker, then two. (c) A
+        worker killed (-9) while appends flow and another worker runs: how long writes wait to be projected across
+        the take-over, and how many reads answer 503. On 2 cores, a second process adds a scheduler's worth of
+        parallelism at most: the load generator, Redis and the first process share the same cores."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tests.bench import chat_bench
+
+        a = self.args
+        ids = self.sessions(20 if a.quick else 200)
+        posts = [f"/sessions/{s}/messages" for s in ids]
+        py = sys.executable
+        second = Proc([py, "-m", "services.cli", "api", "--port", str(p := free_port())], self.env, self.tmp / "api2.log", port=p)
+        one, two = [], []
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                for _ in range(a.reps):
+                    one.append(load(self.api.url, posts, a.seconds, a.connections, "POST", BODY))
+                    halves = [pool.submit(load, url, posts, a.seconds, a.connections // 2, "POST", BODY) for url in (self.api.url, second.url)]
+                    runs = [h.result() for h in halves]
+                    two.append({"rps": sum(r["rps"] for r in runs), "errors": sum(r["errors"] for r in runs), "p99_ms": max(r["p99_ms"] for r in runs)})
+        finally:
+            second.stop()
+        self.check(one + two)
+        self.record("P9api", one_api_rps=med(one, "rps"), two_apis_rps=med(two, "rps"), scale=med(two, "rps") / med(one, "rps"),
+                    one_api_p99_ms=med(one, "p99_ms"), two_apis_p99_ms=med(two, "p99_ms"), goal="report (2 cores: < 2x expected)")
+
+        chats = ids[:50]
+        n = 60 if a.quick else 400
+        solo = [asyncio.run(chat_bench.parley_jobs_per_second(self.api.url, KEY, chats, n)) for _ in range(a.reps)]
+        extra = Proc([py, "-m", "services.cli", "worker"], self.env, self.tmp / "worker2.log")
+        try:
+            time.sleep(2)  # its projector and chat worker join their groups
+            pair = [asyncio.run(chat_bench.parley_jobs_per_second(self.api.url, KEY, chats, n)) for _ in range(a.reps)]
+            takeover = self._takeover(extra, ids[:20], 5 if a.quick else 8)
+        finally:
+            extra.stop()
+        self.errors += sum(r["errors"] for r in solo + pair)
+        self.record("P9workers", one_worker_chats_per_s=med(solo, "jobs_per_s"), two_workers_chats_per_s=med(pair, "jobs_per_s"),
+                    scale=med(pair, "jobs_per_s") / med(solo, "jobs_per_s"), **takeover, goal="report; reads_503 == 0 across the take-over")
+
+    def _takeover(self, victim: Proc, sessions: list[str], seconds: float) -> dict[str, float]:
+        """Appends and read-backs on `sessions` while `victim` (one of two workers) is killed: the longest wait
+        for a write to be projected (as a reader sees it: GET answers the write) and the number of 503 reads."""
+        worst_before = worst_after = 0.0
+        reads_503 = writes = 0
+        with httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=10) as h:
+            killed_at = None
+            started = time.monotonic()
+            while time.monotonic() - started < seconds:
+                if killed_at is None and time.monotonic() - started > seconds / 3:
+                    victim.proc.kill()
+                    killed_at = time.monotonic()
+                sid = sessions[writes % len(sessions)]
+                r = h.post(f"/sessions/{sid}/messages", content=BODY)
+                self.errors += r.status_code != 201
+                acked = time.perf_counter()
+                writes += 1
+                version = int(r.headers.get("etag", '"0"').strip('"'))
+                while True:  # the read waits for the projector (read-your-writes) up to PARLEY_READ_TIMEOUT_S
+                    g = h.get(f"/sessions/{sid}")
+                    if g.status_code == 503:
+                        reads_503 += 1
+                        continue
+                    if g.status_code == 200 and g.json()["version"] >= version:
+                        break
+                waited = (time.perf_counter() - acked) * 1000
+                if killed_at is None:
+                    worst_before = max(worst_before, waited)
+                else:
+                    worst_after = max(worst_after, waited)
+        return {"takeover_writes": writes, "read_wait_max_ms_before_kill": worst_before, "read_wait_max_ms_after_kill": worst_after,
+                "reads_503": reads_503}
+
     def _pin(self, api_cores: set[int] | None) -> None:
         """Pin the API to `api_cores` and the rest of the stack to the other cores (None: undo)."""
         every = set(range(os.cpu_count() or 1))
@@ -415,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     args.seconds = args.seconds or (1.0 if args.quick else 5.0)
     bench = Bench(args)
     bench.start()
-    rows = set(args.rows.split(",")) if args.rows else {"P1", "P2", "P3", "P4", "P5", "P7", "P6", "P5tt", "P8"}
+    rows = set(args.rows.split(",")) if args.rows else {"P1", "P2", "P3", "P4", "P5", "P7", "P6", "P5tt", "P8", "P9"}
     try:
         if rows & {"P1", "P2", "P3"}:
             bench.p1_p2()
@@ -429,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.p7()
         if "P8" in rows:
             bench.p8()
+        if "P9" in rows:
+            bench.p9()
         if rows & {"P6", "P5tt"}:
             from tests.bench import replay_bench
 

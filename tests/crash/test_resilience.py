@@ -181,3 +181,36 @@ async def test_500_open_event_streams_hold_no_redis_connections_and_starve_nothi
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     assert all(len(v) == 2 and '"live 1"' in v[0] and '"live 2"' in v[1] for v in received.values())
+
+
+async def test_sigterm_ends_open_streams_cleanly_and_the_api_exits(fresh_redis, spawn):
+    """A rolling deploy sends SIGTERM: the API ends its open streams properly (the chunked body is finished, so
+    an EventSource reconnects elsewhere with Last-Event-ID) and exits, instead of waiting on them for ever."""
+    redis = fresh_redis()
+    api = spawn("api", redis.url, env={"PARLEY_SSE_KEEPALIVE_S": "30", "PARLEY_SHUTDOWN_TIMEOUT_S": "60"})
+    spawn("worker", redis.url)
+    wait_ready(api.url)
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as c:
+        sids = [(await c.post("/sessions", json={}, headers=ACME)).json()["id"] for _ in range(5)]
+        opened = asyncio.Semaphore(0)
+
+        async def follow(sid: str) -> list[str]:
+            seen = []
+            async with c.stream("GET", f"/sessions/{sid}/events", headers={**ACME, "Accept": "text/event-stream"}) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():  # raises if the body is cut off rather than ended
+                    if line.startswith("id: "):
+                        seen.append(line)
+                        opened.release()
+            return seen
+
+        tasks = [asyncio.create_task(follow(sid)) for sid in sids]
+        for _ in sids:
+            await asyncio.wait_for(opened.acquire(), 20)
+        started = time.monotonic()
+        api.proc.send_signal(signal.SIGTERM)
+        seen = await asyncio.wait_for(asyncio.gather(*tasks), 20)  # far below the 60 s grace: the streams ended
+        assert all(s == ["id: 1"] for s in seen), seen
+        code = await asyncio.to_thread(api.proc.wait, 20)
+        print(f"SIGTERM to exit with {len(sids)} open streams: {time.monotonic() - started:.2f} s")
+    assert code in (0, -signal.SIGTERM), code  # uvicorn re-raises SIGTERM once it has shut down gracefully
