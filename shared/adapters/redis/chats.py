@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,11 +11,11 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from shared.adapters.codec import json_encode, pairs
-from shared.domain.wire import ChatJob
-from shared.app.ports import View
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, call_live, run_pipeline, stale_generation
 from shared.adapters.redis.scripts import CHUNKS, MARK_RUNNING, READ_CHAT, READ_VIEW, REGISTRY
+from shared.app.ports import View
+from shared.domain.wire import ChatJob
 
 __all__ = ["ChatStore", "ChunkWriter", "job_json"]
 
@@ -64,7 +62,7 @@ class ChatStore:
             reply, ids = await run_pipeline(
                 self.redis,
                 REGISTRY,
-                lambda pipe: [
+                lambda pipe, g=g: [
                     READ_VIEW.queue(pipe, [k.head(session_id), k.view(session_id, g)], [tenant, "j", g]),
                     pipe.zrevrange(k.chats(session_id), offset, offset + limit - 1),
                 ],

@@ -18,7 +18,7 @@ A multi-key command or script must name keys of one slot: every key of a partiti
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote, urlsplit, parse_qs
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError

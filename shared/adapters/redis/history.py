@@ -7,19 +7,18 @@ none of them is on a hot path, so enumeration may walk every partition.
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-
 from shared.adapters.codec import decode_event, decode_state, event_json, json_encode
-from shared.app.ports import PurgeConflict
-from shared.domain.state import SessionState
-from shared.domain.events import Event, SessionPurged
 from shared.adapters.redis.cluster import ParleyCluster
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, run_live, stale_generation
 from shared.adapters.redis.scripts import PURGE, REGISTRY, SWITCH
+from shared.app.ports import PurgeConflict
+from shared.domain.events import Event, SessionPurged
+from shared.domain.state import SessionState
 
 __all__ = ["RedisHistory"]
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import msgspec
 
-from shared.config import Settings
-from shared.app.ports import Admission, Slot
-from shared.domain.wire import TenantLimits, UsageDay
 from shared.adapters.redis.keys import PREFIX, USAGE_TTL_S, Keys
 from shared.adapters.redis.scripts import ADMIT, SET_LIMITS, TAKE_SLOT
+from shared.app.ports import Admission, Slot
+from shared.config import Settings
+from shared.domain.wire import TenantLimits, UsageDay
 
 __all__ = ["Admission", "RedisLimits", "Slot", "tenant_defaults", "today"]
 

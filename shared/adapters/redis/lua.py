@@ -10,7 +10,7 @@ remembers `g` (`Keys.generations`) and calls again with that generation's keys (
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -54,9 +54,6 @@ class Registry:
         if name not in self.scripts:
             self.scripts[name] = Script(name, (self._root / f"{name}.lua").read_text(encoding="utf-8"))
         return self.scripts[name]
-
-    def __iter__(self) -> Iterable[Script]:  # type: ignore[override]
-        return iter(list(self.scripts.values()))
 
     async def load_all(self, redis: Any) -> None:
         """SCRIPT LOAD each (on a cluster redis-py sends it to every primary), so pipelines can call by hash."""
@@ -119,7 +116,7 @@ async def run_live(
         if not todo:
             return out
         args = [(i, calls[i][2](generations[calls[i][1]])) for i in todo]
-        replies = await run_pipeline(redis, registry, lambda pipe: [calls[i][0].queue(pipe, *ka) for i, ka in args])
+        replies = await run_pipeline(redis, registry, lambda pipe, args=args: [calls[i][0].queue(pipe, *ka) for i, ka in args])
         again = []
         for (i, _), reply in zip(args, replies):
             live = stale_generation(reply)

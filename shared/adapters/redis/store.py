@@ -11,22 +11,15 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-
-from shared.adapters.codec import decode_event, decode_state, encode_state, event_fields, event_json, json_encode, pairs, upcast
-from shared.domain.events import SCHEMA_VERSION, Event
-from shared.domain.wire import ToolList
-from shared.domain.projection import SNAPSHOT_EVERY, JobUpdate, ReadModelUpdate
-from shared.domain.state import SessionState, fold
-from shared.app.ports import (
-    Appended,
-    AppendOutcome,
-    Conflict,
-    IdempotencyClaim,
-    IdempotencyMismatch,
-    Missing,
-    Pending,
-    Replayed,
-    View,
+from shared.adapters.codec import (
+    decode_event,
+    decode_state,
+    encode_state,
+    event_fields,
+    event_json,
+    json_encode,
+    pairs,
+    upcast,
 )
 from shared.adapters.redis.keys import USAGE_TTL_S, Keys, partition_of
 from shared.adapters.redis.lua import call_live, run_live
@@ -42,6 +35,21 @@ from shared.adapters.redis.scripts import (
     SWITCH,
     TIME_TRAVEL,
 )
+from shared.app.ports import (
+    Appended,
+    AppendOutcome,
+    Conflict,
+    IdempotencyClaim,
+    IdempotencyMismatch,
+    Missing,
+    Pending,
+    Replayed,
+    View,
+)
+from shared.domain.events import SCHEMA_VERSION, Event
+from shared.domain.projection import SNAPSHOT_EVERY, JobUpdate, ReadModelUpdate
+from shared.domain.state import SessionState, fold
+from shared.domain.wire import ToolList
 
 __all__ = ["LOAD_BATCH", "PURGE", "REGISTRY", "SWITCH", "TIME_TRAVEL", "RedisStore", "job_fields"]
 
