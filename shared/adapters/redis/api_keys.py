@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
 
+from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import Keys
 from shared.adapters.redis.scripts import KEY_CREATE, KEY_REVOKE
 from shared.domain.ids import key_hash, key_id
@@ -15,7 +15,7 @@ __all__ = ["RedisApiKeys"]
 class RedisApiKeys:
     """Both hashes share the `{auth}` hash tag, so creating and revoking are one script each, in one slot."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Client) -> None:
         self.redis = redis
 
     async def tenant_of(self, key: str) -> str | None:

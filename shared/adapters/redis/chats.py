@@ -11,6 +11,7 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from shared.adapters.codec import json_encode, pairs
+from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, call_live, run_pipeline, stale_generation
 from shared.adapters.redis.scripts import CHUNKS, MARK_RUNNING, READ_CHAT, READ_VIEW, REGISTRY
@@ -40,7 +41,7 @@ def job_json(job_id: str, session_id: str, fields: dict[bytes, bytes]) -> bytes:
 
 
 class ChatStore:
-    def __init__(self, redis: Any, keys: Keys, retention_s: int = 7 * 86_400) -> None:
+    def __init__(self, redis: Client, keys: Keys, retention_s: int = 7 * 86_400) -> None:
         self.redis = redis
         self.keys = keys
         self.retention_s = retention_s
@@ -141,7 +142,7 @@ class ChunkWriter:
     together in the next pipeline.
     """
 
-    def __init__(self, redis: Any, keys: list[str], job_id: str, retention_s: int) -> None:
+    def __init__(self, redis: Client, keys: list[str], job_id: str, retention_s: int) -> None:
         self.redis = redis
         self.keys = keys
         """The session's head (no head: purged, write nothing), the chunk stream and the partition's relay stream."""

@@ -20,12 +20,13 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["CLUSTER_SCHEMES", "ClusterUrl", "ParleyCluster", "is_cluster_url", "parse_cluster_url"]
+__all__ = ["CLUSTER_SCHEMES", "Client", "ClusterUrl", "ParleyCluster", "is_cluster_url", "parse_cluster_url"]
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -57,6 +58,10 @@ class ParleyCluster(RedisCluster):
                 raise RedisClusterException(f"{command} - all keys must map to the same key slot")
             return slots.pop()
         return await super()._determine_slot(command, *args)
+
+
+Client = Redis | ParleyCluster
+"""What every Redis adapter is given: one Redis (or fakeredis), or a cluster."""
 
 
 class Pipeline(ClusterPipeline):

@@ -24,7 +24,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
-from shared.adapters.redis.cluster import ParleyCluster, is_cluster_url, parse_cluster_url
+from shared.adapters.redis.cluster import Client, ParleyCluster, is_cluster_url, parse_cluster_url
 from shared.adapters.redis.keys import Keys
 from shared.config import Settings
 
@@ -33,8 +33,6 @@ __all__ = [
     "is_cluster", "ping", "queue_url", "uses_cluster",
 ]
 
-Client = Redis | ParleyCluster
-"""What every Redis adapter is given: one Redis, or a cluster."""
 
 try:
     from hiredis import pack_command as _hiredis_pack

@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from shared.adapters.redis.cluster import ParleyCluster
+from shared.adapters.redis.cluster import Client, ParleyCluster
 from shared.adapters.redis.keys import Keys
 from shared.app.ports import FeedEntry
 
@@ -25,7 +25,7 @@ GROUP = "projector"
 
 
 class RedisFeed:
-    def __init__(self, redis: Any, keys: Keys, consumer: str, blocking: Any | None = None, per_partition: bool | None = None) -> None:
+    def __init__(self, redis: Client, keys: Keys, consumer: str, blocking: Client | None = None, per_partition: bool | None = None) -> None:
         """`blocking`: the client for blocking reads (its deadline allows for the block); default `redis`.
         `per_partition`: one XREADGROUP per partition (a multi-stream read must stay in one slot); default: on a
         cluster."""
@@ -168,7 +168,7 @@ class RedisFeed:
         return out
 
 
-async def projector_alive(redis: Any, keys: Keys, within_ms: int = 10_000) -> bool:
+async def projector_alive(redis: Client, keys: Keys, within_ms: int = 10_000) -> bool:
     newest = await redis.zrevrange(keys.projectors, 0, 0, withscores=True)
     return bool(newest) and newest[0][1] >= time.time() * 1000 - within_ms
 

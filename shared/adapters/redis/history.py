@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shared.adapters.codec import decode_event, decode_state, event_json, json_encode
-from shared.adapters.redis.cluster import ParleyCluster
+from shared.adapters.redis.cluster import Client, ParleyCluster
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, run_live, stale_generation
 from shared.adapters.redis.scripts import PURGE, REGISTRY, SWITCH
@@ -24,7 +24,7 @@ __all__ = ["RedisHistory"]
 
 
 class RedisHistory:
-    def __init__(self, redis: Any, keys: Keys) -> None:
+    def __init__(self, redis: Client, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
 
@@ -208,7 +208,7 @@ class RedisHistory:
         return await _rewrite(self.redis)
 
 
-async def _rewrite(redis: Any, **target: Any) -> list[str]:
+async def _rewrite(redis: Client, **target: Any) -> list[str]:
     started: list[str] = []
     config: dict[str, Any] = await redis.config_get("appendonly", **target)
     if config.get("appendonly") == "yes":

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import PREFIX, USAGE_TTL_S, Keys
 from shared.adapters.redis.scripts import ADMIT, SET_LIMITS, TAKE_SLOT
 from shared.app.ports import Admission, Slot
@@ -42,7 +43,7 @@ def today() -> str:
 
 
 class RedisLimits:
-    def __init__(self, redis: Any, keys: Keys, defaults: TenantLimits) -> None:
+    def __init__(self, redis: Client, keys: Keys, defaults: TenantLimits) -> None:
         self.redis = redis
         self.keys = keys
         self.defaults = defaults

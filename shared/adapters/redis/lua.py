@@ -16,6 +16,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from shared.adapters.redis.cluster import Client
+
 __all__ = ["MAX_STALE", "Registry", "Script", "StaleGenerations", "call_live", "run_live", "run_pipeline", "stale_generation"]
 
 STALE = b"stale"
@@ -32,7 +34,7 @@ class Script:
         but routes a raw EVALSHA by its first key like any keyed command."""
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
-    async def __call__(self, redis: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def __call__(self, redis: Client, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:  # not run at all, so a second try is safe
@@ -55,7 +57,7 @@ class Registry:
             self.scripts[name] = Script(name, (self._root / f"{name}.lua").read_text(encoding="utf-8"))
         return self.scripts[name]
 
-    async def load_all(self, redis: Any) -> None:
+    async def load_all(self, redis: Client) -> None:
         """SCRIPT LOAD each (on a cluster redis-py sends it to every primary), so pipelines can call by hash."""
         for s in list(self.scripts.values()):
             await redis.script_load(s.source)
@@ -68,7 +70,7 @@ def stale_generation(reply: Any) -> int | None:
     return None
 
 
-async def run_pipeline(redis: Any, registry: Registry, fill: Callable[[Any], None]) -> list[Any]:
+async def run_pipeline(redis: Client, registry: Registry, fill: Callable[[Any], None]) -> list[Any]:
     """Run an idempotent pipeline; if Redis lost the scripts (a restart), load them and run it again."""
     for attempt in (0, 1):
         pipe = redis.pipeline(transaction=False)
@@ -95,7 +97,7 @@ class StaleGenerations(RuntimeError):
     pass
 
 
-async def call_live(redis: Any, script: Script, generations: Any, session_id: str, build: Build) -> Any:
+async def call_live(redis: Client, script: Script, generations: Any, session_id: str, build: Build) -> Any:
     """Call `script` with the keys of the session's live generation (as last seen; again if a rebuild switched)."""
     for _ in range(MAX_STALE):
         reply = await script(redis, *build(generations[session_id]))
@@ -107,7 +109,7 @@ async def call_live(redis: Any, script: Script, generations: Any, session_id: st
 
 
 async def run_live(
-    redis: Any, registry: Registry, generations: Any, calls: Sequence[tuple[Script, str, Build]]
+    redis: Client, registry: Registry, generations: Any, calls: Sequence[tuple[Script, str, Build]]
 ) -> list[Any]:
     """`call_live` for many calls in one pipeline (a second one for those that found their generation stale)."""
     out: list[Any] = [None] * len(calls)

@@ -21,6 +21,7 @@ from shared.adapters.codec import (
     pairs,
     upcast,
 )
+from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import USAGE_TTL_S, Keys, partition_of
 from shared.adapters.redis.lua import call_live, run_live
 from shared.adapters.redis.scripts import (
@@ -62,7 +63,7 @@ LOAD_BATCH = 500
 class RedisStore:
     """Implements `EventLog` and `ReadModels` on one Redis (or one Redis Cluster)."""
 
-    def __init__(self, redis: Any, keys: Keys, idempotency_ttl_s: int = 86_400, chat_retention_s: int = 7 * 86_400) -> None:
+    def __init__(self, redis: Client, keys: Keys, idempotency_ttl_s: int = 86_400, chat_retention_s: int = 7 * 86_400) -> None:
         self.redis = redis
         self.keys = keys
         self.idempotency_ttl_s = idempotency_ttl_s
