@@ -2,26 +2,43 @@
 
 The API, the worker and the `parley` command all call `start`, so they are wired the same way, with the same
 timeouts and caches; nothing else in `services/` imports an adapter. `Parley` is what they get: the ports and the use
-cases, typed, and the supervisor their long-running parts run under.
+cases, typed, and the supervisor their long-running parts run under. `in_memory` wires the same use cases on the
+memory adapters (`shared/adapters/memory`): the use cases' tests run a whole Parley without Redis. Both end in
+`_compose`, so the two cannot wire the use cases differently.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from redis.asyncio import Redis
 
 from shared.adapters.llm.offline import OfflineModel
+from shared.adapters.memory import (
+    Memory,
+    MemoryApiKeys,
+    MemoryChatJobs,
+    MemoryChatQueue,
+    MemoryChatWorker,
+    MemoryEventLog,
+    MemoryFeed,
+    MemoryLimits,
+    MemoryLogAdmin,
+    MemoryReadModels,
+    MemoryWakeups,
+)
 from shared.adapters.redis.api_keys import RedisApiKeys
 from shared.adapters.redis.chats import ChatStore
 from shared.adapters.redis.connect import (
@@ -38,14 +55,26 @@ from shared.adapters.redis.history import RedisHistory
 from shared.adapters.redis.keys import Keys
 from shared.adapters.redis.limits import RedisLimits, tenant_defaults
 from shared.adapters.redis.notify import Notifier
-from shared.adapters.redis.queue import ArqChatWorker, ChatQueue, chat_worker
+from shared.adapters.redis.queue import ChatQueue as ArqChatQueue
+from shared.adapters.redis.queue import chat_worker
 from shared.adapters.redis.store import RedisStore
 from shared.adapters.tokenizer import Tokenizer
 from shared.app.chat_run import ChatRunner
 from shared.app.chats import Chats
 from shared.app.completions import Completions
 from shared.app.history import History
-from shared.app.ports import ApiKeys, ChatJobs, EventLog, Feed, Limits, LogAdmin, ModelProvider, ReadModels, Wakeups
+from shared.app.ports import (
+    ApiKeys,
+    ChatJobs,
+    ChatQueue,
+    EventLog,
+    Feed,
+    Limits,
+    LogAdmin,
+    ModelProvider,
+    ReadModels,
+    Wakeups,
+)
 from shared.app.projection import Projection
 from shared.app.rebuild import Rebuilder
 from shared.app.service import SessionService
@@ -55,9 +84,39 @@ from shared.config import Settings
 from shared.domain.commands import Limits as ContentLimits
 from shared.supervise import Supervisor, until_available
 
-__all__ = ["Parley", "dev_store_url", "embedded_store", "make_provider", "start"]
+__all__ = ["Adapters", "ChatWorker", "Parley", "dev_store_url", "embedded_store", "in_memory", "make_provider", "start"]
 
 log = logging.getLogger("parley")
+
+
+class ChatWorker(Protocol):
+    """The loop that runs the queue's chat jobs (arq's on Redis, `MemoryChatWorker` in memory): `poll` and, when
+    it has a `wake_client`, `listen` run as supervised parts; `handle_sig` stops the jobs in flight."""
+
+    @property
+    def wake_client(self) -> object: ...
+
+    async def poll(self, stop: asyncio.Event) -> None: ...
+
+    async def listen(self, stop: asyncio.Event) -> None: ...
+
+    def handle_sig(self, signum: signal.Signals) -> None: ...
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """One adapter per port: what `_compose` wires the use cases on."""
+
+    log: EventLog
+    views: ReadModels
+    jobs: ChatJobs
+    queue: ChatQueue
+    feed: Feed
+    """The feed a reader's help (`Projection`) reads the backlog through."""
+    wakeups: Wakeups
+    admin: LogAdmin
+    api_keys: ApiKeys
+    limits: Limits
 
 
 @dataclass
@@ -89,10 +148,12 @@ class Parley:
     """Asks the store whether it answers (readiness)."""
     make_feed: Callable[[str], Feed]
     """A feed consumer of the given name, reading with the blocking client."""
-    make_chat_worker: Callable[[ChatRunner], ArqChatWorker]
+    make_chat_worker: Callable[[ChatRunner], ChatWorker]
     """The queue's worker loop around a chat runner."""
     fake: bool = False
     """The store is fakeredis in memory (`parley dev` without a redis-server): blocking reads are polled."""
+    memory: Memory | None = None
+    """The memory adapters' store (`in_memory`); None on Redis."""
     _closers: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)
 
     def projector_feed(self, consumer: str | None = None) -> Feed:
@@ -162,60 +223,124 @@ async def start(
     else:
         client = blocking = queue_client = queue_blocking = redis
         closers = []
-    if wait_for_store:
-        await until_available(lambda: check_partitions(client, settings.partitions), "the store")
-    else:
-        await check_partitions(client, settings.partitions)
     supervisor = supervisor or Supervisor()
     keys = Keys(settings.partitions)
     store = RedisStore(client, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
-    jobs = ChatStore(client, keys, settings.chat_retention_s)
-    queue = ChatQueue(queue_client)
-    limits = RedisLimits(client, keys, tenant_defaults(settings))
-    admin = RedisHistory(client, keys)
-    wakeups = Notifier(blocking, keys, supervisor, poll_s=0.01 if fake else None)
-    projection = Projection(store, RedisFeed(client, keys, "assist"), queue, limits)
-    service = SessionService(
-        store, store, settings.partitions, ContentLimits(max_content_chars=settings.max_content_chars), settings.read_timeout_s,
-        settings.state_cache_size, projection=projection, read_assist_s=settings.read_assist_s,
-    )
-    await store.load_scripts()  # once per process: pipelines then run them by hash
-    secret = await _stream_secret(client, settings) if serves_api else b""
-    history = History(service, admin, jobs)
-    chats = Chats(service, jobs, queue, limits, wakeups, settings.model)
 
-    def make_chat_worker(runner: ChatRunner) -> ArqChatWorker:
-        # loading the encodings takes about a second: not on a chat's clock, and not on the event loop
-        threading.Thread(target=lambda: Tokenizer.for_model(settings.model).count("warm up"), name="tokenizer-warm-up", daemon=True).start()
+    async def prepare() -> bytes:
+        """What a process asks the store before it serves: the partition count it was set up with, the scripts
+        (loaded once: pipelines then run them by hash), and the stream tokens' key if it serves HTTP."""
+        await check_partitions(client, settings.partitions)
+        await store.load_scripts()
+        return await _stream_secret(client, settings) if serves_api else b""
+
+    # the store may be down or loading, at any of these steps: wait for it (with backoff) rather than die
+    secret = await (until_available(prepare, "the store") if wait_for_store else prepare())
+    adapters = Adapters(
+        log=store,
+        views=store,
+        jobs=ChatStore(client, keys, settings.chat_retention_s),
+        queue=ArqChatQueue(queue_client),
+        feed=RedisFeed(client, keys, "assist"),
+        wakeups=Notifier(blocking, keys, supervisor, poll_s=0.01 if fake else None),
+        admin=RedisHistory(client, keys),
+        api_keys=RedisApiKeys(client),
+        limits=RedisLimits(client, keys, tenant_defaults(settings)),
+    )
+
+    def make_chat_worker(runner: ChatRunner) -> ChatWorker:
+        _warm_tokenizer(settings)
         return chat_worker(
             queue_client, None if fake else queue_blocking, runner.run, runner.fail, claim_s=settings.chat_claim_s, max_jobs=settings.worker_max_jobs,
             job_timeout_s=max(settings.model_timeout_s * (settings.model_max_retries + 1) * 2, 60), poll_delay_s=settings.worker_poll_delay_s,
         )
 
+    return _compose(
+        settings, supervisor, adapters, secret=secret, ping=lambda: _ping(client, queue_client), fake=fake, closers=closers,
+        make_feed=lambda consumer: RedisFeed(client, keys, consumer, blocking), make_chat_worker=make_chat_worker,
+    )
+
+
+async def in_memory(settings: Settings, memory: Memory | None = None, supervisor: Supervisor | None = None) -> Parley:
+    """The whole Parley on the memory adapters, wired as `start` wires it on Redis: for the use cases' tests (fast,
+    no Redis), or a deployment that needs nothing to survive it. `memory`: share one store between several of these
+    (one per process of the same deployment); its partitions must be `settings.partitions`."""
+    if memory is None:
+        memory = Memory(settings.partitions)
+    elif memory.partitions != settings.partitions:
+        raise ValueError(f"the memory store has {memory.partitions} partitions, the settings {settings.partitions}")
+    supervisor = supervisor or Supervisor()
+    adapters = Adapters(
+        log=MemoryEventLog(memory, settings.idempotency_ttl_s),
+        views=MemoryReadModels(memory, settings.chat_retention_s),
+        jobs=MemoryChatJobs(memory, settings.chat_retention_s),
+        queue=MemoryChatQueue(memory),
+        feed=MemoryFeed(memory, "assist"),
+        wakeups=MemoryWakeups(memory),
+        admin=MemoryLogAdmin(memory),
+        api_keys=MemoryApiKeys(memory),
+        limits=MemoryLimits(memory, tenant_defaults(settings)),
+    )
+    secret = settings.stream_token_secret.encode() if settings.stream_token_secret else secrets.token_bytes(32)
+
+    def make_chat_worker(runner: ChatRunner) -> ChatWorker:
+        return MemoryChatWorker(memory, runner.run, runner.fail, max_jobs=settings.worker_max_jobs, poll_delay_s=settings.worker_poll_delay_s)
+
+    async def ping() -> bool:
+        return True
+
+    parley = _compose(
+        settings, supervisor, adapters, secret=secret, ping=ping, fake=False, closers=[],
+        make_feed=lambda consumer: MemoryFeed(memory, consumer), make_chat_worker=make_chat_worker,
+    )
+    parley.memory = memory
+    return parley
+
+
+def _compose(
+    settings: Settings,
+    supervisor: Supervisor,
+    a: Adapters,
+    *,
+    secret: bytes,
+    ping: Callable[[], Awaitable[Any]],
+    fake: bool,
+    closers: list[Callable[[], Awaitable[Any]]],
+    make_feed: Callable[[str], Feed],
+    make_chat_worker: Callable[[ChatRunner], ChatWorker],
+) -> Parley:
+    """The use cases on the adapters: the one place that wires them."""
+    projection = Projection(a.views, a.feed, a.queue, a.limits)
+    service = SessionService(
+        a.log, a.views, settings.partitions, ContentLimits(max_content_chars=settings.max_content_chars), settings.read_timeout_s,
+        settings.state_cache_size, projection=projection, read_assist_s=settings.read_assist_s,
+    )
+    history = History(service, a.admin, a.jobs)
+    chats = Chats(service, a.jobs, a.queue, a.limits, a.wakeups, settings.model)
     return Parley(
         settings=settings,
         supervisor=supervisor,
-        log=store,
-        views=store,
-        jobs=jobs,
-        queue=queue,
-        feed=RedisFeed(client, keys, "assist"),
-        wakeups=wakeups,
-        admin=admin,
-        api_keys=RedisApiKeys(client),
-        limits=limits,
+        log=a.log,
+        views=a.views,
+        jobs=a.jobs,
+        queue=a.queue,
+        feed=a.feed,
+        wakeups=a.wakeups,
+        admin=a.admin,
+        api_keys=a.api_keys,
+        limits=a.limits,
         service=service,
-        sessions=Sessions(service, history, wakeups, secret, settings.stream_token_ttl_s),
+        sessions=Sessions(service, history, a.wakeups, secret, settings.stream_token_ttl_s),
         chats=chats,
-        completions=Completions(service, chats, jobs, settings.model),
+        completions=Completions(service, chats, a.jobs, settings.model),
         history=history,
         projection=projection,
-        tenancy=Tenancy(limits),
+        tenancy=Tenancy(a.limits),
         stream_secret=secret,
-        ping=lambda: _ping(client, queue_client),
+        ping=ping,
         fake=fake,
         _closers=closers,
-        make_feed=lambda consumer: RedisFeed(client, keys, consumer, blocking),
+        make_feed=make_feed,
         make_chat_worker=make_chat_worker,
     )
 
@@ -226,6 +351,11 @@ async def _ping(store: Any, queue: Any) -> bool:
     if queue is not store:
         await queue.ping()
     return True
+
+
+def _warm_tokenizer(settings: Settings) -> None:
+    """Loading the encodings takes about a second: not on a chat's clock, and not on the event loop."""
+    threading.Thread(target=lambda: Tokenizer.for_model(settings.model).count("warm up"), name="tokenizer-warm-up", daemon=True).start()
 
 
 async def _stream_secret(redis: Any, settings: Settings) -> bytes:

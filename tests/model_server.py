@@ -17,7 +17,9 @@ Deterministic answers
     `SUMMARY_PREFIX` + "<n> lines, starting: <first 30 characters>";
   * when tools are offered (and `tool_choice` is not "none") and the last message is a user
     message saying "call <tool> <args>", a call of that tool with arguments {"input": "<args>"},
-    finish_reason "tool_calls", the call id derived from the prompt;
+    finish_reason "tool_calls", the call id derived from the prompt; a user message chaining calls
+    ("call a x, then call b y") gets one call per round, the next one after each tool result, the
+    way an agent loop (the npm SDK's `runTools()`) drives a model through several tools;
   * when the last message is a tool result: "tool said: <content>";
   * otherwise "echo: <text of the last user message>" (or `Behaviour.reply` when set).
   Streamed answers come one word per chunk, each with its leading space, so the deltas
@@ -60,6 +62,7 @@ MODEL_NAME = "echo-1"
 SUMMARY_PREFIX = "Summary: "
 _CALL = re.compile(r"\b(?:call|use)\s+([A-Za-z0-9_-]{1,64})\b\s*(.*)", re.S)
 _PIECES = re.compile(r"\s*\S+|\s+$")
+_THEN = re.compile(r",?\s+then\s+(?=(?:call|use)\s)")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -342,8 +345,9 @@ def _answer(body: dict[str, Any], reply: str | None) -> tuple[str | None, dict[s
         return f"{SUMMARY_PREFIX}{len(lines)} lines, starting: {(lines[0] if lines else '')[:30]}", None, "stop"
     last = messages[-1] if messages else {}
     tools = {t.get("function", {}).get("name") for t in body.get("tools") or []}
-    if tools and body.get("tool_choice") != "none" and last.get("role") == "user":
-        m = _CALL.search(text_of(last.get("content")))
+    step = _next_call(messages) if tools and body.get("tool_choice") != "none" else None
+    if step is not None:
+        m = _CALL.search(step)
         if m and m.group(1) in tools:
             digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
             call = {"id": f"call_{digest}", "type": "function",
@@ -357,6 +361,22 @@ def _answer(body: dict[str, Any], reply: str | None) -> tuple[str | None, dict[s
         if msg.get("role") == "user":
             return f"echo: {text_of(msg.get('content'))}", None, "stop"
     return "echo: (nothing)", None, "stop"
+
+
+def _next_call(messages: list[dict[str, Any]]) -> str | None:
+    """The step of the last user message to call now: its first step right after it, the next one after each
+    round of tool results (None when the last message is neither, or every step was called)."""
+    last = messages[-1] if messages else {}
+    if last.get("role") not in ("user", "tool"):
+        return None
+    asked = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if asked is None:
+        return None
+    steps = _THEN.split(text_of(messages[asked].get("content")))
+    called = sum(1 for m in messages[asked + 1 :] if m.get("role") == "assistant" and m.get("tool_calls"))
+    if last.get("role") == "tool" and len(steps) == 1:
+        return None  # a single call was answered: report its result (below)
+    return steps[called] if called < len(steps) else None
 
 
 # -- running it ------------------------------------------------------------------------------------

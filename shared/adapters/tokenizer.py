@@ -37,6 +37,7 @@ _PREFIXES = (
 
 _module: ModuleType | None = None
 _encodings: dict[str, bpe_openai.Encoding] = {}
+_tokenizers: dict[str, Tokenizer] = {}
 _lock = threading.RLock()
 
 _CLEAN_CUT = re.compile(r"(?s).*\S(?=[^\S\r\n])")
@@ -84,13 +85,24 @@ def encoding_name_for_model(model: str | None) -> str:
 class Tokenizer:
     """Counts tokens of text the way an OpenAI model will see it."""
 
+    CACHED = 100_000
+    """Texts whose counts a tokenizer remembers: a chat re-reads the newest messages of its session, and counting
+    is the dear part (about a microsecond a character); a hit costs a dictionary lookup."""
+
     def __init__(self, encoding_name: str) -> None:
         self.name = encoding_name
         self._enc = encoding(encoding_name)
+        self._counts: dict[str, int] = {}
 
     @classmethod
     def for_model(cls, model: str | None) -> Tokenizer:
-        return cls(encoding_name_for_model(model))
+        """The tokenizer of a model's encoding: one per encoding and process, so its remembered counts are shared."""
+        name = encoding_name_for_model(model)
+        tokenizer = _tokenizers.get(name)
+        if tokenizer is None:
+            with _lock:
+                tokenizer = _tokenizers.setdefault(name, cls(name))
+        return tokenizer
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r})"
@@ -103,9 +115,16 @@ class Tokenizer:
         return [t for chunk in chunks(text, CHUNK_CHARS) for t in self._enc.encode_ordinary(chunk)]
 
     def count(self, text: str) -> int:
-        if len(text) <= CHUNK_CHARS:
-            return len(self._enc.encode_ordinary(text))
-        return sum(len(self._enc.encode_ordinary(chunk)) for chunk in chunks(text, CHUNK_CHARS))
+        n = self._counts.get(text)
+        if n is None:
+            if len(text) <= CHUNK_CHARS:
+                n = len(self._enc.encode_ordinary(text))
+            else:
+                n = sum(len(self._enc.encode_ordinary(chunk)) for chunk in chunks(text, CHUNK_CHARS))
+            if len(self._counts) >= self.CACHED:
+                self._counts.clear()  # simpler than an LRU, and a chat refills what it needs at once
+            self._counts[text] = n
+        return n
 
 
 for_model = Tokenizer.for_model

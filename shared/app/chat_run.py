@@ -18,7 +18,9 @@ from typing import Any
 import msgspec
 
 from shared.domain.commands import AddSummary, CompleteChat, FailChat, RecordContext
-from shared.domain.context import ContextMessage, ContextPlan, Summary, TokenBudgetExceeded, TokenCounter, plan_context, to_openai
+from shared.domain.context import (
+    ContextMessage, ContextPlan, Summary, TokenBudgetExceeded, TokenCounter, message_tokens, plan_context, to_openai,
+)
 from shared.domain.errors import DomainError
 from shared.domain.events import ChatRequested, Event
 from shared.domain.wire import AssistantMessage, ChatChoice, ChatResponse, ContextReport, Message, Tool, Usage
@@ -34,6 +36,8 @@ SUMMARY_INSTRUCTION = (
     "and open questions. Write plain sentences, no preamble."
 )
 CANCEL_CHECK_S = 0.1
+PAGE = 1000
+"""Messages per read of the conversation."""
 _encode = msgspec.json.Encoder().encode
 _message_decoder = msgspec.json.Decoder(Message)
 
@@ -111,8 +115,9 @@ class ChatRunner:
             [other] = await self.service.log.read(session_id, after=c.requested_at - 1, limit=1)
             if isinstance(other, ChatRequested):
                 later.update(other.data.message_ids)
-        stored = [m for m in await self._history(tenant, session_id, state.message_count) if m.id not in later]
         saved = set(d.message_ids)
+        reach = session.token_budget if session.token_budget is not None and session.context_overflow == "truncate" else None
+        stored, dropped_range = await self._conversation(tenant, session_id, state, later, reach, counter)
         history = [(m.seq, _context_message(m)) for m in stored if m.id not in saved]
         new = [_context_message(m) for m in stored if m.id in saved] + [
             ContextMessage(id=None, role=m.role, content=_plain(m.content), name=m.name, tool_call_id=m.tool_call_id,
@@ -144,17 +149,51 @@ class ChatRunner:
                 raise TokenBudgetExceeded("the conversation does not fit the token budget even after summarising")
         report = ContextReport(
             included=result.included, dropped=result.dropped, summarized=summarized, prompt_tokens=result.prompt_tokens,
-            budget=result.budget, max_tokens=result.max_tokens,
+            budget=result.budget, max_tokens=result.max_tokens, dropped_range=dropped_range,
         )
         await self._record(tenant, session_id, RecordContext(job_id=d.job_id, report=report))
         return result, tools
 
-    async def _history(self, tenant: str, session_id: str, up_to_seq: int) -> list[Message]:
-        """The stored conversation up to the request (system messages a summary covers stay in the prompt)."""
+    async def _conversation(
+        self, tenant: str, session_id: str, state: SessionState, later: set[str], reach: int | None, counter: TokenCounter,
+    ) -> tuple[list[Message], tuple[int, int] | None]:
+        """The stored conversation up to the request, less `later` (the messages of chats requested after this
+        one), and the seq range left out unread.
+
+        With a budget to `reach` (the `truncate` policy), it is read from the newest message backwards until the
+        messages read cost more than the budget, plus one page so that no unit is cut short: truncation drops the
+        oldest units first, so nothing older can be in the prompt. The system messages before that are fetched
+        alone (a prompt keeps them all), and the read stops at the summary too (the messages it covers stay out, but
+        for system ones). So a chat costs O(budget), not O(session). Without a budget to reach, every message since
+        the summary is read; in a state that does not know its system messages (`SessionState.system_seqs`), all."""
+        shown = state.message_count - len(state.removed)
+        if state.system_seqs is None:
+            return [m for m in await self._messages(tenant, session_id, 0, shown) if m.id not in later], None
+        summary_seq = state.summary.up_to_seq if state.summary is not None else 0
+        first_shown = summary_seq - sum(1 for r in state.removed if r <= summary_seq)
+        tail: list[Message] = []
+        cost, over, start = 0, False, shown
+        while start > first_shown:
+            end, start = start, max(first_shown, start - PAGE)
+            page = await self._messages(tenant, session_id, start, end)
+            tail = page + tail
+            if over:
+                break
+            if reach is not None:
+                cost += sum(message_tokens(counter, _context_message(m)) for m in page if m.id not in later)
+                over = cost > reach
+        oldest = tail[0].seq if tail else state.message_count + 1
+        systems = sorted(s for s in state.system_seqs if s < oldest)
+        older = [m for s in systems for m in await self._messages(tenant, session_id, *_offsets(s, state.removed))]
+        conversation = [m for m in older + tail if m.id not in later]
+        return conversation, (summary_seq + 1, oldest - 1) if start > first_shown else None
+
+    async def _messages(self, tenant: str, session_id: str, start: int, end: int) -> list[Message]:
+        """The messages shown at offsets `start`..`end` (end exclusive), oldest first."""
         out: list[Message] = []
-        offset = 0
-        while offset < up_to_seq:
-            limit = min(1000, up_to_seq - offset)
+        offset = start
+        while offset < end:
+            limit = min(PAGE, end - offset)
             view = await self.service.read(session_id, functools.partial(self.service.views.messages, tenant, session_id, limit, offset))
             page = [_message_decoder.decode(raw) for raw in view.items or []]
             if not page:
@@ -284,3 +323,9 @@ def _text(content: Any) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+
+
+def _offsets(seq: int, removed: frozenset[int]) -> tuple[int, int]:
+    """The offsets (start, end) at which the message `seq` is shown: offsets skip removed messages."""
+    at = seq - 1 - sum(1 for r in removed if r < seq)
+    return at, at + 1

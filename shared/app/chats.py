@@ -70,6 +70,8 @@ class Chats:
         """Record the request's messages and its job, under the tenant's limits, then queue the job if it is the
         session's first active chat. `amend`: edits and removals recorded first, in the same append. `planned`:
         the session version the caller planned on (`StaleConversation` if it moved: plan again)."""
+        if idem is not None and (replay := await self.service.replayed(tenant, sid, idem, Requested)) is not None:
+            return replay  # a retry of a chat already requested: no new slot, nothing queued again
         job_id = uuid7()
         command = RequestChat(job_id=job_id, request=request, default_model=self.default_model, amend=amend)
 

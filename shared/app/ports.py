@@ -1,7 +1,7 @@
 """Every seam between the use cases and the world, as a small protocol.
 
 Adapters implement them: Redis (`shared/adapters/redis`), in memory (`shared/adapters/memory`), the LLM providers
-(`shared/adapters/llm`). One contract suite per port runs against each adapter (tests/integration/contracts), so a
+(`shared/adapters/llm`). One contract suite per port runs against each adapter (tests/contracts), so a
 use case behaves the same on all of them; the use cases' own tests run on the memory adapters.
 
 | port | what it promises |

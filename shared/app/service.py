@@ -235,6 +235,12 @@ class SessionService:
         self.cache.put(tenant, state)
         return state
 
+    async def replayed(self, tenant: str, session_id: str, idempotency: Idempotency, result_type: type[R]) -> R | None:
+        """The stored result of an idempotent write already made, or None: for a use case that must know before it
+        takes something a replay would not give back (a chat's slot under the tenant's limits)."""
+        raw = await self._replay(tenant, session_id, idempotency)
+        return None if raw is None else msgspec.json.decode(raw, type=result_type)
+
     async def _replay(self, tenant: str, session_id: str, idempotency: Idempotency) -> bytes | None:
         """The stored result of an idempotent write, or None if the key is unused."""
         raw = await self.log.recall(tenant, session_id, idempotency.key, idempotency.request_hash)

@@ -55,6 +55,10 @@ class SessionState(Struct, kw_only=True):
     amended: int = 0
     """The version of the last edit or removal of a message (0: none): what was read of the conversation before it
     may have changed."""
+    system_seqs: frozenset[int] | None = None
+    """The seqs of the stored system messages, which a prompt never leaves out: a chat with a token budget reads
+    the conversation from its newest message backwards and fetches these alone. None in a state folded before it
+    was kept (such a chat reads the whole conversation; `parley rebuild` makes it exact)."""
 
     @property
     def exists(self) -> bool:
@@ -86,7 +90,7 @@ def evolve(state: SessionState, event: Event) -> SessionState:
                 created_at=at,
                 updated_at=at,
             )
-            return structs.replace(state, version=event.version, session=session)
+            return structs.replace(state, version=event.version, session=session, system_seqs=frozenset())
         case SessionUpdated(data=d):
             changes = {f: v for f in d.__struct_fields__ if (v := getattr(d, f)) is not UNSET}
             session = structs.replace(_live(state), **changes, version=event.version, updated_at=at)
@@ -104,7 +108,12 @@ def evolve(state: SessionState, event: Event) -> SessionState:
                 calls = calls - {m.tool_call_id}
             if m.tool_calls:
                 calls = calls | {c.id for c in m.tool_calls}
-            return structs.replace(state, version=event.version, session=session, message_count=m.seq, open_tool_calls=calls)
+            systems = state.system_seqs
+            if m.role == "system" and systems is not None:
+                systems = systems | {m.seq}
+            return structs.replace(
+                state, version=event.version, session=session, message_count=m.seq, open_tool_calls=calls, system_seqs=systems,
+            )
         case MessageEdited(data=m):
             if not 1 <= m.seq <= state.message_count or m.session_id != state.id or m.seq in state.removed:
                 raise ValueError(f"edited message {m.id} (seq {m.seq}) is not a message of session {state.id}")
@@ -115,7 +124,8 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             if d.seq in state.removed:
                 raise ValueError(f"message {d.message_id} (seq {d.seq}) of session {state.id} was removed already")
             calls = state.open_tool_calls - set(d.tool_call_ids)
-            return _touch(state, event, open_tool_calls=calls, removed=state.removed | {d.seq}, amended=event.version)
+            systems = state.system_seqs - {d.seq} if state.system_seqs is not None else None
+            return _touch(state, event, open_tool_calls=calls, removed=state.removed | {d.seq}, amended=event.version, system_seqs=systems)
         case SessionDeleted():
             _live(state)
             return structs.replace(state, version=event.version, deleted=True, active_chats=())

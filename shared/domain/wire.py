@@ -268,7 +268,7 @@ class ChatError(Struct, kw_only=True):
     message: str
 
 
-class ContextReport(Struct, kw_only=True):
+class ContextReport(Struct, kw_only=True, omit_defaults=True):
     """What went into the prompt, and why the model may not have seen a message."""
 
     included: list[str]
@@ -277,6 +277,10 @@ class ContextReport(Struct, kw_only=True):
     prompt_tokens: int
     budget: int | None
     max_tokens: int
+    dropped_range: tuple[int, int] | None = None
+    """First and last seq of stored messages left out without being read: the conversation older than what the
+    token budget reached (every message shown in that range; system messages are never left out). Those in
+    `dropped` were read and left out."""
 
 
 class ChatJob(Struct, kw_only=True):

@@ -264,6 +264,15 @@ class Bench:
                 chat_ms.append((time.perf_counter() - t) * 1000)
                 self.errors += r.status_code != 200
             out[f"chat_p50_ms_{n}"] = statistics.median(chat_ms)
+            # with a token budget (truncate): the context is read from the newest message back to what fits
+            self.http.patch(f"/sessions/{sid}", json={"token_budget": 8_000, "context_overflow": "truncate"})
+            budget_ms = []
+            for _ in range(3 if a.quick else 5):
+                t = time.perf_counter()
+                r = self.http.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20})
+                budget_ms.append((time.perf_counter() - t) * 1000)
+                self.errors += r.status_code != 200
+            out[f"chat_budget_p50_ms_{n}"] = statistics.median(budget_ms)
             out[f"session_rps_{n}"] = med(runs_s, "rps")
             out[f"messages50_rps_{n}"] = med(runs_m, "rps")
             out[f"messages50_last_page_rps_{n}"] = med(runs_last, "rps")
@@ -271,6 +280,7 @@ class Bench:
         for what in ("session", "messages50", "messages50_last_page"):
             out[f"{what}_cost_ratio_{big}_vs_{small}"] = out[f"{what}_rps_{small}"] / out[f"{what}_rps_{big}"]
         out[f"chat_cost_ratio_{big}_vs_{small}"] = out[f"chat_p50_ms_{big}"] / out[f"chat_p50_ms_{small}"]
+        out[f"chat_budget_cost_ratio_{big}_vs_{small}"] = out[f"chat_budget_p50_ms_{big}"] / out[f"chat_budget_p50_ms_{small}"]
         out["time_travel"] = "see P5tt"
         self.record("P5", **out, goal="cost ratio (rps at 100 / rps at 100k) <= 1.2")
 

@@ -780,6 +780,38 @@ def test_truncate_drops_the_oldest_messages_to_fit_exactly(c, model, kept):
     assert received_tokens(req) == prompt
 
 
+def test_truncate_on_a_long_session_reads_only_what_the_budget_reaches_and_keeps_every_system_message(c, model):
+    """A chat with a `truncate` budget reads the conversation from its newest message backwards, two pages of
+    1,000 here, never the rest: the report names the unread part as a seq range. The system message far back in
+    the session is fetched alone and stays in the prompt, as when the whole conversation was read."""
+    mark = marker()
+    situation, question, max_tokens, kept, filler = f"Be brief. {mark}", "And now?", 20, 3, 2_300
+    s = create(c, situation=situation)
+    sid = s["id"]
+    add(c, sid, "user", "the very first question")
+    rule = add(c, sid, "system", f"Never mention the weather. {mark}")
+    texts = [("user" if i % 2 == 0 else "assistant", f"filler message number {i}") for i in range(filler)]
+    with httpx.Client(base_url=str(c.base_url), headers=ACME, timeout=30) as bulk:
+        stored = [bulk.post(f"/sessions/{sid}/messages", json={"role": r, "content": t}).json() for r, t in texts]
+    assert all("id" in m for m in stored)
+    prompt = (REPLY_PRIMING + cost("system", situation) + cost("system", rule["content"])
+              + sum(cost(r, t) for r, t in texts[-kept:]) + cost("user", question))
+    patch(c, sid, token_budget=prompt + max_tokens, context_overflow="truncate")
+
+    body = chat_ok(c, sid, user(question), max_tokens=max_tokens)
+    ctx = job(c, sid, body["id"])["context"]
+    new_id = c.get(f"/sessions/{sid}/messages", params={"offset": 2 + filler}, headers=ACME).json()["items"][0]["id"]
+    total = 2 + filler + 1  # the question is stored too
+    oldest_read = total - 2 * 1_000 + 1
+    assert ctx["dropped_range"] == [1, oldest_read - 1]
+    assert ctx["included"] == [rule["id"], *(m["id"] for m in stored[-kept:]), new_id]
+    assert ctx["dropped"] == [m["id"] for m in stored if m["seq"] >= oldest_read][:-kept]
+    assert ctx["prompt_tokens"] == prompt
+    [req] = model_requests(model, mark)
+    assert sent_prompt(req) == [("system", situation), ("system", rule["content"]), *texts[-kept:], ("user", question)]
+    assert received_tokens(req) == prompt
+
+
 def test_truncate_drops_a_tool_result_together_with_its_call(c, model):
     mark = marker()
     situation, question, max_tokens = f"Support. {mark}", "Thanks, anything else?", 30

@@ -1005,7 +1005,8 @@ async def test_worker_starting_while_redis_is_killed_recovers(fresh_redis, spawn
                 worker = await asyncio.to_thread(spawn, "worker", server.url)
 
                 async def checked_partitions() -> bool:
-                    return any(c["id"] not in before and c["cmd"] == "hget" for c in await r.client_list())
+                    # its partition check (HGET), or the script loading that follows it at once
+                    return any(c["id"] not in before and c["cmd"] in ("hget", "script|load") for c in await r.client_list())
 
                 await wait_for(checked_partitions, 15, "the worker's partition check", 0.002)
                 server.kill()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from shared.domain.wire import FunctionCall, ToolCall
@@ -28,7 +28,7 @@ class OfflineModel:
     def models(self) -> list[str]:
         return [NAME]
 
-    async def stream(self, request: ModelRequest) -> AsyncIterator[Delta | Completion]:
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[Delta | Completion, None]:
         """Usage is left to the caller, which counts the prompt it built with the same tokenizer."""
         tokenizer = Tokenizer.for_model(request.model)
         call = _tool_call(request)

@@ -6,7 +6,7 @@ The SDK retries timeouts, connection errors, 429 and 5xx with exponential backof
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import openai
@@ -24,7 +24,7 @@ class OpenAICompatible:
     def models(self) -> list[str]:
         return [self.default_model]
 
-    async def stream(self, request: ModelRequest) -> AsyncIterator[Delta | Completion]:
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[Delta | Completion, None]:
         optional = {
             k: v
             for k, v in (

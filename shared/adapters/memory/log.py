@@ -1,0 +1,155 @@
+"""The event log in memory (the `EventLog` port), with the Redis APPEND's promises.
+
+An append is atomic (no await inside it): the idempotency record is checked first (a replay answers the stored
+response, another request `IdempotencyMismatch`), then the tenant and the expected version; a repeat of an append
+that landed (its first event sits at `expected + 1`) answers `Appended` once more and writes nothing. Each append
+feeds the projector (its partition's feed) and wakes whoever follows the session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shared.adapters.codec import decode_event, decode_state, event_fields, event_json
+from shared.adapters.memory.store import Head, Memory
+from shared.app.ports import (
+    Appended,
+    AppendOutcome,
+    Conflict,
+    IdempotencyClaim,
+    IdempotencyMismatch,
+    Missing,
+    Pending,
+    Replayed,
+    View,
+)
+from shared.domain.events import SCHEMA_VERSION, Event
+from shared.domain.projection import SNAPSHOT_EVERY
+from shared.domain.state import SessionState, fold
+
+__all__ = ["LOAD_BATCH", "MemoryEventLog", "tail"]
+
+LOAD_BATCH = 500
+"""Events per load step, as in Redis: a longer tail is folded in several steps."""
+_SCHEMA = str(SCHEMA_VERSION).encode()
+
+
+def tail(memory: Memory, session_id: str, known: SessionState | None, gen: int | None = None) -> Pending | None:
+    """The Redis LOAD: the newer of `known` and the view's state (in `gen`, else the live generation) and up to
+    `LOAD_BATCH` events after it; None for no such session."""
+    head = memory.heads.get(session_id)
+    if head is None:
+        return None
+    base = known.version if known is not None else 0
+    generation = memory.peek_generation(session_id, head.gen if gen is None else gen)
+    state = known or SessionState(id=session_id)
+    if generation is not None and generation.view.version > base and generation.view.state is not None:
+        base, state = generation.view.version, decode_state(generation.view.state)
+    entries = memory.logs.get(session_id, [])[base : base + LOAD_BATCH] if head.version > base else []
+    events = [decode_event(base + i + 1, fields) for i, fields in enumerate(entries)]
+    return Pending(tenant=head.tenant, state=state, events=events, head=head.version)
+
+
+class MemoryEventLog:
+    def __init__(self, memory: Memory, idempotency_ttl_s: int = 86_400) -> None:
+        self.memory = memory
+        self.idempotency_ttl_s = idempotency_ttl_s
+
+    async def append(
+        self,
+        tenant: str,
+        session_id: str,
+        expected_version: int,
+        events: Sequence[Event],
+        claim: IdempotencyClaim | None = None,
+    ) -> AppendOutcome:
+        if not events:
+            raise ValueError("an append needs at least one event")  # a head without events would be no session
+        m = self.memory
+        partition = m.partition(session_id)
+        record_key = (partition, tenant, claim.key) if claim else None
+        if record_key is not None and claim is not None:
+            record = m.idempotency.get(record_key)
+            if record is not None:
+                return Replayed(record[1]) if record[0] == claim.request_hash else IdempotencyMismatch()
+        head = m.heads.get(session_id)
+        if head is not None and head.tenant != tenant:
+            return Missing()
+        version = head.version if head is not None else 0
+        log = m.logs.get(session_id, [])
+        if version != expected_version:
+            # a retry of an append that did land (its reply was lost): our first event sits at expected + 1
+            if 0 <= expected_version < len(log) and log[expected_version][b"i"] == events[0].id.encode():
+                return Appended(expected_version + len(events))
+            return Conflict(version)
+        fields = [_fields(e) for e in events]  # encode all first: a bad event writes nothing
+        m.logs.setdefault(session_id, []).extend(fields)
+        version += len(events)
+        if head is None:
+            m.heads[session_id] = head = Head(version, tenant)
+        head.version = version
+        m.written[(partition, tenant)] = m.written.get((partition, tenant), 0) + len(events)
+        m.feeds[partition].stream.add(session_id, m.clock())
+        if expected_version == 0:
+            m.registry.setdefault((partition, tenant), set()).add(session_id)
+        if record_key is not None and claim is not None:
+            m.idempotency.set(record_key, (claim.request_hash, claim.response))
+            m.idempotency.expire(record_key, self.idempotency_ttl_s)
+            m.idempotency_of.setdefault(session_id, set()).add(record_key)
+        m.signal("feed")
+        m.wake(session_id)
+        return Appended(version)
+
+    async def load(self, tenant: str, session_id: str, known: SessionState | None = None) -> SessionState | None:
+        state = known
+        while True:
+            pending = tail(self.memory, session_id, state)
+            if pending is None or pending.tenant != tenant:
+                return None
+            if state is not None and pending.head < state.version:  # purged and imported again: what we knew is void
+                state = None
+                continue
+            state = fold(pending.state, pending.events)
+            if state.version >= pending.head:
+                return state
+
+    async def recall(self, tenant: str, session_id: str, key: str, request_hash: str) -> bytes | None:
+        record = self.memory.idempotency.get((self.memory.partition(session_id), tenant, key))
+        if record is None:
+            return None
+        return record[1] if record[0] == request_hash else b""
+
+    async def read(self, session_id: str, after: int = 0, limit: int = 100) -> list[Event]:
+        entries = self.memory.logs.get(session_id, [])[max(after, 0) : max(after, 0) + limit]
+        return [decode_event(after + i + 1, fields) for i, fields in enumerate(entries)]
+
+    async def events(self, tenant: str, session_id: str, after: int, limit: int) -> View:
+        head = self.memory.head_of(tenant, session_id)
+        if head is None:
+            return View(0, 0, None)
+        if after >= head.version:
+            return View(head.version, head.version, b"log", [])
+        start = max(after, 0)
+        entries = self.memory.logs[session_id][start : start + limit]
+        return View(head.version, head.version, b"log", [event_json(start + i + 1, f) for i, f in enumerate(entries)])
+
+    async def at_version(self, tenant: str, session_id: str, version: int) -> tuple[int, SessionState | None]:
+        head = self.memory.head_of(tenant, session_id)
+        if head is None:
+            return 0, None
+        if version > head.version:
+            return head.version, None
+        generation = self.memory.peek_generation(session_id, head.gen)
+        snapshots = generation.snapshots if generation is not None else {}
+        base = version - version % SNAPSHOT_EVERY
+        while base > 0 and base not in snapshots:
+            base -= SNAPSHOT_EVERY
+        state = decode_state(snapshots[base]) if base > 0 else SessionState(id=session_id)
+        base = max(base, 0)
+        entries = self.memory.logs[session_id][base:version]
+        return head.version, fold(state, (decode_event(base + i + 1, f) for i, f in enumerate(entries)))
+
+
+def _fields(event: Event) -> dict[bytes, bytes]:
+    kind, event_id, at, data = event_fields(event)
+    return {b"t": kind.encode(), b"i": event_id.encode(), b"a": at.encode(), b"s": _SCHEMA, b"d": data}

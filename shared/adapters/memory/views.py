@@ -1,0 +1,199 @@
+"""The read models in memory (the `ReadModels` port), with the Redis APPLY's fences.
+
+`apply` writes an update only if the session still has a head (a purge is final) and its view is exactly at the
+update's `from_version`; a rebuild's generation only if it is newer than the live one, and then only its views.
+The live write moves the tenant's index, its `projected` counter, the chat job records and the usage counters
+in the same step, so a read never sees half an update. Reads answer the head beside the view's version, which is
+how the service layer reads its own writes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from shared.adapters.codec import encode_state, json_encode, upcast
+from shared.adapters.memory.log import tail
+from shared.adapters.memory.store import Generation, Memory
+from shared.app.ports import Pending, View
+from shared.domain.projection import JobUpdate, ReadModelUpdate
+from shared.domain.wire import ToolList
+
+__all__ = ["USAGE_TTL_S", "MemoryReadModels"]
+
+USAGE_TTL_S = 40 * 86_400
+"""Usage counters (per tenant and day) are kept this long, as in Redis."""
+_ENDED = ("succeeded", "failed", "cancelled")
+
+
+class MemoryReadModels:
+    def __init__(self, memory: Memory, chat_retention_s: int = 7 * 86_400) -> None:
+        self.memory = memory
+        self.chat_retention_s = chat_retention_s
+
+    # -- reads ---------------------------------------------------------------------------------------------------
+    async def session(self, tenant: str, session_id: str) -> View:
+        return self._view_field(tenant, session_id, "session")
+
+    async def tools(self, tenant: str, session_id: str) -> View:
+        return self._view_field(tenant, session_id, "tools")
+
+    def _view_field(self, tenant: str, session_id: str, name: str) -> View:
+        head = self.memory.head_of(tenant, session_id)
+        if head is None:
+            return View(0, 0, None)
+        g = self.memory.peek_generation(session_id, head.gen)
+        if g is None:
+            return View(head.version, 0, None)
+        body = getattr(g.view, name) if g.view.session is not None else None
+        return View(head.version, g.view.version, body)
+
+    async def messages(
+        self, tenant: str, session_id: str, limit: int, offset: int, count: int | None = None, at: int | None = None
+    ) -> View:
+        m = self.memory
+        head = m.head_of(tenant, session_id)
+        if head is None:
+            return View(0, 0, None, [])
+        g = m.peek_generation(session_id, head.gen) or Generation()
+        version = g.view.version
+        if g.view.session is None and count is None:
+            return View(head.version, version, None, [])
+        total = len(g.messages) if count is None else count
+        upto = math.inf if at is None else at
+        last: dict[int, tuple[str, int]] = {}
+        removals = False
+        for seq, mods in g.mods.items():
+            for v, kind in mods:
+                if v <= upto:
+                    last[seq] = (kind, v)
+                    removals = removals or kind == "r"
+        page: list[tuple[int, int]] = []  # (seq, version of its MessageAdded)
+        if not removals:  # positions are the messages shown: read the page alone
+            stop = min(offset + limit, total)
+            page = [(offset + j + 1, v) for j, v in enumerate(g.messages[offset:stop])]
+        else:  # skip the removed ones
+            shown = 0
+            for j, v in enumerate(g.messages[:total], 1):
+                mod = last.get(j)
+                if not (mod and mod[0] == "r"):
+                    shown += 1
+                    if shown > offset:
+                        page.append((j, v))
+                    if len(page) == limit:
+                        break
+        log = m.logs[session_id]
+        items = []
+        for seq, v in page:
+            mod = last.get(seq)
+            fields = log[(mod[1] if mod and mod[0] == "e" else v) - 1]
+            items.append(upcast(b"MessageAdded", int(fields[b"s"]), fields[b"d"]))
+        return View(head.version, version, b"live", items)
+
+    async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:
+        m = self.memory
+        lagging = [p for p in range(m.partitions) if m.projected.get((p, tenant), 0) < m.written.get((p, tenant), 0)]
+        ids = sorted((sid for p in range(m.partitions) for sid in m.index.get((p, tenant), ())), reverse=True)
+        out = []
+        for sid in ids[offset : offset + limit]:
+            view = self._view_field(tenant, sid, "session")
+            if view.body is not None:
+                out.append(view.body)
+        return lagging, out
+
+    # -- the projector's side ---------------------------------------------------------------------------------------
+    async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:
+        return [tail(self.memory, sid, None, gen) for sid in session_ids]
+
+    async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]], gen: int | None = None) -> list[bool]:
+        encoded = [(tenant, u, _encoded(u)) for tenant, u in updates]  # encode all first, as a pipeline would
+        return [
+            self._apply(tenant, u, session, tools, state, snapshots, gen)
+            for tenant, u, (session, tools, state, snapshots) in encoded
+        ]
+
+    def _apply(
+        self,
+        tenant: str,
+        u: ReadModelUpdate,
+        session: bytes | None,
+        tools: bytes | None,
+        state: bytes,
+        snapshots: list[tuple[int, bytes]],
+        gen: int | None,
+    ) -> bool:
+        m = self.memory
+        sid = u.session_id
+        head = m.heads.get(sid)
+        if head is None:
+            return False  # purged meanwhile: nothing may bring its content back
+        live = gen is None
+        if gen is not None and gen <= head.gen:
+            return False  # a rebuild writes only a generation newer than the live one
+        g = m.generation(sid, head.gen if gen is None else gen)
+        if g.view.version != u.from_version:
+            return False
+        g.messages.extend(u.message_versions)
+        for seq, version, kind in u.message_mods:
+            g.mods.setdefault(seq, []).append((version, kind))
+        g.snapshots.update(snapshots)
+        if session is None:
+            g.view.session = g.view.tools = None
+        else:
+            g.view.session = session
+            if tools is not None:
+                g.view.tools = tools
+        g.view.version, g.view.tenant, g.view.state = u.to_version, tenant, state
+        if not live:
+            return True
+        p = m.partition(sid)
+        if u.index == "add":
+            m.index.setdefault((p, tenant), set()).add(sid)
+        elif u.index == "remove":
+            m.index.get((p, tenant), set()).discard(sid)
+        m.projected[(p, tenant)] = m.projected.get((p, tenant), 0) + u.to_version - u.from_version
+        for job in u.jobs:
+            self._job(sid, job)
+        for d in u.usage:
+            key = (p, tenant, d.day)
+            counters = m.usage.get(key) or {"chats": 0, "prompt_tokens": 0, "completion_tokens": 0}
+            counters["chats"] += d.chats
+            counters["prompt_tokens"] += d.prompt_tokens
+            counters["completion_tokens"] += d.completion_tokens
+            m.usage.set(key, counters)
+            m.usage.expire(key, USAGE_TTL_S)
+        return True
+
+    def _job(self, sid: str, job: JobUpdate) -> None:
+        m = self.memory
+        m.job_ids.setdefault(sid, set()).add(job.job_id)
+        key = (sid, job.job_id)
+        record = m.jobs.get(key)
+        fields = job_fields(job)
+        if record is None:
+            record = {}
+            m.jobs.set(key, record)
+        elif (
+            fields.get("status") == "queued" and "status" in record
+        ):  # a worker may already have marked the job running
+            del fields["status"]
+        record.update(fields)
+        if record.get("status") in _ENDED:
+            m.jobs.expire(key, self.chat_retention_s)
+
+
+def job_fields(job: JobUpdate) -> dict[str, Any]:
+    """A job update's fields as plain values (what the Redis hash holds, decoded)."""
+    raw = msgspec.to_builtins(job)
+    assert isinstance(raw, dict)
+    raw.pop("job_id", None)
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def _encoded(u: ReadModelUpdate) -> tuple[bytes | None, bytes | None, bytes, list[tuple[int, bytes]]]:
+    session = json_encode(u.session) if u.session is not None else None
+    tools = json_encode(ToolList(u.session.tools)) if u.session is not None and u.tools_changed else None
+    return session, tools, encode_state(u.state), [(s.version, encode_state(s)) for s in u.snapshots]

@@ -1,0 +1,216 @@
+"""The chat use cases on the memory adapters: a request is decided and queued, the job runs on the offline model
+(`ChatRunner`), its answer streams through the chunk stream and is recorded once; multitask policies, cancelling,
+the tenant's limits, a failing model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator
+
+import msgspec
+import pytest
+
+from shared import bootstrap
+from shared.app.ports import Completion, Delta, ModelError, ModelRequest
+from shared.app.service import Idempotency
+from shared.bootstrap import Parley
+from shared.domain.errors import ChatInProgress, ChatNotActive, ChatUnanswered, QuotaExceeded, RateLimited
+from shared.domain.wire import ChatRequest, MessageCreate, SessionCreate
+from tests.app.conftest import Deployment, settings
+
+
+def ask(text: str, **fields: object) -> ChatRequest:
+    return ChatRequest(messages=[MessageCreate(role="user", content=text)], **fields)  # type: ignore[arg-type]
+
+
+def answer_text(raw: bytes) -> str:
+    return str(msgspec.json.decode(raw)["choices"][0]["message"]["content"])
+
+
+async def job(parley: Parley, sid: str, job_id: str) -> dict:
+    return msgspec.json.decode(await parley.chats.job("acme", sid, job_id))
+
+
+async def new_session(parley: Parley, **fields: object) -> str:
+    session, _ = await parley.sessions.create("acme", SessionCreate(**fields))  # type: ignore[arg-type]
+    return session.id
+
+
+async def test_a_chat_is_requested_run_on_the_model_and_answered(parley: Parley) -> None:
+    d = Deployment(parley)
+    sid = await new_session(parley)
+    requested = await parley.chats.request("acme", sid, ask("hello there"))
+    assert requested.job.status == "queued" and requested.last_message_id is not None
+    assert (await job(parley, sid, requested.job.id))["status"] == "queued"
+    await d.settle()
+    answer = await parley.chats.wait(sid, requested.job.id, 10)
+    assert answer_text(answer) == "You said: hello there"
+    record = await job(parley, sid, requested.job.id)
+    assert record["status"] == "succeeded" and record["attempts"] == 1 and record["context"]["prompt_tokens"] > 0
+    messages = [msgspec.json.decode(m) for m in await parley.sessions.messages("acme", sid, 10, 0)]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "hello there"),
+        ("assistant", "You said: hello there"),
+    ]
+    [listed] = await parley.chats.list("acme", sid, 10, 0)
+    assert msgspec.json.decode(listed)["id"] == requested.job.id
+    usage = await parley.tenancy.usage("acme", 1)
+    assert usage.days[0].chats == 1 and usage.days[0].prompt_tokens == record["context"]["prompt_tokens"]
+
+
+async def test_the_answer_streams_chunk_by_chunk_to_a_follower(parley: Parley) -> None:
+    d = Deployment(parley)
+    sid = await new_session(parley)
+    requested = await parley.chats.request("acme", sid, ask("one two three four five", stream=True))
+    kinds: list[str] = []
+    text = ""
+
+    async def follow() -> None:
+        nonlocal text
+        async with contextlib.aclosing(parley.chats.follow_chunks(sid, requested.job.id, keepalive_s=30)) as batches:
+            async for batch in batches:
+                for _, kind, data in batch:
+                    kinds.append(kind)
+                    if kind == "chunk":
+                        text += msgspec.json.decode(data)["choices"][0]["delta"].get("content") or ""
+                    if kind in ("done", "error"):
+                        return
+
+    following = asyncio.ensure_future(follow())
+    await asyncio.sleep(0.01)
+    await d.settle()
+    await asyncio.wait_for(following, 10)
+    assert kinds[-1] == "done" and kinds.count("chunk") > 2
+    assert text == "You said: one two three four five"
+    entries = await parley.jobs.streamed(sid, requested.job.id)
+    assert await parley.chats.was_last(sid, requested.job.id, entries[-1][0])
+    assert await parley.chats.past_the_end(sid, requested.job.id, "99999999999999-0")
+    assert not await parley.chats.past_the_end(sid, requested.job.id, entries[0][0])
+
+
+async def test_chats_of_one_session_run_one_after_another(parley: Parley) -> None:
+    d = Deployment(parley)
+    sid = await new_session(parley)
+    first = await parley.chats.request("acme", sid, ask("first"))
+    second = await parley.chats.request("acme", sid, ask("second"))
+    assert parley.memory is not None and list(parley.memory.queued) == [first.job.id]  # the second waits its turn
+    await d.settle()  # the projector queues the second when the first ends
+    assert answer_text(await parley.chats.wait(sid, first.job.id, 10)) == "You said: first"
+    assert answer_text(await parley.chats.wait(sid, second.job.id, 10)) == "You said: second"
+    contents = [msgspec.json.decode(m)["content"] for m in await parley.sessions.messages("acme", sid, 10, 0)]
+    assert contents == ["first", "second", "You said: first", "You said: second"]
+
+
+async def test_the_multitask_policies_reject_and_interrupt(parley: Parley) -> None:
+    d = Deployment(parley)
+    strict = await new_session(parley, multitask="reject")
+    await parley.chats.request("acme", strict, ask("a"))
+    with pytest.raises(ChatInProgress):
+        await parley.chats.request("acme", strict, ask("b"))
+    eager = await new_session(parley, multitask="interrupt")
+    old = await parley.chats.request("acme", eager, ask("old"))
+    new = await parley.chats.request("acme", eager, ask("new"))
+    assert new.cancelled == [old.job.id]
+    with pytest.raises(ChatUnanswered) as refused:
+        await parley.chats.wait(eager, old.job.id, 10)
+    assert refused.value.code == "cancelled"
+    await d.settle()
+    assert (await job(parley, eager, old.job.id))["status"] == "cancelled"
+    assert answer_text(await parley.chats.wait(eager, new.job.id, 10)) == "You said: new"
+
+
+async def test_a_cancelled_chat_ends_and_stays_ended(parley: Parley) -> None:
+    d = Deployment(parley)
+    sid = await new_session(parley)
+    requested = await parley.chats.request("acme", sid, ask("never mind"))
+    record = msgspec.json.decode(await parley.chats.cancel("acme", sid, requested.job.id))
+    assert record["status"] == "cancelled"
+    with pytest.raises(ChatUnanswered):
+        await parley.chats.wait(sid, requested.job.id, 10)
+    with pytest.raises(ChatNotActive):
+        await parley.chats.cancel("acme", sid, requested.job.id)
+    await d.settle()  # its queued run finds it ended and does nothing
+    assert (await job(parley, sid, requested.job.id))["status"] == "cancelled"
+    assert [msgspec.json.decode(m)["role"] for m in await parley.sessions.messages("acme", sid, 10, 0)] == ["user"]
+
+
+async def test_a_job_run_again_answers_once(parley: Parley) -> None:
+    d = Deployment(parley)
+    sid = await new_session(parley)
+    requested = await parley.chats.request("acme", sid, ask("once"))
+    await d.settle()
+    assert await parley.chat_runner().run("acme", sid, requested.job.id) == "ended"
+    await parley.queue.enqueue("acme", sid, [requested.job.id])
+    await d.settle()
+    assert len(await parley.sessions.messages("acme", sid, 10, 0)) == 2
+    assert (await job(parley, sid, requested.job.id))["attempts"] == 1
+
+
+async def test_an_idempotent_request_records_one_job(parley: Parley) -> None:
+    sid = await new_session(parley)
+    idem = Idempotency.of("k", "POST", f"/sessions/{sid}/chat", b"x")
+    first = await parley.chats.request("acme", sid, ask("hi"), idem)
+    again = await parley.chats.request("acme", sid, ask("hi"), idem)
+    assert again.job.id == first.job.id
+    assert len(await parley.chats.list("acme", sid, 10, 0)) == 1
+    assert (await parley.limits.take("acme", "chats", "probe", 60)).held == 2  # the replay gave its slot back
+
+
+async def test_concurrent_chats_are_limited_per_tenant_until_one_ends() -> None:
+    parley = await bootstrap.in_memory(settings(tenant_concurrent_chats=1))
+    d = Deployment(parley)
+    one, two = await new_session(parley), await new_session(parley)
+    first = await parley.chats.request("acme", one, ask("a"))
+    with pytest.raises(RateLimited):
+        await parley.chats.request("acme", two, ask("b"))
+    await d.settle()  # the projector gives the slot back when the chat ends
+    await parley.chats.wait(one, first.job.id, 10)
+    await parley.chats.request("acme", two, ask("b"))
+
+
+async def test_a_retried_request_is_replayed_even_when_the_tenant_is_at_its_chat_limit() -> None:
+    """The retry of an acknowledged chat (its answer was lost) must get that chat back, not 429: it asks for no
+    new slot."""
+    parley = await bootstrap.in_memory(settings(tenant_concurrent_chats=1))
+    sid = await new_session(parley)
+    idem = Idempotency.of("k", "POST", f"/sessions/{sid}/chat", b"x")
+    first = await parley.chats.request("acme", sid, ask("hi"), idem)
+    again = await parley.chats.request("acme", sid, ask("hi"), idem)  # the one slot is the first request's
+    assert again.job.id == first.job.id
+    assert len(await parley.chats.list("acme", sid, 10, 0)) == 1
+
+
+async def test_chat_tokens_per_day_are_a_quota() -> None:
+    parley = await bootstrap.in_memory(settings(tenant_chat_tokens_per_day=1))
+    d = Deployment(parley)
+    sid = await new_session(parley)
+    await parley.chats.request("acme", sid, ask("spend"))
+    await d.settle()
+    parley.limits._tokens.clear()  # type: ignore[attr-defined]  # the one-second cache of today's tokens
+    with pytest.raises(QuotaExceeded):
+        await parley.chats.request("acme", sid, ask("more"))
+
+
+class Broken:
+    """A model that fails for good, as a provider does after its retries."""
+
+    @property
+    def models(self) -> list[str]:
+        return ["broken"]
+
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[Delta | Completion, None]:
+        raise ModelError("model_unavailable", "the model is down")
+        yield Delta()  # pragma: no cover - makes this an async generator
+
+
+async def test_a_model_that_fails_fails_the_chat(parley: Parley) -> None:
+    d = Deployment(parley, provider=Broken())
+    sid = await new_session(parley)
+    requested = await parley.chats.request("acme", sid, ask("hi"))
+    await d.settle()
+    with pytest.raises(ChatUnanswered) as failed:
+        await parley.chats.wait(sid, requested.job.id, 10)
+    assert failed.value.code == "model_unavailable"
+    record = await job(parley, sid, requested.job.id)
+    assert record["status"] == "failed" and record["error"]["code"] == "model_unavailable"

@@ -1,0 +1,231 @@
+"""The `ReadModels` contract: the views serve what the log says once projected, answer the head beside their own
+version (read-your-writes), and `apply` writes an update exactly once, only on top of the version it starts from,
+never into a purged session, and a rebuild's generation only above the live one."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import msgspec
+
+from shared.adapters.codec import json_encode
+from shared.domain.commands import DeleteSession, EditMessage, RemoveMessage, UpdateSession
+from shared.domain.events import SessionPurged, SessionPurgedData
+from shared.domain.ids import partition_of, uuid7
+from shared.domain.projection import project
+from shared.domain.state import SessionState
+from shared.domain.wire import FunctionDef, Message, SessionPatch, Tool
+from tests.contracts.conftest import Backend, add, create, project_all, run
+
+
+def contents(items: list[bytes] | None) -> list[str]:
+    return [json.loads(i)["content"] for i in items or []]
+
+
+async def test_views_lag_until_projected_then_serve_the_session(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    state = await create(log, situation="s", tools=[Tool(type="function", function=FunctionDef(name="f"))])
+    view = await views.session("acme", state.id)
+    assert (view.head, view.version, view.body) == (1, 0, None)
+    await project_all(views, state.id)
+    view = await views.session("acme", state.id)
+    assert (view.head, view.version) == (1, 1)
+    assert view.body == json_encode(state.session)
+    tools = await views.tools("acme", state.id)
+    assert tools.body is not None
+    assert json.loads(tools.body) == {
+        "items": [{"type": "function", "function": {"name": "f", "description": None, "parameters": None}}]
+    }
+
+
+async def test_other_tenants_and_unknown_ids_see_nothing(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    state = await create(log)
+    await project_all(views, state.id)
+    for view in (
+        await views.session("globex", state.id),
+        await views.tools("globex", state.id),
+        await views.messages("globex", state.id, 10, 0),
+        await views.session("acme", uuid7()),
+    ):
+        assert view.head == 0 and view.body is None and not view.items
+    assert (await views.sessions("globex", 10, 0)) == ([], [])  # no lagging partition, no session
+
+
+async def test_messages_page_in_conversation_order(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    state = await create(log)
+    for i in range(7):
+        state = await add(log, state, f"m{i}")
+    await project_all(views, state.id)
+    page = await views.messages("acme", state.id, 3, 2)
+    assert contents(page.items) == ["m2", "m3", "m4"]
+    assert [json.loads(m)["seq"] for m in page.items or []] == [3, 4, 5]
+    assert (page.head, page.version) == (8, 8)
+    assert (await views.messages("acme", state.id, 10, 7)).items == []
+    assert contents((await views.messages("acme", state.id, 10, 5)).items) == ["m5", "m6"]
+
+
+async def test_messages_show_each_latest_edit_skip_removed_ones_and_travel_in_time(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    state = await create(log)
+    for i in range(4):
+        state = await add(log, state, f"m{i}")
+    await project_all(views, state.id)
+    stored = [msgspec.json.decode(i, type=Message) for i in (await views.messages("acme", state.id, 10, 0)).items or []]
+    before_edit = state.version
+    state = await run(log, state, EditMessage(message=stored[1], content="m1 edited", name=None))
+    edited = state.version
+    state = await run(log, state, RemoveMessage(message=stored[2]))
+    await project_all(views, state.id)
+    assert contents((await views.messages("acme", state.id, 10, 0)).items) == ["m0", "m1 edited", "m3"]
+    assert contents((await views.messages("acme", state.id, 2, 1)).items) == [
+        "m1 edited",
+        "m3",
+    ]  # offsets count what is shown
+    assert contents((await views.messages("acme", state.id, 1, 2)).items) == ["m3"]
+    assert contents((await views.messages("acme", state.id, 10, 0, count=4, at=before_edit)).items) == [
+        "m0",
+        "m1",
+        "m2",
+        "m3",
+    ]
+    assert contents((await views.messages("acme", state.id, 10, 0, count=4, at=edited)).items) == [
+        "m0",
+        "m1 edited",
+        "m2",
+        "m3",
+    ]
+    assert contents((await views.messages("acme", state.id, 10, 0, count=2, at=3)).items) == ["m0", "m1"]
+
+
+async def test_apply_is_exactly_once(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    state = await add(log, await create(log), "x")
+    [p] = await views.pending([state.id])
+    assert p is not None
+    update = project(p.state, p.events)
+    assert await views.apply([(p.tenant, update)]) == [True]
+    assert await views.apply([(p.tenant, update)]) == [False]
+    page = await views.messages("acme", state.id, 10, 0)
+    assert len(page.items or []) == 1
+    [p] = await views.pending([state.id])
+    assert p is not None and p.events == [] and p.state == state
+
+
+async def test_apply_answers_each_update_on_its_own(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    a, b = await create(log), await create(log)
+    [pa, pb] = await views.pending([a.id, b.id])
+    assert pa is not None and pb is not None
+    ua, ub = project(pa.state, pa.events), project(pb.state, pb.events)
+    assert await views.apply([(pa.tenant, ua)]) == [True]
+    assert await views.apply([(pa.tenant, ua), (pb.tenant, ub)]) == [False, True]
+    assert await views.apply([]) == []
+
+
+async def test_pending_continues_from_the_view(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    state = await create(log)
+    await project_all(views, state.id)
+    state = await add(log, state, "new")
+    [p] = await views.pending([state.id])
+    assert p is not None
+    assert p.tenant == "acme" and p.state.version == 1 and [e.version for e in p.events] == [2] and p.head == 2
+    assert await views.pending([uuid7()]) == [None]
+
+
+async def test_session_list_is_newest_first_across_partitions_and_waits_for_projection(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    states = [await create(log) for _ in range(9)]
+    other = await create(log, tenant="globex")
+    lagging, _ = await views.sessions("acme", 100, 0)
+    assert lagging == sorted({partition_of(s.id, backend.partitions) for s in states})
+    await project_all(views, *[s.id for s in states], other.id)
+    lagging, items = await views.sessions("acme", 100, 0)
+    assert not lagging
+    expected = [s.id for s in reversed(states)]
+    assert [json.loads(i)["id"] for i in items] == expected
+    assert [json.loads(i)["id"] for i in (await views.sessions("acme", 3, 2))[1]] == expected[2:5]
+    assert [json.loads(i)["id"] for i in (await views.sessions("globex", 100, 0))[1]] == [other.id]
+
+
+async def test_deleted_sessions_leave_the_read_models_but_not_the_log(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    state = await add(log, await create(log), "bye")
+    state = await run(log, state, DeleteSession())
+    assert state.version == 3
+    await project_all(views, state.id)
+    view = await views.session("acme", state.id)
+    assert (view.head, view.version, view.body) == (3, 3, None)
+    assert (await views.tools("acme", state.id)).body is None
+    assert (await views.messages("acme", state.id, 10, 0)).body is None
+    assert (await views.sessions("acme", 10, 0)) == ([], [])  # no lagging partition, no session
+    assert len(await log.read(state.id)) == 3
+    # the message pointers stay (no content: versions into the log) so past versions still answer
+    past = await views.messages("acme", state.id, 10, 0, count=1)
+    assert contents(past.items) == ["bye"]
+
+
+async def test_updates_rewrite_the_session_view(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    state = await create(log, agent_id="a")
+    state = await run(log, state, UpdateSession(patch=SessionPatch(agent_id=None, tools=[])))
+    assert state.version == 3
+    await project_all(views, state.id)
+    body = msgspec.json.decode((await views.session("acme", state.id)).body or b"")
+    assert body["agent_id"] is None and body["version"] == 3
+
+
+async def test_a_purged_session_cannot_be_brought_back_by_a_late_apply(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    state = await add(log, await create(log), "secret")
+    [p] = await views.pending([state.id])
+    assert p is not None
+    late = project(p.state, p.events)
+    tombstone = SessionPurged(
+        id=uuid7(),
+        occurred_at=datetime.now(UTC),
+        data=SessionPurgedData(session_id=state.id, user_id=None, event_count=2),
+    )
+    assert await backend.admin.purge("acme", state.id, 2, tombstone)
+    assert await views.apply([(p.tenant, late)]) == [False]
+    assert await views.pending([state.id]) == [None]
+    assert (await views.messages("acme", state.id, 10, 0)).head == 0
+
+
+async def test_a_rebuild_generation_is_written_apart_and_only_above_the_live_one(backend: Backend) -> None:
+    log, views = backend.log, backend.views
+    state = await add(log, await create(log), "x")
+    await project_all(views, state.id)
+    [fresh] = await views.pending([state.id], gen=1)
+    assert fresh is not None and fresh.state == SessionState(id=state.id) and len(fresh.events) == 2
+    update = project(fresh.state, fresh.events)
+    assert await views.apply([("acme", update)], gen=0) == [False]  # not above the live generation
+    assert await views.apply([("acme", update)], gen=1) == [True]
+    assert await views.apply([("acme", update)], gen=1) == [False]  # exactly once there too
+    [again] = await views.pending([state.id], gen=1)
+    assert again is not None and again.events == [] and again.state == state
+    view = await views.session("acme", state.id)  # the live generation is untouched until a switch
+    assert (view.head, view.version) == (2, 2)
+
+
+async def test_a_stale_rebuild_cannot_write_into_the_live_generation(backend: Backend) -> None:
+    """Two rebuilds built generation 1; one switched to it. The other's later writes to generation 1 (now live) are
+    refused: a rebuild's write skips the index, the counters and the chat jobs, so it must never land in a live one."""
+    log, views = backend.log, backend.views
+    state = await add(log, await create(log), "x")
+    await project_all(views, state.id)
+    [fresh] = await views.pending([state.id], gen=1)
+    assert fresh is not None
+    assert await views.apply([("acme", project(fresh.state, fresh.events))], gen=1) == [True]
+    assert await backend.admin.switch([("acme", state.id, 1)]) == [1]
+    state = await add(log, state, "after the switch")
+    [stale] = await views.pending([state.id], gen=1)
+    assert stale is not None and [e.version for e in stale.events] == [3]
+    assert await views.apply([("acme", project(stale.state, stale.events))], gen=1) == [False]
+    lagging, _ = await views.sessions("acme", 10, 0)
+    assert lagging != []  # still unprojected: only the live projection may count it
+    await project_all(views, state.id)
+    assert await views.sessions("acme", 10, 0) == ([], [json_encode(state.session)])

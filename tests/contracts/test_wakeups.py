@@ -1,0 +1,54 @@
+"""The `Wakeups` contract: a waiter hears an append to its session and a chunk written for its job, in any process
+of the deployment, and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+
+from shared.domain.ids import uuid7
+from tests.contracts.conftest import Backend, add, create
+
+WAIT_S = 10.0
+"""Only an upper bound for a wake-up that must come; a passing test never waits it out."""
+
+
+async def test_an_append_wakes_the_sessions_waiters_in_every_process(backend: Backend) -> None:
+    state = await create(backend.log)
+    here, there = backend.wakeups(), backend.wakeups()
+    async with here.watching(state.id, state.id) as mine, there.watching(state.id, state.id) as theirs:
+        mine.clear()
+        theirs.clear()
+        await add(backend.log, state, "x")
+        assert await mine.wait(WAIT_S)
+        assert await theirs.wait(WAIT_S)
+
+
+async def test_a_chunk_wakes_the_jobs_waiters(backend: Backend) -> None:
+    state, job = await create(backend.log), uuid7()
+    wakeups = backend.wakeups()
+    async with wakeups.watching(job, state.id) as watch:
+        watch.clear()
+        await backend.jobs.emit(state.id, job, "chunk", b"{}")
+        assert await watch.wait(WAIT_S)
+
+
+async def test_a_wake_up_that_arrives_before_the_wait_is_kept(backend: Backend) -> None:
+    state = await create(backend.log)
+    wakeups = backend.wakeups()
+    async with wakeups.watching(state.id, state.id) as watch:
+        watch.clear()
+        await add(backend.log, state, "x")
+        await asyncio.sleep(0.1)  # the wake-up lands while nobody waits
+        assert await watch.wait(WAIT_S)
+
+
+async def test_only_the_named_session_or_job_wakes(backend: Backend) -> None:
+    mine, other = await create(backend.log), await create(backend.log)
+    wakeups = backend.wakeups()
+    async with wakeups.watching(mine.id, mine.id) as watch, wakeups.watching(other.id, other.id) as signal:
+        watch.clear()
+        signal.clear()
+        await add(backend.log, other, "not yours")
+        await backend.jobs.emit(mine.id, uuid7(), "chunk", b"{}")  # a job of my session is not my session
+        assert await signal.wait(WAIT_S)  # the append has been seen by the reader by now
+        assert not await watch.wait(0.05)
