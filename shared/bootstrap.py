@@ -42,7 +42,15 @@ from shared.adapters.memory import (
 )
 from shared.adapters.redis.api_keys import RedisApiKeys
 from shared.adapters.redis.chats import ChatStore
-from shared.adapters.redis.connect import Deadlines, check_partitions, connect, connect_blocking
+from shared.adapters.redis.connect import (
+    Deadlines,
+    check_partitions,
+    connect,
+    connect_blocking,
+    ping,
+    queue_url,
+    uses_cluster,
+)
 from shared.adapters.redis.feed import RedisFeed
 from shared.adapters.redis.history import RedisHistory
 from shared.adapters.redis.keys import Keys
@@ -193,7 +201,9 @@ async def start(
     wait_for_store: bool = True,
     serves_api: bool = False,
 ) -> Parley:
-    """Connect to `REDIS_URL` (or use `redis`: fakeredis in `parley dev`) and wire everything.
+    """Connect to `REDIS_URL` (or use `redis`: fakeredis in `parley dev`) and wire everything. A cluster `REDIS_URL`
+    (`redis+cluster://…` or PARLEY_REDIS_CLUSTER=1) gets redis-py's cluster client; the chat queue then runs on
+    `PARLEY_QUEUE_URL` (arq needs one Redis).
 
     `timeout_s`: the deadline of every store command (`parley` operations run long scripts); `wait_for_store`:
     wait (with backoff) while the store is unreachable or loading, instead of failing; `serves_api`: this process
@@ -206,10 +216,20 @@ async def start(
     if redis is None:
         if not settings.redis_url:
             raise RuntimeError("REDIS_URL is not set")
-        client, blocking = connect(settings.redis_url, deadlines), connect_blocking(settings.redis_url, deadlines)
+        cluster = uses_cluster(settings)
+        q_url = queue_url(settings)  # refuses a cluster without PARLEY_QUEUE_URL, before connecting to anything
+        # on a cluster the projector keeps one blocking read per partition, and the shared readers one more
+        blocking_size = max(128, 2 * settings.partitions + 32) if cluster else 128
+        client = connect(settings.redis_url, deadlines, cluster=cluster)
+        blocking = connect_blocking(settings.redis_url, deadlines, size=blocking_size, cluster=cluster)
         closers: list[Callable[[], Awaitable[Any]]] = [client.aclose, blocking.aclose]
+        if q_url == settings.redis_url and not cluster:
+            queue_client, queue_blocking = client, blocking
+        else:  # the chat queue on a Redis of its own (arq cannot run on a cluster)
+            queue_client, queue_blocking = connect(q_url, deadlines), connect_blocking(q_url, deadlines, size=16)
+            closers += [queue_client.aclose, queue_blocking.aclose]
     else:
-        client = blocking = redis
+        client = blocking = queue_client = queue_blocking = redis
         closers = []
     supervisor = supervisor or Supervisor()
     keys = Keys(settings.partitions)
@@ -230,7 +250,7 @@ async def start(
         log=store,
         views=store,
         jobs=ChatStore(client, keys, settings.chat_retention_s),
-        queue=ArqChatQueue(client),
+        queue=ArqChatQueue(queue_client),
         feed=RedisFeed(client, keys, "assist"),
         wakeups=Notifier(blocking, keys, supervisor, poll_s=0.01 if fake else None),
         admin=RedisHistory(client, keys),
@@ -241,12 +261,12 @@ async def start(
     def make_chat_worker(runner: ChatRunner) -> ChatWorker:
         _warm_tokenizer(settings)
         return chat_worker(
-            client, None if fake else blocking, runner.run, runner.fail, claim_s=settings.chat_claim_s, max_jobs=settings.worker_max_jobs,
+            queue_client, None if fake else queue_blocking, runner.run, runner.fail, claim_s=settings.chat_claim_s, max_jobs=settings.worker_max_jobs,
             job_timeout_s=max(settings.model_timeout_s * (settings.model_max_retries + 1) * 2, 60), poll_delay_s=settings.worker_poll_delay_s,
         )
 
     return _compose(
-        settings, supervisor, adapters, secret=secret, ping=client.ping, fake=fake, closers=closers,
+        settings, supervisor, adapters, secret=secret, ping=lambda: _ping(client, queue_client), fake=fake, closers=closers,
         make_feed=lambda consumer: RedisFeed(client, keys, consumer, blocking), make_chat_worker=make_chat_worker,
     )
 
@@ -335,12 +355,20 @@ def _compose(
     )
 
 
+async def _ping(store: Any, queue: Any) -> bool:
+    """The store (every primary of a cluster) and, when it is another Redis, the chat queue's."""
+    await ping(store)
+    if queue is not store:
+        await queue.ping()
+    return True
+
+
 def _warm_tokenizer(settings: Settings) -> None:
     """Loading the encodings takes about a second: not on a chat's clock, and not on the event loop."""
     threading.Thread(target=lambda: Tokenizer.for_model(settings.model).count("warm up"), name="tokenizer-warm-up", daemon=True).start()
 
 
-async def _stream_secret(redis: Redis, settings: Settings) -> bytes:
+async def _stream_secret(redis: Any, settings: Settings) -> bytes:
     """The HMAC key of stream tokens: the configured one, else one made at first start and kept in Redis, so that
     every API process accepts the tokens any of them gave out."""
     if settings.stream_token_secret:

@@ -14,7 +14,12 @@ _PREFIX = "PARLEY_"
 
 class Settings(Struct, kw_only=True, frozen=True):
     redis_url: str | None = None
-    """`REDIS_URL`. Unset: `parley dev` runs an embedded store; `api`/`worker` refuse to start."""
+    """`REDIS_URL`. Unset: `parley dev` runs an embedded store; `api`/`worker` refuse to start.
+    `redis+cluster://host:port[,host:port…]`: a Redis Cluster (then set `PARLEY_QUEUE_URL`)."""
+    redis_cluster: bool = False
+    """`REDIS_URL` is a Redis Cluster whatever its scheme (`redis://` or `rediss://` to one or more of its nodes)."""
+    queue_url: str | None = None
+    """The chat queue's Redis (arq): a standalone Redis. Unset: `REDIS_URL`, which must then not be a cluster."""
     api_keys: str = ""
     """Comma-separated `tenant:key` pairs accepted besides the keys stored in Redis."""
     partitions: int = 16

@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from redis.exceptions import BusyLoadingError, ClusterDownError, ReadOnlyError, TryAgainError
+from redis.exceptions import BusyLoadingError, ClusterDownError, ClusterError, ReadOnlyError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -36,6 +36,8 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     BusyLoadingError,
     TryAgainError,
     ClusterDownError,  # includes MasterDownError: a failover is under way
+    ClusterError,  # redirections did not settle (a resharding under way)
+    SlotNotCoveredError,  # a cluster still being set up, or a slot's node lost
     ReadOnlyError,  # a replica promoted, or a failover in progress
     OSError,
     TimeoutError,
@@ -48,7 +50,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def pool_exhausted(exc: BaseException) -> bool:
-    """True for redis-py's "no free connection within the pool's wait": the process is overloaded, the store is fine."""
+    """True for redis-py's "no free connection within the pool's wait" (a cluster node's pool: full at once): the
+    process is overloaded, the store is fine."""
+    if type(exc).__name__ == "MaxConnectionsError":
+        return True
     return type(exc).__name__ == "ConnectionError" and str(exc) == "No connection available."
 
 

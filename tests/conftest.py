@@ -9,7 +9,8 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from shared.adapters.redis.server import RedisServer
+from shared.adapters.redis.connect import connect
+from shared.adapters.redis.server import RedisClusterServers, RedisServer
 from tests.support import ParleyProcess
 
 
@@ -19,6 +20,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync="always").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A real 3-master Redis Cluster on free loopback ports, shared by the session's tests (each flushes it)."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+async def cluster_client(cluster: RedisClusterServers) -> Redis:
+    """Parley's cluster client on the session's cluster, every primary flushed."""
+    client = connect(cluster.url)
+    await client.flushall()  # redis-py sends FLUSHALL to every primary
+    return client
 
 
 @pytest.fixture
@@ -36,11 +52,13 @@ async def fake_redis() -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-@pytest.fixture(params=["fakeredis", "redis-server"])
+@pytest.fixture(params=["fakeredis", "redis-server", "redis-cluster"])
 async def redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
-    """Every contract test runs against both backends."""
+    """Every contract test runs against every backend: fakeredis, one redis-server, a 3-master Redis Cluster."""
     if request.param == "fakeredis":
         client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    elif request.param == "redis-cluster":
+        client = await cluster_client(request.getfixturevalue("redis_cluster"))
     else:
         client = Redis.from_url(request.getfixturevalue("redis_server").url)
         await client.flushall()

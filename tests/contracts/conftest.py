@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 import shared.adapters.redis.queue as redis_queue
+from tests.conftest import cluster_client
 from shared.adapters.memory import (
     Memory,
     MemoryApiKeys,
@@ -109,7 +110,9 @@ def memory_backend() -> Backend:
     )
 
 
-def redis_backend(name: str, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> Backend:
+def redis_backend(name: str, redis: Redis, monkeypatch: pytest.MonkeyPatch, queue_redis: Redis | None = None) -> Backend:
+    """`queue_redis`: the chat queue's own Redis (a cluster's deployment: arq cannot run on the cluster)."""
+    queue_redis = queue_redis or redis
     keys = Keys(PARTITIONS)
     store = RedisStore(redis, keys, chat_retention_s=RETENTION_S)
     supervisors: list[Supervisor] = []
@@ -121,14 +124,14 @@ def redis_backend(name: str, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> B
 
     def worker(run: RunChat, fail: FailChat, max_tries: int) -> ChatWorker:
         monkeypatch.setattr(redis_queue, "MAX_TRIES", max_tries)
-        return chat_worker(redis, None, run, fail, claim_s=1.0, max_jobs=10, job_timeout_s=60, poll_delay_s=0.05)
+        return chat_worker(queue_redis, None, run, fail, claim_s=1.0, max_jobs=10, job_timeout_s=60, poll_delay_s=0.05)
 
     backend = Backend(
         name=name,
         log=store,
         views=store,
         jobs=ChatStore(redis, keys, RETENTION_S),
-        queue=RedisChatQueue(redis),
+        queue=RedisChatQueue(queue_redis),
         admin=RedisHistory(redis, keys),
         api_keys=RedisApiKeys(redis),
         limits=lambda defaults: RedisLimits(redis, keys, defaults),
@@ -145,24 +148,32 @@ def redis_backend(name: str, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> B
     return backend
 
 
-@pytest.fixture(params=["memory", "fakeredis", "redis-server"])
+@pytest.fixture(params=["memory", "fakeredis", "redis-server", "redis-cluster"])
 async def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Backend]:
-    """Every contract test runs against the memory adapters, fakeredis and a real redis-server."""
+    """Every contract test runs against the memory adapters, fakeredis, a real redis-server and a real 3-master Redis
+    Cluster (its chat queue on the redis-server, as a cluster deployment's is on `PARLEY_QUEUE_URL`)."""
     if request.param == "memory":
         yield memory_backend()
         return
+    queue = None
     if request.param == "fakeredis":
         client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    elif request.param == "redis-cluster":
+        client = await cluster_client(request.getfixturevalue("redis_cluster"))
+        queue = Redis.from_url(request.getfixturevalue("redis_server").url)
+        await queue.flushall()
     else:
         client = Redis.from_url(request.getfixturevalue("redis_server").url)
         await client.flushall()
-    b = redis_backend(request.param, client, monkeypatch)
+    b = redis_backend(request.param, client, monkeypatch, queue)
     try:
         yield b
     finally:
         for close in b._closers:
             await close()
         await client.aclose()
+        if queue is not None:
+            await queue.aclose()
 
 
 # -- writing sessions through the ports ----------------------------------------------------------------------------

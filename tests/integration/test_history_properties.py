@@ -68,6 +68,7 @@ from shared.domain.wire import (
 )
 from shared.domain.projection import SNAPSHOT_EVERY
 from shared.domain.state import SessionState, fold
+from shared.adapters.redis.connect import connect
 from shared.adapters.redis.feed import RedisFeed
 from shared.adapters.redis.history import RedisHistory
 from shared.adapters.redis.keys import Keys, partition_of
@@ -96,14 +97,17 @@ PROPERTY_SETTINGS = settings(
 # -- backends ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["fakeredis", "redis-server"])
+@pytest.fixture(params=["fakeredis", "redis-server", "redis-cluster"])
 def backend(request: pytest.FixtureRequest) -> str | None:
-    """None: a fresh fakeredis per example; else the URL of the session's redis-server (flushed per example).
+    """None: a fresh fakeredis per example; else the URL of the session's redis-server or Redis Cluster (flushed
+    per example).
 
     The hypothesis examples run their own event loop (asyncio.run), so they connect inside the example
     rather than through the async `redis` fixture of conftest.py."""
     if request.param == "fakeredis":
         return None
+    if request.param == "redis-cluster":
+        return request.getfixturevalue("redis_cluster").url
     return request.getfixturevalue("redis_server").url
 
 
@@ -112,8 +116,8 @@ async def connected(url: str | None) -> AsyncIterator[Redis]:
     if url is None:
         client: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     else:
-        client = Redis.from_url(url)
-        await client.flushall()
+        client = connect(url)  # one Redis, or a cluster's client
+        await client.flushall()  # on a cluster: every primary
     try:
         yield client
     finally:
@@ -637,7 +641,7 @@ async def test_time_travel_across_real_snapshots_of_a_long_history(redis):
     await check([1, 2, 99, 100, 101, 102, 150, 199, 200, 201, 202, 298, 299, 300, 301, 302, head - 1, head])
     # the script folds from the nearest snapshot at or below the version: at most one interval of events
     for n, base in ((99, 0), (100, 100), (101, 100), (299, 200), (300, 300), (head, 300)):
-        reply = await TIME_TRAVEL(redis, [KEYS.head(sid), KEYS.snapshots(sid), KEYS.log(sid)], [tenant, n, SNAPSHOT_EVERY])
+        reply = await TIME_TRAVEL(redis, [KEYS.head(sid), KEYS.snapshots(sid), KEYS.log(sid)], [tenant, n, SNAPSHOT_EVERY, 0])
         assert int(reply[1]) == base and len(reply[3]) == n - base, f"version {n}"
 
     await w.rebuilder().run(Scope(session_id=sid))
@@ -666,7 +670,10 @@ class HookedRedis:
         execute = pipe.execute
 
         async def hooked(*a: Any, **kw: Any) -> Any:
-            names = {c[0][0] for c in pipe.command_stack}
+            if hasattr(pipe, "command_stack"):
+                names = {c[0][0] for c in pipe.command_stack}
+            else:  # a cluster pipeline
+                names = {c.args[0] for c in pipe._command_stack}
             replies = await execute(*a, **kw)
             if names == {"XRANGE"}:
                 await self._after_xrange()

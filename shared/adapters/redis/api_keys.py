@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import secrets
 
-from redis.asyncio import Redis
-
+from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.scripts import KEY_CREATE, KEY_REVOKE
 from shared.domain.ids import key_hash, key_id
 
 __all__ = ["RedisApiKeys"]
 
 
 class RedisApiKeys:
-    def __init__(self, redis: Redis) -> None:
+    """Both hashes share the `{auth}` hash tag, so creating and revoking are one script each, in one slot."""
+
+    def __init__(self, redis: Client) -> None:
         self.redis = redis
 
     async def tenant_of(self, key: str) -> str | None:
@@ -22,21 +24,13 @@ class RedisApiKeys:
 
     async def create(self, tenant: str) -> str:
         key = "pk_" + secrets.token_urlsafe(32)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(Keys.api_keys, key_hash(key), tenant)
-        pipe.hset(Keys.api_key_ids, key_id(key), key_hash(key))
-        await pipe.execute()
+        await KEY_CREATE(self.redis, [Keys.api_keys, Keys.api_key_ids], [key_hash(key), key_id(key), tenant])
         return key
 
     async def revoke(self, key_or_id: str) -> bool:
-        digest = await self.redis.hget(Keys.api_key_ids, key_or_id)
-        kid = key_or_id
-        if digest is None:
-            kid, digest = key_id(key_or_id), key_hash(key_or_id).encode()
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(Keys.api_keys, digest)
-        pipe.hdel(Keys.api_key_ids, kid)
-        removed, _ = await pipe.execute()
+        removed = await KEY_REVOKE(
+            self.redis, [Keys.api_keys, Keys.api_key_ids], [key_or_id, key_id(key_or_id), key_hash(key_or_id)]
+        )
         return bool(removed)
 
     async def list(self) -> list[tuple[str, str]]:

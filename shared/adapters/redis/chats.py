@@ -4,26 +4,21 @@
 from __future__ import annotations
 
 import asyncio
-
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.adapters.codec import json_encode, pairs
-from shared.domain.wire import ChatJob
-from shared.app.ports import View
-from shared.adapters.redis import scripts
+from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import Keys, partition_of
-from shared.adapters.redis.lua import Script, run_pipeline
-from shared.adapters.redis.store import ALL_SCRIPTS, READ_VIEW
+from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, call_live, run_pipeline, stale_generation
+from shared.adapters.redis.scripts import CHUNKS, MARK_RUNNING, READ_CHAT, READ_VIEW, REGISTRY
+from shared.app.ports import View
+from shared.domain.wire import ChatJob
 
-READ_CHAT = Script(scripts.READ_CHAT)
-CHUNKS = Script(scripts.CHUNKS)
-MARK_RUNNING = Script(scripts.MARK_RUNNING)
+__all__ = ["ChatStore", "ChunkWriter", "job_json"]
 
 
 _JSON_FIELDS = ("created_at", "started_at", "finished_at", "context", "response", "error")
@@ -46,15 +41,16 @@ def job_json(job_id: str, session_id: str, fields: dict[bytes, bytes]) -> bytes:
 
 
 class ChatStore:
-    def __init__(self, redis: Redis, keys: Keys, retention_s: int = 7 * 86_400) -> None:
+    def __init__(self, redis: Client, keys: Keys, retention_s: int = 7 * 86_400) -> None:
         self.redis = redis
         self.keys = keys
         self.retention_s = retention_s
 
     async def job(self, tenant: str, session_id: str, job_id: str) -> View:
         k = self.keys
-        reply = await READ_CHAT(
-            self.redis, [k.head(session_id), k.view(session_id), k.chat(session_id, job_id), k.chats(session_id)], [tenant, job_id]
+        reply = await call_live(
+            self.redis, READ_CHAT, k.generations, session_id,
+            lambda g: ([k.head(session_id), k.view(session_id, g), k.chat(session_id, job_id), k.chats(session_id)], [tenant, job_id, g]),
         )
         head, version, fields = int(reply[0]), int(reply[1]), pairs(reply[3:])
         return View(head, version, job_json(job_id, session_id, fields) if fields else None)
@@ -62,14 +58,22 @@ class ChatStore:
     async def jobs(self, tenant: str, session_id: str, limit: int, offset: int) -> View:
         """The session's jobs, newest first (records past their retention are gone)."""
         k = self.keys
-        reply, ids = await run_pipeline(
-            self.redis,
-            ALL_SCRIPTS,
-            lambda pipe: [
-                READ_VIEW.queue(pipe, [k.head(session_id), k.view(session_id)], [tenant, "j"]),
-                pipe.zrevrange(k.chats(session_id), offset, offset + limit - 1),
-            ],
-        )
+        for _ in range(MAX_STALE):
+            g = k.generations[session_id]
+            reply, ids = await run_pipeline(
+                self.redis,
+                REGISTRY,
+                lambda pipe, g=g: [
+                    READ_VIEW.queue(pipe, [k.head(session_id), k.view(session_id, g)], [tenant, "j", g]),
+                    pipe.zrevrange(k.chats(session_id), offset, offset + limit - 1),
+                ],
+            )
+            live = stale_generation(reply)
+            if live is None:
+                break
+            k.generations.saw(session_id, live)
+        else:
+            raise StaleGenerations(f"session {session_id}'s generation kept changing")
         hv, vv = int(reply[0]), int(reply[1])
         if hv == 0:
             return View(0, 0, None)
@@ -138,7 +142,7 @@ class ChunkWriter:
     together in the next pipeline.
     """
 
-    def __init__(self, redis: Redis, keys: list[str], job_id: str, retention_s: int) -> None:
+    def __init__(self, redis: Client, keys: list[str], job_id: str, retention_s: int) -> None:
         self.redis = redis
         self.keys = keys
         """The session's head (no head: purged, write nothing), the chunk stream and the partition's relay stream."""

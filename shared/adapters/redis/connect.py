@@ -6,7 +6,12 @@ longest block plus that margin, so a quiet stream is not mistaken for a dead Red
 
 Retries stay off on purpose: a retried append after a lost reply could write twice. A write whose reply is lost
 answers 503 and the client retries with its Idempotency-Key, which makes the retry safe (and APPEND itself
-recognises its own events, see `scripts.APPEND`).
+recognises its own events, see `lua/append.lua`).
+
+`REDIS_URL=redis+cluster://host:port[,host:port…]` (or any Redis URL with `PARLEY_REDIS_CLUSTER=1`) connects to a
+Redis Cluster (`shared.adapters.redis.cluster`); every other URL to one Redis. On a cluster each node has a pool of
+`pool_size` connections, and a command that finds its node's pool full fails at once (redis-py's cluster nodes do
+not wait for a free connection), which the API answers with 503 `overloaded` as on one Redis.
 """
 
 from __future__ import annotations
@@ -15,9 +20,19 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import BlockingConnectionPool, Connection, Redis
+from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
-from shared.config import Settings
+from shared.adapters.redis.cluster import Client, ParleyCluster, is_cluster_url, parse_cluster_url
 from shared.adapters.redis.keys import Keys
+from shared.config import Settings
+
+__all__ = [
+    "BLOCK_MAX_S", "Client", "Deadlines", "HiredisPackingConnection", "check_partitions", "connect", "connect_blocking",
+    "is_cluster", "ping", "queue_url", "uses_cluster",
+]
+
 
 try:
     from hiredis import pack_command as _hiredis_pack
@@ -57,16 +72,74 @@ class HiredisPackingConnection(Connection):
         return [_hiredis_pack(args)]
 
 
-def connect(url: str, deadlines: Deadlines = Deadlines()) -> Redis:
+def uses_cluster(settings: Settings) -> bool:
+    """`redis+cluster://…` or PARLEY_REDIS_CLUSTER=1."""
+    return bool(settings.redis_url) and (settings.redis_cluster or is_cluster_url(settings.redis_url or ""))
+
+
+def queue_url(settings: Settings) -> str:
+    """The chat queue's Redis: `PARLEY_QUEUE_URL`, else `REDIS_URL` when that is one Redis. arq needs MULTI/WATCH
+    across its keys and has no cluster support, so on a cluster the queue must be a Redis of its own."""
+    if settings.queue_url:
+        if is_cluster_url(settings.queue_url):
+            raise RuntimeError("PARLEY_QUEUE_URL must be a standalone (or Sentinel-fronted) Redis, not a cluster: arq needs MULTI")
+        return settings.queue_url
+    if uses_cluster(settings):
+        raise RuntimeError(
+            "REDIS_URL is a Redis Cluster, and the chat queue (arq) cannot run on one: set PARLEY_QUEUE_URL to a "
+            "standalone Redis for the queue"
+        )
+    assert settings.redis_url
+    return settings.redis_url
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, ParleyCluster)
+
+
+def connect(url: str, deadlines: Deadlines = Deadlines(), cluster: bool = False) -> Client:
     """The client for ordinary commands. Its pool waits at most `pool_wait_s` for a free connection, then raises
-    `ConnectionError("No connection available.")`, which the API answers with 503 `overloaded`."""
+    `ConnectionError("No connection available.")`, which the API answers with 503 `overloaded`. `cluster`: the URL
+    is a cluster's even if its scheme does not say so (PARLEY_REDIS_CLUSTER=1)."""
+    if cluster or is_cluster_url(url):
+        return _cluster(url, deadlines.timeout_s, deadlines.connect_timeout_s, deadlines.pool_size)
     return _client(url, deadlines.timeout_s, deadlines.connect_timeout_s, deadlines.pool_size, deadlines.pool_wait_s)
 
 
-def connect_blocking(url: str, deadlines: Deadlines = Deadlines(), size: int = 128) -> Redis:
-    """The client for blocking reads: a few per process (shared readers, the projector, the wake-up listener)."""
+def connect_blocking(url: str, deadlines: Deadlines = Deadlines(), size: int = 128, cluster: bool = False) -> Client:
+    """The client for blocking reads: a few per process (shared readers, the projector, the wake-up listener); on a
+    cluster the projector holds one per partition (`RedisFeed`), so `size` is per node."""
     timeout = BLOCK_MAX_S + deadlines.timeout_s
+    if cluster or is_cluster_url(url):
+        return _cluster(url, timeout, deadlines.connect_timeout_s, size)
     return _client(url, timeout, deadlines.connect_timeout_s, size, deadlines.pool_wait_s + BLOCK_MAX_S)
+
+
+def _cluster(url: str, timeout: float, connect_timeout: float, size: int) -> ParleyCluster:
+    parsed = parse_cluster_url(url)
+    extra: dict[str, Any] = {"connection_class": HiredisPackingConnection} if _hiredis_pack and not parsed.ssl else {}
+    return ParleyCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+        username=parsed.username,
+        password=parsed.password,
+        ssl=parsed.ssl,
+        max_connections=size,
+        socket_timeout=timeout,
+        socket_connect_timeout=connect_timeout,
+        socket_keepalive=True,
+        health_check_interval=30,
+        cluster_error_retry_attempts=0,  # retries off, as on one Redis (see `cluster.Pipeline`)
+        connection_error_retry_attempts=0,
+        **extra,
+    )
+
+
+async def ping(client: Client) -> bool:
+    """Every primary of a cluster answers (a node down makes part of the sessions unreachable), or the one Redis."""
+    if isinstance(client, ParleyCluster):
+        await client.ping(target_nodes=ParleyCluster.PRIMARIES)
+        return True
+    return bool(await client.ping())
 
 
 def _client(url: str, timeout: float, connect_timeout: float, size: int, wait: float) -> Redis:
@@ -84,9 +157,14 @@ def _client(url: str, timeout: float, connect_timeout: float, size: int, wait: f
     return Redis.from_pool(pool)  # the client owns (and closes) the pool
 
 
-async def check_partitions(redis: Redis, partitions: int) -> None:
+async def check_partitions(redis: Client, partitions: int) -> None:
     """The partition count is fixed at first start; a process configured otherwise refuses to run."""
-    await redis.hsetnx(Keys.config, "partitions", partitions)
+    try:
+        await redis.hsetnx(Keys.config, "partitions", partitions)
+    except RedisClusterException as e:  # no startup node answers yet: as transient as a refused connection
+        if "cannot be connected" in str(e):
+            raise RedisConnectionError(str(e)) from e
+        raise
     stored = int(await redis.hget(Keys.config, "partitions"))
     if stored != partitions:
         raise RuntimeError(f"this Redis holds {stored} partitions but PARLEY_PARTITIONS is {partitions}")

@@ -7,26 +7,36 @@ consumer, any number of times: the read model's version check makes it exactly o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from shared.adapters.redis.cluster import Client, ParleyCluster
 from shared.adapters.redis.keys import Keys
 from shared.app.ports import FeedEntry, PartitionLag
+
+__all__ = ["GROUP", "RedisFeed", "projector_alive"]
 
 GROUP = "projector"
 
 
 class RedisFeed:
-    def __init__(self, redis: Redis, keys: Keys, consumer: str, blocking: Redis | None = None) -> None:
-        """`blocking`: the client for blocking reads (its deadline allows for the block); default `redis`."""
+    def __init__(self, redis: Client, keys: Keys, consumer: str, blocking: Client | None = None, per_partition: bool | None = None) -> None:
+        """`blocking`: the client for blocking reads (its deadline allows for the block); default `redis`.
+        `per_partition`: one XREADGROUP per partition (a multi-stream read must stay in one slot); default: on a
+        cluster."""
         self.redis = redis
         self.blocking = blocking or redis
         self.keys = keys
         self.consumer = consumer
         self._streams = {keys.feed(p): p for p in range(keys.partitions)}
+        self.per_partition = isinstance(redis, ParleyCluster) if per_partition is None else per_partition
+        self._reads: dict[str, asyncio.Task[Any]] = {}
+        """Per partition: its XREADGROUP in flight (per-partition mode); kept across `read` calls until it answers."""
 
     async def ensure_groups(self) -> None:
         for stream in self._streams:
@@ -37,12 +47,69 @@ class RedisFeed:
                     raise
 
     async def read(self, count: int, block_ms: int | None) -> list[FeedEntry]:
-        """New entries from every partition (one XREADGROUP; all feeds share a node in standalone Redis)."""
+        """New entries from every partition: one XREADGROUP over all feeds on one Redis, one per partition on a
+        cluster (see `_read_each`)."""
+        if self.per_partition:
+            return await self._read_each(count, block_ms)
         client = self.blocking if block_ms else self.redis
         reply = await client.xreadgroup(
             GROUP, self.consumer, {s: ">" for s in self._streams}, count=count, block=block_ms
         )
         return self._entries(reply or [])
+
+    async def _read_each(self, count: int, block_ms: int | None) -> list[FeedEntry]:
+        """Without a block: one pipeline of a non-blocking XREADGROUP per partition (a cluster pipeline sends each
+        node its share in parallel). With one: each partition's feed has its own blocking XREADGROUP in flight (on
+        the blocking client, one connection per partition), and this answers the entries of those that answered
+        first. A read still in flight is kept for the next call rather than cancelled, so entries Redis hands out
+        are never lost in a cancelled reply (they would wait in the pending list for `claim_stale`)."""
+        out: list[FeedEntry] = []
+        if not block_ms:
+            await asyncio.sleep(0)
+            out += self._answered()
+            pipe = self.redis.pipeline(transaction=False)
+            idle = [s for s in self._streams if s not in self._reads]
+            for stream in idle:
+                pipe.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=count)
+            for reply in await pipe.execute() if idle else []:
+                out += self._entries(reply or [])
+            return out
+        for stream in self._streams:
+            if stream not in self._reads:
+                self._reads[stream] = asyncio.ensure_future(
+                    self.blocking.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=count, block=block_ms)
+                )
+        await asyncio.wait(self._reads.values(), return_when=asyncio.FIRST_COMPLETED)
+        return self._answered()
+
+    def _answered(self) -> list[FeedEntry]:
+        """The entries of the blocking reads that answered (raises what one raised, after stopping the others)."""
+        out: list[FeedEntry] = []
+        failed: BaseException | None = None
+        for stream, task in list(self._reads.items()):
+            if task.done():
+                del self._reads[stream]
+                if task.cancelled():
+                    continue
+                if task.exception() is not None:
+                    failed = failed or task.exception()
+                else:
+                    out.extend(self._entries(task.result() or []))
+        if failed is not None:
+            for task in self._reads.values():  # the supervisor restarts the reader; what was handed out is claimed again
+                task.cancel()
+            self._reads = {}
+            raise failed
+        return out
+
+    async def close(self) -> None:
+        """Stop the reads in flight (per-partition mode). Entries they were handed are claimed after the idle time."""
+        reads, self._reads = list(self._reads.values()), {}
+        for task in reads:
+            task.cancel()
+        for task in reads:
+            with contextlib.suppress(BaseException):
+                await task
 
     async def claim_stale(self, min_idle_ms: int, count: int) -> list[FeedEntry]:
         """Take over entries that a dead consumer read but never acknowledged."""
@@ -119,6 +186,7 @@ class RedisFeed:
         return await projector_alive(self.redis, self.keys, within_ms)
 
     async def forget_consumer(self) -> None:
+        await self.close()
         for stream in self._streams:
             await self.redis.xgroup_delconsumer(stream, GROUP, self.consumer)
         await self.redis.zrem(self.keys.projectors, self.consumer)
@@ -131,7 +199,7 @@ class RedisFeed:
         return out
 
 
-async def projector_alive(redis: Redis, keys: Keys, within_ms: int = 10_000) -> bool:
+async def projector_alive(redis: Client, keys: Keys, within_ms: int = 10_000) -> bool:
     newest = await redis.zrevrange(keys.projectors, 0, 0, withscores=True)
     return bool(newest) and newest[0][1] >= time.time() * 1000 - within_ms
 

@@ -7,23 +7,24 @@ none of them is on a hot path, so enumeration may walk every partition.
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from redis.asyncio import Redis
-
 from shared.adapters.codec import decode_event, decode_state, event_json, json_encode
-from shared.app.ports import PurgeConflict
-from shared.domain.state import SessionState
-from shared.domain.events import Event, SessionPurged
+from shared.adapters.redis.cluster import Client, ParleyCluster
 from shared.adapters.redis.keys import Keys, partition_of
-from shared.adapters.redis.lua import run_pipeline
-from shared.adapters.redis.store import ALL_SCRIPTS, PURGE, SWITCH
+from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, run_live, stale_generation
+from shared.adapters.redis.scripts import PURGE, REGISTRY, SWITCH
+from shared.app.ports import PurgeConflict
+from shared.domain.events import Event, SessionPurged
+from shared.domain.state import SessionState
+
+__all__ = ["RedisHistory"]
 
 
 class RedisHistory:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Client, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
 
@@ -112,13 +113,23 @@ class RedisHistory:
         -1 purged, 2 another rebuild switched to a generation at least as new. One pipeline; each switch is atomic."""
         k = self.keys
 
-        def fill(pipe: Any) -> None:
-            for tenant, sid, gen in targets:
-                p = partition_of(sid, k.partitions)
-                keys = [k.head(sid), k.view(sid), k.messages(sid), k.snapshots(sid), k.index(p, tenant), k.mods(sid)]
-                SWITCH.queue(pipe, keys, [gen, sid])
+        def build(tenant: str, sid: str, new: int) -> Any:
+            p = partition_of(sid, k.partitions)
 
-        return [int(r) for r in await run_pipeline(self.redis, ALL_SCRIPTS, fill)]
+            def at(old: int) -> tuple[list[str], list[Any]]:
+                keys = [k.head(sid), k.index(p, tenant)]
+                for g in (old, new):
+                    keys += [k.view(sid, g), k.messages(sid, g), k.snapshots(sid, g), k.mods(sid, g)]
+                return keys, [new, sid, old]
+
+            return at
+
+        calls = [(SWITCH, sid, build(tenant, sid, gen)) for tenant, sid, gen in targets]
+        done = [int(r) for r in await run_live(self.redis, REGISTRY, k.generations, calls)]
+        for (_, sid, gen), r in zip(targets, done):
+            if r == 1:
+                k.generations.saw(sid, gen)
+        return done
 
     async def drop(self, session_id: str, gen: int) -> None:
         k = self.keys
@@ -128,18 +139,39 @@ class RedisHistory:
     async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
         """Erase the session and record `tombstone`, atomically. False: no such session for this tenant."""
         k = self.keys
-        p = partition_of(session_id, k.partitions)
-        keys = [
-            k.head(session_id), k.log(session_id), k.view(session_id), k.messages(session_id), k.snapshots(session_id),
-            k.chats(session_id), k.idempotency_of(session_id), k.index(p, tenant), k.sessions(p, tenant), k.audit(p, tenant),
-            k.projected(p), k.mods(session_id),
-        ]
+        sid = session_id
+        p = partition_of(sid, k.partitions)
         at = json_encode(tombstone.occurred_at)[1:-1]
-        args = [tenant, session_id, expected, k.tag(p) + ":", "SessionPurged", tombstone.id, at, json_encode(tombstone.data)]
-        reply = await PURGE(self.redis, keys, args)
-        if isinstance(reply, list):
-            raise PurgeConflict(f"session {session_id} is at version {int(reply[1])}, not {expected}")
-        return reply == 1
+        for _ in range(MAX_STALE):
+            # the keys the script erases are named here, in KEYS: read which chat jobs and idempotency records the
+            # session has (the script answers 'stale' if that changed before it ran)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(k.head(sid), "g")
+            pipe.zrange(k.chats(sid), 0, -1)
+            pipe.smembers(k.idempotency_of(sid))
+            raw_g, job_ids, records = await pipe.execute()
+            g = int(raw_g or 0)
+            jobs = [j.decode() for j in job_ids]
+            keys = [
+                k.head(sid), k.log(sid), k.chats(sid), k.idempotency_of(sid), k.index(p, tenant), k.sessions(p, tenant),
+                k.audit(p, tenant), k.projected(p),
+            ]
+            for gen in (g, g + 1):  # the live generation, and one a killed rebuild may have left
+                keys += [k.view(sid, gen), k.messages(sid, gen), k.snapshots(sid, gen), k.mods(sid, gen)]
+            for job in jobs:
+                keys += [k.chat(sid, job), k.chunks(sid, job)]
+            keys += [r.decode() for r in records]
+            args = [
+                tenant, sid, expected, g, "SessionPurged", tombstone.id, at, json_encode(tombstone.data), len(jobs),
+                len(records), *jobs,
+            ]
+            reply = await PURGE(self.redis, keys, args)
+            if stale_generation(reply) is not None:
+                continue
+            if isinstance(reply, list):
+                raise PurgeConflict(f"session {sid} is at version {int(reply[1])}, not {expected}")
+            return reply == 1
+        raise StaleGenerations(f"purge: session {sid}'s keys kept changing")
 
     async def audit(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]:
         """The tenant's tombstones, oldest first, merged over partitions; the cursor is (entry id, partition)."""
@@ -166,20 +198,30 @@ class RedisHistory:
 
     # -- persistence -------------------------------------------------------------------------
     async def rewrite_persistence(self) -> list[str]:
-        """Ask Redis to rewrite its AOF and RDB files, so erased content leaves the disk too. Answers what it started."""
-        started: list[str] = []
-        config: dict[str, Any] = await self.redis.config_get("appendonly")
-        if config.get("appendonly") == "yes":
-            await self.redis.bgrewriteaof()
-            started.append("BGREWRITEAOF")
-        save: dict[str, Any] = await self.redis.config_get("save")
-        if save.get("save"):
-            try:
-                await self.redis.bgsave()
-                started.append("BGSAVE")
-            except Exception:  # noqa: BLE001 - a save already running will write the same state
-                pass
-        return started
+        """Ask Redis (every primary of a cluster) to rewrite its AOF and RDB files, so erased content leaves the disk
+        too. Answers what it started, per node on a cluster."""
+        if isinstance(self.redis, ParleyCluster):
+            started: list[str] = []
+            for node in self.redis.primaries():
+                started += [f"{what} on {node.name}" for what in await _rewrite(self.redis, target_nodes=node)]
+            return started
+        return await _rewrite(self.redis)
+
+
+async def _rewrite(redis: Client, **target: Any) -> list[str]:
+    started: list[str] = []
+    config: dict[str, Any] = await redis.config_get("appendonly", **target)
+    if config.get("appendonly") == "yes":
+        await redis.bgrewriteaof(**target)
+        started.append("BGREWRITEAOF")
+    save: dict[str, Any] = await redis.config_get("save", **target)
+    if save.get("save"):
+        try:
+            await redis.bgsave(**target)
+            started.append("BGSAVE")
+        except Exception:  # noqa: BLE001 - a save already running will write the same state
+            pass
+    return started
 
 
 def _encode_cursor(entry: tuple[int, int], partition: int) -> str:

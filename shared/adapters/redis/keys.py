@@ -9,15 +9,40 @@ from __future__ import annotations
 
 from shared.domain.ids import partition_of
 
+__all__ = ["PREFIX", "USAGE_TTL_S", "Generations", "Keys", "partition_of"]
+
 
 PREFIX = "parley"
 USAGE_TTL_S = 40 * 86_400
 """Usage counters (per tenant and day) are kept this long."""
 
 
+class Generations:
+    """The read-model generation each session was last seen in (absent: 0, which nearly every session is in).
+
+    Scripts get a generation's keys in KEYS and answer "stale" when the head names another generation (a rebuild
+    switched); the caller notes the live one here and calls again. Bounded: the oldest entries go first."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.size = size
+        self._gens: dict[str, int] = {}
+
+    def __getitem__(self, session_id: str) -> int:
+        return self._gens.get(session_id, 0)
+
+    def saw(self, session_id: str, gen: int) -> None:
+        if gen == 0:
+            self._gens.pop(session_id, None)
+            return
+        self._gens[session_id] = gen
+        if len(self._gens) > self.size:
+            del self._gens[next(iter(self._gens))]
+
+
 class Keys:
     def __init__(self, partitions: int) -> None:
         self.partitions = partitions
+        self.generations = Generations()
 
     def tag(self, partition: int) -> str:
         return f"{PREFIX}:{{p{partition}}}"
@@ -124,5 +149,5 @@ class Keys:
 
 
 def _gen(key: str, gen: int) -> str:
-    """Generation 0 keeps the plain name; scripts derive the same names (see `scripts.GEN`)."""
+    """Generation 0 keeps the plain name."""
     return f"{key}:g{gen}" if gen else key

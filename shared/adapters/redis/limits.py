@@ -15,19 +15,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 
-from shared.config import Settings
-from shared.app.ports import Admission, Slot
-from shared.domain.wire import TenantLimits, UsageDay
-from shared.adapters.redis import scripts
+from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import PREFIX, USAGE_TTL_S, Keys
-from shared.adapters.redis.lua import Script
+from shared.adapters.redis.scripts import ADMIT, SET_LIMITS, TAKE_SLOT
+from shared.app.ports import Admission, Slot
+from shared.config import Settings
+from shared.domain.wire import TenantLimits, UsageDay
 
 __all__ = ["Admission", "RedisLimits", "Slot", "tenant_defaults", "today"]
 
-ADMIT = Script(scripts.ADMIT)
-TAKE_SLOT = Script(scripts.TAKE_SLOT)
 FIELDS = ("rps", "burst", "concurrent_chats", "chat_tokens_per_day", "streams")
 
 
@@ -46,7 +43,7 @@ def today() -> str:
 
 
 class RedisLimits:
-    def __init__(self, redis: Redis, keys: Keys, defaults: TenantLimits) -> None:
+    def __init__(self, redis: Client, keys: Keys, defaults: TenantLimits) -> None:
         self.redis = redis
         self.keys = keys
         self.defaults = defaults
@@ -113,13 +110,8 @@ class RedisLimits:
         unknown = (set(values) | set(reset)) - set(FIELDS)
         if unknown:
             raise ValueError(f"unknown limits: {', '.join(sorted(unknown))}")
-        key = f"{self._tag(tenant)}:limits"
-        pipe = self.redis.pipeline(transaction=True)
-        if values:
-            pipe.hset(key, mapping={k: str(v) for k, v in values.items()})
-        if reset:
-            pipe.hdel(key, *reset)
-        await pipe.execute()
+        pairs = [x for k, v in values.items() for x in (k, str(v))]
+        await SET_LIMITS(self.redis, [f"{self._tag(tenant)}:limits"], [len(values), *pairs, *reset])
 
     # -- usage -------------------------------------------------------------------------------------
     async def usage(self, tenant: str, days: int) -> list[UsageDay]:

@@ -11,13 +11,31 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-
-from shared.adapters.codec import decode_event, decode_state, encode_state, event_fields, event_json, json_encode, pairs, upcast
-from shared.domain.events import SCHEMA_VERSION, Event
-from shared.domain.wire import ToolList
-from shared.domain.projection import SNAPSHOT_EVERY, JobUpdate, ReadModelUpdate
-from shared.domain.state import SessionState, fold
+from shared.adapters.codec import (
+    decode_event,
+    decode_state,
+    encode_state,
+    event_fields,
+    event_json,
+    json_encode,
+    pairs,
+    upcast,
+)
+from shared.adapters.redis.cluster import Client
+from shared.adapters.redis.keys import USAGE_TTL_S, Keys, partition_of
+from shared.adapters.redis.lua import call_live, run_live
+from shared.adapters.redis.scripts import (
+    APPEND,
+    APPLY,
+    LOAD,
+    PURGE,
+    READ_EVENTS,
+    READ_MESSAGES,
+    READ_VIEW,
+    REGISTRY,
+    SWITCH,
+    TIME_TRAVEL,
+)
 from shared.app.ports import (
     Appended,
     AppendOutcome,
@@ -29,20 +47,12 @@ from shared.app.ports import (
     Replayed,
     View,
 )
-from shared.adapters.redis import scripts
-from shared.adapters.redis.keys import USAGE_TTL_S, Keys, partition_of
-from shared.adapters.redis.lua import Script, run_pipeline
+from shared.domain.events import SCHEMA_VERSION, Event
+from shared.domain.projection import SNAPSHOT_EVERY, JobUpdate, ReadModelUpdate
+from shared.domain.state import SessionState, fold
+from shared.domain.wire import ToolList
 
-APPEND = Script(scripts.APPEND)
-LOAD = Script(scripts.LOAD)
-APPLY = Script(scripts.APPLY)
-READ_MESSAGES = Script(scripts.READ_MESSAGES)
-READ_VIEW = Script(scripts.READ_VIEW)
-READ_EVENTS = Script(scripts.READ_EVENTS)
-TIME_TRAVEL = Script(scripts.TIME_TRAVEL)
-SWITCH = Script(scripts.SWITCH)
-PURGE = Script(scripts.PURGE)
-ALL_SCRIPTS = (APPEND, LOAD, APPLY, READ_MESSAGES, READ_VIEW, READ_EVENTS, TIME_TRAVEL, SWITCH, PURGE)
+__all__ = ["LOAD_BATCH", "PURGE", "REGISTRY", "SWITCH", "TIME_TRAVEL", "RedisStore", "job_fields"]
 
 log = logging.getLogger("parley.store")
 
@@ -53,7 +63,7 @@ LOAD_BATCH = 500
 class RedisStore:
     """Implements `EventLog` and `ReadModels` on one Redis (or one Redis Cluster)."""
 
-    def __init__(self, redis: Redis, keys: Keys, idempotency_ttl_s: int = 86_400, chat_retention_s: int = 7 * 86_400) -> None:
+    def __init__(self, redis: Client, keys: Keys, idempotency_ttl_s: int = 86_400, chat_retention_s: int = 7 * 86_400) -> None:
         self.redis = redis
         self.keys = keys
         self.idempotency_ttl_s = idempotency_ttl_s
@@ -94,7 +104,7 @@ class RedisStore:
             args,
         )
         match reply[0]:
-            case b"appended":
+            case b"appended" | b"already":  # already: a repeat of an append that landed (its reply was lost)
                 return Appended(int(reply[1]))
             case b"replayed":
                 return Replayed(reply[1])
@@ -144,8 +154,9 @@ class RedisStore:
         """(head, the state right after event `version`): folded from the nearest snapshot at or below it,
         so the cost is at most `SNAPSHOT_EVERY` events whatever the version. State None: past the head."""
         k = self.keys
-        reply = await TIME_TRAVEL(
-            self.redis, [k.head(session_id), k.snapshots(session_id), k.log(session_id)], [tenant, version, SNAPSHOT_EVERY]
+        reply = await call_live(
+            self.redis, TIME_TRAVEL, k.generations, session_id,
+            lambda g: ([k.head(session_id), k.snapshots(session_id, g), k.log(session_id)], [tenant, version, SNAPSHOT_EVERY, g]),
         )
         head = int(reply[0])
         if len(reply) == 1:
@@ -164,7 +175,9 @@ class RedisStore:
 
     async def _view_field(self, tenant: str, session_id: str, field: str) -> View:
         k = self.keys
-        reply = await READ_VIEW(self.redis, [k.head(session_id), k.view(session_id)], [tenant, field])
+        reply = await call_live(
+            self.redis, READ_VIEW, k.generations, session_id, lambda g: ([k.head(session_id), k.view(session_id, g)], [tenant, field, g])
+        )
         return View(int(reply[0]), int(reply[1]), reply[2] if len(reply) > 2 else None)
 
     async def messages(
@@ -173,10 +186,12 @@ class RedisStore:
         """`count`, `at`: the messages at a past version (`count` of them, edits and removals up to `at` counted);
         the page is read whether or not the session is deleted now."""
         k = self.keys
-        reply = await READ_MESSAGES(
-            self.redis,
-            [k.head(session_id), k.view(session_id), k.messages(session_id), k.log(session_id), k.mods(session_id)],
-            [tenant, offset, limit, "" if count is None else count, "" if at is None else at],
+        reply = await call_live(
+            self.redis, READ_MESSAGES, k.generations, session_id,
+            lambda g: (
+                [k.head(session_id), k.view(session_id, g), k.messages(session_id, g), k.log(session_id), k.mods(session_id, g)],
+                [tenant, offset, limit, "" if count is None else count, "" if at is None else at, g],
+            ),
         )
         head, version, live = int(reply[0]), int(reply[1]), reply[2] == 1
         rest = reply[3:]
@@ -197,10 +212,9 @@ class RedisStore:
         page = [sid.decode() for sid in ids[offset : offset + limit]]
         if not page:
             return lagging, []
-        replies = await run_pipeline(
-            self.redis,
-            ALL_SCRIPTS,
-            lambda pipe: [READ_VIEW.queue(pipe, [k.head(sid), k.view(sid)], [tenant, "j"]) for sid in page],
+        replies = await run_live(
+            self.redis, REGISTRY, k.generations,
+            [(READ_VIEW, sid, lambda g, sid=sid: ([k.head(sid), k.view(sid, g)], [tenant, "j", g])) for sid in page],
         )
         return lagging, [r[2] for r in replies if len(r) > 2 and r[2] is not None]
 
@@ -215,15 +229,15 @@ class RedisStore:
         """One pipeline of LOAD calls: each session's state (the newer of `known` and the view's) and
         up to LOAD_BATCH events after it."""
         k = self.keys
-        g = "" if gen is None else gen
-        replies = await run_pipeline(
-            self.redis,
-            ALL_SCRIPTS,
-            lambda pipe: [
-                LOAD.queue(pipe, [k.head(sid), k.view(sid), k.log(sid)], [s.version if s else 0, LOAD_BATCH, g])
-                for sid, s in zip(session_ids, known)
-            ],
-        )
+
+        def build(sid: str, s: SessionState | None) -> Any:
+            def at(g: int) -> tuple[list[str], list[Any]]:
+                g = g if gen is None else gen
+                return [k.head(sid), k.view(sid, g), k.log(sid)], [s.version if s else 0, LOAD_BATCH, g, "1" if gen is None else "0"]
+
+            return at
+
+        replies = await run_live(self.redis, REGISTRY, k.generations, [(LOAD, sid, build(sid, s)) for sid, s in zip(session_ids, known)])
         out: list[Pending | None] = []
         for sid, s, reply in zip(session_ids, known, replies):
             if reply[0] == 0:
@@ -243,48 +257,52 @@ class RedisStore:
     async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]], gen: int | None = None) -> list[bool]:
         """`gen`: write a rebuild's generation (its views only: the index, counters and chat jobs stay live)."""
         k = self.keys
-        g = "" if gen is None else gen
+        live = gen is None
 
-        def fill(pipe: Any) -> None:
-            for tenant, u in updates:
-                sid = u.session_id
-                p = partition_of(sid, k.partitions)
-                session_json = json_encode(u.session) if u.session is not None else b""
-                tools_json = json_encode(ToolList(u.session.tools)) if u.session is not None and u.tools_changed else b""
-                job_keys, job_args = [], []
-                snapshots: list[Any] = []
-                for snap in u.snapshots:
-                    snapshots += [snap.version, encode_state(snap)]
-                live = gen is None
-                for job in u.jobs if live else ():
-                    fields = job_fields(job)
-                    job_keys.append(k.chat(sid, job.job_id))
-                    job_args += [job.job_id, len(fields) // 2, *fields]
-                usage = u.usage if live else []
-                usage_keys = [k.usage(p, tenant, d.day) for d in usage]
-                usage_args: list[Any] = []
-                for d in usage:
-                    usage_args += [d.chats, d.prompt_tokens, d.completion_tokens, USAGE_TTL_S]
-                APPLY.queue(
-                    pipe,
-                    [
-                        k.head(sid), k.view(sid), k.messages(sid), k.snapshots(sid), k.index(p, tenant), k.projected(p),
-                        k.chats(sid), k.mods(sid), *job_keys, *usage_keys,
-                    ],
-                    [
-                        tenant, u.from_version, u.to_version, encode_state(u.state), session_json, tools_json,
-                        u.index or "", sid, self.chat_retention_s, g, len(u.message_versions), *u.message_versions,
-                        len(u.message_mods), *(x for mod in u.message_mods for x in mod), len(u.snapshots), *snapshots, len(job_keys), *job_args, len(usage), *usage_args,
-                    ],
-                )
+        def build(tenant: str, u: ReadModelUpdate) -> Any:
+            sid = u.session_id
+            p = partition_of(sid, k.partitions)
+            session_json = json_encode(u.session) if u.session is not None else b""
+            tools_json = json_encode(ToolList(u.session.tools)) if u.session is not None and u.tools_changed else b""
+            job_keys, job_args = [], []
+            snapshots: list[Any] = []
+            for snap in u.snapshots:
+                snapshots += [snap.version, encode_state(snap)]
+            for job in u.jobs if live else ():
+                fields = job_fields(job)
+                job_keys.append(k.chat(sid, job.job_id))
+                job_args += [job.job_id, len(fields) // 2, *fields]
+            usage = u.usage if live else []
+            usage_keys = [k.usage(p, tenant, d.day) for d in usage]
+            usage_args: list[Any] = []
+            for d in usage:
+                usage_args += [d.chats, d.prompt_tokens, d.completion_tokens, USAGE_TTL_S]
+            state = encode_state(u.state)
+            mods = [x for mod in u.message_mods for x in mod]
+
+            def at(g: int) -> tuple[list[str], list[Any]]:
+                g = g if live else gen
+                keys = [
+                    k.head(sid), k.view(sid, g), k.messages(sid, g), k.snapshots(sid, g), k.index(p, tenant), k.projected(p),
+                    k.chats(sid), k.mods(sid, g), *job_keys, *usage_keys,
+                ]
+                args = [
+                    tenant, u.from_version, u.to_version, state, session_json, tools_json, u.index or "", sid,
+                    self.chat_retention_s, g, "1" if live else "0",
+                    len(u.message_versions), *u.message_versions, len(u.message_mods), *mods, len(u.snapshots), *snapshots,
+                    len(job_keys), *job_args, len(usage), *usage_args,
+                ]
+                return keys, args
+
+            return at
 
         if not updates:
             return []
-        return [r == 1 for r in await run_pipeline(self.redis, ALL_SCRIPTS, fill)]
+        calls = [(APPLY, u.session_id, build(tenant, u)) for tenant, u in updates]
+        return [r == 1 for r in await run_live(self.redis, REGISTRY, k.generations, calls)]
 
     async def load_scripts(self) -> None:
-        for s in ALL_SCRIPTS:
-            await self.redis.script_load(s.source)
+        await REGISTRY.load_all(self.redis)
 
 
 def job_fields(job: JobUpdate) -> list[Any]:

@@ -1,0 +1,46 @@
+-- APPEND: a session's events, atomically under an expected version (docs/architecture.md, "A write").
+-- The idempotency record (if claimed) is checked first: a replay answers the stored response, another body
+-- 'mismatch'. Idempotent per event id: the same events sent again (a retry after a lost reply) answer 'already'
+-- at their version, even after later appends, and nothing is stored twice: the log holds our first event at
+-- expected + 1.
+local head, log, feed, written, idem, registry, idems = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local tenant, expected, session_id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local claimed, request_hash, response, ttl, schema = ARGV[4] == '1', ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local FIRST = 9  -- then 4 per event: type, id, occurred_at, data
+local count = (#ARGV - FIRST + 1) / 4
+local first_id = ARGV[FIRST + 1]
+
+if claimed then
+  local rec = redis.call('HMGET', idem, 'h', 'r')
+  if rec[1] then
+    if rec[1] == request_hash then return {'replayed', rec[2]} end
+    return {'mismatch'}
+  end
+end
+local current = redis.call('HMGET', head, 'v', 't')
+local v = tonumber(current[1]) or 0
+if current[2] and current[2] ~= tenant then return {'missing'} end
+if v ~= expected then
+  local mine = redis.call('XRANGE', log, (expected + 1) .. '-0', (expected + 1) .. '-0')
+  if mine[1] then
+    local f = mine[1][2]
+    for k = 1, #f, 2 do
+      if f[k] == 'i' and f[k + 1] == first_id then return {'already', expected + count} end
+    end
+  end
+  return {'conflict', v}
+end
+for i = FIRST, #ARGV, 4 do
+  v = v + 1
+  redis.call('XADD', log, v .. '-0', 't', ARGV[i], 'i', ARGV[i + 1], 'a', ARGV[i + 2], 's', schema, 'd', ARGV[i + 3])
+end
+redis.call('HSET', head, 'v', v, 't', tenant)
+redis.call('HINCRBY', written, tenant, v - expected)
+redis.call('XADD', feed, '*', 's', session_id)
+if expected == 0 then redis.call('ZADD', registry, 0, session_id) end
+if claimed then
+  redis.call('HSET', idem, 'h', request_hash, 'r', response)
+  redis.call('EXPIRE', idem, ttl)
+  redis.call('SADD', idems, idem)
+end
+return {'appended', v}

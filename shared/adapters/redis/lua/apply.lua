@@ -1,0 +1,77 @@
+-- APPLY: one projected update of a session's read models, only on top of the version it starts from
+-- (docs/architecture.md, "Projection"). Answers 1 (applied), 0 (refused: the view moved, or the session was
+-- purged) or {'stale', live generation}: `gen` is not the live generation the caller thought (a rebuild switched).
+-- A rebuild (`live` = '0') writes only its own generation's views, and only one newer than the live one.
+local head, view, msgs, snaps, index, projected, chats, mods = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local FIRST_JOB_KEY = 9  -- then one chat job hash per job update, then one usage hash per usage delta
+local tenant, from, to, state, session_json, tools_json = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+local index_op, session_id, retention, gen, live = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11] == '1'
+-- then, from the 12th argument: message count n, n message versions; mod count d, d (seq, version, kind) triples;
+-- snapshot count s, s version/state pairs; job count J, per job: job id, field count m, m field/value pairs;
+-- usage count U, per usage delta: chats, prompt tokens, completion tokens, TTL seconds
+local i = 12
+
+local h = redis.call('HMGET', head, 'v', 'g')
+if not h[1] then return 0 end  -- purged meanwhile: nothing may bring its content back
+local live_gen = h[2] or '0'
+if live and live_gen ~= gen then return {'stale', live_gen} end
+if not live and tonumber(gen) <= tonumber(live_gen) then return 0 end  -- another rebuild switched to its own
+local current = tonumber(redis.call('HGET', view, 'v')) or 0
+if current ~= from then return 0 end
+
+local n = tonumber(ARGV[i])
+if n > 0 then redis.call('RPUSH', msgs, unpack(ARGV, i + 1, i + n)) end
+i = i + 1 + n
+local d = tonumber(ARGV[i])
+for j = i + 1, i + 3 * d, 3 do  -- seq -> "version:kind,..." in version order; 'r' counts the removals
+  redis.call('HSET', mods, ARGV[j], (redis.call('HGET', mods, ARGV[j]) or '') .. ARGV[j + 1] .. ':' .. ARGV[j + 2] .. ',')
+  if ARGV[j + 2] == 'r' then redis.call('HINCRBY', mods, 'r', 1) end
+end
+i = i + 1 + 3 * d
+local s = tonumber(ARGV[i])
+for j = i + 1, i + 2 * s, 2 do redis.call('HSET', snaps, ARGV[j], ARGV[j + 1]) end
+i = i + 1 + 2 * s
+if session_json == '' then
+  redis.call('HDEL', view, 'j', 'tools')
+else
+  redis.call('HSET', view, 'j', session_json)
+  if tools_json ~= '' then redis.call('HSET', view, 'tools', tools_json) end
+end
+redis.call('HSET', view, 'v', to, 't', tenant, 'st', state)
+if not live then return 1 end
+
+if index_op == 'add' then
+  redis.call('ZADD', index, 0, session_id)
+elseif index_op == 'remove' then
+  redis.call('ZREM', index, session_id)
+end
+redis.call('HINCRBY', projected, tenant, to - from)
+local k = FIRST_JOB_KEY
+local jobs = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, jobs do
+  local job, m = ARGV[i], tonumber(ARGV[i + 1])
+  redis.call('ZADD', chats, 0, job)
+  local status = redis.call('HGET', KEYS[k], 'status')
+  for j = i + 2, i + 1 + 2 * m, 2 do
+    -- a worker may already have marked the job running: 'queued' never overwrites a status
+    if not (ARGV[j] == 'status' and ARGV[j + 1] == 'queued' and status) then
+      redis.call('HSET', KEYS[k], ARGV[j], ARGV[j + 1])
+    end
+  end
+  status = redis.call('HGET', KEYS[k], 'status')
+  if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+    redis.call('EXPIRE', KEYS[k], retention)
+  end
+  i, k = i + 2 + 2 * m, k + 1
+end
+-- the tenant's usage per day: exactly once, as everything above, because the version check guards it
+local usage = tonumber(ARGV[i])
+for j = i + 1, i + 4 * usage, 4 do
+  redis.call('HINCRBY', KEYS[k], 'chats', ARGV[j])
+  redis.call('HINCRBY', KEYS[k], 'prompt_tokens', ARGV[j + 1])
+  redis.call('HINCRBY', KEYS[k], 'completion_tokens', ARGV[j + 2])
+  redis.call('EXPIRE', KEYS[k], ARGV[j + 3])
+  k = k + 1
+end
+return 1

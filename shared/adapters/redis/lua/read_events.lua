@@ -1,0 +1,10 @@
+-- READ_EVENTS: up to `count` log entries after version `after`. Answers {head version (0: no such session for
+-- this tenant), then the entries}.
+local head, log = KEYS[1], KEYS[2]
+local tenant, after, count = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+
+local h = redis.call('HMGET', head, 'v', 't')
+if not h[1] or h[2] ~= tenant then return {0} end
+local v = tonumber(h[1])
+if after >= v then return {v, {}} end
+return {v, redis.call('XRANGE', log, (after + 1) .. '-0', '+', 'COUNT', count)}
