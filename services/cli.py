@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import sys
-import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -25,17 +25,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="parley", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
-        ("dev", "API + projector in one process on an embedded store (REDIS_URL, else a private redis-server, else fakeredis)"),
+        (
+            "dev",
+            "API + projector in one process on an embedded store (REDIS_URL, else a private redis-server, else fakeredis)",
+        ),
         ("api", "the HTTP API against REDIS_URL (run as many as you like)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument("--port", type=int, default=8000)
         if name == "api":
-            p.add_argument("--workers", type=int, default=None, help="API processes on one socket (default: PARLEY_API_WORKERS, 1)")
-            p.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)  # a child of --workers: serve this socket
+            p.add_argument(
+                "--workers", type=int, default=None, help="API processes on one socket (default: PARLEY_API_WORKERS, 1)"
+            )
+            p.add_argument(
+                "--fd", type=int, default=None, help=argparse.SUPPRESS
+            )  # a child of --workers: serve this socket
     w = sub.add_parser("worker", help="the projector and the chat worker against REDIS_URL (run as many as you like)")
-    w.add_argument("--role", choices=("all", "projector", "chat"), default="all", help="run only the projector, or only chat jobs")
+    w.add_argument(
+        "--role", choices=("all", "projector", "chat"), default="all", help="run only the projector, or only chat jobs"
+    )
     keys = sub.add_parser("keys", help="manage API keys stored in Redis")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", help="create a key for a tenant and print it")
@@ -111,7 +120,9 @@ async def _dev(settings: Settings, host: str, port: int) -> None:
         await _serve(settings, host, port, run_worker=True, redis=redis)
 
 
-async def _serve(settings: Settings, host: str, port: int, run_worker: bool, redis: Any = None, sock: socket.socket | None = None) -> None:
+async def _serve(
+    settings: Settings, host: str, port: int, run_worker: bool, redis: Any = None, sock: socket.socket | None = None
+) -> None:
     """`sock`: a listening socket to serve (a child of `parley api --workers`) instead of binding host:port."""
     import uvicorn
 
@@ -135,6 +146,7 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
         lifespan="on",
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
+
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
             api = getattr(app.state, "api", None)
@@ -145,14 +157,18 @@ async def _serve(settings: Settings, host: str, port: int, run_worker: bool, red
     server = Server(config)
     if sock is None:
         log.info("Parley on http://%s:%d (OpenAPI at /schema)", host, port)
-    await _until_failure(server.serve(sockets=[sock] if sock else None), app.state.supervisor, lambda: setattr(server, "should_exit", True))
+    await _until_failure(
+        server.serve(sockets=[sock] if sock else None),
+        app.state.supervisor,
+        lambda: setattr(server, "should_exit", True),
+    )
 
 
 async def _worker(settings: Settings, role: str) -> None:
-    from shared import bootstrap
-    from shared.supervise import Supervisor
     from services.worker.main import run_worker
     from services.worker.probes import ProbeServer
+    from shared import bootstrap
+    from shared.supervise import Supervisor
 
     supervisor = Supervisor(logging.getLogger("parley.worker"))
     started = False
@@ -167,7 +183,9 @@ async def _worker(settings: Settings, role: str) -> None:
     log.info("worker running (%s; model: %s)", role, settings.model_base_url or "offline")
     started = True
     try:
-        await _until_failure(run_worker(parley, stop, role, sample_metrics=settings.metrics_port > 0), supervisor, stop.set)  # type: ignore[arg-type]
+        await _until_failure(
+            run_worker(parley, stop, role, sample_metrics=settings.metrics_port > 0), supervisor, stop.set
+        )  # type: ignore[arg-type]
     finally:
         await parley.close()
         await probes.close()

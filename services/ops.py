@@ -37,8 +37,14 @@ class RateColumn(ProgressColumn):
 
 def progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), CountColumn(),
-        RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        CountColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
     )
 
 
@@ -51,7 +57,9 @@ async def connected(settings: Settings) -> AsyncIterator[bootstrap.Parley]:
     url = bootstrap.dev_store_url(settings)
     if url is None:
         sys.exit("REDIS_URL is not set and no `parley dev` store was found in " + settings.data_dir)
-    parley = await bootstrap.start(msgspec.structs.replace(settings, redis_url=url), timeout_s=OPS_TIMEOUT_S, wait_for_store=False)
+    parley = await bootstrap.start(
+        msgspec.structs.replace(settings, redis_url=url), timeout_s=OPS_TIMEOUT_S, wait_for_store=False
+    )
     try:
         yield parley
     finally:
@@ -123,7 +131,10 @@ async def purge(settings: Settings, args: argparse.Namespace) -> None:
         started = await parley.history.rewrite_persistence()
     for sid in targets:
         print(sid)
-    console.print(f"purged {len(targets)} sessions" + (f"; Redis is rewriting its files ({', '.join(started)})" if started else ""))
+    console.print(
+        f"purged {len(targets)} sessions"
+        + (f"; Redis is rewriting its files ({', '.join(started)})" if started else "")
+    )
 
 
 async def tenants(settings: Settings, args: argparse.Namespace) -> None:
@@ -169,7 +180,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     who.add_argument("--user-id")
     who.add_argument("--session")
 
-
     t = sub.add_parser("tenants", help="a tenant's limits and usage")
     tsub = t.add_subparsers(dest="tenants_command", required=True)
     sl = tsub.add_parser("set-limits", help="set a tenant's own limits (0: unlimited); the rest stay the defaults")
@@ -177,7 +187,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sl.add_argument("--rps", type=float, help="requests per second, across every API process")
     sl.add_argument("--burst", type=int, help="requests at once after a quiet spell")
     sl.add_argument("--concurrent-chats", dest="concurrent_chats", type=int, help="chats queued or running at once")
-    sl.add_argument("--chat-tokens-per-day", dest="chat_tokens_per_day", type=int, help="prompt + completion tokens per UTC day")
+    sl.add_argument(
+        "--chat-tokens-per-day", dest="chat_tokens_per_day", type=int, help="prompt + completion tokens per UTC day"
+    )
     sl.add_argument("--streams", type=int, help="open event streams (and waiting synchronous chats)")
     sl.add_argument("--reset", nargs="+", choices=FIELDS, help="these limits go back to the deployment's defaults")
     sh = tsub.add_parser("show", help="a tenant's limits (effective and its own) and its usage per day")

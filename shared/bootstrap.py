@@ -165,7 +165,13 @@ class Parley:
 
     def chat_runner(self, provider: ModelProvider | None = None) -> ChatRunner:
         """The chat job's run (a worker's), on the deployment's model unless `provider` is given."""
-        return ChatRunner(self.service, self.jobs, Metered(provider or make_provider(self.settings)), _counter_for, on_usage=_count_tokens)
+        return ChatRunner(
+            self.service,
+            self.jobs,
+            Metered(provider or make_provider(self.settings)),
+            _counter_for,
+            on_usage=_count_tokens,
+        )
 
     def rebuilder(self, on_events: Callable[[int], None] = lambda n: None) -> Rebuilder:
         return Rebuilder(self.views, self.admin, self.projection, on_events)
@@ -180,7 +186,13 @@ def make_provider(settings: Settings) -> ModelProvider:
     if settings.model_base_url:
         from shared.adapters.llm.openai_compat import OpenAICompatible
 
-        return OpenAICompatible(settings.model_base_url, settings.model_api_key, settings.model, settings.model_max_retries, settings.model_timeout_s)
+        return OpenAICompatible(
+            settings.model_base_url,
+            settings.model_api_key,
+            settings.model,
+            settings.model_max_retries,
+            settings.model_timeout_s,
+        )
     return OfflineModel()
 
 
@@ -212,7 +224,12 @@ async def start(
     fake = redis is not None and type(redis).__module__.startswith("fakeredis")
     deadlines = Deadlines.of(settings)
     if timeout_s is not None:
-        deadlines = Deadlines(timeout_s=timeout_s, connect_timeout_s=deadlines.connect_timeout_s, pool_size=deadlines.pool_size, pool_wait_s=deadlines.pool_wait_s)
+        deadlines = Deadlines(
+            timeout_s=timeout_s,
+            connect_timeout_s=deadlines.connect_timeout_s,
+            pool_size=deadlines.pool_size,
+            pool_wait_s=deadlines.pool_wait_s,
+        )
     if redis is None:
         if not settings.redis_url:
             raise RuntimeError("REDIS_URL is not set")
@@ -261,13 +278,26 @@ async def start(
     def make_chat_worker(runner: ChatRunner) -> ChatWorker:
         _warm_tokenizer(settings)
         return chat_worker(
-            queue_client, None if fake else queue_blocking, runner.run, runner.fail, claim_s=settings.chat_claim_s, max_jobs=settings.worker_max_jobs,
-            job_timeout_s=max(settings.model_timeout_s * (settings.model_max_retries + 1) * 2, 60), poll_delay_s=settings.worker_poll_delay_s,
+            queue_client,
+            None if fake else queue_blocking,
+            runner.run,
+            runner.fail,
+            claim_s=settings.chat_claim_s,
+            max_jobs=settings.worker_max_jobs,
+            job_timeout_s=max(settings.model_timeout_s * (settings.model_max_retries + 1) * 2, 60),
+            poll_delay_s=settings.worker_poll_delay_s,
         )
 
     return _compose(
-        settings, supervisor, adapters, secret=secret, ping=lambda: _ping(client, queue_client), fake=fake, closers=closers,
-        make_feed=lambda consumer: RedisFeed(client, keys, consumer, blocking), make_chat_worker=make_chat_worker,
+        settings,
+        supervisor,
+        adapters,
+        secret=secret,
+        ping=lambda: _ping(client, queue_client),
+        fake=fake,
+        closers=closers,
+        make_feed=lambda consumer: RedisFeed(client, keys, consumer, blocking),
+        make_chat_worker=make_chat_worker,
     )
 
 
@@ -294,14 +324,27 @@ async def in_memory(settings: Settings, memory: Memory | None = None, supervisor
     secret = settings.stream_token_secret.encode() if settings.stream_token_secret else secrets.token_bytes(32)
 
     def make_chat_worker(runner: ChatRunner) -> ChatWorker:
-        return MemoryChatWorker(memory, runner.run, runner.fail, max_jobs=settings.worker_max_jobs, poll_delay_s=settings.worker_poll_delay_s)
+        return MemoryChatWorker(
+            memory,
+            runner.run,
+            runner.fail,
+            max_jobs=settings.worker_max_jobs,
+            poll_delay_s=settings.worker_poll_delay_s,
+        )
 
     async def ping() -> bool:
         return True
 
     parley = _compose(
-        settings, supervisor, adapters, secret=secret, ping=ping, fake=False, closers=[],
-        make_feed=lambda consumer: MemoryFeed(memory, consumer), make_chat_worker=make_chat_worker,
+        settings,
+        supervisor,
+        adapters,
+        secret=secret,
+        ping=ping,
+        fake=False,
+        closers=[],
+        make_feed=lambda consumer: MemoryFeed(memory, consumer),
+        make_chat_worker=make_chat_worker,
     )
     parley.memory = memory
     return parley
@@ -322,8 +365,14 @@ def _compose(
     """The use cases on the adapters: the one place that wires them."""
     projection = Projection(a.views, a.feed, a.queue, a.limits)
     service = SessionService(
-        a.log, a.views, settings.partitions, ContentLimits(max_content_chars=settings.max_content_chars), settings.read_timeout_s,
-        settings.state_cache_size, projection=projection, read_assist_s=settings.read_assist_s,
+        a.log,
+        a.views,
+        settings.partitions,
+        ContentLimits(max_content_chars=settings.max_content_chars),
+        settings.read_timeout_s,
+        settings.state_cache_size,
+        projection=projection,
+        read_assist_s=settings.read_assist_s,
     )
     history = History(service, a.admin, a.jobs)
     chats = Chats(service, a.jobs, a.queue, a.limits, a.wakeups, settings.model)
@@ -365,7 +414,9 @@ async def _ping(store: Any, queue: Any) -> bool:
 
 def _warm_tokenizer(settings: Settings) -> None:
     """Loading the encodings takes about a second: not on a chat's clock, and not on the event loop."""
-    threading.Thread(target=lambda: Tokenizer.for_model(settings.model).count("warm up"), name="tokenizer-warm-up", daemon=True).start()
+    threading.Thread(
+        target=lambda: Tokenizer.for_model(settings.model).count("warm up"), name="tokenizer-warm-up", daemon=True
+    ).start()
 
 
 async def _stream_secret(redis: Any, settings: Settings) -> bytes:

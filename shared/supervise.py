@@ -20,7 +20,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from redis.exceptions import BusyLoadingError, ClusterDownError, ClusterError, ReadOnlyError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    ClusterError,
+    ReadOnlyError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -126,7 +133,7 @@ class Supervisor:
             except asyncio.CancelledError:
                 part.up = False
                 raise
-            except BaseException as e:  # noqa: BLE001 - the whole point: nothing dies unseen
+            except BaseException as e:
                 part.up, part.errors = False, part.errors + 1
                 if not is_transient(e):
                     self._fail(part.name, e)
@@ -134,7 +141,9 @@ class Supervisor:
                 metrics.redis_error(e)
                 if time.monotonic() - part.since > 10 * self.backoff_max_s:
                     backoff = self.backoff_min_s  # it ran fine for a while: this is a new outage
-                self.log.warning("%s: store unavailable (%s: %s); retrying in %.2fs", part.name, type(e).__name__, e, backoff)
+                self.log.warning(
+                    "%s: store unavailable (%s: %s); retrying in %.2fs", part.name, type(e).__name__, e, backoff
+                )
                 await asyncio.sleep(backoff * (0.5 + random.random() / 2))
                 backoff = min(backoff * 2, self.backoff_max_s)
 

@@ -131,9 +131,16 @@ class Recorded:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "index": self.index, "body": self.body, "headers": self.headers, "received_at": self.received_at,
-            "status": self.status, "outcome": self.outcome, "chunks_sent": self.chunks_sent,
-            "answer": self.answer, "usage": self.usage, "ended_at": self.ended_at,
+            "index": self.index,
+            "body": self.body,
+            "headers": self.headers,
+            "received_at": self.received_at,
+            "status": self.status,
+            "outcome": self.outcome,
+            "chunks_sent": self.chunks_sent,
+            "answer": self.answer,
+            "usage": self.usage,
+            "ended_at": self.ended_at,
         }
 
 
@@ -161,7 +168,14 @@ class ModelApp:
             if method == "POST" and path == "/v1/chat/completions":
                 await self._chat(scope, body, receive, send)
             elif method == "GET" and path == "/v1/models":
-                await _json(send, 200, {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "tests"}]})
+                await _json(
+                    send,
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "tests"}],
+                    },
+                )
             elif method == "POST" and path == "/control":
                 try:
                     self.behaviour.update(json.loads(body or b"{}"))
@@ -176,7 +190,9 @@ class ModelApp:
                 self.requests = []
                 await _json(send, 200, self.behaviour.as_dict())
             else:
-                await _json(send, 404, {"error": {"message": f"no route {method} {path}", "type": "invalid_request_error"}})
+                await _json(
+                    send, 404, {"error": {"message": f"no route {method} {path}", "type": "invalid_request_error"}}
+                )
         except _Disconnected:
             pass
 
@@ -186,10 +202,16 @@ class ModelApp:
             body = json.loads(raw)
             assert isinstance(body, dict) and isinstance(body.get("messages"), list)
         except (ValueError, AssertionError):
-            await _json(send, 400, {"error": {"message": "invalid body", "type": "invalid_request_error", "code": None}})
+            await _json(
+                send, 400, {"error": {"message": "invalid body", "type": "invalid_request_error", "code": None}}
+            )
             return
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        rec = Recorded(len(self.requests), body, {k: v for k, v in headers.items() if k in ("authorization", "content-type", "user-agent")})
+        rec = Recorded(
+            len(self.requests),
+            body,
+            {k: v for k, v in headers.items() if k in ("authorization", "content-type", "user-agent")},
+        )
         self.requests.append(rec)
         b = self.behaviour
         gone = asyncio.Event()
@@ -205,7 +227,12 @@ class ModelApp:
                 rec.end(f"failed:{status}")
                 extra = {"retry-after-ms": str(b.retry_after_ms)} if b.retry_after_ms is not None else {}
                 kind = "rate_limit_exceeded" if status == 429 else "server_error"
-                await _json(send, status, {"error": {"message": f"injected failure {status}", "type": kind, "code": None}}, extra)
+                await _json(
+                    send,
+                    status,
+                    {"error": {"message": f"injected failure {status}", "type": kind, "code": None}},
+                    extra,
+                )
                 return
             rec.status = 200
             content, call, finish = _answer(body, b.reply)
@@ -226,7 +253,9 @@ class ModelApp:
                 if call:
                     message["tool_calls"] = [call]
                 out: dict[str, Any] = {
-                    "id": f"chatcmpl-{rec.index}", "object": "chat.completion", "created": int(time.time()),
+                    "id": f"chatcmpl-{rec.index}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
                     "model": body.get("model") or MODEL_NAME,
                     "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
                 }
@@ -239,11 +268,24 @@ class ModelApp:
             watcher.cancel()
 
     async def _stream(
-        self, rec: Recorded, body: dict[str, Any], pieces: list[str], call: dict[str, Any] | None, finish: str,
-        usage: dict[str, int] | None, include_usage: bool, send: Send, gone: asyncio.Event,
+        self,
+        rec: Recorded,
+        body: dict[str, Any],
+        pieces: list[str],
+        call: dict[str, Any] | None,
+        finish: str,
+        usage: dict[str, int] | None,
+        include_usage: bool,
+        send: Send,
+        gone: asyncio.Event,
     ) -> None:
-        base = {"id": f"chatcmpl-{rec.index}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": body.get("model") or MODEL_NAME, "system_fingerprint": None}
+        base = {
+            "id": f"chatcmpl-{rec.index}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model") or MODEL_NAME,
+            "system_fingerprint": None,
+        }
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             c = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
@@ -251,8 +293,13 @@ class ModelApp:
                 c["usage"] = None
             return b"data: " + json.dumps(c).encode() + b"\n\n"
 
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")],
+            }
+        )
 
         async def emit(data: bytes, counts: bool = True) -> None:
             if counts and self.behaviour.chunk_delay_s:
@@ -268,7 +315,20 @@ class ModelApp:
             await emit(chunk({"role": "assistant", "content": ""}), counts=False)
             if call is not None:
                 fn = call["function"]
-                await emit(chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}]}))
+                await emit(
+                    chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": 0,
+                                    "id": call["id"],
+                                    "type": "function",
+                                    "function": {"name": fn["name"], "arguments": ""},
+                                }
+                            ]
+                        }
+                    )
+                )
                 args = fn["arguments"]
                 for i in range(0, len(args), 8):
                     await emit(chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 8]}}]}))
@@ -276,7 +336,9 @@ class ModelApp:
                 await emit(chunk({"content": piece}))
             await emit(chunk({}, finish), counts=False)
             if include_usage and usage is not None:
-                await emit(b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n", counts=False)
+                await emit(
+                    b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n", counts=False
+                )
             await emit(b"data: [DONE]\n\n", counts=False)
             rec.end("completed")  # the client has the whole answer
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -350,8 +412,11 @@ def _answer(body: dict[str, Any], reply: str | None) -> tuple[str | None, dict[s
         m = _CALL.search(step)
         if m and m.group(1) in tools:
             digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
-            call = {"id": f"call_{digest}", "type": "function",
-                    "function": {"name": m.group(1), "arguments": json.dumps({"input": m.group(2).strip()})}}
+            call = {
+                "id": f"call_{digest}",
+                "type": "function",
+                "function": {"name": m.group(1), "arguments": json.dumps({"input": m.group(2).strip()})},
+            }
             return None, call, "tool_calls"
     if last.get("role") == "tool":
         return f"tool said: {text_of(last.get('content'))}", None, "stop"
@@ -402,8 +467,17 @@ class ModelServer:
     def start(self, timeout: float = 10.0) -> ModelServer:
         import uvicorn
 
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
-                                access_log=False, loop="asyncio", http="h11", timeout_keep_alive=30)
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            loop="asyncio",
+            http="h11",
+            timeout_keep_alive=30,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"model-server-{self.port}", daemon=True)
         self._thread.start()

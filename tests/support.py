@@ -29,7 +29,9 @@ def auth(tenant: str = "acme") -> dict[str, str]:
 class ParleyProcess:
     """`parley api` or `parley worker` as a child process (kill() is SIGKILL, as a crash)."""
 
-    def __init__(self, role: str, redis_url: str, log_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> None:
+    def __init__(
+        self, role: str, redis_url: str, log_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
         """`args`: more command-line arguments (e.g. `--workers 2`)."""
         self.role = role
         self.args = args or []

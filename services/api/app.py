@@ -11,20 +11,14 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar, MediaType, Request, Response, get
+from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
-from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.plugins import ScalarRenderPlugin, SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
-from shared import bootstrap
-from shared.config import Settings
-from shared.domain import events, openai_wire, wire
-from shared.domain.wire import ErrorBody, Health, Readiness
-from shared.observability import metrics
-from shared.supervise import TRANSIENT, Supervisor
 from services.api import openapi, strict
 from services.api.auth import Authenticator
 from services.api.chats import ChatController
@@ -37,6 +31,12 @@ from services.api.sessions import SessionController
 from services.api.sse import StreamSlots
 from services.api.usage import usage
 from services.worker.main import run_worker
+from shared import bootstrap
+from shared.config import Settings
+from shared.domain import events, openai_wire, wire
+from shared.domain.wire import ErrorBody, Health, Readiness
+from shared.observability import metrics
+from shared.supervise import TRANSIENT, Supervisor
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -56,10 +56,20 @@ async def ready(state: State) -> Response[Readiness]:
     and every part of this process runs. Answered from what the health part last saw: it never waits on Redis."""
     seen: HealthCheck = state.api.health
     parts = state.supervisor.ready
-    body = Readiness(status="ready" if seen.redis and seen.projector and parts else "not_ready", redis=seen.redis, projector=seen.projector)
+    body = Readiness(
+        status="ready" if seen.redis and seen.projector and parts else "not_ready",
+        redis=seen.redis,
+        projector=seen.projector,
+    )
     if body.status != "ready":
         details = {"redis": seen.redis, "projector": seen.projector, "parts": state.supervisor.status()}
-        return error_response(503, "not_ready", "Redis, the projector or a part of this process is not available", details, {"Retry-After": "1"})  # type: ignore[return-value]
+        return error_response(
+            503,
+            "not_ready",
+            "Redis, the projector or a part of this process is not available",
+            details,
+            {"Retry-After": "1"},
+        )  # type: ignore[return-value]
     return Response(body, media_type=MediaType.JSON)
 
 
@@ -70,8 +80,16 @@ def metrics_route(token: str) -> Any:
 
     @get("/metrics", tags=["operations"], include_in_schema=False)
     async def metrics_handler(request: Request) -> Response[bytes]:
-        if expected is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
-            return error_response(401, "unauthorized", "GET /metrics needs PARLEY_METRICS_TOKEN as a bearer token", None, {"WWW-Authenticate": "Bearer"})  # type: ignore[return-value]
+        if expected is not None and not hmac.compare_digest(
+            request.headers.get("authorization", "").encode(), expected
+        ):
+            return error_response(
+                401,
+                "unauthorized",
+                "GET /metrics needs PARLEY_METRICS_TOKEN as a bearer token",
+                None,
+                {"WWW-Authenticate": "Bearer"},
+            )  # type: ignore[return-value]
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     return metrics_handler
@@ -140,17 +158,37 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker_too: b
 
     app = Litestar(
         route_handlers=[
-            SessionController, ChatController, OpenAIController, EventController, audit, usage, health, ready,
+            SessionController,
+            ChatController,
+            OpenAIController,
+            EventController,
+            audit,
+            usage,
+            health,
+            ready,
             metrics_route(settings.metrics_token),
         ],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         before_request=strict.before_request,
         cors_config=CORSConfig(
-            allow_origins=settings.cors(), allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "X-Auth-Key", "Content-Type", "Idempotency-Key", "If-Match", "Last-Event-ID", "Prefer", "X-Request-ID"],
-            expose_headers=EXPOSED_HEADERS, max_age=600,
-        ) if settings.cors() else None,
+            allow_origins=settings.cors(),
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=[
+                "Authorization",
+                "X-Auth-Key",
+                "Content-Type",
+                "Idempotency-Key",
+                "If-Match",
+                "Last-Event-ID",
+                "Prefer",
+                "X-Request-ID",
+            ],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
+        if settings.cors()
+        else None,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Parley",
@@ -158,7 +196,9 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker_too: b
             description="Sessions, messages and tools for LLM agents, event-sourced on Redis.",
             components=Components(
                 security_schemes={
-                    "bearer": SecurityScheme(type="http", scheme="bearer", description="Authorization: Bearer <api key>"),
+                    "bearer": SecurityScheme(
+                        type="http", scheme="bearer", description="Authorization: Bearer <api key>"
+                    ),
                     "apiKey": SecurityScheme(type="apiKey", name="X-Auth-Key", security_scheme_in="header"),
                 }
             ),

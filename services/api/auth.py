@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from litestar import Request
 from litestar.exceptions import NotAuthorizedException
 
-from shared.app.ports import ApiKeys
 from services.api.context import api
+from shared.app.ports import ApiKeys
 
 __all__ = ["Authenticator", "key_of", "provide_tenant"]
 

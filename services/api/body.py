@@ -44,7 +44,9 @@ class StrictBody(AbstractDTO[T], Generic[T]):
             raise SchemaMismatch("the request body is nested too deeply", [{"source": "body"}]) from e
         except msgspec.ValidationError as e:
             _check_syntax(value)  # a typed decode can fail on a field before it reaches a syntax error
-            raise SchemaMismatch("the request body does not match the schema", [{"message": str(e), "source": "body"}]) from e
+            raise SchemaMismatch(
+                "the request body does not match the schema", [{"message": str(e), "source": "body"}]
+            ) from e
         except msgspec.DecodeError as e:
             raise InvalidJson(f"the request body is not valid JSON: {e}") from e
 
@@ -52,10 +54,14 @@ class StrictBody(AbstractDTO[T], Generic[T]):
         try:
             return msgspec.convert(value, self.model_type, strict=True)
         except msgspec.ValidationError as e:
-            raise SchemaMismatch("the request body does not match the schema", [{"message": str(e), "source": "body"}]) from e
+            raise SchemaMismatch(
+                "the request body does not match the schema", [{"message": str(e), "source": "body"}]
+            ) from e
 
     @classmethod
-    def create_for_field_definition(cls, field_definition: FieldDefinition, handler_id: str, backend_cls: Any = None) -> None:
+    def create_for_field_definition(
+        cls, field_definition: FieldDefinition, handler_id: str, backend_cls: Any = None
+    ) -> None:
         """Nothing to build: decoding is one msgspec call."""
 
     @classmethod
@@ -91,8 +97,10 @@ def _pairs_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(out) != len(pairs):
         seen: set[str] = set()
         repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise SchemaMismatch(f"the request body has the key {repeated!r} more than once in one object",
-                             [{"message": f"duplicate key {repeated!r}", "source": "body"}])
+        raise SchemaMismatch(
+            f"the request body has the key {repeated!r} more than once in one object",
+            [{"message": f"duplicate key {repeated!r}", "source": "body"}],
+        )
     return out
 
 
@@ -103,7 +111,8 @@ def _storable(value: object) -> None:
     for number in _numbers(msgspec.to_builtins(value)):
         if not LOWEST <= number <= HIGHEST:
             raise SchemaMismatch(
-                "the request body holds a number outside [-2**63, 2**64 - 1]", [{"message": f"{number!r} is out of range", "source": "body"}]
+                "the request body holds a number outside [-2**63, 2**64 - 1]",
+                [{"message": f"{number!r} is out of range", "source": "body"}],
             )
 
 

@@ -16,14 +16,24 @@ from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter
 
-from shared.app.chats import Chats
-from shared.domain.errors import Invalid
-from shared.domain.wire import ChatJob, ChatJobList, ChatRequest, ChatResponse, JobAccepted
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
 from services.api.context import api
-from services.api.params import IdempotencyKey, Limit, Offset, errors, idempotency, json_list, json_response, parse_job_id, parse_session_id
+from services.api.params import (
+    IdempotencyKey,
+    Limit,
+    Offset,
+    errors,
+    idempotency,
+    json_list,
+    json_response,
+    parse_job_id,
+    parse_session_id,
+)
 from services.api.sse import EventStream, open_stream, wait_for_answer
+from shared.app.chats import Chats
+from shared.domain.errors import Invalid
+from shared.domain.wire import ChatJob, ChatJobList, ChatRequest, ChatResponse, JobAccepted
 
 __all__ = ["ChatController", "RETRY_MS"]
 
@@ -33,10 +43,18 @@ KEEPALIVE_S = 15.0
 """A quiet chat stream sends a comment this often."""
 _EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}(\.1)?")
 _encode = msgspec.json.encode
-Prefer = Annotated[str | None, HeaderParameter(name="Prefer", required=False, description="respond-async: answer 202 with the job at once")]
+Prefer = Annotated[
+    str | None,
+    HeaderParameter(name="Prefer", required=False, description="respond-async: answer 202 with the job at once"),
+]
 LastEventId = Annotated[
     str | None,
-    HeaderParameter(name="Last-Event-ID", required=False, pattern=r"^([0-9]{1,20}-[0-9]{1,20}(\.1)?)?$", description="Resume after this event's `id:`."),
+    HeaderParameter(
+        name="Last-Event-ID",
+        required=False,
+        pattern=r"^([0-9]{1,20}-[0-9]{1,20}(\.1)?)?$",
+        description="Resume after this event's `id:`.",
+    ),
 ]
 
 
@@ -55,10 +73,19 @@ class ChatController(Controller):
         status_code=200,
         dto=StrictBody[ChatRequest],
         return_dto=None,
-        responses={**_errors(409, 429, 502, 504), 202: ResponseSpec(data_container=JobAccepted, description="Queued (Prefer: respond-async)")},
+        responses={
+            **_errors(409, 429, 502, 504),
+            202: ResponseSpec(data_container=JobAccepted, description="Queued (Prefer: respond-async)"),
+        },
     )
     async def chat(
-        self, request: Request, tenant: str, session_id: str, data: ChatRequest, prefer: Prefer = None, idempotency_key: IdempotencyKey = None
+        self,
+        request: Request,
+        tenant: str,
+        session_id: str,
+        data: ChatRequest,
+        prefer: Prefer = None,
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[ChatResponse]:
         """Chat: the request's messages join the session, a worker answers, the answer joins too.
 
@@ -75,23 +102,32 @@ class ChatController(Controller):
         return json_response(await wait_for_answer(request, sid, job.id))
 
     @get("/chats", responses=_errors())
-    async def list_chats(self, request: Request, tenant: str, session_id: str, limit: Limit = 100, offset: Offset = 0) -> Response[ChatJobList]:
+    async def list_chats(
+        self, request: Request, tenant: str, session_id: str, limit: Limit = 100, offset: Offset = 0
+    ) -> Response[ChatJobList]:
         """The session's chat jobs, newest first."""
         return json_list(await api(request).parley.chats.list(tenant, parse_session_id(session_id), limit, offset))
 
     @get("/chats/{job_id:str}", responses=_errors())
     async def get_chat(self, request: Request, tenant: str, session_id: str, job_id: str) -> Response[ChatJob]:
         """A chat job: its status, attempts, what went into its context, and its answer or error."""
-        return json_response(await api(request).parley.chats.job(tenant, parse_session_id(session_id), parse_job_id(job_id)))
+        return json_response(
+            await api(request).parley.chats.job(tenant, parse_session_id(session_id), parse_job_id(job_id))
+        )
 
     @post("/chats/{job_id:str}/cancel", status_code=200, responses=_errors(409))
     async def cancel_chat(self, request: Request, tenant: str, session_id: str, job_id: str) -> Response[ChatJob]:
         """Cancel a queued or running chat (409 `chat_not_active` once it ended). What it had streamed so far is
         stored as its answer (unless the request had `save: false`): the conversation ends where the model was
         stopped, as a client that stopped reading the stream saw it."""
-        return json_response(await api(request).parley.chats.cancel(tenant, parse_session_id(session_id), parse_job_id(job_id)))
+        return json_response(
+            await api(request).parley.chats.cancel(tenant, parse_session_id(session_id), parse_job_id(job_id))
+        )
 
-    @get("/chats/{job_id:str}/stream", responses={**_errors(429), 204: ResponseSpec(data_container=None, description="Nothing can follow")})
+    @get(
+        "/chats/{job_id:str}/stream",
+        responses={**_errors(429), 204: ResponseSpec(data_container=None, description="Nothing can follow")},
+    )
     async def resume_stream(
         self, request: Request, tenant: str, session_id: str, job_id: str, last_event_id: LastEventId = None
     ) -> EventStream | Response[None]:
@@ -131,11 +167,17 @@ async def _sse(request: Request[Any, Any, Any], chats: Chats, sid: str, job_id: 
                         yield b"id: %s\ndata: %s\n\n" % (eid.encode(), data)
                     elif kind == "done":
                         usage = msgspec.json.decode(data).get("usage")
-                        yield b"id: %s\ndata: %s\n\n" % (eid.encode(), _encode({"id": job_id, "choices": [], "usage": usage}))
+                        yield b"id: %s\ndata: %s\n\n" % (
+                            eid.encode(),
+                            _encode({"id": job_id, "choices": [], "usage": usage}),
+                        )
                         yield b"id: %s.1\ndata: [DONE]\n\n" % eid.encode()
                         return
                     else:  # named so that it is not EventSource's own `error` event (a connection failure)
-                        yield b"id: %s\nevent: chat.failed\ndata: %s\n\n" % (eid.encode(), _encode({"error": msgspec.json.decode(data)}))
+                        yield b"id: %s\nevent: chat.failed\ndata: %s\n\n" % (
+                            eid.encode(),
+                            _encode({"error": msgspec.json.decode(data)}),
+                        )
                         yield b"id: %s.1\ndata: [DONE]\n\n" % eid.encode()
                         return
 

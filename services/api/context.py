@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from litestar import Request
 
 if TYPE_CHECKING:
-    from shared.bootstrap import Parley
     from services.api.auth import Authenticator
     from services.api.sse import StreamSlots
+    from shared.bootstrap import Parley
 
 __all__ = ["Api", "Readiness", "api"]
 

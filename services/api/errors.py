@@ -7,6 +7,7 @@ import logging
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from services.api.body import InvalidJson, SchemaMismatch
 from shared.domain.context import TokenBudgetExceeded
 from shared.domain.errors import (
     ChatInProgress,
@@ -28,7 +29,6 @@ from shared.domain.errors import (
 from shared.domain.wire import ErrorBody, ErrorDetail
 from shared.observability import metrics
 from shared.supervise import TRANSIENT, pool_exhausted
-from services.api.body import InvalidJson, SchemaMismatch
 
 __all__ = ["DOMAIN_STATUS", "EXCEPTION_HANDLERS", "UNANSWERED_STATUS", "error_response", "status_of"]
 
@@ -64,6 +64,7 @@ def status_of(exc: DomainError) -> int:
     status = getattr(exc, "status", None)
     return status or next((DOMAIN_STATUS[c] for c in type(exc).__mro__ if c in DOMAIN_STATUS), 400)
 
+
 HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -82,7 +83,9 @@ HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, details: object = None, headers: dict[str, str] | None = None) -> Response[ErrorBody]:
+def error_response(
+    status: int, code: str, message: str, details: object = None, headers: dict[str, str] | None = None
+) -> Response[ErrorBody]:
     return Response(
         ErrorBody(ErrorDetail(status=status, code=code, message=message, details=details)),
         status_code=status,
@@ -115,7 +118,9 @@ def on_store_error(_: Request, exc: Exception) -> Response[ErrorBody]:
         return error_response(503, "overloaded", "the server is at capacity; retry shortly", None, {"Retry-After": "1"})
     metrics.redis_error(exc)
     log.warning("redis unavailable: %s: %s", type(exc).__name__, exc)
-    return error_response(503, "store_unavailable", "the store is unavailable; retry shortly", None, {"Retry-After": "1"})
+    return error_response(
+        503, "store_unavailable", "the store is unavailable; retry shortly", None, {"Retry-After": "1"}
+    )
 
 
 def on_unexpected(_: Request, exc: Exception) -> Response[ErrorBody]:
@@ -126,7 +131,10 @@ def on_unexpected(_: Request, exc: Exception) -> Response[ErrorBody]:
 def _details(extra: object) -> object:
     """litestar's validation details, without echoing request values back."""
     if isinstance(extra, list):
-        return [{k: v for k, v in item.items() if k in ("message", "key", "source")} if isinstance(item, dict) else item for item in extra]
+        return [
+            {k: v for k, v in item.items() if k in ("message", "key", "source")} if isinstance(item, dict) else item
+            for item in extra
+        ]
     return extra
 
 

@@ -20,18 +20,18 @@ import hashlib
 import math
 import re
 import time
-from urllib.parse import unquote_to_bytes
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from litestar import Litestar
 from litestar.types import Message, Receive, Scope, Send
 
-from shared.app.ports import Admission
-from shared.observability import metrics
-from shared.domain.stream_tokens import verify
-from shared.supervise import TRANSIENT, pool_exhausted
 from services.api.auth import key_of
 from services.api.context import Api
+from shared.app.ports import Admission
+from shared.domain.stream_tokens import verify
+from shared.observability import metrics
+from shared.supervise import TRANSIENT, pool_exhausted
 
 __all__ = ["OVERLOADED_RESPONSE", "Gate", "Guard"]
 
@@ -173,7 +173,11 @@ class Guard:
         origin = next((v for n, v in scope["headers"] if n == b"origin"), None)
         if origin is None or not ("*" in self.cors or origin.decode("latin-1") in self.cors):
             return send
-        extra = [(b"access-control-allow-origin", b"*" if "*" in self.cors else origin), (b"access-control-expose-headers", EXPOSED), (b"vary", b"Origin")]
+        extra = [
+            (b"access-control-allow-origin", b"*" if "*" in self.cors else origin),
+            (b"access-control-expose-headers", EXPOSED),
+            (b"vary", b"Origin"),
+        ]
         return _with_headers(send, extra)
 
     async def _admit(self, scope: Scope, state: dict[str, Any], send: Send) -> list[tuple[bytes, bytes]] | None:
@@ -243,7 +247,10 @@ def _query_param(scope: Scope, name: bytes) -> str | None:
 
 def _refusal_headers(admission: Admission, wait_s: float) -> list[tuple[bytes, bytes]]:
     retry = max(1, math.ceil(wait_s))
-    return [(b"retry-after", b"%d" % retry), *ratelimit_headers(Admission(False, admission.burst, 0, int(wait_s * 1000), admission.rps))]
+    return [
+        (b"retry-after", b"%d" % retry),
+        *ratelimit_headers(Admission(False, admission.burst, 0, int(wait_s * 1000), admission.rps)),
+    ]
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
@@ -271,7 +278,11 @@ _REASONS = {429: b"Too Many Requests", 503: b"Service Unavailable"}
 
 def _response(status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     """A whole HTTP/1.1 answer, for the protocol to write in one go."""
-    lines = [b"HTTP/1.1 %d %s" % (status, _REASONS[status]), b"content-type: application/json", b"content-length: %d" % len(body)]
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, _REASONS[status]),
+        b"content-type: application/json",
+        b"content-length: %d" % len(body),
+    ]
     lines += [name + b": " + value for name, value in headers]
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 

@@ -91,9 +91,19 @@ class Observed:
             metrics.REJECTED.labels("rate_limited", tenant or "").inc()
         if logs.ACCESS.isEnabledFor(logging.INFO):
             # made directly: `info()` would walk the stack to find its caller, a third of the line's cost
-            fields = {"method": method, "route": route, "path": scope["path"], "status": status,
-                      "duration_ms": round(seconds * 1000, 3), "tenant": tenant}
-            logs.ACCESS.handle(logs.ACCESS.makeRecord(logs.ACCESS.name, logging.INFO, __file__, 0, "request", (), None, extra={"fields": fields}))
+            fields = {
+                "method": method,
+                "route": route,
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round(seconds * 1000, 3),
+                "tenant": tenant,
+            }
+            logs.ACCESS.handle(
+                logs.ACCESS.makeRecord(
+                    logs.ACCESS.name, logging.INFO, __file__, 0, "request", (), None, extra={"fields": fields}
+                )
+            )
 
 
 def _name(span: Any, scope: HTTPScope, status: int, rid: bytes) -> None:

@@ -20,6 +20,12 @@ from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 
+from services.api.auth import provide_tenant
+from services.api.body import StrictBody
+from services.api.context import api
+from services.api.errors import EXCEPTION_HANDLERS, UNANSWERED_STATUS
+from services.api.params import IdempotencyKey, idempotency, parse_session_id
+from services.api.sse import EventStream, open_stream, stream_response, take_stream, wait_for_answer
 from shared.app.chats import Chats, unanswered
 from shared.app.completions import Answer, completion_of
 from shared.domain.errors import ChatTimeout
@@ -37,12 +43,6 @@ from shared.domain.openai_wire import (
     error_type,
 )
 from shared.domain.wire import ChatResponse, ErrorBody
-from services.api.auth import provide_tenant
-from services.api.body import StrictBody
-from services.api.context import api
-from services.api.errors import EXCEPTION_HANDLERS, UNANSWERED_STATUS
-from services.api.params import IdempotencyKey, idempotency, parse_session_id
-from services.api.sse import EventStream, open_stream, stream_response, take_stream, wait_for_answer
 
 __all__ = ["OpenAIController"]
 
@@ -66,29 +66,47 @@ def _param(details: Any) -> str | None:
     return None
 
 
-def _as_openai(handler: Callable[[Request, Any], Response[ErrorBody]]) -> Callable[[Request, Any], Response[OpenAIErrorBody]]:
+def _as_openai(
+    handler: Callable[[Request, Any], Response[ErrorBody]],
+) -> Callable[[Request, Any], Response[OpenAIErrorBody]]:
     """Parley's error answer, reshaped: same status and fields, plus `type` and `param`."""
 
     def handle(request: Request, exc: Any) -> Response[OpenAIErrorBody]:
         original = handler(request, exc)
         err = original.content.error
         status = 400 if err.code == "token_budget_exceeded" else err.status
-        body = OpenAIErrorDetail(status=status, code=err.code, message=err.message, type=error_type(status), param=_param(err.details), details=err.details)
-        return Response(OpenAIErrorBody(body), status_code=status, media_type=MediaType.JSON, headers=dict(original.headers) or None)
+        body = OpenAIErrorDetail(
+            status=status,
+            code=err.code,
+            message=err.message,
+            type=error_type(status),
+            param=_param(err.details),
+            details=err.details,
+        )
+        return Response(
+            OpenAIErrorBody(body), status_code=status, media_type=MediaType.JSON, headers=dict(original.headers) or None
+        )
 
     return handle
 
 
 def _on_rejected(_: Request, exc: WireRejected) -> Response[OpenAIErrorBody]:
-    body = OpenAIErrorDetail(status=exc.status, code=exc.code, message=exc.message, type=error_type(exc.status), param=exc.param)
+    body = OpenAIErrorDetail(
+        status=exc.status, code=exc.code, message=exc.message, type=error_type(exc.status), param=exc.param
+    )
     return Response(OpenAIErrorBody(body), status_code=exc.status, media_type=MediaType.JSON)
 
 
-OPENAI_EXCEPTION_HANDLERS: dict[Any, Any] = {t: _as_openai(h) for t, h in EXCEPTION_HANDLERS.items()} | {WireRejected: _on_rejected}
+OPENAI_EXCEPTION_HANDLERS: dict[Any, Any] = {t: _as_openai(h) for t, h in EXCEPTION_HANDLERS.items()} | {
+    WireRejected: _on_rejected
+}
 
 
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
-    return {c: ResponseSpec(data_container=OpenAIErrorBody, description="Error (the SDK raises the matching exception)") for c in codes}
+    return {
+        c: ResponseSpec(data_container=OpenAIErrorBody, description="Error (the SDK raises the matching exception)")
+        for c in codes
+    }
 
 
 # -- answers ----------------------------------------------------------------------------------------------------------
@@ -98,7 +116,9 @@ def _data(value: Any) -> bytes:
 
 def _error_event(code: str, message: str) -> bytes:
     status = 400 if code == "token_budget_exceeded" else UNANSWERED_STATUS.get(code, 502)
-    return _data({"error": OpenAIErrorDetail(status=status, code=code, message=message, type=error_type(status), param=None)})
+    return _data(
+        {"error": OpenAIErrorDetail(status=status, code=code, message=message, type=error_type(status), param=None)}
+    )
 
 
 async def _replayed_stream(request: Request[Any, Any, Any], c: ChatCompletion, include_usage: bool) -> EventStream:
@@ -109,13 +129,23 @@ async def _replayed_stream(request: Request[Any, Any, Any], c: ChatCompletion, i
         m = c.choices[0].message
 
         def chunk(delta: ChunkDelta, finish: str | None = None) -> bytes:
-            return _data(ChatCompletionChunk(id=c.id, created=c.created, model=c.model, choices=[ChunkChoice(delta=delta, finish_reason=finish)], usage=usage))
+            return _data(
+                ChatCompletionChunk(
+                    id=c.id,
+                    created=c.created,
+                    model=c.model,
+                    choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+                    usage=usage,
+                )
+            )
 
         yield chunk(ChunkDelta(role="assistant", content=""))
         if m.content:
             yield chunk(ChunkDelta(content=m.content))
         if m.tool_calls:
-            yield chunk(ChunkDelta(tool_calls=[{"index": i, **msgspec.to_builtins(t)} for i, t in enumerate(m.tool_calls)]))
+            yield chunk(
+                ChunkDelta(tool_calls=[{"index": i, **msgspec.to_builtins(t)} for i, t in enumerate(m.tool_calls)])
+            )
         yield chunk(ChunkDelta(), c.choices[0].finish_reason)
         if include_usage:
             yield _data(ChatCompletionChunk(id=c.id, created=c.created, model=c.model, choices=[], usage=c.usage))
@@ -124,7 +154,9 @@ async def _replayed_stream(request: Request[Any, Any, Any], c: ChatCompletion, i
     return await open_stream(request, events())
 
 
-async def _relay(request: Request[Any, Any, Any], chats: Chats, sid: str, job_id: str, model: str, include_usage: bool, wait_s: float) -> EventStream:
+async def _relay(
+    request: Request[Any, Any, Any], chats: Chats, sid: str, job_id: str, model: str, include_usage: bool, wait_s: float
+) -> EventStream:
     """The job's chunk stream with OpenAI's framing: no `id:` lines, no comments, `[DONE]` at the end.
 
     The first entries are awaited before any byte of the answer goes out: a job that fails before its first token
@@ -137,7 +169,10 @@ async def _relay(request: Request[Any, Any, Any], chats: Chats, sid: str, job_id
     try:
         first = await anext(batches)
         if not first:
-            raise ChatTimeout(f"chat {job_id} sent nothing within {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}", {"job_id": job_id})
+            raise ChatTimeout(
+                f"chat {job_id} sent nothing within {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}",
+                {"job_id": job_id},
+            )
         if first[0][1] == "error":
             raise unanswered(first[0][2])
     except BaseException:
@@ -154,13 +189,22 @@ async def _relay(request: Request[Any, Any, Any], chats: Chats, sid: str, job_id
             batch = first
             while True:
                 if not batch:
-                    yield _error_event("chat_timeout", f"chat {job_id} sent nothing for {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}")
+                    yield _error_event(
+                        "chat_timeout",
+                        f"chat {job_id} sent nothing for {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}",
+                    )
                     return
                 for _, kind, data in batch:
                     if kind == "chunk":
                         for c in msgspec.json.decode(data).get("choices") or ():
                             delta = msgspec.convert(c.get("delta") or {}, ChunkDelta)
-                            yield chunk([ChunkChoice(index=c.get("index", 0), delta=delta, finish_reason=c.get("finish_reason"))])
+                            yield chunk(
+                                [
+                                    ChunkChoice(
+                                        index=c.get("index", 0), delta=delta, finish_reason=c.get("finish_reason")
+                                    )
+                                ]
+                            )
                     elif kind == "done":
                         if include_usage:
                             yield chunk([], _response.decode(data).usage)
@@ -191,7 +235,12 @@ class OpenAIController(Controller):
         responses=_errors(400, 401, 404, 409, 413, 422, 429, 502, 503, 504),
     )
     async def create_completion(
-        self, request: Request, tenant: str, session_id: str, data: ChatCompletionRequest, idempotency_key: IdempotencyKey = None
+        self,
+        request: Request,
+        tenant: str,
+        session_id: str,
+        data: ChatCompletionRequest,
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[ChatCompletion]:
         """OpenAI Chat Completions on this session (point an OpenAI client's `base_url` at `/sessions/{id}`).
 
@@ -213,8 +262,12 @@ class OpenAIController(Controller):
                 return await _replayed_stream(request, done.completion, include_usage)  # type: ignore[return-value]
             return Response(done.completion, media_type=MediaType.JSON)
         if stream:
-            return await _relay(request, parley.chats, sid, done.job_id, model, include_usage, parley.settings.chat_wait_s)  # type: ignore[return-value]
-        return Response(completion_of(_response.decode(await wait_for_answer(request, sid, done.job_id))), media_type=MediaType.JSON)
+            return await _relay(
+                request, parley.chats, sid, done.job_id, model, include_usage, parley.settings.chat_wait_s
+            )  # type: ignore[return-value]
+        return Response(
+            completion_of(_response.decode(await wait_for_answer(request, sid, done.job_id))), media_type=MediaType.JSON
+        )
 
     @get("/models", responses=_errors(401, 404, 503))
     async def list_models(self, request: Request, tenant: str, session_id: str) -> ModelList:

@@ -25,7 +25,10 @@ OPENAI_ERROR = {"$ref": "#/components/schemas/OpenAIErrorBody"}
 CODES: dict[int, dict[str, str]] = {
     400: {"invalid_json": "the body is not JSON", "bad_request": "the request is not valid HTTP"},
     401: {"unauthorized": "no key, or an unknown or revoked key"},
-    404: {"not_found": "no such session (or job) for this tenant", "version_not_found": "the session never had that version"},
+    404: {
+        "not_found": "no such session (or job) for this tenant",
+        "version_not_found": "the session never had that version",
+    },
     409: {
         "write_contention": "too many concurrent writers on one session; retry",
         "chat_in_progress": "another chat runs and the multitask policy is `reject`",
@@ -45,8 +48,12 @@ CODES: dict[int, dict[str, str]] = {
         "rate_limited": "the tenant is over its request rate, its concurrent chats or its open streams",
         "quota_exceeded": "the tenant used its chat tokens of the day",
     },
-    502: {"model_unavailable": "the model's server failed", "model_rate_limited": "the model's server refused (429)",
-          "model_timeout": "the model did not answer in time", "model_error": "the model answered an error"},
+    502: {
+        "model_unavailable": "the model's server failed",
+        "model_rate_limited": "the model's server refused (429)",
+        "model_timeout": "the model did not answer in time",
+        "model_error": "the model answered an error",
+    },
     503: {
         "store_unavailable": "Redis does not answer (within `PARLEY_REDIS_TIMEOUT_S`)",
         "overloaded": "the process is at its in-flight bound, or out of Redis connections",
@@ -56,7 +63,10 @@ CODES: dict[int, dict[str, str]] = {
 }
 """Every error code the API answers, by status (README: the error table)."""
 OPENAI_CODES: dict[int, dict[str, str]] = {
-    400: {"unsupported_value": "a field Parley cannot honour (`n` other than 1)", "token_budget_exceeded": "the prompt cannot fit the session's token budget"},
+    400: {
+        "unsupported_value": "a field Parley cannot honour (`n` other than 1)",
+        "token_budget_exceeded": "the prompt cannot fit the session's token budget",
+    },
     422: {"unsupported_content": "a content part Parley does not store (audio, file)"},
 }
 """The OpenAI-compatible endpoint answers these too (its errors add OpenAI's `type` and `param`)."""
@@ -91,7 +101,9 @@ SSE = {
         }
     }
 }
-NO_MORE = {"description": "Nothing follows the `Last-Event-ID` given (the stream ended): an EventSource stops reconnecting."}
+NO_MORE = {
+    "description": "Nothing follows the `Last-Event-ID` given (the stream ended): an EventSource stops reconnecting."
+}
 PROBES = {"/health", "/ready"}
 SESSION_WRITES = re.compile(r"^/sessions(/\{session_id\}(/messages)?)?$")
 
@@ -117,7 +129,9 @@ def _finish_operation(path: str, method: str, op: dict[str, Any]) -> None:
     if path in PROBES:
         op["security"] = []
         if path == "/ready":
-            responses["503"] = _error(503, {"not_ready": "Redis, the projector or a part of this process is not available"}, ERROR)
+            responses["503"] = _error(
+                503, {"not_ready": "Redis, the projector or a part of this process is not available"}, ERROR
+            )
         return
     openai = path.endswith("/chat/completions") or path.endswith("/models")
     body = ERROR if not openai else OPENAI_ERROR
@@ -165,14 +179,18 @@ def _error(status: int, codes: dict[str, str], schema: dict[str, str]) -> dict[s
     if status in (429, 503):
         response["headers"] = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}}
         if status == 429:
-            response["headers"].update({h: {"$ref": f"#/components/headers/{h}"} for h in ("RateLimit-Policy", "RateLimit")})
+            response["headers"].update(
+                {h: {"$ref": f"#/components/headers/{h}"} for h in ("RateLimit-Policy", "RateLimit")}
+            )
     return response
 
 
 def _success_headers(path: str, method: str, responses: dict[str, Any]) -> None:
     def add(status: str, *names: str) -> None:
         if status in responses:
-            responses[status].setdefault("headers", {}).update({n: {"$ref": f"#/components/headers/{n}"} for n in names})
+            responses[status].setdefault("headers", {}).update(
+                {n: {"$ref": f"#/components/headers/{n}"} for n in names}
+            )
 
     if path == "/sessions" and method == "post":
         add("201", "ETag", "Location")
@@ -245,7 +263,10 @@ def _exact_schemas(schemas: dict[str, Any], types: Iterable[type]) -> None:
 JSON_VALUE: dict[str, Any] = {
     "description": "Any JSON value whose numbers lie within [-2**63, 2**64 - 1] (what the store can keep; others answer 422).",
     "anyOf": [
-        {"type": "null"}, {"type": "boolean"}, {"type": "string"}, {"type": "number", "minimum": -(2**63), "maximum": 2**64 - 1},
+        {"type": "null"},
+        {"type": "boolean"},
+        {"type": "string"},
+        {"type": "number", "minimum": -(2**63), "maximum": 2**64 - 1},
         {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
         {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}},
     ],
@@ -288,7 +309,11 @@ def _by_role(schema: dict[str, Any]) -> dict[str, Any]:
     for role in roles:
         p: dict[str, Any] = {"role": {"const": role}, **copy.deepcopy(common)}
         required = ["role", "content"]
-        variant: dict[str, Any] = {"type": "object", "properties": p, "additionalProperties": schema.get("additionalProperties", True)}
+        variant: dict[str, Any] = {
+            "type": "object",
+            "properties": p,
+            "additionalProperties": schema.get("additionalProperties", True),
+        }
         if role == "assistant":
             p["content"] = copy.deepcopy(props["content"])
             p["tool_calls"] = copy.deepcopy(props["tool_calls"])
@@ -296,7 +321,10 @@ def _by_role(schema: dict[str, Any]) -> dict[str, Any]:
             required = ["role"]
             variant["anyOf"] = [
                 {"required": ["content"], "properties": {"content": copy.deepcopy(content)}},
-                {"required": ["tool_calls"], "properties": {"tool_calls": {**p["tool_calls"]["anyOf"][0], "minItems": 1}}},
+                {
+                    "required": ["tool_calls"],
+                    "properties": {"tool_calls": {**p["tool_calls"]["anyOf"][0], "minItems": 1}},
+                },
             ]
         else:
             p["content"] = copy.deepcopy(content)
@@ -323,4 +351,9 @@ def _text_and_image_parts(content: dict[str, Any]) -> dict[str, Any]:
 
 def structs_of(*modules: Any) -> list[type]:
     """The msgspec Structs the modules define: the API's types, for `finish`."""
-    return [v for m in modules for v in vars(m).values() if isinstance(v, type) and issubclass(v, msgspec.Struct) and v.__module__ == m.__name__]
+    return [
+        v
+        for m in modules
+        for v in vars(m).values()
+        if isinstance(v, type) and issubclass(v, msgspec.Struct) and v.__module__ == m.__name__
+    ]

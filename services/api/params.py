@@ -17,8 +17,20 @@ from shared.domain.ids import parse_uuid
 from shared.domain.wire import ErrorBody
 
 __all__ = [
-    "AtVersion", "IdempotencyKey", "IfMatch", "Limit", "Offset", "etag", "errors", "expected_version", "idempotency",
-    "json_list", "json_response", "parse_job_id", "parse_message_id", "parse_session_id",
+    "AtVersion",
+    "IdempotencyKey",
+    "IfMatch",
+    "Limit",
+    "Offset",
+    "etag",
+    "errors",
+    "expected_version",
+    "idempotency",
+    "json_list",
+    "json_response",
+    "parse_job_id",
+    "parse_message_id",
+    "parse_session_id",
 ]
 
 Limit = Annotated[int, Parameter(ge=1, le=1000, description="Items per page (1..1000).")]
@@ -26,19 +38,30 @@ Offset = Annotated[int, Parameter(ge=0, le=1_000_000_000, description="Items to 
 IdempotencyKey = Annotated[
     str | None,
     HeaderParameter(
-        name="Idempotency-Key", required=False, min_length=1, max_length=255, pattern=r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$",
+        name="Idempotency-Key",
+        required=False,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$",
         description="1 to 255 printable ASCII characters. Retrying with the same key and body within 24 h answers the first "
         "result and writes nothing.",
     ),
 ]
 AtVersion = Annotated[
     int | None,
-    Parameter(ge=1, le=2**63 - 1, required=False, description="Time travel: the state right after this event version (folded from the log)."),
+    Parameter(
+        ge=1,
+        le=2**63 - 1,
+        required=False,
+        description="Time travel: the state right after this event version (folded from the log).",
+    ),
 ]
 IfMatch = Annotated[
     str | None,
     HeaderParameter(
-        name="If-Match", required=False, max_length=64,
+        name="If-Match",
+        required=False,
+        max_length=64,
         description='The ETag you hold (`"7"`, or `*`); a stale or malformed one answers 412 and changes nothing.',
     ),
 ]
@@ -93,7 +116,9 @@ async def idempotency(request: Request[Any, Any, Any], key: str | None) -> Idemp
     return Idempotency.of(key, request.method, request.url.path, await request.body())
 
 
-def json_response(body: bytes | msgspec.Struct, status: int = 200, headers: dict[str, str] | None = None) -> Response[Any]:
+def json_response(
+    body: bytes | msgspec.Struct, status: int = 200, headers: dict[str, str] | None = None
+) -> Response[Any]:
     """An answer of JSON: bytes already encoded (read models hold wire JSON: it is never decoded on the way out),
     or a wire Struct a use case returned, encoded here once."""
     content = body if isinstance(body, bytes) else _encode(body)

@@ -58,7 +58,18 @@ def serve_many(host: str, port: int, workers: int) -> int:
     sock = _listen(host, port)
     metrics_dir, own_dir = _metrics_dir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    args = [sys.executable, "-m", "services.cli", "api", "--host", host, "--port", str(port), "--fd", str(sock.fileno())]
+    args = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "api",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--fd",
+        str(sock.fileno()),
+    ]
 
     def start() -> subprocess.Popen[bytes]:
         return subprocess.Popen(args, env=env, pass_fds=(sock.fileno(),))
@@ -91,7 +102,12 @@ def serve_many(host: str, port: int, workers: int) -> int:
                     continue
                 _forget(child.pid, metrics_dir)
                 backoff[i] = 0.5 if now - started[i] > 10 else min(backoff[i] * 2, 30.0)
-                log.error("API process %d exited with status %s; starting another in %.1fs", child.pid, child.returncode, backoff[i])
+                log.error(
+                    "API process %d exited with status %s; starting another in %.1fs",
+                    child.pid,
+                    child.returncode,
+                    backoff[i],
+                )
                 due[i] = now + backoff[i]
     finally:
         alive = [c for i, c in enumerate(children) if due[i] is None and c.poll() is None]

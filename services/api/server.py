@@ -32,6 +32,7 @@ __all__ = ["guarded_protocol"]
 EXEMPT_PREFIXES = tuple(p.encode() for p in EXEMPT)
 """Never shed: the probes (a load balancer must learn the truth from them under load too)."""
 
+
 def _closing_answer(status: bytes, code: bytes, message: bytes) -> bytes:
     body = b'{"error":{"status":%s,"code":"%s","message":"%s"}}' % (status.split()[0], code, message)
     head = b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
@@ -149,7 +150,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
-def guarded_protocol(header_timeout_s: float, body_timeout_s: float, gate: Gate | None = None) -> type[GuardedHttpToolsProtocol]:
+def guarded_protocol(
+    header_timeout_s: float, body_timeout_s: float, gate: Gate | None = None
+) -> type[GuardedHttpToolsProtocol]:
     """The protocol class to give uvicorn (`Config(http=...)`), with these deadlines and this gate."""
     return type(
         "GuardedHttpToolsProtocol",

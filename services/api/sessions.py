@@ -11,20 +11,6 @@ from litestar import Controller, Request, Response, delete, get, patch, post, ro
 from litestar.di import Provide
 from litestar.params import Parameter
 
-from shared.domain.wire import (
-    Message,
-    MessageCreate,
-    MessageList,
-    MessagePatch,
-    Session,
-    SessionCreate,
-    SessionDeletion,
-    SessionList,
-    SessionPatch,
-    StreamToken,
-    StreamTokenRequest,
-    ToolList,
-)
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
 from services.api.context import api
@@ -43,10 +29,26 @@ from services.api.params import (
     parse_message_id,
     parse_session_id,
 )
+from shared.domain.wire import (
+    Message,
+    MessageCreate,
+    MessageList,
+    MessagePatch,
+    Session,
+    SessionCreate,
+    SessionDeletion,
+    SessionList,
+    SessionPatch,
+    StreamToken,
+    StreamTokenRequest,
+    ToolList,
+)
 
 __all__ = ["SessionController"]
 
-Purge = Annotated[bool, Parameter(description="Also erase the log and everything derived from it, leaving a tombstone in /audit.")]
+Purge = Annotated[
+    bool, Parameter(description="Also erase the log and everything derived from it, leaving a tombstone in /audit.")
+]
 
 
 class SessionController(Controller):
@@ -57,7 +59,9 @@ class SessionController(Controller):
     security = [{"bearer": []}, {"apiKey": []}]
 
     @get("/", responses=errors())
-    async def list_sessions(self, request: Request, tenant: str, limit: Limit = 100, offset: Offset = 0) -> Response[SessionList]:
+    async def list_sessions(
+        self, request: Request, tenant: str, limit: Limit = 100, offset: Offset = 0
+    ) -> Response[SessionList]:
         """The tenant's sessions, newest first."""
         return json_list(await api(request).parley.sessions.list(tenant, limit, offset))
 
@@ -71,12 +75,20 @@ class SessionController(Controller):
         return json_response(session, 201, {"ETag": etag(version), "Location": f"/sessions/{session.id}"})
 
     @get("/{session_id:str}", responses=errors(404))
-    async def get_session(self, request: Request, tenant: str, session_id: str, version: AtVersion = None) -> Response[Session]:
+    async def get_session(
+        self, request: Request, tenant: str, session_id: str, version: AtVersion = None
+    ) -> Response[Session]:
         """The session; with `version`, as it was right after that event (deleted sessions too, until purged)."""
         body, at = await api(request).parley.sessions.get(tenant, parse_session_id(session_id), version)
         return json_response(body, headers={"ETag": etag(at)})
 
-    @route("/{session_id:str}", http_method=["PUT", "PATCH"], responses=errors(404, 412), dto=StrictBody[SessionPatch], return_dto=None)
+    @route(
+        "/{session_id:str}",
+        http_method=["PUT", "PATCH"],
+        responses=errors(404, 412),
+        dto=StrictBody[SessionPatch],
+        return_dto=None,
+    )
     async def update_session(
         self,
         request: Request,
@@ -89,7 +101,9 @@ class SessionController(Controller):
         """Change only the fields present; `null` clears a field. PUT and PATCH do the same."""
         sessions = api(request).parley.sessions
         idem = await idempotency(request, idempotency_key)
-        session, version = await sessions.update(tenant, parse_session_id(session_id), data, expected_version(if_match), idem)
+        session, version = await sessions.update(
+            tenant, parse_session_id(session_id), data, expected_version(if_match), idem
+        )
         return json_response(session, headers={"ETag": etag(version)})
 
     @delete("/{session_id:str}", status_code=202, responses=errors(404, 412))
@@ -110,37 +124,73 @@ class SessionController(Controller):
         deletion = await sessions.delete(tenant, parse_session_id(session_id), expected_version(if_match), idem, purge)
         return json_response(deletion, 202)
 
-    @post("/{session_id:str}/messages", status_code=201, responses=errors(404), dto=StrictBody[MessageCreate], return_dto=None)
+    @post(
+        "/{session_id:str}/messages",
+        status_code=201,
+        responses=errors(404),
+        dto=StrictBody[MessageCreate],
+        return_dto=None,
+    )
     async def add_message(
-        self, request: Request, tenant: str, session_id: str, data: MessageCreate, idempotency_key: IdempotencyKey = None
+        self,
+        request: Request,
+        tenant: str,
+        session_id: str,
+        data: MessageCreate,
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[Message]:
         """Append a message; `seq` is its 1-based position in the session."""
         sessions = api(request).parley.sessions
-        message = await sessions.add_message(tenant, parse_session_id(session_id), data, await idempotency(request, idempotency_key))
+        message = await sessions.add_message(
+            tenant, parse_session_id(session_id), data, await idempotency(request, idempotency_key)
+        )
         return json_response(message, 201)
 
     @get("/{session_id:str}/messages", responses=errors(404))
     async def list_messages(
-        self, request: Request, tenant: str, session_id: str, limit: Limit = 100, offset: Offset = 0, version: AtVersion = None
+        self,
+        request: Request,
+        tenant: str,
+        session_id: str,
+        limit: Limit = 100,
+        offset: Offset = 0,
+        version: AtVersion = None,
     ) -> Response[MessageList]:
         """The session's messages in conversation order (oldest first); with `version`, those it had right after that event."""
-        return json_list(await api(request).parley.sessions.messages(tenant, parse_session_id(session_id), limit, offset, version))
+        return json_list(
+            await api(request).parley.sessions.messages(tenant, parse_session_id(session_id), limit, offset, version)
+        )
 
     @get("/{session_id:str}/messages/{message_id:str}", responses=errors(404))
     async def get_message(self, request: Request, tenant: str, session_id: str, message_id: str) -> Response[Message]:
         """One message as it is now (edited: its current content and `edited_at`; removed: 404)."""
-        message = await api(request).parley.sessions.message(tenant, parse_session_id(session_id), parse_message_id(message_id))
+        message = await api(request).parley.sessions.message(
+            tenant, parse_session_id(session_id), parse_message_id(message_id)
+        )
         return json_response(message)
 
-    @patch("/{session_id:str}/messages/{message_id:str}", responses=errors(404), dto=StrictBody[MessagePatch], return_dto=None)
+    @patch(
+        "/{session_id:str}/messages/{message_id:str}",
+        responses=errors(404),
+        dto=StrictBody[MessagePatch],
+        return_dto=None,
+    )
     async def edit_message(
-        self, request: Request, tenant: str, session_id: str, message_id: str, data: MessagePatch, idempotency_key: IdempotencyKey = None
+        self,
+        request: Request,
+        tenant: str,
+        session_id: str,
+        message_id: str,
+        data: MessagePatch,
+        idempotency_key: IdempotencyKey = None,
     ) -> Response[Message]:
         """Edit a message's `content` or `name`, as a `MessageEdited` event: the list shows the new text, the context
         builder uses it, and time travel (`?version=`) still shows what was there before."""
         sessions = api(request).parley.sessions
         idem = await idempotency(request, idempotency_key)
-        message = await sessions.edit_message(tenant, parse_session_id(session_id), parse_message_id(message_id), data, idem)
+        message = await sessions.edit_message(
+            tenant, parse_session_id(session_id), parse_message_id(message_id), data, idem
+        )
         return json_response(message)
 
     @delete("/{session_id:str}/messages/{message_id:str}", status_code=200, responses=errors(404))
@@ -152,19 +202,30 @@ class SessionController(Controller):
         Removing an assistant message that made tool calls closes those calls: no tool answer is expected any more."""
         sessions = api(request).parley.sessions
         idem = await idempotency(request, idempotency_key)
-        message = await sessions.remove_message(tenant, parse_session_id(session_id), parse_message_id(message_id), idem)
+        message = await sessions.remove_message(
+            tenant, parse_session_id(session_id), parse_message_id(message_id), idem
+        )
         return json_response(message)
 
     @get("/{session_id:str}/tools", responses=errors(404))
-    async def list_tools(self, request: Request, tenant: str, session_id: str, version: AtVersion = None) -> Response[ToolList]:
+    async def list_tools(
+        self, request: Request, tenant: str, session_id: str, version: AtVersion = None
+    ) -> Response[ToolList]:
         """The session's tools; with `version`, those it had right after that event."""
         return json_response(await api(request).parley.sessions.tools(tenant, parse_session_id(session_id), version))
 
-    @post("/{session_id:str}/stream-tokens", status_code=201, responses=errors(404), dto=StrictBody[StreamTokenRequest], return_dto=None)
-    async def stream_token(self, request: Request, tenant: str, session_id: str, data: StreamTokenRequest) -> Response[StreamToken]:
+    @post(
+        "/{session_id:str}/stream-tokens",
+        status_code=201,
+        responses=errors(404),
+        dto=StrictBody[StreamTokenRequest],
+        return_dto=None,
+    )
+    async def stream_token(
+        self, request: Request, tenant: str, session_id: str, data: StreamTokenRequest
+    ) -> Response[StreamToken]:
         """A short-lived, read-only token for this session's event streams, for a browser's `EventSource` (which
         cannot send `Authorization`): pass it as `?token=` to `/sessions/{id}/events` (SSE) or
         `/sessions/{id}/chats/{job}/stream`. It opens nothing else; it is never logged."""
         token = await api(request).parley.sessions.stream_token(tenant, parse_session_id(session_id), data.ttl_s)
         return json_response(token, 201)
-

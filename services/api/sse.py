@@ -24,14 +24,22 @@ from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 from litestar.types import Receive, Send
 
+from services.api.context import api
 from shared.app.ports import Limits
 from shared.domain.errors import DomainError
 from shared.supervise import TRANSIENT
-from services.api.context import api
 
 __all__ = [
-    "EventStream", "StreamSlot", "StreamSlots", "TooManyStreams", "detach", "open_stream", "stream_response", "take_stream",
-    "tenant_of", "wait_for_answer",
+    "EventStream",
+    "StreamSlot",
+    "StreamSlots",
+    "TooManyStreams",
+    "detach",
+    "open_stream",
+    "stream_response",
+    "take_stream",
+    "tenant_of",
+    "wait_for_answer",
 ]
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -65,7 +73,10 @@ class StreamSlots:
 
     async def take(self, tenant: str) -> str:
         if self.open >= self.limit:
-            raise TooManyStreams(f"this server holds {self.limit} open streams; retry shortly", {"limit": "process_streams", "max": self.limit})
+            raise TooManyStreams(
+                f"this server holds {self.limit} open streams; retry shortly",
+                {"limit": "process_streams", "max": self.limit},
+            )
         member = f"{self._me}:{next(self._seq)}"
         self.open += 1
         try:
@@ -75,7 +86,9 @@ class StreamSlots:
             raise
         if not slot.taken:
             self.open -= 1
-            raise TooManyStreams(f"this tenant holds {slot.limit} open streams; close one first", {"limit": "streams", "max": slot.limit})
+            raise TooManyStreams(
+                f"this tenant holds {slot.limit} open streams; close one first", {"limit": "streams", "max": slot.limit}
+            )
         self._held.setdefault(tenant, set()).add(member)
         return member
 
@@ -115,7 +128,11 @@ class _Frames:
     the SSE `retry:` field to send with the first frame (an EventSource's reconnection delay)."""
 
     def __init__(
-        self, frames: AsyncIterator[bytes], release: Callable[[], Awaitable[None]], retry: bytes = b"", closing: asyncio.Event | None = None,
+        self,
+        frames: AsyncIterator[bytes],
+        release: Callable[[], Awaitable[None]],
+        retry: bytes = b"",
+        closing: asyncio.Event | None = None,
     ) -> None:
         self._frames = frames
         self.closing = closing
@@ -207,10 +224,14 @@ def stream_response(slot: StreamSlot, frames: AsyncIterator[bytes], retry_ms: in
     """The `text/event-stream` answer of `frames`; it gives `slot` back when it ends. `retry_ms`: send the SSE
     `retry:` field (not on the OpenAI-compatible streams, whose framing is OpenAI's)."""
     retry = b"retry: %d\n" % retry_ms if retry_ms else b""
-    return EventStream(_Frames(frames, slot.give, retry, slot.closing), media_type="text/event-stream", headers=SSE_HEADERS)
+    return EventStream(
+        _Frames(frames, slot.give, retry, slot.closing), media_type="text/event-stream", headers=SSE_HEADERS
+    )
 
 
-async def open_stream(request: Request[Any, Any, Any], frames: AsyncIterator[bytes], retry_ms: int | None = None) -> EventStream:
+async def open_stream(
+    request: Request[Any, Any, Any], frames: AsyncIterator[bytes], retry_ms: int | None = None
+) -> EventStream:
     """`take_stream`, then `stream_response`."""
     return stream_response(await take_stream(request), frames, retry_ms)
 

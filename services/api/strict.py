@@ -75,7 +75,13 @@ async def before_request(request: Request[Any, Any, Any]) -> None:
                 if not _DECIMAL.fullmatch(value):
                     raise NotAnInteger(
                         "the request does not match the schema",
-                        [{"message": f"Expected a decimal integer, got {value[:32]!r}", "key": name, "source": "query"}],
+                        [
+                            {
+                                "message": f"Expected a decimal integer, got {value[:32]!r}",
+                                "key": name,
+                                "source": "query",
+                            }
+                        ],
                     )
 
 

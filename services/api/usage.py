@@ -9,17 +9,23 @@ from litestar import Request, Response, get
 from litestar.di import Provide
 from litestar.params import Parameter
 
-from shared.domain.wire import UsageReport
 from services.api.auth import provide_tenant
 from services.api.context import api
 from services.api.params import errors, json_response
+from shared.domain.wire import UsageReport
 
 __all__ = ["usage"]
 
 Days = Annotated[int, Parameter(ge=1, le=31, description="How many UTC days, newest first (1..31).")]
 
 
-@get("/usage", tags=["tenancy"], dependencies={"tenant": Provide(provide_tenant)}, security=[{"bearer": []}, {"apiKey": []}], responses=errors())
+@get(
+    "/usage",
+    tags=["tenancy"],
+    dependencies={"tenant": Provide(provide_tenant)},
+    security=[{"bearer": []}, {"apiKey": []}],
+    responses=errors(),
+)
 async def usage(request: Request, tenant: str, days: Days = 7) -> Response[UsageReport]:
     """The calling tenant's limits and its usage per day: requests admitted, chats requested, prompt and
     completion tokens (counted from the log's `ContextBuilt` and `ChatCompleted` events)."""

@@ -8,10 +8,10 @@ import contextlib
 import logging
 from typing import Literal
 
-from shared.bootstrap import Parley
-from shared.supervise import TRANSIENT
 from services.worker.projector import Projector
 from services.worker.sampler import sample
+from shared.bootstrap import Parley
+from shared.supervise import TRANSIENT
 
 __all__ = ["Role", "run_worker"]
 
@@ -30,7 +30,10 @@ async def run_worker(parley: Parley, stop: asyncio.Event, role: Role = "all", sa
     projector = worker = None
     if role in ("all", "projector"):
         projector = Projector(
-            parley.projection, parley.projector_feed(), settings.projector_batch, settings.projector_claim_idle_ms,
+            parley.projection,
+            parley.projector_feed(),
+            settings.projector_batch,
+            settings.projector_claim_idle_ms,
             None if parley.fake else 1_000,
         )
         parts += [

@@ -18,7 +18,10 @@ SAMPLE_EVERY_S = 2.0
 
 
 async def sample(
-    stop: asyncio.Event, feed: Feed | None, queue_depth: Callable[[], Awaitable[int]] | None, every_s: float = SAMPLE_EVERY_S
+    stop: asyncio.Event,
+    feed: Feed | None,
+    queue_depth: Callable[[], Awaitable[int]] | None,
+    every_s: float = SAMPLE_EVERY_S,
 ) -> None:
     while not stop.is_set():
         if feed is not None:
@@ -27,7 +30,9 @@ async def sample(
                 p = str(lag.partition)
                 metrics.PROJECTION_LAG_ENTRIES.labels(p).set(lag.entries)
                 metrics.FEED_PENDING.labels(p).set(lag.pending)
-                metrics.PROJECTION_LAG_SECONDS.labels(p).set(0 if lag.oldest_ms is None else max(0.0, (now_ms - lag.oldest_ms) / 1000))
+                metrics.PROJECTION_LAG_SECONDS.labels(p).set(
+                    0 if lag.oldest_ms is None else max(0.0, (now_ms - lag.oldest_ms) / 1000)
+                )
         if queue_depth is not None:
             metrics.CHAT_QUEUE_DEPTH.set(await queue_depth())
         with contextlib.suppress(TimeoutError):

@@ -14,7 +14,10 @@ from shared.domain.upcast import upcast as domain_upcast
 json_encode = msgspec.json.Encoder().encode
 _CURRENT_SCHEMA = str(SCHEMA_VERSION).encode()
 _EVENT_TYPES: dict[bytes, tuple[type, msgspec.json.Decoder]] = {
-    cls.__name__.encode(): (cls, msgspec.json.Decoder(next(f.type for f in msgspec.structs.fields(cls) if f.name == "data")))
+    cls.__name__.encode(): (
+        cls,
+        msgspec.json.Decoder(next(f.type for f in msgspec.structs.fields(cls) if f.name == "data")),
+    )
     for cls in get_args(Event)
 }
 _state_encoder = msgspec.msgpack.Encoder()
@@ -31,7 +34,11 @@ def event_json(version: int, fields: dict[bytes, bytes]) -> bytes:
     """The wire JSON of a logged event, assembled without decoding its data."""
     data = upcast(fields[b"t"], int(fields.get(b"s", b"1")), fields[b"d"])
     return b'{"type":"%s","id":"%s","version":%d,"occurred_at":"%s","data":%s}' % (
-        fields[b"t"], fields[b"i"], version, fields[b"a"], data,
+        fields[b"t"],
+        fields[b"i"],
+        version,
+        fields[b"a"],
+        data,
     )
 
 

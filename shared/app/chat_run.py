@@ -7,8 +7,8 @@ still active, and the answer's ids are derived from the job id.
 
 from __future__ import annotations
 
-import functools
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -17,17 +17,24 @@ from typing import Any
 
 import msgspec
 
+from shared.app.chats import streamed_text
+from shared.app.ports import ChatJobs, Completion, Delta, ModelError, ModelProvider, ModelRequest
+from shared.app.service import SessionService
 from shared.domain.commands import AddSummary, CompleteChat, FailChat, RecordContext
 from shared.domain.context import (
-    ContextMessage, ContextPlan, Summary, TokenBudgetExceeded, TokenCounter, message_tokens, plan_context, to_openai,
+    ContextMessage,
+    ContextPlan,
+    Summary,
+    TokenBudgetExceeded,
+    TokenCounter,
+    message_tokens,
+    plan_context,
+    to_openai,
 )
 from shared.domain.errors import DomainError
 from shared.domain.events import ChatRequested, Event
-from shared.domain.wire import AssistantMessage, ChatChoice, ChatResponse, ContextReport, Message, Tool, Usage
 from shared.domain.state import SessionState
-from shared.app.ports import ChatJobs, Completion, Delta, ModelError, ModelProvider, ModelRequest
-from shared.app.service import SessionService
-from shared.app.chats import streamed_text
+from shared.domain.wire import AssistantMessage, ChatChoice, ChatResponse, ContextReport, Message, Tool, Usage
 
 log = logging.getLogger("parley.chat")
 
@@ -94,10 +101,17 @@ class ChatRunner:
             session_id=session_id,
             created_at=datetime.now(UTC),
             model=completion.model,
-            choices=[ChatChoice(finish_reason=completion.finish_reason, message=AssistantMessage(content=completion.content, tool_calls=completion.tool_calls))],
+            choices=[
+                ChatChoice(
+                    finish_reason=completion.finish_reason,
+                    message=AssistantMessage(content=completion.content, tool_calls=completion.tool_calls),
+                )
+            ],
             usage=usage,
         )
-        appended = await self._record(tenant, session_id, CompleteChat(job_id=job_id, response=response, save=requested.data.params.save))
+        appended = await self._record(
+            tenant, session_id, CompleteChat(job_id=job_id, response=response, save=requested.data.params.save)
+        )
         if appended:
             self.on_usage(usage)
             await self.chats.emit(session_id, job_id, "done", _encode(response))
@@ -106,7 +120,9 @@ class ChatRunner:
         return "succeeded"
 
     # -- context ------------------------------------------------------------------------
-    async def _context(self, tenant: str, session_id: str, state: SessionState, requested: ChatRequested) -> tuple[ContextPlan, list[Tool]]:
+    async def _context(
+        self, tenant: str, session_id: str, state: SessionState, requested: ChatRequested
+    ) -> tuple[ContextPlan, list[Tool]]:
         d = requested.data
         assert state.session is not None
         session = state.session
@@ -120,12 +136,22 @@ class ChatRunner:
             if isinstance(other, ChatRequested):
                 later.update(other.data.message_ids)
         saved = set(d.message_ids)
-        reach = session.token_budget if session.token_budget is not None and session.context_overflow == "truncate" else None
+        reach = (
+            session.token_budget
+            if session.token_budget is not None and session.context_overflow == "truncate"
+            else None
+        )
         stored, dropped_range = await self._conversation(tenant, session_id, state, later, reach, counter)
         history = [(m.seq, _context_message(m)) for m in stored if m.id not in saved]
         new = [_context_message(m) for m in stored if m.id in saved] + [
-            ContextMessage(id=None, role=m.role, content=_plain(m.content), name=m.name, tool_call_id=m.tool_call_id,
-                           tool_calls=_plain(m.tool_calls))
+            ContextMessage(
+                id=None,
+                role=m.role,
+                content=_plain(m.content),
+                name=m.name,
+                tool_call_id=m.tool_call_id,
+                tool_calls=_plain(m.tool_calls),
+            )
             for m in d.unsaved
         ]
         tools = _tools(session.tools, d.params.tools)
@@ -134,9 +160,16 @@ class ChatRunner:
 
         def plan(summary: Summary | None) -> ContextPlan:
             return plan_context(
-                situation=session.situation, summary=summary, history=history, new=new, tools_json=tools_json,
-                budget=session.token_budget, max_tokens=d.params.max_tokens, policy=session.context_overflow,
-                counter=counter, summary_reserve=self.summary_reserve,
+                situation=session.situation,
+                summary=summary,
+                history=history,
+                new=new,
+                tools_json=tools_json,
+                budget=session.token_budget,
+                max_tokens=d.params.max_tokens,
+                policy=session.context_overflow,
+                counter=counter,
+                summary_reserve=self.summary_reserve,
             )
 
         result = plan(summary)
@@ -145,21 +178,36 @@ class ChatRunner:
             seq_of = {m.id: seq for seq, m in history}
             covered = [m for m in result.to_summarize if m.id in seq_of]
             content = await self._summarize(summary, result.to_summarize, d.params.model)
-            up_to = result.summary_up_to_seq or max((seq_of[m.id] for m in covered), default=summary.up_to_seq if summary else 0)
+            up_to = result.summary_up_to_seq or max(
+                (seq_of[m.id] for m in covered), default=summary.up_to_seq if summary else 0
+            )
             summarized = [m.id for m in covered if m.id]
-            await self._record(tenant, session_id, AddSummary(job_id=d.job_id, content=content, up_to_seq=up_to, summarized=summarized))
+            await self._record(
+                tenant, session_id, AddSummary(job_id=d.job_id, content=content, up_to_seq=up_to, summarized=summarized)
+            )
             result = plan(Summary(content=content, up_to_seq=up_to))
             if result.to_summarize:
                 raise TokenBudgetExceeded("the conversation does not fit the token budget even after summarising")
         report = ContextReport(
-            included=result.included, dropped=result.dropped, summarized=summarized, prompt_tokens=result.prompt_tokens,
-            budget=result.budget, max_tokens=result.max_tokens, dropped_range=dropped_range,
+            included=result.included,
+            dropped=result.dropped,
+            summarized=summarized,
+            prompt_tokens=result.prompt_tokens,
+            budget=result.budget,
+            max_tokens=result.max_tokens,
+            dropped_range=dropped_range,
         )
         await self._record(tenant, session_id, RecordContext(job_id=d.job_id, report=report))
         return result, tools
 
     async def _conversation(
-        self, tenant: str, session_id: str, state: SessionState, later: set[str], reach: int | None, counter: TokenCounter,
+        self,
+        tenant: str,
+        session_id: str,
+        state: SessionState,
+        later: set[str],
+        reach: int | None,
+        counter: TokenCounter,
     ) -> tuple[list[Message], tuple[int, int] | None]:
         """The stored conversation up to the request, less `later` (the messages of chats requested after this
         one), and the seq range left out unread.
@@ -198,7 +246,9 @@ class ChatRunner:
         offset = start
         while offset < end:
             limit = min(PAGE, end - offset)
-            view = await self.service.read(session_id, functools.partial(self.service.views.messages, tenant, session_id, limit, offset))
+            view = await self.service.read(
+                session_id, functools.partial(self.service.views.messages, tenant, session_id, limit, offset)
+            )
             page = [_message_decoder.decode(raw) for raw in view.items or []]
             if not page:
                 break
@@ -211,7 +261,10 @@ class ChatRunner:
         lines += [f"{m.role}: {_text(m.content)}" for m in messages]
         request = ModelRequest(
             model=model,
-            messages=[{"role": "system", "content": SUMMARY_INSTRUCTION}, {"role": "user", "content": "\n".join(lines)}],
+            messages=[
+                {"role": "system", "content": SUMMARY_INSTRUCTION},
+                {"role": "user", "content": "\n".join(lines)},
+            ],
             max_tokens=self.summary_reserve - 16,
         )
         final = None
@@ -221,7 +274,9 @@ class ChatRunner:
         return (final.content or "").strip() if final else ""
 
     # -- the answer --------------------------------------------------------------------
-    async def _answer(self, session_id: str, job_id: str, requested: ChatRequested, plan: ContextPlan, tools: list[Tool]) -> Completion:
+    async def _answer(
+        self, session_id: str, job_id: str, requested: ChatRequested, plan: ContextPlan, tools: list[Tool]
+    ) -> Completion:
         p = requested.data.params
         request = ModelRequest(
             model=p.model,
@@ -260,8 +315,15 @@ class ChatRunner:
                     if len(produced) <= len(sent) and sent.startswith(produced):
                         continue
                     if len(before) < len(sent) and produced.startswith(sent):
-                        delta = Delta(content=produced[len(sent):])
-                writer.put(_encode({"id": job_id, "choices": [{"index": 0, "delta": msgspec.to_builtins(delta), "finish_reason": None}]}))
+                        delta = Delta(content=produced[len(sent) :])
+                writer.put(
+                    _encode(
+                        {
+                            "id": job_id,
+                            "choices": [{"index": 0, "delta": msgspec.to_builtins(delta), "finish_reason": None}],
+                        }
+                    )
+                )
         await writer.drain()
         raise ModelError("model_error", "the model's stream ended without an answer")
 
@@ -316,7 +378,14 @@ def _tools(session_tools: list[Tool], request_tools: list[Tool] | None) -> list[
 
 
 def _context_message(m: Message) -> ContextMessage:
-    return ContextMessage(id=m.id, role=m.role, content=_plain(m.content), name=m.name, tool_call_id=m.tool_call_id, tool_calls=_plain(m.tool_calls))
+    return ContextMessage(
+        id=m.id,
+        role=m.role,
+        content=_plain(m.content),
+        name=m.name,
+        tool_call_id=m.tool_call_id,
+        tool_calls=_plain(m.tool_calls),
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -20,7 +20,7 @@ from shared.app.follow import follow
 from shared.app.ports import ChatJobs, ChatQueue, Limits, Wakeups
 from shared.app.service import Idempotency, SessionService
 from shared.domain.commands import Amendment, CancelChat, RequestChat
-from shared.domain.errors import ChatUnanswered, ChatTimeout, NotFound, QuotaExceeded, RateLimited
+from shared.domain.errors import ChatTimeout, ChatUnanswered, QuotaExceeded, RateLimited
 from shared.domain.events import ChatCancelled, ChatRequested, Event, MessageAdded
 from shared.domain.ids import uuid7
 from shared.domain.state import SessionState
@@ -47,13 +47,21 @@ class Requested(msgspec.Struct, kw_only=True, frozen=True):
 def streamed_text(entries: Sequence[tuple[str, str, bytes]]) -> str:
     """The answer's text as the chunk-stream entries so far carry it."""
     return "".join(
-        (msgspec.json.decode(d).get("choices") or [{}])[0].get("delta", {}).get("content") or "" for _, kind, d in entries if kind == "chunk"
+        (msgspec.json.decode(d).get("choices") or [{}])[0].get("delta", {}).get("content") or ""
+        for _, kind, d in entries
+        if kind == "chunk"
     )
 
 
 class Chats:
     def __init__(
-        self, service: SessionService, jobs: ChatJobs, queue: ChatQueue, limits: Limits, wakeups: Wakeups, default_model: str
+        self,
+        service: SessionService,
+        jobs: ChatJobs,
+        queue: ChatQueue,
+        limits: Limits,
+        wakeups: Wakeups,
+        default_model: str,
     ) -> None:
         self.service = service
         self.jobs = jobs
@@ -64,7 +72,12 @@ class Chats:
 
     # -- requesting -------------------------------------------------------------------------------
     async def request(
-        self, tenant: str, sid: str, request: ChatRequest, idem: Idempotency | None = None, amend: tuple[Amendment, ...] = (),
+        self,
+        tenant: str,
+        sid: str,
+        request: ChatRequest,
+        idem: Idempotency | None = None,
+        amend: tuple[Amendment, ...] = (),
         planned: int | None = None,
     ) -> Requested:
         """Record the request's messages and its job, under the tenant's limits, then queue the job if it is the
@@ -94,7 +107,9 @@ class Chats:
         if done.job.id != job_id:  # an Idempotency-Key replay: the first request did the rest
             return done
         for other in done.cancelled:
-            await self.jobs.emit(sid, other, "error", _encode({"code": "cancelled", "message": f"interrupted by chat {job_id}"}))
+            await self.jobs.emit(
+                sid, other, "error", _encode({"code": "cancelled", "message": f"interrupted by chat {job_id}"})
+            )
         state = self.service.cache.get(tenant, sid)
         if state is not None and state.active_chats and state.active_chats[0].job_id == job_id:
             await self.queue.enqueue(tenant, sid, [job_id])
@@ -118,7 +133,10 @@ class Chats:
                 )
         slot = await self.limits.take(tenant, "chats", job_id, CHAT_SLOT_TTL_S)
         if not slot.taken:
-            raise RateLimited(f"this tenant has {slot.limit} chats queued or running; retry when one ends", {"limit": "concurrent_chats", "max": slot.limit})
+            raise RateLimited(
+                f"this tenant has {slot.limit} chats queued or running; retry when one ends",
+                {"limit": "concurrent_chats", "max": slot.limit},
+            )
         kept = [True]
         try:
             yield lambda keep: kept.__setitem__(0, keep)
@@ -175,14 +193,19 @@ class Chats:
         """The job's answer (its `done` entry), waiting at most `wait_s` (`ChatTimeout`); `ChatUnanswered` if it
         ended otherwise."""
         deadline = time.monotonic() + wait_s
-        async with contextlib.aclosing(self.follow_chunks(sid, job_id, keepalive_s=wait_s, deadline=deadline)) as batches:
+        async with contextlib.aclosing(
+            self.follow_chunks(sid, job_id, keepalive_s=wait_s, deadline=deadline)
+        ) as batches:
             async for batch in batches:
                 for _, kind, data in batch:
                     if kind == "done":
                         return data
                     if kind == "error":
                         raise unanswered(data)
-        raise ChatTimeout(f"chat {job_id} did not finish within {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}", {"job_id": job_id})
+        raise ChatTimeout(
+            f"chat {job_id} did not finish within {wait_s:g} s; it goes on: GET /sessions/{sid}/chats/{job_id}",
+            {"job_id": job_id},
+        )
 
     async def was_last(self, sid: str, job_id: str, entry_id: str) -> bool:
         """`entry_id` is the job's last event (its answer or its error): a client resuming after it saw the end."""

@@ -8,9 +8,9 @@ request whose answer is stored gets that answer back and runs nothing.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
-import functools
 import msgspec
 
 from shared.app.chats import Chats, StaleConversation
@@ -92,7 +92,9 @@ class Completions:
         self.default_model = default_model
         self.prefixes = PrefixCache()
 
-    async def complete(self, tenant: str, sid: str, data: ChatCompletionRequest, idem: Idempotency | None = None) -> Answer | Replay:
+    async def complete(
+        self, tenant: str, sid: str, data: ChatCompletionRequest, idem: Idempotency | None = None
+    ) -> Answer | Replay:
         """Store what the session does not hold yet of the client's conversation, and answer it."""
         service = self.service
         sent = [to_message(m, i) for i, m in enumerate(data.messages)]
@@ -143,14 +145,18 @@ class Completions:
         out: list[Message] = []
         while offset + len(out) < end:
             at = offset + len(out)
-            view = await self.service.read(sid, functools.partial(self.service.views.messages, tenant, sid, min(PAGE, end - at), at))
+            view = await self.service.read(
+                sid, functools.partial(self.service.views.messages, tenant, sid, min(PAGE, end - at), at)
+            )
             page = [_message.decode(raw) for raw in view.items or []]
             if not page:
                 break
             out += page
         return out
 
-    async def _stored(self, tenant: str, sid: str, want: int, amended: int, request: list[Key], digests: list[bytes]) -> tuple[list[Key], list[str]]:
+    async def _stored(
+        self, tenant: str, sid: str, want: int, amended: int, request: list[Key], digests: list[bytes]
+    ) -> tuple[list[Key], list[str]]:
         """The first `want` stored messages' keys and ids (those of a cached prefix as "" placeholders)."""
         if want == 0:
             return [], []
@@ -160,11 +166,15 @@ class Completions:
             if at == amended and count <= min(want, len(request)) and digests[count] == digest:
                 rest = await self._read(tenant, sid, count - 1, want)
                 if rest and rest[0].id == last_id:
-                    return list(request[:count]) + [message_key(m) for m in rest[1:]], [""] * (count - 1) + [m.id for m in rest]
+                    return list(request[:count]) + [message_key(m) for m in rest[1:]], [""] * (count - 1) + [
+                        m.id for m in rest
+                    ]
         stored = await self._read(tenant, sid, 0, want)
         return [message_key(m) for m in stored], [m.id for m in stored]
 
-    async def _amendments(self, tenant: str, sid: str, plan: TurnPlan, turns: list[MessageCreate], n: int) -> tuple[Amendment, ...]:
+    async def _amendments(
+        self, tenant: str, sid: str, plan: TurnPlan, turns: list[MessageCreate], n: int
+    ) -> tuple[Amendment, ...]:
         """What an `amend` plan records: the client's version of the stored message where they part (an edit), or
         its removal, and the removal of every stored message after it."""
         assert plan.at is not None
@@ -188,8 +198,12 @@ class Completions:
             id=message.id,
             created=int(message.created_at.timestamp()),
             model=model,
-            choices=[CompletionChoice(finish_reason="tool_calls" if message.tool_calls else "stop",
-                                      message=CompletionMessage(content=content, tool_calls=message.tool_calls))],
+            choices=[
+                CompletionChoice(
+                    finish_reason="tool_calls" if message.tool_calls else "stop",
+                    message=CompletionMessage(content=content, tool_calls=message.tool_calls),
+                )
+            ],
             usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
         )
 
@@ -218,7 +232,11 @@ def completion_of(r: ChatResponse) -> ChatCompletion:
         created=int(r.created_at.timestamp()),
         model=r.model,
         choices=[
-            CompletionChoice(index=c.index, finish_reason=c.finish_reason, message=CompletionMessage(content=c.message.content, tool_calls=c.message.tool_calls))
+            CompletionChoice(
+                index=c.index,
+                finish_reason=c.finish_reason,
+                message=CompletionMessage(content=c.message.content, tool_calls=c.message.tool_calls),
+            )
             for c in r.choices
         ],
         usage=r.usage,

@@ -12,14 +12,14 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from shared.app.ports import Appended, ChatJobs, LogAdmin, PurgeConflict
+from shared.app.service import SessionService
 from shared.domain.commands import DeleteSession
 from shared.domain.errors import Invalid, InvalidImport, NotFound, SessionExists, VersionConflict
 from shared.domain.events import SCHEMA_VERSION, Event, SessionDeleted, SessionPurged, SessionPurgedData
 from shared.domain.ids import parse_uuid, uuid7
 from shared.domain.state import SessionState, fold
 from shared.domain.upcast import upcast
-from shared.app.ports import Appended, ChatJobs, LogAdmin, PurgeConflict
-from shared.app.service import SessionService
 
 __all__ = ["ExportHeader", "History", "export_lines", "import_sessions", "parse_export", "purge", "sessions_of_user"]
 
@@ -87,7 +87,9 @@ def parse_export(lines: Iterable[bytes]) -> list[tuple[str, list[Event]]]:
         if not events:
             raise InvalidImport(f"session {header.session_id}: no events (a log starts with SessionCreated)")
         if len(events) != header.events:
-            raise InvalidImport(f"session {header.session_id}: the header counts {header.events} events, the file has {len(events)}")
+            raise InvalidImport(
+                f"session {header.session_id}: the header counts {header.events} events, the file has {len(events)}"
+            )
         try:
             fold(SessionState(id=header.session_id), events)
             for event in events:  # what the read models could not store (integers past 64 bits) is refused here
@@ -100,7 +102,9 @@ def parse_export(lines: Iterable[bytes]) -> list[tuple[str, list[Event]]]:
     return out
 
 
-async def import_sessions(service: SessionService, admin: LogAdmin, tenant: str, lines: Iterable[bytes]) -> list[tuple[str, int]]:
+async def import_sessions(
+    service: SessionService, admin: LogAdmin, tenant: str, lines: Iterable[bytes]
+) -> list[tuple[str, int]]:
     """Append each parsed session as the tenant's; refuses (writing nothing) if any of the ids exists anywhere."""
     sessions = parse_export(lines)
     for sid, _ in sessions:
@@ -110,7 +114,9 @@ async def import_sessions(service: SessionService, admin: LogAdmin, tenant: str,
     for sid, events in sessions:
         outcome = await service.log.append(tenant, sid, 0, events)
         if not isinstance(outcome, Appended):
-            raise SessionExists(f"session {sid} already exists in this deployment; {len(done)} sessions were imported before it")
+            raise SessionExists(
+                f"session {sid} already exists in this deployment; {len(done)} sessions were imported before it"
+            )
         done.append((sid, outcome.version))
     return done
 

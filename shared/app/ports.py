@@ -20,7 +20,7 @@ use case behaves the same on all of them; the use cases' own tests run on the me
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -32,9 +32,34 @@ from shared.domain.state import SessionState
 from shared.domain.wire import TenantLimits, ToolCall, Usage, UsageDay
 
 __all__ = [
-    "Admission", "AppendOutcome", "Appended", "ApiKeys", "ChatJobs", "ChatQueue", "ChunkWriter", "Completion", "Conflict",
-    "Delta", "EventLog", "Feed", "FeedEntry", "IdempotencyClaim", "IdempotencyMismatch", "Limits", "LogAdmin", "Missing",
-    "ModelError", "ModelProvider", "ModelRequest", "Pending", "ReadModels", "Replayed", "Slot", "View", "Wakeups", "Watch",
+    "Admission",
+    "AppendOutcome",
+    "Appended",
+    "ApiKeys",
+    "ChatJobs",
+    "ChatQueue",
+    "ChunkWriter",
+    "Completion",
+    "Conflict",
+    "Delta",
+    "EventLog",
+    "Feed",
+    "FeedEntry",
+    "IdempotencyClaim",
+    "IdempotencyMismatch",
+    "Limits",
+    "LogAdmin",
+    "Missing",
+    "ModelError",
+    "ModelProvider",
+    "ModelRequest",
+    "Pending",
+    "ReadModels",
+    "Replayed",
+    "Slot",
+    "View",
+    "Wakeups",
+    "Watch",
 ]
 
 
@@ -85,7 +110,12 @@ class View(Struct, frozen=True):
 
 class EventLog(Protocol):
     async def append(
-        self, tenant: str, session_id: str, expected_version: int, events: Sequence[Event], claim: IdempotencyClaim | None = None
+        self,
+        tenant: str,
+        session_id: str,
+        expected_version: int,
+        events: Sequence[Event],
+        claim: IdempotencyClaim | None = None,
     ) -> AppendOutcome:
         """Append iff the session's version is `expected_version` (0: the session must not exist). The same events
         appended again (a retried call whose answer was lost) answer `Appended`, once."""

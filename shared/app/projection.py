@@ -21,7 +21,9 @@ log = logging.getLogger("parley.projector")
 
 
 class Projection:
-    def __init__(self, views: ReadModels, feed: Feed, queue: ChatQueue | None = None, limits: Limits | None = None) -> None:
+    def __init__(
+        self, views: ReadModels, feed: Feed, queue: ChatQueue | None = None, limits: Limits | None = None
+    ) -> None:
         """`queue`: queue a session's next chat when chat events are projected; `limits`: give back the
         concurrent-chat slots of chats that ended."""
         self.views = views
@@ -52,7 +54,7 @@ class Projection:
                 if p is not None and p.events:
                     try:
                         updates.append((p.tenant, project(p.state, p.events)))
-                    except Exception:  # noqa: BLE001 - one bad session must not stop the others
+                    except Exception:
                         log.exception("cannot project session %s; it stays behind until fixed", p.state.id)
                         continue
                     heads.append(p.head)
@@ -80,7 +82,9 @@ class Projection:
             except Exception as e:
                 if is_transient(e):
                     raise
-                log.exception("cannot store session %s's read models; it stays behind until fixed", update[1].session_id)
+                log.exception(
+                    "cannot store session %s's read models; it stays behind until fixed", update[1].session_id
+                )
                 out.append(None)
         return out
 

@@ -21,7 +21,6 @@ from shared.app.ports import LogAdmin, ReadModels
 from shared.app.projection import Projection
 from shared.domain.events import Event
 from shared.domain.projection import ReadModelUpdate, project
-from shared.domain.state import SessionState
 
 BATCH = 64
 """Sessions built together: one read of their logs and one write of their read models serve them all."""
@@ -143,7 +142,11 @@ class Rebuilder:
         writing: asyncio.Future[list[tuple[ReadModelUpdate, bool]]] | None = None
         while True:
             logs: dict[str, list[Event]] = await reading
-            after = {sid: events[-1].version for sid, events in logs.items() if len(events) == READ_BATCH and sid not in stopped}
+            after = {
+                sid: events[-1].version
+                for sid, events in logs.items()
+                if len(events) == READ_BATCH and sid not in stopped
+            }
             if after:
                 reading = asyncio.ensure_future(self.admin.read_logs(after, READ_BATCH))
             updates: list[tuple[str, ReadModelUpdate]] = []
@@ -160,7 +163,9 @@ class Rebuilder:
                     folded += self._written(await writing, stopped)
                 return folded
 
-    async def _write(self, updates: list[tuple[str, ReadModelUpdate]], gens: dict[str, int]) -> list[tuple[ReadModelUpdate, bool]]:
+    async def _write(
+        self, updates: list[tuple[str, ReadModelUpdate]], gens: dict[str, int]
+    ) -> list[tuple[ReadModelUpdate, bool]]:
         """One round's updates, in flight while the next round is folded (rounds are written in order)."""
         by_gen: dict[int, list[tuple[str, ReadModelUpdate]]] = {}
         for tenant, u in updates:

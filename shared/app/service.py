@@ -12,15 +12,11 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Protocol, TypeVar
 from datetime import UTC, datetime
+from typing import Protocol, TypeVar
+
 import msgspec
 
-from shared.domain.commands import Command, CreateSession, Limits, Stamp, decide
-from shared.domain.errors import Contention, DomainError, IdempotencyKeyReused, Invalid, NotFound, ProjectionLagging, VersionNotFound
-from shared.domain.events import Event, check_readable
-from shared.domain.ids import partition_of, uuid7
-from shared.domain.state import SessionState, fold
 from shared.app.ports import (
     Appended,
     Conflict,
@@ -32,6 +28,19 @@ from shared.app.ports import (
     Replayed,
     View,
 )
+from shared.domain.commands import Command, CreateSession, Limits, Stamp, decide
+from shared.domain.errors import (
+    Contention,
+    DomainError,
+    IdempotencyKeyReused,
+    Invalid,
+    NotFound,
+    ProjectionLagging,
+    VersionNotFound,
+)
+from shared.domain.events import Event, check_readable
+from shared.domain.ids import partition_of, uuid7
+from shared.domain.state import SessionState, fold
 
 MAX_ATTEMPTS = 8
 T = TypeVar("T")
@@ -174,7 +183,12 @@ class SessionService:
             return await self._execute(tenant, session_id, command, result, idempotency, result_type)
 
     async def _execute(
-        self, tenant: str, session_id: str, command: Command, result: Decision[R], idempotency: Idempotency | None,
+        self,
+        tenant: str,
+        session_id: str,
+        command: Command,
+        result: Decision[R],
+        idempotency: Idempotency | None,
         result_type: type[R] | None,
     ) -> R:
         state = self.cache.get(tenant, session_id)
@@ -189,7 +203,10 @@ class SessionService:
             try:
                 events = decide(state, command, Stamp(now=self.clock(), new_id=self.new_id), self.limits)
             except DomainError:
-                if idempotency is not None and (replay := await self._replay(tenant, session_id, idempotency)) is not None:
+                if (
+                    idempotency is not None
+                    and (replay := await self._replay(tenant, session_id, idempotency)) is not None
+                ):
                     return msgspec.json.decode(replay, type=result_type)
                 if fresh:
                     raise
@@ -209,7 +226,9 @@ class SessionService:
                 return answer
             claim = None
             if idempotency is not None:
-                claim = IdempotencyClaim(key=idempotency.key, request_hash=idempotency.request_hash, response=_encode(answer))
+                claim = IdempotencyClaim(
+                    key=idempotency.key, request_hash=idempotency.request_hash, response=_encode(answer)
+                )
             match await self.log.append(tenant, session_id, state.version, events, claim):
                 case Appended():
                     self.cache.put(tenant, after)
@@ -262,7 +281,9 @@ class SessionService:
 
     async def read_past(self, session_id: str, fetch: Callable[[], Awaitable[View]], version: int) -> View:
         """Like `read`, waiting until the read models hold `version` (time travel reads their message pointers)."""
-        view = await self._fresh(fetch, lambda v: v.head == 0 or v.version >= version, lambda: self._assist([session_id]))
+        view = await self._fresh(
+            fetch, lambda v: v.head == 0 or v.version >= version, lambda: self._assist([session_id])
+        )
         if view is None:
             raise ProjectionLagging("the read model is behind the version asked for; retry shortly")
         if view.head == 0:
@@ -271,7 +292,9 @@ class SessionService:
 
     async def read(self, session_id: str, fetch: Callable[[], Awaitable[View]]) -> View:
         """Wait (bounded) until the read model holds every write acknowledged before this read began."""
-        view = await self._fresh(fetch, lambda v: v.head == 0 or v.version >= v.head, lambda: self._assist([session_id]))
+        view = await self._fresh(
+            fetch, lambda v: v.head == 0 or v.version >= v.head, lambda: self._assist([session_id])
+        )
         if view is None:
             raise ProjectionLagging("the read model is behind the last acknowledged write; retry shortly")
         if view.head == 0 or view.body is None:

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from shared.app.history import History
 from shared.app.follow import follow
+from shared.app.history import History
 from shared.app.ports import EventLog, ReadModels, Wakeups
 from shared.app.service import Idempotency, SessionService
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, EditMessage, RemoveMessage, UpdateSession
@@ -23,8 +23,18 @@ from shared.domain.errors import NotFound
 from shared.domain.events import Event, MessageAdded, MessageEdited, MessageRemoved
 from shared.domain.state import SessionState
 from shared.domain.stream_tokens import StreamGrant, sign
-from shared.domain.wire import Content, Message, MessageCreate, Session, SessionCreate, SessionDeletion, SessionPatch, StreamToken, ToolList
-from shared.domain.wire import MessagePatch
+from shared.domain.wire import (
+    Content,
+    Message,
+    MessageCreate,
+    MessagePatch,
+    Session,
+    SessionCreate,
+    SessionDeletion,
+    SessionPatch,
+    StreamToken,
+    ToolList,
+)
 
 __all__ = ["EventsPage", "Sessions"]
 
@@ -40,7 +50,9 @@ class EventsPage(msgspec.Struct, frozen=True):
 
 
 class Sessions:
-    def __init__(self, service: SessionService, history: History, wakeups: Wakeups, stream_secret: bytes, stream_token_ttl_s: int) -> None:
+    def __init__(
+        self, service: SessionService, history: History, wakeups: Wakeups, stream_secret: bytes, stream_token_ttl_s: int
+    ) -> None:
         self.service = service
         self.history = history
         self.wakeups = wakeups
@@ -94,7 +106,9 @@ class Sessions:
             return SessionDeletion(id=sid, deleted_at=events[0].occurred_at)
 
         before = await self.log.load(tenant, sid)
-        done = await self.service.execute(tenant, sid, DeleteSession(expected_version=expected), deletion, idem, SessionDeletion)
+        done = await self.service.execute(
+            tenant, sid, DeleteSession(expected_version=expected), deletion, idem, SessionDeletion
+        )
         if before is not None:
             await self.history.end_chats(before)
         return done
@@ -112,11 +126,15 @@ class Sessions:
     async def add_message(self, tenant: str, sid: str, body: MessageCreate, idem: Idempotency | None = None) -> Message:
         return await self.service.execute(tenant, sid, AddMessage(body=body), _added, idem, Message)
 
-    async def messages(self, tenant: str, sid: str, limit: int, offset: int, version: int | None = None) -> builtins.list[bytes]:
+    async def messages(
+        self, tenant: str, sid: str, limit: int, offset: int, version: int | None = None
+    ) -> builtins.list[bytes]:
         """The conversation (JSON), oldest first, each message as it is now; at `version`: as it was then."""
         if version is not None:
             count = (await self.service.at_version(tenant, sid, version)).message_count
-            view = await self.service.read_past(sid, lambda: self.views.messages(tenant, sid, limit, offset, count, version), version)
+            view = await self.service.read_past(
+                sid, lambda: self.views.messages(tenant, sid, limit, offset, count, version), version
+            )
         else:
             view = await self.service.read(sid, lambda: self.views.messages(tenant, sid, limit, offset))
         return view.items or []
@@ -134,7 +152,9 @@ class Sessions:
                 raise NotFound(f"message {message_id} not found")
             offset += 1000
 
-    async def edit_message(self, tenant: str, sid: str, message_id: str, patch: MessagePatch, idem: Idempotency | None = None) -> Message:
+    async def edit_message(
+        self, tenant: str, sid: str, message_id: str, patch: MessagePatch, idem: Idempotency | None = None
+    ) -> Message:
         current = await self.message(tenant, sid, message_id)
         content: Content | None = current.content if patch.content is msgspec.UNSET else patch.content
         command = EditMessage(message=current, content=content, name=patch.name)
@@ -170,7 +190,9 @@ class Sessions:
         last = (await self.log.events(tenant, sid, view.head - 1, 1)).items or []
         return bool(last) and last[0].startswith(b'{"type":"SessionDeleted"')
 
-    def follow_events(self, tenant: str, sid: str, after: int, keepalive_s: float, batch: int = 500) -> AsyncIterator[Sequence[bytes]]:
+    def follow_events(
+        self, tenant: str, sid: str, after: int, keepalive_s: float, batch: int = 500
+    ) -> AsyncIterator[Sequence[bytes]]:
         """The log after `after`, batch by batch as it grows (an empty batch: quiet for `keepalive_s`). Ends when
         the session is purged."""
         cursor = after

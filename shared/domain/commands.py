@@ -25,8 +25,6 @@ from shared.domain.events import (
     ContextBuilt,
     ContextBuiltData,
     Event,
-    SummaryAdded,
-    SummaryAddedData,
     MessageAdded,
     MessageEdited,
     MessageRemoved,
@@ -37,10 +35,13 @@ from shared.domain.events import (
     SessionDeletedData,
     SessionUpdated,
     SessionUpdatedData,
+    SummaryAdded,
+    SummaryAddedData,
     ToolsChanged,
     ToolsChangedData,
 )
 from shared.domain.ids import derived_id
+from shared.domain.state import SessionState, fold
 from shared.domain.wire import (
     ChatError,
     ChatParams,
@@ -55,7 +56,6 @@ from shared.domain.wire import (
     Tool,
     ToolCall,
 )
-from shared.domain.state import SessionState, fold
 
 
 class Limits(Struct, kw_only=True, frozen=True):
@@ -170,10 +170,24 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
             return _update(state, command, stamp, limits)
         case DeleteSession():
             _check_live(state, command.expected_version)
-            return [SessionDeleted(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=SessionDeletedData())]
+            return [
+                SessionDeleted(
+                    id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=SessionDeletedData()
+                )
+            ]
         case AddMessage():
             _check_live(state, None)
-            return [_message_added(state, state.version + 1, state.message_count + 1, command.body, stamp, limits, state.open_tool_calls)]
+            return [
+                _message_added(
+                    state,
+                    state.version + 1,
+                    state.message_count + 1,
+                    command.body,
+                    stamp,
+                    limits,
+                    state.open_tool_calls,
+                )
+            ]
         case EditMessage() | RemoveMessage():
             _check_live(state, None)
             return _amend(state, state.version + 1, command, stamp, limits)
@@ -183,7 +197,9 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
             built = ContextBuiltData(job_id=job, **structs.asdict(command.report))
             return [ContextBuilt(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=built)]
         case AddSummary(job_id=job) if _running(state, job):
-            summary = SummaryAddedData(job_id=job, content=command.content, up_to_seq=command.up_to_seq, summarized=command.summarized)
+            summary = SummaryAddedData(
+                job_id=job, content=command.content, up_to_seq=command.up_to_seq, summarized=command.summarized
+            )
             return [SummaryAdded(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=summary)]
         case CompleteChat(job_id=job) if _running(state, job):
             return _complete_chat(state, command, stamp)
@@ -201,7 +217,12 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
                 message_id = answer.data.id
                 events.append(answer)
             cancelled = ChatCancelledData(job_id=job, reason=command.reason, message_id=message_id)
-            return [*events, ChatCancelled(id=stamp.new_id(), version=state.version + len(events) + 1, occurred_at=stamp.now, data=cancelled)]
+            return [
+                *events,
+                ChatCancelled(
+                    id=stamp.new_id(), version=state.version + len(events) + 1, occurred_at=stamp.now, data=cancelled
+                ),
+            ]
         case RecordContext() | AddSummary() | CompleteChat() | FailChat():
             return []  # the job already ended (answered, failed or cancelled): a repeat run changes nothing
     raise TypeError(f"unknown command {type(command).__name__}")
@@ -241,17 +262,29 @@ def _update(state: SessionState, command: UpdateSession, stamp: Stamp, limits: L
     version = state.version
     if changes:
         version += 1
-        events.append(SessionUpdated(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=SessionUpdatedData(**changes)))
+        events.append(
+            SessionUpdated(
+                id=stamp.new_id(), version=version, occurred_at=stamp.now, data=SessionUpdatedData(**changes)
+            )
+        )
     if p.tools is not UNSET:
         tools = p.tools or []
         _check_tools(tools)
         version += 1
-        events.append(ToolsChanged(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=ToolsChangedData(tools=tools)))
+        events.append(
+            ToolsChanged(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=ToolsChangedData(tools=tools))
+        )
     return events
 
 
 def _message_added(
-    state: SessionState, version: int, seq: int, b: MessageCreate, stamp: Stamp, limits: Limits, known_calls: frozenset[str]
+    state: SessionState,
+    version: int,
+    seq: int,
+    b: MessageCreate,
+    stamp: Stamp,
+    limits: Limits,
+    known_calls: frozenset[str],
 ) -> MessageAdded:
     _check_message(b, limits, known_calls)
     message = Message(
@@ -276,7 +309,9 @@ def _check_message(b: MessageCreate, limits: Limits, known_calls: frozenset[str]
     if b.content is not None:
         _check_content(b.content, limits)
     elif not (b.role == "assistant" and b.tool_calls):
-        raise Invalid("content is required (it may be null only on an assistant message with tool_calls)", {"field": "content"})
+        raise Invalid(
+            "content is required (it may be null only on an assistant message with tool_calls)", {"field": "content"}
+        )
     if b.tool_calls and b.role != "assistant":
         raise Invalid("only an assistant message may have tool_calls", {"field": "tool_calls"})
     if b.role == "tool" and b.tool_call_id is None:
@@ -300,8 +335,11 @@ def _amend(state: SessionState, version: int, command: Amendment, stamp: Stamp, 
         return [MessageRemoved(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=data)]
     name = m.name if command.name is UNSET else command.name
     _check_message(
-        MessageCreate(role=m.role, content=command.content, name=name, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls),
-        limits, frozenset({m.tool_call_id}) if m.tool_call_id else frozenset(),
+        MessageCreate(
+            role=m.role, content=command.content, name=name, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls
+        ),
+        limits,
+        frozenset({m.tool_call_id}) if m.tool_call_id else frozenset(),
     )
     edited = structs.replace(m, content=command.content, name=name, edited_at=stamp.now)
     return [MessageEdited(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=edited)]
@@ -377,11 +415,15 @@ def _complete_chat(state: SessionState, command: CompleteChat, stamp: Stamp) -> 
         message_id = added.data.id
         events.append(added)
     data = ChatCompletedData(job_id=command.job_id, message_id=message_id, response=command.response)
-    events.append(ChatCompleted(id=derived_id(command.job_id, "completed"), version=version + 1, occurred_at=stamp.now, data=data))
+    events.append(
+        ChatCompleted(id=derived_id(command.job_id, "completed"), version=version + 1, occurred_at=stamp.now, data=data)
+    )
     return events
 
 
-def _answer_message(state: SessionState, job_id: str, content: str | None, tool_calls: list[ToolCall] | None, stamp: Stamp) -> MessageAdded:
+def _answer_message(
+    state: SessionState, job_id: str, content: str | None, tool_calls: list[ToolCall] | None, stamp: Stamp
+) -> MessageAdded:
     """A chat's answer as the session's next message; its ids derive from the job's, so a job answers once."""
     message = Message(
         id=derived_id(job_id, "answer"),
@@ -394,7 +436,9 @@ def _answer_message(state: SessionState, job_id: str, content: str | None, tool_
         seq=state.message_count + 1,
         created_at=stamp.now,
     )
-    return MessageAdded(id=derived_id(job_id, "answer-event"), version=state.version + 1, occurred_at=stamp.now, data=message)
+    return MessageAdded(
+        id=derived_id(job_id, "answer-event"), version=state.version + 1, occurred_at=stamp.now, data=message
+    )
 
 
 def _running(state: SessionState, job_id: str) -> bool:
@@ -415,7 +459,9 @@ def _check_tools(tools: list[Tool]) -> None:
     names = [t.function.name for t in tools]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise Invalid(f"tool names must be unique in a session: {', '.join(dupes)}", {"field": "tools", "duplicates": dupes})
+        raise Invalid(
+            f"tool names must be unique in a session: {', '.join(dupes)}", {"field": "tools", "duplicates": dupes}
+        )
     for t in tools:
         params = t.function.parameters
         if params is not None and params.get("type", "object") != "object":
@@ -424,13 +470,21 @@ def _check_tools(tools: list[Tool]) -> None:
 
 def _check_text(field: str, text: object, limits: Limits) -> None:
     if isinstance(text, str) and len(text) > limits.max_content_chars:
-        raise Invalid(f"{field} is longer than {limits.max_content_chars} characters", {"field": field, "max": limits.max_content_chars})
+        raise Invalid(
+            f"{field} is longer than {limits.max_content_chars} characters",
+            {"field": field, "max": limits.max_content_chars},
+        )
 
 
 def _check_content(content: Content, limits: Limits) -> None:
     if isinstance(content, str):
         size = len(content)
     else:
-        size = sum(len(getattr(p, "text", "")) + len(getattr(getattr(p, "image_url", None), "url", "")) for p in content)
+        size = sum(
+            len(getattr(p, "text", "")) + len(getattr(getattr(p, "image_url", None), "url", "")) for p in content
+        )
     if size > limits.max_content_chars:
-        raise Invalid(f"content is longer than {limits.max_content_chars} characters", {"field": "content", "max": limits.max_content_chars})
+        raise Invalid(
+            f"content is longer than {limits.max_content_chars} characters",
+            {"field": "content", "max": limits.max_content_chars},
+        )

@@ -14,7 +14,17 @@ from typing import Any
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
-from shared.domain.wire import ChatError, ChatParams, ChatResponse, ContextOverflow, ContextReport, Message, MessageCreate, Multitask, Tool
+from shared.domain.wire import (
+    ChatError,
+    ChatParams,
+    ChatResponse,
+    ContextOverflow,
+    ContextReport,
+    Message,
+    MessageCreate,
+    Multitask,
+    Tool,
+)
 
 SCHEMA_VERSION = 2
 """Bumped when a payload's shape changes; readers upcast older payloads (`shared.domain.upcast`).
@@ -183,7 +193,8 @@ Event = (
 CHAT_ENDED = (ChatCompleted, ChatFailed, ChatCancelled)
 
 _DATA_DECODERS = {
-    cls: msgspec.json.Decoder(next(f.type for f in msgspec.structs.fields(cls) if f.name == "data")) for cls in Event.__args__
+    cls: msgspec.json.Decoder(next(f.type for f in msgspec.structs.fields(cls) if f.name == "data"))
+    for cls in Event.__args__
 }
 _encode = msgspec.json.Encoder().encode
 

@@ -17,17 +17,17 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from shared.domain.wire import (
     ContentPart,
+    FunctionCall,
+    FunctionDef,
     ImagePart,
+    ImageUrl,
+    Int64,
     MessageCreate,
     ShortText,
     TextPart,
     Tool,
     ToolCall,
     Usage,
-    FunctionCall,
-    FunctionDef,
-    ImageUrl,
-    Int64,
     Wire,
 )
 
@@ -158,9 +158,24 @@ class ChatCompletionRequest(Wire):
     function_call: str | dict[str, Any] | None = None
 
 
-FORWARDED = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "tools", "tool_choice", "response_format")
+FORWARDED = (
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "tools",
+    "tool_choice",
+    "response_format",
+)
 """Request fields that reach the provider (as Parley's `ChatParams`)."""
-IGNORED = tuple(f for f in ChatCompletionRequest.__struct_fields__ if f not in (*FORWARDED, "messages", "stream", "stream_options", "n"))
+IGNORED = tuple(
+    f
+    for f in ChatCompletionRequest.__struct_fields__
+    if f not in (*FORWARDED, "messages", "stream", "stream_options", "n")
+)
 """Accepted so any client's request validates, then ignored (`stream_options.include_usage` is honoured)."""
 
 
@@ -281,10 +296,17 @@ def to_message(m: OpenAIMessage, index: int) -> MessageCreate:
             elif isinstance(p, OpenAIImagePart):
                 parts.append(ImagePart(image_url=ImageUrl(url=p.image_url.url, detail=p.image_url.detail)))
             elif not isinstance(p, RefusalPart):
-                raise WireRejected(f"content parts of type {type(p).__struct_config__.tag!r} are not supported; send text or image_url parts",
-                                   f"messages[{index}].content[{j}]", "unsupported_content", 422)
+                raise WireRejected(
+                    f"content parts of type {type(p).__struct_config__.tag!r} are not supported; send text or image_url parts",
+                    f"messages[{index}].content[{j}]",
+                    "unsupported_content",
+                    422,
+                )
         content = parts or (None if m.role == "assistant" and m.tool_calls else "")
-    calls = [ToolCall(id=c.id, type=c.type, function=FunctionCall(name=c.function.name, arguments=c.function.arguments)) for c in m.tool_calls or ()]
+    calls = [
+        ToolCall(id=c.id, type=c.type, function=FunctionCall(name=c.function.name, arguments=c.function.arguments))
+        for c in m.tool_calls or ()
+    ]
     return MessageCreate(
         role="system" if m.role == "developer" else m.role,
         content=content,
@@ -297,7 +319,15 @@ def to_message(m: OpenAIMessage, index: int) -> MessageCreate:
 def to_tools(tools: list[OpenAITool] | None) -> list[Tool] | None:
     if tools is None:
         return None
-    return [Tool(type="function", function=FunctionDef(name=t.function.name, description=t.function.description, parameters=t.function.parameters)) for t in tools]
+    return [
+        Tool(
+            type="function",
+            function=FunctionDef(
+                name=t.function.name, description=t.function.description, parameters=t.function.parameters
+            ),
+        )
+        for t in tools
+    ]
 
 
 def max_tokens_of(request: ChatCompletionRequest, token_budget: int | None, default: int = 4096) -> int:
@@ -311,7 +341,12 @@ def max_tokens_of(request: ChatCompletionRequest, token_budget: int | None, defa
 
 def without_situation(messages: list[MessageCreate], situation: str | None) -> list[MessageCreate]:
     """Drop a leading system message whose text is the session's situation: Parley sends the situation itself."""
-    if situation is not None and messages and messages[0].role == "system" and _content_key(messages[0].content) == situation:
+    if (
+        situation is not None
+        and messages
+        and messages[0].role == "system"
+        and _content_key(messages[0].content) == situation
+    ):
         return messages[1:]
     return messages
 

@@ -9,11 +9,10 @@ crash can neither lose nor double an event.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Literal
 
 from msgspec import Struct
-
-from datetime import UTC, datetime
 
 from shared.domain.events import (
     ChatCancelled,
@@ -29,8 +28,8 @@ from shared.domain.events import (
     SessionDeleted,
     ToolsChanged,
 )
-from shared.domain.wire import ChatError, ChatResponse, ChatStatus, ContextReport, Session
 from shared.domain.state import SessionState, evolve
+from shared.domain.wire import ChatError, ChatResponse, ChatStatus, ContextReport, Session
 
 SNAPSHOT_EVERY = 100
 """A snapshot of the state every this many versions: time travel folds at most this many events."""
@@ -129,18 +128,30 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
             case SessionDeleted():
                 index = "remove"
                 reason = ChatError(code="session_deleted", message="the session was deleted")
-                jobs += [JobUpdate(job_id=j, status="cancelled", finished_at=e.occurred_at, error=reason) for j in active]
+                jobs += [
+                    JobUpdate(job_id=j, status="cancelled", finished_at=e.occurred_at, error=reason) for j in active
+                ]
             case ChatRequested(data=d):
                 _usage(usage, e).chats += 1
                 active.append(d.job_id)
-                jobs.append(JobUpdate(job_id=d.job_id, status="queued", model=d.params.model, stream=d.params.stream, created_at=e.occurred_at))
+                jobs.append(
+                    JobUpdate(
+                        job_id=d.job_id,
+                        status="queued",
+                        model=d.params.model,
+                        stream=d.params.stream,
+                        created_at=e.occurred_at,
+                    )
+                )
             case ContextBuilt(data=d):
                 _usage(usage, e).prompt_tokens += d.prompt_tokens
                 report = ContextReport(**{f: getattr(d, f) for f in ContextReport.__struct_fields__})
                 jobs.append(JobUpdate(job_id=d.job_id, context=report))
             case ChatCompleted(data=d):
                 _usage(usage, e).completion_tokens += d.response.usage.completion_tokens
-                jobs.append(JobUpdate(job_id=d.job_id, status="succeeded", finished_at=e.occurred_at, response=d.response))
+                jobs.append(
+                    JobUpdate(job_id=d.job_id, status="succeeded", finished_at=e.occurred_at, response=d.response)
+                )
             case ChatFailed(data=d):
                 jobs.append(JobUpdate(job_id=d.job_id, status="failed", finished_at=e.occurred_at, error=d.error))
             case ChatCancelled(data=d):

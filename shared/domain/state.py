@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from msgspec import UNSET, Struct, structs
 
+from shared.domain.context import Summary
 from shared.domain.events import (
     ChatCancelled,
     ChatCompleted,
@@ -27,7 +28,6 @@ from shared.domain.events import (
     SummaryAdded,
     ToolsChanged,
 )
-from shared.domain.context import Summary
 from shared.domain.wire import Session
 
 
@@ -100,8 +100,10 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             return structs.replace(state, version=event.version, session=session)
         case MessageAdded(data=m):
             if m.seq != state.message_count + 1 or m.session_id != state.id:
-                raise ValueError(f"message {m.id} (seq {m.seq} of session {m.session_id}) is not message "
-                                 f"{state.message_count + 1} of session {state.id}")
+                raise ValueError(
+                    f"message {m.id} (seq {m.seq} of session {m.session_id}) is not message "
+                    f"{state.message_count + 1} of session {state.id}"
+                )
             session = structs.replace(_live(state), version=event.version, updated_at=at)
             calls = state.open_tool_calls
             if m.tool_call_id is not None:
@@ -112,7 +114,12 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             if m.role == "system" and systems is not None:
                 systems = systems | {m.seq}
             return structs.replace(
-                state, version=event.version, session=session, message_count=m.seq, open_tool_calls=calls, system_seqs=systems,
+                state,
+                version=event.version,
+                session=session,
+                message_count=m.seq,
+                open_tool_calls=calls,
+                system_seqs=systems,
             )
         case MessageEdited(data=m):
             if not 1 <= m.seq <= state.message_count or m.session_id != state.id or m.seq in state.removed:
@@ -125,7 +132,14 @@ def evolve(state: SessionState, event: Event) -> SessionState:
                 raise ValueError(f"message {d.message_id} (seq {d.seq}) of session {state.id} was removed already")
             calls = state.open_tool_calls - set(d.tool_call_ids)
             systems = state.system_seqs - {d.seq} if state.system_seqs is not None else None
-            return _touch(state, event, open_tool_calls=calls, removed=state.removed | {d.seq}, amended=event.version, system_seqs=systems)
+            return _touch(
+                state,
+                event,
+                open_tool_calls=calls,
+                removed=state.removed | {d.seq},
+                amended=event.version,
+                system_seqs=systems,
+            )
         case SessionDeleted():
             _live(state)
             return structs.replace(state, version=event.version, deleted=True, active_chats=())

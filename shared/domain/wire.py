@@ -43,7 +43,10 @@ class Tool(Wire):
     function: FunctionDef
 
 
-Tools = Annotated[list[Tool], Meta(max_length=128, description="At most 128 tools, their names unique (a duplicate name answers 422).")]
+Tools = Annotated[
+    list[Tool],
+    Meta(max_length=128, description="At most 128 tools, their names unique (a duplicate name answers 422)."),
+]
 
 
 class TextPart(Wire, tag_field="type", tag="text"):

@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -23,7 +24,9 @@ __all__ = ["ACCESS", "JsonFormatter", "TextFormatter", "bind", "bind_request", "
 ACCESS = logging.getLogger("parley.access")
 """One INFO line per HTTP request (request id, method, route, path, status, duration, tenant)."""
 
-_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("parley_log_context", default={})
+_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "parley_log_context", default=MappingProxyType({})
+)
 
 
 def current() -> Mapping[str, Any]:

@@ -14,7 +14,14 @@ from __future__ import annotations
 import os
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest,
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
 )
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus-client opens its files there as metrics are defined
@@ -22,9 +29,23 @@ if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus-client opens its fi
 disable_created_metrics()  # type: ignore[no-untyped-call]  # the `_created` series double the output and say nothing a dashboard uses
 
 __all__ = [
-    "CHAT_JOBS", "CHAT_QUEUE_DEPTH", "CHAT_QUEUE_WAIT", "CHAT_RUN", "CONTENT_TYPE", "FEED_PENDING", "HTTP_REQUESTS",
-    "MODEL_CALL", "MODEL_TOKENS", "PROJECTION_LAG_ENTRIES", "PROJECTION_LAG_SECONDS", "REDIS_ERRORS", "REJECTED",
-    "exposition", "multiprocess", "observe_request", "redis_error",
+    "CHAT_JOBS",
+    "CHAT_QUEUE_DEPTH",
+    "CHAT_QUEUE_WAIT",
+    "CHAT_RUN",
+    "CONTENT_TYPE",
+    "FEED_PENDING",
+    "HTTP_REQUESTS",
+    "MODEL_CALL",
+    "MODEL_TOKENS",
+    "PROJECTION_LAG_ENTRIES",
+    "PROJECTION_LAG_SECONDS",
+    "REDIS_ERRORS",
+    "REJECTED",
+    "exposition",
+    "multiprocess",
+    "observe_request",
+    "redis_error",
 ]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -85,10 +106,14 @@ CHAT_JOBS = Counter(
 CHAT_QUEUE_WAIT = Histogram(
     "parley_chat_queue_wait_seconds", "From enqueueing a chat job to its first attempt starting.", buckets=_SLOW
 )
-CHAT_RUN = Histogram("parley_chat_run_seconds", "One attempt of a chat job, by how it ended.", ["status"], buckets=_SLOW)
+CHAT_RUN = Histogram(
+    "parley_chat_run_seconds", "One attempt of a chat job, by how it ended.", ["status"], buckets=_SLOW
+)
 MODEL_CALL = Histogram(
-    "parley_model_call_seconds", "Model calls (a whole streamed answer, or a summary), by outcome: ok or the error code.",
-    ["outcome"], buckets=_SLOW,
+    "parley_model_call_seconds",
+    "Model calls (a whole streamed answer, or a summary), by outcome: ok or the error code.",
+    ["outcome"],
+    buckets=_SLOW,
 )
 MODEL_TOKENS = Counter("parley_model_tokens_total", "Tokens of chat answers, kind=prompt or completion.", ["kind"])
 

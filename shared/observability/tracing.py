@@ -64,7 +64,9 @@ def span(name: str, parent: Mapping[str, str] | None = None, **attributes: Any) 
     from opentelemetry import propagate
 
     context = propagate.extract(dict(parent)) if parent else None
-    with _tracer.start_as_current_span(name, context=context, attributes={k: v for k, v in attributes.items() if v is not None}) as s:
+    with _tracer.start_as_current_span(
+        name, context=context, attributes={k: v for k, v in attributes.items() if v is not None}
+    ) as s:
         yield s
 
 

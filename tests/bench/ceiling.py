@@ -12,8 +12,8 @@ import contextlib
 import msgspec
 import uvicorn
 from litestar import Litestar, MediaType, Request, Response, get, post
-from shared.adapters.redis.connect import connect
 
+from shared.adapters.redis.connect import connect
 from shared.domain.wire import MessageCreate
 
 _decode = msgspec.json.Decoder(MessageCreate).decode
@@ -47,7 +47,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis", required=True)
     args = parser.parse_args()
-    uvicorn.run(build(args.redis), host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", access_log=False, log_level="warning")
+    uvicorn.run(
+        build(args.redis),
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ async def direct_latency(model_url: str, n: int) -> dict[str, float]:
         await client.chat.completions.create(model="zero", messages=[{"role": "user", "content": "hi"}], max_tokens=50)
         plain.append(time.perf_counter() - t)
         t = time.perf_counter()
-        stream = await client.chat.completions.create(model="zero", messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True)
+        stream = await client.chat.completions.create(
+            model="zero", messages=[{"role": "user", "content": "hi"}], max_tokens=50, stream=True
+        )
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 first.append(time.perf_counter() - t)
@@ -43,21 +45,33 @@ async def parley_latency(api_url: str, key: str, session_ids: list[str], n: int)
         for i in range(n):
             sid = session_ids[i % len(session_ids)]
             t = time.perf_counter()
-            r = await c.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50})
+            r = await c.post(
+                f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+            )
             plain.append(time.perf_counter() - t)
             errors += r.status_code != 200
             t = time.perf_counter()
-            async with c.stream("POST", f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": True}) as s:
+            async with c.stream(
+                "POST",
+                f"/sessions/{sid}/chat",
+                json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "stream": True},
+            ) as s:
                 got = False
                 async for line in s.aiter_lines():
                     if not got and line.startswith("data: {") and '"content"' in line:
                         first.append(time.perf_counter() - t)
                         got = True
                 errors += s.status_code != 200 or not got
-    return {"sync_p50_ms": statistics.median(plain) * 1000, "first_chunk_p50_ms": statistics.median(first) * 1000, "errors": errors}
+    return {
+        "sync_p50_ms": statistics.median(plain) * 1000,
+        "first_chunk_p50_ms": statistics.median(first) * 1000,
+        "errors": errors,
+    }
 
 
-async def parley_jobs_per_second(api_url: str, key: str, session_ids: list[str], n: int, concurrency: int = 64) -> dict[str, float]:
+async def parley_jobs_per_second(
+    api_url: str, key: str, session_ids: list[str], n: int, concurrency: int = 64
+) -> dict[str, float]:
     """Synchronous chats from `concurrency` clients over many sessions: answered chats per second."""
     headers = {"Authorization": f"Bearer {key}"}
     errors = 0
@@ -68,7 +82,9 @@ async def parley_jobs_per_second(api_url: str, key: str, session_ids: list[str],
         while todo:
             i = todo.pop()
             sid = session_ids[(lane + i * concurrency) % len(session_ids)]
-            r = await c.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20})
+            r = await c.post(
+                f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+            )
             errors += r.status_code != 200
 
     limits = httpx.Limits(max_connections=concurrency)
@@ -88,8 +104,16 @@ async def arq_noop_jobs_per_second(redis_url: str, n: int, max_jobs: int, poll_d
     settings = RedisSettings.from_dsn(redis_url)
     pool = await create_pool(settings)
     queue = "bench:noop"
-    worker = Worker(functions=[func(noop, name="noop", keep_result=0)], redis_pool=pool, queue_name=queue, max_jobs=max_jobs,
-                    poll_delay=poll_delay, handle_signals=False, keep_result=0, burst=True)
+    worker = Worker(
+        functions=[func(noop, name="noop", keep_result=0)],
+        redis_pool=pool,
+        queue_name=queue,
+        max_jobs=max_jobs,
+        poll_delay=poll_delay,
+        handle_signals=False,
+        keep_result=0,
+        burst=True,
+    )
     for _ in range(n):
         await pool.enqueue_job("noop", _queue_name=queue)
     t = time.perf_counter()  # the drain only: a conservative (higher) ceiling

@@ -24,15 +24,15 @@ from pathlib import Path
 import httpx
 import msgspec
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
-from shared.domain.commands import AddMessage, CreateSession, Stamp, decide
-from shared.domain.ids import uuid7
-from shared.domain.wire import MessageCreate, SessionCreate
-from shared.domain.state import SessionState, fold
 from shared.adapters.redis.keys import Keys
 from shared.adapters.redis.server import RedisServer, free_port
 from shared.adapters.redis.store import RedisStore
-from redis.asyncio import Redis as AsyncRedis
+from shared.domain.commands import AddMessage, CreateSession, Stamp, decide
+from shared.domain.ids import uuid7
+from shared.domain.state import SessionState, fold
+from shared.domain.wire import MessageCreate, SessionCreate
 from tests.bench import wrk
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,10 @@ class Proc:
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    httpx.get(f"http://127.0.0.1:{port}/health" if "services.cli" in args else f"http://127.0.0.1:{port}/c/x", timeout=0.5)
+                    httpx.get(
+                        f"http://127.0.0.1:{port}/health" if "services.cli" in args else f"http://127.0.0.1:{port}/c/x",
+                        timeout=0.5,
+                    )
                     break
                 except httpx.HTTPError:
                     if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -82,25 +85,66 @@ def _wait_port(port: int) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def load(url: str, paths: list[str], seconds: float, connections: int, method: str = "GET", body: bytes | None = None, mode: str = "closed",
-         rate: float = 0.0, key: str = KEY, cpus: set[int] | None = None) -> dict:
+def load(
+    url: str,
+    paths: list[str],
+    seconds: float,
+    connections: int,
+    method: str = "GET",
+    body: bytes | None = None,
+    mode: str = "closed",
+    rate: float = 0.0,
+    key: str = KEY,
+    cpus: set[int] | None = None,
+) -> dict:
     """wrk for closed-loop runs when installed; our own generator (a separate process) otherwise and for open loop.
     `cpus`: run the generator on these cores only."""
     if mode == "closed" and wrk.available() and key == KEY and cpus is None:
         return msgspec.to_builtins(wrk.run(url, paths, seconds, connections, KEY, method, body))
-    out = subprocess.run([sys.executable, "-m", "tests.bench.loadgen", loadgen_spec(url, paths, seconds, connections, method, body, mode, rate, key)],
-                         capture_output=True, text=True, check=True, cwd=ROOT, preexec_fn=_on(cpus))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.loadgen",
+            loadgen_spec(url, paths, seconds, connections, method, body, mode, rate, key),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        preexec_fn=_on(cpus),
+    )
     return json.loads(out.stdout)
 
 
-def _on(cpus: set[int] | None):  # noqa: ANN202 - a preexec_fn
+def _on(cpus: set[int] | None):
     return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
 
 
-def loadgen_spec(url: str, paths: list[str], seconds: float, connections: int, method: str = "GET", body: bytes | None = None,
-                 mode: str = "closed", rate: float = 0.0, key: str = KEY) -> str:
-    return json.dumps({"url": url, "paths": paths, "seconds": seconds, "key": key, "method": method, "body": body.decode() if body else None,
-                       "mode": mode, "connections": connections, "rate": rate})
+def loadgen_spec(
+    url: str,
+    paths: list[str],
+    seconds: float,
+    connections: int,
+    method: str = "GET",
+    body: bytes | None = None,
+    mode: str = "closed",
+    rate: float = 0.0,
+    key: str = KEY,
+) -> str:
+    return json.dumps(
+        {
+            "url": url,
+            "paths": paths,
+            "seconds": seconds,
+            "key": key,
+            "method": method,
+            "body": body.decode() if body else None,
+            "mode": mode,
+            "connections": connections,
+            "rate": rate,
+        }
+    )
 
 
 def med(runs: list[dict], field: str) -> float:
@@ -117,21 +161,39 @@ class Bench:
 
     def start(self) -> None:
         self.redis_server = RedisServer(self.tmp / "redis", appendfsync="everysec").start()
-        env = {**os.environ, "REDIS_URL": self.redis_server.url, "PARLEY_LOG_LEVEL": "WARNING",
-               "PARLEY_API_KEYS": f"{TENANT}:{KEY},quiet:{QUIET_KEY},noisy:{NOISY_KEY}",
-               "PYTHONPATH": str(ROOT), "PARLEY_PARTITIONS": str(PARTITIONS),
-               # the limiter runs on every request (its cost is in every row) but never refuses the benchmark
-               "PARLEY_TENANT_RPS": "1000000", "PARLEY_TENANT_BURST": "1000000"}
+        env = {
+            **os.environ,
+            "REDIS_URL": self.redis_server.url,
+            "PARLEY_LOG_LEVEL": "WARNING",
+            "PARLEY_API_KEYS": f"{TENANT}:{KEY},quiet:{QUIET_KEY},noisy:{NOISY_KEY}",
+            "PYTHONPATH": str(ROOT),
+            "PARLEY_PARTITIONS": str(PARTITIONS),
+            # the limiter runs on every request (its cost is in every row) but never refuses the benchmark
+            "PARLEY_TENANT_RPS": "1000000",
+            "PARLEY_TENANT_BURST": "1000000",
+        }
         py = sys.executable
-        self.model = Proc([py, "-m", "tests.bench.zero_model", "--port", str(mp := free_port())], env, self.tmp / "model.log", port=None)
+        self.model = Proc(
+            [py, "-m", "tests.bench.zero_model", "--port", str(mp := free_port())],
+            env,
+            self.tmp / "model.log",
+            port=None,
+        )
         self.model_url = f"http://127.0.0.1:{mp}/v1"
         _wait_port(mp)
         env["PARLEY_MODEL_BASE_URL"] = self.model_url
         env["PARLEY_MODEL"] = "zero"
         self.env = env
-        self.api = Proc([py, "-m", "services.cli", "api", "--port", str(p := free_port())], env, self.tmp / "api.log", port=p)
+        self.api = Proc(
+            [py, "-m", "services.cli", "api", "--port", str(p := free_port())], env, self.tmp / "api.log", port=p
+        )
         self.worker = Proc([py, "-m", "services.cli", "worker"], env, self.tmp / "worker.log")
-        self.ceiling = Proc([py, "-m", "tests.bench.ceiling", "--port", str(p := free_port()), "--redis", self.redis_server.url], env, self.tmp / "ceiling.log", port=p)
+        self.ceiling = Proc(
+            [py, "-m", "tests.bench.ceiling", "--port", str(p := free_port()), "--redis", self.redis_server.url],
+            env,
+            self.tmp / "ceiling.log",
+            port=p,
+        )
         self.redis = Redis.from_url(self.redis_server.url)
         self.http = httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
 
@@ -166,15 +228,31 @@ class Bench:
         ids = self.sessions(20 if a.quick else 200)
         post_p = [f"/sessions/{s}/messages" for s in ids]
         post_c = [f"/c/{s}/messages" for s in ids]
-        ceil, parl = [], []
+        ceil, parl, cpu = [], [], []
         for _ in range(a.reps):
             ceil.append(load(self.ceiling.url, post_c, a.seconds, c, "POST", BODY))
+            before = self._cpu_s()
             parl.append(load(self.api.url, post_p, a.seconds, c, "POST", BODY))
+            after = self._cpu_s()
+            cpu.append({k: (after[k] - before[k]) / max(1, parl[-1]["requests"]) * 1e6 for k in after})
         self.check(ceil + parl)
         self.p1_rps = med(parl, "rps")
-        self.record("P1", parley_rps=self.p1_rps, ceiling_rps=med(ceil, "rps"), ratio=self.p1_rps / med(ceil, "rps"),
-                    parley_p50_ms=med(parl, "p50_ms"), parley_p99_ms=med(parl, "p99_ms"), ceiling_p99_ms=med(ceil, "p99_ms"),
-                    p99_ratio=med(parl, "p99_ms") / med(ceil, "p99_ms"), goal="ratio >= 0.85, p99_ratio <= 1.5")
+        self.record(
+            "P1cpu",
+            **{f"{k}_cpu_us_per_append": med(cpu, k) for k in cpu[0]},
+            goal="report: what one append costs each process (the paper model of docs/performance.md)",
+        )
+        self.record(
+            "P1",
+            parley_rps=self.p1_rps,
+            ceiling_rps=med(ceil, "rps"),
+            ratio=self.p1_rps / med(ceil, "rps"),
+            parley_p50_ms=med(parl, "p50_ms"),
+            parley_p99_ms=med(parl, "p99_ms"),
+            ceiling_p99_ms=med(ceil, "p99_ms"),
+            p99_ratio=med(parl, "p99_ms") / med(ceil, "p99_ms"),
+            goal="ratio >= 0.85, p99_ratio <= 1.5",
+        )
         get_c = [f"/c/{s}" for s in ids]
         get_s = [f"/sessions/{s}" for s in ids]
         get_m = [f"/sessions/{s}/messages?limit=50" for s in ids]
@@ -185,10 +263,28 @@ class Bench:
             msgs.append(load(self.api.url, get_m, a.seconds, c))
         self.check(ceil + sess + msgs)
         cr = med(ceil, "rps")
-        self.record("P2", ceiling_rps=cr, session_rps=med(sess, "rps"), session_ratio=med(sess, "rps") / cr,
-                    messages50_rps=med(msgs, "rps"), messages50_ratio=med(msgs, "rps") / cr,
-                    session_p99_ms=med(sess, "p99_ms"), messages50_p99_ms=med(msgs, "p99_ms"), ceiling_p99_ms=med(ceil, "p99_ms"),
-                    goal="ratio >= 0.85")
+        self.record(
+            "P2",
+            ceiling_rps=cr,
+            session_rps=med(sess, "rps"),
+            session_ratio=med(sess, "rps") / cr,
+            messages50_rps=med(msgs, "rps"),
+            messages50_ratio=med(msgs, "rps") / cr,
+            session_p99_ms=med(sess, "p99_ms"),
+            messages50_p99_ms=med(msgs, "p99_ms"),
+            ceiling_p99_ms=med(ceil, "p99_ms"),
+            goal="ratio >= 0.85",
+        )
+
+    def _cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by redis-server (its own INFO), the API and the worker (/proc)."""
+        info = self.redis.info("cpu")
+        out = {"redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"])}
+        tick = os.sysconf("SC_CLK_TCK")
+        for name, proc in (("api", self.api), ("worker", self.worker)):
+            fields = Path(f"/proc/{proc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return out
 
     def p3(self) -> None:
         """Projection lag at half of P1's max load: a probe appends and watches the view's version in Redis."""
@@ -197,15 +293,28 @@ class Bench:
         rate = max(50.0, self.p1_rps / 2)
         probe = self.sessions(1)[0]
         view_key = Keys(PARTITIONS).view(probe)
-        spec = {"url": self.api.url, "paths": [f"/sessions/{s}/messages" for s in ids], "seconds": a.seconds * 2, "key": KEY,
-                "method": "POST", "body": BODY.decode(), "mode": "open", "connections": 64, "rate": rate}
-        gen = subprocess.Popen([sys.executable, "-m", "tests.bench.loadgen", json.dumps(spec)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        spec = {
+            "url": self.api.url,
+            "paths": [f"/sessions/{s}/messages" for s in ids],
+            "seconds": a.seconds * 2,
+            "key": KEY,
+            "method": "POST",
+            "body": BODY.decode(),
+            "mode": "open",
+            "connections": 64,
+            "rate": rate,
+        }
+        gen = subprocess.Popen(
+            [sys.executable, "-m", "tests.bench.loadgen", json.dumps(spec)], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
         time.sleep(0.3)
         lags, version = [], 1
         end = time.monotonic() + a.seconds * 2 - 0.5
         with httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}"}) as probe_http:
             while time.monotonic() < end:
-                r = probe_http.post(f"/sessions/{probe}/messages", content=BODY, headers={"Content-Type": "application/json"})
+                r = probe_http.post(
+                    f"/sessions/{probe}/messages", content=BODY, headers={"Content-Type": "application/json"}
+                )
                 acked = time.perf_counter()
                 self.errors += r.status_code != 201
                 version += 1
@@ -216,12 +325,20 @@ class Bench:
         load_result = json.loads(gen.communicate()[0])
         self.check([load_result])
         lags.sort()
-        self.record("P3", load_rps=load_result["rps"], target_rps=rate, probes=len(lags), lag_p50_ms=lags[len(lags) // 2],
-                    lag_p99_ms=lags[min(len(lags) - 1, int(len(lags) * 0.99))], load_failures=load_result.get("failures", {}),
-                    goal="lag_p99_ms <= 20")
+        self.record(
+            "P3",
+            load_rps=load_result["rps"],
+            target_rps=rate,
+            probes=len(lags),
+            lag_p50_ms=lags[len(lags) // 2],
+            lag_p99_ms=lags[min(len(lags) - 1, int(len(lags) * 0.99))],
+            load_failures=load_result.get("failures", {}),
+            goal="lag_p99_ms <= 20",
+        )
 
     def preload(self, messages: int) -> str:
         """A session with `messages` messages, appended 1,000 events per APPEND call."""
+
         async def go() -> str:
             r = AsyncRedis.from_url(self.redis_server.url)
             store = RedisStore(r, Keys(PARTITIONS))
@@ -230,7 +347,9 @@ class Bench:
             batch = decide(state, CreateSession(body=SessionCreate(situation="bench")), stamp)
             state = fold(state, batch)
             for i in range(messages):
-                events = decide(state, AddMessage(body=MessageCreate(role="user", content=f"message {i} " + "y" * 150)), stamp)
+                events = decide(
+                    state, AddMessage(body=MessageCreate(role="user", content=f"message {i} " + "y" * 150)), stamp
+                )
                 state = fold(state, events)
                 batch += events
                 if len(batch) >= 1000 or i == messages - 1:
@@ -255,12 +374,16 @@ class Bench:
             for _ in range(a.reps):
                 runs_s.append(load(self.api.url, [f"/sessions/{sid}"], a.seconds, a.connections))
                 runs_m.append(load(self.api.url, [f"/sessions/{sid}/messages?limit=50"], a.seconds, a.connections))
-                runs_last.append(load(self.api.url, [f"/sessions/{sid}/messages?limit=50&offset={n - 50}"], a.seconds, a.connections))
+                runs_last.append(
+                    load(self.api.url, [f"/sessions/{sid}/messages?limit=50&offset={n - 50}"], a.seconds, a.connections)
+                )
             self.check(runs_s + runs_m + runs_last)
             chat_ms = []
             for _ in range(3 if a.quick else 5):  # a chat builds its context from the whole stored conversation
                 t = time.perf_counter()
-                r = self.http.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20})
+                r = self.http.post(
+                    f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+                )
                 chat_ms.append((time.perf_counter() - t) * 1000)
                 self.errors += r.status_code != 200
             out[f"chat_p50_ms_{n}"] = statistics.median(chat_ms)
@@ -269,7 +392,9 @@ class Bench:
             budget_ms = []
             for _ in range(3 if a.quick else 5):
                 t = time.perf_counter()
-                r = self.http.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20})
+                r = self.http.post(
+                    f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+                )
                 budget_ms.append((time.perf_counter() - t) * 1000)
                 self.errors += r.status_code != 200
             out[f"chat_budget_p50_ms_{n}"] = statistics.median(budget_ms)
@@ -280,7 +405,9 @@ class Bench:
         for what in ("session", "messages50", "messages50_last_page"):
             out[f"{what}_cost_ratio_{big}_vs_{small}"] = out[f"{what}_rps_{small}"] / out[f"{what}_rps_{big}"]
         out[f"chat_cost_ratio_{big}_vs_{small}"] = out[f"chat_p50_ms_{big}"] / out[f"chat_p50_ms_{small}"]
-        out[f"chat_budget_cost_ratio_{big}_vs_{small}"] = out[f"chat_budget_p50_ms_{big}"] / out[f"chat_budget_p50_ms_{small}"]
+        out[f"chat_budget_cost_ratio_{big}_vs_{small}"] = (
+            out[f"chat_budget_p50_ms_{big}"] / out[f"chat_budget_p50_ms_{small}"]
+        )
         out["time_travel"] = "see P5tt"
         self.record("P5", **out, goal="cost ratio (rps at 100 / rps at 100k) <= 1.2")
 
@@ -291,7 +418,9 @@ class Bench:
         self.redis.execute_command("MEMORY", "PURGE")
         before = int(self.redis.info("memory")["used_memory"])
         body = b'{"role":"user","content":"' + b"z" * size + b'"}'
-        with httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}) as h:
+        with httpx.Client(
+            base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        ) as h:
             for i in range(n):
                 r = h.post(f"/sessions/{ids[i % len(ids)]}/messages", content=body)
                 self.errors += r.status_code != 201
@@ -302,8 +431,16 @@ class Bench:
         self.redis.execute_command("MEMORY", "PURGE")
         after = int(self.redis.info("memory")["used_memory"])
         per = (after - before) / n
-        self.record("P7", messages=n, content_bytes=size, used_memory_per_message=per, log_plus_index_per_message=(log_bytes + view_bytes) / n,
-                    budget_per_message=1.5 * size + 200, ratio_to_budget=per / (1.5 * size + 200), goal="per message <= 1.5 x content + 200 B")
+        self.record(
+            "P7",
+            messages=n,
+            content_bytes=size,
+            used_memory_per_message=per,
+            log_plus_index_per_message=(log_bytes + view_bytes) / n,
+            budget_per_message=1.5 * size + 200,
+            ratio_to_budget=per / (1.5 * size + 200),
+            goal="per message <= 1.5 x content + 200 B",
+        )
 
     def p4(self) -> None:
         """Chat against a zero-latency model: what Parley adds, and answered chats/s against a no-op arq job."""
@@ -323,16 +460,27 @@ class Bench:
         first_added = med(parley, "first_chunk_p50_ms") - med(direct, "first_chunk_p50_ms")
         jobs = med(rates, "jobs_per_s")
         noop = statistics.median(ceilings)
-        self.record("P4", direct_sync_p50_ms=med(direct, "sync_p50_ms"), parley_sync_p50_ms=med(parley, "sync_p50_ms"), sync_added_ms=sync_added,
-                    direct_first_chunk_p50_ms=med(direct, "first_chunk_p50_ms"), parley_first_chunk_p50_ms=med(parley, "first_chunk_p50_ms"),
-                    first_chunk_added_ms=first_added, chat_jobs_per_s=jobs, arq_noop_jobs_per_s=noop, jobs_ratio=jobs / noop,
-                    goal="added p50 <= 5 ms; jobs_ratio >= 0.8")
+        self.record(
+            "P4",
+            direct_sync_p50_ms=med(direct, "sync_p50_ms"),
+            parley_sync_p50_ms=med(parley, "sync_p50_ms"),
+            sync_added_ms=sync_added,
+            direct_first_chunk_p50_ms=med(direct, "first_chunk_p50_ms"),
+            parley_first_chunk_p50_ms=med(parley, "first_chunk_p50_ms"),
+            first_chunk_added_ms=first_added,
+            chat_jobs_per_s=jobs,
+            arq_noop_jobs_per_s=noop,
+            jobs_ratio=jobs / noop,
+            goal="added p50 <= 5 ms; jobs_ratio >= 0.8",
+        )
         from tests.bench import openai_bench
 
         oa = openai_bench.p4_openai(self, a.reps, n)
-        self.record("P4openai", **{k: v for k, v in oa.items() if k != "errors"},
-                    goal="what /chat/completions adds over /chat (same run, interleaved): report")
-
+        self.record(
+            "P4openai",
+            **{k: v for k, v in oa.items() if k != "errors"},
+            goal="what /chat/completions adds over /chat (same run, interleaved): report",
+        )
 
     def p8(self) -> None:
         """Overload and tenants. (a) Writes offered open-loop at 4x what the API served closed-loop, against the
@@ -352,10 +500,19 @@ class Bench:
         self.check(closed + calm)
         self.errors += sum(r["errors"] - r["failures"].get("503", 0) for r in over)  # 503 overloaded is the point
         cap, served = med(closed, "rps"), med(over, "ok_rps")
-        self.record("P8overload", closed_loop_rps=cap, offered_rps=cap * 4, served_rps=served, served_share=served / cap,
-                    shed_per_s=med(over, "rps") - served, unloaded_p99_ms=med(calm, "ok_p99_ms"), served_p99_ms=med(over, "ok_p99_ms"),
-                    p99_ratio=med(over, "ok_p99_ms") / med(calm, "ok_p99_ms"), recovery_ms=statistics.median(recovery),
-                    goal="served_share >= 0.9, p99_ratio <= 3, recovery_ms <= 1000")
+        self.record(
+            "P8overload",
+            closed_loop_rps=cap,
+            offered_rps=cap * 4,
+            served_rps=served,
+            served_share=served / cap,
+            shed_per_s=med(over, "rps") - served,
+            unloaded_p99_ms=med(calm, "ok_p99_ms"),
+            served_p99_ms=med(over, "ok_p99_ms"),
+            p99_ratio=med(over, "ok_p99_ms") / med(calm, "ok_p99_ms"),
+            recovery_ms=statistics.median(recovery),
+            goal="served_share >= 0.9, p99_ratio <= 3, recovery_ms <= 1000",
+        )
         self._set_limits("noisy", rps=50, burst=50)
         with httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {QUIET_KEY}"}) as quiet:
             quiet_paths = [f"/sessions/{quiet.post('/sessions', json={}).json()['id']}" for _ in range(20)]
@@ -366,20 +523,43 @@ class Bench:
         alone, beside, noisy = [], [], []
         try:
             for _ in range(a.reps):
-                alone.append(load(self.api.url, quiet_paths, a.seconds, 64, mode="open", rate=rate, key=QUIET_KEY, cpus={1}))
-                gen = subprocess.Popen([sys.executable, "-m", "tests.bench.loadgen",
-                                        loadgen_spec(self.api.url, ["/usage?days=1"], a.seconds + 1, 64, mode="open", rate=500, key=NOISY_KEY)],
-                                       stdout=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_on({1}))
+                alone.append(
+                    load(self.api.url, quiet_paths, a.seconds, 64, mode="open", rate=rate, key=QUIET_KEY, cpus={1})
+                )
+                gen = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.bench.loadgen",
+                        loadgen_spec(
+                            self.api.url, ["/usage?days=1"], a.seconds + 1, 64, mode="open", rate=500, key=NOISY_KEY
+                        ),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                    preexec_fn=_on({1}),
+                )
                 time.sleep(0.5)
-                beside.append(load(self.api.url, quiet_paths, a.seconds, 64, mode="open", rate=rate, key=QUIET_KEY, cpus={1}))
+                beside.append(
+                    load(self.api.url, quiet_paths, a.seconds, 64, mode="open", rate=rate, key=QUIET_KEY, cpus={1})
+                )
                 noisy.append(json.loads(gen.communicate()[0]))
         finally:
             self._pin(None)
         self.check(alone + beside)
-        self.record("P8tenants", quiet_rps=rate, quiet_p99_alone_ms=med(alone, "p99_ms"), quiet_p99_beside_noisy_ms=med(beside, "p99_ms"),
-                    p99_ratio=med(beside, "p99_ms") / med(alone, "p99_ms"), noisy_offered_rps=500, noisy_limit_rps=50,
-                    noisy_served_rps=med(noisy, "ok_rps"), pinned="API on core 0; Redis, worker, load generators on core 1",
-                    goal="p99_ratio <= 1.2")
+        self.record(
+            "P8tenants",
+            quiet_rps=rate,
+            quiet_p99_alone_ms=med(alone, "p99_ms"),
+            quiet_p99_beside_noisy_ms=med(beside, "p99_ms"),
+            p99_ratio=med(beside, "p99_ms") / med(alone, "p99_ms"),
+            noisy_offered_rps=500,
+            noisy_limit_rps=50,
+            noisy_served_rps=med(noisy, "ok_rps"),
+            pinned="API on core 0; Redis, worker, load generators on core 1",
+            goal="p99_ratio <= 1.2",
+        )
 
     def p9(self) -> None:
         """Scale-out on this machine. (a) Appends against one API process, then spread over two (a second
@@ -395,20 +575,38 @@ class Bench:
         ids = self.sessions(20 if a.quick else 200)
         posts = [f"/sessions/{s}/messages" for s in ids]
         py = sys.executable
-        second = Proc([py, "-m", "services.cli", "api", "--port", str(p := free_port())], self.env, self.tmp / "api2.log", port=p)
+        second = Proc(
+            [py, "-m", "services.cli", "api", "--port", str(p := free_port())], self.env, self.tmp / "api2.log", port=p
+        )
         one, two = [], []
         try:
             with ThreadPoolExecutor(2) as pool:
                 for _ in range(a.reps):
                     one.append(load(self.api.url, posts, a.seconds, a.connections, "POST", BODY))
-                    halves = [pool.submit(load, url, posts, a.seconds, a.connections // 2, "POST", BODY) for url in (self.api.url, second.url)]
+                    halves = [
+                        pool.submit(load, url, posts, a.seconds, a.connections // 2, "POST", BODY)
+                        for url in (self.api.url, second.url)
+                    ]
                     runs = [h.result() for h in halves]
-                    two.append({"rps": sum(r["rps"] for r in runs), "errors": sum(r["errors"] for r in runs), "p99_ms": max(r["p99_ms"] for r in runs)})
+                    two.append(
+                        {
+                            "rps": sum(r["rps"] for r in runs),
+                            "errors": sum(r["errors"] for r in runs),
+                            "p99_ms": max(r["p99_ms"] for r in runs),
+                        }
+                    )
         finally:
             second.stop()
         self.check(one + two)
-        self.record("P9api", one_api_rps=med(one, "rps"), two_apis_rps=med(two, "rps"), scale=med(two, "rps") / med(one, "rps"),
-                    one_api_p99_ms=med(one, "p99_ms"), two_apis_p99_ms=med(two, "p99_ms"), goal="report (2 cores: < 2x expected)")
+        self.record(
+            "P9api",
+            one_api_rps=med(one, "rps"),
+            two_apis_rps=med(two, "rps"),
+            scale=med(two, "rps") / med(one, "rps"),
+            one_api_p99_ms=med(one, "p99_ms"),
+            two_apis_p99_ms=med(two, "p99_ms"),
+            goal="report (2 cores: < 2x expected)",
+        )
 
         chats = ids[:50]
         n = 60 if a.quick else 400
@@ -421,15 +619,25 @@ class Bench:
         finally:
             extra.stop()
         self.errors += sum(r["errors"] for r in solo + pair)
-        self.record("P9workers", one_worker_chats_per_s=med(solo, "jobs_per_s"), two_workers_chats_per_s=med(pair, "jobs_per_s"),
-                    scale=med(pair, "jobs_per_s") / med(solo, "jobs_per_s"), **takeover, goal="report; reads_503 == 0 across the take-over")
+        self.record(
+            "P9workers",
+            one_worker_chats_per_s=med(solo, "jobs_per_s"),
+            two_workers_chats_per_s=med(pair, "jobs_per_s"),
+            scale=med(pair, "jobs_per_s") / med(solo, "jobs_per_s"),
+            **takeover,
+            goal="report; reads_503 == 0 across the take-over",
+        )
 
     def _takeover(self, victim: Proc, sessions: list[str], seconds: float) -> dict[str, float]:
         """Appends and read-backs on `sessions` while `victim` (one of two workers) is killed: the longest wait
         for a write to be projected (as a reader sees it: GET answers the write) and the number of 503 reads."""
         worst_before = worst_after = 0.0
         reads_503 = writes = 0
-        with httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=10) as h:
+        with httpx.Client(
+            base_url=self.api.url,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            timeout=10,
+        ) as h:
             killed_at = None
             started = time.monotonic()
             while time.monotonic() - started < seconds:
@@ -454,8 +662,12 @@ class Bench:
                     worst_before = max(worst_before, waited)
                 else:
                     worst_after = max(worst_after, waited)
-        return {"takeover_writes": writes, "read_wait_max_ms_before_kill": worst_before, "read_wait_max_ms_after_kill": worst_after,
-                "reads_503": reads_503}
+        return {
+            "takeover_writes": writes,
+            "read_wait_max_ms_before_kill": worst_before,
+            "read_wait_max_ms_after_kill": worst_after,
+            "reads_503": reads_503,
+        }
 
     def _pin(self, api_cores: set[int] | None) -> None:
         """Pin the API to `api_cores` and the rest of the stack to the other cores (None: undo)."""
@@ -468,7 +680,9 @@ class Bench:
     def _recovery_ms(self, path: str) -> float:
         """From the end of an overload, how long until a request is answered 2xx (the overload's tail drains)."""
         started = time.perf_counter()
-        with httpx.Client(base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}) as h:
+        with httpx.Client(
+            base_url=self.api.url, headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        ) as h:
             while time.perf_counter() - started < 10:
                 if h.post(path, content=BODY).status_code == 201:
                     break
@@ -479,11 +693,20 @@ class Bench:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Parley benchmark — {result['when']}", "", f"`{result['command']}` · reps {result['reps']} × {result['seconds']} s · "
-             f"{result['connections']} connections · load generator: {result['loadgen']}", "", "| row | figures | goal |", "|---|---|---|"]
+    lines = [
+        f"# Parley benchmark — {result['when']}",
+        "",
+        f"`{result['command']}` · reps {result['reps']} × {result['seconds']} s · "
+        f"{result['connections']} connections · load generator: {result['loadgen']}",
+        "",
+        "| row | figures | goal |",
+        "|---|---|---|",
+    ]
     for row, fields in sorted(result["rows"].items()):
         goal = fields.get("goal", "")
-        figs = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items() if k != "goal")
+        figs = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items() if k != "goal"
+        )
         lines.append(f"| {row} | {figs} | {goal} |")
     return "\n".join(lines) + "\n"
 
@@ -523,9 +746,16 @@ def main(argv: list[str] | None = None) -> int:
             replay_bench.run(bench, rows)
     finally:
         bench.stop()
-    result = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "command": "python -m tests.bench " + " ".join(argv or sys.argv[1:]),
-              "reps": args.reps, "seconds": args.seconds, "connections": args.connections,
-              "loadgen": "wrk (closed loop), tests.bench.loadgen (open loop)" if wrk.available() else "tests.bench.loadgen", "errors": bench.errors, "rows": bench.rows}
+    result = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python -m tests.bench " + " ".join(argv or sys.argv[1:]),
+        "reps": args.reps,
+        "seconds": args.seconds,
+        "connections": args.connections,
+        "loadgen": "wrk (closed loop), tests.bench.loadgen (open loop)" if wrk.available() else "tests.bench.loadgen",
+        "errors": bench.errors,
+        "rows": bench.rows,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2))

@@ -139,9 +139,17 @@ async def run(spec: Spec) -> dict:
         return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else 0.0
 
     return {
-        "requests": len(latencies), "seconds": elapsed, "rps": len(latencies) / elapsed, "p50_ms": pick(latencies, 0.5),
-        "p99_ms": pick(latencies, 0.99), "errors": errors, "failures": failures, "ok_requests": len(ok_latencies),
-        "ok_rps": len(ok_latencies) / elapsed, "ok_p50_ms": pick(ok_latencies, 0.5), "ok_p99_ms": pick(ok_latencies, 0.99),
+        "requests": len(latencies),
+        "seconds": elapsed,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": pick(latencies, 0.5),
+        "p99_ms": pick(latencies, 0.99),
+        "errors": errors,
+        "failures": failures,
+        "ok_requests": len(ok_latencies),
+        "ok_rps": len(ok_latencies) / elapsed,
+        "ok_p50_ms": pick(ok_latencies, 0.5),
+        "ok_p99_ms": pick(ok_latencies, 0.99),
     }
 
 

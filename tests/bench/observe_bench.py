@@ -19,8 +19,11 @@ from services.api.observe import Observed
 from shared.observability import logs
 
 SCOPE: dict[str, Any] = {
-    "type": "http", "method": "POST", "path": "/sessions/0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b/messages",
-    "path_template": "/sessions/{session_id}/messages", "headers": [(b"authorization", b"Bearer k"), (b"content-type", b"application/json")],
+    "type": "http",
+    "method": "POST",
+    "path": "/sessions/0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b/messages",
+    "path_template": "/sessions/{session_id}/messages",
+    "headers": [(b"authorization", b"Bearer k"), (b"content-type", b"application/json")],
     "state": {"parley.tenant": "acme"},
 }
 
@@ -47,8 +50,11 @@ async def per_request_us(handler: Any, n: int) -> float:
 
 async def main(n: int = 20_000, runs: int = 7) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".log") as sink:
-        variants = {"bare app": (app, "WARNING"), "observed, access line off": (Observed(app), "WARNING"),
-                    "observed + JSON access line": (Observed(app), "INFO")}
+        variants = {
+            "bare app": (app, "WARNING"),
+            "observed, access line off": (Observed(app), "WARNING"),
+            "observed + JSON access line": (Observed(app), "INFO"),
+        }
         results: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(runs):
             for name, (handler, level) in variants.items():

@@ -26,7 +26,9 @@ from tests.bench.harness import KEY, Bench
 CALLS_PER_SESSION = 4
 
 
-async def interleaved(api_url: str, key: str, chat_ids: list[str], oa_new_ids: list[str], oa_full_ids: list[str], n: int) -> dict[str, Any]:
+async def interleaved(
+    api_url: str, key: str, chat_ids: list[str], oa_new_ids: list[str], oa_full_ids: list[str], n: int
+) -> dict[str, Any]:
     """n rounds of: one /chat, one /chat/completions with the new turn only, one with the whole conversation."""
     headers = {"Authorization": f"Bearer {key}"}
     chat, oa_new, oa_full, errors = [], [], [], 0
@@ -42,14 +44,18 @@ async def interleaved(api_url: str, key: str, chat_ids: list[str], oa_new_ids: l
 
             sid = oa_new_ids[i % len(oa_new_ids)]
             t = time.perf_counter()
-            r = await c.post(f"/sessions/{sid}/chat/completions", json={"model": "zero", "messages": [turn], "max_tokens": 50})
+            r = await c.post(
+                f"/sessions/{sid}/chat/completions", json={"model": "zero", "messages": [turn], "max_tokens": 50}
+            )
             oa_new.append(time.perf_counter() - t)
             errors += r.status_code != 200
 
             sid = oa_full_ids[i % len(oa_full_ids)]
             convo = history[sid] + [turn]
             t = time.perf_counter()
-            r = await c.post(f"/sessions/{sid}/chat/completions", json={"model": "zero", "messages": convo, "max_tokens": 50})
+            r = await c.post(
+                f"/sessions/{sid}/chat/completions", json={"model": "zero", "messages": convo, "max_tokens": 50}
+            )
             oa_full.append(time.perf_counter() - t)
             if r.status_code == 200:
                 history[sid] = convo + [r.json()["choices"][0]["message"]]
@@ -69,7 +75,9 @@ def p4_openai(bench: Bench, reps: int, calls: int, per_session: int = CALLS_PER_
     runs = []
     for _ in range(reps):
         ids = bench.sessions(sessions * 3)
-        run = asyncio.run(interleaved(bench.api.url, KEY, ids[:sessions], ids[sessions : 2 * sessions], ids[2 * sessions :], calls))
+        run = asyncio.run(
+            interleaved(bench.api.url, KEY, ids[:sessions], ids[sessions : 2 * sessions], ids[2 * sessions :], calls)
+        )
         print(json.dumps(run), flush=True)
         runs.append(run)
     bench.errors += sum(r["errors"] for r in runs)
@@ -97,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int)
     parser.add_argument("--calls", type=int)
-    parser.add_argument("--per-session", type=int, default=CALLS_PER_SESSION, help="calls per session (the full-history conversation grows to 2x this)")
+    parser.add_argument(
+        "--per-session",
+        type=int,
+        default=CALLS_PER_SESSION,
+        help="calls per session (the full-history conversation grows to 2x this)",
+    )
     args = parser.parse_args(argv)
     reps = args.reps or (1 if args.quick else 5)
     calls = args.calls or (20 if args.quick else 200)

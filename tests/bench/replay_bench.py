@@ -29,18 +29,18 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from shared import bootstrap
+from shared.adapters.redis.connect import connect
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.store import RedisStore
+from shared.app.ports import Appended
 from shared.app.rebuild import BATCH, Rebuilder, Scope
 from shared.config import Settings
 from shared.domain.commands import AddMessage, CreateSession, Stamp, UpdateSession, decide
 from shared.domain.events import Event
 from shared.domain.ids import uuid7
-from shared.domain.wire import FunctionCall, FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool, ToolCall
 from shared.domain.projection import SNAPSHOT_EVERY
 from shared.domain.state import SessionState, fold
-from shared.app.ports import Appended
-from shared.adapters.redis.connect import connect
-from shared.adapters.redis.keys import Keys
-from shared.adapters.redis.store import RedisStore
+from shared.domain.wire import FunctionCall, FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool, ToolCall
 from tests.bench.harness import KEY, PARTITIONS, ROOT, TENANT, Bench
 
 REPLAY_TENANT = "replay"
@@ -80,8 +80,22 @@ def _pct(values: list[float], q: float) -> float:
 
 # -- the log ----------------------------------------------------------------------------------
 TOOLS = [
-    Tool(type="function", function=FunctionDef(name="lookup", description="Find a record", parameters={"type": "object", "properties": {"q": {"type": "string"}}})),
-    Tool(type="function", function=FunctionDef(name="weather", description="Weather at a place", parameters={"type": "object", "properties": {"city": {"type": "string"}}})),
+    Tool(
+        type="function",
+        function=FunctionDef(
+            name="lookup",
+            description="Find a record",
+            parameters={"type": "object", "properties": {"q": {"type": "string"}}},
+        ),
+    ),
+    Tool(
+        type="function",
+        function=FunctionDef(
+            name="weather",
+            description="Weather at a place",
+            parameters={"type": "object", "properties": {"city": {"type": "string"}}},
+        ),
+    ),
 ]
 WORDS = "the a session event log user agent answer question tool call result rebuild fold snapshot version redis stream".split()
 
@@ -109,8 +123,13 @@ def session_log(rng: random.Random, events: int) -> tuple[str, list[Event]]:
     stays the same size at version 100 and 100,000."""
     stamp = Stamp(now=datetime.now(UTC), new_id=uuid7)
     state = SessionState(id=uuid7())
-    body = SessionCreate(agent_id="agent-1", user_id=f"user-{rng.randint(1, 50)}", situation=_text(rng, 50, 300), tools=TOOLS[:1],
-                         metadata={"channel": "web", "locale": "en"})
+    body = SessionCreate(
+        agent_id="agent-1",
+        user_id=f"user-{rng.randint(1, 50)}",
+        situation=_text(rng, 50, 300),
+        tools=TOOLS[:1],
+        metadata={"channel": "web", "locale": "en"},
+    )
     out = decide(state, CreateSession(body=body), stamp)
     state = fold(state, out)
     user_turn = True
@@ -118,18 +137,28 @@ def session_log(rng: random.Random, events: int) -> tuple[str, list[Event]]:
         r = rng.random()
         left = events - state.version
         if r < MIX["patch"]:
-            cmd: Any = UpdateSession(patch=SessionPatch(metadata={"channel": "web", "locale": "en", "turn": state.version, "topic": rng.choice(WORDS)}))
+            cmd: Any = UpdateSession(
+                patch=SessionPatch(
+                    metadata={"channel": "web", "locale": "en", "turn": state.version, "topic": rng.choice(WORDS)}
+                )
+            )
         elif r < MIX["patch"] + MIX["tools"]:
             cmd = UpdateSession(patch=SessionPatch(tools=TOOLS[: rng.randint(1, 2)]))
         elif r < MIX["patch"] + MIX["tools"] + MIX["tool_call"] and left >= 2:
             call_id = f"call_{uuid7().replace('-', '')[-24:]}"
-            call = ToolCall(id=call_id, function=FunctionCall(name="lookup", arguments=json.dumps({"q": _text(rng, 10, 60)})))
-            new = decide(state, AddMessage(body=MessageCreate(role="assistant", content=None, tool_calls=[call])), stamp)
+            call = ToolCall(
+                id=call_id, function=FunctionCall(name="lookup", arguments=json.dumps({"q": _text(rng, 10, 60)}))
+            )
+            new = decide(
+                state, AddMessage(body=MessageCreate(role="assistant", content=None, tool_calls=[call])), stamp
+            )
             state = fold(state, new)
             out += new
             cmd = AddMessage(body=MessageCreate(role="tool", tool_call_id=call_id, content=_text(rng, 40, 600)))
         else:
-            cmd = AddMessage(body=MessageCreate(role="user" if user_turn else "assistant", content=_text(rng, 40, 1_200)))
+            cmd = AddMessage(
+                body=MessageCreate(role="user" if user_turn else "assistant", content=_text(rng, 40, 1_200))
+            )
             user_turn = not user_turn
         new = decide(state, cmd, stamp)
         state = fold(state, new)
@@ -182,7 +211,9 @@ async def wait_projected(redis_url: str, tenant: str, session_ids: list[str], ti
 
 
 # -- P6 -----------------------------------------------------------------------------------
-async def xrange_all(redis: Any, keys: Keys, session_ids: list[str], count: int = XRANGE_COUNT, width: int = BATCH) -> int:
+async def xrange_all(
+    redis: Any, keys: Keys, session_ids: list[str], count: int = XRANGE_COUNT, width: int = BATCH
+) -> int:
     """Every event of these sessions with pipelined XRANGE: `width` sessions per pipeline (the rebuild's batch),
     `count` entries per call, until each log is read. Answers the entries read."""
     total = 0
@@ -204,7 +235,9 @@ async def xrange_all(redis: Any, keys: Keys, session_ids: list[str], count: int 
 
 async def rebuilder(redis_url: str) -> tuple[Rebuilder, bootstrap.Parley]:
     """As `parley rebuild` builds it (services/ops.py: the composition root, a long deadline), no progress bar."""
-    parley = await bootstrap.start(Settings.from_env(redis_url=redis_url, partitions=PARTITIONS), timeout_s=120, wait_for_store=False)
+    parley = await bootstrap.start(
+        Settings.from_env(redis_url=redis_url, partitions=PARTITIONS), timeout_s=120, wait_for_store=False
+    )
     return parley.rebuilder(), parley
 
 
@@ -250,9 +283,15 @@ def p6(bench: Bench, state: dict[str, Any]) -> None:
         run = _run(p6_rep(bench.redis_server.url, many, big, flip=rep % 2 == 1))
         for name in ("many", "long"):
             if run[f"{name}_rebuild_events"] != run[f"{name}_xrange_events"]:
-                raise RuntimeError(f"P6 {name}: the rebuild folded {run[f'{name}_rebuild_events']} events, the log holds {run[f'{name}_xrange_events']}")
-        run["all_xrange_eps"] = (run["many_xrange_events"] + run["long_xrange_events"]) / (run["many_xrange_s"] + run["long_xrange_s"])
-        run["all_rebuild_eps"] = (run["many_rebuild_events"] + run["long_rebuild_events"]) / (run["many_rebuild_s"] + run["long_rebuild_s"])
+                raise RuntimeError(
+                    f"P6 {name}: the rebuild folded {run[f'{name}_rebuild_events']} events, the log holds {run[f'{name}_xrange_events']}"
+                )
+        run["all_xrange_eps"] = (run["many_xrange_events"] + run["long_xrange_events"]) / (
+            run["many_xrange_s"] + run["long_xrange_s"]
+        )
+        run["all_rebuild_eps"] = (run["many_rebuild_events"] + run["long_rebuild_events"]) / (
+            run["many_rebuild_s"] + run["long_rebuild_s"]
+        )
         for name in ("many", "long"):
             run[f"{name}_xrange_eps"] = run[f"{name}_xrange_events"] / run[f"{name}_xrange_s"]
             run[f"{name}_rebuild_eps"] = run[f"{name}_rebuild_events"] / run[f"{name}_rebuild_s"]
@@ -268,9 +307,15 @@ def p6(bench: Bench, state: dict[str, Any]) -> None:
         "P6",
         log=f"{size['sessions']} sessions x {size['events']} events (tenant {REPLAY_TENANT}) + 1 session x {state['big_events']} events",
         events=int(runs[0]["many_xrange_events"] + runs[0]["long_xrange_events"]),
-        rebuild_eps=m("all_rebuild_eps"), xrange_eps=m("all_xrange_eps"), ratio=m("all_ratio"),
-        many_rebuild_eps=m("many_rebuild_eps"), many_xrange_eps=m("many_xrange_eps"), many_ratio=m("many_ratio"),
-        long_rebuild_eps=m("long_rebuild_eps"), long_xrange_eps=m("long_xrange_eps"), long_ratio=m("long_ratio"),
+        rebuild_eps=m("all_rebuild_eps"),
+        xrange_eps=m("all_xrange_eps"),
+        ratio=m("all_ratio"),
+        many_rebuild_eps=m("many_rebuild_eps"),
+        many_xrange_eps=m("many_xrange_eps"),
+        many_ratio=m("many_ratio"),
+        long_rebuild_eps=m("long_rebuild_eps"),
+        long_xrange_eps=m("long_xrange_eps"),
+        long_ratio=m("long_ratio"),
         ratios_per_rep=[round(r["all_ratio"], 3) for r in runs],
         goal="ratio (rebuild events/s / pipelined XRANGE events/s) >= 0.5",
     )
@@ -284,8 +329,23 @@ def _spreads(far: int, n: int, seed_no: int) -> tuple[list[int], list[int]]:
 
 def http_latency(bench: Bench, paths: list[str], seconds: float) -> dict:
     """One connection, back to back (closed loop), our load generator in its own process: per-request latency."""
-    spec = {"url": bench.api.url, "paths": paths, "seconds": seconds, "key": KEY, "method": "GET", "body": None, "mode": "closed", "connections": 1}
-    out = subprocess.run([sys.executable, "-m", "tests.bench.loadgen", json.dumps(spec)], capture_output=True, text=True, check=True, cwd=ROOT)
+    spec = {
+        "url": bench.api.url,
+        "paths": paths,
+        "seconds": seconds,
+        "key": KEY,
+        "method": "GET",
+        "body": None,
+        "mode": "closed",
+        "connections": 1,
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.bench.loadgen", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     return json.loads(out.stdout)
 
 
@@ -353,9 +413,14 @@ def p5tt(bench: Bench, state: dict[str, Any]) -> None:
     def m(rs: list[dict], field: str) -> float:
         return statistics.median(r[field] for r in rs)
 
-    out: dict[str, Any] = {"session_events": state["big_events"], "near_versions": f"{NEAR}..{NEAR + SPREAD - 1}",
-                           "far_versions": f"{far}..{far + SPREAD - 1}", "snapshot_every": SNAPSHOT_EVERY,
-                           f"state_bytes_at_{NEAR}": sizes[0], f"state_bytes_at_{far}": sizes[1]}
+    out: dict[str, Any] = {
+        "session_events": state["big_events"],
+        "near_versions": f"{NEAR}..{NEAR + SPREAD - 1}",
+        "far_versions": f"{far}..{far + SPREAD - 1}",
+        "snapshot_every": SNAPSHOT_EVERY,
+        f"state_bytes_at_{NEAR}": sizes[0],
+        f"state_bytes_at_{far}": sizes[1],
+    }
     for kind in kinds:
         near, farr = runs[f"{kind}_near"], runs[f"{kind}_far"]
         for q in ("p50_ms", "p99_ms"):

@@ -46,7 +46,15 @@ def available() -> bool:
     return shutil.which("wrk") is not None
 
 
-def run(base_url: str, paths: list[str], seconds: float, connections: int, key: str, method: str = "GET", body: bytes | None = None) -> LoadResult:
+def run(
+    base_url: str,
+    paths: list[str],
+    seconds: float,
+    connections: int,
+    key: str,
+    method: str = "GET",
+    body: bytes | None = None,
+) -> LoadResult:
     with tempfile.TemporaryDirectory() as tmp:
         paths_file = Path(tmp) / "paths.txt"
         paths_file.write_text("\n".join(paths) + "\n")
@@ -54,13 +62,30 @@ def run(base_url: str, paths: list[str], seconds: float, connections: int, key: 
         lua_body = "nil" if body is None else "[==[" + body.decode() + "]==]"
         script.write_text(LUA % {"paths": paths_file, "method": method, "body": lua_body, "key": key})
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), base_url],
-            capture_output=True, text=True, check=True, timeout=seconds + 60,
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(script),
+                base_url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60,
         ).stdout
     line = next(l for l in out.splitlines() if l.startswith("PARLEY_JSON "))
     raw = json.loads(line.removeprefix("PARLEY_JSON "))
     secs = raw["duration_us"] / 1e6
     return LoadResult(
-        requests=raw["requests"], seconds=secs, rps=raw["requests"] / secs,
-        p50_ms=raw["p50_us"] / 1000, p99_ms=raw["p99_us"] / 1000, errors=raw["errors"],
+        requests=raw["requests"],
+        seconds=secs,
+        rps=raw["requests"] / secs,
+        p50_ms=raw["p50_us"] / 1000,
+        p99_ms=raw["p99_us"] / 1000,
+        errors=raw["errors"],
     )

@@ -22,10 +22,15 @@ def completion(model: str) -> bytes:
 
 
 def chunks(model: str) -> list[bytes]:
-    head = b'{"id":"chatcmpl-zero","object":"chat.completion.chunk","created":%d,"model":"%s",' % (int(time.time()), model.encode())
+    head = b'{"id":"chatcmpl-zero","object":"chat.completion.chunk","created":%d,"model":"%s",' % (
+        int(time.time()),
+        model.encode(),
+    )
     words = ANSWER.split(" ")
     out = [head + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}']
-    out += [head + b'"choices":[{"index":0,"delta":{"content":"%s "},"finish_reason":null}]}' % w.encode() for w in words]
+    out += [
+        head + b'"choices":[{"index":0,"delta":{"content":"%s "},"finish_reason":null}]}' % w.encode() for w in words
+    ]
     out += [head + b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}']
     out += [head + b'"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":8,"total_tokens":18}}']
     return [b"data: " + c + b"\n\n" for c in out] + [b"data: [DONE]\n\n"]
@@ -49,7 +54,13 @@ async def app(scope, receive, send) -> None:  # a bare ASGI app: the least a ser
         await send({"type": "http.response.body", "body": b""})
     else:
         payload = completion(model)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -57,7 +68,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", access_log=False, log_level="warning")
+    uvicorn.run(
+        app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", access_log=False, log_level="warning"
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,6 @@ class Stack:
         self.redis.stop()
 
 
-
-
 def model_env(server: ModelServer, **extra: str) -> dict[str, str]:
     """Environment of api and worker processes that use the test model server."""
     return {

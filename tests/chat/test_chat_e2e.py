@@ -21,14 +21,13 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from shared.domain.context import REPLY_PRIMING, SUMMARY_PREFIX, ContextMessage, message_tokens, prompt_tokens
-from shared.domain.events import MessageAdded, SummaryAdded
-from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.store import RedisStore
 from shared.adapters.tokenizer import Tokenizer
+from shared.domain.context import REPLY_PRIMING, SUMMARY_PREFIX, ContextMessage, message_tokens, prompt_tokens
+from shared.domain.events import MessageAdded, SummaryAdded
 from tests.chat.conftest import Stack, model_env
 from tests.model_server import MODEL_NAME, SSE, ModelServer, iter_sse, parse_sse, text_of
-from shared.adapters.redis.keys import partition_of
 from tests.support import auth
 
 ACME = auth("acme")
@@ -36,8 +35,20 @@ GLOBEX = auth("globex")
 ASYNC = {**ACME, "Prefer": "respond-async"}
 TOK = Tokenizer.for_model(MODEL_NAME)
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-JOB_FIELDS = {"id", "session_id", "status", "model", "stream", "attempts", "created_at", "started_at", "finished_at",
-              "context", "response", "error"}
+JOB_FIELDS = {
+    "id",
+    "session_id",
+    "status",
+    "model",
+    "stream",
+    "attempts",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "context",
+    "response",
+    "error",
+}
 CONTEXT_FIELDS = {"included", "dropped", "summarized", "prompt_tokens", "budget", "max_tokens"}
 ENDED = ("succeeded", "failed", "cancelled")
 WAIT_S = 20.0
@@ -92,7 +103,9 @@ def user(text: str) -> dict[str, Any]:
     return {"role": "user", "content": text}
 
 
-def chat(c: httpx.Client, sid: str, *messages: dict[str, Any], headers: dict[str, str] = ACME, **body: Any) -> httpx.Response:
+def chat(
+    c: httpx.Client, sid: str, *messages: dict[str, Any], headers: dict[str, str] = ACME, **body: Any
+) -> httpx.Response:
     return c.post(f"/sessions/{sid}/chat", json={"messages": list(messages), **body}, headers=headers)
 
 
@@ -127,7 +140,9 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = WAIT_S, inter
         time.sleep(interval)
 
 
-def wait_job(c: httpx.Client, sid: str, job_id: str, statuses: tuple[str, ...] = ENDED, timeout: float = WAIT_S) -> dict[str, Any]:
+def wait_job(
+    c: httpx.Client, sid: str, job_id: str, statuses: tuple[str, ...] = ENDED, timeout: float = WAIT_S
+) -> dict[str, Any]:
     last: dict[str, Any] = {}
 
     def reached() -> dict[str, Any] | None:
@@ -170,8 +185,15 @@ STREAM_READ = httpx.Timeout(30.0, read=12.0)
 STREAM_DEADLINE_S = 25.0
 
 
-def sse(c: httpx.Client, method: str, path: str, body: Any = None, headers: dict[str, str] = ACME,
-        last_event_id: str | None = None, stop_after: int | None = None) -> list[SSE]:
+def sse(
+    c: httpx.Client,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] = ACME,
+    last_event_id: str | None = None,
+    stop_after: int | None = None,
+) -> list[SSE]:
     """Send a request answered by server-sent events and read them (bounded) to the stream's end, or until
     `stop_after` data events (then disconnect). Answers the data events; fails on a non-200 answer."""
     h = dict(headers)
@@ -192,11 +214,17 @@ def sse(c: httpx.Client, method: str, path: str, body: Any = None, headers: dict
     return events
 
 
-def stream_chat(c: httpx.Client, sid: str, *messages: dict[str, Any], stop_after: int | None = None, **body: Any) -> list[SSE]:
-    return sse(c, "POST", f"/sessions/{sid}/chat", {"messages": list(messages), "stream": True, **body}, stop_after=stop_after)
+def stream_chat(
+    c: httpx.Client, sid: str, *messages: dict[str, Any], stop_after: int | None = None, **body: Any
+) -> list[SSE]:
+    return sse(
+        c, "POST", f"/sessions/{sid}/chat", {"messages": list(messages), "stream": True, **body}, stop_after=stop_after
+    )
 
 
-def stream_events(c: httpx.Client, sid: str, job_id: str, last_event_id: str | None = None, headers: dict[str, str] = ACME) -> list[SSE]:
+def stream_events(
+    c: httpx.Client, sid: str, job_id: str, last_event_id: str | None = None, headers: dict[str, str] = ACME
+) -> list[SSE]:
     """The job's whole event stream (from the start, or after `last_event_id`), read to its end."""
     return sse(c, "GET", f"/sessions/{sid}/chats/{job_id}/stream", headers=headers, last_event_id=last_event_id)
 
@@ -223,13 +251,19 @@ def assert_complete_stream(events: list[SSE], job_id: str) -> tuple[str, dict[st
     assert usage_event["id"] == job_id and usage_event["choices"] == [], usage_event
     assert set(usage_event["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     finish = events[-3].json()
-    assert finish["id"] == job_id and finish["choices"][0]["delta"] == {} and finish["choices"][0]["finish_reason"], finish
+    assert finish["id"] == job_id and finish["choices"][0]["delta"] == {} and finish["choices"][0]["finish_reason"], (
+        finish
+    )
     for e in events[:-3]:
         assert e.event is None, e
         body = e.json()
         assert body["id"] == job_id, body
         [choice] = body["choices"]
-        assert choice["index"] == 0 and choice["finish_reason"] is None and set(choice["delta"]) <= {"content", "tool_calls"}, body
+        assert (
+            choice["index"] == 0
+            and choice["finish_reason"] is None
+            and set(choice["delta"]) <= {"content", "tool_calls"}
+        ), body
     stream_ids = [_stream_id(i) for i in ids[:-1]]
     assert stream_ids == sorted(stream_ids) and len(set(stream_ids)) == len(stream_ids), ids
     return finish["choices"][0]["finish_reason"], usage_event["usage"]
@@ -252,8 +286,14 @@ def cost(role: str, content: str | None, **kw: Any) -> int:
 def received_tokens(request: dict[str, Any]) -> int:
     """What Parley's counting says the prompt the model server received costs (no tools offered)."""
     msgs = [
-        ContextMessage(id=None, role=m["role"], content=m.get("content"), name=m.get("name"),
-                       tool_call_id=m.get("tool_call_id"), tool_calls=m.get("tool_calls"))
+        ContextMessage(
+            id=None,
+            role=m["role"],
+            content=m.get("content"),
+            name=m.get("name"),
+            tool_call_id=m.get("tool_call_id"),
+            tool_calls=m.get("tool_calls"),
+        )
         for m in request["body"]["messages"]
     ]
     return prompt_tokens(TOK, msgs, None)
@@ -322,7 +362,9 @@ def test_sync_chat_answers_the_completion_and_stores_both_messages(c, model):
     # The request's message, then the answer, are the session's next messages.
     stored = messages(c, s["id"])
     assert [(m["role"], m["content"], m["seq"]) for m in stored] == [
-        ("user", f"hello there {mark}", 1), ("assistant", f"echo: hello there {mark}", 2)]
+        ("user", f"hello there {mark}", 1),
+        ("assistant", f"echo: hello there {mark}", 2),
+    ]
     assert stored[1]["tool_calls"] is None
 
     # The model got the situation as the system message, then the user message, with Parley's parameters.
@@ -365,13 +407,26 @@ def test_chat_parameters_reach_the_model(c, model):
     mark = marker()
     s = create(c)
     body = chat_ok(
-        c, s["id"], user(f"params {mark}"), model="other-model", max_tokens=77, temperature=0.5, top_p=0.9,
-        stop=["\n\n"], seed=7, response_format={"type": "text"},
+        c,
+        s["id"],
+        user(f"params {mark}"),
+        model="other-model",
+        max_tokens=77,
+        temperature=0.5,
+        top_p=0.9,
+        stop=["\n\n"],
+        seed=7,
+        response_format={"type": "text"},
     )
     [req] = model_requests(model, mark)
     sent = req["body"]
     assert sent["model"] == "other-model" and sent["max_tokens"] == 77 and sent["temperature"] == 0.5
-    assert sent["top_p"] == 0.9 and sent["stop"] == ["\n\n"] and sent["seed"] == 7 and sent["response_format"] == {"type": "text"}
+    assert (
+        sent["top_p"] == 0.9
+        and sent["stop"] == ["\n\n"]
+        and sent["seed"] == 7
+        and sent["response_format"] == {"type": "text"}
+    )
     assert "tools" not in sent
     assert body["model"] == "other-model"
     j = job(c, s["id"], body["id"])
@@ -499,8 +554,12 @@ def test_a_quiet_stream_gets_keep_alive_comments(c, model):
     seen: list[SSE] = []
     deadline = time.monotonic() + 25
     try:
-        with c.stream("GET", f"/sessions/{s['id']}/chats/{second['id']}/stream", headers=ACME,
-                      timeout=httpx.Timeout(30.0, read=20.0)) as r:
+        with c.stream(
+            "GET",
+            f"/sessions/{s['id']}/chats/{second['id']}/stream",
+            headers=ACME,
+            timeout=httpx.Timeout(30.0, read=20.0),
+        ) as r:
             assert r.status_code == 200
             for e in iter_sse(r.iter_lines()):
                 seen.append(e)
@@ -531,15 +590,24 @@ def test_a_streamed_tool_call_is_relayed_as_tool_call_deltas(c, model):
 # -- tool calls -----------------------------------------------------------------------------------
 def test_tool_call_round_trip(c, model):
     mark = marker()
-    lookup = {"type": "function", "function": {"name": "lookup_order", "description": "finds an order",
-                                               "parameters": {"type": "object", "properties": {"input": {"type": "string"}}}}}
+    lookup = {
+        "type": "function",
+        "function": {
+            "name": "lookup_order",
+            "description": "finds an order",
+            "parameters": {"type": "object", "properties": {"input": {"type": "string"}}},
+        },
+    }
     s = create(c, situation=f"Support bot {mark}", tools=[lookup])
-    body = chat_ok(c, s["id"], user(f"please call lookup_order 1234"))
+    body = chat_ok(c, s["id"], user("please call lookup_order 1234"))
     [choice] = body["choices"]
     assert choice["finish_reason"] == "tool_calls"
     assert choice["message"]["content"] is None
     [call] = choice["message"]["tool_calls"]
-    assert call["type"] == "function" and call["function"] == {"name": "lookup_order", "arguments": json.dumps({"input": "1234"})}
+    assert call["type"] == "function" and call["function"] == {
+        "name": "lookup_order",
+        "arguments": json.dumps({"input": "1234"}),
+    }
     [req] = model_requests(model, mark)
     assert req["body"]["tools"][0]["function"]["name"] == "lookup_order"
     assert req["body"]["tools"][0]["function"]["parameters"] == lookup["function"]["parameters"]
@@ -563,10 +631,16 @@ def test_tool_call_round_trip(c, model):
     assert body2["choices"][0]["message"]["content"] == "tool said: shipped on Monday"
     second = model_requests(model, mark)[1]["body"]["messages"]
     assert second[-2] == {"role": "assistant", "tool_calls": [call]} or (
-        second[-2]["role"] == "assistant" and second[-2]["tool_calls"] == [call] and not second[-2].get("content"))
+        second[-2]["role"] == "assistant" and second[-2]["tool_calls"] == [call] and not second[-2].get("content")
+    )
     assert second[-1] == {"role": "tool", "tool_call_id": call["id"], "content": "shipped on Monday"}
     stored = messages(c, s["id"])
-    assert [(m["role"], m["tool_call_id"]) for m in stored] == [("user", None), ("assistant", None), ("tool", call["id"]), ("assistant", None)]
+    assert [(m["role"], m["tool_call_id"]) for m in stored] == [
+        ("user", None),
+        ("assistant", None),
+        ("tool", call["id"]),
+        ("assistant", None),
+    ]
 
 
 # -- cancel ---------------------------------------------------------------------------------------
@@ -610,7 +684,8 @@ def test_cancelling_a_running_chat_stops_the_model_call(c, model):
     assert c.post(f"/sessions/{s['id']}/chats/{jid}/cancel", headers=ACME).status_code == 200
     [req] = wait_model_outcome(model, mark)
     assert req["outcome"] == "disconnected", (
-        f"the worker read the whole answer ({req['chunks_sent']} chunks) after the chat was cancelled")
+        f"the worker read the whole answer ({req['chunks_sent']} chunks) after the chat was cancelled"
+    )
 
 
 def test_cancel_a_queued_chat_and_an_ended_chat(c, model):
@@ -628,7 +703,11 @@ def test_cancel_a_queued_chat_and_an_ended_chat(c, model):
     assert done["status"] == "succeeded"
     assert job(c, s["id"], second["id"])["status"] == "cancelled"
     assert len(model_requests(model, mark)) == 1, "a cancelled queued chat never reaches the model"
-    assert [m["content"] for m in messages(c, s["id"])] == [f"{SLOW_TEXT} {mark}", f"queued {mark}", f"echo: {SLOW_TEXT} {mark}"]
+    assert [m["content"] for m in messages(c, s["id"])] == [
+        f"{SLOW_TEXT} {mark}",
+        f"queued {mark}",
+        f"echo: {SLOW_TEXT} {mark}",
+    ]
 
     r = c.post(f"/sessions/{s['id']}/chats/{first['id']}/cancel", headers=ACME)
     assert_error(r, 409, "chat_not_active")
@@ -650,9 +729,12 @@ def test_multitask_enqueue_runs_the_second_chat_after_the_first(c, model):
     assert len(reqs) == 2
     assert sent_prompt(reqs[0])[-1] == ("user", f"{SLOW_TEXT} first {mark}")
     assert sent_prompt(reqs[1])[-1] == ("user", f"second {mark}")
-    assert reqs[0]["outcome"] == "completed" and reqs[1]["received_at"] >= reqs[0]["ended_at"], "the second ran after the first"
+    assert reqs[0]["outcome"] == "completed" and reqs[1]["received_at"] >= reqs[0]["ended_at"], (
+        "the second ran after the first"
+    )
     assert ("assistant", f"echo: {SLOW_TEXT} first {mark}") in sent_prompt(reqs[1]), (
-        "the second chat runs after the first: its prompt should hold the first answer")
+        "the second chat runs after the first: its prompt should hold the first answer"
+    )
 
 
 @pytest.mark.parametrize("where", ["create", "patch", "request"])
@@ -662,7 +744,9 @@ def test_multitask_reject_answers_409_while_a_chat_is_in_progress(c, model, wher
     if where == "patch":
         assert patch(c, s["id"], multitask="reject")["multitask"] == "reject"
     if where == "create":
-        assert c.get(f"/sessions/{s['id']}", headers=ACME).json()["multitask"] == "reject", "multitask given at create is kept"
+        assert c.get(f"/sessions/{s['id']}", headers=ACME).json()["multitask"] == "reject", (
+            "multitask given at create is kept"
+        )
     per_request = {"multitask": "reject"} if where == "request" else {}
     model.control(chunk_delay_s=0.05)
     a = chat_async(c, s["id"], user(f"{SLOW_TEXT} {mark}"))
@@ -671,13 +755,18 @@ def test_multitask_reject_answers_409_while_a_chat_is_in_progress(c, model, wher
     err = assert_error(r, 409, "chat_in_progress")
     assert a["id"] in json.dumps(err)
     assert [m["content"] for m in messages(c, s["id"])][:1] == [f"{SLOW_TEXT} {mark}"]
-    assert "me too" not in json.dumps(messages(c, s["id"])) and len(chats(c, s["id"])) == 1, "a rejected chat writes nothing"
+    assert "me too" not in json.dumps(messages(c, s["id"])) and len(chats(c, s["id"])) == 1, (
+        "a rejected chat writes nothing"
+    )
 
     assert wait_job(c, s["id"], a["id"])["status"] == "succeeded"
     assert len(chats(c, s["id"])) == 1
     assert [m["role"] for m in messages(c, s["id"])] == ["user", "assistant"]
     # Once the first has ended, the next chat is accepted.
-    assert chat_ok(c, s["id"], user(f"now {mark}"), **per_request)["choices"][0]["message"]["content"] == f"echo: now {mark}"
+    assert (
+        chat_ok(c, s["id"], user(f"now {mark}"), **per_request)["choices"][0]["message"]["content"]
+        == f"echo: now {mark}"
+    )
 
 
 def test_multitask_interrupt_cancels_the_running_chat(c, model, stack):
@@ -698,9 +787,16 @@ def test_multitask_interrupt_cancels_the_running_chat(c, model, stack):
     assert ja["status"] == "cancelled" and ja["error"]["code"] == "cancelled" and ja["response"] is None
     wait_model_outcome(model, mark)
     assert [(m["role"], m["content"]) for m in messages(c, s["id"])] == [
-        ("user", f"{SLOW_TEXT} {mark}"), ("user", f"never mind {mark}"), ("assistant", f"echo: never mind {mark}")]
+        ("user", f"{SLOW_TEXT} {mark}"),
+        ("user", f"never mind {mark}"),
+        ("assistant", f"echo: never mind {mark}"),
+    ]
     events = stream_events(c, s["id"], a["id"])
-    assert events[-1].data == "[DONE]" and events[-2].event == "chat.failed" and events[-2].json()["error"]["code"] == "cancelled"
+    assert (
+        events[-1].data == "[DONE]"
+        and events[-2].event == "chat.failed"
+        and events[-2].json()["error"]["code"] == "cancelled"
+    )
 
 
 def test_deleting_the_session_ends_its_waiting_chat_with_409_session_deleted(c, model, stack):
@@ -753,7 +849,9 @@ HISTORY = [
 ]
 
 
-def _history_session(c: httpx.Client, situation: str, budget: int, policy: str | None) -> tuple[str, list[dict[str, Any]]]:
+def _history_session(
+    c: httpx.Client, situation: str, budget: int, policy: str | None
+) -> tuple[str, list[dict[str, Any]]]:
     s = create(c, situation=situation, token_budget=budget, context_overflow=policy)
     return s["id"], [add(c, s["id"], role, text) for role, text in HISTORY]
 
@@ -764,7 +862,9 @@ def test_truncate_drops_the_oldest_messages_to_fit_exactly(c, model, kept):
     situation, question, max_tokens = f"Answer in one line. {mark}", "What about plums?", 40
     history_costs = [cost(role, text) for role, text in HISTORY]
     # Exactly the last `kept` history messages fit (prompt + max_tokens == budget).
-    prompt = REPLY_PRIMING + cost("system", situation) + sum(history_costs[len(HISTORY) - kept :]) + cost("user", question)
+    prompt = (
+        REPLY_PRIMING + cost("system", situation) + sum(history_costs[len(HISTORY) - kept :]) + cost("user", question)
+    )
     sid, stored = _history_session(c, situation, prompt + max_tokens, "truncate")
 
     body = chat_ok(c, sid, user(question), max_tokens=max_tokens)
@@ -794,8 +894,13 @@ def test_truncate_on_a_long_session_reads_only_what_the_budget_reaches_and_keeps
     with httpx.Client(base_url=str(c.base_url), headers=ACME, timeout=30) as bulk:
         stored = [bulk.post(f"/sessions/{sid}/messages", json={"role": r, "content": t}).json() for r, t in texts]
     assert all("id" in m for m in stored)
-    prompt = (REPLY_PRIMING + cost("system", situation) + cost("system", rule["content"])
-              + sum(cost(r, t) for r, t in texts[-kept:]) + cost("user", question))
+    prompt = (
+        REPLY_PRIMING
+        + cost("system", situation)
+        + cost("system", rule["content"])
+        + sum(cost(r, t) for r, t in texts[-kept:])
+        + cost("user", question)
+    )
     patch(c, sid, token_budget=prompt + max_tokens, context_overflow="truncate")
 
     body = chat_ok(c, sid, user(question), max_tokens=max_tokens)
@@ -842,7 +947,12 @@ def test_truncate_drops_a_tool_result_together_with_its_call(c, model):
 def test_a_budget_the_newest_message_alone_overflows_fails_under_every_policy(c, model):
     mark = marker()
     for policy in ("truncate", "adaptive", None):
-        s = create(c, situation=f"Hi {mark}", token_budget=REPLY_PRIMING + cost("system", f"Hi {mark}") + 5, context_overflow=policy)
+        s = create(
+            c,
+            situation=f"Hi {mark}",
+            token_budget=REPLY_PRIMING + cost("system", f"Hi {mark}") + 5,
+            context_overflow=policy,
+        )
         r = chat(c, s["id"], user("a question that needs more than five tokens, surely"), max_tokens=1)
         assert_error(r, 422, "token_budget_exceeded")
         [j] = chats(c, s["id"])
@@ -904,7 +1014,9 @@ def test_adaptive_summarises_the_oldest_messages_and_later_chats_reuse_the_summa
 
     reqs = model_requests(model, mark)
     [summary_req] = [r for r in model.requests() if long1 in json.dumps(r["body"]["messages"])]
-    assert summary_req["body"]["messages"][0]["role"] == "system" and summary_req["body"]["messages"][0]["content"].startswith("Summarize")
+    assert summary_req["body"]["messages"][0]["role"] == "system" and summary_req["body"]["messages"][0][
+        "content"
+    ].startswith("Summarize")
     summary_input = summary_req["body"]["messages"][-1]["content"]
     assert long1 in summary_input and long2 in summary_input and "plums are purple" not in summary_input
     summary_text = summary_req["answer"]["content"]
@@ -930,11 +1042,21 @@ def test_adaptive_summarises_the_oldest_messages_and_later_chats_reuse_the_summa
     max2 = budget - prompt2
     assert max2 >= 1, "the follow-up must fit with the summary"
     body2 = chat_ok(c, sid, user(follow_up), max_tokens=max2)
-    all_reqs = [r for r in model.requests() if mark in json.dumps(r["body"]["messages"]) or long1 in json.dumps(r["body"]["messages"])]
+    all_reqs = [
+        r
+        for r in model.requests()
+        if mark in json.dumps(r["body"]["messages"]) or long1 in json.dumps(r["body"]["messages"])
+    ]
     assert len(all_reqs) == 3, "one summary, two answers"
     later = all_reqs[-1]
-    assert sent_prompt(later) == [("system", situation), ("system", summary_msg), *short, ("user", question),
-                                  ("assistant", answer), ("user", follow_up)]
+    assert sent_prompt(later) == [
+        ("system", situation),
+        ("system", summary_msg),
+        *short,
+        ("user", question),
+        ("assistant", answer),
+        ("user", follow_up),
+    ]
     assert all(text not in (long1, long2) for _, text in sent_prompt(later))
     j2 = job(c, sid, body2["id"])
     assert j2["context"]["summarized"] == [] and j2["context"]["dropped"] == []
@@ -956,7 +1078,9 @@ def test_provider_500s_are_retried_then_the_chat_succeeds(c, model):
     assert [m["role"] for m in messages(c, s["id"])] == ["user", "assistant"]
 
 
-@pytest.mark.parametrize(("status", "code"), [(500, "model_unavailable"), (503, "model_unavailable"), (429, "model_rate_limited")])
+@pytest.mark.parametrize(
+    ("status", "code"), [(500, "model_unavailable"), (503, "model_unavailable"), (429, "model_rate_limited")]
+)
 def test_a_provider_that_keeps_failing_fails_the_job(c, model, status, code):
     mark = marker()
     s = create(c)
@@ -967,7 +1091,9 @@ def test_a_provider_that_keeps_failing_fails_the_job(c, model, status, code):
     assert j["response"] is None
     assert len(model_requests(model, f"queued {mark}")) == 3, "one try and PARLEY_MODEL_MAX_RETRIES=2 retries"
     events = stream_events(c, s["id"], a["id"])
-    assert events[-1].data == "[DONE]" and events[-2].event == "chat.failed" and events[-2].json()["error"]["code"] == code
+    assert (
+        events[-1].data == "[DONE]" and events[-2].event == "chat.failed" and events[-2].json()["error"]["code"] == code
+    )
 
     # A synchronous chat answers 502 with the code.
     r = chat(c, s["id"], user(f"waiting {mark}"))
@@ -1039,13 +1165,17 @@ def test_another_tenants_session_and_jobs_answer_404_everywhere(c, model):
             ("POST", f"/sessions/{session}/chats/{job_id}/cancel", None),
         ]
         if session == sid:
-            calls += [("GET", f"/sessions/{session}/chats", None),
-                      ("POST", f"/sessions/{session}/chat", {"messages": [user(f"intruder {mark}")]})]
+            calls += [
+                ("GET", f"/sessions/{session}/chats", None),
+                ("POST", f"/sessions/{session}/chat", {"messages": [user(f"intruder {mark}")]}),
+            ]
         for method, path, body in calls:
             r = c.request(method, path, json=body, headers=GLOBEX)
             if r.status_code != 404 or r.json()["error"]["code"] != "not_found":
                 where = "acme's session" if session == sid else "globex's own session"
-                wrong.append(f"{method} {path} ({where}, {'ended' if job_id == jid else 'running'} job) -> {r.status_code} {r.text}")
+                wrong.append(
+                    f"{method} {path} ({where}, {'ended' if job_id == jid else 'running'} job) -> {r.status_code} {r.text}"
+                )
     assert c.get(f"/sessions/{theirs}/chats", headers=GLOBEX).json() == {"items": []}
     assert wait_job(c, sid, running["id"])["status"] == "succeeded", "globex's cancel must not touch acme's chat"
     assert "intruder" not in json.dumps(messages(c, sid))
@@ -1091,7 +1221,7 @@ def test_the_offline_model_streams_several_chunks(offline):
 
 def test_the_sse_parser_reads_keep_alive_comments():
     """The helper the stream tests rely on: comments are kept apart from data events."""
-    events = parse_sse(": keep-alive\n\nid: 1-0\ndata: {\"a\": 1}\n\nid: 1-0.1\ndata: [DONE]\n\n")
+    events = parse_sse(': keep-alive\n\nid: 1-0\ndata: {"a": 1}\n\nid: 1-0.1\ndata: [DONE]\n\n')
     assert [e.comment for e in events] == ["keep-alive", None, None]
     assert events[1].json() == {"a": 1} and events[2].id == "1-0.1" and events[2].data == "[DONE]"
 
@@ -1117,5 +1247,7 @@ def test_an_idempotent_replay_of_an_interrupting_chat_interrupts_nothing_new(c, 
     assert replay.status_code == 200 and replay.json() == first.json()
     assert wait_job(c, s["id"], later["id"])["status"] == "succeeded"
     events = stream_events(c, s["id"], later["id"])
-    assert not [e for e in events if e.event == "chat.failed"], "the replay wrote a cancellation into another chat's stream"
+    assert not [e for e in events if e.event == "chat.failed"], (
+        "the replay wrote a cancellation into another chat's stream"
+    )
     assert_complete_stream(events, later["id"])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -23,8 +23,14 @@ from tests.model_server import MODEL_NAME, ModelServer, parse_sse
 from tests.support import TENANTS, auth
 
 ACME = auth("acme")
-TOOL = {"type": "function", "function": {"name": "lookup_order", "description": "Find an order",
-                                         "parameters": {"type": "object", "properties": {"input": {"type": "string"}}}}}
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup_order",
+        "description": "Find an order",
+        "parameters": {"type": "object", "properties": {"input": {"type": "string"}}},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +56,9 @@ def create(c: httpx.Client, tenant: str = "acme", **body: Any) -> str:
 
 def sdk(stack: Stack, sid: str, tenant: str = "acme", **kw: Any) -> openai.OpenAI:
     """The SDK pointed at a session, exactly as the README says. No retries: each test sees each answer."""
-    return openai.OpenAI(base_url=f"{stack.url}/sessions/{sid}", api_key=TENANTS[tenant], max_retries=0, timeout=40, **kw)
+    return openai.OpenAI(
+        base_url=f"{stack.url}/sessions/{sid}", api_key=TENANTS[tenant], max_retries=0, timeout=40, **kw
+    )
 
 
 def stored(c: httpx.Client, sid: str) -> list[dict[str, Any]]:
@@ -78,11 +86,20 @@ def assistant(text: str) -> dict[str, Any]:
 
 
 # -- completions ------------------------------------------------------------------------------------------------------
-def test_sync_completion_is_a_chat_completion_whose_id_is_the_chat_job(stack: Stack, c: httpx.Client, model: ModelServer) -> None:
+def test_sync_completion_is_a_chat_completion_whose_id_is_the_chat_job(
+    stack: Stack, c: httpx.Client, model: ModelServer
+) -> None:
     sid = create(c, situation="You are terse.")
     m = marker()
-    r = sdk(stack, sid).chat.completions.create(model="gpt-4o-mini", messages=[user(f"hello {m}")], temperature=0.2, seed=7, user="u-1",
-                                                metadata={"k": "v"}, max_completion_tokens=64)
+    r = sdk(stack, sid).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[user(f"hello {m}")],
+        temperature=0.2,
+        seed=7,
+        user="u-1",
+        metadata={"k": "v"},
+        max_completion_tokens=64,
+    )
     assert r.object == "chat.completion"
     assert isinstance(r.created, int) and r.created > 1_600_000_000
     assert r.model == "gpt-4o-mini"  # any name goes to the provider, which answers with it
@@ -98,7 +115,9 @@ def test_sync_completion_is_a_chat_completion_whose_id_is_the_chat_job(stack: St
     assert len(job["context"]["included"]) == 1 and job["context"]["max_tokens"] == 64
     [sent] = model.requests(containing=m)
     body = sent["body"]
-    assert body["model"] == "gpt-4o-mini" and body["temperature"] == 0.2 and body["seed"] == 7 and body["max_tokens"] == 64
+    assert (
+        body["model"] == "gpt-4o-mini" and body["temperature"] == 0.2 and body["seed"] == 7 and body["max_tokens"] == 64
+    )
     assert body["messages"] == [{"role": "system", "content": "You are terse."}, user(f"hello {m}")]
     assert turns(c, sid) == [("user", f"hello {m}"), ("assistant", f"echo: hello {m}")]
 
@@ -106,7 +125,9 @@ def test_sync_completion_is_a_chat_completion_whose_id_is_the_chat_job(stack: St
 def test_streamed_completion_without_usage(stack: Stack, c: httpx.Client, model: ModelServer) -> None:
     sid = create(c)
     m = marker()
-    chunks = list(sdk(stack, sid).chat.completions.create(model="any-model", messages=[user(f"stream this {m}")], stream=True))
+    chunks = list(
+        sdk(stack, sid).chat.completions.create(model="any-model", messages=[user(f"stream this {m}")], stream=True)
+    )
     assert all(ch.object == "chat.completion.chunk" for ch in chunks)
     assert len({ch.id for ch in chunks}) == 1
     assert all(ch.usage is None for ch in chunks)
@@ -118,11 +139,16 @@ def test_streamed_completion_without_usage(stack: Stack, c: httpx.Client, model:
     assert turns(c, sid)[-1] == ("assistant", f"echo: stream this {m}")
 
 
-def test_streamed_completion_with_usage_ends_with_a_usage_chunk(stack: Stack, c: httpx.Client, model: ModelServer) -> None:
+def test_streamed_completion_with_usage_ends_with_a_usage_chunk(
+    stack: Stack, c: httpx.Client, model: ModelServer
+) -> None:
     sid = create(c)
     m = marker()
-    chunks = list(sdk(stack, sid).chat.completions.create(model=MODEL_NAME, messages=[user(f"count {m}")], stream=True,
-                                                          stream_options={"include_usage": True}))
+    chunks = list(
+        sdk(stack, sid).chat.completions.create(
+            model=MODEL_NAME, messages=[user(f"count {m}")], stream=True, stream_options={"include_usage": True}
+        )
+    )
     *body, last = chunks
     assert last.choices == [] and last.usage is not None and last.usage.total_tokens > 0
     assert all(ch.usage is None and ch.choices for ch in body)
@@ -160,7 +186,9 @@ def test_tool_call_round_trip(stack: Stack, c: httpx.Client, model: ModelServer)
     assert second.id != first.id
     history = stored(c, sid)
     assert [(m["role"], m["content"]) for m in history] == [
-        ("user", "call lookup_order 1234"), ("assistant", None), ("tool", "Order 1234 ships tomorrow."),
+        ("user", "call lookup_order 1234"),
+        ("assistant", None),
+        ("tool", "Order 1234 ships tomorrow."),
         ("assistant", "tool said: Order 1234 ships tomorrow."),
     ]
     assert history[1]["tool_calls"][0]["id"] == call.id and history[2]["tool_call_id"] == call.id
@@ -180,7 +208,9 @@ def test_streamed_tool_call_accumulates_in_the_sdk(stack: Stack, c: httpx.Client
 
 
 # -- the conversation rule ---------------------------------------------------------------------------------------------------
-def test_resending_the_whole_conversation_stores_each_message_once(stack: Stack, c: httpx.Client, model: ModelServer) -> None:
+def test_resending_the_whole_conversation_stores_each_message_once(
+    stack: Stack, c: httpx.Client, model: ModelServer
+) -> None:
     situation = "You are a support agent."
     sid = create(c, situation=situation)
     client = sdk(stack, sid)
@@ -190,7 +220,9 @@ def test_resending_the_whole_conversation_stores_each_message_once(stack: Stack,
         messages.append(user(f"turn {i} {m}"))
         r = client.chat.completions.create(model="gpt-4o-mini", messages=messages)
         messages.append(r.choices[0].message)
-    assert turns(c, sid) == [x for i in range(3) for x in (("user", f"turn {i} {m}"), ("assistant", f"echo: turn {i} {m}"))]
+    assert turns(c, sid) == [
+        x for i in range(3) for x in (("user", f"turn {i} {m}"), ("assistant", f"echo: turn {i} {m}"))
+    ]
     assert len(jobs(c, sid)) == 3
     # the situation went to the model once, as the first system message; every turn once
     last = model.requests(containing=f"turn 2 {m}")[-1]["body"]["messages"]
@@ -205,7 +237,9 @@ def test_a_client_that_sends_only_new_turns(stack: Stack, c: httpx.Client, model
     for i in range(3):
         r = client.chat.completions.create(model="gpt-4o-mini", messages=[user(f"only new {i} {m}")])
         assert r.choices[0].message.content == f"echo: only new {i} {m}"
-    assert turns(c, sid) == [x for i in range(3) for x in (("user", f"only new {i} {m}"), ("assistant", f"echo: only new {i} {m}"))]
+    assert turns(c, sid) == [
+        x for i in range(3) for x in (("user", f"only new {i} {m}"), ("assistant", f"echo: only new {i} {m}"))
+    ]
     # the model got the stored history each time
     last = model.requests(containing=f"only new 2 {m}")[-1]["body"]["messages"]
     assert len(last) == 5
@@ -224,21 +258,31 @@ def test_retrying_an_identical_request_stores_nothing_twice(stack: Stack, c: htt
     # a later turn retried, streamed this time: the stored answer again, as a stream
     convo = [user(f"once {m}"), first.choices[0].message, user(f"twice {m}")]
     second = client.chat.completions.create(model="gpt-4o-mini", messages=convo)
-    chunks = list(client.chat.completions.create(model="gpt-4o-mini", messages=convo, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=convo, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert {ch.id for ch in chunks} == {second.id}
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == f"echo: twice {m}"
     assert chunks[-1].usage == second.usage
     assert len(stored(c, sid)) == 4 and len(jobs(c, sid)) == 2
 
 
-def test_identical_requests_at_once_store_once_and_share_one_answer(stack: Stack, c: httpx.Client, model: ModelServer) -> None:
+def test_identical_requests_at_once_store_once_and_share_one_answer(
+    stack: Stack, c: httpx.Client, model: ModelServer
+) -> None:
     """Two copies of one request race (a client retrying while the first is still running): the second finds its
     messages stored and the chat running, and answers that chat's answer."""
     sid = create(c)
     m = marker()
     model.control(delay_s=0.5)
     with ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda _: sdk(stack, sid).chat.completions.create(model="x", messages=[user(f"race {m}")]), range(2)))
+        answers = list(
+            pool.map(
+                lambda _: sdk(stack, sid).chat.completions.create(model="x", messages=[user(f"race {m}")]), range(2)
+            )
+        )
     assert answers[0].id == answers[1].id
     assert turns(c, sid) == [("user", f"race {m}"), ("assistant", f"echo: race {m}")]
     assert len(jobs(c, sid)) == 1 and len(model.requests(containing=f"race {m}")) == 1
@@ -254,7 +298,9 @@ def test_the_whole_stored_conversation_again_asks_for_a_new_answer(stack: Stack,
     assert turns(c, sid) == [("user", "hi"), ("assistant", "echo: hi"), ("assistant", "echo: hi")]
 
 
-def test_leading_system_message_equal_to_the_situation_is_not_stored(stack: Stack, c: httpx.Client, model: ModelServer) -> None:
+def test_leading_system_message_equal_to_the_situation_is_not_stored(
+    stack: Stack, c: httpx.Client, model: ModelServer
+) -> None:
     sid = create(c, situation="Be brief.")
     client = sdk(stack, sid)
     client.chat.completions.create(model="x", messages=[{"role": "system", "content": "Be brief."}, user("a")])
@@ -262,7 +308,9 @@ def test_leading_system_message_equal_to_the_situation_is_not_stored(stack: Stac
     assert [r for r, _ in turns(c, sid)] == ["user", "assistant", "user", "assistant"]
 
 
-def test_a_system_message_other_than_the_situation_is_a_turn_stored_once(stack: Stack, c: httpx.Client, model: ModelServer) -> None:
+def test_a_system_message_other_than_the_situation_is_a_turn_stored_once(
+    stack: Stack, c: httpx.Client, model: ModelServer
+) -> None:
     sid = create(c, situation="Be brief.")
     client = sdk(stack, sid)
     m = marker()
@@ -270,10 +318,18 @@ def test_a_system_message_other_than_the_situation_is_a_turn_stored_once(stack: 
     r = client.chat.completions.create(model="x", messages=messages)
     messages += [r.choices[0].message, user("again")]
     client.chat.completions.create(model="x", messages=messages)
-    assert turns(c, sid) == [("system", f"Speak like a pirate {m}."), ("user", "hello"), ("assistant", "echo: hello"),
-                             ("user", "again"), ("assistant", "echo: again")]
+    assert turns(c, sid) == [
+        ("system", f"Speak like a pirate {m}."),
+        ("user", "hello"),
+        ("assistant", "echo: hello"),
+        ("user", "again"),
+        ("assistant", "echo: again"),
+    ]
     sent = model.requests(containing=f"pirate {m}")[-1]["body"]["messages"]
-    assert sent[:2] == [{"role": "system", "content": "Be brief."}, {"role": "system", "content": f"Speak like a pirate {m}."}]
+    assert sent[:2] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": f"Speak like a pirate {m}."},
+    ]
 
 
 def test_content_parts_equal_the_same_text(stack: Stack, c: httpx.Client) -> None:
@@ -282,11 +338,28 @@ def test_content_parts_equal_the_same_text(stack: Stack, c: httpx.Client) -> Non
     client = sdk(stack, sid)
     r = client.chat.completions.create(model="x", messages=[user("call lookup_order 5")])
     [call] = r.choices[0].message.tool_calls or []
-    echoed = {"role": "assistant", "content": "", "tool_calls": [{"id": call.id, "type": "function", "function": {
-        "name": "lookup_order", "arguments": json.dumps(json.loads(call.function.arguments), indent=2)}}]}
-    client.chat.completions.create(model="x", messages=[
-        {"role": "user", "content": [{"type": "text", "text": "call lookup_order 5"}]}, echoed,
-        {"role": "tool", "tool_call_id": call.id, "content": "found"}])
+    echoed = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {
+                    "name": "lookup_order",
+                    "arguments": json.dumps(json.loads(call.function.arguments), indent=2),
+                },
+            }
+        ],
+    }
+    client.chat.completions.create(
+        model="x",
+        messages=[
+            {"role": "user", "content": [{"type": "text", "text": "call lookup_order 5"}]},
+            echoed,
+            {"role": "tool", "tool_call_id": call.id, "content": "found"},
+        ],
+    )
     assert [r for r, _ in turns(c, sid)] == ["user", "assistant", "tool", "assistant"]
 
 
@@ -297,7 +370,11 @@ def test_a_wrong_key_is_an_authentication_error(stack: Stack, c: httpx.Client) -
     with pytest.raises(openai.AuthenticationError) as e:
         client.chat.completions.create(model="x", messages=[user("hi")])
     assert e.value.status_code == 401 and e.value.code == "unauthorized" and e.value.type == "authentication_error"
-    assert isinstance(e.value.body, dict) and e.value.body["status"] == 401 and e.value.body["message"] == "invalid API key"
+    assert (
+        isinstance(e.value.body, dict)
+        and e.value.body["status"] == 401
+        and e.value.body["message"] == "invalid API key"
+    )
 
 
 def test_unknown_and_other_tenants_sessions_are_not_found(stack: Stack, c: httpx.Client) -> None:
@@ -366,11 +443,21 @@ def test_malformed_input_is_rejected_and_stores_nothing(stack: Stack, c: httpx.C
         client.chat.completions.create(model="x", messages=[user("hi")], temperature=3)
     assert e.value.param == "temperature"
     with pytest.raises(openai.UnprocessableEntityError) as e:
-        client.chat.completions.create(model="x", messages=[{"role": "user", "content": [
-            {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}])
+        client.chat.completions.create(
+            model="x",
+            messages=[
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}
+            ],
+        )
     assert e.value.param == "messages[0].content[0]"
-    r = c.post(f"/sessions/{sid}/chat/completions", content=b"{not json", headers={**ACME, "Content-Type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["code"] == "invalid_json"
+    r = c.post(
+        f"/sessions/{sid}/chat/completions", content=b"{not json", headers={**ACME, "Content-Type": "application/json"}
+    )
+    assert (
+        r.status_code == 400
+        and r.json()["error"]["type"] == "invalid_request_error"
+        and r.json()["error"]["code"] == "invalid_json"
+    )
     assert stored(c, sid) == [] and jobs(c, sid) == []
 
 
@@ -378,7 +465,11 @@ def test_models_list(stack: Stack, c: httpx.Client) -> None:
     sid = create(c)
     models = sdk(stack, sid).models.list()
     assert [m.id for m in models.data] == [MODEL_NAME]
-    assert models.data[0].object == "model" and models.data[0].owned_by == "parley" and isinstance(models.data[0].created, int)
+    assert (
+        models.data[0].object == "model"
+        and models.data[0].owned_by == "parley"
+        and isinstance(models.data[0].created, int)
+    )
 
 
 # -- another client built on the SDK ----------------------------------------------------------------------------------------------
@@ -386,11 +477,18 @@ def test_langchain_chat_openai_round_trip(stack: Stack, c: httpx.Client) -> None
     lc = pytest.importorskip("langchain_openai")
     messages_mod = pytest.importorskip("langchain_core.messages")
     sid = create(c, situation="You are helpful.")
-    llm = lc.ChatOpenAI(model="gpt-4o-mini", base_url=f"{stack.url}/sessions/{sid}", api_key=TENANTS["acme"], max_retries=0)
+    llm = lc.ChatOpenAI(
+        model="gpt-4o-mini", base_url=f"{stack.url}/sessions/{sid}", api_key=TENANTS["acme"], max_retries=0
+    )
     history = [messages_mod.SystemMessage("You are helpful."), messages_mod.HumanMessage("first")]
     answer = llm.invoke(history)
     assert answer.content == "echo: first"
     history += [answer, messages_mod.HumanMessage("second")]
     streamed = "".join(str(ch.content) for ch in llm.stream(history))
     assert streamed == "echo: second"
-    assert turns(c, sid) == [("user", "first"), ("assistant", "echo: first"), ("user", "second"), ("assistant", "echo: second")]
+    assert turns(c, sid) == [
+        ("user", "first"),
+        ("assistant", "echo: first"),
+        ("user", "second"),
+        ("assistant", "echo: second"),
+    ]

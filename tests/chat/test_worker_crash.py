@@ -42,11 +42,12 @@ def crash_stack(start_stack: Callable[..., Stack], model_server: ModelServer) ->
     return start_stack("chat-crash", model_env(model_server, PARLEY_CHAT_CLAIM_S="2"))
 
 
-
-
 async def post_chat(c: httpx.AsyncClient, sid: str, text: str) -> str:
-    r = await c.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": text}]},
-                     headers={**ACME, "Prefer": "respond-async"})
+    r = await c.post(
+        f"/sessions/{sid}/chat",
+        json={"messages": [{"role": "user", "content": text}]},
+        headers={**ACME, "Prefer": "respond-async"},
+    )
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -64,7 +65,9 @@ async def read_stream(c: httpx.AsyncClient, sid: str, job_id: str) -> str:
     return r.text
 
 
-async def test_kill_9_of_the_worker_mid_answer_loses_no_chat_and_doubles_no_answer(crash_stack: Stack, model_server: ModelServer):
+async def test_kill_9_of_the_worker_mid_answer_loses_no_chat_and_doubles_no_answer(
+    crash_stack: Stack, model_server: ModelServer
+):
     model_server.reset()
     model_server.control(chunk_delay_s=CHUNK_DELAY_S)
     mark = f"crash{int(time.time())}"
@@ -74,7 +77,9 @@ async def test_kill_9_of_the_worker_mid_answer_loses_no_chat_and_doubles_no_answ
         # 50 sessions with one chat each, all of them answering at once.
         sids = await asyncio.gather(*(create(c) for _ in range(RUNNING)))
         running = await asyncio.gather(*(post_chat(c, sid, text_of(i)) for i, sid in enumerate(sids)))
-        jobs: dict[str, list[tuple[str, str]]] = {sid: [(jid, text_of(i))] for i, (sid, jid) in enumerate(zip(sids, running))}
+        jobs: dict[str, list[tuple[str, str]]] = {
+            sid: [(jid, text_of(i))] for i, (sid, jid) in enumerate(zip(sids, running))
+        }
         # Two sessions with three chats queued behind one another.
         for q in range(QUEUED_SESSIONS):
             sid = await create(c)
@@ -117,7 +122,9 @@ async def test_kill_9_of_the_worker_mid_answer_loses_no_chat_and_doubles_no_answ
             stored = r.json()["items"]
             answers = [m for m in stored if m["role"] == "assistant"]
             if len(answers) != len(pairs):
-                problems.append(f"session {sid}: {len(answers)} assistant messages for {len(pairs)} chats: {[m['content'] for m in answers]}")
+                problems.append(
+                    f"session {sid}: {len(answers)} assistant messages for {len(pairs)} chats: {[m['content'] for m in answers]}"
+                )
             for jid, text in pairs:
                 j = await job(sid, jid)
                 if j["status"] != "succeeded":
@@ -127,15 +134,20 @@ async def test_kill_9_of_the_worker_mid_answer_loses_no_chat_and_doubles_no_answ
                 if answer != f"echo: {text}":
                     problems.append(f"job {jid}: answered {answer!r}")
                 if sum(1 for m in answers if m["content"] == answer) != 1:
-                    problems.append(f"job {jid}: its answer is stored {sum(1 for m in answers if m['content'] == answer)} times")
+                    problems.append(
+                        f"job {jid}: its answer is stored {sum(1 for m in answers if m['content'] == answer)} times"
+                    )
                 events = [e for e in parse_sse(await read_stream(c, sid, jid)) if e.data is not None]
                 if len(events) < 3 or events[-1].data != "[DONE]" or "usage" not in json.loads(events[-2].data or "{}"):
-                    problems.append(f"job {jid}: its stream does not end with the usage event and [DONE]: {events[-3:]}")
+                    problems.append(
+                        f"job {jid}: its stream does not end with the usage event and [DONE]: {events[-3:]}"
+                    )
                     continue
                 if not all(e.id for e in events):
                     problems.append(f"job {jid}: an event without an id")
                 streamed = "".join(
-                    (json.loads(e.data)["choices"] or [{}])[0].get("delta", {}).get("content") or "" for e in events[:-2]
+                    (json.loads(e.data)["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+                    for e in events[:-2]
                 )
                 if streamed != answer:
                     problems.append(f"job {jid}: the stream's deltas make {streamed!r}, not the answer {answer!r}")

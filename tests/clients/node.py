@@ -49,7 +49,11 @@ def node_missing() -> str | None:
 
 
 def chromium_missing() -> str | None:
-    return None if CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK) else f"{CHROMIUM} is not installed (Debian package chromium)"
+    return (
+        None
+        if CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)
+        else f"{CHROMIUM} is not installed (Debian package chromium)"
+    )
 
 
 class NodeScript:
@@ -61,8 +65,13 @@ class NodeScript:
         self.stderr_path = log_dir / f"{Path(script).stem}-{time.monotonic_ns()}.stderr"
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            ["node", str(HERE / script), json.dumps(args)], cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._stderr, text=True, bufsize=1,
+            ["node", str(HERE / script), json.dumps(args)],
+            cwd=HERE,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            bufsize=1,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -81,9 +90,13 @@ class NodeScript:
             try:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                pytest.fail(f"{self.script}: no report matching {wanted!r} within {timeout:.0f}s; saw {self.reports[-5:]}\n{self.stderr()}")
+                pytest.fail(
+                    f"{self.script}: no report matching {wanted!r} within {timeout:.0f}s; saw {self.reports[-5:]}\n{self.stderr()}"
+                )
             if line is None:
-                pytest.fail(f"{self.script} ended (exit {self.proc.wait()}) before a report matching {wanted!r}; saw {self.reports[-5:]}\n{self.stderr()}")
+                pytest.fail(
+                    f"{self.script} ended (exit {self.proc.wait()}) before a report matching {wanted!r}; saw {self.reports[-5:]}\n{self.stderr()}"
+                )
             try:
                 report = json.loads(line)
             except ValueError:

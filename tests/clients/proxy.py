@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from shared.adapters.redis.server import free_port
 
-
 _HEAD = re.compile(rb"(GET|POST|PUT|PATCH|DELETE|OPTIONS|HEAD) (\S+) HTTP/1\.1\r\n(.*?)\r\n\r\n", re.S)
 
 

@@ -35,7 +35,11 @@ def call(b: NodeScript, name: str, *args: Any) -> Any:
 
 
 def test_a_page_of_another_origin_follows_a_session_and_a_streamed_chat(
-    stack: Stack, c: httpx.Client, model: ModelServer, proxy: CutProxy, page_server: str,
+    stack: Stack,
+    c: httpx.Client,
+    model: ModelServer,
+    proxy: CutProxy,
+    page_server: str,
     run_node: Callable[..., NodeScript],
 ) -> None:
     sid = create(c)
@@ -70,15 +74,23 @@ def test_a_page_of_another_origin_follows_a_session_and_a_streamed_chat(
 
     got = page_events(b)
     versions = [e["data"]["version"] for e in got]
-    assert versions == list(range(1, len(versions) + 1)) and [int(e["id"]) for e in got] == versions  # each once, in order
+    assert (
+        versions == list(range(1, len(versions) + 1)) and [int(e["id"]) for e in got] == versions
+    )  # each once, in order
     assert got[-1]["type"] == "SessionDeleted"
     assert [e["data"]["data"]["content"] for e in got if e["type"] == "MessageAdded"][:2] == ["one", "two"]
     # what went over the wire: CORS preflights for the calls with a key, the event stream resumed after the cut
     seen = proxy.requests()
     # preflights: one per call that sends a key or Last-Event-ID itself; EventSource's own reconnects send none
     preflighted = Counter(r.path.split("?")[0] for r in seen if r.method == "OPTIONS")
-    assert preflighted == Counter(f"/sessions/{sid}{p}" for p in ("", "/stream-tokens", "/chat", "/events")), preflighted
-    streams = [r.headers.get("last-event-id") for r in seen if r.path.startswith(f"/sessions/{sid}/events") and r.method == "GET"]
+    assert preflighted == Counter(f"/sessions/{sid}{p}" for p in ("", "/stream-tokens", "/chat", "/events")), (
+        preflighted
+    )
+    streams = [
+        r.headers.get("last-event-id")
+        for r in seen
+        if r.path.startswith(f"/sessions/{sid}/events") and r.method == "GET"
+    ]
     # the EventSource: its first connection, its resume after the cut, its last try after the end (204); the fetch
     assert Counter(streams) == Counter([None, "2", str(versions[-1]), "1"]), streams
     assert not [r for r in b.reports if r["kind"] == "pageerror"]

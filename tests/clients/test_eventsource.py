@@ -39,14 +39,18 @@ def token(c: httpx.Client, sid: str) -> str:
 
 
 def added(text: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda r: r["kind"] == "event" and r["type"] == "MessageAdded" and json.loads(r["data"])["data"]["content"] == text
+    return lambda r: (
+        r["kind"] == "event" and r["type"] == "MessageAdded" and json.loads(r["data"])["data"]["content"] == text
+    )
 
 
 def test_session_events_resume_after_a_cut_and_end_after_the_delete(
     stack: Stack, c: httpx.Client, proxy: CutProxy, run_node: Callable[..., NodeScript]
 ) -> None:
     sid = create(c)
-    es = run_node("eventsource.mjs", url=f"{proxy.url}/sessions/{sid}/events", key=KEY, names=EVENT_NAMES, deadline_ms=30000)
+    es = run_node(
+        "eventsource.mjs", url=f"{proxy.url}/sessions/{sid}/events", key=KEY, names=EVENT_NAMES, deadline_ms=30000
+    )
     es.expect(lambda r: r["kind"] == "event" and r["type"] == "SessionCreated")
     say(c, sid, "one")
     es.expect(added("one"))
@@ -56,7 +60,12 @@ def test_session_events_resume_after_a_cut_and_end_after_the_delete(
     assert c.delete(f"/sessions/{sid}", headers=ACME).status_code == 202
     result = es.result()  # ends only once the EventSource is CLOSED
     got = kinds(es, "event")
-    assert [(e["type"], int(e["id"])) for e in got] == [("SessionCreated", 1), ("MessageAdded", 2), ("MessageAdded", 3), ("SessionDeleted", 4)]
+    assert [(e["type"], int(e["id"])) for e in got] == [
+        ("SessionCreated", 1),
+        ("MessageAdded", 2),
+        ("MessageAdded", 3),
+        ("SessionDeleted", 4),
+    ]
     assert [json.loads(e["data"])["version"] for e in got] == [1, 2, 3, 4]
     assert not kinds(es, "message")  # named events never reach onmessage
     # three connections: the first, the resume after the cut, the one after the end, answered 204
@@ -71,10 +80,20 @@ def test_chat_stream_resumes_mid_answer_and_ends_after_done(
     sid = create(c)
     text = "please stream a rather long answer of a dozen words or so"
     model.control(chunk_delay_s=0.3)  # ~4 s of answer: the reconnect (3 s later) joins it while it streams
-    r = c.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": text}]}, headers={**ACME, "Prefer": "respond-async"})
+    r = c.post(
+        f"/sessions/{sid}/chat",
+        json={"messages": [{"role": "user", "content": text}]},
+        headers={**ACME, "Prefer": "respond-async"},
+    )
     assert r.status_code == 202, r.text
     job = r.json()["id"]
-    es = run_node("eventsource.mjs", url=f"{proxy.url}/sessions/{sid}/chats/{job}/stream", key=KEY, names=["chat.failed"], deadline_ms=30000)
+    es = run_node(
+        "eventsource.mjs",
+        url=f"{proxy.url}/sessions/{sid}/chats/{job}/stream",
+        key=KEY,
+        names=["chat.failed"],
+        deadline_ms=30000,
+    )
     es.expect(lambda r: r["kind"] == "message" and json.loads(r["data"])["choices"][0]["delta"].get("content"))
     assert proxy.cut() == 1
     es.expect(lambda r: r["kind"] == "message" and r["data"] == "[DONE]")
@@ -100,10 +119,19 @@ def test_a_failed_chat_is_a_chat_failed_event_not_an_error(
 ) -> None:
     sid = create(c)
     model.control(fail_always=500, retry_after_ms=1)
-    r = c.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "fail"}]}, headers={**ACME, "Prefer": "respond-async"})
+    r = c.post(
+        f"/sessions/{sid}/chat",
+        json={"messages": [{"role": "user", "content": "fail"}]},
+        headers={**ACME, "Prefer": "respond-async"},
+    )
     job = r.json()["id"]
-    es = run_node("eventsource.mjs", url=f"{stack.url}/sessions/{sid}/chats/{job}/stream", key=KEY, names=["chat.failed", "error"],
-                  deadline_ms=30000)
+    es = run_node(
+        "eventsource.mjs",
+        url=f"{stack.url}/sessions/{sid}/chats/{job}/stream",
+        key=KEY,
+        names=["chat.failed", "error"],
+        deadline_ms=30000,
+    )
     failed = es.expect("event")
     assert failed["type"] == "chat.failed" and json.loads(failed["data"])["error"]["code"] == "model_unavailable"
     result = es.result()
@@ -113,7 +141,9 @@ def test_a_failed_chat_is_a_chat_failed_event_not_an_error(
     assert [status for _, status in connections(es)] == [200, 204] and result["readyState"] == CLOSED
 
 
-def test_unnamed_events_reach_onmessage_with_a_stream_token(stack: Stack, c: httpx.Client, run_node: Callable[..., NodeScript]) -> None:
+def test_unnamed_events_reach_onmessage_with_a_stream_token(
+    stack: Stack, c: httpx.Client, run_node: Callable[..., NodeScript]
+) -> None:
     sid = create(c)
     url = f"{stack.url}/sessions/{sid}/events?unnamed=true&token={token(c, sid)}"
     es = run_node("eventsource.mjs", url=url, names=EVENT_NAMES, deadline_ms=30000)  # no key: the token alone
@@ -123,6 +153,9 @@ def test_unnamed_events_reach_onmessage_with_a_stream_token(stack: Stack, c: htt
     assert c.delete(f"/sessions/{sid}", headers=ACME).status_code == 202
     result = es.result()
     assert [(json.loads(m["data"])["type"], m["id"]) for m in kinds(es, "message")] == [
-        ("SessionCreated", "1"), ("MessageAdded", "2"), ("SessionDeleted", "3")]
+        ("SessionCreated", "1"),
+        ("MessageAdded", "2"),
+        ("SessionDeleted", "3"),
+    ]
     assert not kinds(es, "event")
     assert connections(es) == [(None, 200), ("3", 204)] and result["readyState"] == CLOSED

@@ -27,16 +27,25 @@ def test_parse_with_a_response_format_model_then_append(stack: Stack, c: httpx.C
     sid = create(c, situation="You report the weather as JSON.")
     bodies: list[dict[str, object]] = []  # what the SDK sends, to show it echoes `parsed`
     hooks = {"request": [lambda r: bodies.append(json.loads(r.read()))]}
-    client = openai.OpenAI(base_url=f"{stack.url}/sessions/{sid}", api_key=KEY, max_retries=0,
-                           http_client=httpx.Client(timeout=30, event_hooks=hooks))
+    client = openai.OpenAI(
+        base_url=f"{stack.url}/sessions/{sid}",
+        api_key=KEY,
+        max_retries=0,
+        http_client=httpx.Client(timeout=30, event_hooks=hooks),
+    )
     m = marker()
     model.control(reply=json.dumps({"city": f"Paris {m}", "temp_c": 21}))
-    messages: list[object] = [{"role": "system", "content": "You report the weather as JSON."}, {"role": "user", "content": "Weather in Paris?"}]
+    messages: list[object] = [
+        {"role": "system", "content": "You report the weather as JSON."},
+        {"role": "user", "content": "Weather in Paris?"},
+    ]
     parsed = client.chat.completions.parse(model="gpt-4o-mini", messages=messages, response_format=Weather)  # type: ignore[arg-type]
     message = parsed.choices[0].message
     assert message.parsed == Weather(city=f"Paris {m}", temp_c=21)
     sent = model.requests(containing="Weather in Paris?")[-1]["body"]
-    assert sent["response_format"]["type"] == "json_schema" and sent["response_format"]["json_schema"]["name"] == "Weather"
+    assert (
+        sent["response_format"]["type"] == "json_schema" and sent["response_format"]["json_schema"]["name"] == "Weather"
+    )
     model.control(reply=None)
     messages += [message, {"role": "user", "content": "And tomorrow?"}]  # the SDK's parsed message, as its docs do
     follow = client.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
@@ -46,7 +55,10 @@ def test_parse_with_a_response_format_model_then_append(stack: Stack, c: httpx.C
     echoed = model.requests(containing="And tomorrow?")[-1]["body"]["messages"]
     assert "parsed" not in echoed[2] and echoed[2]["content"] == message.content  # ignored, never passed on
     assert [(x["role"], x["content"]) for x in stored(c, sid)] == [
-        ("user", "Weather in Paris?"), ("assistant", message.content), ("user", "And tomorrow?"), ("assistant", "echo: And tomorrow?"),
+        ("user", "Weather in Paris?"),
+        ("assistant", message.content),
+        ("user", "And tomorrow?"),
+        ("assistant", "echo: And tomorrow?"),
     ]
 
 
@@ -55,7 +67,9 @@ def test_models_retrieve(stack: Stack, c: httpx.Client) -> None:
     sid = create(c)
     client = openai.OpenAI(base_url=f"{stack.url}/sessions/{sid}", api_key=KEY, max_retries=0, timeout=30)
     got = client.models.retrieve("gpt-4o-mini")
-    assert got.id == "gpt-4o-mini" and got.object == "model" and got.owned_by == "parley" and isinstance(got.created, int)
+    assert (
+        got.id == "gpt-4o-mini" and got.object == "model" and got.owned_by == "parley" and isinstance(got.created, int)
+    )
     elsewhere = openai.OpenAI(base_url=f"{stack.url}/sessions/{unknown_id()}", api_key=KEY, max_retries=0, timeout=30)
     with pytest.raises(openai.NotFoundError):
         elsewhere.models.retrieve("gpt-4o-mini")

@@ -120,7 +120,9 @@ def test_sessions_and_messages_read_back_in_order_and_spread_over_every_master(s
     assert not any(node.keys("*{arq}*") for node in stack.masters()), "the chat queue must not be on the cluster"
 
 
-def test_a_chat_runs_on_the_cluster_with_its_queue_on_its_own_redis_and_a_purge_erases_it(stack: ClusterStack, c: httpx.Client):
+def test_a_chat_runs_on_the_cluster_with_its_queue_on_its_own_redis_and_a_purge_erases_it(
+    stack: ClusterStack, c: httpx.Client
+):
     stack.model.reset()
     sid = c.post("/sessions", json={"situation": "You are terse."}, headers=ACME).json()["id"]
     r = c.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hello cluster"}]}, headers=ACME)
@@ -129,7 +131,10 @@ def test_a_chat_runs_on_the_cluster_with_its_queue_on_its_own_redis_and_a_purge_
     assert body["model"] == MODEL_NAME
     assert body["choices"][0]["message"]["content"] == "echo: hello cluster"
     stored = c.get(f"/sessions/{sid}/messages", headers=ACME).json()["items"]
-    assert [(m["role"], m["content"]) for m in stored] == [("user", "hello cluster"), ("assistant", "echo: hello cluster")]
+    assert [(m["role"], m["content"]) for m in stored] == [
+        ("user", "hello cluster"),
+        ("assistant", "echo: hello cluster"),
+    ]
     job = c.get(f"/sessions/{sid}/chats/{body['id']}", headers=ACME).json()
     assert job["status"] == "succeeded" and job["attempts"] == 1
     assert stack.model.requests(), "the worker called the model server"
@@ -151,7 +156,12 @@ def test_parley_keys_and_purges_persistence_rewrite_work_on_the_cluster(stack: C
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "services.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+            [sys.executable, "-m", "services.cli", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
             check=False,
         )
 

@@ -15,7 +15,6 @@ import pytest
 from redis.asyncio import Redis
 
 import shared.adapters.redis.queue as redis_queue
-from tests.conftest import cluster_client
 from shared.adapters.memory import (
     Memory,
     MemoryApiKeys,
@@ -58,6 +57,7 @@ from shared.domain.projection import project
 from shared.domain.state import SessionState, fold
 from shared.domain.wire import MessageCreate, SessionCreate, TenantLimits
 from shared.supervise import Supervisor
+from tests.conftest import cluster_client
 
 PARTITIONS = 4
 RETENTION_S = 3_600
@@ -110,7 +110,9 @@ def memory_backend() -> Backend:
     )
 
 
-def redis_backend(name: str, redis: Redis, monkeypatch: pytest.MonkeyPatch, queue_redis: Redis | None = None) -> Backend:
+def redis_backend(
+    name: str, redis: Redis, monkeypatch: pytest.MonkeyPatch, queue_redis: Redis | None = None
+) -> Backend:
     """`queue_redis`: the chat queue's own Redis (a cluster's deployment: arq cannot run on the cluster)."""
     queue_redis = queue_redis or redis
     keys = Keys(PARTITIONS)

@@ -86,7 +86,9 @@ async def test_api_and_redis_killed_mid_writes_keep_every_acknowledged_write(fre
     acks_after_restart: Counter = Counter()
     async with httpx.AsyncClient(timeout=httpx.Timeout(5.0), limits=httpx.Limits(max_connections=64)) as client:
 
-        async def send(w: int, n: int, tenant: str, path: str, body: dict, key: str | None, first: str | None = None) -> dict | None:
+        async def send(
+            w: int, n: int, tenant: str, path: str, body: dict, key: str | None, first: str | None = None
+        ) -> dict | None:
             """POST once (no key) or until a 2xx (with an Idempotency-Key); the 2xx body, or None."""
             attempt = 0
             while True:
@@ -147,7 +149,9 @@ async def test_api_and_redis_killed_mid_writes_keep_every_acknowledged_write(fre
         events: dict[str, int] = {}
 
         def no_unexpected() -> None:
-            assert ledger.unexpected == [], f"{len(ledger.unexpected)} unexpected 4xx answers, e.g. {ledger.unexpected[:5]}"
+            assert ledger.unexpected == [], (
+                f"{len(ledger.unexpected)} unexpected 4xx answers, e.g. {ledger.unexpected[:5]}"
+            )
 
         async def acks_reach(n: int, what: str) -> None:
             async def check() -> bool:
@@ -169,7 +173,9 @@ async def test_api_and_redis_killed_mid_writes_keep_every_acknowledged_write(fre
                 sid = targets[i % len(targets)]
                 tenant = "globex" if ledger.create_writer[sid] % 4 == 3 else "acme"
                 key = f"{name}-{i}"
-                got = await send(0, i, tenant, f"/sessions/{sid}/messages", {"role": "user", "content": key}, key, first=url)
+                got = await send(
+                    0, i, tenant, f"/sessions/{sid}/messages", {"role": "user", "content": key}, key, first=url
+                )
                 if got is not None:
                     ledger.messages[sid][got["id"]] = got
                 first_ack.set()
@@ -240,7 +246,9 @@ async def test_api_and_redis_killed_mid_writes_keep_every_acknowledged_write(fre
                 assert sid in audits, f"acknowledged create {sid} ({created['situation']}) is not in Redis"
                 first = audits[sid].events[0]
                 assert isinstance(first, SessionCreated) and first.data.situation == created["situation"]
-                assert as_json(first.occurred_at) == created["created_at"], f"session {sid}: created_at differs from the 201"
+                assert as_json(first.occurred_at) == created["created_at"], (
+                    f"session {sid}: created_at differs from the 201"
+                )
                 got = await client.get(f"{api_c_url}/sessions/{sid}", headers=auth(audits[sid].tenant))
                 assert got.status_code == 200, f"acknowledged create {sid}: GET {got.status_code} {got.text}"
                 assert {k: got.json()[k] for k in ("id", "situation", "metadata", "created_at")} == {
@@ -252,11 +260,15 @@ async def test_api_and_redis_killed_mid_writes_keep_every_acknowledged_write(fre
                 a = audits[sid]
                 in_log = {m.data.id: as_json(m.data) for m in a.messages}
                 for mid, body in acked.items():
-                    assert mid in in_log, f"acknowledged message {mid} (seq {body['seq']}, {body['content']!r}) lost from {sid}"
+                    assert mid in in_log, (
+                        f"acknowledged message {mid} (seq {body['seq']}, {body['content']!r}) lost from {sid}"
+                    )
                     assert in_log[mid] == body, f"message {mid} in {sid}: logged {in_log[mid]} != acknowledged {body}"
 
             # Nothing duplicated: every request carried unique content, so no content may appear twice.
-            situations = Counter(a.events[0].data.situation for a in audits.values() if isinstance(a.events[0], SessionCreated))
+            situations = Counter(
+                a.events[0].data.situation for a in audits.values() if isinstance(a.events[0], SessionCreated)
+            )
             assert [s for s, c in situations.items() if c > 1] == [], "a create was written twice"
             for a in audits.values():
                 contents = Counter(m.data.content for m in a.messages if isinstance(m.data.content, str))
@@ -267,14 +279,20 @@ async def test_api_and_redis_killed_mid_writes_keep_every_acknowledged_write(fre
             for sid, w in ledger.create_writer.items():
                 if w % 2 == 0:
                     logged = {m.data.id for m in audits[sid].messages}
-                    assert logged == set(ledger.messages[sid]), f"session {sid} of idempotent writer {w}: log != acknowledged"
+                    assert logged == set(ledger.messages[sid]), (
+                        f"session {sid} of idempotent writer {w}: log != acknowledged"
+                    )
 
             # Over HTTP, every session answers exactly its folded state (so each acknowledged message is visible).
             await audit_over_http(client, api_c_url, audits)
             for sid, acked in ledger.messages.items():
                 if acked:
-                    got = await client.get(f"{api_b.url}/sessions/{sid}/messages", params={"limit": 1000}, headers=auth(audits[sid].tenant))
-                    assert got.status_code == 200, f"surviving API B: GET messages of {sid}: {got.status_code} {got.text}"
+                    got = await client.get(
+                        f"{api_b.url}/sessions/{sid}/messages", params={"limit": 1000}, headers=auth(audits[sid].tenant)
+                    )
+                    assert got.status_code == 200, (
+                        f"surviving API B: GET messages of {sid}: {got.status_code} {got.text}"
+                    )
                     visible = {m["id"] for m in got.json()["items"]}
                     assert set(acked) <= visible, f"surviving API B does not show acknowledged messages of {sid}"
 

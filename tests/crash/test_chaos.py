@@ -83,13 +83,15 @@ class SlowLoadRedis(RedisServer):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - as RedisServer does: no server outlives the test
+            preexec_fn=_die_with_parent,
         )  # fmt: skip
         wanted = {"ready"} if until == "loaded" else {"ready", "loading"}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}")
+                raise RuntimeError(
+                    f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
+                )
             if probe_redis(self.port) in wanted:
                 return self
             time.sleep(0.01)
@@ -265,7 +267,7 @@ def outcome_of(res: httpx.Response) -> str:
         return str(res.status_code)
     try:
         return f"{res.status_code} {res.json()['error']['code']}"
-    except Exception:  # noqa: BLE001 - not our error shape
+    except Exception:
         return f"{res.status_code} ?"
 
 
@@ -525,7 +527,9 @@ class Chaos:
         want = [m["id"] for m in s.messages]
         acked = set(want)
         url = f"{self.url(w + n + 1)}/sessions/{s.sid}/messages"
-        res = await self.traffic.request("read", "GET", url, "GET messages", params={"limit": 1000}, headers=auth(s.tenant))
+        res = await self.traffic.request(
+            "read", "GET", url, "GET messages", params={"limit": 1000}, headers=auth(s.tenant)
+        )
         if res is not None and res.status_code == 200:
             got = [m["id"] for m in res.json()["items"]]
             if [i for i in got if i in acked] != want:
@@ -693,7 +697,8 @@ def _verify_during_chaos(v: Verdict, chaos: Chaos) -> None:
     v.check(
         f"nothing hangs: no request without an answer within {HANG_BOUND_S:.0f}s",
         not hangs,
-        f"{len(hangs)} timed out, e.g. " + "; ".join(f"{s.what} at {s.start - chaos.t0:.1f}s: {s.outcome}" for s in hangs[:5]),
+        f"{len(hangs)} timed out, e.g. "
+        + "; ".join(f"{s.what} at {s.start - chaos.t0:.1f}s: {s.outcome}" for s in hangs[:5]),
     )
     for e in chaos.events:
         if e.name == "pause_redis":
@@ -704,8 +709,16 @@ def _verify_during_chaos(v: Verdict, chaos: Chaos) -> None:
                 "(required: 503 store_unavailable within ~1 s)",
                 latency_summary(in_flight),
             )
-    v.check("no unexpected 4xx or 500 answers", not chaos.unexpected, f"{len(chaos.unexpected)}, e.g. {chaos.unexpected[:3]}")
-    v.check("reads are never stale (a 200 holds every write acknowledged before it)", not chaos.stale_reads, f"{chaos.stale_reads[:5]}")
+    v.check(
+        "no unexpected 4xx or 500 answers",
+        not chaos.unexpected,
+        f"{len(chaos.unexpected)}, e.g. {chaos.unexpected[:3]}",
+    )
+    v.check(
+        "reads are never stale (a 200 holds every write acknowledged before it)",
+        not chaos.stale_reads,
+        f"{chaos.stale_reads[:5]}",
+    )
     unresolved = sum(s.unresolved for s in chaos.sessions.values())
     v.check("every idempotent write was eventually acknowledged", unresolved == 0, f"{unresolved} never acknowledged")
 
@@ -714,7 +727,9 @@ async def _verify_processes(v: Verdict, chaos: Chaos, deadline: float) -> None:
     """No process exited by itself; the surviving workers heart-beat; /ready is back on every API. Dead processes
     are then replaced, so the checks after these still tell something."""
     dead = list(chaos.dead) + [excerpt(p) for p in chaos.apis + chaos.workers if not running(p)]
-    v.check("every process that should run is running (none exited by itself)", not dead, "\n    " + "\n    ".join(dead))
+    v.check(
+        "every process that should run is running (none exited by itself)", not dead, "\n    " + "\n    ".join(dead)
+    )
     v.check("redis-server is running", chaos.server.proc is not None and chaos.server.proc.poll() is None)
     survivors = [w for w in chaos.workers if running(w)]
     for i, p in enumerate(chaos.apis):
@@ -748,7 +763,9 @@ async def _verify_processes(v: Verdict, chaos: Chaos, deadline: float) -> None:
         v.check(f"/ready answers 200 on API :{p.port} within {RECOVERY_S:.0f}s of the chaos", ok)
 
 
-async def _get_until_200(client: httpx.AsyncClient, url: str, deadline: float, **kw: Any) -> tuple[httpx.Response | None, Counter]:
+async def _get_until_200(
+    client: httpx.AsyncClient, url: str, deadline: float, **kw: Any
+) -> tuple[httpx.Response | None, Counter]:
     """GET until 200 or the deadline (retrying 503s and transport errors); the last answer and the others seen."""
     seen: Counter = Counter()
     while True:
@@ -786,7 +803,9 @@ async def _verify_acknowledged(v: Verdict, chaos: Chaos, deadline: float) -> Non
         fields = ("id", "situation", "metadata", "created_at")
         if {k: res.json()[k] for k in fields} != {k: s.created[k] for k in fields}:
             wrong.append(f"session {s.sid}: {res.text[:200]} != acknowledged {s.created}")
-        res, seen = await _get_until_200(client, url + "/messages", deadline, params={"limit": 1000}, headers=auth(s.tenant))
+        res, seen = await _get_until_200(
+            client, url + "/messages", deadline, params={"limit": 1000}, headers=auth(s.tenant)
+        )
         on_the_way.update(seen)
         if res is None or res.status_code != 200:
             not_200.append(f"GET messages {s.sid}: {dict(seen)}")
@@ -803,14 +822,20 @@ async def _verify_acknowledged(v: Verdict, chaos: Chaos, deadline: float) -> Non
         if [m["seq"] for m in items] != list(range(1, len(items) + 1)):
             wrong.append(f"session {s.sid}: seqs are not 1..n: {[m['seq'] for m in items]}")
         if s.idempotent and not s.unresolved and list(times) != list(acked):
-            wrong.append(f"session {s.sid} of idempotent writer {s.writer}: {len(items)} listed, {len(acked)} acknowledged")
+            wrong.append(
+                f"session {s.sid} of idempotent writer {s.writer}: {len(items)} listed, {len(acked)} acknowledged"
+            )
     v.check(
         f"read models caught up: GETs of all {len(sessions)} acknowledged sessions answer 200 within {RECOVERY_S:.0f}s",
         not not_200,
         f"{len(not_200)} did not, e.g. {not_200[:3]}; other answers on the way: {dict(on_the_way)}",
     )
-    v.check(f"every acknowledged message ({sum(len(s.messages) for s in sessions)}) is read back", not lost, f"{lost[:5]}")
-    v.check("each exactly once, in order, as acknowledged (idempotent writers: nothing else)", not wrong, f"{wrong[:5]}")
+    v.check(
+        f"every acknowledged message ({sum(len(s.messages) for s in sessions)}) is read back", not lost, f"{lost[:5]}"
+    )
+    v.check(
+        "each exactly once, in order, as acknowledged (idempotent writers: nothing else)", not wrong, f"{wrong[:5]}"
+    )
 
     listed: Counter = Counter()
     for tenant in sorted({s.tenant for s in sessions}):
@@ -860,7 +885,9 @@ async def _fresh_write_and_read(client: httpx.AsyncClient, url: str) -> tuple[bo
         return False, f"{type(e).__name__}: {e}"
 
 
-async def _chat_probe_on(worker: ParleyProcess, workers: list[ParleyProcess], client: httpx.AsyncClient, url: str) -> tuple[int, str]:
+async def _chat_probe_on(
+    worker: ParleyProcess, workers: list[ParleyProcess], client: httpx.AsyncClient, url: str
+) -> tuple[int, str]:
     """A chat that only `worker` can run: the other workers are paused (SIGSTOP) meanwhile. A worker whose chat
     loop died keeps heart-beating and projecting (and /ready stays 200), so this is the way to see it."""
     others = [w for w in workers if w is not worker and running(w)]
@@ -878,7 +905,9 @@ async def _chat_probe(client: httpx.AsyncClient, url: str) -> tuple[int, str]:
     try:
         created = await client.post(url + "/sessions", json={"situation": "chat probe"}, headers=auth())
         body = {"messages": [{"role": "user", "content": "ping"}]}
-        res = await client.post(f"{url}/sessions/{created.json()['id']}/chat", json=body, headers=auth(), timeout=CHAT_WAIT_S + 10)
+        res = await client.post(
+            f"{url}/sessions/{created.json()['id']}/chat", json=body, headers=auth(), timeout=CHAT_WAIT_S + 10
+        )
         return res.status_code, outcome_of(res) + (f" {res.text[:160]}" if res.status_code != 200 else "")
     except httpx.HTTPError as e:
         return 0, f"{type(e).__name__}: {e}"
@@ -900,12 +929,16 @@ async def _session_with_a_message(client: httpx.AsyncClient, api: ParleyProcess)
     created = await client.post(api.url + "/sessions", json={"situation": "outage"}, headers=auth())
     assert created.status_code == 201, created.text
     sid = created.json()["id"]
-    added = await client.post(f"{api.url}/sessions/{sid}/messages", json={"role": "user", "content": "before"}, headers=auth())
+    added = await client.post(
+        f"{api.url}/sessions/{sid}/messages", json={"role": "user", "content": "before"}, headers=auth()
+    )
     assert added.status_code == 201, added.text
     return sid
 
 
-async def _projects_and_ready(v: Verdict, client: httpx.AsyncClient, api: ParleyProcess, worker: ParleyProcess, sid: str) -> None:
+async def _projects_and_ready(
+    v: Verdict, client: httpx.AsyncClient, api: ParleyProcess, worker: ParleyProcess, sid: str
+) -> None:
     """After Redis is back: the worker started during the outage is still running (this test never restarts it),
     a new write is projected (GET answers 200 with it) and /ready is 200, within WORKER_RECOVERY_S."""
     deadline = time.monotonic() + WORKER_RECOVERY_S
@@ -913,11 +946,17 @@ async def _projects_and_ready(v: Verdict, client: httpx.AsyncClient, api: Parley
     body = {"role": "user", "content": key}
     added = None
     while time.monotonic() < deadline:  # the API may answer 503 for a moment after Redis is back
-        added = await client.post(f"{api.url}/sessions/{sid}/messages", json=body, headers=auth() | {"Idempotency-Key": key})
+        added = await client.post(
+            f"{api.url}/sessions/{sid}/messages", json=body, headers=auth() | {"Idempotency-Key": key}
+        )
         if added.status_code == 201:
             break
         await asyncio.sleep(0.1)
-    v.check("the API accepts a write once Redis is back", added is not None and added.status_code == 201, f"{added and outcome_of(added)}")
+    v.check(
+        "the API accepts a write once Redis is back",
+        added is not None and added.status_code == 201,
+        f"{added and outcome_of(added)}",
+    )
 
     seen: Counter = Counter()
     found = False
@@ -943,7 +982,11 @@ async def _projects_and_ready(v: Verdict, client: httpx.AsyncClient, api: Parley
 
     await poll_until(ready_or_dead, max(deadline - time.monotonic(), 0.1))
     res = await client.get(api.url + "/ready")
-    v.check(f"/ready answers 200 within {WORKER_RECOVERY_S:.0f}s", res.status_code == 200, f"{res.status_code} {res.text[:200]}")
+    v.check(
+        f"/ready answers 200 within {WORKER_RECOVERY_S:.0f}s",
+        res.status_code == 200,
+        f"{res.status_code} {res.text[:200]}",
+    )
 
 
 async def test_worker_starting_while_redis_loads_its_aof_recovers(slow_redis, spawn):
@@ -952,7 +995,9 @@ async def test_worker_starting_while_redis_loads_its_aof_recovers(slow_redis, sp
     without being restarted."""
     v = Verdict("worker starting while Redis loads its AOF")
     server = slow_redis()
-    api, old_worker = await asyncio.gather(asyncio.to_thread(spawn, "api", server.url), asyncio.to_thread(spawn, "worker", server.url))
+    api, old_worker = await asyncio.gather(
+        asyncio.to_thread(spawn, "api", server.url), asyncio.to_thread(spawn, "worker", server.url)
+    )
     r = Redis.from_url(server.url)
     try:
         keys = await keys_of(r)
@@ -975,7 +1020,10 @@ async def test_worker_starting_while_redis_loads_its_aof_recovers(slow_redis, sp
             worker = await asyncio.to_thread(spawn, "worker", server.url)
             await asyncio.to_thread(server.wait_loaded, 30)
             loading_s = time.monotonic() - started
-            v.note("Redis was still LOADING this long after the worker started", f"{loading_s:.1f}s (it connects ~0.3 s after start)")
+            v.note(
+                "Redis was still LOADING this long after the worker started",
+                f"{loading_s:.1f}s (it connects ~0.3 s after start)",
+            )
             assert loading_s > 1.0, "test setup: loading ended before the worker could have connected"
             v.note("worker alive when loading ended", str(running(worker)))
             await _projects_and_ready(v, client, api, worker, sid)
@@ -1006,7 +1054,9 @@ async def test_worker_starting_while_redis_is_killed_recovers(fresh_redis, spawn
 
                 async def checked_partitions() -> bool:
                     # its partition check (HGET), or the script loading that follows it at once
-                    return any(c["id"] not in before and c["cmd"] in ("hget", "script|load") for c in await r.client_list())
+                    return any(
+                        c["id"] not in before and c["cmd"] in ("hget", "script|load") for c in await r.client_list()
+                    )
 
                 await wait_for(checked_partitions, 15, "the worker's partition check", 0.002)
                 server.kill()
@@ -1091,7 +1141,11 @@ async def test_reads_never_503_across_a_worker_kill(fresh_redis, spawn):
                     msg = res.json()
                     page = {"offset": msg["seq"] - 1, "limit": 1}
                     got = await traffic.request("read", "GET", url, "GET my write", params=page, headers=auth())
-                    if got is not None and got.status_code == 200 and [m["id"] for m in got.json()["items"]] != [msg["id"]]:
+                    if (
+                        got is not None
+                        and got.status_code == 200
+                        and [m["id"] for m in got.json()["items"]] != [msg["id"]]
+                    ):
                         stale.append(f"{sid} seq {msg['seq']}: {got.text[:160]}")
                     await asyncio.sleep(0.005)
 
@@ -1129,9 +1183,17 @@ async def test_reads_never_503_across_a_worker_kill(fresh_redis, spawn):
             if sent_at:
                 v.note(f"{phase}: GETs answered 503 were sent at (s from the kill)", ", ".join(sent_at[:20]))
             n503 = sum(c for o, c in reads.items() if o.startswith("503"))
-            v.check(f"{phase}: no read-your-write GET answers 503", n503 == 0, f"{n503} of {sum(reads.values())} reads answered 503: {dict(reads)}")
+            v.check(
+                f"{phase}: no read-your-write GET answers 503",
+                n503 == 0,
+                f"{n503} of {sum(reads.values())} reads answered 503: {dict(reads)}",
+            )
         other = {o: c for o, c in traffic.outcomes("read").items() if o != "200" and not o.startswith("503")}
-        v.check("no read-your-write GET answers stale data or another error", not other and not stale, f"other {other}; stale {stale[:3]}")
+        v.check(
+            "no read-your-write GET answers stale data or another error",
+            not other and not stale,
+            f"other {other}; stale {stale[:3]}",
+        )
         writes = traffic.outcomes("write")
         v.check("every write is acknowledged (201)", set(writes) <= {"201"}, f"{dict(writes)}")
         v.check(f"nothing hangs (no request over {HANG_BOUND_S:.0f}s)", not traffic.hangs(), f"{len(traffic.hangs())}")

@@ -22,15 +22,15 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared.adapters.codec import decode_state, json_encode
-from shared.domain.commands import AddMessage, CreateSession, DeleteSession, UpdateSession
-from shared.domain.errors import Contention, NotFound
-from shared.domain.events import Event, MessageAdded, SessionCreated
-from shared.domain.wire import MessageCreate, SessionCreate, SessionPatch, Tool, ToolList
-from shared.domain.state import SessionState, fold
 from shared.adapters.redis.feed import GROUP
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.store import RedisStore
 from shared.app.service import SessionService
+from shared.domain.commands import AddMessage, CreateSession, DeleteSession, UpdateSession
+from shared.domain.errors import Contention, NotFound
+from shared.domain.events import Event, MessageAdded, SessionCreated
+from shared.domain.state import SessionState, fold
+from shared.domain.wire import MessageCreate, SessionCreate, SessionPatch, Tool, ToolList
 from tests.support import ParleyProcess, auth, wait_for
 
 pytestmark = pytest.mark.slow
@@ -97,7 +97,9 @@ async def lagging_sessions(r: Redis, keys: Keys, sids: set[str] | None = None) -
     return [sid for sid, head, view in zip(sids, replies[::2], replies[1::2]) if int(head or 0) != int(view or 0)]
 
 
-async def wait_caught_up(r: Redis, keys: Keys, workers: list[ParleyProcess], timeout: float = CATCH_UP_TIMEOUT_S) -> None:
+async def wait_caught_up(
+    r: Redis, keys: Keys, workers: list[ParleyProcess], timeout: float = CATCH_UP_TIMEOUT_S
+) -> None:
     async def done() -> bool:
         for w in workers:
             assert_running(w)
@@ -282,7 +284,10 @@ async def test_projector_killed_mid_batch_repeatedly_read_models_equal_fold(fres
         async def write_session(j: int, sid: str, tenant: str) -> None:
             for i in range(MESSAGES):
                 if i == MESSAGES // 2:  # a SessionUpdated + ToolsChanged pair in the middle of the stream
-                    patch = {"metadata": {"j": j, "half": True}, "tools": TOOLS + [{"type": "function", "function": {"name": f"t{j}"}}]}
+                    patch = {
+                        "metadata": {"j": j, "half": True},
+                        "tools": TOOLS + [{"type": "function", "function": {"name": f"t{j}"}}],
+                    }
                     res = await client.patch(f"{api.url}/sessions/{sid}", json=patch, headers=auth(tenant))
                     if res.status_code != 200:
                         errors.append(f"PATCH {sid}: {res.status_code} {res.text}")
@@ -297,7 +302,11 @@ async def test_projector_killed_mid_batch_repeatedly_read_models_equal_fold(fres
 
         async def write_doomed() -> None:
             for i in range(20):
-                res = await client.post(f"{api.url}/sessions/{doomed_id}/messages", json={"role": "user", "content": f"d{i}"}, headers=auth())
+                res = await client.post(
+                    f"{api.url}/sessions/{doomed_id}/messages",
+                    json={"role": "user", "content": f"d{i}"},
+                    headers=auth(),
+                )
                 if res.status_code != 201:
                     errors.append(f"POST message to doomed: {res.status_code} {res.text}")
                 await asyncio.sleep(0.05)
@@ -325,7 +334,9 @@ async def test_projector_killed_mid_batch_repeatedly_read_models_equal_fold(fres
                 worker = await asyncio.to_thread(spawn, "worker", server.url)
                 workers.append(worker)
                 # Poll tightly: the new worker reads the backlog right after its first heartbeat.
-                await wait_for(lambda: worker_registered(r, keys, worker), 15, "the restarted worker to register", 0.005)
+                await wait_for(
+                    lambda: worker_registered(r, keys, worker), 15, "the restarted worker to register", 0.005
+                )
                 if kill_on_start:
                     await kill()
 
@@ -342,15 +353,23 @@ async def test_projector_killed_mid_batch_repeatedly_read_models_equal_fold(fres
             await restart(kill_on_start=False)
 
         await run_all(
-            *(write_session(j, sid, tenant) for j, (sid, tenant) in enumerate(sessions)), write_doomed(), crash_and_restart()
+            *(write_session(j, sid, tenant) for j, (sid, tenant) in enumerate(sessions)),
+            write_doomed(),
+            crash_and_restart(),
         )
 
-        print(f"worker killed at (acknowledged appends of {SESSIONS * MESSAGES}, feed entries it held unacked): {kills}")
+        print(
+            f"worker killed at (acknowledged appends of {SESSIONS * MESSAGES}, feed entries it held unacked): {kills}"
+        )
         assert errors == [], f"{len(errors)} writes failed, e.g. {errors[:5]}"
         assert len(kills) == 3
         live_worker = workers[-1]
         await wait_caught_up(r, keys, [live_worker])
-        await wait_for(lambda: _true_if_zero(feed_pending(r, keys)), PENDING_TIMEOUT_S, "the dead workers' feed entries to be taken over and acked")
+        await wait_for(
+            lambda: _true_if_zero(feed_pending(r, keys)),
+            PENDING_TIMEOUT_S,
+            "the dead workers' feed entries to be taken over and acked",
+        )
 
         audits = await audit_all(r, keys)
         assert set(audits) == {sid for sid, _ in sessions} | {doomed_id}
@@ -359,7 +378,9 @@ async def test_projector_killed_mid_batch_repeatedly_read_models_equal_fold(fres
             a = audits[sid]
             assert a.tenant == tenant
             assert len(acked[sid]) == MESSAGES
-            assert [as_json(m.data) for m in a.messages] == acked[sid], f"session {sid}: log messages != acknowledged ones"
+            assert [as_json(m.data) for m in a.messages] == acked[sid], (
+                f"session {sid}: log messages != acknowledged ones"
+            )
         await audit_over_http(client, api.url, audits)
         for sid, _ in sessions:  # the acknowledged bodies, over HTTP, in seq order
             assert await http_messages(client, api.url, sid, audits[sid].tenant) == acked[sid]
@@ -432,7 +453,9 @@ async def test_projector_killed_at_random_moments_projects_exactly_once(fresh_re
                     if roll < 0.04:
                         await create(wrng.choice(["acme", "globex"]))
                     elif roll < 0.08:
-                        patch = SessionPatch(metadata={"w": w, "n": n}, tools=msgspec.convert(TOOLS, list[Tool]) if n % 2 else [])
+                        patch = SessionPatch(
+                            metadata={"w": w, "n": n}, tools=msgspec.convert(TOOLS, list[Tool]) if n % 2 else []
+                        )
                         await service.execute(tenant, sid, UpdateSession(patch=patch), lambda s, ev: _reply_with(ev))
                     elif roll < 0.09 and len(live) > 4:
                         live.remove((sid, tenant))
@@ -446,7 +469,7 @@ async def test_projector_killed_at_random_moments_projects_exactly_once(fresh_re
                     writes[0] += 1
                 except (NotFound, Contention):
                     pass  # another writer deleted it, or raced it too often: not acknowledged, not counted
-                except Exception as e:  # noqa: BLE001 - every other failure is a test failure
+                except Exception as e:
                     errors.append(f"{type(e).__name__}: {e}")
                 await asyncio.sleep(wrng.uniform(0, 0.01))
 
@@ -473,11 +496,15 @@ async def test_projector_killed_at_random_moments_projects_exactly_once(fresh_re
 
         await run_all(*(writer(w) for w in range(4)), killer())
 
-        print(f"seed {seed}: {writes[0]} writes; kills (writes so far, worker slot, when, feed entries it held): {kills}")
+        print(
+            f"seed {seed}: {writes[0]} writes; kills (writes so far, worker slot, when, feed entries it held): {kills}"
+        )
         assert errors == [], f"seed {seed}: {len(errors)} writes failed, e.g. {errors[:5]}"
         assert 3 <= len(kills) <= 5
         await wait_caught_up(r, keys, workers)
-        await wait_for(lambda: _true_if_zero(feed_pending(r, keys)), PENDING_TIMEOUT_S, "dead workers' feed entries to be acked")
+        await wait_for(
+            lambda: _true_if_zero(feed_pending(r, keys)), PENDING_TIMEOUT_S, "dead workers' feed entries to be acked"
+        )
 
         audits = await audit_all(r, keys)
         assert set(audits) == set(acked_messages), f"seed {seed}: sessions in Redis != sessions created"
@@ -487,7 +514,9 @@ async def test_projector_killed_at_random_moments_projects_exactly_once(fresh_re
             in_log = {m.data.id: as_json(m.data) for m in a.messages}
             missing = sorted(set(acked) - set(in_log))
             assert not missing, f"seed {seed}: session {sid}: {len(missing)} acknowledged messages not in the log"
-            assert all(in_log[i] == body for i, body in acked.items()), f"seed {seed}: session {sid}: logged message != acknowledged"
+            assert all(in_log[i] == body for i, body in acked.items()), (
+                f"seed {seed}: session {sid}: logged message != acknowledged"
+            )
         await audit_over_http(client, api.url, audits)
         for w in workers:
             assert_running(w)

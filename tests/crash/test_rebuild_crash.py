@@ -32,15 +32,24 @@ import redis as redis_sync
 from redis.asyncio import Redis
 
 from shared.adapters.codec import decode_event, decode_state, json_encode
-from shared.domain.commands import AddMessage, Command, CreateSession, Stamp, UpdateSession, decide
-from shared.domain.events import Event, EventPage, MessageAdded
-from shared.domain.ids import uuid7
-from shared.domain.wire import FunctionCall, FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool, ToolCall, ToolList
-from shared.domain.projection import SNAPSHOT_EVERY
-from shared.domain.state import SessionState, fold
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.server import RedisServer
 from shared.adapters.redis.store import RedisStore
+from shared.domain.commands import AddMessage, Command, CreateSession, Stamp, UpdateSession, decide
+from shared.domain.events import Event, EventPage, MessageAdded
+from shared.domain.ids import uuid7
+from shared.domain.projection import SNAPSHOT_EVERY
+from shared.domain.state import SessionState, fold
+from shared.domain.wire import (
+    FunctionCall,
+    FunctionDef,
+    MessageCreate,
+    SessionCreate,
+    SessionPatch,
+    Tool,
+    ToolCall,
+    ToolList,
+)
 from tests.support import API_KEYS, ROOT, ParleyProcess, auth, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -59,7 +68,9 @@ ACME = auth("acme")
 # -- processes ---------------------------------------------------------------------------------------
 
 
-def cli(redis_url: str, *args: str, stdin: bytes | None = None, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[bytes]:
+def cli(
+    redis_url: str, *args: str, stdin: bytes | None = None, timeout: float = CLI_TIMEOUT_S
+) -> subprocess.CompletedProcess[bytes]:
     """`parley <args>` against this Redis, as an operator runs it."""
     return subprocess.run(
         [str(PARLEY), *args], env=cli_env(redis_url), cwd=ROOT, input=stdin, capture_output=True, timeout=timeout
@@ -67,9 +78,13 @@ def cli(redis_url: str, *args: str, stdin: bytes | None = None, timeout: float =
 
 
 def cli_env(redis_url: str) -> dict[str, str]:
-    return {**os.environ, "REDIS_URL": redis_url, "PARLEY_API_KEYS": OTHER_KEYS, "PARLEY_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
-
-
+    return {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "PARLEY_API_KEYS": OTHER_KEYS,
+        "PARLEY_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 def stack(fresh_redis, spawn, api: bool = True) -> tuple[RedisServer, ParleyProcess | None, redis_sync.Redis]:
@@ -102,7 +117,9 @@ def history_commands(sid: str, n: int, start: int = 0) -> Iterator[Command]:
     answer = None
     for i in range(start, start + n):
         if i == 0:
-            yield CreateSession(body=SessionCreate(agent_id="bulk", user_id=f"u{sid[-4:]}", tools=TOOLS, metadata={"i": 0}))
+            yield CreateSession(
+                body=SessionCreate(agent_id="bulk", user_id=f"u{sid[-4:]}", tools=TOOLS, metadata={"i": 0})
+            )
         elif answer is not None:
             yield AddMessage(body=MessageCreate(role="tool", content=f"result of {answer}", tool_call_id=answer))
             answer = None
@@ -377,7 +394,9 @@ def test_rebuild_under_concurrent_writes_loses_nothing_and_the_service_answers_t
     with httpx.Client(base_url=api.url, headers=ACME, timeout=15) as c:
 
         def make(i: int) -> str:
-            s = c.post("/sessions", json={"agent_id": f"a{i}", "tools": [{"type": "function", "function": {"name": "f"}}]})
+            s = c.post(
+                "/sessions", json={"agent_id": f"a{i}", "tools": [{"type": "function", "function": {"name": "f"}}]}
+            )
             assert s.status_code == 201, s.text
             sid = s.json()["id"]
             for n in range(29):
@@ -402,7 +421,13 @@ def test_rebuild_under_concurrent_writes_loses_nothing_and_the_service_answers_t
         traffic.wait_writes(30)
         before_spawn = sum(int(r.hget(keys.head(sid), "v")) for sid in sids)
         writes_at_spawn = traffic.writes
-        run = subprocess.Popen([str(PARLEY), "rebuild", "--all"], env=cli_env(server.url), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        run = subprocess.Popen(
+            [str(PARLEY), "rebuild", "--all"],
+            env=cli_env(server.url),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             out, err = run.communicate(timeout=CLI_TIMEOUT_S)
         finally:
@@ -438,13 +463,17 @@ def test_rebuild_under_concurrent_writes_loses_nothing_and_the_service_answers_t
 
 def kill_rebuild_when(url: str, reached: Callable[[], bool], what: str) -> subprocess.Popen[bytes]:
     """Start `parley rebuild --all` and SIGKILL it as soon as `reached()` (polled every 0.5 ms)."""
-    run = subprocess.Popen([str(PARLEY), "rebuild", "--all"], env=cli_env(url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run = subprocess.Popen(
+        [str(PARLEY), "rebuild", "--all"], env=cli_env(url), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + CLI_TIMEOUT_S
     try:
         while not reached():
             if run.poll() is not None:
-                pytest.fail(f"the rebuild ended (rc {run.returncode}) before {what}: seed more history\n"
-                            + run.stderr.read().decode()[-1000:])  # type: ignore[union-attr]
+                pytest.fail(
+                    f"the rebuild ended (rc {run.returncode}) before {what}: seed more history\n"
+                    + run.stderr.read().decode()[-1000:]
+                )  # type: ignore[union-attr]
             if time.monotonic() > deadline:
                 pytest.fail(f"the rebuild never reached {what}")
             time.sleep(0.0005)
@@ -483,7 +512,9 @@ def test_rebuild_killed_halfway_and_rerun_equals_an_uninterrupted_one(fresh_redi
     assert cursor is not None, "killed after the run finished: nothing was interrupted"
     gens = generations(r, keys, sessions)
     assert gens[1] >= 64 and gens[0] > 0, f"not killed mid-run: generations {gens}"
-    partial = sum(1 for _, sid in sessions if int(r.hget(keys.head(sid), "g") or 0) == 0 and r.exists(keys.view(sid, 1)))
+    partial = sum(
+        1 for _, sid in sessions if int(r.hget(keys.head(sid), "g") or 0) == 0 and r.exists(keys.view(sid, 1))
+    )
     # a killed rebuild never disturbs the live read models (whichever generation holds them)
     assert read_models(r, keys, sessions) == live
 
@@ -614,29 +645,97 @@ def corrupt(lines: list[bytes]) -> dict[str, bytes]:
 def test_export_import_round_trip_is_byte_for_byte_and_a_failed_import_writes_nothing(fresh_redis, spawn, tmp_path):
     source, api_a, _ = stack(fresh_redis, spawn)
     assert api_a is not None
-    lookup = {"type": "function", "function": {"name": "lookup", "description": "find", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+    lookup = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "find",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+        },
+    }
     with httpx.Client(base_url=api_a.url, headers=ACME, timeout=30) as c:
 
         def ok(resp: httpx.Response, status: int = 200) -> dict[str, Any]:
             assert resp.status_code == status, resp.text
             return resp.json()
 
-        sid = ok(c.post("/sessions", json={"agent_id": "exp", "user_id": "u1", "situation": "s", "tools": [lookup], "metadata": {"n": 1.5, "deep": {"a": [1, None]}}}), 201)["id"]
+        sid = ok(
+            c.post(
+                "/sessions",
+                json={
+                    "agent_id": "exp",
+                    "user_id": "u1",
+                    "situation": "s",
+                    "tools": [lookup],
+                    "metadata": {"n": 1.5, "deep": {"a": [1, None]}},
+                },
+            ),
+            201,
+        )["id"]
         ok(c.post(f"/sessions/{sid}/messages", json={"role": "user", "content": "find 42"}), 201)
-        ok(c.post(f"/sessions/{sid}/messages", json={"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"42\"}"}}]}), 201)
-        ok(c.post(f"/sessions/{sid}/messages", json={"role": "tool", "content": [{"type": "text", "text": "found"}], "tool_call_id": "c1"}), 201)
-        ok(c.patch(f"/sessions/{sid}", json={"situation": "patched", "token_budget": 900, "tools": [lookup, {"type": "function", "function": {"name": "other"}}]}))
-        answer = ok(c.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "hello there"}], "temperature": 0.3}))
+        ok(
+            c.post(
+                f"/sessions/{sid}/messages",
+                json={
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "42"}'}}
+                    ],
+                },
+            ),
+            201,
+        )
+        ok(
+            c.post(
+                f"/sessions/{sid}/messages",
+                json={"role": "tool", "content": [{"type": "text", "text": "found"}], "tool_call_id": "c1"},
+            ),
+            201,
+        )
+        ok(
+            c.patch(
+                f"/sessions/{sid}",
+                json={
+                    "situation": "patched",
+                    "token_budget": 900,
+                    "tools": [lookup, {"type": "function", "function": {"name": "other"}}],
+                },
+            )
+        )
+        answer = ok(
+            c.post(
+                f"/sessions/{sid}/chat",
+                json={"messages": [{"role": "user", "content": "hello there"}], "temperature": 0.3},
+            )
+        )
         assert answer["choices"][0]["message"]["content"]
         doomed = ok(c.post("/sessions", json={"agent_id": "doomed"}), 201)["id"]
         ok(c.post(f"/sessions/{doomed}/messages", json={"role": "user", "content": "bye"}), 201)
         ok(c.delete(f"/sessions/{doomed}"), 202)
         spare = ok(c.post("/sessions", json={"agent_id": "spare"}), 201)["id"]
-        a_views = {s: (c.get(f"/sessions/{s}").content, c.get(f"/sessions/{s}/messages").content, c.get(f"/sessions/{s}/tools").content) for s in (sid, doomed)}
+        a_views = {
+            s: (
+                c.get(f"/sessions/{s}").content,
+                c.get(f"/sessions/{s}/messages").content,
+                c.get(f"/sessions/{s}/tools").content,
+            )
+            for s in (sid, doomed)
+        }
         a_events = {s: http_log(c, s, ACME)[0] for s in (sid, doomed)}
-        a_past = {s: [c.get(f"/sessions/{s}", params={"version": v}).content for v in range(1, 30)] for s in (sid, doomed)}
+        a_past = {
+            s: [c.get(f"/sessions/{s}", params={"version": v}).content for v in range(1, 30)] for s in (sid, doomed)
+        }
     types = [item["type"] for item in msgspec.json.decode(a_events[sid][0])["items"]]
-    assert {"SessionCreated", "MessageAdded", "SessionUpdated", "ToolsChanged", "ChatRequested", "ContextBuilt", "ChatCompleted"} <= set(types)
+    assert {
+        "SessionCreated",
+        "MessageAdded",
+        "SessionUpdated",
+        "ToolsChanged",
+        "ChatRequested",
+        "ContextBuilt",
+        "ChatCompleted",
+    } <= set(types)
 
     f1, f2, f3 = tmp_path / "f1.ndjson", tmp_path / "f2.ndjson", tmp_path / "f3.ndjson"
     for s, f in ((sid, f1), (doomed, f2), (spare, f3)):
@@ -678,7 +777,11 @@ def test_export_import_round_trip_is_byte_for_byte_and_a_failed_import_writes_no
     with httpx.Client(base_url=api_b.url, headers=OTHER, timeout=15) as c:
         for s in (sid, doomed):
             assert http_log(c, s, OTHER)[0] == a_events[s]
-            got = (c.get(f"/sessions/{s}").content, c.get(f"/sessions/{s}/messages").content, c.get(f"/sessions/{s}/tools").content)
+            got = (
+                c.get(f"/sessions/{s}").content,
+                c.get(f"/sessions/{s}/messages").content,
+                c.get(f"/sessions/{s}/tools").content,
+            )
             assert got == a_views[s], s
             assert [c.get(f"/sessions/{s}", params={"version": v}).content for v in range(1, 30)] == a_past[s]
             assert c.get(f"/sessions/{s}", headers=ACME).status_code == 404  # the tenant it was imported as only
@@ -695,7 +798,9 @@ def test_export_import_round_trip_is_byte_for_byte_and_a_failed_import_writes_no
         message = dup.stderr.decode()
         assert f"session {sid} already exists" in message and "nothing was imported" in message, message[-1000:]
         assert dump(rb) == loaded, f"{name}: the refused import wrote something"
-    assert sum(1 for k in rb.scan_iter(count=1000) if b":{t:" not in k) == len(loaded)  # the limiter keys aside, as in dump()
+    assert sum(1 for k in rb.scan_iter(count=1000) if b":{t:" not in k) == len(
+        loaded
+    )  # the limiter keys aside, as in dump()
     assert not rb.exists(Keys(int(rb.hget(Keys.config, "partitions"))).head(spare))
 
 

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import ROOT, API_KEYS, auth, wait_ready
+from tests.support import API_KEYS, ROOT, auth, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,11 @@ async def test_a_paused_redis_makes_requests_answer_503_within_their_deadline_no
     wait_ready(api.url)
     async with httpx.AsyncClient(base_url=api.url, timeout=PAUSE_S + 5) as c:
         sid = (await c.post("/sessions", json={}, headers=ACME)).json()["id"]
-        acked = [(await c.post(f"/sessions/{sid}/messages", json={"role": "user", "content": "before"}, headers=ACME)).json()["id"]]
+        acked = [
+            (
+                await c.post(f"/sessions/{sid}/messages", json={"role": "user", "content": "before"}, headers=ACME)
+            ).json()["id"]
+        ]
         assert redis.proc is not None
         os.kill(redis.proc.pid, signal.SIGSTOP)
         try:
@@ -57,11 +61,14 @@ async def test_a_paused_redis_makes_requests_answer_503_within_their_deadline_no
 
             ready, write, read, listing = await asyncio.gather(
                 timed("ready", c.get("/ready")),
-                timed("write", c.post(f"/sessions/{sid}/messages", json={"role": "user", "content": "paused"}, headers=ACME)),
+                timed(
+                    "write",
+                    c.post(f"/sessions/{sid}/messages", json={"role": "user", "content": "paused"}, headers=ACME),
+                ),
                 timed("read", c.get(f"/sessions/{sid}", headers=ACME)),
                 timed("list", c.get("/sessions", headers=ACME)),
             )
-            print(f"answers during a {PAUSE_S:.0f} s pause (s): {({k: round(v, 2) for k, v in timings.items()})}")
+            print(f"answers during a {PAUSE_S:.0f} s pause (s): { ({k: round(v, 2) for k, v in timings.items()}) }")
             assert ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
             assert timings["ready"] < 0.5, timings  # answered from what the health part saw: no Redis call
             for r in (write, read, listing):
@@ -70,6 +77,7 @@ async def test_a_paused_redis_makes_requests_answer_503_within_their_deadline_no
             assert max(timings.values()) < HANG_BOUND_S, timings
         finally:
             os.kill(redis.proc.pid, signal.SIGCONT)
+
         # back: the paused write may or may not have landed (its client was told 503); acknowledged ones are there
         async def ready_again() -> bool:
             return (await c.get("/ready")).status_code == 200
@@ -112,9 +120,17 @@ async def test_an_unexpected_error_in_the_projector_stops_the_worker_loudly(fres
     redis = fresh_redis()
     api = spawn("api", redis.url)
     log_path = tmp_path / "faulty-worker.log"
-    env = {**os.environ, "REDIS_URL": redis.url, "PARLEY_API_KEYS": API_KEYS, "PYTHONPATH": str(ROOT), "PARLEY_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "REDIS_URL": redis.url,
+        "PARLEY_API_KEYS": API_KEYS,
+        "PYTHONPATH": str(ROOT),
+        "PARLEY_LOG_LEVEL": "WARNING",
+    }
     with open(log_path, "wb") as log:
-        worker = subprocess.Popen([sys.executable, "-c", FAULTY_WORKER], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [sys.executable, "-c", FAULTY_WORKER], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         async with httpx.AsyncClient(base_url=api.url, timeout=10) as c:
             for _ in range(20):  # each write is a feed entry the projector handles: the third handle raises
@@ -128,7 +144,9 @@ async def test_an_unexpected_error_in_the_projector_stops_the_worker_loudly(fres
             worker.kill()
     text = log_path.read_text(errors="replace")
     assert code == 70, text[-3000:]
-    assert "failed; the process stops" in text and "injected: a bug" in text, text[-3000:]  # projector or its maintenance
+    assert "failed; the process stops" in text and "injected: a bug" in text, text[
+        -3000:
+    ]  # projector or its maintenance
 
 
 STREAMS = 500
@@ -170,7 +188,9 @@ async def test_500_open_event_streams_hold_no_redis_connections_and_starve_nothi
             r = Redis.from_url(redis.url)
             clients = await r.client_list()
             await r.aclose()
-            print(f"{STREAMS} open streams ({len(shed)} openings shed and retried); redis-server has {len(clients)} client connections in all")
+            print(
+                f"{STREAMS} open streams ({len(shed)} openings shed and retried); redis-server has {len(clients)} client connections in all"
+            )
             assert len(clients) < 100, len(clients)  # API pool (≤ 32) + a few readers + the worker's, not 500
             # ordinary requests are served while the streams are open
             started = time.monotonic()

@@ -21,10 +21,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.worker.probes import ROUTES as WORKER_ROUTES
 from shared.adapters.redis.server import RedisServer, free_port, terminate
 from shared.config import Settings
 from shared.observability import metrics
-from services.worker.probes import ROUTES as WORKER_ROUTES
 from tests.support import API_KEYS, ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -37,7 +37,13 @@ SETTINGS_ENV = {"REDIS_URL" if f == "redis_url" else f"PARLEY_{f.upper()}" for f
 FROM_THE_CLUSTER_CHANGE = {"PARLEY_QUEUE_URL"}
 """Set by the `cluster` profile for issue 15's Redis Cluster change, which adds the setting; drop it from here once
 Settings has it."""
-NOT_PARLEYS = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK", "PROMETHEUS_MULTIPROC_DIR"}
+NOT_PARLEYS = {
+    "PYTHONUNBUFFERED",
+    "PYTHONDONTWRITEBYTECODE",
+    "PIP_NO_CACHE_DIR",
+    "PIP_DISABLE_PIP_VERSION_CHECK",
+    "PROMETHEUS_MULTIPROC_DIR",
+}
 
 
 def docs() -> list[dict[str, Any]]:
@@ -65,16 +71,36 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
 
 def dockerfile_env() -> set[str]:
     text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
-    return {name for line in text.splitlines() if line.startswith("ENV ") for name in re.findall(r"([A-Z_][A-Z0-9_]*)=", line)}
+    return {
+        name
+        for line in text.splitlines()
+        if line.startswith("ENV ")
+        for name in re.findall(r"([A-Z_][A-Z0-9_]*)=", line)
+    }
 
 
 def test_every_file_parses():
     assert MANIFESTS and compose()["services"]
-    assert yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"] == [p.name for p in [K8S / "config.yaml", K8S / "api.yaml", K8S / "projector.yaml", K8S / "chat.yaml"]]
+    assert yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"] == [
+        p.name for p in [K8S / "config.yaml", K8S / "api.yaml", K8S / "projector.yaml", K8S / "chat.yaml"]
+    ]
     assert {p.name for p in MANIFESTS} == {"config.yaml", "api.yaml", "projector.yaml", "chat.yaml"}
     kinds = sorted(d["kind"] for d in docs())
-    assert kinds == sorted(["ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-                            "Deployment", "PodDisruptionBudget", "Deployment", "PodDisruptionBudget", "HorizontalPodAutoscaler"])
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Secret",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "HorizontalPodAutoscaler",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Deployment",
+            "PodDisruptionBudget",
+            "HorizontalPodAutoscaler",
+        ]
+    )
 
 
 def test_every_variable_the_files_set_is_one_parley_reads():
@@ -120,9 +146,13 @@ def test_the_manifests_match_the_kubernetes_schemas():
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kustomize_renders_every_manifest_with_its_labels():
-    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     rendered = [d for d in yaml.safe_load_all(out) if d]
-    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted((d["kind"], d["metadata"]["name"]) for d in docs())
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in docs()
+    )
     assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "parley" for d in rendered)
     for d in rendered:
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
@@ -137,7 +167,9 @@ def test_every_deployment_is_covered_by_a_disruption_budget_and_the_autoscalers_
         assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert budgets[name]["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpas = {d["spec"]["scaleTargetRef"]["name"]: d["spec"]["metrics"] for d in of_kind("HorizontalPodAutoscaler")}
-    assert hpas["parley-api"] == [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]
+    assert hpas["parley-api"] == [
+        {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}
+    ]
     [external] = hpas["parley-chat"]
     assert external["type"] == "External" and external["external"]["metric"]["name"] == metrics.CHAT_QUEUE_DEPTH._name
     chat = deployments["parley-chat"]["spec"]["template"]["metadata"]["annotations"]
@@ -163,8 +195,12 @@ def test_probes_and_health_checks_name_real_routes_on_the_ports_the_processes_se
             assert paths == {"readinessProbe": "/ready", "livenessProbe": "/health"} and set(paths.values()) <= routes
             assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] in routes
         else:
-            assert c["args"][0] == "worker" and {e["name"]: e["value"] for e in c["env"]}["PARLEY_METRICS_PORT"] == str(port)
-            assert paths == {"readinessProbe": "/ready", "livenessProbe": "/health"} and set(paths.values()) <= set(WORKER_ROUTES)
+            assert c["args"][0] == "worker" and {e["name"]: e["value"] for e in c["env"]}["PARLEY_METRICS_PORT"] == str(
+                port
+            )
+            assert paths == {"readinessProbe": "/ready", "livenessProbe": "/health"} and set(paths.values()) <= set(
+                WORKER_ROUTES
+            )
     checks = {"Dockerfile": ((DEPLOY / "Dockerfile").read_text(), "8000")}
     for name, service in compose()["services"].items():
         if "healthcheck" in service and service.get("command", [""])[0] == "worker":
@@ -189,17 +225,34 @@ def test_compose_sets_aof_everysec_two_apis_and_a_cluster_profile():
     assert services["redis"]["command"][:5] == ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec"]
     assert services["redis"]["volumes"] == ["redis-data:/data"]
     assert services["api"]["deploy"]["replicas"] == 2
-    assert [services[s]["command"][:3] for s in ("projector", "chat")] == [["worker", "--role", "projector"], ["worker", "--role", "chat"]]
+    assert [services[s]["command"][:3] for s in ("projector", "chat")] == [
+        ["worker", "--role", "projector"],
+        ["worker", "--role", "chat"],
+    ]
     cluster = {name for name, s in services.items() if s.get("profiles") == ["cluster"]}
-    assert cluster == {"redis-1", "redis-2", "redis-3", "cluster-init", "queue", "api-cluster", "projector-cluster", "chat-cluster"}
-    assert services["api-cluster"]["environment"]["REDIS_URL"] == "redis+cluster://redis-1:7001,redis-2:7002,redis-3:7003"
+    assert cluster == {
+        "redis-1",
+        "redis-2",
+        "redis-3",
+        "cluster-init",
+        "queue",
+        "api-cluster",
+        "projector-cluster",
+        "chat-cluster",
+    }
+    assert (
+        services["api-cluster"]["environment"]["REDIS_URL"] == "redis+cluster://redis-1:7001,redis-2:7002,redis-3:7003"
+    )
     assert "--cluster-replicas 0" in services["cluster-init"]["command"][0]
 
 
 def compose_command() -> list[str] | None:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0
+    ):
         return ["docker", "compose"]
     return None
 
@@ -229,7 +282,13 @@ def test_each_deployment_started_as_its_manifest_says_answers_its_probes(redis_f
     """The API, the projector and the chat worker, with the manifests' arguments and the ConfigMap's variables
     (REDIS_URL and the ports point at this test's own), answer their readiness and liveness probes."""
     [config] = of_kind("ConfigMap")
-    env = {**os.environ, **config["data"], "REDIS_URL": redis_for_deploy.url, "PARLEY_API_KEYS": API_KEYS, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        **config["data"],
+        "REDIS_URL": redis_for_deploy.url,
+        "PARLEY_API_KEYS": API_KEYS,
+        "PYTHONPATH": str(ROOT),
+    }
     started: list[tuple[subprocess.Popen[bytes], int, dict[str, str], Path]] = []
     try:
         for d in of_kind("Deployment"):
@@ -241,7 +300,13 @@ def test_each_deployment_started_as_its_manifest_says_answers_its_probes(redis_f
             else:
                 own_env["PARLEY_METRICS_PORT"] = str(port)
             log = tmp_path / f"{d['metadata']['name']}.log"
-            proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=own_env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", *args],
+                env=own_env,
+                cwd=ROOT,
+                stdout=open(log, "wb"),
+                stderr=subprocess.STDOUT,
+            )
             started.append((proc, port, probes(d)[1], log))
         for proc, port, paths, log in started:
             for path in (paths["livenessProbe"], paths["readinessProbe"]):

@@ -23,7 +23,12 @@ SSE = {"Accept": "text/event-stream"}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    env = {"PARLEY_API_KEYS": API_KEYS, "PARLEY_CORS_ORIGINS": ORIGIN, "PARLEY_SSE_KEEPALIVE_S": "0.3", "PARLEY_LOG_LEVEL": "DEBUG"}
+    env = {
+        "PARLEY_API_KEYS": API_KEYS,
+        "PARLEY_CORS_ORIGINS": ORIGIN,
+        "PARLEY_SSE_KEEPALIVE_S": "0.3",
+        "PARLEY_LOG_LEVEL": "DEBUG",
+    }
     with running_stack(tmp_path_factory.mktemp("e2e-browser"), env) as stack:
         yield stack
 
@@ -61,7 +66,11 @@ def test_a_preflight_is_answered_without_credentials_even_with_a_token_in_the_ur
     sid = create(c)["id"]
     resp = c.options(
         path.format(sid=sid),
-        headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization, last-event-id"},
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, last-event-id",
+        },
     )
     assert resp.status_code in (200, 204), resp.text
     assert resp.headers["access-control-allow-origin"] == ORIGIN
@@ -71,7 +80,10 @@ def test_a_preflight_is_answered_without_credentials_even_with_a_token_in_the_ur
 
 def test_a_preflight_from_another_origin_is_not_allowed(c):
     resp = c.options("/sessions", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
-    assert "access-control-allow-origin" not in resp.headers or resp.headers["access-control-allow-origin"] != "http://evil.example"
+    assert (
+        "access-control-allow-origin" not in resp.headers
+        or resp.headers["access-control-allow-origin"] != "http://evil.example"
+    )
 
 
 def test_answers_to_the_origin_expose_what_a_page_reads(c):
@@ -132,7 +144,11 @@ def test_a_token_is_minted_only_for_the_tenants_own_session(c):
     assert_error(c.post(f"/sessions/{sid}/stream-tokens", json={}, headers=GLOBEX), 404)
     assert_error(c.post(f"/sessions/{sid}/stream-tokens", json={}), 401)
     assert_error(c.post(f"/sessions/{sid}/stream-tokens", json={"ttl_s": 5}, headers=ACME), 422, "validation_failed")
-    assert_error(c.post(f"/sessions/{sid}/stream-tokens", json={"ttl_s": 60, "scope": "all"}, headers=ACME), 422, "validation_failed")
+    assert_error(
+        c.post(f"/sessions/{sid}/stream-tokens", json={"ttl_s": 60, "scope": "all"}, headers=ACME),
+        422,
+        "validation_failed",
+    )
 
 
 def test_an_expired_token_is_refused(c):

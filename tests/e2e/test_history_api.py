@@ -27,7 +27,17 @@ import redis as redis_sync
 
 from shared.adapters.redis.keys import Keys, partition_of
 from tests.e2e.helpers import (
-    ACME, GLOBEX, UUID7, Stack, add_message, assert_error, create, running_stack, tool, ts, unknown_id,
+    ACME,
+    GLOBEX,
+    UUID7,
+    Stack,
+    add_message,
+    assert_error,
+    create,
+    running_stack,
+    tool,
+    ts,
+    unknown_id,
 )
 from tests.support import API_KEYS
 
@@ -40,8 +50,17 @@ SSE_ACCEPT = {"Accept": "text/event-stream"}
 KEEPALIVE_S = 0.3
 EVENT_KEYS = {"id", "type", "version", "occurred_at", "data"}
 EVENT_TYPES = [
-    "SessionCreated", "SessionUpdated", "ToolsChanged", "MessageAdded", "SessionDeleted", "ChatRequested",
-    "ContextBuilt", "SummaryAdded", "ChatCompleted", "ChatFailed", "ChatCancelled",
+    "SessionCreated",
+    "SessionUpdated",
+    "ToolsChanged",
+    "MessageAdded",
+    "SessionDeleted",
+    "ChatRequested",
+    "ContextBuilt",
+    "SummaryAdded",
+    "ChatCompleted",
+    "ChatFailed",
+    "ChatCancelled",
 ]
 SESSION_ONLY = {"id", "version", "created_at", "updated_at"}
 """Session resource fields that are not in `SessionCreated.data`."""
@@ -79,8 +98,6 @@ def tenant_name(headers: dict[str, str]) -> str:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-
-
 
 
 def patch(c: httpx.Client, sid: str, body: dict[str, Any], headers: dict[str, str] = ACME) -> dict[str, Any]:
@@ -131,14 +148,6 @@ def at_version(c: httpx.Client, sid: str, version: int, headers: dict[str, str] 
     assert msgs.status_code == 200 and tls.status_code == 200, (version, msgs.text, tls.text)
     assert set(msgs.json()) == {"items"} and set(tls.json()) == {"items"}
     return resp.json(), resp.headers["ETag"], msgs.json()["items"], tls.json()["items"]
-
-
-
-
-
-
-
-
 
 
 def marker(what: str) -> str:
@@ -225,7 +234,9 @@ def tail(
     h = {**headers, **SSE_ACCEPT}
     if last_event_id is not None:
         h["Last-Event-ID"] = last_event_id
-    with c.stream("GET", f"/sessions/{sid}/events", params=params, headers=h, timeout=httpx.Timeout(15, read=10)) as resp:
+    with c.stream(
+        "GET", f"/sessions/{sid}/events", params=params, headers=h, timeout=httpx.Timeout(15, read=10)
+    ) as resp:
         assert resp.status_code == 200, resp.read()
         assert resp.headers["content-type"].startswith("text/event-stream"), resp.headers
         yield SSEReader(resp)
@@ -243,16 +254,22 @@ def read_to_end(reader: SSEReader) -> list[Frame]:
 # =====================================================================================================
 def test_events_page_lists_every_write_oldest_first_with_typed_data(c):
     body = {
-        "agent_id": "agent-h", "user_id": "user-h", "situation": "the first situation", "token_budget": 9000,
-        "context_overflow": "truncate", "tools": [tool("lookup"), tool("notify", "sends a note")],
+        "agent_id": "agent-h",
+        "user_id": "user-h",
+        "situation": "the first situation",
+        "token_budget": 9000,
+        "context_overflow": "truncate",
+        "tools": [tool("lookup"), tool("notify", "sends a note")],
         "metadata": {"channel": "web", "nested": {"a": [1, 2, {"b": None}]}},
     }
     s = create(c, body)
     sid = s["id"]
     m1 = add_message(c, sid, {"role": "user", "content": "hello there", "name": "alice"})
-    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\": \"x\"}"}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}
     m2 = add_message(c, sid, {"role": "assistant", "content": None, "tool_calls": [call]})
-    m3 = add_message(c, sid, {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "found it"}]})
+    m3 = add_message(
+        c, sid, {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "found it"}]}
+    )
     assert patch(c, sid, {"situation": "a second situation", "token_budget": None})["version"] == 5
     new_tools = [tool("only_tool", "replaces both")]
     assert patch(c, sid, {"tools": new_tools})["version"] == 6
@@ -261,8 +278,14 @@ def test_events_page_lists_every_write_oldest_first_with_typed_data(c):
     items = all_events(c, sid)
     assert [e["version"] for e in items] == list(range(1, 9))
     assert [e["type"] for e in items] == [
-        "SessionCreated", "MessageAdded", "MessageAdded", "MessageAdded",
-        "SessionUpdated", "ToolsChanged", "SessionUpdated", "ToolsChanged",
+        "SessionCreated",
+        "MessageAdded",
+        "MessageAdded",
+        "MessageAdded",
+        "SessionUpdated",
+        "ToolsChanged",
+        "SessionUpdated",
+        "ToolsChanged",
     ]
     for e in items:
         assert set(e) == EVENT_KEYS, e
@@ -357,8 +380,17 @@ def test_pagination_with_limit_walks_the_whole_log_and_next_is_null_exactly_at_t
 
 
 BAD_EVENT_QUERIES = [
-    {"after": -1}, {"after": "abc"}, {"after": "1.5"}, {"after": ""}, {"after": 2**63},
-    {"limit": 0}, {"limit": -1}, {"limit": 1001}, {"limit": "ten"}, {"limit": "1.5"}, {"limit": ""},
+    {"after": -1},
+    {"after": "abc"},
+    {"after": "1.5"},
+    {"after": ""},
+    {"after": 2**63},
+    {"limit": 0},
+    {"limit": -1},
+    {"limit": 1001},
+    {"limit": "ten"},
+    {"limit": "1.5"},
+    {"limit": ""},
 ]
 
 
@@ -389,14 +421,18 @@ def test_another_tenants_session_answers_404_on_events_sse_and_every_version_end
     add_message(c, sid, {"role": "user", "content": "private"})
     for headers in (GLOBEX, tenant()):
         assert_error(c.get(f"/sessions/{sid}/events", headers=headers), 404, "not_found")
-        assert_error(c.get(f"/sessions/{sid}/events", params={"after": 1, "limit": 5}, headers=headers), 404, "not_found")
+        assert_error(
+            c.get(f"/sessions/{sid}/events", params={"after": 1, "limit": 5}, headers=headers), 404, "not_found"
+        )
         assert_error(c.get(f"/sessions/{sid}/events", headers={**headers, **SSE_ACCEPT}), 404, "not_found")
         assert_error(
             c.get(f"/sessions/{sid}/events", headers={**headers, **SSE_ACCEPT, "Last-Event-ID": "1"}), 404, "not_found"
         )
         for version in (1, 2, 3):
             for suffix in ("", "/messages", "/tools"):
-                assert_error(c.get(f"/sessions/{sid}{suffix}", params={"version": version}, headers=headers), 404, "not_found")
+                assert_error(
+                    c.get(f"/sessions/{sid}{suffix}", params={"version": version}, headers=headers), 404, "not_found"
+                )
     # a deleted session stays invisible to the other tenant too
     delete(c, sid)
     assert_error(c.get(f"/sessions/{sid}/events", headers=GLOBEX), 404, "not_found")
@@ -421,7 +457,7 @@ def test_openapi_documents_every_event_type_and_the_history_paths(c):
     # the page's items are the tagged union of every event type
     text = resp.text
     page = schemas["EventPage"]
-    refs = re.findall(r'#/components/schemas/(\w+)', str(page))
+    refs = re.findall(r"#/components/schemas/(\w+)", str(page))
     assert set(EVENT_TYPES) <= set(refs), refs
 
     paths = doc["paths"]
@@ -449,7 +485,10 @@ def test_sse_sends_the_backlog_then_live_events_and_ends_after_session_deleted(s
         with tail(c, sid) as sse:
             assert sse.response.headers.get("cache-control") == "no-cache"
             backlog = [sse.next(), sse.next()]
-            assert [f.id for f in backlog] == [1, 2] and [f.event for f in backlog] == ["SessionCreated", "MessageAdded"]
+            assert [f.id for f in backlog] == [1, 2] and [f.event for f in backlog] == [
+                "SessionCreated",
+                "MessageAdded",
+            ]
             assert [f.data for f in backlog] == all_events(c, sid)
 
             live = add_message(writer, sid, {"role": "user", "content": "while tailing"})
@@ -471,7 +510,9 @@ def test_sse_frames_are_id_event_data_exactly(c):
     sid = create(c, {"situation": "raw frames", "metadata": {"text": "line one\nline two"}})["id"]
     add_message(c, sid, {"role": "user", "content": "multi\nline\n\ncontent"})
     delete(c, sid)
-    with c.stream("GET", f"/sessions/{sid}/events", headers={**ACME, **SSE_ACCEPT}, timeout=httpx.Timeout(15, read=10)) as resp:
+    with c.stream(
+        "GET", f"/sessions/{sid}/events", headers={**ACME, **SSE_ACCEPT}, timeout=httpx.Timeout(15, read=10)
+    ) as resp:
         assert resp.status_code == 200
         raw = resp.read()
     log = all_events(c, sid)
@@ -484,7 +525,7 @@ def test_sse_frames_are_id_event_data_exactly(c):
         assert id_line == b"id: %d" % e["version"]
         assert event_line == b"event: " + e["type"].encode()
         assert data_line.startswith(b"data: ")
-        datas.append(data_line[len(b"data: "):])
+        datas.append(data_line[len(b"data: ") :])
     # each data line is the event exactly as the page serves it, byte for byte
     page = c.get(f"/sessions/{sid}/events", params={"limit": 1000}, headers=ACME).content
     assert page == b'{"items":[' + b",".join(datas) + b'],"next":null}'
@@ -540,7 +581,9 @@ def test_sse_resumed_after_the_session_deleted_event_ends_instead_of_idling(c):
     for params, extra in (({}, {"Last-Event-ID": "3"}), ({"after": 3}, {}), ({"after": 1}, {"Last-Event-ID": "3"})):
         how = f"params {params}, headers {extra}"
         headers = {**ACME, **SSE_ACCEPT, **extra}
-        with c.stream("GET", f"/sessions/{sid}/events", params=params, headers=headers, timeout=httpx.Timeout(15, read=10)) as resp:
+        with c.stream(
+            "GET", f"/sessions/{sid}/events", params=params, headers=headers, timeout=httpx.Timeout(15, read=10)
+        ) as resp:
             assert resp.status_code in (200, 204), (how, resp.read())
             if resp.status_code == 204:  # "stop reconnecting", in EventSource's terms: fine too
                 continue
@@ -548,7 +591,9 @@ def test_sse_resumed_after_the_session_deleted_event_ends_instead_of_idling(c):
             blocks = []
             while len(blocks) < 5 and (block := sse.block()) is not None:
                 blocks.append(block)
-            assert sse.ended, f"{how}: the stream of a deleted session, resumed after SessionDeleted, stays open sending {blocks}"
+            assert sse.ended, (
+                f"{how}: the stream of a deleted session, resumed after SessionDeleted, stays open sending {blocks}"
+            )
             assert blocks == [], how
 
 
@@ -566,7 +611,7 @@ def test_sse_reconnecting_with_last_event_id_sees_every_event_exactly_once(stack
                     written.append(add_message(w, sid, {"role": "user", "content": f"live {i}"})["seq"])
                     time.sleep(0.003)
                 delete(w, sid)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
+        except BaseException as e:
             errors.append(e)
 
     def wait_written(n: int) -> None:
@@ -638,7 +683,9 @@ def test_time_travel_at_every_version_equals_what_get_answered_right_after_that_
         seen[version] = view
         return version
 
-    s = create(c, {"agent_id": "tt", "situation": "first", "tools": [tool("alpha"), tool("beta")], "metadata": {"k": 1}})
+    s = create(
+        c, {"agent_id": "tt", "situation": "first", "tools": [tool("alpha"), tool("beta")], "metadata": {"k": 1}}
+    )
     sid = s["id"]
     assert record() == 1
     add_message(c, sid, {"role": "user", "content": "one"})
@@ -657,7 +704,9 @@ def test_time_travel_at_every_version_equals_what_get_answered_right_after_that_
     combined = patch(c, sid, {"agent_id": "tt2", "metadata": None, "tools": [tool("delta"), tool("alpha", "back")]})
     both = record()  # SessionUpdated (both - 1) and ToolsChanged (both), one write
     assert combined["version"] == both
-    chat = c.post(f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "time travel chat"}]}, headers=ACME)
+    chat = c.post(
+        f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": "time travel chat"}]}, headers=ACME
+    )
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"] == "You said: time travel chat"
     after_chat = record()  # MessageAdded + ChatRequested, ContextBuilt, MessageAdded + ChatCompleted
@@ -686,7 +735,11 @@ def test_time_travel_at_every_version_equals_what_get_answered_right_after_that_
         # paging a past message list
         msgs = seen[after_chat][2]
         for limit, offset in ((2, 0), (2, 1), (3, len(msgs) - 2), (5, len(msgs)), (1000, 0)):
-            resp = c.get(f"/sessions/{sid}/messages", params={"version": after_chat, "limit": limit, "offset": offset}, headers=ACME)
+            resp = c.get(
+                f"/sessions/{sid}/messages",
+                params={"version": after_chat, "limit": limit, "offset": offset},
+                headers=ACME,
+            )
             assert resp.status_code == 200 and resp.json()["items"] == msgs[offset : offset + limit], (limit, offset)
 
     check_all()
@@ -792,7 +845,9 @@ def assert_gone(c: httpx.Client, sid: str, headers: dict[str, str], versions: ra
     for v in versions:
         for suffix in ("", "/messages", "/tools"):
             assert_error(c.get(f"/sessions/{sid}{suffix}", params={"version": v}, headers=headers), 404, "not_found")
-    assert_error(c.post(f"/sessions/{sid}/messages", json={"role": "user", "content": "x"}, headers=headers), 404, "not_found")
+    assert_error(
+        c.post(f"/sessions/{sid}/messages", json={"role": "user", "content": "x"}, headers=headers), 404, "not_found"
+    )
     assert_error(c.patch(f"/sessions/{sid}", json={"situation": "x"}, headers=headers), 404, "not_found")
     assert_error(c.delete(f"/sessions/{sid}", headers=headers), 404, "not_found")
     assert_error(c.delete(f"/sessions/{sid}", params={"purge": "true"}, headers=headers), 404, "not_found")
@@ -879,7 +934,11 @@ def test_another_tenant_cannot_purge_and_sees_nothing_in_its_audit(c):
     for headers in (other, GLOBEX):
         assert_error(c.delete(f"/sessions/{sid}", params={"purge": "true"}, headers=headers), 404, "not_found")
     assert all_events(c, sid, owner) == before, "a refused purge changes nothing"
-    assert c.get(f"/sessions/{sid}", headers=owner).json() == {**s, "version": 2, "updated_at": before[-1]["occurred_at"]}
+    assert c.get(f"/sessions/{sid}", headers=owner).json() == {
+        **s,
+        "version": 2,
+        "updated_at": before[-1]["occurred_at"],
+    }
     assert audit(c, owner) == {"items": [], "next": None}
 
     delete(c, sid, owner, purge="true")
@@ -974,29 +1033,58 @@ def holders(db: dict[bytes, tuple[bytes, list[bytes]]], needle: str) -> list[byt
 
 def test_after_a_purge_no_redis_key_holds_any_of_the_sessions_content(stack, c, r):
     headers = tenant()
-    mk = {w: marker(w) for w in (
-        "agent", "situation", "situation2", "metakey", "metaval", "toolname", "tooldesc", "paramdesc",
-        "user1", "assistant", "name", "toolcall", "toolresult", "chat", "idem", "patchmeta",
-    )}
+    mk = {
+        w: marker(w)
+        for w in (
+            "agent",
+            "situation",
+            "situation2",
+            "metakey",
+            "metaval",
+            "toolname",
+            "tooldesc",
+            "paramdesc",
+            "user1",
+            "assistant",
+            "name",
+            "toolcall",
+            "toolresult",
+            "chat",
+            "idem",
+            "patchmeta",
+        )
+    }
     user_id = marker("userid")
     toolname = f"tool_{mk['toolname']}"
-    tools = [{
-        "type": "function",
-        "function": {
-            "name": toolname, "description": mk["tooldesc"],
-            "parameters": {"type": "object", "properties": {"q": {"type": "string", "description": mk["paramdesc"]}}},
-        },
-    }]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": toolname,
+                "description": mk["tooldesc"],
+                "parameters": {
+                    "type": "object",
+                    "properties": {"q": {"type": "string", "description": mk["paramdesc"]}},
+                },
+            },
+        }
+    ]
     body = {
-        "agent_id": mk["agent"], "user_id": user_id, "situation": mk["situation"], "token_budget": 100000,
-        "context_overflow": "truncate", "tools": tools, "metadata": {mk["metakey"]: mk["metaval"]},
+        "agent_id": mk["agent"],
+        "user_id": user_id,
+        "situation": mk["situation"],
+        "token_budget": 100000,
+        "context_overflow": "truncate",
+        "tools": tools,
+        "metadata": {mk["metakey"]: mk["metaval"]},
     }
     # every kind of write, with Idempotency-Keys so idempotency records exist too
     resp = c.post("/sessions", json=body, headers={**headers, "Idempotency-Key": "create-" + mk["idem"]})
     assert resp.status_code == 201, resp.text
     sid = resp.json()["id"]
     resp = c.post(
-        f"/sessions/{sid}/messages", json={"role": "user", "content": mk["user1"], "name": mk["name"]},
+        f"/sessions/{sid}/messages",
+        json={"role": "user", "content": mk["user1"], "name": mk["name"]},
         headers={**headers, "Idempotency-Key": "msg-" + mk["idem"]},
     )
     assert resp.status_code == 201, resp.text
@@ -1004,13 +1092,15 @@ def test_after_a_purge_no_redis_key_holds_any_of_the_sessions_content(stack, c, 
     add_message(c, sid, {"role": "assistant", "content": mk["assistant"], "tool_calls": [call]}, headers)
     add_message(c, sid, {"role": "tool", "tool_call_id": call["id"], "content": mk["toolresult"]}, headers)
     resp = c.patch(
-        f"/sessions/{sid}", json={"situation": mk["situation2"], "metadata": {"p": mk["patchmeta"]}},
+        f"/sessions/{sid}",
+        json={"situation": mk["situation2"], "metadata": {"p": mk["patchmeta"]}},
         headers={**headers, "Idempotency-Key": "patch-" + mk["idem"]},
     )
     assert resp.status_code == 200, resp.text
     # a chat: its job record and chunk stream hold the answer "You said: <marker>"
     resp = c.post(
-        f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": mk["chat"]}]},
+        f"/sessions/{sid}/chat",
+        json={"messages": [{"role": "user", "content": mk["chat"]}]},
         headers={**headers, "Idempotency-Key": "chat-" + mk["idem"]},
     )
     assert resp.status_code == 200, resp.text
@@ -1021,7 +1111,8 @@ def test_after_a_purge_no_redis_key_holds_any_of_the_sessions_content(stack, c, 
     assert got.json()["response"]["choices"][0]["message"]["content"] == f"You said: {mk['chat']}"
     # a second chat, queued, so a streamed-then-finished job is covered as well
     resp = c.post(
-        f"/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": mk["chat"] + "x"}], "stream": True},
+        f"/sessions/{sid}/chat",
+        json={"messages": [{"role": "user", "content": mk["chat"] + "x"}], "stream": True},
         headers=headers,
     )
     assert resp.status_code == 200 and mk["chat"] in resp.text, resp.text

@@ -41,11 +41,30 @@ def unchanged(c: httpx.Client, sid: str, version: int, messages: int) -> None:
     assert len(c.get(f"/sessions/{sid}/messages", headers=ACME).json()["items"]) == messages
 
 
-@pytest.mark.parametrize("etag", [*UNICODE_DIGITS, '"²"', 'W/"٣"', '"1', "1\"", '""', '"-1"', '"1.0"', '"99999999999999999999999"', "abc", '"1", "2"'])
+@pytest.mark.parametrize(
+    "etag",
+    [
+        *UNICODE_DIGITS,
+        '"²"',
+        'W/"٣"',
+        '"1',
+        '1"',
+        '""',
+        '"-1"',
+        '"1.0"',
+        '"99999999999999999999999"',
+        "abc",
+        '"1", "2"',
+    ],
+)
 @pytest.mark.parametrize("method", ["PATCH", "PUT", "DELETE"])
 def test_a_malformed_if_match_is_412_and_changes_nothing(c, method, etag):
     s = create(c)
-    headers = [*raw_headers(**{"If-Match": etag}), (b"authorization", ACME["Authorization"].encode()), (b"content-type", b"application/json")]
+    headers = [
+        *raw_headers(**{"If-Match": etag}),
+        (b"authorization", ACME["Authorization"].encode()),
+        (b"content-type", b"application/json"),
+    ]
     body = b'{"agent_id":"changed"}' if method != "DELETE" else None
     r = c.request(method, f"/sessions/{s['id']}", content=body, headers=headers)
     assert_error(r, 412, "version_conflict")
@@ -55,7 +74,11 @@ def test_a_malformed_if_match_is_412_and_changes_nothing(c, method, etag):
 @pytest.mark.parametrize("key", ["", "é", "²", "x" * 256, "tab\there"])
 def test_a_malformed_idempotency_key_is_422_and_writes_nothing(c, key):
     s = create(c)
-    headers = [*raw_headers(**{"Idempotency-Key": key}), (b"authorization", ACME["Authorization"].encode()), (b"content-type", b"application/json")]
+    headers = [
+        *raw_headers(**{"Idempotency-Key": key}),
+        (b"authorization", ACME["Authorization"].encode()),
+        (b"content-type", b"application/json"),
+    ]
     r = c.post(f"/sessions/{s['id']}/messages", content=b'{"role":"user","content":"x"}', headers=headers)
     assert_error(r, 422, "validation_failed")
     unchanged(c, s["id"], 1, 0)
@@ -63,7 +86,11 @@ def test_a_malformed_idempotency_key_is_422_and_writes_nothing(c, key):
 
 def test_a_request_the_http_parser_refuses_is_400_in_the_one_error_shape(c):
     s = create(c)
-    headers = [*raw_headers(**{"Idempotency-Key": "nul\x01"}), (b"authorization", ACME["Authorization"].encode()), (b"content-type", b"application/json")]
+    headers = [
+        *raw_headers(**{"Idempotency-Key": "nul\x01"}),
+        (b"authorization", ACME["Authorization"].encode()),
+        (b"content-type", b"application/json"),
+    ]
     r = c.post(f"/sessions/{s['id']}/messages", content=b'{"role":"user","content":"x"}', headers=headers)
     assert_error(r, 400, "bad_request")
     unchanged(c, s["id"], 1, 0)
@@ -72,15 +99,32 @@ def test_a_request_the_http_parser_refuses_is_400_in_the_one_error_shape(c):
 @pytest.mark.parametrize("last_event_id", [*UNICODE_DIGITS, "-1", "1.5", "1e3", "99999999999999999999999"])
 def test_a_malformed_last_event_id_is_422(c, last_event_id):
     s = create(c)
-    headers = [*raw_headers(**{"Last-Event-ID": last_event_id}), (b"authorization", ACME["Authorization"].encode()), (b"accept", b"text/event-stream")]
+    headers = [
+        *raw_headers(**{"Last-Event-ID": last_event_id}),
+        (b"authorization", ACME["Authorization"].encode()),
+        (b"accept", b"text/event-stream"),
+    ]
     assert_error(c.get(f"/sessions/{s['id']}/events", headers=headers), 422, "validation_failed")
-    job = c.post(f"/sessions/{s['id']}/chat", json={"messages": [{"role": "user", "content": "hi"}]}, headers={**ACME, "Prefer": "respond-async"}).json()["id"]
+    job = c.post(
+        f"/sessions/{s['id']}/chat",
+        json={"messages": [{"role": "user", "content": "hi"}]},
+        headers={**ACME, "Prefer": "respond-async"},
+    ).json()["id"]
     assert_error(c.get(f"/sessions/{s['id']}/chats/{job}/stream", headers=headers), 422, "validation_failed")
 
 
 @pytest.mark.parametrize(
     "content_type",
-    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml", "image/png", "text/json", "application/jsonx", None],
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+        "image/png",
+        "text/json",
+        "application/jsonx",
+        None,
+    ],
 )
 def test_a_body_that_is_not_declared_json_is_415_and_writes_nothing(c, content_type):
     s = create(c)
@@ -89,14 +133,23 @@ def test_a_body_that_is_not_declared_json_is_415_and_writes_nothing(c, content_t
     r = c.post(f"/sessions/{s['id']}/messages", content=body, headers=headers)
     assert_error(r, 415, "unsupported_media_type")
     assert_error(c.post("/sessions", content=b"{}", headers=headers), 415, "unsupported_media_type")
-    assert_error(c.post(f"/sessions/{s['id']}/chat", content=b'{"messages":[]}', headers=headers), 415, "unsupported_media_type")
+    assert_error(
+        c.post(f"/sessions/{s['id']}/chat", content=b'{"messages":[]}', headers=headers), 415, "unsupported_media_type"
+    )
     unchanged(c, s["id"], 1, 0)
 
 
-@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "application/vnd.parley+json"])
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "application/vnd.parley+json"],
+)
 def test_json_with_or_without_parameters_and_json_suffixed_types_are_accepted(c, content_type):
     s = create(c)
-    r = c.post(f"/sessions/{s['id']}/messages", content=b'{"role":"user","content":"ok"}', headers={**ACME, "Content-Type": content_type})
+    r = c.post(
+        f"/sessions/{s['id']}/messages",
+        content=b'{"role":"user","content":"ok"}',
+        headers={**ACME, "Content-Type": content_type},
+    )
     assert r.status_code == 201, r.text
 
 
@@ -134,7 +187,13 @@ def test_duplicate_keys_are_refused_on_every_body(c):
 def test_query_integers_are_decimal_digits_only(c, value):
     s = create(c)
     add_message(c, s["id"], {"role": "user", "content": "hi"})
-    for path, name in [("/sessions", "limit"), ("/sessions", "offset"), (f"/sessions/{s['id']}/messages", "limit"),
-                       (f"/sessions/{s['id']}/events", "after"), (f"/sessions/{s['id']}", "version"), ("/usage", "days")]:
+    for path, name in [
+        ("/sessions", "limit"),
+        ("/sessions", "offset"),
+        (f"/sessions/{s['id']}/messages", "limit"),
+        (f"/sessions/{s['id']}/events", "after"),
+        (f"/sessions/{s['id']}", "version"),
+        ("/usage", "days"),
+    ]:
         r = c.get(path, params={name: value}, headers=ACME)
         assert_error(r, 422, "validation_failed")

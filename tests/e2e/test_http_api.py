@@ -20,7 +20,18 @@ import httpx
 import pytest
 
 from tests.e2e.helpers import (
-    ACME, GLOBEX, JSON, UUID7, Stack, add_message, assert_error, create, running_stack, tool, ts, unknown_id,
+    ACME,
+    GLOBEX,
+    JSON,
+    UUID7,
+    Stack,
+    add_message,
+    assert_error,
+    create,
+    running_stack,
+    tool,
+    ts,
+    unknown_id,
 )
 from tests.support import API_KEYS, TENANTS
 
@@ -32,8 +43,18 @@ _unused_tenants = iter(ISOLATED)
 MAX_BODY = 1 << 20
 MAX_CHARS = 100_000
 SESSION_FIELDS = {
-    "id", "agent_id", "user_id", "situation", "token_budget", "context_overflow", "multitask",
-    "tools", "metadata", "version", "created_at", "updated_at",
+    "id",
+    "agent_id",
+    "user_id",
+    "situation",
+    "token_budget",
+    "context_overflow",
+    "multitask",
+    "tools",
+    "metadata",
+    "version",
+    "created_at",
+    "updated_at",
 }
 MESSAGE_FIELDS = {"id", "session_id", "role", "content", "name", "tool_call_id", "tool_calls", "seq", "created_at"}
 
@@ -59,10 +80,6 @@ def fresh_tenant() -> dict[str, str]:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-
-
 
 
 def get_session(c: httpx.Client, sid: str, headers: dict[str, str] = ACME) -> dict[str, Any]:
@@ -104,14 +121,6 @@ def snapshot(c: httpx.Client, sid: str, headers: dict[str, str] = ACME) -> tuple
     return r.json(), r.headers["ETag"], messages(c, sid, headers), tools(c, sid, headers)
 
 
-
-
-
-
-
-
-
-
 FULL_BODY = {
     "agent_id": "agent-7",
     "user_id": "user-42",
@@ -145,17 +154,34 @@ def test_create_answers_201_with_the_whole_session_location_and_etag(c):
 
 
 def test_create_with_an_empty_body_or_explicit_nulls_answers_the_defaults(c):
-    for payload in ({}, {"agent_id": None, "user_id": None, "situation": None, "token_budget": None, "context_overflow": None}):
+    for payload in (
+        {},
+        {"agent_id": None, "user_id": None, "situation": None, "token_budget": None, "context_overflow": None},
+    ):
         body = create(c, payload)
         assert {k: v for k, v in body.items() if k not in ("id", "created_at", "updated_at")} == {
-            "agent_id": None, "user_id": None, "situation": None, "token_budget": None,
-            "context_overflow": None, "multitask": "enqueue", "tools": [], "metadata": {}, "version": 1,
+            "agent_id": None,
+            "user_id": None,
+            "situation": None,
+            "token_budget": None,
+            "context_overflow": None,
+            "multitask": "enqueue",
+            "tools": [],
+            "metadata": {},
+            "version": 1,
         }
         assert get_session(c, body["id"]) == body
 
 
 def test_create_accepts_adaptive_overflow_and_a_tool_without_optional_fields(c):
-    body = create(c, {"context_overflow": "adaptive", "token_budget": 1, "tools": [{"type": "function", "function": {"name": "t_1"}}]})
+    body = create(
+        c,
+        {
+            "context_overflow": "adaptive",
+            "token_budget": 1,
+            "tools": [{"type": "function", "function": {"name": "t_1"}}],
+        },
+    )
     assert body["context_overflow"] == "adaptive" and body["token_budget"] == 1
     assert [t["function"]["name"] for t in body["tools"]] == ["t_1"]
     assert tools(c, body["id"]) == body["tools"]
@@ -167,7 +193,11 @@ BAD_CREATES = {
     "token_budget negative": {"token_budget": -5},
     "token_budget string": {"token_budget": "100"},
     "metadata integer beyond 64 bits": {"metadata": {"n": 123456789012345678901234567890}},
-    "tool parameters integer beyond 64 bits": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "maximum": -(2**70)}}}]},
+    "tool parameters integer beyond 64 bits": {
+        "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "maximum": -(2**70)}}}
+        ]
+    },
     "token_budget float": {"token_budget": 1.5},
     "context_overflow unknown": {"context_overflow": "drop"},
     "tools not a list": {"tools": {"type": "function"}},
@@ -175,7 +205,9 @@ BAD_CREATES = {
     "tool without name": {"tools": [{"type": "function", "function": {"description": "x"}}]},
     "tool unknown field": {"tools": [{"type": "function", "function": {"name": "a"}, "extra": 1}]},
     "tool names not unique": {"tools": [tool("dup"), tool("dup", "again")]},
-    "tool parameters not an object schema": {"tools": [{"type": "function", "function": {"name": "a", "parameters": {"type": "string"}}}]},
+    "tool parameters not an object schema": {
+        "tools": [{"type": "function", "function": {"name": "a", "parameters": {"type": "string"}}}]
+    },
     "metadata not an object": {"metadata": ["a"]},
     "agent_id not a string": {"agent_id": 7},
     "body not an object": [],
@@ -228,8 +260,15 @@ def test_list_defaults_to_100_items_from_offset_0(c, fresh_tenant):
 
 
 BAD_PAGING = [
-    {"limit": 0}, {"limit": 1001}, {"limit": -1}, {"limit": "ten"}, {"limit": "1.5"},
-    {"offset": -1}, {"offset": "x"}, {"limit": ""}, {"offset": 9223372036854775807},
+    {"limit": 0},
+    {"limit": 1001},
+    {"limit": -1},
+    {"limit": "ten"},
+    {"limit": "1.5"},
+    {"offset": -1},
+    {"offset": "x"},
+    {"limit": ""},
+    {"offset": 9223372036854775807},
 ]
 
 
@@ -265,13 +304,27 @@ def test_update_changes_only_the_fields_present(c, method):
 @pytest.mark.parametrize("method", ["PUT", "PATCH"])
 def test_null_clears_nullable_fields(c, method):
     before = create(c, FULL_BODY)
-    clear = {"agent_id": None, "user_id": None, "situation": None, "token_budget": None, "context_overflow": None, "metadata": None}
+    clear = {
+        "agent_id": None,
+        "user_id": None,
+        "situation": None,
+        "token_budget": None,
+        "context_overflow": None,
+        "metadata": None,
+    }
     r = c.request(method, f"/sessions/{before['id']}", json=clear, headers=ACME)
     assert r.status_code == 200, r.text
     after = r.json()
     assert after == {
-        **before, "agent_id": None, "user_id": None, "situation": None, "token_budget": None,
-        "context_overflow": None, "metadata": {}, "version": 2, "updated_at": after["updated_at"],
+        **before,
+        "agent_id": None,
+        "user_id": None,
+        "situation": None,
+        "token_budget": None,
+        "context_overflow": None,
+        "metadata": {},
+        "version": 2,
+        "updated_at": after["updated_at"],
     }
     assert get_session(c, before["id"]) == after
 
@@ -314,7 +367,9 @@ def test_if_match_with_the_current_etag_succeeds(c, method):
     r = c.request(method, f"/sessions/{s['id']}", json={"user_id": "u"}, headers={**ACME, "If-Match": '"1"'})
     assert r.status_code == 200, r.text
     assert r.json()["user_id"] == "u" and r.headers["ETag"] == '"2"'
-    r = c.request(method, f"/sessions/{s['id']}", json={"user_id": "v"}, headers={**ACME, "If-Match": r.headers["ETag"]})
+    r = c.request(
+        method, f"/sessions/{s['id']}", json={"user_id": "v"}, headers={**ACME, "If-Match": r.headers["ETag"]}
+    )
     assert r.status_code == 200 and r.json()["version"] == 3
 
 
@@ -353,7 +408,11 @@ def test_delete_answers_202_and_the_session_is_gone_everywhere(c, fresh_tenant):
     assert_error(c.get(f"/sessions/{sid}", headers=fresh_tenant), 404, "not_found")
     assert_error(c.get(f"/sessions/{sid}/messages", headers=fresh_tenant), 404, "not_found")
     assert_error(c.get(f"/sessions/{sid}/tools", headers=fresh_tenant), 404, "not_found")
-    assert_error(c.post(f"/sessions/{sid}/messages", json={"role": "user", "content": "x"}, headers=fresh_tenant), 404, "not_found")
+    assert_error(
+        c.post(f"/sessions/{sid}/messages", json={"role": "user", "content": "x"}, headers=fresh_tenant),
+        404,
+        "not_found",
+    )
     assert_error(c.patch(f"/sessions/{sid}", json={"situation": "x"}, headers=fresh_tenant), 404, "not_found")
     assert_error(c.put(f"/sessions/{sid}", json={"situation": "x"}, headers=fresh_tenant), 404, "not_found")
     assert_error(c.delete(f"/sessions/{sid}", headers=fresh_tenant), 404, "not_found")
@@ -366,8 +425,18 @@ def test_post_message_answers_201_with_the_message_and_its_1_based_seq(c):
     sent = [
         {"role": "system", "content": "you are helpful"},
         {"role": "user", "content": "hi", "name": "alice"},
-        {"role": "assistant", "content": [{"type": "text", "text": "look:"}, {"type": "image_url", "image_url": {"url": "https://x.test/a.png", "detail": "high"}}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "answer", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "look:"},
+                {"type": "image_url", "image_url": {"url": "https://x.test/a.png", "detail": "high"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "answer", "arguments": "{}"}}],
+        },
         {"role": "tool", "content": "42", "tool_call_id": "call_1"},
         {"role": "user", "content": ""},
     ]
@@ -380,9 +449,15 @@ def test_post_message_answers_201_with_the_message_and_its_1_based_seq(c):
         assert UUID7.match(m["id"])
         ts(m["created_at"])
         assert m == {
-            "id": m["id"], "session_id": s["id"], "role": body["role"], "content": body["content"],
-            "name": body.get("name"), "tool_call_id": body.get("tool_call_id"), "tool_calls": body.get("tool_calls"),
-            "seq": i, "created_at": m["created_at"],
+            "id": m["id"],
+            "session_id": s["id"],
+            "role": body["role"],
+            "content": body["content"],
+            "name": body.get("name"),
+            "tool_call_id": body.get("tool_call_id"),
+            "tool_calls": body.get("tool_calls"),
+            "seq": i,
+            "created_at": m["created_at"],
         }
         answers.append(m)
     assert len({m["id"] for m in answers}) == len(sent)
@@ -392,7 +467,11 @@ def test_post_message_answers_201_with_the_message_and_its_1_based_seq(c):
 
 def test_an_image_part_without_detail_keeps_its_url(c):
     s = create(c)
-    m = add_message(c, s["id"], {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]})
+    m = add_message(
+        c,
+        s["id"],
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+    )
     [part] = m["content"]
     assert part["type"] == "image_url"
     assert {k: v for k, v in part["image_url"].items() if v is not None} == {"url": "data:image/png;base64,AAAA"}
@@ -402,7 +481,11 @@ def test_an_image_part_without_detail_keeps_its_url(c):
 BAD_MESSAGES = {
     "tool without tool_call_id": {"role": "tool", "content": "42"},
     "tool result for no earlier call": {"role": "tool", "content": "42", "tool_call_id": "call_unknown"},
-    "tool_calls on a user message": {"role": "user", "content": "x", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    "tool_calls on a user message": {
+        "role": "user",
+        "content": "x",
+        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    },
     "null content without tool_calls": {"role": "assistant", "content": None},
     "tool_call_id on user": {"role": "user", "content": "x", "tool_call_id": "call_1"},
     "tool_call_id on assistant": {"role": "assistant", "content": "x", "tool_call_id": "call_1"},
@@ -417,7 +500,10 @@ BAD_MESSAGES = {
     "image part without url": {"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
     "unknown field": {"role": "user", "content": "x", "mood": "happy"},
     "content too long": {"role": "user", "content": "a" * (MAX_CHARS + 1)},
-    "parts too long together": {"role": "user", "content": [{"type": "text", "text": "a" * 60_000}, {"type": "text", "text": "b" * 40_001}]},
+    "parts too long together": {
+        "role": "user",
+        "content": [{"type": "text", "text": "a" * 60_000}, {"type": "text", "text": "b" * 40_001}],
+    },
 }
 
 
@@ -488,21 +574,33 @@ def test_the_openapi_document_has_every_schema_and_path(c):
 
 
 # -- errors ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("raw", [b"{bad", b'{"situation": "x"', b"not json at all", b'{"a":1}}'], ids=["brace", "unterminated", "text", "trailing"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"{bad", b'{"situation": "x"', b"not json at all", b'{"a":1}}'],
+    ids=["brace", "unterminated", "text", "trailing"],
+)
 def test_malformed_json_answers_400_invalid_json_and_changes_nothing(c, fresh_tenant, raw):
     s = create(c, FULL_BODY, fresh_tenant)
     add_message(c, s["id"], {"role": "user", "content": "hi"}, fresh_tenant)
     before = snapshot(c, s["id"], fresh_tenant)
     sid = s["id"]
-    for method, path in [("POST", "/sessions"), ("PUT", f"/sessions/{sid}"), ("PATCH", f"/sessions/{sid}"), ("POST", f"/sessions/{sid}/messages")]:
+    for method, path in [
+        ("POST", "/sessions"),
+        ("PUT", f"/sessions/{sid}"),
+        ("PATCH", f"/sessions/{sid}"),
+        ("POST", f"/sessions/{sid}/messages"),
+    ]:
         r = c.request(method, path, content=raw, headers={**fresh_tenant, **JSON})
         assert_error(r, 400, "invalid_json")
         assert snapshot(c, sid, fresh_tenant) == before
     assert listed_ids(c, fresh_tenant) == [sid]
 
 
-@pytest.mark.parametrize(("method", "suffix", "body"), [("GET", "", None), ("POST", "", {})] + [(m, "/{sid}" + s, b) for m, s, b in ENDPOINTS],
-                         ids=["GET /sessions", "POST /sessions"] + ENDPOINT_IDS)
+@pytest.mark.parametrize(
+    ("method", "suffix", "body"),
+    [("GET", "", None), ("POST", "", {})] + [(m, "/{sid}" + s, b) for m, s, b in ENDPOINTS],
+    ids=["GET /sessions", "POST /sessions"] + ENDPOINT_IDS,
+)
 def test_every_session_endpoint_answers_401_without_a_valid_key(c, method, suffix, body):
     s = create(c)
     path = "/sessions" + suffix.replace("{sid}", s["id"])
@@ -562,11 +660,20 @@ def test_a_body_over_1_mib_answers_413_and_changes_nothing(c, fresh_tenant):
     assert listed_ids(c, fresh_tenant) == [sid]
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("DELETE", "/sessions"), ("PUT", "/sessions"), ("PATCH", "/sessions"),
-    ("POST", "/sessions/{sid}"), ("PUT", "/sessions/{sid}/messages"), ("DELETE", "/sessions/{sid}/messages"),
-    ("POST", "/sessions/{sid}/tools"), ("DELETE", "/sessions/{sid}/tools"), ("POST", "/health"),
-])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("DELETE", "/sessions"),
+        ("PUT", "/sessions"),
+        ("PATCH", "/sessions"),
+        ("POST", "/sessions/{sid}"),
+        ("PUT", "/sessions/{sid}/messages"),
+        ("DELETE", "/sessions/{sid}/messages"),
+        ("POST", "/sessions/{sid}/tools"),
+        ("DELETE", "/sessions/{sid}/tools"),
+        ("POST", "/health"),
+    ],
+)
 def test_a_method_a_path_does_not_have_answers_405(c, method, path):
     s = create(c)
     before = snapshot(c, s["id"])
@@ -590,29 +697,82 @@ REJECTED_WRITES = {
     "patch numeric string budget": ("PATCH", "", {"token_budget": "9"}, {}, 422, "validation_failed"),
     "patch unknown overflow": ("PATCH", "", {"context_overflow": "spill"}, {}, 422, "validation_failed"),
     "put unknown field": ("PUT", "", {"situation": "new", "colour": "red"}, {}, 422, "validation_failed"),
-    "patch unknown field with a valid one": ("PATCH", "", {"agent_id": "new", "nope": None}, {}, 422, "validation_failed"),
-    "patch duplicate tool names": ("PATCH", "", {"situation": "new", "tools": [tool("x"), tool("x")]}, {}, 422, "validation_failed"),
-    "patch non-object tool parameters": ("PATCH", "", {"agent_id": "new", "tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "array"}}}]}, {}, 422, "validation_failed"),
+    "patch unknown field with a valid one": (
+        "PATCH",
+        "",
+        {"agent_id": "new", "nope": None},
+        {},
+        422,
+        "validation_failed",
+    ),
+    "patch duplicate tool names": (
+        "PATCH",
+        "",
+        {"situation": "new", "tools": [tool("x"), tool("x")]},
+        {},
+        422,
+        "validation_failed",
+    ),
+    "patch non-object tool parameters": (
+        "PATCH",
+        "",
+        {
+            "agent_id": "new",
+            "tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "array"}}}],
+        },
+        {},
+        422,
+        "validation_failed",
+    ),
     "patch situation too long": ("PATCH", "", {"situation": TOO_LONG, "agent_id": "new"}, {}, 422, "validation_failed"),
     "patch oversized body": ("PATCH", "", {"situation": "a" * MAX_BODY}, {}, 413, "payload_too_large"),
-    "message oversized body": ("POST", "/messages", {"role": "user", "content": "a" * MAX_BODY}, {}, 413, "payload_too_large"),
+    "message oversized body": (
+        "POST",
+        "/messages",
+        {"role": "user", "content": "a" * MAX_BODY},
+        {},
+        413,
+        "payload_too_large",
+    ),
     "message too long": ("POST", "/messages", {"role": "user", "content": TOO_LONG}, {}, 422, "validation_failed"),
     "message wrong type": ("POST", "/messages", {"role": "user", "content": None}, {}, 422, "validation_failed"),
-    "message unknown field": ("POST", "/messages", {"role": "user", "content": "x", "extra": 1}, {}, 422, "validation_failed"),
-    "message tool without tool_call_id": ("POST", "/messages", {"role": "tool", "content": "x"}, {}, 422, "validation_failed"),
+    "message unknown field": (
+        "POST",
+        "/messages",
+        {"role": "user", "content": "x", "extra": 1},
+        {},
+        422,
+        "validation_failed",
+    ),
+    "message tool without tool_call_id": (
+        "POST",
+        "/messages",
+        {"role": "tool", "content": "x"},
+        {},
+        422,
+        "validation_failed",
+    ),
     "patch stale if-match": ("PATCH", "", {"situation": "new"}, {"If-Match": '"1"'}, 412, "version_conflict"),
     "put stale if-match": ("PUT", "", {"tools": []}, {"If-Match": '"5"'}, 412, "version_conflict"),
     "delete stale if-match": ("DELETE", "", None, {"If-Match": '"1"'}, 412, "version_conflict"),
 }
 
 
-@pytest.mark.parametrize(("method", "suffix", "payload", "extra", "status", "code"), list(REJECTED_WRITES.values()), ids=list(REJECTED_WRITES))
+@pytest.mark.parametrize(
+    ("method", "suffix", "payload", "extra", "status", "code"),
+    list(REJECTED_WRITES.values()),
+    ids=list(REJECTED_WRITES),
+)
 def test_a_rejected_write_changes_nothing(c, method, suffix, payload, extra, status, code):
     s = create(c, FULL_BODY)
     add_message(c, s["id"], {"role": "user", "content": "hi"})
     before = snapshot(c, s["id"])
     assert before[0]["version"] == 2
-    kw: dict[str, Any] = {"content": payload, "headers": {**ACME, **JSON, **extra}} if isinstance(payload, bytes) else {"json": payload, "headers": {**ACME, **extra}}
+    kw: dict[str, Any] = (
+        {"content": payload, "headers": {**ACME, **JSON, **extra}}
+        if isinstance(payload, bytes)
+        else {"json": payload, "headers": {**ACME, **extra}}
+    )
     assert_error(c.request(method, f"/sessions/{s['id']}{suffix}", **kw), status, code)
     assert snapshot(c, s["id"]) == before
     # the session still takes writes at the version it had
@@ -648,7 +808,9 @@ def test_another_tenant_cannot_replay_a_tenants_idempotent_writes(c):
     again = c.post(f"/sessions/{s['id']}/messages", json=body, headers={**GLOBEX, "Idempotency-Key": "shared-key-1"})
     assert_error(again, 404, "not_found")
     assert c.delete(f"/sessions/{s['id']}", headers={**ACME, "Idempotency-Key": "shared-key-2"}).status_code == 202
-    assert_error(c.delete(f"/sessions/{s['id']}", headers={**GLOBEX, "Idempotency-Key": "shared-key-2"}), 404, "not_found")
+    assert_error(
+        c.delete(f"/sessions/{s['id']}", headers={**GLOBEX, "Idempotency-Key": "shared-key-2"}), 404, "not_found"
+    )
 
 
 def test_sessions_never_appear_in_another_tenants_list(c, fresh_tenant):
@@ -701,7 +863,11 @@ def test_a_retried_message_answers_the_first_answer_and_appends_nothing(c):
     assert messages(c, s["id"]) == [first.json(), later]
     assert get_session(c, s["id"])["version"] == 3
 
-    assert_error(c.post(f"/sessions/{s['id']}/messages", json={"role": "user", "content": "different"}, headers=headers), 422, "idempotency_key_reused")
+    assert_error(
+        c.post(f"/sessions/{s['id']}/messages", json={"role": "user", "content": "different"}, headers=headers),
+        422,
+        "idempotency_key_reused",
+    )
     assert messages(c, s["id"]) == [first.json(), later]
     assert get_session(c, s["id"])["version"] == 3
 
@@ -721,7 +887,9 @@ def test_a_retried_put_answers_the_first_answer_and_changes_nothing(c):
         assert again.headers["ETag"] == first.headers["ETag"] == '"3"'
     assert get_session(c, s["id"]) == current
 
-    assert_error(c.put(f"/sessions/{s['id']}", json={"situation": "second"}, headers=headers), 422, "idempotency_key_reused")
+    assert_error(
+        c.put(f"/sessions/{s['id']}", json={"situation": "second"}, headers=headers), 422, "idempotency_key_reused"
+    )
     assert get_session(c, s["id"]) == current
 
 
@@ -760,15 +928,21 @@ def test_the_same_key_in_another_tenant_is_independent(c, fresh_tenant):
     assert get_session(c, b.json()["id"], GLOBEX) == b.json()
     # a different body under one key in two tenants is not a reuse either
     key2 = {"Idempotency-Key": "cross-tenant-key-2"}
-    b2 = c.post(f"/sessions/{b.json()['id']}/messages", json={"role": "user", "content": "g"}, headers={**GLOBEX, **key2})
-    a2 = c.post(f"/sessions/{a.json()['id']}/messages", json={"role": "user", "content": "f"}, headers={**fresh_tenant, **key2})
+    b2 = c.post(
+        f"/sessions/{b.json()['id']}/messages", json={"role": "user", "content": "g"}, headers={**GLOBEX, **key2}
+    )
+    a2 = c.post(
+        f"/sessions/{a.json()['id']}/messages", json={"role": "user", "content": "f"}, headers={**fresh_tenant, **key2}
+    )
     assert a2.status_code == b2.status_code == 201
     assert [m["content"] for m in messages(c, a.json()["id"], fresh_tenant)] == ["f"]
     assert [m["content"] for m in messages(c, b.json()["id"], GLOBEX)] == ["g"]
 
 
 def test_an_empty_idempotency_key_is_rejected(c, fresh_tenant):
-    assert_error(c.post("/sessions", json={}, headers={**fresh_tenant, "Idempotency-Key": ""}), 422, "validation_failed")
+    assert_error(
+        c.post("/sessions", json={}, headers={**fresh_tenant, "Idempotency-Key": ""}), 422, "validation_failed"
+    )
     assert listed(c, fresh_tenant) == []
 
 
@@ -836,12 +1010,24 @@ def test_concurrent_messages_get_distinct_positions(c, stack):
 
 # -- a second API process ----------------------------------------------------------------------------
 def test_configured_limits_are_enforced(stack, spawn):
-    api = spawn("api", stack.redis.url, {"PARLEY_API_KEYS": ALL_KEYS, "PARLEY_MAX_CONTENT_CHARS": "50", "PARLEY_MAX_BODY_BYTES": "4096"})
+    api = spawn(
+        "api",
+        stack.redis.url,
+        {"PARLEY_API_KEYS": ALL_KEYS, "PARLEY_MAX_CONTENT_CHARS": "50", "PARLEY_MAX_BODY_BYTES": "4096"},
+    )
     with httpx.Client(base_url=api.url, headers=ACME, timeout=15) as small:
         s = create(small)
         m = add_message(small, s["id"], {"role": "user", "content": "x" * 50})
-        assert_error(small.post(f"/sessions/{s['id']}/messages", json={"role": "user", "content": "x" * 51}), 422, "validation_failed")
-        assert_error(small.post(f"/sessions/{s['id']}/messages", json={"role": "user", "content": "y" * 5000}), 413, "payload_too_large")
+        assert_error(
+            small.post(f"/sessions/{s['id']}/messages", json={"role": "user", "content": "x" * 51}),
+            422,
+            "validation_failed",
+        )
+        assert_error(
+            small.post(f"/sessions/{s['id']}/messages", json={"role": "user", "content": "y" * 5000}),
+            413,
+            "payload_too_large",
+        )
         assert_error(small.patch(f"/sessions/{s['id']}", json={"situation": "z" * 51}), 422, "validation_failed")
         assert messages(small, s["id"]) == [m]
         assert get_session(small, s["id"])["version"] == 2
@@ -857,7 +1043,11 @@ def test_two_api_processes_agree(c, stack, spawn):
         r = other.patch(f"/sessions/{s['id']}", json={"situation": "from other"})
         assert r.status_code == 200 and r.headers["ETag"] == '"2"'
         assert get_session(c, s["id"]) == r.json()
-        assert_error(c.patch(f"/sessions/{s['id']}", json={"agent_id": "stale"}, headers={**ACME, "If-Match": '"1"'}), 412, "version_conflict")
+        assert_error(
+            c.patch(f"/sessions/{s['id']}", json={"agent_id": "stale"}, headers={**ACME, "If-Match": '"1"'}),
+            412,
+            "version_conflict",
+        )
         assert get_session(other, s["id"]) == r.json()
         ok = c.patch(f"/sessions/{s['id']}", json={"agent_id": "fresh"}, headers={**ACME, "If-Match": '"2"'})
         assert ok.status_code == 200 and ok.json()["version"] == 3 and ok.json()["situation"] == "from other"
@@ -881,7 +1071,11 @@ def test_two_api_processes_agree(c, stack, spawn):
         assert deleted.status_code == 202
         retried = c.delete(f"/sessions/{s['id']}", headers=dkey)
         assert retried.status_code == 202 and retried.content == deleted.content
-        assert_error(c.post(f"/sessions/{s['id']}/messages", json={"role": "user", "content": "late"}, headers=ACME), 404, "not_found")
+        assert_error(
+            c.post(f"/sessions/{s['id']}/messages", json={"role": "user", "content": "late"}, headers=ACME),
+            404,
+            "not_found",
+        )
         assert_error(c.get(f"/sessions/{s['id']}", headers=ACME), 404, "not_found")
 
 

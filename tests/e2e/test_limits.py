@@ -44,8 +44,14 @@ class Stack:
 
     def set_limits(self, tenant: str, *args: str) -> None:
         env = {**os.environ, "REDIS_URL": self.redis.url, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-m", "services.cli", "tenants", "set-limits", "--tenant", tenant, *args],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli", "tenants", "set-limits", "--tenant", tenant, *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert done.returncode == 0, done.stderr
 
 
@@ -55,7 +61,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     model = ModelServer().start()
     redis = RedisServer(root / "redis").start()
     env = {**model_env(model), "PARLEY_API_KEYS": KEYS}
-    procs = [ParleyProcess("api", redis.url, root, env), ParleyProcess("api", redis.url, root, env), ParleyProcess("worker", redis.url, root, env)]
+    procs = [
+        ParleyProcess("api", redis.url, root, env),
+        ParleyProcess("api", redis.url, root, env),
+        ParleyProcess("worker", redis.url, root, env),
+    ]
     try:
         for p in procs:
             p.start()
@@ -129,19 +139,33 @@ async def test_concurrent_chats_are_limited_per_tenant_and_a_slot_comes_back_whe
         s1 = (await c.post(f"{api1}/sessions", json={}, headers=auth("chatty"))).json()["id"]
         s2 = (await c.post(f"{api2}/sessions", json={}, headers=auth("chatty"))).json()["id"]
         ask = {"messages": [{"role": "user", "content": "one two three"}]}
-        first = await c.post(f"{api1}/sessions/{s1}/chat", json=ask, headers={**auth("chatty"), "Prefer": "respond-async"})
+        first = await c.post(
+            f"{api1}/sessions/{s1}/chat", json=ask, headers={**auth("chatty"), "Prefer": "respond-async"}
+        )
         assert first.status_code == 202, first.text
-        second = await c.post(f"{api2}/sessions/{s2}/chat", json=ask, headers={**auth("chatty"), "Prefer": "respond-async"})
+        second = await c.post(
+            f"{api2}/sessions/{s2}/chat", json=ask, headers={**auth("chatty"), "Prefer": "respond-async"}
+        )
         err = second.json()["error"]
-        assert second.status_code == 429 and err["code"] == "rate_limited" and err["details"]["limit"] == "concurrent_chats"
+        assert (
+            second.status_code == 429
+            and err["code"] == "rate_limited"
+            and err["details"]["limit"] == "concurrent_chats"
+        )
         assert second.headers["retry-after"] == "1"
-        assert (await c.get(f"{api2}/sessions/{s2}/messages", headers=auth("chatty"))).json()["items"] == []  # nothing written
+        assert (await c.get(f"{api2}/sessions/{s2}/messages", headers=auth("chatty"))).json()[
+            "items"
+        ] == []  # nothing written
         other = await c.post(f"{api2}/sessions", json={}, headers=auth("quiet"))
-        quiet = await c.post(f"{api2}/sessions/{other.json()['id']}/chat", json=ask, headers={**auth("quiet"), "Prefer": "respond-async"})
+        quiet = await c.post(
+            f"{api2}/sessions/{other.json()['id']}/chat", json=ask, headers={**auth("quiet"), "Prefer": "respond-async"}
+        )
         assert quiet.status_code == 202  # another tenant's chats are not counted
         assert (await wait_job(c, api1, "chatty", s1, first.json()["id"]))["status"] == "succeeded"
         for _ in range(100):  # the projector gives the slot back when it projects the answer
-            again = await c.post(f"{api2}/sessions/{s2}/chat", json=ask, headers={**auth("chatty"), "Prefer": "respond-async"})
+            again = await c.post(
+                f"{api2}/sessions/{s2}/chat", json=ask, headers={**auth("chatty"), "Prefer": "respond-async"}
+            )
             if again.status_code == 202:
                 break
             await asyncio.sleep(0.05)
@@ -175,11 +199,21 @@ async def test_usage_shows_a_tenant_its_own_requests_chats_and_tokens(stack: Sta
         url = stack.apis[1].url
         before = (await c.get(f"{url}/usage", params={"days": 2}, headers=auth("counted"))).json()
         assert before["tenant"] == "counted" and len(before["days"]) == 2
-        assert before["limits"] == {"rps": 1000.0, "burst": 2000, "concurrent_chats": 100, "chat_tokens_per_day": 0, "streams": 1000}
+        assert before["limits"] == {
+            "rps": 1000.0,
+            "burst": 2000,
+            "concurrent_chats": 100,
+            "chat_tokens_per_day": 0,
+            "streams": 1000,
+        }
         sid = (await c.post(f"{url}/sessions", json={}, headers=auth("counted"))).json()["id"]
         jobs = []
         for text in ("first question", "second, longer question for the model"):
-            r = await c.post(f"{url}/sessions/{sid}/chat", json={"messages": [{"role": "user", "content": text}]}, headers=auth("counted"))
+            r = await c.post(
+                f"{url}/sessions/{sid}/chat",
+                json={"messages": [{"role": "user", "content": text}]},
+                headers=auth("counted"),
+            )
             jobs.append(r.json())
         records = [(await c.get(f"{url}/sessions/{sid}/chats/{j['id']}", headers=auth("counted"))).json() for j in jobs]
         await asyncio.sleep(0.3)
@@ -205,9 +239,15 @@ async def test_open_streams_are_limited_per_tenant_across_processes(stack: Stack
                 assert two.status_code == 200
                 third = await c.get(f"{url2}/sessions/{sid}/events", headers=headers)
                 err = third.json()["error"]
-                assert third.status_code == 429 and err["code"] == "rate_limited" and err["details"] == {"limit": "streams", "max": 2}
+                assert (
+                    third.status_code == 429
+                    and err["code"] == "rate_limited"
+                    and err["details"] == {"limit": "streams", "max": 2}
+                )
                 other = (await c.post(f"{url2}/sessions", json={}, headers=auth("quiet"))).json()["id"]
-                async with c.stream("GET", f"{url2}/sessions/{other}/events", headers={**auth("quiet"), "Accept": "text/event-stream"}) as q:
+                async with c.stream(
+                    "GET", f"{url2}/sessions/{other}/events", headers={**auth("quiet"), "Accept": "text/event-stream"}
+                ) as q:
                     assert q.status_code == 200  # another tenant's streams are its own
         for _ in range(50):  # closed streams give their slots back
             async with c.stream("GET", f"{url2}/sessions/{sid}/events", headers=headers) as again:
@@ -217,13 +257,22 @@ async def test_open_streams_are_limited_per_tenant_across_processes(stack: Stack
         assert again.status_code == 200
 
 
-async def test_a_process_sheds_work_beyond_its_in_flight_bound_and_keeps_every_acknowledged_write(stack: Stack, tmp_path):
-    shedding = ParleyProcess("api", stack.redis.url, tmp_path, {"PARLEY_API_KEYS": KEYS, "PARLEY_MAX_INFLIGHT": "2"}).start()
+async def test_a_process_sheds_work_beyond_its_in_flight_bound_and_keeps_every_acknowledged_write(
+    stack: Stack, tmp_path
+):
+    shedding = ParleyProcess(
+        "api", stack.redis.url, tmp_path, {"PARLEY_API_KEYS": KEYS, "PARLEY_MAX_INFLIGHT": "2"}
+    ).start()
     try:
         async with httpx.AsyncClient(base_url=shedding.url, timeout=20, limits=httpx.Limits(max_connections=100)) as c:
             sid = (await c.post("/sessions", json={}, headers=auth("crowd"))).json()["id"]
             answers = await asyncio.gather(
-                *(c.post(f"/sessions/{sid}/messages", json={"role": "user", "content": f"m{i}"}, headers=auth("crowd")) for i in range(100))
+                *(
+                    c.post(
+                        f"/sessions/{sid}/messages", json={"role": "user", "content": f"m{i}"}, headers=auth("crowd")
+                    )
+                    for i in range(100)
+                )
             )
             statuses = Counter(r.status_code for r in answers)
             assert set(statuses) == {201, 503} and statuses[503] > 0, statuses
@@ -232,7 +281,12 @@ async def test_a_process_sheds_work_beyond_its_in_flight_bound_and_keeps_every_a
                     assert r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] == "1"
             assert (await c.get("/health")).status_code == 200  # never shed
             acked = {r.json()["id"] for r in answers if r.status_code == 201}
-            stored = [m["id"] for m in (await c.get(f"/sessions/{sid}/messages", params={"limit": 1000}, headers=auth("crowd"))).json()["items"]]
+            stored = [
+                m["id"]
+                for m in (
+                    await c.get(f"/sessions/{sid}/messages", params={"limit": 1000}, headers=auth("crowd"))
+                ).json()["items"]
+            ]
         assert len(stored) == len(acked) and set(stored) == acked  # refused requests wrote nothing
     finally:
         shedding.stop()

@@ -88,7 +88,9 @@ def test_removing_an_assistant_turn_that_called_a_tool_closes_the_call(c):
     call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
     turn = add_message(c, sid, {"role": "assistant", "content": None, "tool_calls": [call]})
     assert c.delete(f"/sessions/{sid}/messages/{turn['id']}", headers=ACME).status_code == 200
-    resp = c.post(f"/sessions/{sid}/messages", json={"role": "tool", "tool_call_id": "call_1", "content": "42"}, headers=ACME)
+    resp = c.post(
+        f"/sessions/{sid}/messages", json={"role": "tool", "tool_call_id": "call_1", "content": "42"}, headers=ACME
+    )
     assert resp.status_code == 422, resp.text
 
 
@@ -115,11 +117,15 @@ def test_another_tenants_or_an_unknown_message_is_not_found(c):
     sid = create(c)["id"]
     m = add_message(c, sid, {"role": "user", "content": "mine"})
     other = create(c)["id"]
-    assert_error(c.patch(f"/sessions/{sid}/messages/{m['id']}", json={"content": "x"}, headers=GLOBEX), 404, "not_found")
+    assert_error(
+        c.patch(f"/sessions/{sid}/messages/{m['id']}", json={"content": "x"}, headers=GLOBEX), 404, "not_found"
+    )
     assert_error(c.delete(f"/sessions/{sid}/messages/{m['id']}", headers=GLOBEX), 404, "not_found")
     assert_error(c.get(f"/sessions/{sid}/messages/{m['id']}", headers=GLOBEX), 404, "not_found")
     # a message id of another session of the same tenant
-    assert_error(c.patch(f"/sessions/{other}/messages/{m['id']}", json={"content": "x"}, headers=ACME), 404, "not_found")
+    assert_error(
+        c.patch(f"/sessions/{other}/messages/{m['id']}", json={"content": "x"}, headers=ACME), 404, "not_found"
+    )
     assert_error(c.delete(f"/sessions/{sid}/messages/{uuid.uuid4()}", headers=ACME), 404, "not_found")
     assert_error(c.delete(f"/sessions/{sid}/messages/not-an-id", headers=ACME), 404, "not_found")
     assert [x["content"] for x in messages(c, sid)] == ["mine"]

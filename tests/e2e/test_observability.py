@@ -31,8 +31,12 @@ class Stack:
         self.server = RedisServer(root / "redis").start()
         env = {"PARLEY_LOG_FORMAT": "json", "PARLEY_LOG_LEVEL": "INFO"}
         self.worker_metrics = free_port()
-        self.api = ParleyProcess("api", self.server.url, root, {**env, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}, ["--workers", "2"])
-        self.worker = ParleyProcess("worker", self.server.url, root, {**env, "PARLEY_METRICS_PORT": str(self.worker_metrics)})
+        self.api = ParleyProcess(
+            "api", self.server.url, root, {**env, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}, ["--workers", "2"]
+        )
+        self.worker = ParleyProcess(
+            "worker", self.server.url, root, {**env, "PARLEY_METRICS_PORT": str(self.worker_metrics)}
+        )
         self.guarded = ParleyProcess("api", self.server.url, root, {"PARLEY_METRICS_TOKEN": "scrape-me"})
 
     def stop(self) -> None:
@@ -76,7 +80,10 @@ def value(text: str, name: str, **labels: str) -> float:
 def test_request_ids_are_echoed_when_sane_and_made_otherwise(stack: Stack):
     with httpx.Client(base_url=stack.api.url) as c:
         assert c.get("/health", headers={"X-Request-ID": "req-42.a:b"}).headers["x-request-id"] == "req-42.a:b"
-        made = [c.get("/health", headers=h).headers["x-request-id"] for h in ({}, {"X-Request-ID": "x" * 200}, {"X-Request-ID": "a b"})]
+        made = [
+            c.get("/health", headers=h).headers["x-request-id"]
+            for h in ({}, {"X-Request-ID": "x" * 200}, {"X-Request-ID": "a b"})
+        ]
         assert all(len(r) == 32 and int(r, 16) >= 0 for r in made) and len(set(made)) == 3
         assert c.get("/sessions", headers={**ACME, "X-Request-ID": "listing-1"}).headers["x-request-id"] == "listing-1"
         assert c.get("/nowhere", headers={"X-Request-ID": "lost-1"}).headers["x-request-id"] == "lost-1"  # 404 too
@@ -101,7 +108,10 @@ def test_both_api_processes_report_every_request_on_every_scrape(stack: Stack):
         for _ in range(6):
             with httpx.Client(base_url=stack.api.url) as fresh:
                 text = fresh.get("/metrics").text
-            assert value(text, "parley_http_request_duration_seconds_count", method="POST", route=route, status="201") == sent
+            assert (
+                value(text, "parley_http_request_duration_seconds_count", method="POST", route=route, status="201")
+                == sent
+            )
 
 
 def children(pid: int) -> set[int]:
@@ -118,7 +128,13 @@ def test_a_killed_api_process_is_replaced_and_its_counts_are_kept(stack: Stack):
     before = children(stack.api.proc.pid)
     assert len(before) == 2
     with httpx.Client(base_url=stack.api.url) as c:
-        counted = value(c.get("/metrics").text, "parley_http_request_duration_seconds_count", method="GET", route="/health", status="200")
+        counted = value(
+            c.get("/metrics").text,
+            "parley_http_request_duration_seconds_count",
+            method="GET",
+            route="/health",
+            status="200",
+        )
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
 
@@ -132,13 +148,34 @@ def test_a_killed_api_process_is_replaced_and_its_counts_are_kept(stack: Stack):
         with httpx.Client(base_url=stack.api.url) as fresh:
             text = fresh.get("/metrics").text
         # wait_ready's own /health probes are not counted: it asks /ready
-        assert value(text, "parley_http_request_duration_seconds_count", method="GET", route="/health", status="200") == counted
+        assert (
+            value(text, "parley_http_request_duration_seconds_count", method="GET", route="/health", status="200")
+            == counted
+        )
 
 
 def test_rate_limit_rejections_are_counted_by_tenant(stack: Stack):
     env = {**stack.api.env, "PARLEY_LOG_LEVEL": "WARNING"}
-    subprocess.run([sys.executable, "-m", "services.cli", "tenants", "set-limits", "--tenant", "globex", "--rps", "1", "--burst", "1"],
-                   env=env, cwd=ROOT, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "tenants",
+            "set-limits",
+            "--tenant",
+            "globex",
+            "--rps",
+            "1",
+            "--burst",
+            "1",
+        ],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     with httpx.Client(base_url=stack.api.url) as c:
         before = value(c.get("/metrics").text, "parley_http_rejected_total", reason="rate_limited", tenant="globex")
         statuses = [c.get("/sessions", headers=GLOBEX).status_code for _ in range(30)]
@@ -146,14 +183,33 @@ def test_rate_limit_rejections_are_counted_by_tenant(stack: Stack):
         assert refused > 0 and set(statuses) <= {200, 429}
         after = value(c.get("/metrics").text, "parley_http_rejected_total", reason="rate_limited", tenant="globex")
     assert after - before == refused
-    subprocess.run([sys.executable, "-m", "services.cli", "tenants", "set-limits", "--tenant", "globex", "--reset", "rps", "burst"],
-                   env=env, cwd=ROOT, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "tenants",
+            "set-limits",
+            "--tenant",
+            "globex",
+            "--reset",
+            "rps",
+            "burst",
+        ],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def test_the_worker_reports_chats_model_calls_and_projection_lag(stack: Stack):
     with httpx.Client(base_url=stack.api.url, timeout=30) as c:
         sid = create(c)["id"]
-        resp = c.post(f"/sessions/{sid}/chat", headers={**ACME, **JSON}, json={"messages": [{"role": "user", "content": "hello"}]})
+        resp = c.post(
+            f"/sessions/{sid}/chat", headers={**ACME, **JSON}, json={"messages": [{"role": "user", "content": "hello"}]}
+        )
         assert resp.status_code == 200, resp.text
         usage = resp.json()["usage"]
 
@@ -168,7 +224,9 @@ def test_the_worker_reports_chats_model_calls_and_projection_lag(stack: Stack):
     assert value(text, "parley_model_tokens_total", kind="prompt") >= usage["prompt_tokens"] > 0
     lag = samples(text, "parley_projection_lag_entries")
     assert {dict(k)["partition"] for k in lag} == {str(p) for p in range(16)}
-    assert "parley_chat_queue_depth" in text and "parley_feed_pending" in text and "parley_projection_lag_seconds" in text
+    assert (
+        "parley_chat_queue_depth" in text and "parley_feed_pending" in text and "parley_projection_lag_seconds" in text
+    )
 
 
 def test_metrics_can_be_kept_behind_a_token(stack: Stack):
@@ -186,12 +244,17 @@ def test_logs_have_one_json_line_per_request_and_no_secrets(stack: Stack):
     with httpx.Client(base_url=stack.api.url, timeout=30) as c:
         sid = create(c)["id"]
         add_message(c, sid, {"role": "user", "content": MARKER})
-        chat = c.post(f"/sessions/{sid}/chat", headers={**ACME, **JSON, "X-Request-ID": "chat-req-1"},
-                      json={"messages": [{"role": "user", "content": MARKER + " again"}]})
+        chat = c.post(
+            f"/sessions/{sid}/chat",
+            headers={**ACME, **JSON, "X-Request-ID": "chat-req-1"},
+            json={"messages": [{"role": "user", "content": MARKER + " again"}]},
+        )
         assert chat.status_code == 200, chat.text
         job = chat.json()["id"]
         token = c.post(f"/sessions/{sid}/stream-tokens", headers={**ACME, **JSON}, json={}).json()["token"]
-        with c.stream("GET", f"/sessions/{sid}/events", params={"token": token}, headers={"Accept": "text/event-stream"}) as events:
+        with c.stream(
+            "GET", f"/sessions/{sid}/events", params={"token": token}, headers={"Accept": "text/event-stream"}
+        ) as events:
             assert events.status_code == 200
             next(events.iter_lines())
         assert c.get(f"/sessions/{sid}", params={"token": token}).status_code == 401  # a token opens streams only
@@ -220,5 +283,7 @@ def test_the_worker_port_answers_probes(stack: Stack):
     assert httpx.get(base + "/health").json() == {"status": "ok"}
     ready = httpx.get(base + "/ready")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["status"] == "ready" and {"projector", "chat-worker", "metrics-sampler"} <= set(ready.json()["parts"])
+    assert ready.json()["status"] == "ready" and {"projector", "chat-worker", "metrics-sampler"} <= set(
+        ready.json()["parts"]
+    )
     assert httpx.get(base + "/nowhere").status_code == 404

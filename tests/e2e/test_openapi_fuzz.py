@@ -135,13 +135,22 @@ class Findings:
             per[status] = per.get(status, 0) + 1
 
     def add(
-        self, tenant: str, operation: str, check: str, status: int | None,
-        title: str, message: str, curl: str, body: bytes,
+        self,
+        tenant: str,
+        operation: str,
+        check: str,
+        status: int | None,
+        title: str,
+        message: str,
+        curl: str,
+        body: bytes,
     ) -> None:
         reason = _reason(check, message, body)
         key = (operation, check, status, reason)
         with self.lock:
-            if check == "positive_data_acceptance" and (reason.split(":")[0] in STATE_DEPENDENT_CODES or _refused_for_state(operation, body)):
+            if check == "positive_data_acceptance" and (
+                reason.split(":")[0] in STATE_DEPENDENT_CODES or _refused_for_state(operation, body)
+            ):
                 self.state_refusals += 1
                 return
             f = self.by_key.get(key)
@@ -362,10 +371,19 @@ def seeded(stack: Stack) -> Seeded:
     seed = Seeded()
     with httpx.Client(base_url=stack.api.url, timeout=15) as c:
         for tenant, headers in (("acme", ACME), ("globex", GLOBEX)):
-            rich = _create(c, {
-                "agent_id": "fuzz", "user_id": "u-1", "situation": "You are a support agent.", "token_budget": 4000,
-                "context_overflow": "truncate", "tools": [tool("lookup_order")], "metadata": {"plan": "pro"},
-            }, headers)
+            rich = _create(
+                c,
+                {
+                    "agent_id": "fuzz",
+                    "user_id": "u-1",
+                    "situation": "You are a support agent.",
+                    "token_budget": 4000,
+                    "context_overflow": "truncate",
+                    "tools": [tool("lookup_order")],
+                    "metadata": {"plan": "pro"},
+                },
+                headers,
+            )
             for role, content in (("user", "Where is my order?"), ("assistant", "One moment.")):
                 body = {"role": role, "content": content}
                 assert c.post(f"/sessions/{rich}/messages", json=body, headers=headers).status_code == 201
@@ -443,24 +461,26 @@ def _documented_only(value: Any, schema: Any, doc: dict[str, Any], depth: int = 
 @pytest.fixture(scope="module")
 def api_schema(stack: Stack, seeded: Seeded, tenant: str, findings: Findings) -> schemathesis.BaseSchema:
     url = f"{stack.api.url}/schema/openapi.json"
-    config = schemathesis.Config.from_dict({
-        "seed": SEED + list(TENANT_AUTH).index(tenant),  # a seed per tenant: the two runs try different inputs
-        "headers": {**TENANT_AUTH[tenant], "Accept": "application/json"},
-        "request-timeout": REQUEST_TIMEOUT_S,
-        "generation": {
-            "max-examples": MAX_EXAMPLES,
-            "no-shrink": True,  # every failure is recorded as found; shrinking would only re-send requests
-            "database": "none",  # nothing replayed from earlier runs: each run sends the same requests
-            "with-security-parameters": False,  # always the tenant's key (unauthenticated: test_directed_probes)
-        },
-        "phases": {"stateful": {"enabled": False}},  # state is seeded instead (see `seeded`)
-        "checks": {
-            "positive_data_acceptance": {"expected-statuses": STATE_DEPENDENT},
-            "negative_data_rejection": {"expected-statuses": REFUSALS},
-        },
-        "suppress-health-check": ["too_slow"],  # timing, not the contract: a slow CI machine must not fail it
-        "output": {"sanitization": {"enabled": False}},  # test keys stay in the curls: they reproduce as shown
-    })
+    config = schemathesis.Config.from_dict(
+        {
+            "seed": SEED + list(TENANT_AUTH).index(tenant),  # a seed per tenant: the two runs try different inputs
+            "headers": {**TENANT_AUTH[tenant], "Accept": "application/json"},
+            "request-timeout": REQUEST_TIMEOUT_S,
+            "generation": {
+                "max-examples": MAX_EXAMPLES,
+                "no-shrink": True,  # every failure is recorded as found; shrinking would only re-send requests
+                "database": "none",  # nothing replayed from earlier runs: each run sends the same requests
+                "with-security-parameters": False,  # always the tenant's key (unauthenticated: test_directed_probes)
+            },
+            "phases": {"stateful": {"enabled": False}},  # state is seeded instead (see `seeded`)
+            "checks": {
+                "positive_data_acceptance": {"expected-statuses": STATE_DEPENDENT},
+                "negative_data_rejection": {"expected-statuses": REFUSALS},
+            },
+            "suppress-health-check": ["too_slow"],  # timing, not the contract: a slow CI machine must not fail it
+            "output": {"sanitization": {"enabled": False}},  # test keys stay in the curls: they reproduce as shown
+        }
+    )
     schema = schemathesis.openapi.from_url(url, config=config)
     doc = httpx.get(url).json()
 
@@ -534,8 +554,14 @@ def api_schema(stack: Stack, seeded: Seeded, tenant: str, findings: Findings) ->
         for result in results:
             if result.failure is not None:
                 findings.add(
-                    tenant, case.operation.label, result.name, response.status_code, result.failure.title,
-                    result.failure.message, _curl(case), response.content,
+                    tenant,
+                    case.operation.label,
+                    result.name,
+                    response.status_code,
+                    result.failure.title,
+                    result.failure.message,
+                    _curl(case),
+                    response.content,
                 )
 
     return schema
@@ -602,31 +628,58 @@ def test_directed_probes(
 
     def json_case(method: str, path: str, body: Any, sid: str | None = None, headers: dict | None = None) -> Case:
         return op(method, path).Case(
-            path_parameters={"session_id": sid} if sid else None, headers={**auth, **(headers or {})},
-            body=body, media_type="application/json",
+            path_parameters={"session_id": sid} if sid else None,
+            headers={**auth, **(headers or {})},
+            body=body,
+            media_type="application/json",
         )
 
     probes: list[tuple[Case, dict[str, Any]]] = [
         (op("GET", "/sessions").Case(headers={"Accept": "application/json"}), {}),
         (op("GET", "/sessions").Case(headers={"Authorization": "Bearer not-a-key"}), {}),
-        (op("GET", "/sessions/{session_id}").Case(
-            path_parameters={"session_id": rich}, headers={"X-Auth-Key": "not-a-key"}), {}),
+        (
+            op("GET", "/sessions/{session_id}").Case(
+                path_parameters={"session_id": rich}, headers={"X-Auth-Key": "not-a-key"}
+            ),
+            {},
+        ),
         (op("POST", "/sessions").Case(headers={**auth, "Content-Type": "application/json"}), {"data": b'{"agent": '}),
         (op("POST", "/sessions").Case(headers={**auth, "Content-Type": "text/plain"}), {"data": b"{}"}),
-        (json_case("POST", "/sessions/{session_id}/messages", {"role": "user", "content": "x" * MAX_BODY_BYTES}, rich),
-         {}),
+        (
+            json_case(
+                "POST", "/sessions/{session_id}/messages", {"role": "user", "content": "x" * MAX_BODY_BYTES}, rich
+            ),
+            {},
+        ),
         (json_case("POST", "/sessions", {}, headers={"Idempotency-Key": ""}), {}),
-        (op("GET", "/sessions/{session_id}").Case(
-            path_parameters={"session_id": rich}, query={"version": 0}, headers=auth), {}),
-        (op("GET", "/sessions/{session_id}/events").Case(
-            path_parameters={"session_id": seeded.deleted[tenant]},
-            headers={**auth, "Accept": "text/event-stream"}), {}),
-        (op("GET", "/sessions/{session_id}/events").Case(  # resumed after SessionDeleted (version 2): nothing follows
-            path_parameters={"session_id": seeded.deleted[tenant]},
-            headers={**auth, "Accept": "text/event-stream", "Last-Event-ID": "2"}), {}),
-        (op("GET", "/sessions/{session_id}/chats/{job_id}/stream").Case(  # resumed after a finished job's last event
-            path_parameters={"session_id": job[0], "job_id": job[1]},
-            headers={**auth, "Last-Event-ID": "18446744073709551615-0"}), {"timeout": 2}),
+        (
+            op("GET", "/sessions/{session_id}").Case(
+                path_parameters={"session_id": rich}, query={"version": 0}, headers=auth
+            ),
+            {},
+        ),
+        (
+            op("GET", "/sessions/{session_id}/events").Case(
+                path_parameters={"session_id": seeded.deleted[tenant]}, headers={**auth, "Accept": "text/event-stream"}
+            ),
+            {},
+        ),
+        (
+            op(
+                "GET", "/sessions/{session_id}/events"
+            ).Case(  # resumed after SessionDeleted (version 2): nothing follows
+                path_parameters={"session_id": seeded.deleted[tenant]},
+                headers={**auth, "Accept": "text/event-stream", "Last-Event-ID": "2"},
+            ),
+            {},
+        ),
+        (
+            op("GET", "/sessions/{session_id}/chats/{job_id}/stream").Case(  # resumed after a finished job's last event
+                path_parameters={"session_id": job[0], "job_id": job[1]},
+                headers={**auth, "Last-Event-ID": "18446744073709551615-0"},
+            ),
+            {"timeout": 2},
+        ),
         (json_case("POST", "/sessions/{session_id}/messages", {"role": "user", "content": "hi"}, fresh), {}),
         (json_case("PATCH", "/sessions/{session_id}", {"agent_id": "probe"}, fresh), {}),
         (json_case("POST", "/sessions/{session_id}/chat", messages, fresh, {"Prefer": "respond-async"}), {}),
@@ -634,8 +687,12 @@ def test_directed_probes(
         (json_case("POST", "/sessions/{session_id}/chat", {**messages, "stream": True}, fresh), {}),
         (json_case("POST", "/sessions/{session_id}/chat/completions", messages, fresh), {}),
         (json_case("POST", "/sessions/{session_id}/chat/completions", {**messages, "stream": True}, fresh), {}),
-        (op("GET", "/sessions/{session_id}/chats/{job_id}").Case(
-            path_parameters={"session_id": rich, "job_id": unknown_id()}, headers=auth), {}),
+        (
+            op("GET", "/sessions/{session_id}/chats/{job_id}").Case(
+                path_parameters={"session_id": rich, "job_id": unknown_id()}, headers=auth
+            ),
+            {},
+        ),
     ]
     for case, kwargs in probes:
         _send(case, tenant, findings, **kwargs)
@@ -655,10 +712,12 @@ def _tracebacks(log_path: Path) -> list[str]:
 
 
 def _report(found: Findings, tracebacks: list[str]) -> str:
-    lines = [(
-        f"{len(found.by_key)} distinct contract violations in {found.cases} checked responses ({found.state_refusals}"
-        f" valid requests refused for the state, not counted: {', '.join(sorted(STATE_DEPENDENT_CODES))})"
-    )]
+    lines = [
+        (
+            f"{len(found.by_key)} distinct contract violations in {found.cases} checked responses ({found.state_refusals}"
+            f" valid requests refused for the state, not counted: {', '.join(sorted(STATE_DEPENDENT_CODES))})"
+        )
+    ]
     order = sorted(found.by_key.values(), key=lambda f: (f.operation.split(" ", 1)[1], f.operation, f.check, f.reason))
     for f in order:
         tenants = "/".join(sorted(f.tenants))
@@ -678,11 +737,16 @@ def test_no_contract_violations(request: pytest.FixtureRequest, findings: Findin
         pytest.skip("nothing was fuzzed: run the whole module, the cases above record what this test reports")
     tracebacks = _tracebacks(request.getfixturevalue("stack").api.log_path)
     if out := os.environ.get("PARLEY_FUZZ_REPORT"):
-        Path(out).write_text(json.dumps({
-            "cases": findings.cases,
-            "statuses": {op: dict(sorted(s.items())) for op, s in sorted(findings.statuses.items())},
-            "findings": [{**vars(f), "tenants": sorted(f.tenants)} for f in findings.by_key.values()],
-            "tracebacks": tracebacks,
-        }, indent=1))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "cases": findings.cases,
+                    "statuses": {op: dict(sorted(s.items())) for op, s in sorted(findings.statuses.items())},
+                    "findings": [{**vars(f), "tenants": sorted(f.tenants)} for f in findings.by_key.values()],
+                    "tracebacks": tracebacks,
+                },
+                indent=1,
+            )
+        )
     if findings.by_key or tracebacks:
         pytest.fail(_report(findings, tracebacks), pytrace=False)

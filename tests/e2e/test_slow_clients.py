@@ -29,7 +29,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
 
 
-async def trickle(port: int, head: bytes, step_s: float = 0.25, until_s: float = CLOSED_WITHIN_S + 2) -> tuple[float, bytes]:
+async def trickle(
+    port: int, head: bytes, step_s: float = 0.25, until_s: float = CLOSED_WITHIN_S + 2
+) -> tuple[float, bytes]:
     """Send `head` a byte per `step_s`; answer (seconds until the server closed the connection, what it sent)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.monotonic()
@@ -60,7 +62,9 @@ async def trickle(port: int, head: bytes, step_s: float = 0.25, until_s: float =
 async def test_trickled_headers_and_silent_connections_are_closed_while_others_are_served(stack: Stack):
     port = stack.api.port
     assert port is not None
-    head = b"GET /sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer acme-key\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    head = (
+        b"GET /sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer acme-key\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
+    )
     slow = [asyncio.create_task(trickle(port, head)) for _ in range(SLOW // 2)]
     silent = [asyncio.create_task(trickle(port, b"")) for _ in range(SLOW // 2)]
     await asyncio.sleep(0.3)

@@ -14,11 +14,11 @@ import httpx
 import pytest
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from shared.adapters.redis.server import RedisServer  # noqa: E402
-from tests.e2e.helpers import ACME, JSON, create  # noqa: E402
-from tests.support import TENANTS, ParleyProcess, wait_for, wait_ready  # noqa: E402
+from shared.adapters.redis.server import RedisServer
+from tests.e2e.helpers import ACME, JSON, create
+from tests.support import TENANTS, ParleyProcess, wait_for, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 request = ExportTraceServiceRequest.FromString(body)
                 receiver.bodies.append(body)
@@ -78,12 +78,17 @@ def test_a_chat_is_one_trace_from_the_request_to_the_answer(traced_stack: tuple[
     url, receiver = traced_stack
     with httpx.Client(base_url=url, timeout=30) as c:
         sid = create(c)["id"]
-        chat = c.post(f"/sessions/{sid}/chat", headers={**ACME, **JSON, "traceparent": TRACEPARENT},
-                      json={"messages": [{"role": "user", "content": "trace me"}]})
+        chat = c.post(
+            f"/sessions/{sid}/chat",
+            headers={**ACME, **JSON, "traceparent": TRACEPARENT},
+            json={"messages": [{"role": "user", "content": "trace me"}]},
+        )
         assert chat.status_code == 200, chat.text
         job = chat.json()["id"]
         token = c.post(f"/sessions/{sid}/stream-tokens", headers={**ACME, **JSON}, json={}).json()["token"]
-        with c.stream("GET", f"/sessions/{sid}/events", params={"token": token}, headers={"Accept": "text/event-stream"}) as events:
+        with c.stream(
+            "GET", f"/sessions/{sid}/events", params={"token": token}, headers={"Accept": "text/event-stream"}
+        ) as events:
             assert events.status_code == 200
             next(events.iter_lines())
 
@@ -121,7 +126,9 @@ def test_a_chat_is_one_trace_from_the_request_to_the_answer(traced_stack: tuple[
 def test_nothing_is_sent_unless_tracing_is_on(tmp_path: Path):
     receiver = Receiver()
     server = RedisServer(tmp_path / "redis").start()
-    api = ParleyProcess("api", server.url, tmp_path, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    api = ParleyProcess(
+        "api", server.url, tmp_path, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    )
     try:
         api.start()
         with httpx.Client(base_url=api.url) as c:

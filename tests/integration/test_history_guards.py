@@ -9,18 +9,18 @@ import msgspec
 import pytest
 
 from shared.adapters.codec import decode_state, encode_state, json_encode
+from shared.adapters.redis.history import RedisHistory
+from shared.adapters.redis.keys import Keys, partition_of
+from shared.adapters.redis.store import RedisStore
+from shared.app.history import ExportHeader, parse_export
+from shared.app.projection import Projection
+from shared.app.rebuild import Rebuilder, Scope
 from shared.domain.commands import AddMessage, CreateSession, Stamp, decide
 from shared.domain.errors import InvalidImport
 from shared.domain.ids import uuid7
 from shared.domain.projection import project
-from shared.domain.wire import FunctionCall, MessageCreate, SessionCreate, ToolCall
 from shared.domain.state import SessionState, fold
-from shared.app.history import ExportHeader, parse_export
-from shared.adapters.redis.history import RedisHistory
-from shared.adapters.redis.keys import Keys, partition_of
-from shared.adapters.redis.store import RedisStore
-from shared.app.projection import Projection
-from shared.app.rebuild import Rebuilder, Scope
+from shared.domain.wire import FunctionCall, MessageCreate, SessionCreate, ToolCall
 
 
 def stamp() -> Stamp:
@@ -86,7 +86,9 @@ def test_import_refuses_a_log_the_read_models_could_not_store():
 
 def test_a_state_written_before_open_tool_calls_keeps_its_calls_answerable():
     call = ToolCall(id="call_1", function=FunctionCall(name="f", arguments="{}"))
-    state = fold(SessionState(id=uuid7()), decide(SessionState(id=uuid7()), CreateSession(body=SessionCreate()), stamp()))
+    state = fold(
+        SessionState(id=uuid7()), decide(SessionState(id=uuid7()), CreateSession(body=SessionCreate()), stamp())
+    )
     old = msgspec.to_builtins(msgspec.msgpack.decode(encode_state(state)))
     del old["open_tool_calls"]
     old["tool_call_ids"] = ["call_1", "call_0"]

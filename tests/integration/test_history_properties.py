@@ -27,16 +27,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 import fakeredis
-import msgspec
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-import shared.domain.projection as projection_module
 import shared.adapters.redis.store as store_module
-from shared.app import history as history_ops
+import shared.domain.projection as projection_module
 from shared.adapters.codec import decode_state, json_encode
+from shared.adapters.redis.connect import connect
+from shared.adapters.redis.feed import RedisFeed
+from shared.adapters.redis.history import RedisHistory
+from shared.adapters.redis.keys import Keys, partition_of
+from shared.adapters.redis.store import TIME_TRAVEL, RedisStore
+from shared.app import history as history_ops
+from shared.app.projection import Projection
+from shared.app.rebuild import READ_BATCH, Rebuilder, Scope
+from shared.app.service import SessionService
 from shared.domain.commands import (
     AddMessage,
     CancelChat,
@@ -52,6 +59,8 @@ from shared.domain.commands import (
 from shared.domain.errors import DomainError, NotFound, VersionNotFound
 from shared.domain.events import Event, MessageAdded
 from shared.domain.ids import uuid7
+from shared.domain.projection import SNAPSHOT_EVERY
+from shared.domain.state import SessionState, fold
 from shared.domain.wire import (
     ChatRequest,
     FunctionCall,
@@ -66,16 +75,6 @@ from shared.domain.wire import (
     ToolCall,
     ToolList,
 )
-from shared.domain.projection import SNAPSHOT_EVERY
-from shared.domain.state import SessionState, fold
-from shared.adapters.redis.connect import connect
-from shared.adapters.redis.feed import RedisFeed
-from shared.adapters.redis.history import RedisHistory
-from shared.adapters.redis.keys import Keys, partition_of
-from shared.adapters.redis.store import TIME_TRAVEL, RedisStore
-from shared.app.projection import Projection
-from shared.app.rebuild import READ_BATCH, Rebuilder, Scope
-from shared.app.service import SessionService
 
 KEYS = Keys(4)
 TENANTS = ("acme", "globex")
@@ -157,7 +156,9 @@ parts = st.lists(
     st.one_of(
         text.map(lambda t: TextPart(text=t)),
         st.builds(
-            lambda u, d: ImagePart(image_url=ImageUrl(url="https://x.test/" + u, detail=d)), text, st.sampled_from([None, "low"])
+            lambda u, d: ImagePart(image_url=ImageUrl(url="https://x.test/" + u, detail=d)),
+            text,
+            st.sampled_from([None, "low"]),
         ),
     ),
     min_size=1,
@@ -302,7 +303,9 @@ class World:
             if isinstance(s, ToolRound):
                 if await self.write(tenant, sid, AddMessage(body=s.call)):
                     for call, c in zip(s.call.tool_calls or [], s.results):
-                        await self.write(tenant, sid, AddMessage(body=MessageCreate(role="tool", content=c, tool_call_id=call.id)))
+                        await self.write(
+                            tenant, sid, AddMessage(body=MessageCreate(role="tool", content=c, tool_call_id=call.id))
+                        )
                 continue
             await self.write(tenant, sid, self.command(sid, s))
         for _, sid in self.sessions:  # what the examples covered (--hypothesis-show-statistics)
@@ -369,7 +372,9 @@ class World:
         except NotFound:
             return None, None, None
         assert state.session is not None
-        view = await self.service.read_past(sid, lambda: self.store.messages(tenant, sid, PAGE, 0, state.message_count, version), version)
+        view = await self.service.read_past(
+            sid, lambda: self.store.messages(tenant, sid, PAGE, 0, state.message_count, version), version
+        )
         return json_encode(state.session), json_encode(ToolList(state.session.tools)), view.items
 
     async def log(self, sid: str) -> list[Event]:
@@ -509,7 +514,9 @@ def test_rebuilt_read_models_equal_the_live_ones_and_a_fresh_fold(backend, h, sc
 
         tenant, sid = w.sessions[which]
         scope = {"session": Scope(session_id=sid), "tenant": Scope(tenant=tenant), "all": Scope()}[scope_kind]
-        rebuilt = {s for t, s in w.sessions if scope_kind == "all" or (scope_kind == "tenant" and t == tenant) or s == sid}
+        rebuilt = {
+            s for t, s in w.sessions if scope_kind == "all" or (scope_kind == "tenant" and t == tenant) or s == sid
+        }
         report = await w.rebuilder().run(scope)
 
         assert report.sessions == len(rebuilt)
@@ -536,7 +543,9 @@ def test_time_travel_at_every_version_equals_what_the_service_answered(backend, 
         await assert_time_travel(w)
         for tenant, sid in w.sessions:  # writes the live projection has not caught up with: the rebuild brings both
             with contextlib.suppress(DomainError):
-                await w.service.execute(tenant, sid, AddMessage(body=MessageCreate(role="user", content="late")), no_body)
+                await w.service.execute(
+                    tenant, sid, AddMessage(body=MessageCreate(role="user", content="late")), no_body
+                )
         await asyncio.wait_for(w.rebuilder().run(Scope()), REBUILD_TIMEOUT_S)
         assert all([(await w.history.head(s))[2] == 1 for _, s in w.sessions])  # snapshots and pointers of gen 1
         await assert_read_models_equal_fold(w, await read_models(w))
@@ -619,7 +628,9 @@ async def test_time_travel_across_real_snapshots_of_a_long_history(redis):
             call = ToolCall(id=last_call, function=FunctionCall(name="lookup", arguments="{}"))
             command = AddMessage(body=MessageCreate(role="assistant", content=None, tool_calls=[call]))
         else:
-            command = AddMessage(body=MessageCreate(role="user", content=[TextPart(text=f"m{i}")] if i % 3 else f"m{i}"))
+            command = AddMessage(
+                body=MessageCreate(role="user", content=[TextPart(text=f"m{i}")] if i % 3 else f"m{i}")
+            )
         assert await w.write(tenant, sid, command), f"write {i} was refused"
         v = max(w.answers[sid])
     events = await w.log(sid)
@@ -641,7 +652,9 @@ async def test_time_travel_across_real_snapshots_of_a_long_history(redis):
     await check([1, 2, 99, 100, 101, 102, 150, 199, 200, 201, 202, 298, 299, 300, 301, 302, head - 1, head])
     # the script folds from the nearest snapshot at or below the version: at most one interval of events
     for n, base in ((99, 0), (100, 100), (101, 100), (299, 200), (300, 300), (head, 300)):
-        reply = await TIME_TRAVEL(redis, [KEYS.head(sid), KEYS.snapshots(sid), KEYS.log(sid)], [tenant, n, SNAPSHOT_EVERY, 0])
+        reply = await TIME_TRAVEL(
+            redis, [KEYS.head(sid), KEYS.snapshots(sid), KEYS.log(sid)], [tenant, n, SNAPSHOT_EVERY, 0]
+        )
         assert int(reply[1]) == base and len(reply[3]) == n - base, f"version {n}"
 
     await w.rebuilder().run(Scope(session_id=sid))
@@ -722,7 +735,9 @@ async def test_a_session_purged_while_the_rebuild_reads_ahead_leaves_the_others_
             await asyncio.sleep(0.01)  # the rebuild's own task handles that answer first
 
     rebuilder = Rebuilder(
-        w.store, RedisHistory(HookedRedis(redis, after_xrange), KEYS), Projection(w.store, RedisFeed(redis, KEYS, "ops"))
+        w.store,
+        RedisHistory(HookedRedis(redis, after_xrange), KEYS),
+        Projection(w.store, RedisFeed(redis, KEYS, "ops")),
     )
     write, writes = rebuilder._write, [0]
 

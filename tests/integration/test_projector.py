@@ -9,16 +9,16 @@ import fakeredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.worker.projector import Projector
 from shared.adapters.codec import json_encode
-from shared.domain.commands import AddMessage, CreateSession, UpdateSession
-from shared.domain.wire import MessageCreate, SessionCreate, SessionPatch
-from shared.domain.state import SessionState, fold
 from shared.adapters.redis.feed import GROUP, RedisFeed
 from shared.adapters.redis.keys import Keys
 from shared.adapters.redis.store import RedisStore
 from shared.app.projection import Projection
 from shared.app.service import SessionService
-from services.worker.projector import Projector
+from shared.domain.commands import AddMessage, CreateSession, UpdateSession
+from shared.domain.state import SessionState, fold
+from shared.domain.wire import MessageCreate, SessionCreate, SessionPatch
 
 KEYS = Keys(4)
 
@@ -126,7 +126,9 @@ async def test_running_projector_makes_reads_see_writes(redis):
         await task
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4)), min_size=1, max_size=12))
 def test_projection_in_any_interleaving_equals_the_fold(plan):
     """Appends and projector batches interleaved at random give read models equal to a fresh fold."""

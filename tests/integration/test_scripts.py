@@ -59,7 +59,9 @@ async def _workload(redis: Redis) -> None:
     """Runs every script at least once, on sessions in several partitions, with a rebuild and a purge."""
     keys = Keys(4)
     store, jobs, history = RedisStore(redis, keys), ChatStore(redis, keys), RedisHistory(redis, keys)
-    limits = RedisLimits(redis, keys, TenantLimits(rps=100, burst=10, concurrent_chats=2, chat_tokens_per_day=0, streams=5))
+    limits = RedisLimits(
+        redis, keys, TenantLimits(rps=100, burst=10, concurrent_chats=2, chat_tokens_per_day=0, streams=5)
+    )
     live = Projection(store, feed=None)  # type: ignore[arg-type]
     sids = []
     for i in range(3):
@@ -92,7 +94,11 @@ async def _workload(redis: Redis) -> None:
         await store.messages("acme", sid, 10, 0)
         await store.at_version("acme", sid, 2)
     for sid, version in sids[:2]:
-        tomb = SessionPurged(id=uuid7(), occurred_at=datetime.now(UTC), data=SessionPurgedData(session_id=sid, user_id="u", event_count=version))
+        tomb = SessionPurged(
+            id=uuid7(),
+            occurred_at=datetime.now(UTC),
+            data=SessionPurgedData(session_id=sid, user_id="u", event_count=version),
+        )
         assert await history.purge("acme", sid, version, tomb)
     await limits.admit("acme")
     await limits.take("acme", "chats", "m", 5)
@@ -103,7 +109,9 @@ async def _workload(redis: Redis) -> None:
 
 
 def _monitor(port: int, out: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["redis-cli", "-p", str(port), "monitor"], stdout=open(out, "wb"), stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        ["redis-cli", "-p", str(port), "monitor"], stdout=open(out, "wb"), stderr=subprocess.DEVNULL
+    )
 
 
 async def test_every_key_a_script_touches_is_one_of_its_keys(tmp_path):
@@ -149,7 +157,9 @@ async def test_every_key_a_script_touches_is_one_of_its_keys(tmp_path):
 def test_the_wheel_ships_the_lua_scripts(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
-        check=True, timeout=120, capture_output=True,
+        check=True,
+        timeout=120,
+        capture_output=True,
     )
     [wheel] = tmp_path.glob("parley-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -168,7 +178,12 @@ async def test_append_called_twice_with_the_same_events_answers_already_and_stor
     more = decide(state, AddMessage(body=MessageCreate(role="user", content="once")), stamp())
     more += decide(fold(state, more), AddMessage(body=MessageCreate(role="user", content="twice?")), stamp())
     keys = [
-        k.head(state.id), k.log(state.id), k.feed(p), k.written(p), k.idempotency(p, "acme", "-"), k.sessions(p, "acme"),
+        k.head(state.id),
+        k.log(state.id),
+        k.feed(p),
+        k.written(p),
+        k.idempotency(p, "acme", "-"),
+        k.sessions(p, "acme"),
         k.idempotency_of(state.id),
     ]
 

@@ -9,14 +9,14 @@ import msgspec
 import pytest
 
 from shared.adapters.codec import json_encode
-from shared.domain.events import SCHEMA_VERSION, ChatFailed, ChatRequested
-from shared.domain.state import SessionState, fold
-from shared.app.history import export_lines, import_sessions, parse_export
 from shared.adapters.redis.history import RedisHistory
 from shared.adapters.redis.keys import Keys
 from shared.adapters.redis.store import RedisStore
-from shared.app.service import SessionService
+from shared.app.history import export_lines, import_sessions, parse_export
 from shared.app.projection import Projection
+from shared.app.service import SessionService
+from shared.domain.events import SCHEMA_VERSION, ChatFailed, ChatRequested
+from shared.domain.state import SessionState, fold
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "schema1_session.ndjson"
 SID = "01954c00-0000-7000-8000-000000000001"
@@ -69,14 +69,19 @@ async def test_a_schema1_log_in_redis_replays_projects_and_time_travels(store):
     assert await store.load("acme", SID) == expected
     page = await store.events("acme", SID, 0, 100)
     failed = [msgspec.json.decode(i) for i in page.items if b'"ChatFailed"' in i][0]
-    assert failed["data"] == {"job_id": FIRST_JOB, "error": {"code": "model_unavailable", "message": "the model server answered 503"}}
+    assert failed["data"] == {
+        "job_id": FIRST_JOB,
+        "error": {"code": "model_unavailable", "message": "the model server answered 503"},
+    }
 
     await Projection(store, feed=None).catch_up([SID])  # type: ignore[arg-type]
     view = await store.session("acme", SID)
     assert view.version == 8 and view.body == json_encode(expected.session)
     messages = await store.messages("acme", SID, 10, 0)
     assert [msgspec.json.decode(m)["content"] for m in messages.items or []] == [
-        "Where is invoice 42?", "Please look it up.", "Try again, please.",
+        "Where is invoice 42?",
+        "Please look it up.",
+        "Try again, please.",
     ]
     _, at5 = await store.at_version("acme", SID, 5)
     assert at5 is not None and at5.version == 5 and at5.active_chats == ()

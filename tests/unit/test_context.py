@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.adapters.tokenizer import Tokenizer
 from shared.domain.context import (
     ContextMessage,
     ContextPlan,
@@ -20,7 +21,6 @@ from shared.domain.context import (
 )
 from shared.domain.errors import DomainError
 from shared.domain.wire import FunctionDef, ImagePart, ImageUrl, TextPart, Tool
-from shared.adapters.tokenizer import Tokenizer
 
 TOK = Tokenizer("o200k_base")
 MAX = 50
@@ -94,7 +94,9 @@ def test_content_parts_count_their_text_and_a_flat_85_per_image():
 
 
 def test_a_prompt_costs_its_messages_the_reply_priming_and_its_tools():
-    tools = msgspec.json.encode([Tool(type="function", function=FunctionDef(name="get_weather", parameters={"type": "object"}))])
+    tools = msgspec.json.encode(
+        [Tool(type="function", function=FunctionDef(name="get_weather", parameters={"type": "object"}))]
+    )
     assert TOK.count(tools.decode()) == 24
     messages = [system(None, "be brief"), ContextMessage(id="a", role="user", content="hello world", name="bob")]
     # (3 + 1 + 2) + 8 + 3 for the reply + 24 for the tools
@@ -114,7 +116,9 @@ def test_the_plan_counts_the_prompt_it_answers():
 
 
 def conversation(n: int) -> list[tuple[int, ContextMessage]]:
-    return stored(*(user(f"m{i}", f"question {i}?") if i % 2 else assistant(f"m{i}", f"answer {i}.") for i in range(1, n + 1)))
+    return stored(
+        *(user(f"m{i}", f"question {i}?") if i % 2 else assistant(f"m{i}", f"answer {i}.") for i in range(1, n + 1))
+    )
 
 
 NEW = [user("n1", "And what now?")]
@@ -136,7 +140,9 @@ def test_unsaved_messages_go_in_but_have_no_id_to_report():
 
 
 def test_a_summary_replaces_the_history_it_covers_but_not_its_system_messages():
-    history = stored(user("m1", "a"), system("m2", "Use metric units."), assistant("m3", "b"), user("m4", "c"), assistant("m5", "d"))
+    history = stored(
+        user("m1", "a"), system("m2", "Use metric units."), assistant("m3", "b"), user("m4", "c"), assistant("m5", "d")
+    )
     p = plan(history, NEW, summary=Summary(content="They said a and b.", up_to_seq=3))
     assert p.messages[1] == summary_message("They said a and b.")
     assert p.messages[1].content == "Summary of the earlier conversation:\nThey said a and b."
@@ -240,7 +246,13 @@ def test_truncate_keeps_the_call_a_newest_tool_result_answers():
 
 def test_truncate_drops_a_leading_tool_result_whose_call_is_not_in_the_prompt():
     # The summary covers the call (seq 2) but not its results.
-    p = plan(TOOL_HISTORY, NEW, summary=Summary(content="Asked for the weather.", up_to_seq=2), budget=10_000, policy="truncate")
+    p = plan(
+        TOOL_HISTORY,
+        NEW,
+        summary=Summary(content="Asked for the weather.", up_to_seq=2),
+        budget=10_000,
+        policy="truncate",
+    )
     assert p.dropped == ["m3", "m4"] and p.included == ["m5", "n1"]
     # A budget alone does not make the builder edit the conversation.
     p = plan(TOOL_HISTORY, NEW, summary=Summary(content="Asked for the weather.", up_to_seq=2), budget=10_000)
@@ -279,7 +291,9 @@ def test_adaptive_summarises_the_fewest_oldest_messages_with_room_for_the_summar
 def test_adaptive_summarises_a_tool_call_with_its_results():
     m = dict(TOOL_HISTORY)
     full = plan(TOOL_HISTORY, NEW).prompt_tokens
-    p = plan(TOOL_HISTORY, NEW, budget=full - cost(m[1]) + RESERVE + MAX - 1, policy="adaptive", summary_reserve=RESERVE)
+    p = plan(
+        TOOL_HISTORY, NEW, budget=full - cost(m[1]) + RESERVE + MAX - 1, policy="adaptive", summary_reserve=RESERVE
+    )
     assert ids(p.to_summarize) == ["m1", "m2", "m3", "m4"] and p.summary_up_to_seq == 4
     assert p.included == ["m5", "n1"]
 
@@ -290,7 +304,9 @@ def test_adaptive_summarises_a_prefix_even_when_units_interleave():
     history = stored(assistant("m1", None, "c1"), user("m2", "meanwhile"), tool("m3", "c1", "done"), user("m4", "next"))
     m = dict(history)
     full = plan(history, NEW).prompt_tokens
-    p = plan(history, NEW, budget=full - cost(m[1]) - cost(m[3]) + RESERVE + MAX, policy="adaptive", summary_reserve=RESERVE)
+    p = plan(
+        history, NEW, budget=full - cost(m[1]) - cost(m[3]) + RESERVE + MAX, policy="adaptive", summary_reserve=RESERVE
+    )
     assert ids(p.to_summarize) == ["m1", "m2", "m3"] and p.summary_up_to_seq == 3
 
 
@@ -301,7 +317,14 @@ def test_adaptive_counts_the_old_summary_as_replaced_by_the_new_one():
     full = plan(history, NEW, summary=old).prompt_tokens
     old_cost = cost(summary_message(old.content))
     # Dropping the old summary and m3 makes room for a new summary.
-    p = plan(history, NEW, summary=old, budget=full - old_cost - cost(m[3]) + RESERVE + MAX, policy="adaptive", summary_reserve=RESERVE)
+    p = plan(
+        history,
+        NEW,
+        summary=old,
+        budget=full - old_cost - cost(m[3]) + RESERVE + MAX,
+        policy="adaptive",
+        summary_reserve=RESERVE,
+    )
     assert p.to_summarize == [m[3]] and p.summary_up_to_seq == 3
     assert ids(p.messages) == [None, "m4", "m5", "m6", "n1"]
     assert p.prompt_tokens == full - old_cost - cost(m[3]) == prompt_tokens(TOK, p.messages, None)
@@ -458,6 +481,8 @@ def test_an_adaptive_plan_fits_with_its_reserve_and_summarises_a_whole_prefix(co
 
 
 def test_truncate_drops_a_tool_result_whose_call_is_not_in_the_prompt_wherever_it_is():
-    history = stored(assistant("m1", None, "c1"), tool("m2", "c1"), user("m3", "next"), tool("m4", "c1", "late"), tool("m5", "c9"))
+    history = stored(
+        assistant("m1", None, "c1"), tool("m2", "c1"), user("m3", "next"), tool("m4", "c1", "late"), tool("m5", "c9")
+    )
     p = plan(history, NEW, summary=Summary(content="A lookup.", up_to_seq=1), budget=10_000, policy="truncate")
     assert p.dropped == ["m2", "m4", "m5"] and p.included == ["m3", "n1"]

@@ -11,9 +11,9 @@ from msgspec import UNSET
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, Limits, Stamp, UpdateSession, decide
 from shared.domain.errors import Invalid, NotFound, VersionConflict
 from shared.domain.events import MessageAdded, SessionCreated, SessionDeleted, SessionUpdated, ToolsChanged
-from shared.domain.wire import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
 from shared.domain.projection import project
 from shared.domain.state import SessionState, evolve, fold
+from shared.domain.wire import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -94,13 +94,22 @@ def test_tool_call_id_goes_with_role_tool_only(body):
 
 def test_content_over_the_limit_is_refused():
     with pytest.raises(Invalid):
-        decide(created(), AddMessage(body=MessageCreate(role="user", content="x" * 11)), stamp(), Limits(max_content_chars=10))
+        decide(
+            created(),
+            AddMessage(body=MessageCreate(role="user", content="x" * 11)),
+            stamp(),
+            Limits(max_content_chars=10),
+        )
 
 
 def test_deleted_session_refuses_everything():
     state = run(created(), DeleteSession())
     assert state.deleted and not state.exists
-    for command in (DeleteSession(), UpdateSession(patch=SessionPatch(agent_id="x")), AddMessage(body=MessageCreate(role="user", content="x"))):
+    for command in (
+        DeleteSession(),
+        UpdateSession(patch=SessionPatch(agent_id="x")),
+        AddMessage(body=MessageCreate(role="user", content="x")),
+    ):
         with pytest.raises(NotFound):
             decide(state, command, stamp())
 

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, Stamp, UpdateSession, decide
 from shared.domain.errors import DomainError
 from shared.domain.events import Event
-from shared.domain.wire import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
 from shared.domain.projection import project
 from shared.domain.state import SessionState, fold
+from shared.domain.wire import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
 
 text = st.text(max_size=20)
 maybe = lambda s: st.none() | s  # noqa: E731

@@ -52,7 +52,10 @@ def _offenders(package: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]
 @pytest.mark.parametrize(
     ("package", "forbidden"),
     [
-        ("shared.domain", ("shared.app", "shared.adapters", "shared.bootstrap", "services", "redis", "litestar", "arq", "openai")),
+        (
+            "shared.domain",
+            ("shared.app", "shared.adapters", "shared.bootstrap", "services", "redis", "litestar", "arq", "openai"),
+        ),
         ("shared.app", ("shared.adapters", "shared.bootstrap", "services", "redis", "litestar", "arq", "openai")),
         ("services.api", ("shared.adapters", "redis", "arq")),
         ("services.worker", ("shared.adapters", "redis", "arq")),
@@ -68,7 +71,9 @@ def test_only_the_composition_root_wires_adapters_for_the_processes() -> None:
 
 
 def test_the_api_stacks_at_most_four_import_levels() -> None:
-    modules = {m: {i for i in imports if i.startswith("services.api.")} for m, imports in _modules("services.api").items()}
+    modules = {
+        m: {i for i in imports if i.startswith("services.api.")} for m, imports in _modules("services.api").items()
+    }
 
     @functools.cache
     def depth(module: str) -> int:

@@ -11,21 +11,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.domain.wire import FunctionCall, ImagePart, ImageUrl, Message, MessageCreate, TextPart, ToolCall
 from shared.domain.openai_wire import (
     IGNORED,
     ChatCompletionRequest,
     Key,
+    TurnPlan,
     WireRejected,
     chain,
     max_tokens_of,
     message_key,
     plan_turns,
     stored_to_read,
-    TurnPlan,
     to_message,
     without_situation,
 )
+from shared.domain.wire import FunctionCall, ImagePart, ImageUrl, Message, MessageCreate, TextPart, ToolCall
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -45,49 +45,89 @@ def key(role: str, content: Any = None, **kw: Any) -> Key:
 # -- equality -----------------------------------------------------------------------------------------------------------
 def test_a_stored_message_equals_the_message_it_was_stored_from() -> None:
     sent = mc("assistant", None, tool_calls=[call("c1", '{"a": 1}')])
-    stored = Message(id="x", session_id="s", role="assistant", content=None, name=None, tool_call_id=None,
-                     tool_calls=[call("c1", '{"a": 1}')], seq=3, created_at=NOW)
+    stored = Message(
+        id="x",
+        session_id="s",
+        role="assistant",
+        content=None,
+        name=None,
+        tool_call_id=None,
+        tool_calls=[call("c1", '{"a": 1}')],
+        seq=3,
+        created_at=NOW,
+    )
     assert message_key(sent) == message_key(stored)
 
 
-@pytest.mark.parametrize(("a", "b"), [
-    (key("user", "hi"), key("user", [TextPart(text="hi")])),  # one text part is its text
-    (key("assistant", "", tool_calls=[call("c", "{}")]), key("assistant", None, tool_calls=[call("c", "{}")])),
-    (key("assistant", None, tool_calls=[call("c", '{"a":1,"b":[2]}')]), key("assistant", None, tool_calls=[call("c", '{ "b": [2], "a": 1 }')])),
-    (key("system", "s"), message_key(msgspec.structs.replace(mc("system", "s"), role="developer"))),  # type: ignore[arg-type]
-    (key("user", "hi", name=None), key("user", "hi")),
-    (key("assistant", "ok", tool_calls=[]), key("assistant", "ok")),
-])
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (key("user", "hi"), key("user", [TextPart(text="hi")])),  # one text part is its text
+        (key("assistant", "", tool_calls=[call("c", "{}")]), key("assistant", None, tool_calls=[call("c", "{}")])),
+        (
+            key("assistant", None, tool_calls=[call("c", '{"a":1,"b":[2]}')]),
+            key("assistant", None, tool_calls=[call("c", '{ "b": [2], "a": 1 }')]),
+        ),
+        (key("system", "s"), message_key(msgspec.structs.replace(mc("system", "s"), role="developer"))),  # type: ignore[arg-type]
+        (key("user", "hi", name=None), key("user", "hi")),
+        (key("assistant", "ok", tool_calls=[]), key("assistant", "ok")),
+    ],
+)
 def test_equal_turns(a: Key, b: Key) -> None:
     assert a == b
 
 
-@pytest.mark.parametrize(("a", "b"), [
-    (key("user", "hi"), key("assistant", "hi")),
-    (key("user", "hi"), key("user", "hi ")),
-    (key("user", "hi"), key("user", "hi", name="bob")),
-    (key("tool", "r", tool_call_id="a"), key("tool", "r", tool_call_id="b")),
-    (key("assistant", None, tool_calls=[call("c1", "{}")]), key("assistant", None, tool_calls=[call("c2", "{}")])),
-    (key("assistant", None, tool_calls=[call("c", '{"a":1}')]), key("assistant", None, tool_calls=[call("c", '{"a":2}')])),
-    (key("assistant", None, tool_calls=[call("c", "not json")]), key("assistant", None, tool_calls=[call("c", "not  json")])),
-    (key("user", [TextPart(text="a"), TextPart(text="b")]), key("user", "ab")),
-    (key("user", [ImagePart(image_url=ImageUrl(url="u"))]), key("user", [ImagePart(image_url=ImageUrl(url="v"))])),
-    (key("user", ""), key("user", None)),  # only an assistant's "" is null
-])
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (key("user", "hi"), key("assistant", "hi")),
+        (key("user", "hi"), key("user", "hi ")),
+        (key("user", "hi"), key("user", "hi", name="bob")),
+        (key("tool", "r", tool_call_id="a"), key("tool", "r", tool_call_id="b")),
+        (key("assistant", None, tool_calls=[call("c1", "{}")]), key("assistant", None, tool_calls=[call("c2", "{}")])),
+        (
+            key("assistant", None, tool_calls=[call("c", '{"a":1}')]),
+            key("assistant", None, tool_calls=[call("c", '{"a":2}')]),
+        ),
+        (
+            key("assistant", None, tool_calls=[call("c", "not json")]),
+            key("assistant", None, tool_calls=[call("c", "not  json")]),
+        ),
+        (key("user", [TextPart(text="a"), TextPart(text="b")]), key("user", "ab")),
+        (key("user", [ImagePart(image_url=ImageUrl(url="u"))]), key("user", [ImagePart(image_url=ImageUrl(url="v"))])),
+        (key("user", ""), key("user", None)),  # only an assistant's "" is null
+    ],
+)
 def test_different_turns(a: Key, b: Key) -> None:
     assert a != b
 
 
 def test_a_request_message_echoed_by_the_sdk_decodes_and_matches() -> None:
     """What `messages.append(completion.choices[0].message)` sends: refusal, annotations… ignored."""
-    raw = {"messages": [{"role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None, "function_call": None,
-                         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}], "model": "m"}
+    raw = {
+        "messages": [
+            {
+                "role": "assistant",
+                "content": None,
+                "refusal": None,
+                "annotations": [],
+                "audio": None,
+                "function_call": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            }
+        ],
+        "model": "m",
+    }
     req = msgspec.json.decode(json.dumps(raw).encode(), type=ChatCompletionRequest)
     assert message_key(to_message(req.messages[0], 0)) == key("assistant", None, tool_calls=[call("c1", "{}")])
 
 
 def test_unsupported_content_parts_are_refused_with_their_path() -> None:
-    raw = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "file", "file": {"file_id": "f"}}]}]}
+    raw = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "file", "file": {"file_id": "f"}}]}
+        ]
+    }
     req = msgspec.json.decode(json.dumps(raw).encode(), type=ChatCompletionRequest)
     with pytest.raises(WireRejected) as e:
         to_message(req.messages[0], 4)
@@ -100,7 +140,9 @@ def test_every_documented_field_of_the_sdk_is_accepted() -> None:
     from openai.types.chat import completion_create_params as p
 
     documented = set(typing.get_type_hints(p.CompletionCreateParamsBase)) | {"stream"}
-    assert documented <= set(ChatCompletionRequest.__struct_fields__), documented - set(ChatCompletionRequest.__struct_fields__)
+    assert documented <= set(ChatCompletionRequest.__struct_fields__), documented - set(
+        ChatCompletionRequest.__struct_fields__
+    )
     assert "user" in IGNORED and "temperature" not in IGNORED
 
 
@@ -124,7 +166,12 @@ def test_without_situation() -> None:
 
 
 # -- digests -----------------------------------------------------------------------------------------------------------------
-keys_st = st.lists(st.tuples(st.sampled_from(["user", "assistant"]), st.sampled_from(["a", "b", None]), st.none(), st.none(), st.just(())), max_size=8)
+keys_st = st.lists(
+    st.tuples(
+        st.sampled_from(["user", "assistant"]), st.sampled_from(["a", "b", None]), st.none(), st.none(), st.just(())
+    ),
+    max_size=8,
+)
 
 
 @given(keys_st, keys_st)
@@ -148,7 +195,9 @@ def test_rules() -> None:
     s = [U[0], A[0], U[1], A[1]]
     assert plan(s + [U[2]], s).kind == "append" and plan(s + [U[2]], s).start == 4  # whole history + new turn
     assert plan(s, s).kind == "current"  # nothing new
-    assert plan(s[:3], s) == plan_turns(s[:3], s, 4) and plan(s[:3], s).kind == "replay" and plan(s[:3], s).index == 3  # retry
+    assert (
+        plan(s[:3], s) == plan_turns(s[:3], s, 4) and plan(s[:3], s).kind == "replay" and plan(s[:3], s).index == 3
+    )  # retry
     assert plan([U[5]], s).kind == "append" and plan([U[5]], s).start == 0  # only the new turn
     assert plan(s[:1], s).kind == "append" and plan(s[:1], s).start == 0  # an older prefix: a new turn that repeats one
     assert plan([], s).kind == "current" and plan([], []).kind == "current"
@@ -161,7 +210,9 @@ def test_a_conversation_that_parts_from_the_stored_one_amends_it_instead_of_stor
     assert plan([U[0], A[0], U[1], cut, U[2]], s) == TurnPlan(kind="amend", at=3, edit=True, start=4)  # stopped answer
     assert plan([U[0], A[0], U[1], cut], s) == TurnPlan(kind="amend", at=3, edit=True, start=4)  # kept, nothing new
     assert plan([U[0], A[0], U[2]], s) == TurnPlan(kind="amend", at=2, edit=False, start=2)  # an edited question
-    assert plan(s[:3] + [U[1]], s) == TurnPlan(kind="amend", at=3, edit=False, start=3)  # the answer dropped, asked again
+    assert plan(s[:3] + [U[1]], s) == TurnPlan(
+        kind="amend", at=3, edit=False, start=3
+    )  # the answer dropped, asked again
     # the stored conversation holds a turn the client never had: it goes
     assert plan([U[0], A[0], U[1]], [U[0], A[0], U[1], U[2]]) == TurnPlan(kind="amend", at=3, edit=False, start=3)
     called = ("assistant", None, None, None, (("c1", "function", "f", ("json", "{}")),))
@@ -208,7 +259,7 @@ def test_a_client_resending_its_history_with_retries_stores_each_turn_once(retri
 @settings(max_examples=300)
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 8)), min_size=1, max_size=12))
 def test_a_client_that_stops_answers_half_way_stores_each_turn_once(steps: list[tuple[bool, int]]) -> None:
-    """"Stop generating": the client keeps the part it got and sends its conversation on. The session then holds
+    """ "Stop generating": the client keeps the part it got and sends its conversation on. The session then holds
     the client's conversation exactly — the cut answer as the client has it, every turn once."""
     stored: list[Key] = []
     client: list[Key] = []
@@ -260,7 +311,9 @@ class _CountingService:
 
 
 def _stored_message(i: int, role: str, text: str) -> Message:
-    return Message(id=f"id-{i}", session_id="s", role=role, content=text, name=None, tool_call_id=None, seq=i + 1, created_at=NOW)  # type: ignore[arg-type]
+    return Message(
+        id=f"id-{i}", session_id="s", role=role, content=text, name=None, tool_call_id=None, seq=i + 1, created_at=NOW
+    )  # type: ignore[arg-type]
 
 
 async def test_a_resent_conversation_reads_only_the_messages_stored_since_the_last_call() -> None:

@@ -4,5 +4,4 @@ from __future__ import annotations
 
 from shared.app.ports import Completion, Delta, ModelError, ModelProvider, ModelRequest
 
-
 __all__ = ["Completion", "Delta", "ModelError", "ModelProvider", "ModelRequest"]

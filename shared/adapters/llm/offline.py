@@ -13,9 +13,9 @@ import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from shared.domain.wire import FunctionCall, ToolCall
 from shared.adapters.llm import Completion, Delta, ModelRequest
 from shared.adapters.tokenizer import Tokenizer
+from shared.domain.wire import FunctionCall, ToolCall
 
 NAME = "parley-offline"
 
@@ -33,7 +33,16 @@ class OfflineModel:
         tokenizer = Tokenizer.for_model(request.model)
         call = _tool_call(request)
         if call is not None:
-            yield Delta(tool_calls=[{"index": 0, "id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": call.function.arguments}}])
+            yield Delta(
+                tool_calls=[
+                    {
+                        "index": 0,
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": call.function.arguments},
+                    }
+                ]
+            )
             yield Completion(content=None, tool_calls=[call], finish_reason="tool_calls", model=request.model)
             return
         text, finish = _truncate(_answer(request), request.max_tokens, tokenizer)

@@ -11,13 +11,17 @@ from typing import Any
 
 import openai
 
-from shared.domain.wire import FunctionCall, ToolCall, Usage
 from shared.adapters.llm import Completion, Delta, ModelError, ModelRequest
+from shared.domain.wire import FunctionCall, ToolCall, Usage
 
 
 class OpenAICompatible:
-    def __init__(self, base_url: str, api_key: str, default_model: str, max_retries: int = 3, timeout_s: float = 60.0) -> None:
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=max_retries, timeout=timeout_s)
+    def __init__(
+        self, base_url: str, api_key: str, default_model: str, max_retries: int = 3, timeout_s: float = 60.0
+    ) -> None:
+        self.client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key or "none", max_retries=max_retries, timeout=timeout_s
+        )
         self.default_model = default_model
 
     @property
@@ -57,7 +61,11 @@ class OpenAICompatible:
                     model = chunk.model or model
                     if chunk.usage is not None:
                         u = chunk.usage
-                        usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+                        usage = Usage(
+                            prompt_tokens=u.prompt_tokens,
+                            completion_tokens=u.completion_tokens,
+                            total_tokens=u.total_tokens,
+                        )
                     for choice in chunk.choices:
                         d = choice.delta
                         if d.content:
@@ -84,6 +92,13 @@ class OpenAICompatible:
             code = "model_unavailable" if e.status_code >= 500 else "model_error"
             raise ModelError(code, f"the model provider answered {e.status_code}: {e.message}") from e
         tool_calls = [
-            ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"])) for _, c in sorted(calls.items())
+            ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+            for _, c in sorted(calls.items())
         ] or None
-        yield Completion(content="".join(content) if content or not tool_calls else None, tool_calls=tool_calls, finish_reason=finish, model=model, usage=usage)
+        yield Completion(
+            content="".join(content) if content or not tool_calls else None,
+            tool_calls=tool_calls,
+            finish_reason=finish,
+            model=model,
+            usage=usage,
+        )

@@ -49,8 +49,14 @@ class ChatStore:
     async def job(self, tenant: str, session_id: str, job_id: str) -> View:
         k = self.keys
         reply = await call_live(
-            self.redis, READ_CHAT, k.generations, session_id,
-            lambda g: ([k.head(session_id), k.view(session_id, g), k.chat(session_id, job_id), k.chats(session_id)], [tenant, job_id, g]),
+            self.redis,
+            READ_CHAT,
+            k.generations,
+            session_id,
+            lambda g: (
+                [k.head(session_id), k.view(session_id, g), k.chat(session_id, job_id), k.chats(session_id)],
+                [tenant, job_id, g],
+            ),
         )
         head, version, fields = int(reply[0]), int(reply[1]), pairs(reply[3:])
         return View(head, version, job_json(job_id, session_id, fields) if fields else None)

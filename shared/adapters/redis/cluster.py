@@ -75,7 +75,10 @@ class Pipeline(ClusterPipeline):
                 await self._client.initialize()
             try:
                 return await self._execute(
-                    self._client, self._command_stack, raise_on_error=raise_on_error, allow_redirections=allow_redirections
+                    self._client,
+                    self._command_stack,
+                    raise_on_error=raise_on_error,
+                    allow_redirections=allow_redirections,
                 )
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 await self._client.aclose()  # the next command re-reads the topology (a failover may be under way)

@@ -29,8 +29,17 @@ from shared.adapters.redis.keys import Keys
 from shared.config import Settings
 
 __all__ = [
-    "BLOCK_MAX_S", "Client", "Deadlines", "HiredisPackingConnection", "check_partitions", "connect", "connect_blocking",
-    "is_cluster", "ping", "queue_url", "uses_cluster",
+    "BLOCK_MAX_S",
+    "Client",
+    "Deadlines",
+    "HiredisPackingConnection",
+    "check_partitions",
+    "connect",
+    "connect_blocking",
+    "is_cluster",
+    "ping",
+    "queue_url",
+    "uses_cluster",
 ]
 
 
@@ -82,7 +91,9 @@ def queue_url(settings: Settings) -> str:
     across its keys and has no cluster support, so on a cluster the queue must be a Redis of its own."""
     if settings.queue_url:
         if is_cluster_url(settings.queue_url):
-            raise RuntimeError("PARLEY_QUEUE_URL must be a standalone (or Sentinel-fronted) Redis, not a cluster: arq needs MULTI")
+            raise RuntimeError(
+                "PARLEY_QUEUE_URL must be a standalone (or Sentinel-fronted) Redis, not a cluster: arq needs MULTI"
+            )
         return settings.queue_url
     if uses_cluster(settings):
         raise RuntimeError(

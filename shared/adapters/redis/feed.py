@@ -25,7 +25,14 @@ GROUP = "projector"
 
 
 class RedisFeed:
-    def __init__(self, redis: Client, keys: Keys, consumer: str, blocking: Client | None = None, per_partition: bool | None = None) -> None:
+    def __init__(
+        self,
+        redis: Client,
+        keys: Keys,
+        consumer: str,
+        blocking: Client | None = None,
+        per_partition: bool | None = None,
+    ) -> None:
         """`blocking`: the client for blocking reads (its deadline allows for the block); default `redis`.
         `per_partition`: one XREADGROUP per partition (a multi-stream read must stay in one slot); default: on a
         cluster."""
@@ -96,7 +103,9 @@ class RedisFeed:
                 else:
                     out.extend(self._entries(task.result() or []))
         if failed is not None:
-            for task in self._reads.values():  # the supervisor restarts the reader; what was handed out is claimed again
+            for (
+                task
+            ) in self._reads.values():  # the supervisor restarts the reader; what was handed out is claimed again
                 task.cancel()
             self._reads = {}
             raise failed

@@ -133,7 +133,9 @@ class RedisHistory:
 
     async def drop(self, session_id: str, gen: int) -> None:
         k = self.keys
-        await self.redis.unlink(k.view(session_id, gen), k.messages(session_id, gen), k.snapshots(session_id, gen), k.mods(session_id, gen))
+        await self.redis.unlink(
+            k.view(session_id, gen), k.messages(session_id, gen), k.snapshots(session_id, gen), k.mods(session_id, gen)
+        )
 
     # -- erasure ---------------------------------------------------------------------------
     async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
@@ -153,8 +155,14 @@ class RedisHistory:
             g = int(raw_g or 0)
             jobs = [j.decode() for j in job_ids]
             keys = [
-                k.head(sid), k.log(sid), k.chats(sid), k.idempotency_of(sid), k.index(p, tenant), k.sessions(p, tenant),
-                k.audit(p, tenant), k.projected(p),
+                k.head(sid),
+                k.log(sid),
+                k.chats(sid),
+                k.idempotency_of(sid),
+                k.index(p, tenant),
+                k.sessions(p, tenant),
+                k.audit(p, tenant),
+                k.projected(p),
             ]
             for gen in (g, g + 1):  # the live generation, and one a killed rebuild may have left
                 keys += [k.view(sid, gen), k.messages(sid, gen), k.snapshots(sid, gen), k.mods(sid, gen)]
@@ -162,8 +170,17 @@ class RedisHistory:
                 keys += [k.chat(sid, job), k.chunks(sid, job)]
             keys += [r.decode() for r in records]
             args = [
-                tenant, sid, expected, g, "SessionPurged", tombstone.id, at, json_encode(tombstone.data), len(jobs),
-                len(records), *jobs,
+                tenant,
+                sid,
+                expected,
+                g,
+                "SessionPurged",
+                tombstone.id,
+                at,
+                json_encode(tombstone.data),
+                len(jobs),
+                len(records),
+                *jobs,
             ]
             reply = await PURGE(self.redis, keys, args)
             if stale_generation(reply) is not None:
@@ -219,7 +236,7 @@ async def _rewrite(redis: Client, **target: Any) -> list[str]:
         try:
             await redis.bgsave(**target)
             started.append("BGSAVE")
-        except Exception:  # noqa: BLE001 - a save already running will write the same state
+        except Exception:
             pass
     return started
 
@@ -235,8 +252,6 @@ def _decode_cursor(cursor: str) -> tuple[tuple[int, int], int]:
     if min(ms, seq, partition) < 0 or ms >= 2**64 or seq >= 2**64:
         raise ValueError(cursor)
     return (ms, seq), partition
-
-
 
 
 def _version(entry_id: bytes) -> int:

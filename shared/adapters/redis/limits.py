@@ -71,7 +71,9 @@ class RedisLimits:
         tag = self._tag(tenant)
         field = "concurrent_chats" if kind == "chats" else "streams"
         default = getattr(self.defaults, field)
-        reply = await TAKE_SLOT(self.redis, [f"{tag}:{kind}", f"{tag}:limits"], [field, default, member, int(ttl_s * 1000)])
+        reply = await TAKE_SLOT(
+            self.redis, [f"{tag}:{kind}", f"{tag}:limits"], [field, default, member, int(ttl_s * 1000)]
+        )
         return Slot(bool(reply[0]), int(reply[1]), int(reply[2]))
 
     async def renew(self, tenant: str, kind: str, members: Sequence[str], ttl_s: float) -> None:

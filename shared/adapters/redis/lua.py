@@ -18,7 +18,16 @@ from redis.exceptions import NoScriptError
 
 from shared.adapters.redis.cluster import Client
 
-__all__ = ["MAX_STALE", "Registry", "Script", "StaleGenerations", "call_live", "run_live", "run_pipeline", "stale_generation"]
+__all__ = [
+    "MAX_STALE",
+    "Registry",
+    "Script",
+    "StaleGenerations",
+    "call_live",
+    "run_live",
+    "run_pipeline",
+    "stale_generation",
+]
 
 STALE = b"stale"
 
@@ -118,7 +127,9 @@ async def run_live(
         if not todo:
             return out
         args = [(i, calls[i][2](generations[calls[i][1]])) for i in todo]
-        replies = await run_pipeline(redis, registry, lambda pipe, args=args: [calls[i][0].queue(pipe, *ka) for i, ka in args])
+        replies = await run_pipeline(
+            redis, registry, lambda pipe, args=args: [calls[i][0].queue(pipe, *ka) for i, ka in args]
+        )
         again = []
         for (i, _), reply in zip(args, replies):
             live = stale_generation(reply)

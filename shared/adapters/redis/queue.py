@@ -50,7 +50,13 @@ class ChatQueue:
     async def enqueue(self, tenant: str, session_id: str, job_ids: Sequence[str]) -> None:
         for job_id in job_ids:
             await self.arq.enqueue_job(
-                RUN_CHAT, tenant, session_id, job_id, _job_id=f"{{arq}}chat:{job_id}", _queue_name=QUEUE, trace=tracing.inject()
+                RUN_CHAT,
+                tenant,
+                session_id,
+                job_id,
+                _job_id=f"{{arq}}chat:{job_id}",
+                _queue_name=QUEUE,
+                trace=tracing.inject(),
             )
         if job_ids:
             await self.arq.lpush(WAKE, *(b"1" for _ in job_ids))
@@ -99,7 +105,14 @@ FailChat = Callable[[str, str, str, str, str], Awaitable[None]]
 
 
 def chat_worker(
-    redis: Redis, blocking: Redis | None, run: RunChat, fail: FailChat, *, claim_s: float, max_jobs: int, job_timeout_s: float,
+    redis: Redis,
+    blocking: Redis | None,
+    run: RunChat,
+    fail: FailChat,
+    *,
+    claim_s: float,
+    max_jobs: int,
+    job_timeout_s: float,
     poll_delay_s: float,
 ) -> ArqChatWorker:
     """The worker loop: `run(tenant, session, job)` each job arq hands out, heart-beating its lease; a job that
@@ -107,10 +120,22 @@ def chat_worker(
     `blocking`: the client of the wake-up listener (None: no listener, the poll alone finds work)."""
     claim_ms = int(claim_s * 1000)
 
-    async def run_chat(ctx: dict[str, Any], tenant: str, session_id: str, job_id: str, trace: dict[str, str] | None = None) -> str:
+    async def run_chat(
+        ctx: dict[str, Any], tenant: str, session_id: str, job_id: str, trace: dict[str, str] | None = None
+    ) -> str:
         """`trace`: the enqueuing request's trace context, when tracing is on (the job's span continues it)."""
-        with logs.bind(tenant=tenant, session_id=session_id, job_id=job_id), tracing.span(
-            "chat job", trace, **{"parley.tenant": tenant, "parley.session_id": session_id, "parley.job_id": job_id, "parley.attempt": ctx.get("job_try", 1)}
+        with (
+            logs.bind(tenant=tenant, session_id=session_id, job_id=job_id),
+            tracing.span(
+                "chat job",
+                trace,
+                **{
+                    "parley.tenant": tenant,
+                    "parley.session_id": session_id,
+                    "parley.job_id": job_id,
+                    "parley.attempt": ctx.get("job_try", 1),
+                },
+            ),
         ):
             if ctx.get("job_try", 1) == 1 and isinstance(ctx.get("enqueue_time"), datetime):
                 metrics.CHAT_QUEUE_WAIT.observe(max(0.0, time.time() - ctx["enqueue_time"].timestamp()))
@@ -127,7 +152,16 @@ def chat_worker(
                 seconds = time.perf_counter() - start
                 metrics.CHAT_JOBS.labels(status).inc()
                 metrics.CHAT_RUN.labels(status).observe(seconds)
-                log.info("chat attempt", extra={"fields": {"status": status, "attempt": ctx.get("job_try", 1), "duration_ms": round(seconds * 1000, 3)}})
+                log.info(
+                    "chat attempt",
+                    extra={
+                        "fields": {
+                            "status": status,
+                            "attempt": ctx.get("job_try", 1),
+                            "duration_ms": round(seconds * 1000, 3),
+                        }
+                    },
+                )
 
     async def attempt(ctx: dict[str, Any], tenant: str, session_id: str, job_id: str) -> str:
         key = in_progress_key_prefix + ctx["job_id"]
@@ -143,12 +177,14 @@ def chat_worker(
         beat = asyncio.create_task(heartbeat())
         try:
             return await run(tenant, session_id, job_id)
-        except Exception as e:  # noqa: BLE001 - a job must end as succeeded, failed or cancelled, never stuck running
+        except Exception as e:
             if ctx.get("job_try", 1) < MAX_TRIES:
                 log.warning("chat %s attempt %s failed (%r); retrying", job_id, ctx.get("job_try"), e)
                 raise Retry(defer=min(2 ** ctx.get("job_try", 1) * 0.25, 10)) from e
             log.exception("chat %s failed for good", job_id)
-            await fail(tenant, session_id, job_id, "internal_error", "the chat failed inside Parley; see the worker's log")
+            await fail(
+                tenant, session_id, job_id, "internal_error", "the chat failed inside Parley; see the worker's log"
+            )
             return "failed: internal_error"
         finally:
             beat.cancel()

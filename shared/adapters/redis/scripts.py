@@ -7,8 +7,24 @@ from __future__ import annotations
 from shared.adapters.redis.lua import Registry, Script
 
 __all__ = [
-    "ADMIT", "APPEND", "APPLY", "CHUNKS", "KEY_CREATE", "KEY_REVOKE", "LOAD", "MARK_RUNNING", "PURGE", "READ_CHAT",
-    "READ_EVENTS", "READ_MESSAGES", "READ_VIEW", "REGISTRY", "SET_LIMITS", "SWITCH", "TAKE_SLOT", "TIME_TRAVEL",
+    "ADMIT",
+    "APPEND",
+    "APPLY",
+    "CHUNKS",
+    "KEY_CREATE",
+    "KEY_REVOKE",
+    "LOAD",
+    "MARK_RUNNING",
+    "PURGE",
+    "READ_CHAT",
+    "READ_EVENTS",
+    "READ_MESSAGES",
+    "READ_VIEW",
+    "REGISTRY",
+    "SET_LIMITS",
+    "SWITCH",
+    "TAKE_SLOT",
+    "TIME_TRAVEL",
 ]
 
 REGISTRY = Registry()

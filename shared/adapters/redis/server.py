@@ -36,7 +36,9 @@ class RedisServer:
     for `parley dev` (a crash may lose the last second of acknowledged writes).
     """
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, appendfsync: str = "everysec", binary: str | None = None) -> None:
+    def __init__(
+        self, data_dir: str | Path, port: int | None = None, appendfsync: str = "everysec", binary: str | None = None
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendfsync = appendfsync
@@ -52,17 +54,39 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir.resolve()),
-            "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "",
-            "--daemonize", "no", "--protected-mode", "yes", "--logfile", "redis.log",
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            "redis.log",
         ]
         self.proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}")
+                raise RuntimeError(
+                    f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
+                )
             if self._ping():
                 return self
             time.sleep(0.02)
@@ -129,26 +153,62 @@ class RedisClusterServers:
             node_dir = self.data_dir / str(port)
             node_dir.mkdir(parents=True, exist_ok=True)
             args = [
-                self.binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir.resolve()),
-                "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "5000",
-                "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "redis.log",
+                self.binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(node_dir.resolve()),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--cluster-node-timeout",
+                "5000",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--logfile",
+                "redis.log",
             ]
-            self.procs.append(subprocess.Popen(
-                args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
-            ))
+            self.procs.append(
+                subprocess.Popen(
+                    args,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            )
         deadline = time.monotonic() + timeout
         try:
             for port in self.ports:
                 while not _ping(port):
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"cluster node {port} did not start; see {self.data_dir / str(port) / 'redis.log'}")
+                        raise RuntimeError(
+                            f"cluster node {port} did not start; see {self.data_dir / str(port) / 'redis.log'}"
+                        )
                     time.sleep(0.02)
             cli = shutil.which("redis-cli")
             if cli is None:
                 raise RuntimeError("redis-cli is needed to create a cluster")
             subprocess.run(
-                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0", "--cluster-yes"],
-                check=True, capture_output=True, timeout=timeout,
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *(f"127.0.0.1:{p}" for p in self.ports),
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=timeout,
             )
             while not all(b"cluster_state:ok" in _command(p, b"CLUSTER INFO") for p in self.ports):
                 if time.monotonic() > deadline:

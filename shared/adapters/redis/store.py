@@ -63,7 +63,9 @@ LOAD_BATCH = 500
 class RedisStore:
     """Implements `EventLog` and `ReadModels` on one Redis (or one Redis Cluster)."""
 
-    def __init__(self, redis: Client, keys: Keys, idempotency_ttl_s: int = 86_400, chat_retention_s: int = 7 * 86_400) -> None:
+    def __init__(
+        self, redis: Client, keys: Keys, idempotency_ttl_s: int = 86_400, chat_retention_s: int = 7 * 86_400
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.idempotency_ttl_s = idempotency_ttl_s
@@ -98,8 +100,13 @@ class RedisStore:
         reply = await APPEND(
             self.redis,
             [
-                k.head(session_id), k.log(session_id), k.feed(partition), k.written(partition), idem_key,
-                k.sessions(partition, tenant), k.idempotency_of(session_id),
+                k.head(session_id),
+                k.log(session_id),
+                k.feed(partition),
+                k.written(partition),
+                idem_key,
+                k.sessions(partition, tenant),
+                k.idempotency_of(session_id),
             ],
             args,
         )
@@ -155,8 +162,14 @@ class RedisStore:
         so the cost is at most `SNAPSHOT_EVERY` events whatever the version. State None: past the head."""
         k = self.keys
         reply = await call_live(
-            self.redis, TIME_TRAVEL, k.generations, session_id,
-            lambda g: ([k.head(session_id), k.snapshots(session_id, g), k.log(session_id)], [tenant, version, SNAPSHOT_EVERY, g]),
+            self.redis,
+            TIME_TRAVEL,
+            k.generations,
+            session_id,
+            lambda g: (
+                [k.head(session_id), k.snapshots(session_id, g), k.log(session_id)],
+                [tenant, version, SNAPSHOT_EVERY, g],
+            ),
         )
         head = int(reply[0])
         if len(reply) == 1:
@@ -176,7 +189,11 @@ class RedisStore:
     async def _view_field(self, tenant: str, session_id: str, field: str) -> View:
         k = self.keys
         reply = await call_live(
-            self.redis, READ_VIEW, k.generations, session_id, lambda g: ([k.head(session_id), k.view(session_id, g)], [tenant, field, g])
+            self.redis,
+            READ_VIEW,
+            k.generations,
+            session_id,
+            lambda g: ([k.head(session_id), k.view(session_id, g)], [tenant, field, g]),
         )
         return View(int(reply[0]), int(reply[1]), reply[2] if len(reply) > 2 else None)
 
@@ -187,9 +204,18 @@ class RedisStore:
         the page is read whether or not the session is deleted now."""
         k = self.keys
         reply = await call_live(
-            self.redis, READ_MESSAGES, k.generations, session_id,
+            self.redis,
+            READ_MESSAGES,
+            k.generations,
+            session_id,
             lambda g: (
-                [k.head(session_id), k.view(session_id, g), k.messages(session_id, g), k.log(session_id), k.mods(session_id, g)],
+                [
+                    k.head(session_id),
+                    k.view(session_id, g),
+                    k.messages(session_id, g),
+                    k.log(session_id),
+                    k.mods(session_id, g),
+                ],
                 [tenant, offset, limit, "" if count is None else count, "" if at is None else at, g],
             ),
         )
@@ -207,13 +233,17 @@ class RedisStore:
             pipe.hget(k.projected(p), tenant)
             pipe.zrevrange(k.index(p, tenant), 0, offset + limit - 1)
         replies = await pipe.execute()
-        lagging = [p for p, i in zip(parts, range(0, len(replies), 3)) if int(replies[i + 1] or 0) < int(replies[i] or 0)]
+        lagging = [
+            p for p, i in zip(parts, range(0, len(replies), 3)) if int(replies[i + 1] or 0) < int(replies[i] or 0)
+        ]
         ids = sorted((sid for i in range(2, len(replies), 3) for sid in replies[i]), reverse=True)
         page = [sid.decode() for sid in ids[offset : offset + limit]]
         if not page:
             return lagging, []
         replies = await run_live(
-            self.redis, REGISTRY, k.generations,
+            self.redis,
+            REGISTRY,
+            k.generations,
             [(READ_VIEW, sid, lambda g, sid=sid: ([k.head(sid), k.view(sid, g)], [tenant, "j", g])) for sid in page],
         )
         return lagging, [r[2] for r in replies if len(r) > 2 and r[2] is not None]
@@ -233,11 +263,18 @@ class RedisStore:
         def build(sid: str, s: SessionState | None) -> Any:
             def at(g: int) -> tuple[list[str], list[Any]]:
                 g = g if gen is None else gen
-                return [k.head(sid), k.view(sid, g), k.log(sid)], [s.version if s else 0, LOAD_BATCH, g, "1" if gen is None else "0"]
+                return [k.head(sid), k.view(sid, g), k.log(sid)], [
+                    s.version if s else 0,
+                    LOAD_BATCH,
+                    g,
+                    "1" if gen is None else "0",
+                ]
 
             return at
 
-        replies = await run_live(self.redis, REGISTRY, k.generations, [(LOAD, sid, build(sid, s)) for sid, s in zip(session_ids, known)])
+        replies = await run_live(
+            self.redis, REGISTRY, k.generations, [(LOAD, sid, build(sid, s)) for sid, s in zip(session_ids, known)]
+        )
         out: list[Pending | None] = []
         for sid, s, reply in zip(session_ids, known, replies):
             if reply[0] == 0:
@@ -247,7 +284,7 @@ class RedisStore:
             try:
                 state = decode_state(raw_state) if raw_state is not None else (s or SessionState(id=sid))
                 events = [decode_event(_version(eid), pairs(fields)) for eid, fields in entries]
-            except Exception:  # noqa: BLE001 - one undecodable session must not stop every other one
+            except Exception:
                 log.exception("cannot decode session %s; it stays behind until fixed (parley rebuild --session)", sid)
                 out.append(None)
                 continue
@@ -283,14 +320,39 @@ class RedisStore:
             def at(g: int) -> tuple[list[str], list[Any]]:
                 g = g if live else gen
                 keys = [
-                    k.head(sid), k.view(sid, g), k.messages(sid, g), k.snapshots(sid, g), k.index(p, tenant), k.projected(p),
-                    k.chats(sid), k.mods(sid, g), *job_keys, *usage_keys,
+                    k.head(sid),
+                    k.view(sid, g),
+                    k.messages(sid, g),
+                    k.snapshots(sid, g),
+                    k.index(p, tenant),
+                    k.projected(p),
+                    k.chats(sid),
+                    k.mods(sid, g),
+                    *job_keys,
+                    *usage_keys,
                 ]
                 args = [
-                    tenant, u.from_version, u.to_version, state, session_json, tools_json, u.index or "", sid,
-                    self.chat_retention_s, g, "1" if live else "0",
-                    len(u.message_versions), *u.message_versions, len(u.message_mods), *mods, len(u.snapshots), *snapshots,
-                    len(job_keys), *job_args, len(usage), *usage_args,
+                    tenant,
+                    u.from_version,
+                    u.to_version,
+                    state,
+                    session_json,
+                    tools_json,
+                    u.index or "",
+                    sid,
+                    self.chat_retention_s,
+                    g,
+                    "1" if live else "0",
+                    len(u.message_versions),
+                    *u.message_versions,
+                    len(u.message_mods),
+                    *mods,
+                    len(u.snapshots),
+                    *snapshots,
+                    len(job_keys),
+                    *job_args,
+                    len(usage),
+                    *usage_args,
                 ]
                 return keys, args
 
