@@ -80,9 +80,9 @@ def spawn(processes: list, tmp_path: Path):
     """spawn("api"|"worker", redis_url, env=...) → a running ParleyProcess, stopped after the test."""
 
     def _spawn(role: str, redis_url: str, env: dict[str, str] | None = None) -> ParleyProcess:
-        proc = ParleyProcess(role, redis_url, tmp_path, env).start()
-        processes.append(proc)
-        return proc
+        proc = ParleyProcess(role, redis_url, tmp_path, env)
+        processes.append(proc)  # before it starts: one that never comes up is stopped too, not left running
+        return proc.start()
 
     return _spawn
 

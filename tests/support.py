@@ -59,7 +59,11 @@ class ParleyProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         if self.port:
-            self._wait_http(timeout)
+            try:
+                self._wait_http(timeout)
+            except BaseException:
+                self.kill()  # it did not come up: leave nothing running
+                raise
         return self
 
     def _wait_http(self, timeout: float) -> None:
