@@ -171,6 +171,7 @@ class Parley:
             Metered(provider or make_provider(self.settings)),
             _counter_for,
             on_usage=_count_tokens,
+            limits=self.limits,
         )
 
     def rebuilder(self, on_events: Callable[[int], None] = lambda n: None) -> Rebuilder:

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from shared.app.chats import streamed_text
-from shared.app.ports import ChatJobs, Completion, Delta, ModelError, ModelProvider, ModelRequest
+from shared.app.ports import ChatJobs, Completion, Delta, Limits, ModelError, ModelProvider, ModelRequest
 from shared.app.service import SessionService
 from shared.domain.commands import AddSummary, CompleteChat, FailChat, RecordContext
 from shared.domain.context import (
@@ -62,12 +62,16 @@ class ChatRunner:
         counter_for: Callable[[str], TokenCounter],
         summary_reserve: int = 256,
         on_usage: Callable[[Usage], None] = lambda usage: None,
+        limits: Limits | None = None,
     ) -> None:
         """`counter_for(model)`: the token counter of a model (its tokenizer); `on_usage`: told each answer's
         usage (the provider's, else our own count), for metrics."""
         self.service = service
         self.chats = chats
         self.provider = provider
+        self.limits = limits
+        """The tenant's chat slot is given back as soon as the job ends here: waiting for the projector to see the
+        end (which also gives it back, after a crash say) would hold slots a client already got its answer for."""
         self.counter_for = counter_for
         self.summary_reserve = summary_reserve
         self.on_usage = on_usage
@@ -114,6 +118,7 @@ class ChatRunner:
         )
         if appended:
             self.on_usage(usage)
+            await self._give_slot(tenant, job_id)
             await self.chats.emit(session_id, job_id, "done", _encode(response))
         else:
             await self._ensure_terminal(tenant, session_id, job_id)
@@ -345,7 +350,12 @@ class ChatRunner:
     async def fail(self, tenant: str, session_id: str, job_id: str, code: str, message: str) -> None:
         """End the job as failed (if it is still active) and tell whoever waits on its stream."""
         if await self._record(tenant, session_id, FailChat(job_id=job_id, code=code, message=message)):
+            await self._give_slot(tenant, job_id)
             await self.chats.emit(session_id, job_id, "error", _encode({"code": code, "message": message}))
+
+    async def _give_slot(self, tenant: str, job_id: str) -> None:
+        if self.limits is not None:
+            await self.limits.give(tenant, "chats", job_id)
 
     async def _ensure_terminal(self, tenant: str, session_id: str, job_id: str) -> None:
         """A run that finds its job ended makes sure the chunk stream says how (an earlier run may have died first)."""
