@@ -100,7 +100,20 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main)
+        try:
+            runner.run(main)
+        except KeyboardInterrupt:  # the runner has cancelled `main`, so every `finally` ran: leave without a trace
+            sys.exit(0 if _terminated else 130)
+
+
+_terminated = False
+"""SIGTERM arrived (in `parley dev`, which turns it into an interrupt): a requested stop, so exit 0."""
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    global _terminated
+    _terminated = True
+    signal.raise_signal(signal.SIGINT)
 
 
 def _require_redis(settings: Settings) -> None:
@@ -114,8 +127,9 @@ async def _dev(settings: Settings, host: str, port: int) -> None:
     if not settings.api_keys:
         settings = Settings.from_env(api_keys=DEV_KEY)
         log.warning("PARLEY_API_KEYS is unset: accepting tenant 'demo' with key 'demo-key'")
-    # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exit so `finally` stops redis-server.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM stops it as Ctrl-C does: the server shuts down gracefully, then the runner cancels this coroutine, so
+    # `embedded_store` stops its redis-server on the way out.
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     with embedded_store(settings) as (settings, redis):
         await _serve(settings, host, port, run_worker=True, redis=redis)
 
