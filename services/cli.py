@@ -146,7 +146,7 @@ async def _serve(
     from services.api.server import guarded_protocol
 
     app = create_app(settings, redis=redis, run_worker_too=run_worker)
-    gate = Gate(settings.max_inflight)
+    gate = Gate(settings.max_inflight, min_limit=settings.min_inflight)
     config = uvicorn.Config(
         Observed(Guard(app, gate, settings.cors())),
         host=host,

@@ -71,8 +71,11 @@ class Settings(Struct, kw_only=True, frozen=True):
     body_timeout_s: float = 30.0
     """A request's body must arrive within this long after its headers; else 408 and the connection is closed."""
     max_inflight: int = 64
-    """Requests one API process works on at once; beyond it a request is shed at once with 503 `overloaded` and
-    `Retry-After` (streams and waiting chats do not count once they wait)."""
+    """The most requests one API process works on at once; beyond its limit a request is shed at once with 503
+    `overloaded` and `Retry-After` (streams and waiting chats do not count once they wait). The limit adapts
+    between `min_inflight` and this: it shrinks when requests start to queue (see `services.api.guard.Gate`)."""
+    min_inflight: int = 8
+    """The least the adaptive in-flight limit shrinks to under overload."""
     tenant_rps: float = 1_000.0
     """Default requests per second per tenant, across every API process (0: unlimited); `parley tenants
     set-limits` overrides it per tenant."""

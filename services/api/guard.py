@@ -3,9 +3,11 @@
 Both run before routing, decoding or any Redis work a refused request would waste, so that a refusal costs a
 few microseconds and the requests that are served keep their latency:
 
-- **Work in flight** is bounded per process (`PARLEY_MAX_INFLIGHT`). Beyond it a request is answered 503
-  `overloaded` with `Retry-After: 1` at once instead of queueing behind the others. A stream or a waiting chat
-  stops counting once it waits (`services.api.sse.detach`). `/health`, `/ready` and `/metrics` are never shed.
+- **Work in flight** is bounded per process by an adaptive limit (`Gate`, at most `PARLEY_MAX_INFLIGHT`): it
+  grows while requests finish near the fastest this process has been seen to serve them, and shrinks as soon as
+  they queue. Beyond it a request is answered 503 `overloaded` with `Retry-After: 1` at once instead of queueing
+  behind the others, so the requests that are served keep their latency. A stream or a waiting chat stops
+  counting once it waits (`services.api.sse.detach`). `/health`, `/ready` and `/metrics` are never shed.
 - **A tenant's rate** is checked in Redis (`shared.adapters.redis.limits`, GCRA, the same for every process) once the key
   names the tenant. A refused request answers 429 `rate_limited` with `Retry-After`; for that long this process
   refuses the tenant without asking Redis again, so a noisy tenant costs the others little. Every answer to a
@@ -63,22 +65,52 @@ def ratelimit_headers(a: Admission) -> list[tuple[bytes, bytes]]:
 
 
 class Gate:
-    """What the HTTP protocol and the guard share: the process's work in flight, and the tenants it refuses now.
+    """What the HTTP protocol and the guard share: the process's work in flight, its limit, and the tenants it
+    refuses now.
 
     Work in flight counts requests parsed and waiting for the event loop to run them, plus requests being worked
     on. The protocol counts a request in as soon as its headers are parsed, and refuses it right there, before a
     task is even created, when the process is full or the key's tenant is being refused (the cheapest refusal
     there is: one write). The guard moves a request from waiting to working, and out when it ends or detaches
-    to wait on a stream."""
+    to wait on a stream.
 
-    def __init__(self, limit: int, max_wait_s: float = 0.5) -> None:
+    The limit adapts (AIMD on latency, as TCP Vegas and Netflix's concurrency-limits do): a fixed limit is either
+    too low for light requests or lets heavy ones queue, and on one event loop a request admitted beyond what the
+    CPU can serve only waits. Every `window_s` the median time from parse to finish of the requests that ended is
+    compared with the floor (the lowest median seen; it drifts up only while the limit is not reached, so it
+    follows a workload that got slower but never learns a standing queue as normal): above `tolerance` × floor +
+    `slack_s`, requests are queueing and the limit shrinks by a tenth; otherwise, if the limit was reached, it
+    grows by one. It stays within [`min_limit`, `max_limit`]."""
+
+    def __init__(
+        self,
+        limit: int,
+        max_wait_s: float = 0.5,
+        *,
+        min_limit: int = 8,
+        window_s: float = 0.1,
+        tolerance: float = 2.0,
+        slack_s: float = 0.002,
+    ) -> None:
+        self.max_limit = limit
+        self.min_limit = max(1, min(min_limit, limit))
         self.limit = limit
+        """Requests admitted at once now: `max_limit` until requests are seen to queue."""
+        metrics.INFLIGHT_LIMIT.set(limit)
         self.max_wait_s = max_wait_s
         """A request the event loop reaches only after this long is shed too: it waited longer than any client will."""
+        self.window_s = window_s
+        self.tolerance = tolerance
+        self.slack_s = slack_s
         self.waiting = 0
         self.working = 0
         self.shed = 0
         """Requests refused as overload, since start (for /metrics)."""
+        self.floor_s = math.inf
+        self._samples: list[float] = []
+        self._window_end = 0.0
+        self._reached = False
+        """The limit was reached during this window: only then may it grow (an idle process keeps what it learnt)."""
         self._refusing: dict[bytes, tuple[float, Admission, str]] = {}
         """sha256(key) → (until when, the admission that refused it, its tenant): refused here without Redis
         meanwhile."""
@@ -86,10 +118,35 @@ class Gate:
     def admit(self) -> bool:
         """A request's headers are parsed: count it in, or say it must be shed."""
         if self.waiting + self.working >= self.limit:
+            self._reached = True
             self.shed_one()
             return False
         self.waiting += 1
         return True
+
+    def finished(self, took_s: float, now: float) -> None:
+        """A request admitted at parse time ended (or detached) `took_s` after: adapt the limit once per window."""
+        self._samples.append(took_s)
+        if now < self._window_end:
+            return
+        self._window_end = now + self.window_s
+        samples, self._samples = self._samples, []
+        reached, self._reached = self._reached or self.waiting + self.working + 1 >= self.limit, False
+        if len(samples) < 5:  # too few to say anything; a quiet process keeps its limit
+            return
+        samples.sort()
+        median = samples[len(samples) // 2]
+        if median < self.floor_s:
+            self.floor_s = median
+        elif not reached:  # not full, so not queueing here: the workload itself got slower (or a dependency)
+            self.floor_s += (median - self.floor_s) * 0.01
+        floor, limit = self.floor_s, self.limit
+        if median > floor * self.tolerance + self.slack_s:
+            self.limit = max(self.min_limit, int(limit * 0.9))
+        elif reached:
+            self.limit = min(self.max_limit, limit + 1)
+        if self.limit != limit:
+            metrics.INFLIGHT_LIMIT.set(self.limit)
 
     def shed_one(self) -> None:
         self.shed += 1
@@ -159,6 +216,9 @@ class Guard:
             if not released:
                 released = True
                 gate.working -= 1
+                if parsed_at is not None:
+                    now = time.monotonic()
+                    gate.finished(now - parsed_at, now)
 
         state["parley.detach"] = release
         try:

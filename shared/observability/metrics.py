@@ -36,6 +36,7 @@ __all__ = [
     "CONTENT_TYPE",
     "FEED_PENDING",
     "HTTP_REQUESTS",
+    "INFLIGHT_LIMIT",
     "MODEL_CALL",
     "MODEL_TOKENS",
     "PROJECTION_LAG_ENTRIES",
@@ -91,6 +92,12 @@ FEED_PENDING = Gauge(
     "Feed entries a projector has read but not acknowledged, per partition.",
     ["partition"],
     multiprocess_mode="max",
+)
+INFLIGHT_LIMIT = Gauge(
+    "parley_inflight_limit",
+    "Requests the API processes admit at once now (the adaptive limit, summed over live processes): it falls "
+    "below PARLEY_MAX_INFLIGHT when requests queue.",
+    multiprocess_mode="livesum",
 )
 CHAT_QUEUE_DEPTH = Gauge(
     "parley_chat_queue_depth",

@@ -290,3 +290,45 @@ async def test_a_process_sheds_work_beyond_its_in_flight_bound_and_keeps_every_a
         assert len(stored) == len(acked) and set(stored) == acked  # refused requests wrote nothing
     finally:
         shedding.stop()
+
+
+async def test_the_in_flight_limit_falls_when_requests_queue_and_what_it_admits_is_kept(stack: Stack, tmp_path):
+    """`PARLEY_MAX_INFLIGHT` is only the ceiling: once requests are seen to queue, the process admits fewer at once
+    (down to `PARLEY_MIN_INFLIGHT`) and sheds the rest with 503 `overloaded`, so the served keep their latency."""
+    env = {"PARLEY_API_KEYS": KEYS, "PARLEY_MAX_INFLIGHT": "64", "PARLEY_MIN_INFLIGHT": "4"}
+    adaptive = ParleyProcess("api", stack.redis.url, tmp_path, env).start()
+
+    def limit(text: str) -> float:
+        return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("parley_inflight_limit")))
+
+    try:
+        async with httpx.AsyncClient(base_url=adaptive.url, timeout=20, limits=httpx.Limits(max_connections=200)) as c:
+            sid = (await c.post("/sessions", json={}, headers=auth("crowd"))).json()["id"]
+            for i in range(60):  # one at a time: how fast this process serves a write when nothing queues
+                await c.post(
+                    f"/sessions/{sid}/messages", json={"role": "user", "content": f"w{i}"}, headers=auth("crowd")
+                )
+            assert limit((await c.get("/metrics")).text) == 64
+            answers: list[httpx.Response] = []
+            lowest = 64.0
+            for round_ in range(6):  # bursts of 150 at once: far more than one core serves without queueing
+                answers += await asyncio.gather(
+                    *(
+                        c.post(
+                            f"/sessions/{sid}/messages",
+                            json={"role": "user", "content": f"b{round_}-{i}"},
+                            headers=auth("crowd"),
+                        )
+                        for i in range(150)
+                    )
+                )
+                lowest = min(lowest, limit((await c.get("/metrics")).text))
+            statuses = Counter(r.status_code for r in answers)
+            assert set(statuses) == {201, 503}, statuses
+            assert lowest < 64, "the limit never fell below its ceiling"
+            acked = {r.json()["id"] for r in answers if r.status_code == 201}
+            page = await c.get(f"/sessions/{sid}/messages", params={"limit": 1000}, headers=auth("crowd"))
+            stored = {m["id"] for m in page.json()["items"] if m["content"].startswith("b")}
+        assert stored == acked  # shed requests wrote nothing; every acknowledged one is kept
+    finally:
+        adaptive.stop()

@@ -1,0 +1,93 @@
+"""The API's adaptive in-flight limit (`services.api.guard.Gate`), driven by a synthetic clock: it shrinks when
+requests queue, grows back one by one while they do not and the limit is reached, and never leaves its bounds."""
+
+from __future__ import annotations
+
+from services.api.guard import Gate
+
+
+def run_window(gate: Gate, now: float, took_s: float, n: int = 20) -> float:
+    """`n` requests that each took `took_s` end during one window starting at `now`; returns the next window's start."""
+    for i in range(n):
+        gate.finished(took_s, now + i * gate.window_s / n)
+    return now + gate.window_s
+
+
+def fill(gate: Gate) -> int:
+    """Admit requests until the gate refuses one; returns how many it admitted (they stay waiting)."""
+    admitted = 0
+    while gate.admit():
+        admitted += 1
+    return admitted
+
+
+def test_the_limit_shrinks_when_requests_queue_and_sheds_beyond_it():
+    gate = Gate(64, min_limit=4)
+    now = run_window(gate, 0.0, 0.001)  # the floor: 1 ms
+    now = run_window(gate, now, 0.001)
+    assert gate.limit == 64
+    for _ in range(10):
+        now = run_window(gate, now, 0.050)  # 50x the floor: they queue
+    assert gate.limit < 64 * 0.9**9 + 1
+    for _ in range(40):
+        now = run_window(gate, now, 0.050)
+    assert gate.limit == 4  # never below its bound
+    assert fill(gate) == 4 and gate.shed == 1
+
+
+def test_a_standing_queue_is_never_learnt_as_normal():
+    gate = Gate(64, min_limit=4)
+    now = run_window(gate, 0.0, 0.001)
+    for _ in range(600):  # a minute of overload: every window full, every request queued
+        fill(gate)
+        now = run_window(gate, now, 0.050)
+        gate.waiting = 0
+    assert gate.limit == 4
+
+
+def test_a_slower_workload_is_learnt_while_the_process_is_not_full():
+    gate = Gate(64, min_limit=4)
+    now = run_window(gate, 0.0, 0.001)
+    for _ in range(500):  # from now on every request takes 10 ms, few at once
+        now = run_window(gate, now, 0.010)
+    assert 0.009 < gate.floor_s <= 0.010
+    before = gate.limit
+    for _ in range(10):  # 10 ms is now normal: a full process grows its limit again
+        fill(gate)
+        now = run_window(gate, now, 0.010)
+        gate.waiting = 0
+    assert gate.limit == before + 10
+
+
+def test_the_limit_grows_back_one_by_one_only_while_it_is_reached():
+    gate = Gate(64, min_limit=4)
+    now = run_window(gate, 0.0, 0.001)
+    for _ in range(50):
+        now = run_window(gate, now, 0.050)
+    assert gate.limit == 4
+    for _ in range(5):  # fast again, but nobody reaches the limit: an idle process keeps what it learnt
+        now = run_window(gate, now, 0.001)
+    assert gate.limit == 4
+    grown = []
+    for _ in range(100):  # fast and full: one more per window, up to the most allowed
+        fill(gate)
+        now = run_window(gate, now, 0.001)
+        grown.append(gate.limit)
+        gate.waiting = 0
+    assert grown[:3] == [5, 6, 7] and grown[-1] == 64
+
+
+def test_latency_within_tolerance_of_the_floor_is_not_queueing():
+    gate = Gate(64, min_limit=4)
+    now = run_window(gate, 0.0, 0.001)
+    for _ in range(20):  # twice the floor plus the slack: what a busy but not queueing process looks like
+        now = run_window(gate, now, 0.001 * gate.tolerance + gate.slack_s * 0.9)
+    assert gate.limit == 64
+
+
+def test_a_window_with_too_few_requests_changes_nothing():
+    gate = Gate(64, min_limit=4)
+    now = run_window(gate, 0.0, 0.001)
+    for _ in range(20):
+        now = run_window(gate, now, 1.0, n=3)
+    assert gate.limit == 64
