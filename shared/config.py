@@ -10,6 +10,9 @@ import msgspec
 from msgspec import Struct
 
 _PREFIX = "PARLEY_"
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+CLUSTER_PARTITIONS = 64
+"""Partitions of a new deployment on a Redis Cluster: 16 would leave a 3-master cluster's masters 5, 5 and 6."""
 
 
 class Settings(Struct, kw_only=True, frozen=True):
@@ -23,7 +26,8 @@ class Settings(Struct, kw_only=True, frozen=True):
     api_keys: str = ""
     """Comma-separated `tenant:key` pairs accepted besides the keys stored in Redis."""
     partitions: int = 16
-    """Fixed at first start (kept in Redis): sessions hash into this many Redis Cluster slots."""
+    """Fixed at first start (kept in Redis): sessions hash into this many partitions, each one Redis Cluster slot.
+    Unset on a Redis Cluster: `CLUSTER_PARTITIONS` (64), so partitions spread evenly over the masters."""
     max_body_bytes: int = 1 << 20
     max_content_chars: int = 100_000
     read_timeout_s: float = 2.0
@@ -128,7 +132,15 @@ class Settings(Struct, kw_only=True, frozen=True):
             if key in env:
                 raw[name] = env[key]
         raw.update({k: v for k, v in overrides.items() if v is not None})
-        return msgspec.convert(raw, cls, strict=False)
+        settings = msgspec.convert(raw, cls, strict=False)
+        if "partitions" not in raw and settings.on_cluster():
+            settings = msgspec.structs.replace(settings, partitions=CLUSTER_PARTITIONS)
+        return settings
+
+    def on_cluster(self) -> bool:
+        """`REDIS_URL` is a Redis Cluster: `redis+cluster://…`, or PARLEY_REDIS_CLUSTER=1."""
+        scheme = (self.redis_url or "").split("://", 1)[0].lower()
+        return bool(self.redis_url) and (self.redis_cluster or scheme in CLUSTER_SCHEMES)
 
     def cors(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

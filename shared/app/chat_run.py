@@ -44,7 +44,10 @@ SUMMARY_INSTRUCTION = (
 )
 CANCEL_CHECK_S = 0.1
 PAGE = 1000
-"""Messages per read of the conversation."""
+"""Messages per read of the conversation (at most)."""
+FIRST_PAGE = 100
+"""Messages of the first read backwards from the newest, with a budget; each next read is twice as long (up to
+`PAGE`): a budget usually holds tens of messages, and a long session must not cost a chat more than a short one."""
 _encode = msgspec.json.Encoder().encode
 _message_decoder = msgspec.json.Decoder(Message)
 
@@ -218,10 +221,10 @@ class ChatRunner:
         one), and the seq range left out unread.
 
         With a budget to `reach` (the `truncate` policy), it is read from the newest message backwards until the
-        messages read cost more than the budget, plus one page so that no unit is cut short: truncation drops the
-        oldest units first, so nothing older can be in the prompt. The system messages before that are fetched
-        alone (a prompt keeps them all), and the read stops at the summary too (the messages it covers stay out, but
-        for system ones). So a chat costs O(budget), not O(session). Without a budget to reach, every message since
+        messages read cost more than the budget, plus one page so that no unit is cut short (pages of 100, 200,
+        400… messages, so a budget's worth costs the same on any session): truncation drops the oldest units first,
+        so nothing older can be in the prompt. The system messages before that are fetched alone (a prompt keeps
+        them all), and the read stops at the summary too (the messages it covers stay out, but for system ones). So a chat costs O(budget), not O(session). Without a budget to reach, every message since
         the summary is read; in a state that does not know its system messages (`SessionState.system_seqs`), all."""
         shown = state.message_count - len(state.removed)
         if state.system_seqs is None:
@@ -229,9 +232,10 @@ class ChatRunner:
         summary_seq = state.summary.up_to_seq if state.summary is not None else 0
         first_shown = summary_seq - sum(1 for r in state.removed if r <= summary_seq)
         tail: list[Message] = []
-        cost, over, start = 0, False, shown
+        cost, over, start, size = 0, False, shown, FIRST_PAGE if reach is not None else PAGE
         while start > first_shown:
-            end, start = start, max(first_shown, start - PAGE)
+            end, start = start, max(first_shown, start - size)
+            size = min(PAGE, size * 2)
             page = await self._messages(tenant, session_id, start, end)
             tail = page + tail
             if over:

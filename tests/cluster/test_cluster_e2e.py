@@ -61,7 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
     cluster = RedisClusterServers(root / "cluster").start()
     queue = RedisServer(root / "queue").start()
     model = ModelServer().start()
-    env = {**model_env(model), "PARLEY_QUEUE_URL": queue.url, "PARLEY_PARTITIONS": "16"}
+    env = {**model_env(model), "PARLEY_QUEUE_URL": queue.url}  # and the default partitions on a cluster: 64
     procs: list[ParleyProcess] = []
     try:
         api = ParleyProcess("api", cluster.url, root, env)

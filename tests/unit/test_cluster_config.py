@@ -37,3 +37,10 @@ def test_the_queue_runs_on_its_own_redis_and_never_on_a_cluster():
         queue_url(Settings(redis_url="redis://h:7000", redis_cluster=True))
     with pytest.raises(RuntimeError, match="not a cluster"):
         queue_url(Settings(redis_url="redis://h:6379", queue_url="redis+cluster://q:7000"))
+
+
+def test_a_new_deployment_on_a_cluster_gets_enough_partitions_to_spread():
+    assert Settings.from_env({"REDIS_URL": "redis+cluster://h:7000"}).partitions == 64
+    assert Settings.from_env({"REDIS_URL": "redis://h:7000", "PARLEY_REDIS_CLUSTER": "1"}).partitions == 64
+    assert Settings.from_env({"REDIS_URL": "redis://h:6379"}).partitions == 16  # one Redis: nothing to spread over
+    assert Settings.from_env({"REDIS_URL": "redis+cluster://h:7000", "PARLEY_PARTITIONS": "16"}).partitions == 16

@@ -26,9 +26,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["CLUSTER_SCHEMES", "Client", "ClusterUrl", "ParleyCluster", "is_cluster_url", "parse_cluster_url"]
+from shared.config import CLUSTER_SCHEMES
 
-CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+__all__ = ["CLUSTER_SCHEMES", "Client", "ClusterUrl", "ParleyCluster", "is_cluster_url", "parse_cluster_url"]
 
 
 class ParleyCluster(RedisCluster):

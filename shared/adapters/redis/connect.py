@@ -83,7 +83,7 @@ class HiredisPackingConnection(Connection):
 
 def uses_cluster(settings: Settings) -> bool:
     """`redis+cluster://…` or PARLEY_REDIS_CLUSTER=1."""
-    return bool(settings.redis_url) and (settings.redis_cluster or is_cluster_url(settings.redis_url or ""))
+    return settings.on_cluster()
 
 
 def queue_url(settings: Settings) -> str:
