@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -46,7 +47,8 @@ CANCEL_CHECK_S = 0.1
 PAGE = 1000
 """Messages per read of the conversation (at most)."""
 FIRST_PAGE = 100
-"""Messages of the first read backwards from the newest, with a budget; each next read is twice as long (up to
+"""Messages of the first read backwards from the newest, with a budget, and of the read past the budget's reach.
+Between them each read is sized from the tokens per message read so far to what the budget has left (up to
 `PAGE`): a budget usually holds tens of messages, and a long session must not cost a chat more than a short one."""
 _encode = msgspec.json.Encoder().encode
 _message_decoder = msgspec.json.Decoder(Message)
@@ -221,10 +223,11 @@ class ChatRunner:
         one), and the seq range left out unread.
 
         With a budget to `reach` (the `truncate` policy), it is read from the newest message backwards until the
-        messages read cost more than the budget, plus one page so that no unit is cut short (pages of 100, 200,
-        400… messages, so a budget's worth costs the same on any session): truncation drops the oldest units first,
-        so nothing older can be in the prompt. The system messages before that are fetched alone (a prompt keeps
-        them all), and the read stops at the summary too (the messages it covers stay out, but for system ones). So a chat costs O(budget), not O(session). Without a budget to reach, every message since
+        messages read cost more than the budget, plus a page of `FIRST_PAGE` so that no unit is cut short; each read
+        is sized to what the budget has left, so a budget's worth costs the same on any session. Truncation drops
+        the oldest units first, so nothing older can be in the prompt. The system messages before that are fetched
+        alone (a prompt keeps them all), and the read stops at the summary too (the messages it covers stay out, but
+        for system ones). So a chat costs O(budget), not O(session). Without a budget to reach, every message since
         the summary is read; in a state that does not know its system messages (`SessionState.system_seqs`), all."""
         shown = state.message_count - len(state.removed)
         if state.system_seqs is None:
@@ -235,7 +238,6 @@ class ChatRunner:
         cost, over, start, size = 0, False, shown, FIRST_PAGE if reach is not None else PAGE
         while start > first_shown:
             end, start = start, max(first_shown, start - size)
-            size = min(PAGE, size * 2)
             page = await self._messages(tenant, session_id, start, end)
             tail = page + tail
             if over:
@@ -243,6 +245,10 @@ class ChatRunner:
             if reach is not None:
                 cost += sum(message_tokens(counter, _context_message(m)) for m in page if m.id not in later)
                 over = cost > reach
+                per_message = max(1.0, cost / len(tail))
+                size = (
+                    FIRST_PAGE if over else min(PAGE, max(FIRST_PAGE, math.ceil((reach - cost) / per_message * 1.25)))
+                )
         oldest = tail[0].seq if tail else state.message_count + 1
         systems = sorted(s for s in state.system_seqs if s < oldest)
         older = [m for s in systems for m in await self._messages(tenant, session_id, *_offsets(s, state.removed))]

@@ -214,3 +214,36 @@ async def test_a_model_that_fails_fails_the_chat(parley: Parley) -> None:
     assert failed.value.code == "model_unavailable"
     record = await job(parley, sid, requested.job.id)
     assert record["status"] == "failed" and record["error"]["code"] == "model_unavailable"
+
+
+async def test_a_budget_chat_on_a_long_session_reads_about_what_the_budget_holds(parley: Parley) -> None:
+    """With a `truncate` budget holding about 300 of 3,000 messages, the chat reads from the newest backwards a
+    first page, then what the budget has left, then one page more: a few hundred messages, never the session. The
+    prompt is the newest messages that fit, as if everything had been read."""
+    d = Deployment(parley)
+
+    def note(i: int) -> MessageCreate:
+        return MessageCreate(role="user", content=f"note {i:04d} " + "word " * 20)
+
+    async def prompt_tokens(notes: int) -> int:
+        small = await new_session(parley)
+        for i in range(notes):
+            await parley.sessions.add_message("acme", small, note(i))
+        requested = await parley.chats.request("acme", small, ask("and now?"))
+        await d.settle()
+        return int((await job(parley, small, requested.job.id))["context"]["prompt_tokens"])
+
+    per_note = await prompt_tokens(2) - await prompt_tokens(1)
+    sid = await new_session(parley, token_budget=per_note * 300 + 20, context_overflow="truncate")
+    for i in range(3_000):
+        await parley.sessions.add_message("acme", sid, note(i))
+    requested = await parley.chats.request("acme", sid, ask("and now?"))
+    await d.settle()
+    ctx = (await job(parley, sid, requested.job.id))["context"]
+    total = 3_000 + 1  # and the question
+    first_dropped, last_dropped = ctx["dropped_range"]
+    read = total - last_dropped
+    assert first_dropped == 1 and 300 < read < 300 * 1.25 + 2 * 100, read
+    newest = await parley.sessions.messages("acme", sid, len(ctx["included"]), total - len(ctx["included"]))
+    assert ctx["included"] == [msgspec.json.decode(m)["id"] for m in newest]  # the newest, exactly those that fit
+    assert 290 < len(ctx["included"]) <= 301

@@ -171,6 +171,9 @@ class Bench:
             # the limiter runs on every request (its cost is in every row) but never refuses the benchmark
             "PARLEY_TENANT_RPS": "1000000",
             "PARLEY_TENANT_BURST": "1000000",
+            # a fixed in-flight limit: the throughput rows' closed-loop clients (32 connections sending back to back)
+            # are an overload the default adaptive limit would shed; P8, which measures shedding, runs the default
+            "PARLEY_MIN_INFLIGHT": "64",
         }
         py = sys.executable
         self.model = Proc(
@@ -276,14 +279,19 @@ class Bench:
             goal="ratio >= 0.85",
         )
 
-    def _cpu_s(self) -> dict[str, float]:
-        """CPU seconds used so far by redis-server (its own INFO), the API and the worker (/proc)."""
+    def _cpu_s(self, *more: str) -> dict[str, float]:
+        """CPU seconds used so far by redis-server (its own INFO), the API and the worker (/proc); `more`: also
+        "model" (the model server) and "client" (this process, where a row's client runs)."""
         info = self.redis.info("cpu")
         out = {"redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"])}
         tick = os.sysconf("SC_CLK_TCK")
-        for name, proc in (("api", self.api), ("worker", self.worker)):
-            fields = Path(f"/proc/{proc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        procs = {"api": self.api, "worker": self.worker, "model": self.model}
+        for name in ("api", "worker", *(m for m in more if m in procs)):
+            fields = Path(f"/proc/{procs[name].proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
             out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        if "client" in more:
+            t = os.times()
+            out["client"] = t.user + t.system
         return out
 
     def p3(self) -> None:
@@ -449,11 +457,14 @@ class Bench:
         a = self.args
         n = 30 if a.quick else 200
         ids = self.sessions(50)
-        direct, parley, rates, ceilings = [], [], [], []
+        direct, parley, rates, ceilings, cpu = [], [], [], [], []
         for _ in range(a.reps):
             direct.append(asyncio.run(chat_bench.direct_latency(self.model_url, n)))
             parley.append(asyncio.run(chat_bench.parley_latency(self.api.url, KEY, ids, n)))
+            before = self._cpu_s("model", "client")
             rates.append(asyncio.run(chat_bench.parley_jobs_per_second(self.api.url, KEY, ids, n * 2)))
+            after = self._cpu_s("model", "client")
+            cpu.append({k: (after[k] - before[k]) / (n * 2) * 1e6 for k in after})
             ceilings.append(asyncio.run(chat_bench.arq_noop_jobs_per_second(self.redis_server.url, n * 2, 100, 0.05)))
         self.errors += sum(p["errors"] for p in parley) + sum(r["errors"] for r in rates)
         sync_added = med(parley, "sync_p50_ms") - med(direct, "sync_p50_ms")
@@ -473,6 +484,14 @@ class Bench:
             jobs_ratio=jobs / noop,
             goal="added p50 <= 5 ms; jobs_ratio >= 0.8",
         )
+        per_chat = {k: med(cpu, k) for k in cpu[0]}
+        self.record(
+            "P4cpu",
+            **{f"{k}_cpu_us_per_chat": v for k, v in per_chat.items()},
+            total_cpu_us_per_chat=sum(per_chat.values()),
+            cores_bound_chats_per_s=2e6 / sum(per_chat.values()),
+            goal="report: what one synchronous chat costs each process, and the chats/s 2 cores allow at that cost",
+        )
         from tests.bench import openai_bench
 
         oa = openai_bench.p4_openai(self, a.reps, n)
@@ -487,6 +506,21 @@ class Bench:
         same writes at half that rate: the served requests' p99, the share of the closed-loop rate still served,
         and how soon a request is served normally once the overload stops. (b) A quiet tenant's p99 alone, and
         beside a noisy tenant sending 10x its own limit."""
+        fixed, port = self.api, free_port()
+        defaults = {k: v for k, v in self.env.items() if k != "PARLEY_MIN_INFLIGHT"}  # the adaptive limit
+        self.api = Proc(
+            [sys.executable, "-m", "services.cli", "api", "--port", str(port)],
+            defaults,
+            self.tmp / "api-p8.log",
+            port=port,
+        )
+        try:
+            self._p8()
+        finally:
+            self.api.stop()
+            self.api = fixed
+
+    def _p8(self) -> None:
         a = self.args
         ids = self.sessions(20 if a.quick else 100)
         paths = [f"/sessions/{s}/messages" for s in ids]

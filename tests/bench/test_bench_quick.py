@@ -33,6 +33,7 @@ def test_quick_benchmark_runs_and_every_request_succeeds(tmp_path):
         "P2",
         "P3",
         "P4",
+        "P4cpu",
         "P4openai",
         "P5",
         "P5tt",

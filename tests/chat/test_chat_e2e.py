@@ -882,7 +882,7 @@ def test_truncate_drops_the_oldest_messages_to_fit_exactly(c, model, kept):
 
 def test_truncate_on_a_long_session_reads_only_what_the_budget_reaches_and_keeps_every_system_message(c, model):
     """A chat with a `truncate` budget reads the conversation from its newest message backwards, a page of 100
-    and then one of 200 here, never the rest: the report names the unread part as a seq range. The system message far back in
+    (more than the budget holds) and one more of 100 here, never the rest: the report names the unread part as a seq range. The system message far back in
     the session is fetched alone and stays in the prompt, as when the whole conversation was read."""
     mark = marker()
     situation, question, max_tokens, kept, filler = f"Be brief. {mark}", "And now?", 20, 3, 2_300
@@ -907,7 +907,7 @@ def test_truncate_on_a_long_session_reads_only_what_the_budget_reaches_and_keeps
     ctx = job(c, sid, body["id"])["context"]
     new_id = c.get(f"/sessions/{sid}/messages", params={"offset": 2 + filler}, headers=ACME).json()["items"][0]["id"]
     total = 2 + filler + 1  # the question is stored too
-    oldest_read = total - (100 + 200) + 1
+    oldest_read = total - (100 + 100) + 1
     assert ctx["dropped_range"] == [1, oldest_read - 1]
     assert ctx["included"] == [rule["id"], *(m["id"] for m in stored[-kept:]), new_id]
     assert ctx["dropped"] == [m["id"] for m in stored if m["seq"] >= oldest_read][:-kept]

@@ -1,12 +1,15 @@
 """Parley on a real 3-master Redis Cluster, over real HTTP: a `parley api` and a `parley worker` process with
 `REDIS_URL=redis+cluster://…` and the chat queue on a standalone Redis (`PARLEY_QUEUE_URL`), a chat against the
-OpenAI-protocol test server, and the keys spread over every master."""
+OpenAI-protocol test server, the keys spread over every master, and two API processes with three workers across
+a worker's kill -9."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +190,54 @@ def test_parley_keys_and_purges_persistence_rewrite_work_on_the_cluster(stack: C
     finally:
         for node in stack.masters():
             node.config_set("save", "")
+
+
+async def test_two_apis_and_workers_keep_every_write_and_never_answer_503_across_a_worker_kill(stack: ClusterStack):
+    """Writes through two API processes while three workers share the partitions; one worker is killed -9 mid-load.
+    Every write is read back at once through the *other* API process (read-your-writes across processes): none
+    answers 503 across the take-over, and afterwards every acknowledged write is there once, in order."""
+    procs = [
+        ParleyProcess("api", stack.cluster.url, stack.root, stack.env),
+        ParleyProcess("worker", stack.cluster.url, stack.root, stack.env),
+        ParleyProcess("worker", stack.cluster.url, stack.root, stack.env),
+    ]
+    try:
+        for p in procs:
+            p.start(timeout=30)
+        apis = [stack.api.url, procs[0].url]
+        victim = procs[1]
+        async with httpx.AsyncClient(timeout=30, headers=ACME, limits=httpx.Limits(max_connections=32)) as c:
+            sids = [(await c.post(f"{apis[i % 2]}/sessions", json={})).json()["id"] for i in range(16)]
+            acked: dict[str, list[str]] = {sid: [] for sid in sids}
+            reads: Counter[int] = Counter()
+            stop = asyncio.Event()
+
+            async def writer(w: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    sid = sids[(w + n * 8) % len(sids)]
+                    write, read = apis[n % 2], apis[(n + 1) % 2]
+                    r = await c.post(f"{write}/sessions/{sid}/messages", json={"role": "user", "content": f"{w}-{n}"})
+                    assert r.status_code == 201, r.text
+                    acked[sid].append(r.json()["id"])
+                    got = await c.get(f"{read}/sessions/{sid}/messages", params={"offset": r.json()["seq"] - 1})
+                    reads[got.status_code] += 1
+                    if got.status_code == 200:
+                        assert got.json()["items"][0]["id"] == r.json()["id"]
+
+            async def killer() -> None:
+                await asyncio.sleep(1.5)
+                assert victim.proc is not None
+                victim.proc.send_signal(signal.SIGKILL)
+                await asyncio.sleep(4.0)  # well past the take-over
+                stop.set()
+
+            await asyncio.gather(*(writer(w) for w in range(8)), killer())
+            assert set(reads) == {200} and reads[200] > 100, reads
+            for sid in sids:
+                items = (await c.get(f"{apis[0]}/sessions/{sid}/messages", params={"limit": 1000})).json()["items"]
+                assert [m["id"] for m in items] == acked[sid]
+    finally:
+        for p in reversed(procs):
+            p.stop()
