@@ -4,13 +4,14 @@ ending in exactly one `Completion`, whose content the deltas add up to; a tool c
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 
 from shared.adapters.llm.offline import OfflineModel
 from shared.adapters.llm.openai_compat import OpenAICompatible
-from shared.app.ports import Completion, Delta, ModelProvider, ModelRequest
+from shared.app.ports import Completion, Delta, ModelError, ModelProvider, ModelRequest
 from tests.model_server import MODEL_NAME, ModelServer
 
 
@@ -58,3 +59,53 @@ async def test_a_tool_is_called_when_asked_for(provider: ModelProvider) -> None:
     assert completion.finish_reason == "tool_calls"
     assert completion.tool_calls is not None and [c.function.name for c in completion.tool_calls] == ["lookup_order"]
     assert "1234" in completion.tool_calls[0].function.arguments
+
+
+async def test_a_refused_request_is_retried_but_a_stream_cut_short_never_is(model_server: ModelServer) -> None:
+    """The OpenAI-compatible adapter retries what failed before anything was streamed (a 503; a first chunk later
+    than the timeout), and fails at once, without a second request, once deltas are out: a retry would relay them
+    twice."""
+    provider = OpenAICompatible(model_server.base_url, "", MODEL_NAME, max_retries=2, timeout_s=0.5)
+    model_server.reset()
+    try:
+        model_server.control(fail_next=[503])
+        ask = ModelRequest(model=MODEL_NAME, messages=[{"role": "user", "content": "retried please"}], max_tokens=50)
+        _, completion = await collect(provider, ask)
+        assert completion.content and "retried please" in completion.content
+        assert [r["status"] for r in model_server.requests("retried please")] == [503, 200]
+
+        model_server.control(chunk_delay_s=1.0)  # every chunk later than the read timeout: nothing streamed yet
+        late = ModelRequest(model=MODEL_NAME, messages=[{"role": "user", "content": "late"}], max_tokens=50)
+        with pytest.raises(ModelError) as failed:
+            await collect(provider, late)
+        assert failed.value.code == "model_timeout" and len(model_server.requests("late")) == 3
+    finally:
+        model_server.reset()
+        await provider.aclose()
+
+    requests = 0
+
+    async def one_chunk_then_silence(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        await reader.readuntil(b"\r\n\r\n")
+        chunk = b'data: {"model":"m","choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        await writer.drain()
+        await asyncio.sleep(5)  # then nothing: the read times out mid-stream
+        writer.close()
+
+    server = await asyncio.start_server(one_chunk_then_silence, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    provider = OpenAICompatible(f"http://127.0.0.1:{port}/v1", "", "m", max_retries=2, timeout_s=0.5)
+    got: list[Delta | Completion] = []
+    try:
+        with pytest.raises(ModelError) as failed:
+            async for item in provider.stream(ModelRequest(model="m", messages=[], max_tokens=5)):
+                got.append(item)
+        assert failed.value.code == "model_timeout"
+        assert got == [Delta(content="Hel")] and requests == 1
+    finally:
+        await provider.aclose()
+        server.close()
