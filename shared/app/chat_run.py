@@ -262,7 +262,9 @@ class ChatRunner:
         while offset < end:
             limit = min(PAGE, end - offset)
             view = await self.service.read(
-                session_id, functools.partial(self.service.views.messages, tenant, session_id, limit, offset)
+                session_id,
+                functools.partial(self.service.views.messages, tenant, session_id, limit, offset),
+                catch_up=True,
             )
             page = [_message_decoder.decode(raw) for raw in view.items or []]
             if not page:

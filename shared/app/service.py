@@ -290,10 +290,17 @@ class SessionService:
             raise NotFound("session not found")
         return view
 
-    async def read(self, session_id: str, fetch: Callable[[], Awaitable[View]]) -> View:
-        """Wait (bounded) until the read model holds every write acknowledged before this read began."""
+    async def read(self, session_id: str, fetch: Callable[[], Awaitable[View]], catch_up: bool = False) -> View:
+        """Wait (bounded) until the read model holds every write acknowledged before this read began.
+
+        `catch_up`: do not wait for the projector, catch the session up here at once if it is behind (a chat job
+        reads its conversation right after the writes that asked for it: waiting would add the projector's lag,
+        and a poll's, to every chat; the projection's version check makes projecting twice harmless)."""
         view = await self._fresh(
-            fetch, lambda v: v.head == 0 or v.version >= v.head, lambda: self._assist([session_id])
+            fetch,
+            lambda v: v.head == 0 or v.version >= v.head,
+            lambda: self._assist([session_id]),
+            assist_after_s=0.0 if catch_up else None,
         )
         if view is None:
             raise ProjectionLagging("the read model is behind the last acknowledged write; retry shortly")
@@ -315,13 +322,18 @@ class SessionService:
         return page[1]
 
     async def _fresh(
-        self, fetch: Callable[[], Awaitable[T]], caught_up: Callable[[T], bool], assist: Callable[[], Awaitable[None]]
+        self,
+        fetch: Callable[[], Awaitable[T]],
+        caught_up: Callable[[T], bool],
+        assist: Callable[[], Awaitable[None]],
+        assist_after_s: float | None = None,
     ) -> T | None:
         """Poll `fetch` with a short backoff until `caught_up`, or None after `read_timeout_s`. After
-        `read_assist_s` of waiting, `assist` catches the read models up in this process (once): a dead or
-        overloaded worker then delays a read by about that long instead of failing it."""
+        `assist_after_s` (default `read_assist_s`) of waiting, `assist` catches the read models up in this process
+        (once): a dead or overloaded worker then delays a read by about that long instead of failing it."""
         start = time.monotonic()
         deadline = start + self.read_timeout_s
+        assist_after_s = self.read_assist_s if assist_after_s is None else assist_after_s
         assisted = self.projection is None
         delay = 0.0005
         while True:
@@ -331,7 +343,7 @@ class SessionService:
             now = time.monotonic()
             if now >= deadline:
                 return None
-            if not assisted and now - start >= self.read_assist_s:
+            if not assisted and now - start >= assist_after_s:
                 assisted = True
                 await assist()
                 continue

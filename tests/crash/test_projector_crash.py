@@ -173,7 +173,7 @@ async def audit_session(r: Redis, keys: Keys, store: RedisStore, sid: str) -> Se
     assert [m.data.seq for m in messages] == list(range(1, len(messages) + 1)), f"session {sid}: message seqs not 1..n"
     assert len({m.data.id for m in messages}) == len(messages), f"session {sid}: a message id appears twice in the log"
 
-    listed = [int(x) for x in await r.lrange(keys.messages(sid), 0, -1)]
+    listed = [int(x.split(b"|")[0]) for x in await r.lrange(keys.messages(sid), 0, -1)]
     indexed = await r.zscore(keys.index(partition_of(sid, keys.partitions), tenant), sid) is not None
     if state.exists:
         assert state.session is not None

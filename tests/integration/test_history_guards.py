@@ -124,5 +124,5 @@ async def test_a_rebuild_that_is_not_resuming_its_own_run_starts_partial_generat
     await store.redis.rpush(k.messages(state.id, 1), 999)  # what an older, wrong projection left behind
     await Rebuilder(store, RedisHistory(store.redis, k), live).run(Scope(session_id=state.id))
     assert await RedisHistory(store.redis, k).generations([state.id]) == [1]
-    assert [int(v) for v in await store.redis.lrange(k.messages(state.id, 1), 0, -1)] == [2, 3, 4]
+    assert [int(v.split(b"|")[0]) for v in await store.redis.lrange(k.messages(state.id, 1), 0, -1)] == [2, 3, 4]
     assert not await store.redis.exists(k.rebuild(Scope(session_id=state.id).name))

@@ -414,7 +414,7 @@ async def read_models(w: World) -> dict[str, Any]:
             "messages": await w.store.messages(tenant, sid, PAGE, 0),
             "view": raw,
             "state": state,
-            "pointers": [int(v) for v in await r.lrange(KEYS.messages(sid, g), 0, -1)],
+            "pointers": [int(v.split(b"|")[0]) for v in await r.lrange(KEYS.messages(sid, g), 0, -1)],
             "snapshots": snaps,
             "jobs": {j: await r.hgetall(KEYS.chat(sid, j)) for j in jobs},
             "indexed": await r.zscore(KEYS.index(partition_of(sid, KEYS.partitions), tenant), sid) is not None,

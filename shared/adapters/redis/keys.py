@@ -96,8 +96,9 @@ class Keys:
         return _gen(f"{self.of(sid)}:view:{sid}", gen)
 
     def messages(self, sid: str, gen: int = 0) -> str:
-        """List of the log versions of the session's `MessageAdded` events, in `seq` order (kept after a delete:
-        time travel reads it)."""
+        """List of the session's `MessageAdded` events in `seq` order, each "version|schema|data" (its log
+        version, and the message as added, so a page is one range read; a bare version in read models projected
+        before that), kept after a delete: time travel reads it."""
         return _gen(f"{self.of(sid)}:msgs:{sid}", gen)
 
     def mods(self, sid: str, gen: int = 0) -> str:

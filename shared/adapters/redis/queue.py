@@ -59,8 +59,10 @@ class ChatQueue:
                 trace=tracing.inject(),
             )
         if job_ids:
-            await self.arq.lpush(WAKE, *(b"1" for _ in job_ids))
-            await self.arq.ltrim(WAKE, 0, 999)
+            pipe = self.arq.pipeline(transaction=False)  # one round trip for the wake-up and its bound
+            pipe.lpush(WAKE, *(b"1" for _ in job_ids))
+            pipe.ltrim(WAKE, 0, 999)
+            await pipe.execute()
 
     async def depth(self) -> int:
         """Jobs waiting in the queue (not yet started, or deferred for a retry)."""

@@ -328,6 +328,7 @@ class RedisStore:
                     k.projected(p),
                     k.chats(sid),
                     k.mods(sid, g),
+                    k.log(sid),
                     *job_keys,
                     *usage_keys,
                 ]

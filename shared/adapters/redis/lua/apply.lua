@@ -3,7 +3,8 @@
 -- purged) or {'stale', live generation}: `gen` is not the live generation the caller thought (a rebuild switched).
 -- A rebuild (`live` = '0') writes only its own generation's views, and only one newer than the live one.
 local head, view, msgs, snaps, index, projected, chats, mods = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local FIRST_JOB_KEY = 9  -- then one chat job hash per job update, then one usage hash per usage delta
+local log = KEYS[9]
+local FIRST_JOB_KEY = 10  -- then one chat job hash per job update, then one usage hash per usage delta
 local tenant, from, to, state, session_json, tools_json = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
 local index_op, session_id, retention, gen, live = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11] == '1'
 -- then, from the 12th argument: message count n, n message versions; mod count d, d (seq, version, kind) triples;
@@ -20,7 +21,19 @@ local current = tonumber(redis.call('HGET', view, 'v')) or 0
 if current ~= from then return 0 end
 
 local n = tonumber(ARGV[i])
-if n > 0 then redis.call('RPUSH', msgs, unpack(ARGV, i + 1, i + n)) end
+if n > 0 then
+  -- each message as "version|schema|data": a page of messages is then one LRANGE, not one XRANGE per message
+  local entries = {}
+  for j = i + 1, i + n do
+    local f = redis.call('XRANGE', log, ARGV[j] .. '-0', ARGV[j] .. '-0')[1][2]
+    local sch, data
+    for k = 1, #f, 2 do
+      if f[k] == 's' then sch = f[k + 1] elseif f[k] == 'd' then data = f[k + 1] end
+    end
+    entries[#entries + 1] = ARGV[j] .. '|' .. sch .. '|' .. data
+  end
+  for j = 1, #entries, 500 do redis.call('RPUSH', msgs, unpack(entries, j, math.min(j + 499, #entries))) end
+end
 i = i + 1 + n
 local d = tonumber(ARGV[i])
 for j = i + 1, i + 3 * d, 3 do  -- seq -> "version:kind,..." in version order; 'r' counts the removals

@@ -33,25 +33,42 @@ if not removals then  -- positions are the messages shown: read the page alone
   if stop >= offset then
     for j, v in ipairs(redis.call('LRANGE', msgs, offset, stop)) do page[#page + 1] = {offset + j, v} end
   end
-else  -- skip the removed ones: walk from the start (only sessions with removals pay for this)
-  local shown = 0
-  for j, v in ipairs(redis.call('LRANGE', msgs, 0, total - 1)) do
-    local mod = last[j]
-    if not (mod and mod[1] == 'r') then
+else  -- skip the removed ones: find the page's first position, then read only as far as the page reaches
+  local removed, shown, first = {}, 0, nil
+  for j, mod in pairs(last) do if mod[1] == 'r' then removed[j] = true end end
+  for j = 1, total do
+    if not removed[j] then
       shown = shown + 1
-      if shown > offset then page[#page + 1] = {j, v} end
-      if #page == limit then break end
+      if shown > offset then first = j break end
+    end
+  end
+  if first then
+    local span = limit  -- the page, and the removed messages inside it
+    for j in pairs(removed) do if j >= first then span = span + 1 end end
+    local stop = math.min(first + span - 1, total)
+    for idx, v in ipairs(redis.call('LRANGE', msgs, first - 1, stop - 1)) do
+      local j = first + idx - 1
+      if not removed[j] then
+        page[#page + 1] = {j, v}
+        if #page == limit then break end
+      end
     end
   end
 end
 for _, p in ipairs(page) do
   local mod = last[p[1]]
-  local v = (mod and mod[1] == 'e') and mod[2] or p[2]
-  local e = redis.call('XRANGE', log, v .. '-0', v .. '-0')
-  local f = e[1][2]
-  local s, d
-  for k = 1, #f, 2 do
-    if f[k] == 's' then s = f[k + 1] elseif f[k] == 'd' then d = f[k + 1] end
+  -- an entry is "version|schema|data" (APPLY keeps the message beside its version), or a bare version (read
+  -- models projected before it did): then, or for an edited message, the event is read from the log
+  local v, s, at_data = string.match(p[2], '^(%d+)|([^|]*)|()')
+  local d
+  if v and not (mod and mod[1] == 'e') then
+    d = string.sub(p[2], at_data)
+  else
+    local version = (mod and mod[1] == 'e') and mod[2] or (v or p[2])
+    local f = redis.call('XRANGE', log, version .. '-0', version .. '-0')[1][2]
+    for k = 1, #f, 2 do
+      if f[k] == 's' then s = f[k + 1] elseif f[k] == 'd' then d = f[k + 1] end
+    end
   end
   out[#out + 1] = s
   out[#out + 1] = d
