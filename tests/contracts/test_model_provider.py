@@ -109,3 +109,18 @@ async def test_a_refused_request_is_retried_but_a_stream_cut_short_never_is(mode
     finally:
         await provider.aclose()
         server.close()
+
+
+async def test_calls_reuse_one_connection(model_server: ModelServer) -> None:
+    """A finished answer's connection goes back to the pool (its body read to the end, past `[DONE]`): a call to a
+    remote provider must not pay a new TCP and TLS handshake."""
+    provider = OpenAICompatible(model_server.base_url, "", MODEL_NAME, max_retries=0, timeout_s=10)
+    try:
+        for i in range(5):
+            await collect(
+                provider, ModelRequest(model=MODEL_NAME, messages=[{"role": "user", "content": f"{i}"}], max_tokens=20)
+            )
+        pool = provider.client._transport._pool  # type: ignore[attr-defined]
+        assert len(pool.connections) == 1
+    finally:
+        await provider.aclose()

@@ -139,13 +139,16 @@ async def _items(response: httpx.Response, model: str) -> AsyncGenerator[Delta |
     failure now fails the chat (the caller cannot take back what it relayed)."""
     content: list[str] = []
     calls: dict[int, dict[str, str]] = {}
-    finish, usage = "stop", None
+    finish, usage, done = "stop", None, False
     async for line in response.aiter_lines():
-        if not line.startswith("data:"):
+        # read to the end of the body even after [DONE]: a response left unread closes its connection, and the
+        # next call would open (and, to a provider, TLS-handshake) a new one
+        if done or not line.startswith("data:"):
             continue  # comments, `event:` and `id:` fields, blank lines between events
         data = line[5:].strip()
         if data == "[DONE]":
-            break
+            done = True
+            continue
         try:
             chunk = _decode_chunk(data)
         except msgspec.DecodeError as e:
