@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import IO
 
 import msgspec
@@ -15,6 +17,7 @@ from rich.text import Text
 
 from shared import bootstrap
 from shared.app.rebuild import Scope
+from shared.app.retention import RetentionSweeper
 from shared.config import Settings, check_tenant
 from shared.domain.wire import TenantLimits
 
@@ -156,6 +159,33 @@ async def tenants(settings: Settings, args: argparse.Namespace) -> None:
     sys.stdout.write(msgspec.json.format(msgspec.json.encode(report), indent=2).decode() + "\n")
 
 
+async def retention(settings: Settings, args: argparse.Namespace) -> None:
+    """`parley retention run [--dry-run]`: sweep every idle session once (passes until the walk wraps around),
+    one JSON line per expired session (`done`: deleted or purged), then a summary line."""
+    tenant = check_tenant(args.tenant) if args.tenant else None
+    now = datetime.fromisoformat(args.now).timestamp() if args.now else None
+    async with connected(settings) as parley:
+        sweeper = RetentionSweeper(
+            parley.sessions,
+            parley.views,
+            settings.partitions,
+            settings.retention_batch,
+            (lambda: now) if now else time.time,
+        )
+        scanned = expired = removed = 0
+        while True:
+            done = await sweeper.sweep(dry_run=args.dry_run, tenant=tenant)
+            scanned += done.scanned
+            for item in done.expired:
+                expired += 1
+                removed += item.done
+                sys.stdout.write(msgspec.json.encode(item).decode() + "\n")
+            if done.wrapped:
+                break
+    summary = {"scanned": scanned, "expired": expired, "removed": removed, "dry_run": args.dry_run}
+    sys.stdout.write(msgspec.json.encode(summary).decode() + "\n")
+
+
 def _lines(source: IO[bytes]) -> Iterator[bytes]:
     for line in source:
         yield line.rstrip(b"\n")
@@ -191,10 +221,36 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--chat-tokens-per-day", dest="chat_tokens_per_day", type=int, help="prompt + completion tokens per UTC day"
     )
     sl.add_argument("--streams", type=int, help="open event streams (and waiting synchronous chats)")
+    sl.add_argument(
+        "--retention-idle-days",
+        dest="retention_idle_days",
+        type=int,
+        help="sessions without a retention of their own go this many days after their last change (0: kept)",
+    )
+    sl.add_argument(
+        "--retention-action",
+        dest="retention_action",
+        choices=["delete", "purge"],
+        help="what retention does to them: delete (the log stays) or purge (erased)",
+    )
     sl.add_argument("--reset", nargs="+", choices=FIELDS, help="these limits go back to the deployment's defaults")
     sh = tsub.add_parser("show", help="a tenant's limits (effective and its own) and its usage per day")
     sh.add_argument("--tenant", required=True)
     sh.add_argument("--days", type=int, default=7)
 
+    rt = sub.add_parser("retention", help="delete or purge the sessions their retention says have been idle too long")
+    rtsub = rt.add_subparsers(dest="retention_command", required=True)
+    run = rtsub.add_parser("run", help="one sweep over every idle session now (workers also sweep on their own)")
+    run.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    run.add_argument("--tenant", help="only this tenant's sessions")
+    run.add_argument("--now", help="sweep as if it were this time (ISO 8601, e.g. 2027-01-31T00:00:00+00:00)")
 
-COMMANDS = {"rebuild": rebuild, "export": export, "import": import_, "purge": purge, "tenants": tenants}
+
+COMMANDS = {
+    "rebuild": rebuild,
+    "export": export,
+    "import": import_,
+    "purge": purge,
+    "tenants": tenants,
+    "retention": retention,
+}

@@ -78,6 +78,7 @@ from shared.app.ports import (
 )
 from shared.app.projection import Projection
 from shared.app.rebuild import Rebuilder
+from shared.app.retention import RetentionSweeper
 from shared.app.service import SessionService
 from shared.app.sessions import Sessions
 from shared.app.tenancy import Tenancy
@@ -146,6 +147,7 @@ class Parley:
     history: History
     projection: Projection
     tenancy: Tenancy
+    retention: RetentionSweeper
     stream_secret: bytes
     ping: Callable[[], Awaitable[Any]]
     """Asks the store whether it answers (readiness)."""
@@ -377,6 +379,7 @@ def _compose(
     )
     history = History(service, a.admin, a.jobs)
     chats = Chats(service, a.jobs, a.queue, a.limits, a.wakeups, settings.model)
+    sessions = Sessions(service, history, a.wakeups, a.limits, secret, settings.stream_token_ttl_s)
     return Parley(
         settings=settings,
         supervisor=supervisor,
@@ -390,12 +393,13 @@ def _compose(
         api_keys=a.api_keys,
         limits=a.limits,
         service=service,
-        sessions=Sessions(service, history, a.wakeups, secret, settings.stream_token_ttl_s),
+        sessions=sessions,
         chats=chats,
         completions=Completions(service, chats, a.jobs, settings.model),
         history=history,
         projection=projection,
         tenancy=Tenancy(a.limits),
+        retention=RetentionSweeper(sessions, a.views, settings.partitions, settings.retention_batch),
         stream_secret=secret,
         ping=ping,
         fake=fake,

@@ -91,6 +91,15 @@ class Settings(Struct, kw_only=True, frozen=True):
     """Default prompt plus completion tokens per tenant and UTC day (0: unlimited)."""
     tenant_streams: int = 1_000
     """Default open event streams (and waiting synchronous chats) per tenant (0: unlimited)."""
+    retention_idle_days: int = 0
+    """Default retention of a tenant's sessions: they go this many days after their last change (0: kept for
+    ever); a tenant's own (`parley tenants set-limits --retention-idle-days`) or a session's own wins."""
+    retention_action: Literal["delete", "purge"] = "delete"
+    """What the default retention does to an expired session: `delete` (the log stays) or `purge` (erased)."""
+    retention_sweep_s: float = 60.0
+    """How often a worker sweeps for expired sessions (0: never; `parley retention run` still does)."""
+    retention_batch: int = 100
+    """Idle sessions a sweep looks at per partition (a pass is bounded; the next goes on from there)."""
     cors_origins: str = ""
     """Comma-separated origins browsers may call the API from (`*`: any); empty: no CORS."""
     stream_token_ttl_s: int = 300

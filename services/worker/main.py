@@ -10,6 +10,7 @@ from typing import Literal
 
 from services.worker.projector import Projector
 from services.worker.sampler import sample
+from services.worker.sweeper import sweep_forever
 from shared.bootstrap import Parley
 from shared.supervise import TRANSIENT
 
@@ -45,6 +46,9 @@ async def run_worker(parley: Parley, stop: asyncio.Event, role: Role = "all", sa
         parts.append(supervisor.run("chat-worker", lambda: worker.poll(stop)))
         if worker.wake_client is not None:
             parts.append(supervisor.run("wake-listener", lambda: worker.listen(stop)))
+    if projector is not None and settings.retention_sweep_s > 0:
+        every = settings.retention_sweep_s
+        parts.append(supervisor.run("retention-sweeper", lambda: sweep_forever(parley.retention, stop, every)))
     if sample_metrics:
         feed = parley.feed if projector is not None else None
         depth = parley.queue.depth if worker is not None else None

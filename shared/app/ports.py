@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from msgspec import Struct
 
@@ -47,6 +47,8 @@ __all__ = [
     "FeedEntry",
     "IdempotencyClaim",
     "IdempotencyMismatch",
+    "Idle",
+    "IdleCursor",
     "Limits",
     "LogAdmin",
     "Missing",
@@ -151,6 +153,18 @@ class Pending(Struct, frozen=True):
     head: int
 
 
+class Idle(NamedTuple):
+    """A session in the idle index: its last change (ms since the epoch), its tenant, its id."""
+
+    changed_ms: int
+    tenant: str
+    session_id: str
+
+
+IdleCursor = Idle
+"""Where a walk of the idle index goes on from: the last entry it saw."""
+
+
 class ReadModels(Protocol):
     async def session(self, tenant: str, session_id: str) -> View: ...
 
@@ -167,6 +181,15 @@ class ReadModels(Protocol):
     async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:
         """(lagging partitions, session JSON newest first). A lagging partition holds an acknowledged write of the
         tenant's that is not projected yet."""
+        ...
+
+    async def idle(self, partition: int, until_ms: int, after: IdleCursor | None, limit: int) -> list[Idle]:
+        """Up to `limit` of the partition's live sessions last changed at or before `until_ms`, oldest first,
+        after `after` (the last one a previous call answered): what the retention sweeper looks at."""
+        ...
+
+    async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
+        """Drop a session the idle index still names but that is gone (purged)."""
         ...
 
     async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:

@@ -16,11 +16,12 @@ import msgspec
 
 from shared.app.follow import follow
 from shared.app.history import History
-from shared.app.ports import EventLog, ReadModels, Wakeups
+from shared.app.ports import EventLog, Limits, ReadModels, Wakeups
 from shared.app.service import Idempotency, SessionService
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, EditMessage, RemoveMessage, UpdateSession
 from shared.domain.errors import NotFound
 from shared.domain.events import Event, MessageAdded, MessageEdited, MessageRemoved
+from shared.domain.retention import with_expiry
 from shared.domain.state import SessionState
 from shared.domain.stream_tokens import StreamGrant, sign
 from shared.domain.wire import (
@@ -40,6 +41,9 @@ __all__ = ["EventsPage", "Sessions"]
 
 _encode = msgspec.json.Encoder().encode
 _message = msgspec.json.Decoder(Message)
+_session_decoder = msgspec.json.Decoder(Session)
+_NO_OWN_RETENTION = b'"retention":null,"expires_at":null}'
+"""How a projected session without a retention of its own ends (the two last fields of `Session`)."""
 
 
 class EventsPage(msgspec.Struct, frozen=True):
@@ -51,10 +55,18 @@ class EventsPage(msgspec.Struct, frozen=True):
 
 class Sessions:
     def __init__(
-        self, service: SessionService, history: History, wakeups: Wakeups, stream_secret: bytes, stream_token_ttl_s: int
+        self,
+        service: SessionService,
+        history: History,
+        wakeups: Wakeups,
+        limits: Limits,
+        stream_secret: bytes,
+        stream_token_ttl_s: int,
     ) -> None:
         self.service = service
         self.history = history
+        self.limits = limits
+        """The tenants' retention policies (a session shows when it expires)."""
         self.wakeups = wakeups
         self.stream_secret = stream_secret
         self.stream_token_ttl_s = stream_token_ttl_s
@@ -70,12 +82,23 @@ class Sessions:
     # -- sessions -------------------------------------------------------------------------------
     async def list(self, tenant: str, limit: int, offset: int) -> list[bytes]:
         """The tenant's sessions, newest first (JSON)."""
-        return await self.service.read_sessions(tenant, limit, offset)
+        return [await self._expiring(tenant, raw) for raw in await self.service.read_sessions(tenant, limit, offset)]
 
     async def create(self, tenant: str, body: SessionCreate, idem: Idempotency | None = None) -> tuple[Session, int]:
         """(the new session, its version)."""
         sid = self.service.new_session_id(tenant, idem)
-        return await self.service.execute(tenant, sid, CreateSession(body=body), _session, idem, tuple[Session, int])
+        created, version = await self.service.execute(
+            tenant, sid, CreateSession(body=body), _session, idem, tuple[Session, int]
+        )
+        return with_expiry(created, await self.limits.limits(tenant)), version
+
+    async def _expiring(self, tenant: str, raw: bytes) -> bytes:
+        """A session's JSON with `expires_at`, when a retention holds it (else as projected: no decoding)."""
+        own = not raw.endswith(_NO_OWN_RETENTION)
+        tenant_limits = await self.limits.limits(tenant)
+        if not own and not tenant_limits.retention_idle_days:
+            return raw
+        return _encode(with_expiry(_session_decoder.decode(raw), tenant_limits))
 
     async def get(self, tenant: str, sid: str, version: int | None = None) -> tuple[bytes, int]:
         """(the session's JSON, its version); at `version`: as it was right after that event."""
@@ -84,14 +107,15 @@ class Sessions:
             return _encode(state.session), version
         view = await self.service.read(sid, lambda: self.views.session(tenant, sid))
         assert view.body is not None
-        return view.body, view.version
+        return await self._expiring(tenant, view.body), view.version
 
     async def update(
         self, tenant: str, sid: str, patch: SessionPatch, expected: int | None, idem: Idempotency | None = None
     ) -> tuple[Session, int]:
         """(the session as changed, its version)."""
         command = UpdateSession(patch=patch, expected_version=expected)
-        return await self.service.execute(tenant, sid, command, _session, idem, tuple[Session, int])
+        updated, version = await self.service.execute(tenant, sid, command, _session, idem, tuple[Session, int])
+        return with_expiry(updated, await self.limits.limits(tenant)), version
 
     async def delete(
         self, tenant: str, sid: str, expected: int | None, idem: Idempotency | None = None, purge: bool = False

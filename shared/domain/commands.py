@@ -243,6 +243,7 @@ def _create(state: SessionState, command: CreateSession, stamp: Stamp, limits: L
         multitask=b.multitask,
         tools=b.tools,
         metadata=b.metadata,
+        retention=b.retention,
     )
     return [SessionCreated(id=stamp.new_id(), version=1, occurred_at=stamp.now, data=data)]
 
@@ -253,7 +254,7 @@ def _update(state: SessionState, command: UpdateSession, stamp: Stamp, limits: L
     _check_text("situation", p.situation, limits)
     changes = {
         f: getattr(p, f)
-        for f in ("agent_id", "user_id", "situation", "token_budget", "context_overflow", "multitask")
+        for f in ("agent_id", "user_id", "situation", "token_budget", "context_overflow", "multitask", "retention")
         if getattr(p, f) is not UNSET
     }
     if p.metadata is not UNSET:

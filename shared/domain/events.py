@@ -23,6 +23,7 @@ from shared.domain.wire import (
     Message,
     MessageCreate,
     Multitask,
+    Retention,
     Tool,
 )
 
@@ -41,6 +42,7 @@ class SessionCreatedData(Struct, kw_only=True):
     multitask: Multitask = "enqueue"
     tools: list[Tool] = msgspec.field(default_factory=list)
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    retention: Retention | None = None
 
 
 class SessionUpdatedData(Struct, kw_only=True):
@@ -53,6 +55,7 @@ class SessionUpdatedData(Struct, kw_only=True):
     context_overflow: ContextOverflow | None | UnsetType = UNSET
     multitask: Multitask | UnsetType = UNSET
     metadata: dict[str, Any] | UnsetType = UNSET
+    retention: Retention | None | UnsetType = UNSET
 
 
 class ToolsChangedData(Struct, kw_only=True):

@@ -89,6 +89,7 @@ def evolve(state: SessionState, event: Event) -> SessionState:
                 version=event.version,
                 created_at=at,
                 updated_at=at,
+                retention=d.retention,
             )
             return structs.replace(state, version=event.version, session=session, system_seqs=frozenset())
         case SessionUpdated(data=d):

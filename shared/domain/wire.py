@@ -66,6 +66,18 @@ ContentPart = TextPart | ImagePart
 Content = str | Annotated[list[ContentPart], Meta(min_length=1, max_length=64)]
 
 
+RetentionAction = Literal["delete", "purge"]
+
+
+class Retention(Wire):
+    """When an idle session goes: `idle_days` after its last change the retention sweeper deletes it (its log is
+    kept: history, export and time travel still work) or purges it (the log and everything derived from it are
+    erased)."""
+
+    idle_days: Annotated[int, Meta(ge=1, le=36_500)]
+    action: RetentionAction = "delete"
+
+
 class SessionCreate(Wire):
     agent_id: ShortText | None = None
     user_id: ShortText | None = None
@@ -75,6 +87,8 @@ class SessionCreate(Wire):
     multitask: Multitask = "enqueue"
     tools: Tools = msgspec.field(default_factory=list)
     metadata: Metadata = msgspec.field(default_factory=dict)
+    retention: Retention | None = None
+    """This session's own retention; null: the tenant's (`parley tenants set-limits --retention-idle-days`)."""
 
 
 class SessionPatch(Wire):
@@ -88,6 +102,7 @@ class SessionPatch(Wire):
     multitask: Multitask | UnsetType = UNSET
     tools: Tools | None | UnsetType = UNSET
     metadata: Metadata | None | UnsetType = UNSET
+    retention: Retention | None | UnsetType = UNSET
 
 
 class Session(Struct, kw_only=True):
@@ -104,6 +119,11 @@ class Session(Struct, kw_only=True):
     """The version of the session's last event; also its ETag."""
     created_at: datetime
     updated_at: datetime
+    retention: Retention | None = None
+    """The session's own retention (null: the tenant's applies, if it has one)."""
+    expires_at: datetime | None = None
+    """When the retention sweeper deletes (or purges) it unless it changes before: `updated_at` plus the idle days
+    of its own retention, else of its tenant's; null: kept."""
 
 
 class SessionList(Struct):
@@ -319,6 +339,10 @@ class TenantLimits(Struct, kw_only=True, frozen=True):
     """Prompt plus completion tokens per UTC day."""
     streams: int = 0
     """Open event streams (and waiting synchronous chats)."""
+    retention_idle_days: int = 0
+    """Sessions without a retention of their own go this many days after their last change (0: kept)."""
+    retention_action: RetentionAction = "delete"
+    """What the sweeper does to them: `delete` (the log stays) or `purge` (erased)."""
 
 
 class UsageDay(Struct, kw_only=True):

@@ -43,6 +43,8 @@ __all__ = [
     "PROJECTION_LAG_SECONDS",
     "REDIS_ERRORS",
     "REJECTED",
+    "RETENTION_REMOVED",
+    "RETENTION_SCANNED",
     "exposition",
     "multiprocess",
     "observe_request",
@@ -92,6 +94,12 @@ FEED_PENDING = Gauge(
     "Feed entries a projector has read but not acknowledged, per partition.",
     ["partition"],
     multiprocess_mode="max",
+)
+RETENTION_SCANNED = Counter(
+    "parley_retention_scanned_total", "Idle sessions the retention sweeper looked at (each pass is bounded)."
+)
+RETENTION_REMOVED = Counter(
+    "parley_retention_removed_total", "Sessions the retention sweeper deleted or purged, by action.", ["action"]
 )
 INFLIGHT_LIMIT = Gauge(
     "parley_inflight_limit",

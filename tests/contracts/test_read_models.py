@@ -163,7 +163,7 @@ async def test_deleted_sessions_leave_the_read_models_but_not_the_log(backend: B
     assert (await views.messages("acme", state.id, 10, 0)).body is None
     assert (await views.sessions("acme", 10, 0)) == ([], [])  # no lagging partition, no session
     assert len(await log.read(state.id)) == 3
-    # the message pointers stay (no content: versions into the log) so past versions still answer
+    # the message list stays, so past versions still answer (a purge erases it)
     past = await views.messages("acme", state.id, 10, 0, count=1)
     assert contents(past.items) == ["bye"]
 
@@ -229,3 +229,36 @@ async def test_a_stale_rebuild_cannot_write_into_the_live_generation(backend: Ba
     assert lagging != []  # still unprojected: only the live projection may count it
     await project_all(views, state.id)
     assert await views.sessions("acme", 10, 0) == ([], [json_encode(state.session)])
+
+
+async def test_the_idle_index_walks_live_sessions_by_last_change_oldest_first(backend: Backend) -> None:
+    """What the retention sweeper reads: per partition, each live session with its last change, oldest first,
+    resumable from a cursor; a session leaves it when deleted, or when forgotten (purged)."""
+    log, views = backend.log, backend.views
+    states = [await create(log) for _ in range(12)] + [await create(log, tenant="globex") for _ in range(4)]
+    await project_all(views, *[s.id for s in states])
+    gone = await run(log, states[0], DeleteSession())
+    await project_all(views, gone.id)
+    changed = await add(log, states[1], "later")
+    await project_all(views, changed.id)
+    now_ms = int(datetime.now(UTC).timestamp() * 1000) + 1_000
+    expected = {s.id: s for s in states[2:]} | {changed.id: changed}
+    seen: dict[str, int] = {}
+    for p in range(backend.partitions):
+        walked, cursor = [], None
+        while page := await views.idle(p, now_ms, cursor, 2):
+            walked += page
+            cursor = page[-1]
+        assert walked == sorted(walked)  # by (last change, tenant/id)
+        assert walked == await views.idle(p, now_ms, None, 100)
+        for entry in walked:
+            assert partition_of(entry.session_id, backend.partitions) == p
+            seen[entry.session_id] = entry.changed_ms
+            s = expected[entry.session_id]
+            assert s.session is not None and entry.changed_ms == int(s.session.updated_at.timestamp() * 1000)
+            assert entry.tenant == ("globex" if s in states[12:] else "acme")
+    assert set(seen) == set(expected)  # the deleted one left
+    p = partition_of(changed.id, backend.partitions)
+    assert [e.session_id for e in await views.idle(p, seen[changed.id] - 1, None, 100)].count(changed.id) == 0
+    await views.forget_idle(p, "acme", changed.id)
+    assert changed.id not in [e.session_id for e in await views.idle(p, now_ms, None, 100)]

@@ -23,7 +23,7 @@ from shared.domain.wire import TenantLimits, UsageDay
 
 __all__ = ["FIELDS", "MemoryLimits"]
 
-FIELDS = ("rps", "burst", "concurrent_chats", "chat_tokens_per_day", "streams")
+FIELDS = TenantLimits.__struct_fields__
 
 
 class MemoryLimits:
@@ -117,6 +117,7 @@ class MemoryLimits:
         own.update({k: str(v) for k, v in values.items()})
         for name in reset:
             own.pop(name, None)
+        self._limits.pop(tenant, None)
 
     async def usage(self, tenant: str, days: int) -> list[UsageDay]:
         m = self.memory

@@ -190,6 +190,8 @@ class Memory:
         # read models
         self.generations: dict[tuple[str, int], Generation] = {}
         self.index: dict[tuple[int, str], set[str]] = {}
+        self.idle: dict[int, dict[str, int]] = {}
+        """partition → {"tenant/session id": last change, ms}: the retention sweeper's index."""
         self.projected: dict[tuple[int, str], int] = {}
         self.usage: TTLMap[tuple[int, str, str], dict[str, int]] = TTLMap(clock)
         # chat jobs

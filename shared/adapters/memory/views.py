@@ -18,7 +18,7 @@ import msgspec
 from shared.adapters.codec import encode_state, json_encode, upcast
 from shared.adapters.memory.log import tail
 from shared.adapters.memory.store import Generation, Memory
-from shared.app.ports import Pending, View
+from shared.app.ports import Idle, IdleCursor, Pending, View
 from shared.domain.projection import JobUpdate, ReadModelUpdate
 from shared.domain.wire import ToolList
 
@@ -108,6 +108,20 @@ class MemoryReadModels:
     async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:
         return [tail(self.memory, sid, None, gen) for sid in session_ids]
 
+    async def idle(self, partition: int, until_ms: int, after: IdleCursor | None, limit: int) -> list[Idle]:
+        entries = sorted((ms, member) for member, ms in self.memory.idle.get(partition, {}).items() if ms <= until_ms)
+        if after is not None:
+            cursor = (after.changed_ms, f"{after.tenant}/{after.session_id}")
+            entries = [e for e in entries if e > cursor]
+        out = []
+        for ms, member in entries[:limit]:
+            tenant, _, sid = member.partition("/")
+            out.append(Idle(ms, tenant, sid))
+        return out
+
+    async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
+        self.memory.idle.get(partition, {}).pop(f"{tenant}/{session_id}", None)
+
     async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]], gen: int | None = None) -> list[bool]:
         encoded = [(tenant, u, _encoded(u)) for tenant, u in updates]  # encode all first, as a pipeline would
         return [
@@ -154,6 +168,11 @@ class MemoryReadModels:
             m.index.setdefault((p, tenant), set()).add(sid)
         elif u.index == "remove":
             m.index.get((p, tenant), set()).discard(sid)
+        idle = m.idle.setdefault(p, {})
+        if u.session is not None:
+            idle[f"{tenant}/{sid}"] = int(u.session.updated_at.timestamp() * 1000)
+        else:
+            idle.pop(f"{tenant}/{sid}", None)
         m.projected[(p, tenant)] = m.projected.get((p, tenant), 0) + u.to_version - u.from_version
         for job in u.jobs:
             self._job(sid, job)

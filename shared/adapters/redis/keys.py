@@ -110,6 +110,11 @@ class Keys:
         """Hash version → state (msgpack) every `SNAPSHOT_EVERY` versions: time travel folds from the nearest."""
         return _gen(f"{self.of(sid)}:snaps:{sid}", gen)
 
+    def idle(self, partition: int) -> str:
+        """Sorted set "tenant/session id" → the session's last change (ms since the epoch), of the partition's live
+        sessions: the retention sweeper reads it oldest first."""
+        return f"{self.tag(partition)}:idle"
+
     def index(self, partition: int, tenant: str) -> str:
         """Sorted set of the tenant's live session ids in this partition (all scores 0: UUIDv7 text order)."""
         return f"{self.tag(partition)}:idx:{tenant}"

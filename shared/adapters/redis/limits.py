@@ -25,7 +25,15 @@ from shared.domain.wire import TenantLimits, UsageDay
 
 __all__ = ["Admission", "RedisLimits", "Slot", "tenant_defaults", "today"]
 
-FIELDS = ("rps", "burst", "concurrent_chats", "chat_tokens_per_day", "streams")
+FIELDS = (
+    "rps",
+    "burst",
+    "concurrent_chats",
+    "chat_tokens_per_day",
+    "streams",
+    "retention_idle_days",
+    "retention_action",
+)
 
 
 def tenant_defaults(settings: Settings) -> TenantLimits:
@@ -35,6 +43,8 @@ def tenant_defaults(settings: Settings) -> TenantLimits:
         concurrent_chats=settings.tenant_concurrent_chats,
         chat_tokens_per_day=settings.tenant_chat_tokens_per_day,
         streams=settings.tenant_streams,
+        retention_idle_days=settings.retention_idle_days,
+        retention_action=settings.retention_action,
     )
 
 
@@ -114,6 +124,7 @@ class RedisLimits:
             raise ValueError(f"unknown limits: {', '.join(sorted(unknown))}")
         pairs = [x for k, v in values.items() for x in (k, str(v))]
         await SET_LIMITS(self.redis, [f"{self._tag(tenant)}:limits"], [len(values), *pairs, *reset])
+        self._limits.pop(tenant, None)  # this process sees its own change at once; the others within `max_age_s`
 
     # -- usage -------------------------------------------------------------------------------------
     async def usage(self, tenant: str, days: int) -> list[UsageDay]:

@@ -42,6 +42,8 @@ from shared.app.ports import (
     Conflict,
     IdempotencyClaim,
     IdempotencyMismatch,
+    Idle,
+    IdleCursor,
     Missing,
     Pending,
     Replayed,
@@ -248,6 +250,28 @@ class RedisStore:
         )
         return lagging, [r[2] for r in replies if len(r) > 2 and r[2] is not None]
 
+    async def idle(self, partition: int, until_ms: int, after: IdleCursor | None, limit: int) -> list[Idle]:
+        key = self.keys.idle(partition)
+        low = after.changed_ms if after is not None else "-inf"
+        seen = f"{after.tenant}/{after.session_id}".encode() if after is not None else b""
+        out: list[Idle] = []
+        offset = 0
+        while len(out) < limit:
+            # members that share the cursor's score sort by name: skip those up to the cursor's own
+            page = await self.redis.zrangebyscore(key, low, until_ms, start=offset, num=limit, withscores=True)
+            for member, score in page:
+                if after is not None and int(score) == after.changed_ms and member <= seen:
+                    continue
+                tenant, _, sid = member.decode().partition("/")
+                out.append(Idle(int(score), tenant, sid))
+            if len(page) < limit:
+                break
+            offset += len(page)
+        return out[:limit]
+
+    async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
+        await self.redis.zrem(self.keys.idle(partition), f"{tenant}/{session_id}")
+
     # -- ReadModels: the projector's side --------------------------------------------------
     async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:
         """`gen`: a rebuild's generation instead of the live one."""
@@ -316,6 +340,7 @@ class RedisStore:
                 usage_args += [d.chats, d.prompt_tokens, d.completion_tokens, USAGE_TTL_S]
             state = encode_state(u.state)
             mods = [x for mod in u.message_mods for x in mod]
+            changed_ms = int(u.session.updated_at.timestamp() * 1000) if u.session is not None else ""
 
             def at(g: int) -> tuple[list[str], list[Any]]:
                 g = g if live else gen
@@ -329,6 +354,7 @@ class RedisStore:
                     k.chats(sid),
                     k.mods(sid, g),
                     k.log(sid),
+                    k.idle(p),
                     *job_keys,
                     *usage_keys,
                 ]
@@ -344,6 +370,8 @@ class RedisStore:
                     self.chat_retention_s,
                     g,
                     "1" if live else "0",
+                    f"{tenant}/{sid}",
+                    changed_ms,
                     len(u.message_versions),
                     *u.message_versions,
                     len(u.message_mods),

@@ -1,0 +1,114 @@
+"""The retention sweeper: deletes (or purges) the sessions whose retention says they have been idle long enough.
+
+A session's retention is its own (`Session.retention`) or its tenant's (`TenantLimits.retention_*`); it expires
+`idle_days` after its last change (`shared.domain.retention`). The read models keep an index of live sessions by
+last change per partition (`ReadModels.idle`); a pass walks it oldest first, from where the previous pass stopped,
+at most `batch` sessions per partition, so a pass is bounded whatever the deployment holds, and every session is
+looked at again once the walk wraps around. Each expired session is deleted or purged through the same use case
+as `DELETE /sessions/{id}` (an event in its log, or a tombstone in the audit stream), on the version it was read
+at: one that changed meanwhile is left for a later pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import msgspec
+
+from shared.app.ports import IdleCursor, ReadModels
+from shared.app.sessions import Sessions
+from shared.domain.errors import NotFound, ProjectionLagging, VersionConflict
+from shared.domain.retention import MIN_IDLE
+from shared.domain.wire import RetentionAction, Session
+
+__all__ = ["Expired", "RetentionSweeper", "Sweep"]
+
+_session = msgspec.json.Decoder(Session)
+
+
+class Expired(msgspec.Struct, kw_only=True):
+    tenant: str
+    session_id: str
+    action: RetentionAction
+    expires_at: datetime
+    done: bool
+    """False in a dry run, or when the session changed (or went) before the sweeper got to it."""
+
+
+class Sweep(msgspec.Struct, kw_only=True):
+    scanned: int = 0
+    """Idle sessions looked at."""
+    expired: list[Expired] = msgspec.field(default_factory=list)
+    wrapped: bool = True
+    """Every partition's walk reached its end in this pass (the next one starts over)."""
+
+
+class RetentionSweeper:
+    def __init__(
+        self,
+        sessions: Sessions,
+        views: ReadModels,
+        partitions: int,
+        batch: int = 100,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sessions = sessions
+        self.views = views
+        self.partitions = partitions
+        self.batch = batch
+        self.clock = clock
+        self._cursors: dict[int, IdleCursor] = {}
+
+    async def sweep(self, dry_run: bool = False, tenant: str | None = None) -> Sweep:
+        """One bounded pass over every partition. `dry_run`: say what would go, change nothing. `tenant`: only
+        that tenant's sessions."""
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        until_ms = int((now - MIN_IDLE).timestamp() * 1000)
+        out = Sweep()
+        for p in range(self.partitions):
+            page = await self.views.idle(p, until_ms, self._cursors.get(p), self.batch)
+            if len(page) == self.batch:
+                self._cursors[p] = page[-1]
+                out.wrapped = False
+            else:
+                self._cursors.pop(p, None)
+            for entry in page:
+                if tenant is not None and entry.tenant != tenant:
+                    continue
+                out.scanned += 1
+                try:
+                    raw, version = await self.sessions.get(entry.tenant, entry.session_id)
+                except NotFound:  # purged: the index outlived it
+                    await self.views.forget_idle(p, entry.tenant, entry.session_id)
+                    continue
+                except ProjectionLagging:  # its read model is behind: the next pass looks again
+                    continue
+                session = _session.decode(raw)
+                if session.expires_at is None or session.expires_at > now:
+                    continue
+                own = session.retention
+                action = (
+                    own.action
+                    if own is not None
+                    else (await self.sessions.limits.limits(entry.tenant)).retention_action
+                )
+                done = not dry_run and await self._remove(entry.tenant, entry.session_id, version, action)
+                out.expired.append(
+                    Expired(
+                        tenant=entry.tenant,
+                        session_id=entry.session_id,
+                        action=action,
+                        expires_at=session.expires_at,
+                        done=done,
+                    )
+                )
+        return out
+
+    async def _remove(self, tenant: str, session_id: str, version: int, action: RetentionAction) -> bool:
+        try:
+            await self.sessions.delete(tenant, session_id, version, purge=action == "purge")
+        except (VersionConflict, NotFound):  # it changed, or went, since it was read: a later pass decides
+            return False
+        return True

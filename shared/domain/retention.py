@@ -1,0 +1,35 @@
+"""Retention: which policy holds a session, and when it expires. Pure: the sweeper (`shared.app.retention`) and the
+reads that show `expires_at` ask the same questions of the same data."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from msgspec import structs
+
+from shared.domain.wire import Retention, Session, TenantLimits
+
+__all__ = ["MIN_IDLE", "expires_at", "policy", "with_expiry"]
+
+MIN_IDLE = timedelta(days=1)
+"""No policy lets a session go sooner after its last change: the sweeper looks no closer to now than this."""
+
+
+def policy(session: Session, tenant: TenantLimits) -> Retention | None:
+    """The session's own retention, else its tenant's (None: kept for ever)."""
+    if session.retention is not None:
+        return session.retention
+    if tenant.retention_idle_days > 0:
+        return Retention(idle_days=tenant.retention_idle_days, action=tenant.retention_action)
+    return None
+
+
+def expires_at(session: Session, tenant: TenantLimits) -> datetime | None:
+    held = policy(session, tenant)
+    return session.updated_at + timedelta(days=held.idle_days) if held is not None else None
+
+
+def with_expiry(session: Session, tenant: TenantLimits) -> Session:
+    """The session as a read shows it: with `expires_at` (it depends on the tenant's policy, which the projected
+    view cannot know, so reads add it)."""
+    return structs.replace(session, expires_at=expires_at(session, tenant))

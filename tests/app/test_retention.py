@@ -1,0 +1,136 @@
+"""Retention on the memory adapters, with a fake clock: a session's own policy or its tenant's says when it
+expires; the sweeper deletes or purges what expired in bounded passes, leaves what changed, and a dry run
+changes nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+
+from shared.app.retention import RetentionSweeper
+from shared.bootstrap import Parley
+from shared.domain.errors import NotFound
+from shared.domain.wire import MessageCreate, Retention, SessionCreate, SessionPatch
+from tests.app.conftest import Deployment
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def days_later(self, days: float) -> None:
+        self.now += timedelta(days=days).total_seconds()
+
+    def drive(self, parley: Parley) -> Clock:
+        """Stamp the events Parley writes from now on by this clock too."""
+        parley.service.clock = lambda: datetime.fromtimestamp(self.now, UTC)
+        return self
+
+
+async def sweep_all(sweeper: RetentionSweeper, dry_run: bool = False, tenant: str | None = None) -> list:
+    """Passes until the walk wraps around (each pass is bounded)."""
+    expired = []
+    while True:
+        done = await sweeper.sweep(dry_run=dry_run, tenant=tenant)
+        expired += done.expired
+        if done.wrapped:
+            return expired
+
+
+async def session(parley: Parley, tenant: str = "acme", **fields: object) -> str:
+    created, _ = await parley.sessions.create(tenant, SessionCreate(**fields))  # type: ignore[arg-type]
+    return created.id
+
+
+async def shown(parley: Parley, tenant: str, sid: str) -> dict:
+    raw, _ = await parley.sessions.get(tenant, sid)
+    return msgspec.json.decode(raw)
+
+
+async def gone(parley: Parley, tenant: str, sid: str) -> bool:
+    try:
+        await parley.sessions.get(tenant, sid)
+    except NotFound:
+        return True
+    return False
+
+
+async def test_a_session_shows_when_it_expires_by_its_own_policy_or_its_tenants(parley: Parley) -> None:
+    own = await session(parley, retention=Retention(idle_days=3, action="purge"))
+    kept = await session(parley)
+    body = await shown(parley, "acme", own)
+    updated = datetime.fromisoformat(body["updated_at"])
+    assert body["retention"] == {"idle_days": 3, "action": "purge"}
+    assert datetime.fromisoformat(body["expires_at"]) == updated + timedelta(days=3)
+    assert (await shown(parley, "acme", kept))["expires_at"] is None
+    await parley.tenancy.set_limits("acme", {"retention_idle_days": 30})
+    body = await shown(parley, "acme", kept)
+    assert datetime.fromisoformat(body["expires_at"]) == datetime.fromisoformat(body["updated_at"]) + timedelta(days=30)
+    assert (await shown(parley, "acme", own))["retention"]["idle_days"] == 3  # its own wins
+    await parley.sessions.update("acme", own, SessionPatch(retention=None), None)
+    assert datetime.fromisoformat((await shown(parley, "acme", own))["expires_at"]) > updated + timedelta(days=29)
+
+
+async def test_the_sweeper_deletes_or_purges_what_expired_and_nothing_else(parley: Parley) -> None:
+    clock = Clock().drive(parley)
+    sweeper = RetentionSweeper(parley.sessions, parley.views, parley.settings.partitions, batch=2, clock=clock)
+    deleted = await session(parley, retention=Retention(idle_days=2))
+    purged = await session(parley, retention=Retention(idle_days=2, action="purge"))
+    busy = await session(parley, retention=Retention(idle_days=2))
+    forever = await session(parley)
+    other = await session(parley, "globex", retention=Retention(idle_days=5))
+
+    d = Deployment(parley)
+    await d.project()  # the idle index is a read model: the projector keeps it
+    clock.days_later(1)
+    assert (await sweeper.sweep()).expired == []  # a day idle: nothing of it expires yet
+    clock.days_later(1.5)
+    await parley.sessions.add_message("acme", busy, MessageCreate(role="user", content="still here"))
+    await d.project()
+    fresh = RetentionSweeper(parley.sessions, parley.views, parley.settings.partitions, batch=2, clock=clock)
+    dry = await sweep_all(fresh, dry_run=True)  # a walk from the start, as `parley retention run` does
+    assert {(e.session_id, e.action, e.done) for e in dry} == {  # `busy` changed just now: not idle
+        (deleted, "delete", False),
+        (purged, "purge", False),
+    }
+    assert not await gone(parley, "acme", deleted)
+
+    expired = await sweep_all(fresh)  # batches of 2 per partition: passes go on from where the last stopped
+    assert {(e.session_id, e.action) for e in expired if e.done} == {(deleted, "delete"), (purged, "purge")}
+    assert await gone(parley, "acme", deleted) and await gone(parley, "acme", purged)
+    assert len(await parley.log.read(deleted)) == 2  # deleted: its log (created, deleted) stays
+    assert await parley.log.load("acme", purged) is None  # purged: erased
+    for sid, tenant in ((busy, "acme"), (forever, "acme"), (other, "globex")):  # not expired, or kept for ever
+        assert not await gone(parley, tenant, sid)
+
+    clock.days_later(3)
+    later = await sweep_all(fresh, tenant="acme")
+    assert {e.session_id for e in later} == {busy}  # and globex's is not acme's to sweep
+    assert {e.session_id for e in await sweep_all(fresh)} == {other}
+    assert await gone(parley, "globex", other)
+
+
+async def test_a_tenants_policy_sweeps_its_sessions_without_one_of_their_own(parley: Parley) -> None:
+    clock = Clock().drive(parley)
+    sweeper = RetentionSweeper(parley.sessions, parley.views, parley.settings.partitions, clock=clock)
+    ids = [await session(parley) for _ in range(3)]
+    await parley.tenancy.set_limits("acme", {"retention_idle_days": 7, "retention_action": "purge"})
+    await Deployment(parley).project()
+    clock.days_later(6)
+    assert (await sweeper.sweep()).expired == []
+    clock.days_later(2)
+    done = await sweeper.sweep()
+    assert sorted(e.session_id for e in done.expired if e.done and e.action == "purge") == sorted(ids)
+    for sid in ids:
+        assert await parley.log.load("acme", sid) is None
+
+
+@pytest.mark.parametrize("days", [0, -1, 36_501])
+def test_a_retention_outside_its_bounds_is_refused(days: int) -> None:
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"retention": {"idle_days": days}}, SessionCreate)
