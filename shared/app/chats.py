@@ -69,6 +69,8 @@ class Chats:
         self.limits = limits
         self.wakeups = wakeups
         self.default_model = default_model
+        self._tokens: dict[str, tuple[float, int]] = {}
+        """tenant → (when read, tokens used today): the quota's cache."""
 
     # -- requesting -------------------------------------------------------------------------------
     async def request(
@@ -115,6 +117,18 @@ class Chats:
             await self.queue.enqueue(tenant, sid, [job_id])
         return done
 
+    async def _tokens_today(self, tenant: str, max_age_s: float = 1.0) -> int:
+        """Prompt plus completion tokens the tenant used today (from the usage counters the projector keeps),
+        cached in this process for `max_age_s`: a quota is checked on every chat request."""
+        now = time.monotonic()
+        hit = self._tokens.get(tenant)
+        if hit is not None and now - hit[0] < max_age_s:
+            return hit[1]
+        [day] = await self.limits.usage(tenant, 1)
+        tokens = day.prompt_tokens + day.completion_tokens
+        self._tokens[tenant] = (now, tokens)
+        return tokens
+
     @contextlib.asynccontextmanager
     async def _admitted(self, tenant: str, job_id: str) -> AsyncIterator[Callable[[bool], None]]:
         """Admit a chat under the tenant's limits: its chat tokens today (`QuotaExceeded`) and its concurrent chats
@@ -122,7 +136,7 @@ class Chats:
         (an Idempotency-Key replay); the slot is then given back, as it is when the body raises."""
         own = await self.limits.limits(tenant)
         if own.chat_tokens_per_day:
-            used = await self.limits.tokens_today(tenant)
+            used = await self._tokens_today(tenant)
             if used >= own.chat_tokens_per_day:
                 now = datetime.now(UTC)
                 midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), UTC)

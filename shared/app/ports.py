@@ -455,7 +455,6 @@ class Limits(Protocol):
         """The tenant's counters for the last `days` UTC days, newest first."""
         ...
 
-    async def tokens_today(self, tenant: str, max_age_s: float = 1.0) -> int: ...
 
 
 # -- the LLM ----------------------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ class MemoryLimits:
         self.memory = memory
         self.defaults = defaults
         self._limits: dict[str, tuple[float, TenantLimits]] = {}
-        self._tokens: dict[str, tuple[float, int]] = {}
 
     def _today(self) -> str:
         return datetime.fromtimestamp(self.memory.clock(), UTC).date().isoformat()
@@ -134,13 +133,3 @@ class MemoryLimits:
                     u.completion_tokens += counters["completion_tokens"]
             out.append(u)
         return out
-
-    async def tokens_today(self, tenant: str, max_age_s: float = 1.0) -> int:
-        now = time.monotonic()
-        hit = self._tokens.get(tenant)
-        if hit is not None and now - hit[0] < max_age_s:
-            return hit[1]
-        [day] = await self.usage(tenant, 1)
-        tokens = day.prompt_tokens + day.completion_tokens
-        self._tokens[tenant] = (now, tokens)
-        return tokens

@@ -58,7 +58,6 @@ class RedisLimits:
         self.keys = keys
         self.defaults = defaults
         self._limits: dict[str, tuple[float, TenantLimits]] = {}
-        self._tokens: dict[str, tuple[float, int]] = {}
 
     @staticmethod
     def _tag(tenant: str) -> str:
@@ -149,14 +148,3 @@ class RedisLimits:
                 u.completion_tokens += int(completion or 0)
             out.append(u)
         return out
-
-    async def tokens_today(self, tenant: str, max_age_s: float = 1.0) -> int:
-        """Prompt plus completion tokens the tenant used today, cached in this process for `max_age_s`."""
-        now = time.monotonic()
-        hit = self._tokens.get(tenant)
-        if hit is not None and now - hit[0] < max_age_s:
-            return hit[1]
-        [day] = await self.usage(tenant, 1)
-        tokens = day.prompt_tokens + day.completion_tokens
-        self._tokens[tenant] = (now, tokens)
-        return tokens
