@@ -62,7 +62,7 @@ EVENT_TYPES = [
     "ChatFailed",
     "ChatCancelled",
 ]
-SESSION_ONLY = {"id", "version", "created_at", "updated_at"}
+SESSION_ONLY = {"id", "version", "created_at", "updated_at", "expires_at"}
 """Session resource fields that are not in `SessionCreated.data`."""
 
 

@@ -55,6 +55,8 @@ SESSION_FIELDS = {
     "version",
     "created_at",
     "updated_at",
+    "retention",
+    "expires_at",
 }
 MESSAGE_FIELDS = {"id", "session_id", "role", "content", "name", "tool_call_id", "tool_calls", "seq", "created_at"}
 
@@ -169,6 +171,8 @@ def test_create_with_an_empty_body_or_explicit_nulls_answers_the_defaults(c):
             "tools": [],
             "metadata": {},
             "version": 1,
+            "retention": None,
+            "expires_at": None,
         }
         assert get_session(c, body["id"]) == body
 

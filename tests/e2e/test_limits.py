@@ -205,6 +205,8 @@ async def test_usage_shows_a_tenant_its_own_requests_chats_and_tokens(stack: Sta
             "concurrent_chats": 100,
             "chat_tokens_per_day": 0,
             "streams": 1000,
+            "retention_idle_days": 0,
+            "retention_action": "delete",
         }
         sid = (await c.post(f"{url}/sessions", json={}, headers=auth("counted"))).json()["id"]
         jobs = []
