@@ -460,7 +460,6 @@ class Limits(Protocol):
         ...
 
 
-
 # -- the LLM ----------------------------------------------------------------------------------------------------------
 class ModelRequest(Struct, kw_only=True):
     model: str
