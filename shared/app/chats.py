@@ -97,7 +97,13 @@ class Chats:
             req = next(e for e in events if isinstance(e, ChatRequested))
             added = [e for e in events if isinstance(e, MessageAdded)]
             return Requested(
-                job=JobAccepted(id=req.data.job_id, session_id=sid, status="queued", created_at=req.occurred_at),
+                job=JobAccepted(
+                    id=req.data.job_id,
+                    session_id=sid,
+                    status="queued",
+                    created_at=req.occurred_at,
+                    run_at=req.data.params.run_at,
+                ),
                 cancelled=[e.data.job_id for e in events if isinstance(e, ChatCancelled)],
                 last_message_id=added[-1].data.id if added else None,
                 state_version=before,
@@ -114,7 +120,7 @@ class Chats:
             )
         state = self.service.cache.get(tenant, sid)
         if state is not None and state.active_chats and state.active_chats[0].job_id == job_id:
-            await self.queue.enqueue(tenant, sid, [job_id])
+            await self.queue.enqueue(tenant, sid, [job_id], state.active_chats[0].run_at)
         return done
 
     async def _tokens_today(self, tenant: str, max_age_s: float = 1.0) -> int:

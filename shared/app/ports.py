@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
 from msgspec import Struct
@@ -253,8 +254,11 @@ class ChatJobs(Protocol):
 
 
 class ChatQueue(Protocol):
-    async def enqueue(self, tenant: str, session_id: str, job_ids: Sequence[str]) -> None:
-        """Queue the jobs to run (a job already queued is not queued twice) and wake an idle worker."""
+    async def enqueue(
+        self, tenant: str, session_id: str, job_ids: Sequence[str], run_at: datetime | None = None
+    ) -> None:
+        """Queue the jobs to run (a job already queued is not queued twice) and wake an idle worker; `run_at`: not
+        before then (a scheduled chat; kept across restarts as the queue is)."""
         ...
 
     async def depth(self) -> int:
@@ -454,7 +458,6 @@ class Limits(Protocol):
     async def usage(self, tenant: str, days: int) -> list[UsageDay]:
         """The tenant's counters for the last `days` UTC days, newest first."""
         ...
-
 
 
 # -- the LLM ----------------------------------------------------------------------------------------------------------

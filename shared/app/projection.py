@@ -92,7 +92,8 @@ class Projection:
         """The chat hooks: the session's next chat is queued when one was requested or ended; ended chats give
         their concurrent-chat slots back."""
         if self.queue is not None and u.state.active_chats and any(j.status is not None for j in u.jobs):
-            await self.queue.enqueue(tenant, u.session_id, [u.state.active_chats[0].job_id])
+            first = u.state.active_chats[0]
+            await self.queue.enqueue(tenant, u.session_id, [first.job_id], first.run_at)
         ended = [j.job_id for j in u.jobs if j.ended]
         if ended and self.limits is not None:
             await self.limits.give(tenant, "chats", *ended)

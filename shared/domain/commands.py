@@ -8,7 +8,7 @@ caller's job, so a handler can be re-run on fresher state after a conflict.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from msgspec import UNSET, Struct, UnsetType, structs
 
@@ -43,6 +43,7 @@ from shared.domain.events import (
 from shared.domain.ids import derived_id
 from shared.domain.state import SessionState, fold
 from shared.domain.wire import (
+    MAX_DELAY_S,
     ChatError,
     ChatParams,
     ChatRequest,
@@ -352,6 +353,7 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
     r = command.request
     if r.tools:
         _check_tools(r.tools)
+    run_at = _run_at(r.run_at, r.delay_s, stamp.now)
     policy = r.multitask or state.session.multitask
     events: list[Event] = []
     version = state.version
@@ -394,6 +396,7 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
         tools=r.tools,
         tool_choice=r.tool_choice,
         response_format=r.response_format,
+        run_at=run_at,
     )
     requested = ChatRequestedData(
         job_id=command.job_id,
@@ -403,6 +406,21 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
     )
     events.append(ChatRequested(id=stamp.new_id(), version=version + 1, occurred_at=stamp.now, data=requested))
     return events
+
+
+def _run_at(run_at: datetime | None, delay_s: float | None, now: datetime) -> datetime | None:
+    """When a scheduled chat runs: `run_at`, or `delay_s` from now; None: at once (a past time is now)."""
+    if run_at is not None and delay_s is not None:
+        raise Invalid("give run_at or delay_s, not both", {"fields": ["run_at", "delay_s"]})
+    if delay_s is not None:
+        return now + timedelta(seconds=delay_s) if delay_s > 0 else None
+    if run_at is None:
+        return None
+    if run_at.tzinfo is None:
+        raise Invalid("run_at needs a time zone (e.g. 2027-01-31T09:00:00Z)", {"field": "run_at"})
+    if run_at > now + timedelta(seconds=MAX_DELAY_S):
+        raise Invalid(f"run_at is more than {MAX_DELAY_S // 86_400} days ahead", {"field": "run_at"})
+    return run_at if run_at > now else None
 
 
 def _complete_chat(state: SessionState, command: CompleteChat, stamp: Stamp) -> list[Event]:

@@ -43,6 +43,7 @@ class JobUpdate(Struct, kw_only=True, omit_defaults=True):
     model: str | None = None
     stream: bool | None = None
     created_at: datetime | None = None
+    run_at: datetime | None = None
     finished_at: datetime | None = None
     context: ContextReport | None = None
     response: ChatResponse | None = None
@@ -141,6 +142,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
                         model=d.params.model,
                         stream=d.params.stream,
                         created_at=e.occurred_at,
+                        run_at=d.params.run_at,
                     )
                 )
             case ContextBuilt(data=d):

@@ -8,6 +8,7 @@ time travel to answer past versions, so all three agree by construction.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
 from msgspec import UNSET, Struct, structs
 
@@ -35,6 +36,8 @@ class ActiveChat(Struct, frozen=True, array_like=True):
     job_id: str
     requested_at: int
     """The version of its `ChatRequested` event, where the worker reads the request."""
+    run_at: datetime | None = None
+    """A scheduled chat: not run before this time (the queue defers it until then)."""
 
 
 class SessionState(Struct, kw_only=True):
@@ -145,7 +148,8 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             _live(state)
             return structs.replace(state, version=event.version, deleted=True, active_chats=())
         case ChatRequested(data=d):
-            return _touch(state, event, active_chats=(*state.active_chats, ActiveChat(d.job_id, event.version)))
+            chat = ActiveChat(d.job_id, event.version, d.params.run_at)
+            return _touch(state, event, active_chats=(*state.active_chats, chat))
         case ChatCompleted(data=d) | ChatFailed(data=d) | ChatCancelled(data=d):
             return _touch(state, event, active_chats=tuple(c for c in state.active_chats if c.job_id != d.job_id))
         case SummaryAdded(data=d):

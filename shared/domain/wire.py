@@ -18,6 +18,8 @@ Multitask = Literal["enqueue", "reject", "interrupt"]
 """What a chat does while another chat of the session is queued or running."""
 
 ShortText = Annotated[str, Meta(max_length=256)]
+MAX_DELAY_S = 30 * 86_400
+"""How far ahead a chat can be scheduled."""
 ToolName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 TokenBudget = Annotated[int, Meta(ge=1, le=10_000_000)]
 Metadata = Annotated[dict[str, Any], Meta(max_length=64)]
@@ -231,6 +233,11 @@ class ChatRequest(Wire):
     """False: neither the request's messages nor the answer are stored (the job and its events still are)."""
     multitask: Multitask | None = None
     """Overrides the session's `multitask` for this request."""
+    run_at: datetime | None = None
+    """Run the chat at this time, not before (at most 30 days ahead; a past time runs it at once). Scheduled chats
+    answer 202 only (`Prefer: respond-async`): the job shows `run_at` and stays `queued` until then."""
+    delay_s: Annotated[float, Meta(ge=0, le=MAX_DELAY_S)] | None = None
+    """Run the chat this many seconds from now (instead of `run_at`)."""
 
 
 class ChatParams(Struct, kw_only=True):
@@ -247,6 +254,8 @@ class ChatParams(Struct, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    run_at: datetime | None = None
+    """Not before this time (a scheduled chat)."""
 
 
 class Usage(Struct, kw_only=True):
@@ -284,6 +293,8 @@ class JobAccepted(Struct, kw_only=True):
     session_id: str
     status: str
     created_at: datetime
+    run_at: datetime | None = None
+    """A scheduled chat: not run before this time."""
 
 
 class ChatError(Struct, kw_only=True):
@@ -314,6 +325,8 @@ class ChatJob(Struct, kw_only=True):
     stream: bool
     attempts: int = 0
     created_at: datetime
+    run_at: datetime | None = None
+    """A scheduled chat: not run before this time."""
     started_at: datetime | None = None
     finished_at: datetime | None = None
     context: ContextReport | None = None

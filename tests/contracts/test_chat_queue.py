@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 from shared.bootstrap import ChatWorker
 from shared.domain.ids import uuid7
@@ -142,3 +143,18 @@ async def test_depth_counts_the_jobs_waiting(backend: Backend) -> None:
     async with working(backend, calls.run, calls.fail):
         await wait_for(lambda: _true(all(calls.ran(j) for j in jobs)), TIMEOUT_S, "the jobs to run")
     assert await backend.queue.depth() == 0
+
+
+async def test_a_scheduled_job_runs_at_its_time_and_not_before(backend: Backend) -> None:
+    """A job queued with `run_at` is handed out once that time has come (arq defers it; the memory queue keeps a
+    due time): one queued after it for now runs first."""
+    calls = Calls()
+    sid, later, now = uuid7(), uuid7(), uuid7()
+    start = datetime.now(UTC)
+    await backend.queue.enqueue("acme", sid, [later], start + timedelta(seconds=1.5))
+    await backend.queue.enqueue("acme", sid, [now])
+    async with working(backend, calls.run, calls.fail):
+        await wait_for(lambda: asyncio.sleep(0, calls.ran(later)), TIMEOUT_S, "the scheduled job to run")
+        ran_at = datetime.now(UTC)
+    assert [j for _, _, j in calls.runs] == [now, later]
+    assert ran_at >= start + timedelta(seconds=1.5)

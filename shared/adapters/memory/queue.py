@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 
 from shared.adapters.memory.store import Memory
 
@@ -31,11 +32,15 @@ class MemoryChatQueue:
     def __init__(self, memory: Memory) -> None:
         self.memory = memory
 
-    async def enqueue(self, tenant: str, session_id: str, job_ids: Sequence[str]) -> None:
+    async def enqueue(
+        self, tenant: str, session_id: str, job_ids: Sequence[str], run_at: datetime | None = None
+    ) -> None:
         m = self.memory
         for job_id in job_ids:
             if job_id not in m.queued and job_id not in m.running:
                 m.queued[job_id] = (tenant, session_id)
+                if run_at is not None:
+                    m.due[job_id] = run_at.timestamp()
         if job_ids:
             m.signal("queue")
 
@@ -76,9 +81,11 @@ class MemoryChatWorker:
 
     def _take(self) -> tuple[str, str, str] | None:
         m = self.memory
-        if not m.queued:
+        now = m.clock()
+        job_id = next((j for j in m.queued if m.due.get(j, 0) <= now), None)
+        if job_id is None:  # nothing queued, or nothing due yet
             return None
-        job_id = next(iter(m.queued))
+        m.due.pop(job_id, None)
         tenant, session_id = m.queued.pop(job_id)
         m.running[job_id] = self.name
         return tenant, session_id, job_id

@@ -212,6 +212,8 @@ class Memory:
         self.slots: dict[tuple[str, str], dict[str, float]] = {}
         # the chat queue: jobs waiting (in enqueue order) and jobs a worker holds
         self.queued: dict[str, tuple[str, str]] = {}
+        self.due: dict[str, float] = {}
+        """Scheduled jobs: job id → when it may run (this store's clock); arq's deferred jobs."""
         """job → (tenant, session), oldest first."""
         self.running: dict[str, str] = {}
         """job → the worker that holds it."""

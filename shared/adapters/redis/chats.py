@@ -21,7 +21,7 @@ from shared.domain.wire import ChatJob
 __all__ = ["ChatStore", "ChunkWriter", "job_json"]
 
 
-_JSON_FIELDS = ("created_at", "started_at", "finished_at", "context", "response", "error")
+_JSON_FIELDS = ("created_at", "run_at", "started_at", "finished_at", "context", "response", "error")
 
 
 def job_json(job_id: str, session_id: str, fields: dict[bytes, bytes]) -> bytes:

@@ -47,7 +47,9 @@ class ChatQueue:
     def __init__(self, redis: Redis) -> None:
         self.arq = ArqRedis(connection_pool=redis.connection_pool)
 
-    async def enqueue(self, tenant: str, session_id: str, job_ids: Sequence[str]) -> None:
+    async def enqueue(
+        self, tenant: str, session_id: str, job_ids: Sequence[str], run_at: datetime | None = None
+    ) -> None:
         for job_id in job_ids:
             await self.arq.enqueue_job(
                 RUN_CHAT,
@@ -56,9 +58,10 @@ class ChatQueue:
                 job_id,
                 _job_id=f"{{arq}}chat:{job_id}",
                 _queue_name=QUEUE,
+                _defer_until=run_at,
                 trace=tracing.inject(),
             )
-        if job_ids:
+        if job_ids and run_at is None:  # a scheduled job waits for its time in arq's queue, not for a worker
             pipe = self.arq.pipeline(transaction=False)  # one round trip for the wake-up and its bound
             pipe.lpush(WAKE, *(b"1" for _ in job_ids))
             pipe.ltrim(WAKE, 0, 999)

@@ -404,7 +404,7 @@ def job_fields(job: JobUpdate) -> list[Any]:
             out += [name, value]
     if job.stream is not None:
         out += ["stream", "1" if job.stream else "0"]
-    for name in ("created_at", "finished_at", "context", "response", "error"):
+    for name in ("created_at", "run_at", "finished_at", "context", "response", "error"):
         if (value := getattr(job, name)) is not None:
             out += [name, json_encode(value)]
     return out

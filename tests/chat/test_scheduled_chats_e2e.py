@@ -1,0 +1,62 @@
+"""Scheduled chats on a real stack (redis-server, `parley api`, `parley worker`, the OpenAI-protocol test server):
+a chat with `delay_s` answers 202 with its `run_at`, the model is not called before then, and the chat survives
+its worker being killed -9 while it waits (the queue keeps it); without `Prefer: respond-async` it is a 422 that
+writes nothing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from tests.chat.conftest import Stack, model_env
+from tests.chat.test_chat_e2e import ACME, ASYNC, chat, create, job, marker, messages, user, wait_job
+from tests.model_server import ModelServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(start_stack: Callable[..., Stack], model_server: ModelServer) -> Stack:
+    return start_stack("chat-scheduled", model_env(model_server))
+
+
+@pytest.fixture
+def c(stack: Stack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.url, timeout=30) as client:
+        yield client
+
+
+def test_a_delayed_chat_waits_for_its_time_even_across_a_worker_kill(stack: Stack, c: httpx.Client, model):
+    mark = marker()
+    s = create(c)
+    r = chat(c, s["id"], user(f"in a moment {mark}"), headers=ASYNC, delay_s=2.5)
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    run_at = datetime.fromisoformat(accepted["run_at"])
+    assert (run_at - datetime.fromisoformat(accepted["created_at"])).total_seconds() == pytest.approx(2.5, abs=0.01)
+    assert job(c, s["id"], accepted["id"])["run_at"] == accepted["run_at"]
+
+    stack.worker.kill()  # -9 while the chat waits: the queue, not the worker, holds it
+    stack.start_worker()
+    time.sleep(1.0)
+    assert job(c, s["id"], accepted["id"])["status"] == "queued" and not model.requests(mark)
+
+    done = wait_job(c, s["id"], accepted["id"])
+    assert done["status"] == "succeeded" and len(model.requests(mark)) == 1
+    received = datetime.fromtimestamp(model.requests(mark)[0]["received_at"], UTC)
+    assert received >= run_at
+    assert [m["role"] for m in messages(c, s["id"])] == ["user", "assistant"]
+
+
+def test_a_scheduled_chat_without_respond_async_is_a_422_that_writes_nothing(c: httpx.Client):
+    s = create(c)
+    for body in ({"delay_s": 5}, {"run_at": "2030-01-01T00:00:00Z"}):
+        r = chat(c, s["id"], user("when?"), **body)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "validation_failed", r.text
+    r = chat(c, s["id"], user("when?"), headers=ASYNC, run_at="2026-01-01T00:00:00")  # no time zone
+    assert r.status_code == 422, r.text
+    assert c.get(f"/sessions/{s['id']}", headers=ACME).json()["version"] == 1
