@@ -75,7 +75,9 @@ class ChatController(Controller):
         return_dto=None,
         responses={
             **_errors(409, 429, 502, 504),
-            202: ResponseSpec(data_container=JobAccepted, description="Queued (Prefer: respond-async)"),
+            202: ResponseSpec(
+                data_container=JobAccepted, description="Queued (Prefer: respond-async), or scheduled (run_at, delay_s)"
+            ),
         },
     )
     async def chat(
@@ -90,19 +92,13 @@ class ChatController(Controller):
         """Chat: the request's messages join the session, a worker answers, the answer joins too.
 
         `stream: true` answers `text/event-stream` (OpenAI-style chunks, then a usage event, then `[DONE]`).
-        `run_at` / `delay_s` schedule it (with `Prefer: respond-async`): the job waits in the queue until then.
+        `run_at` / `delay_s` schedule it: it answers 202 with the job, which waits in the queue until then.
         """
         sid = parse_session_id(session_id)
         chats = api(request).parley.chats
-        respond_async = bool(prefer and "respond-async" in prefer.lower())
-        if not respond_async and (data.run_at is not None or data.delay_s is not None):
-            raise Invalid(
-                "a scheduled chat (run_at, delay_s) answers 202 only: send Prefer: respond-async",
-                {"header": "Prefer"},
-            )
         done = await chats.request(tenant, sid, data, await idempotency(request, idempotency_key))
         job = done.job
-        if respond_async:
+        if (prefer and "respond-async" in prefer.lower()) or job.run_at is not None:  # scheduled: nothing to wait for
             return json_response(_encode(job), 202, {"Location": f"/sessions/{sid}/chats/{job.id}"})
         if data.stream:
             return await _sse(request, chats, sid, job.id, "0-0")  # type: ignore[return-value]

@@ -7,8 +7,9 @@ caller's job, so a handler can be re-run on fresher state after a conflict.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 from msgspec import UNSET, Struct, UnsetType, structs
 
@@ -43,7 +44,6 @@ from shared.domain.events import (
 from shared.domain.ids import derived_id
 from shared.domain.state import SessionState, fold
 from shared.domain.wire import (
-    MAX_DELAY_S,
     ChatError,
     ChatParams,
     ChatRequest,
@@ -408,19 +408,36 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
     return events
 
 
-def _run_at(run_at: datetime | None, delay_s: float | None, now: datetime) -> datetime | None:
-    """When a scheduled chat runs: `run_at`, or `delay_s` from now; None: at once (a past time is now)."""
-    if run_at is not None and delay_s is not None:
-        raise Invalid("give run_at or delay_s, not both", {"fields": ["run_at", "delay_s"]})
-    if delay_s is not None:
-        return now + timedelta(seconds=delay_s) if delay_s > 0 else None
-    if run_at is None:
-        return None
-    if run_at.tzinfo is None:
-        raise Invalid("run_at needs a time zone (e.g. 2027-01-31T09:00:00Z)", {"field": "run_at"})
-    if run_at > now + timedelta(seconds=MAX_DELAY_S):
-        raise Invalid(f"run_at is more than {MAX_DELAY_S // 86_400} days ahead", {"field": "run_at"})
-    return run_at if run_at > now else None
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:([Zz])|([+-])(\d{2}):(\d{2}))")
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 time, aware. A leap second counts as the second before it; years before 1 as the first moment
+    Python knows (both are in the past for a schedule). Anything else is `Invalid`."""
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        raise Invalid("not an RFC 3339 time with a zone (e.g. 2027-01-31T09:00:00Z)", {"value": text})
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    micro = int((m.group(7) or ".0")[1:7].ljust(6, "0"))
+    offset = timedelta(0)
+    if m.group(9):
+        offset = timedelta(hours=int(m.group(10)), minutes=int(m.group(11))) * (1 if m.group(9) == "+" else -1)
+    if year == 0:
+        return datetime.min.replace(tzinfo=UTC)
+    try:
+        return datetime(year, month, day, hour, minute, min(second, 59), micro, timezone(offset))
+    except ValueError as e:
+        raise Invalid(f"not a time: {e}", {"value": text}) from e
+
+
+def _run_at(run_at: str | None, delay_s: float | None, now: datetime) -> datetime | None:
+    """When a scheduled chat runs: `run_at` (else now), plus `delay_s`; None: at once (a past time is now)."""
+    start = parse_time(run_at) if run_at is not None else now
+    try:
+        at = start + timedelta(seconds=delay_s or 0)
+    except OverflowError:  # beyond year 9999: as late as a time can be
+        return datetime.max.replace(tzinfo=UTC)
+    return at if at > now else None
 
 
 def _complete_chat(state: SessionState, command: CompleteChat, stamp: Stamp) -> list[Event]:

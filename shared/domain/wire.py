@@ -233,11 +233,12 @@ class ChatRequest(Wire):
     """False: neither the request's messages nor the answer are stored (the job and its events still are)."""
     multitask: Multitask | None = None
     """Overrides the session's `multitask` for this request."""
-    run_at: datetime | None = None
-    """Run the chat at this time, not before (at most 30 days ahead; a past time runs it at once). Scheduled chats
-    answer 202 only (`Prefer: respond-async`): the job shows `run_at` and stays `queued` until then."""
+    run_at: Annotated[str, Meta(max_length=64, extra_json_schema={"format": "date-time"})] | None = None
+    """Run the chat at this time (RFC 3339), not before (a past time runs it at once). A scheduled chat answers 202
+    with its job, which shows `run_at` and stays `queued` until then. Text, parsed by `commands.parse_time`: every
+    RFC 3339 time is taken (a leap second, year 0000), which a `datetime` field would refuse."""
     delay_s: Annotated[float, Meta(ge=0, le=MAX_DELAY_S)] | None = None
-    """Run the chat this many seconds from now (instead of `run_at`)."""
+    """Run the chat this many seconds from now (or after `run_at`, when both are given)."""
 
 
 class ChatParams(Struct, kw_only=True):

@@ -52,11 +52,17 @@ def test_a_delayed_chat_waits_for_its_time_even_across_a_worker_kill(stack: Stac
     assert [m["role"] for m in messages(c, s["id"])] == ["user", "assistant"]
 
 
-def test_a_scheduled_chat_without_respond_async_is_a_422_that_writes_nothing(c: httpx.Client):
+def test_a_scheduled_chat_answers_202_without_respond_async_and_bad_times_are_422s(c: httpx.Client):
     s = create(c)
-    for body in ({"delay_s": 5}, {"run_at": "2030-01-01T00:00:00Z"}):
-        r = chat(c, s["id"], user("when?"), **body)
+    r = chat(c, s["id"], user("in an hour"), delay_s=3_600, stream=True)  # nothing to wait for or stream yet
+    assert r.status_code == 202 and r.json()["run_at"], r.text
+    both = chat(c, s["id"], user("a minute after"), run_at=r.json()["run_at"], delay_s=60).json()
+    assert (datetime.fromisoformat(both["run_at"]) - datetime.fromisoformat(r.json()["run_at"])).total_seconds() == 60
+    c.post(f"/sessions/{s['id']}/chats/{both['id']}/cancel", headers=ACME)
+    cancelled = c.post(f"/sessions/{s['id']}/chats/{r.json()['id']}/cancel", headers=ACME)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    version = c.get(f"/sessions/{s['id']}", headers=ACME).json()["version"]
+    for body in ({"run_at": "2026-01-01T00:00:00"}, {"delay_s": -1}, {"delay_s": 30 * 86_400 + 1}):
+        r = chat(c, s["id"], user("when?"), headers=ASYNC, **body)
         assert r.status_code == 422 and r.json()["error"]["code"] == "validation_failed", r.text
-    r = chat(c, s["id"], user("when?"), headers=ASYNC, run_at="2026-01-01T00:00:00")  # no time zone
-    assert r.status_code == 422, r.text
-    assert c.get(f"/sessions/{s['id']}", headers=ACME).json()["version"] == 1
+    assert c.get(f"/sessions/{s['id']}", headers=ACME).json()["version"] == version

@@ -82,7 +82,10 @@ CHAT_WAIT_S = 5.0
 """The stack's PARLEY_CHAT_WAIT_S: how long a synchronous chat waits for its answer before a 504."""
 MAX_BODY_BYTES = 65_536
 """The stack's PARLEY_MAX_BODY_BYTES (default 1 MiB): smaller, so that the over-the-limit probe is cheap."""
-SEED = 20260401
+SEED = 20261203
+"""Changed from 20260401 on 2026-12-03: with that seed schemathesis 4.32.x's negative generation for the chat body
+raised its own `InvalidSchema: Cannot generate an array with 1 demanded elements` (its strategy's bug, seen with an
+unchanged document after an upgrade: no request was sent). A seed that avoids it still sends every case."""
 TENANT_AUTH = {
     "acme": {"Authorization": f"Bearer {TENANTS['acme']}"},  # the `bearer` security scheme
     "globex": {"X-Auth-Key": TENANTS["globex"]},  # the `apiKey` security scheme
