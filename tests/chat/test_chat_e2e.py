@@ -43,6 +43,7 @@ JOB_FIELDS = {
     "stream",
     "attempts",
     "created_at",
+    "run_at",
     "started_at",
     "finished_at",
     "context",
@@ -465,7 +466,7 @@ def test_async_chat_answers_202_with_location_and_the_job_can_be_polled(c, model
     r = chat(c, s["id"], user(f"later please {mark}"), headers=ASYNC)
     assert r.status_code == 202, r.text
     accepted = r.json()
-    assert set(accepted) == {"id", "session_id", "status", "created_at"}
+    assert set(accepted) == {"id", "session_id", "status", "created_at", "run_at"} and accepted["run_at"] is None
     assert UUID_RE.match(accepted["id"]) and accepted["session_id"] == s["id"] and accepted["status"] == "queued"
     assert r.headers["Location"] == f"/sessions/{s['id']}/chats/{accepted['id']}"
 
