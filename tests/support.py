@@ -44,6 +44,9 @@ class ParleyProcess:
             "PARLEY_API_KEYS": API_KEYS,
             "PARLEY_LOG_LEVEL": "WARNING",
             "PYTHONPATH": str(ROOT),
+            # a fixed in-flight limit: tests that are not about overload must not have their concurrent requests
+            # shed because this machine is noisy; tests/e2e/test_limits.py and P8 test the adaptive default
+            "PARLEY_MIN_INFLIGHT": "64",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
