@@ -8,17 +8,21 @@ only delays it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
 from shared.app.ports import Wakeups
+from shared.supervise import is_transient
 
 __all__ = ["RECHECK_S", "follow"]
 
 T = TypeVar("T")
 RECHECK_S = 2.0
 """Even without a wake-up, look again this often."""
+RETRY_S = 0.1
+"""After a transient store error, read again this soon."""
 
 
 async def follow(
@@ -38,8 +42,21 @@ async def follow(
         quiet_since = time.monotonic()
         while True:
             watch.clear()  # before the read: a wake-up that arrives while reading is kept
-            batch = await fetch()
+            try:
+                batch = await fetch()
+            except Exception as e:
+                # the store briefly out of reach, or every connection busy (hundreds of streams woken at once):
+                # an open stream waits and reads again instead of dying mid-body
+                if not is_transient(e) or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+                await asyncio.sleep(RETRY_S)
+                batch = None
             now = time.monotonic()
+            if batch is None:
+                if now - quiet_since >= keepalive_s:
+                    quiet_since = now
+                    yield []
+                continue
             if batch:
                 quiet_since = now
                 yield batch
