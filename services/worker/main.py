@@ -10,6 +10,7 @@ from typing import Literal
 
 from services.worker.projector import Projector
 from services.worker.sampler import sample
+from services.worker.scheduler import schedule_forever
 from services.worker.sweeper import sweep_forever
 from shared.bootstrap import Parley
 from shared.supervise import TRANSIENT
@@ -49,6 +50,9 @@ async def run_worker(parley: Parley, stop: asyncio.Event, role: Role = "all", sa
     if projector is not None and settings.retention_sweep_s > 0:
         every = settings.retention_sweep_s
         parts.append(supervisor.run("retention-sweeper", lambda: sweep_forever(parley.retention, stop, every)))
+    if projector is not None and settings.schedule_poll_s > 0:
+        poll = settings.schedule_poll_s
+        parts.append(supervisor.run("scheduler", lambda: schedule_forever(parley.scheduler, stop, poll)))
     if sample_metrics:
         feed = parley.feed if projector is not None else None
         depth = parley.queue.depth if worker is not None else None

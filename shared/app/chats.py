@@ -19,7 +19,7 @@ import msgspec
 from shared.app.follow import follow
 from shared.app.ports import ChatJobs, ChatQueue, Limits, Wakeups
 from shared.app.service import Idempotency, SessionService
-from shared.domain.commands import Amendment, CancelChat, RequestChat
+from shared.domain.commands import Amendment, CancelChat, RequestChat, Tick
 from shared.domain.errors import ChatTimeout, ChatUnanswered, QuotaExceeded, RateLimited
 from shared.domain.events import ChatCancelled, ChatRequested, Event, MessageAdded
 from shared.domain.ids import uuid7
@@ -81,14 +81,16 @@ class Chats:
         idem: Idempotency | None = None,
         amend: tuple[Amendment, ...] = (),
         planned: int | None = None,
+        tick: Tick | None = None,
     ) -> Requested:
         """Record the request's messages and its job, under the tenant's limits, then queue the job if it is the
         session's first active chat. `amend`: edits and removals recorded first, in the same append. `planned`:
-        the session version the caller planned on (`StaleConversation` if it moved: plan again)."""
+        the session version the caller planned on (`StaleConversation` if it moved: plan again). `tick`: the
+        schedule tick this chat runs (`TickTaken` if another took it)."""
         if idem is not None and (replay := await self.service.replayed(tenant, sid, idem, Requested)) is not None:
             return replay  # a retry of a chat already requested: no new slot, nothing queued again
         job_id = uuid7()
-        command = RequestChat(job_id=job_id, request=request, default_model=self.default_model, amend=amend)
+        command = RequestChat(job_id=job_id, request=request, default_model=self.default_model, amend=amend, tick=tick)
 
         def requested(state: SessionState, events: list[Event]) -> Requested:
             before = state.version - len(events)

@@ -24,6 +24,7 @@ from shared.domain.wire import (
     MessageCreate,
     Multitask,
     Retention,
+    ScheduleCreate,
     Tool,
 )
 
@@ -115,6 +116,36 @@ class ChatCancelledData(Struct, kw_only=True):
     streamed yet, or `save: false`)."""
 
 
+class ScheduleCreatedData(Struct, kw_only=True):
+    schedule_id: str
+    schedule: ScheduleCreate
+
+
+class ScheduleUpdatedData(Struct, kw_only=True):
+    """Only the fields that changed."""
+
+    schedule_id: str
+    cron: str | UnsetType = UNSET
+    timezone: str | UnsetType = UNSET
+    paused: bool | UnsetType = UNSET
+
+
+class ScheduleDeletedData(Struct, kw_only=True):
+    schedule_id: str
+
+
+class ScheduleFiredData(Struct, kw_only=True):
+    """A tick of a schedule was taken: it requested chat `job_id` (its `ChatRequested` just before, in the same append),
+    or it was skipped (`skipped` says why; `missed_from`: the first of the ticks missed up to `tick`). A tick is
+    taken once: later ones only."""
+
+    schedule_id: str
+    tick: datetime
+    job_id: str | None = None
+    skipped: str | None = None
+    missed_from: datetime | None = None
+
+
 class EventBase(Struct, kw_only=True, frozen=True, tag_field="type"):
     id: str
     version: int
@@ -177,6 +208,22 @@ class ChatCancelled(EventBase, tag=True, frozen=True):
     data: ChatCancelledData
 
 
+class ScheduleCreated(EventBase, tag=True, frozen=True):
+    data: ScheduleCreatedData
+
+
+class ScheduleUpdated(EventBase, tag=True, frozen=True):
+    data: ScheduleUpdatedData
+
+
+class ScheduleDeleted(EventBase, tag=True, frozen=True):
+    data: ScheduleDeletedData
+
+
+class ScheduleFired(EventBase, tag=True, frozen=True):
+    data: ScheduleFiredData
+
+
 Event = (
     SessionCreated
     | SessionUpdated
@@ -191,7 +238,13 @@ Event = (
     | ChatCompleted
     | ChatFailed
     | ChatCancelled
+    | ScheduleCreated
+    | ScheduleUpdated
+    | ScheduleDeleted
+    | ScheduleFired
 )
+
+SCHEDULE_EVENTS = (ScheduleCreated, ScheduleUpdated, ScheduleDeleted, ScheduleFired)
 
 CHAT_ENDED = (ChatCompleted, ChatFailed, ChatCancelled)
 

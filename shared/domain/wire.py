@@ -217,9 +217,10 @@ class Readiness(Struct, kw_only=True):
 ChatStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
-class ChatRequest(Wire):
+class ChatTemplate(Wire):
+    """What a chat asks the model: the fields a chat request and a schedule's chats share."""
+
     messages: Annotated[list[MessageCreate], Meta(max_length=256)] = msgspec.field(default_factory=list)
-    stream: bool = False
     max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] = 150
     model: ShortText | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
@@ -233,12 +234,71 @@ class ChatRequest(Wire):
     """False: neither the request's messages nor the answer are stored (the job and its events still are)."""
     multitask: Multitask | None = None
     """Overrides the session's `multitask` for this request."""
+
+
+class ChatRequest(ChatTemplate):
+    stream: bool = False
     run_at: Annotated[str, Meta(max_length=64, extra_json_schema={"format": "date-time"})] | None = None
     """Run the chat at this time (RFC 3339), not before (a past time runs it at once). A scheduled chat answers 202
     with its job, which shows `run_at` and stays `queued` until then. Text, parsed by `commands.parse_time`: every
     RFC 3339 time is taken (a leap second, year 0000), which a `datetime` field would refuse."""
     delay_s: Annotated[float, Meta(ge=0, le=MAX_DELAY_S)] | None = None
     """Run the chat this many seconds from now (or after `run_at`, when both are given)."""
+
+
+# -- schedules ----------------------------------------------------------------------------
+Cron = Annotated[
+    str,
+    Meta(
+        min_length=9,
+        max_length=128,
+        description="A cron expression: 5 fields (minute hour day-of-month month day-of-week), or 6 with seconds "
+        "first; names (MON, JAN), ranges, steps, lists, L and # as Debian cron and cronsim read them.",
+        examples=["0 9 * * MON-FRI"],
+    ),
+]
+TimeZone = Annotated[
+    str, Meta(min_length=1, max_length=64, description="An IANA time zone.", examples=["Europe/Paris"])
+]
+
+
+class ScheduleCreate(ChatTemplate, kw_only=True):
+    """A chat to run at every tick of `cron` in `timezone`, with these messages and parameters."""
+
+    cron: Cron
+    timezone: TimeZone = "UTC"
+    paused: bool = False
+
+
+class SchedulePatch(Wire):
+    """Absent fields stay as they are. A schedule changed or resumed ticks from now on (ticks missed while it was
+    paused are not run)."""
+
+    cron: Cron | UnsetType = UNSET
+    timezone: TimeZone | UnsetType = UNSET
+    paused: bool | UnsetType = UNSET
+
+
+class Schedule(ScheduleCreate, kw_only=True):
+    id: str
+    session_id: str
+    created_at: datetime
+    updated_at: datetime
+    next_run_at: datetime | None
+    """The next tick (null: paused)."""
+    last_tick_at: datetime | None = None
+    """The last tick run or skipped."""
+    last_job_id: str | None = None
+    """The chat job of the last tick run."""
+    runs: int = 0
+    """Ticks that requested a chat."""
+    skipped: int = 0
+    """Ticks not run: missed (no worker ran within `PARLEY_SCHEDULE_GRACE_S`) or refused (the multitask policy
+    `reject` while a chat ran, the tenant's chat limits)."""
+
+
+class ScheduleList(Struct):
+    items: list[Schedule]
 
 
 class ChatParams(Struct, kw_only=True):
