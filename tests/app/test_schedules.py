@@ -13,7 +13,8 @@ import pytest
 from shared import bootstrap
 from shared.app.schedules import Scheduler
 from shared.bootstrap import Parley
-from shared.domain.errors import Invalid, NotFound
+from shared.domain.commands import SkipTicks, Tick
+from shared.domain.errors import Invalid, NotFound, TickTaken
 from shared.domain.events import ChatRequested, ScheduleFired
 from shared.domain.wire import ChatRequest, MessageCreate, ScheduleCreate, SchedulePatch, SessionCreate
 from tests.app.conftest import Deployment, settings
@@ -183,3 +184,25 @@ async def test_bad_schedules_are_refused_and_write_nothing(parley: Parley) -> No
     with pytest.raises(NotFound):
         await parley.schedules.create("other", sid, every("* * * * *"))
     assert (await parley.sessions.get("acme", sid))[1] == version + 1
+
+
+async def test_a_scheduler_that_decided_on_a_stale_state_cannot_take_a_tick_again(parley: Parley) -> None:
+    """The race two worker processes run: both saw tick T due; the first took it; the second's request, decided
+    on the log as it is now, is refused (`TickTaken`) and writes nothing, as is a tick of a paused schedule."""
+    clock, d = Clock(parley), Deployment(parley)
+    sid = await session(parley)
+    s, _ = await parley.schedules.create("acme", sid, every("* * * * *"))
+    await d.settle()
+    clock.later(minutes=1)
+    assert (await parley.scheduler.run_due()).runs == 1
+    [taken] = await fired(parley, sid)
+    head = len(await parley.log.read(sid))
+    late = Tick(schedule_id=s.id, at=taken.data.tick)
+    with pytest.raises(TickTaken):
+        await parley.chats.request("acme", sid, ChatRequest(), tick=late)
+    with pytest.raises(TickTaken):
+        await parley.service.execute("acme", sid, SkipTicks(tick=late, reason="missed"), lambda s, e: None)
+    await parley.schedules.update("acme", sid, s.id, SchedulePatch(paused=True))
+    with pytest.raises(TickTaken):
+        await parley.chats.request("acme", sid, ChatRequest(), tick=Tick(schedule_id=s.id, at=late.at.replace(hour=23)))
+    assert len(await parley.log.read(sid)) == head + 1  # the pause only
