@@ -198,6 +198,12 @@ def _success_headers(path: str, method: str, responses: dict[str, Any]) -> None:
         add("200", "ETag")
     if path.endswith("/chat") and method == "post":
         add("202", "Location")
+    if path.endswith("/schedules") and method == "post":
+        add("201", "ETag", "Location")
+    if "/schedules" in path and method in ("get", "patch"):
+        add("200", "ETag")
+    if "/schedules/" in path and method == "delete":
+        add("204", "ETag")
 
 
 def _streams(path: str, method: str, responses: dict[str, Any]) -> None:

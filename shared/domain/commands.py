@@ -479,7 +479,8 @@ def _schedule(
         case CreateSchedule(body=b):
             if len(state.schedules) >= limits.max_schedules:
                 raise Invalid(
-                    f"a session has at most {limits.max_schedules} schedules", {"max_schedules": limits.max_schedules}
+                    f"a session has at most {limits.max_schedules} schedules",
+                    {"rule": "max_schedules", "max_schedules": limits.max_schedules},
                 )
             schedules.check(b.cron, b.timezone, stamp.now, limits.min_schedule_interval_s)
             if b.tools:

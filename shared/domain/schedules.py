@@ -41,7 +41,10 @@ def zone(name: str) -> tzinfo:
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
-        raise Invalid(f"unknown time zone {name!r} (an IANA name such as Europe/Paris)", {"timezone": name}) from e
+        raise Invalid(
+            f"unknown time zone {name!r} (an IANA name such as Europe/Paris)",
+            {"field": "timezone", "rule": "iana_time_zone", "value": name},
+        ) from e
 
 
 def check(cron: str, timezone: str, now: datetime, min_interval_s: float) -> None:
@@ -58,11 +61,13 @@ def check(cron: str, timezone: str, now: datetime, min_interval_s: float) -> Non
             shortest = gap if shortest is None else min(shortest, gap)
             previous = tick
     except (CronSimError, StopIteration, ValueError) as e:
-        raise Invalid(f"not a cron expression with ticks: {e}", {"cron": cron}) from e
+        raise Invalid(
+            f"not a cron expression with ticks: {e}", {"field": "cron", "rule": "cron_expression", "value": cron}
+        ) from e
     if shortest is not None and shortest < min_interval_s:
         raise Invalid(
             f"its ticks are {shortest:g} s apart; schedules may tick at most every {min_interval_s:g} s",
-            {"cron": cron, "min_interval_s": min_interval_s},
+            {"field": "cron", "rule": "min_interval", "value": cron, "min_interval_s": min_interval_s},
         )
 
 

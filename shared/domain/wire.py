@@ -151,7 +151,10 @@ class ToolCall(Wire, kw_only=True):
     function: FunctionCall
 
 
-class MessageCreate(Wire):
+class MessageCreate(Wire, omit_defaults=True):
+    """A message as a client sends it; encoded (a chat's unsaved messages, a schedule's) without its unset fields,
+    so it reads back as the per-role schema the document gives it."""
+
     role: Role
     content: Content | None = None
     """Required, except on an assistant message that carries `tool_calls`."""
@@ -252,13 +255,22 @@ Cron = Annotated[
     Meta(
         min_length=9,
         max_length=128,
+        pattern=r"^[0-9A-Za-z*/,#? -]+$",
         description="A cron expression: 5 fields (minute hour day-of-month month day-of-week), or 6 with seconds "
-        "first; names (MON, JAN), ranges, steps, lists, L and # as Debian cron and cronsim read them.",
+        "first; names (MON, JAN), ranges, steps, lists, L and # as Debian cron and cronsim read them. An expression "
+        "without ticks (`61 * * * *`, `0 0 30 2 *`) or ticking more often than the deployment allows is a 422.",
         examples=["0 9 * * MON-FRI"],
     ),
 ]
 TimeZone = Annotated[
-    str, Meta(min_length=1, max_length=64, description="An IANA time zone.", examples=["Europe/Paris"])
+    str,
+    Meta(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$",
+        description="An IANA time zone (an unknown one is a 422).",
+        examples=["Europe/Paris"],
+    ),
 ]
 
 
