@@ -196,7 +196,7 @@ def _success_headers(path: str, method: str, responses: dict[str, Any]) -> None:
         add("201", "ETag", "Location")
     if path == "/sessions/{session_id}" and method in ("get", "put", "patch"):
         add("200", "ETag")
-    if path.endswith("/chat") and method == "post":
+    if (path.endswith("/chat") or path.endswith("/compact")) and method == "post":
         add("202", "Location")
     if path.endswith("/schedules") and method == "post":
         add("201", "ETag", "Location")

@@ -132,6 +132,9 @@ class RequestChat(Struct, kw_only=True, frozen=True):
     default_model: str
     tick: Tick | None = None
     """The chat runs a schedule's tick (`TickTaken` if that tick, or a later one, was taken already)."""
+    compact: bool = False
+    """A compaction, not a chat (`ChatParams.compact`): queued behind the session's chats whatever its multitask
+    policy, run by the session's summariser model."""
     amend: tuple[Amendment, ...] = ()
     """Edits and removals of stored messages recorded before the request's messages, in the same append (the
     OpenAI endpoint's conversation rule: a client that cut off or edited an answer)."""
@@ -147,6 +150,7 @@ class AddSummary(Struct, kw_only=True, frozen=True):
     content: str
     up_to_seq: int
     summarized: list[str]
+    model: str | None = None
 
 
 class CompleteChat(Struct, kw_only=True, frozen=True):
@@ -250,7 +254,11 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
             return [ContextBuilt(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=built)]
         case AddSummary(job_id=job) if _running(state, job):
             summary = SummaryAddedData(
-                job_id=job, content=command.content, up_to_seq=command.up_to_seq, summarized=command.summarized
+                job_id=job,
+                content=command.content,
+                up_to_seq=command.up_to_seq,
+                summarized=command.summarized,
+                model=command.model,
             )
             return [SummaryAdded(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=summary)]
         case CompleteChat(job_id=job) if _running(state, job):
@@ -297,6 +305,7 @@ def _create(state: SessionState, command: CreateSession, stamp: Stamp, limits: L
         multitask=b.multitask,
         tools=b.tools,
         metadata=b.metadata,
+        compaction=b.compaction,
         retention=b.retention,
     )
     return [SessionCreated(id=stamp.new_id(), version=1, occurred_at=stamp.now, data=data)]
@@ -308,7 +317,16 @@ def _update(state: SessionState, command: UpdateSession, stamp: Stamp, limits: L
     _check_text("situation", p.situation, limits)
     changes = {
         f: getattr(p, f)
-        for f in ("agent_id", "user_id", "situation", "token_budget", "context_overflow", "multitask", "retention")
+        for f in (
+            "agent_id",
+            "user_id",
+            "situation",
+            "token_budget",
+            "context_overflow",
+            "multitask",
+            "compaction",
+            "retention",
+        )
         if getattr(p, f) is not UNSET
     }
     if p.metadata is not UNSET:
@@ -409,7 +427,7 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
     if r.tools:
         _check_tools(r.tools)
     run_at = _run_at(r.run_at, r.delay_s, stamp.now)
-    policy = r.multitask or state.session.multitask
+    policy = "enqueue" if command.compact else r.multitask or state.session.multitask
     events: list[Event] = []
     version = state.version
     if state.active_chats and policy == "reject":
@@ -439,8 +457,13 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
             _check_message(m, limits, frozenset(known))
         known.discard(m.tool_call_id)
         known |= {c.id for c in m.tool_calls or ()}
+    compaction = state.session.compaction if state.session is not None else None
+    model = r.model or command.default_model
+    if command.compact and compaction is not None and compaction.model is not None:
+        model = compaction.model
     params = ChatParams(
-        model=r.model or command.default_model,
+        model=model,
+        compact=command.compact,
         max_tokens=r.max_tokens,
         stream=r.stream,
         save=r.save,

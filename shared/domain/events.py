@@ -18,6 +18,7 @@ from shared.domain.wire import (
     ChatError,
     ChatParams,
     ChatResponse,
+    Compaction,
     ContextOverflow,
     ContextReport,
     Message,
@@ -43,6 +44,7 @@ class SessionCreatedData(Struct, kw_only=True):
     multitask: Multitask = "enqueue"
     tools: list[Tool] = msgspec.field(default_factory=list)
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    compaction: Compaction | None = None
     retention: Retention | None = None
 
 
@@ -56,6 +58,7 @@ class SessionUpdatedData(Struct, kw_only=True):
     context_overflow: ContextOverflow | None | UnsetType = UNSET
     multitask: Multitask | UnsetType = UNSET
     metadata: dict[str, Any] | UnsetType = UNSET
+    compaction: Compaction | None | UnsetType = UNSET
     retention: Retention | None | UnsetType = UNSET
 
 
@@ -88,12 +91,16 @@ class ContextBuiltData(ContextReport, kw_only=True):
 
 
 class SummaryAddedData(Struct, kw_only=True):
-    """An `adaptive` summary of the oldest messages; later chats reuse it instead of them."""
+    """An `adaptive` summary of the conversation from its first message up to `up_to_seq` (it folds in the summary
+    before it); later chats send it instead of those messages, which the log keeps."""
 
     job_id: str
     content: str
     up_to_seq: int
     summarized: list[str]
+    """The messages this summary newly covers (the earlier ones are in the summary it folds in)."""
+    model: str | None = None
+    """The model that wrote it."""
 
 
 class ChatCompletedData(Struct, kw_only=True):

@@ -114,6 +114,7 @@ def evolve(state: SessionState, event: Event) -> SessionState:
                 multitask=d.multitask,
                 tools=d.tools,
                 metadata=d.metadata,
+                compaction=d.compaction,
                 version=event.version,
                 created_at=at,
                 updated_at=at,

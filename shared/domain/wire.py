@@ -80,6 +80,24 @@ class Retention(Wire):
     action: RetentionAction = "delete"
 
 
+class Compaction(Wire):
+    """How an `adaptive` session compacts its conversation into a summary. A summary covers the conversation from its
+    first message up to a seq (it folds in the one before it); the log keeps every message it covers."""
+
+    model: ShortText | None = None
+    """The model that writes the summary (null: the chat's own)."""
+    threshold: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    """Compact once the prompt plus `max_tokens` would pass this fraction of the token budget, down to it."""
+    prompt: Annotated[str, Meta(min_length=1, max_length=8_000)] | None = None
+    """The summariser's instruction (null: Parley's own)."""
+    keep_last: Annotated[int, Meta(ge=0, le=10_000)] = 0
+    """The newest messages never summarised: they stay verbatim in every prompt."""
+    on_failure: Literal["fail", "truncate"] = "fail"
+    """When the summary cannot be written (the model failed or answered nothing): fail the chat
+    (`compaction_failed`), or send the prompt truncated instead. Either way no message is dropped from the
+    conversation and no summary recorded."""
+
+
 class SessionCreate(Wire):
     agent_id: ShortText | None = None
     user_id: ShortText | None = None
@@ -89,6 +107,8 @@ class SessionCreate(Wire):
     multitask: Multitask = "enqueue"
     tools: Tools = msgspec.field(default_factory=list)
     metadata: Metadata = msgspec.field(default_factory=dict)
+    compaction: Compaction | None = None
+    """How `adaptive` compacts (null: at the budget, by the chat's model, keeping no message verbatim)."""
     retention: Retention | None = None
     """This session's own retention; null: the tenant's (`parley tenants set-limits --retention-idle-days`)."""
 
@@ -104,6 +124,7 @@ class SessionPatch(Wire):
     multitask: Multitask | UnsetType = UNSET
     tools: Tools | None | UnsetType = UNSET
     metadata: Metadata | None | UnsetType = UNSET
+    compaction: Compaction | None | UnsetType = UNSET
     retention: Retention | None | UnsetType = UNSET
 
 
@@ -121,6 +142,8 @@ class Session(Struct, kw_only=True):
     """The version of the session's last event; also its ETag."""
     created_at: datetime
     updated_at: datetime
+    compaction: Compaction | None = None
+    """How `adaptive` compacts (null: the defaults)."""
     retention: Retention | None = None
     """The session's own retention (null: the tenant's applies, if it has one)."""
     expires_at: datetime | None = None
@@ -329,6 +352,9 @@ class ChatParams(Struct, kw_only=True):
     response_format: dict[str, Any] | None = None
     run_at: datetime | None = None
     """Not before this time (a scheduled chat)."""
+    compact: bool = False
+    """A compaction (`POST /sessions/{id}/compact`): the job summarises the conversation and answers the summary;
+    no chat model is called and nothing is stored as a message."""
 
 
 class Usage(Struct, kw_only=True):
