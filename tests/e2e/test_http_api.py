@@ -172,6 +172,7 @@ def test_create_with_an_empty_body_or_explicit_nulls_answers_the_defaults(c):
             "tools": [],
             "metadata": {},
             "version": 1,
+            "compaction": None,
             "retention": None,
             "expires_at": None,
         }
