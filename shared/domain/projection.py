@@ -31,6 +31,9 @@ from shared.domain.events import (
 from shared.domain.state import SessionState, evolve
 from shared.domain.wire import ChatError, ChatResponse, ChatStatus, ContextReport, Session
 
+_OUTBOX = frozenset(t for t in (SessionCreated, SessionDeleted, ChatCompleted, ChatFailed, ChatCancelled))
+"""The event classes of `WEBHOOK_EVENT_TYPES` (tests/unit/test_webhooks.py checks the two agree)."""
+
 SNAPSHOT_EVERY = 100
 """A snapshot of the state every this many versions: time travel folds at most this many events."""
 
@@ -88,6 +91,9 @@ class ReadModelUpdate(Struct, kw_only=True):
     """The states at the versions in this run that are multiples of `SNAPSHOT_EVERY`."""
     usage: list[UsageDelta] = []
     """Per day, what the run adds to the tenant's usage counters (chats, tokens)."""
+    outbox: list[tuple[int, str, str]] = []
+    """(version, type, event id) of each event of a webhook type (`WEBHOOK_EVENT_TYPES`), in order: the live
+    projection puts them into the partition's outbox, exactly once, as the version fence guards it."""
 
     @property
     def to_version(self) -> int:
@@ -107,9 +113,12 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
     mods: list[tuple[int, int, str]] = []
     jobs: list[JobUpdate] = []
     usage: dict[str, UsageDelta] = {}
+    outbox: list[tuple[int, str, str]] = []
     active = [c.job_id for c in state.active_chats]
     for e in events:
         after = evolve(after, e)
+        if type(e) in _OUTBOX:
+            outbox.append((e.version, type(e).__name__, e.id))
         if after.version % snapshot_every == 0:
             snapshots.append(after)
         if type(e) is MessageAdded:  # most of any log: skip the match below
@@ -173,6 +182,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
         jobs=jobs,
         snapshots=snapshots,
         usage=list(usage.values()),
+        outbox=outbox,
     )
 
 

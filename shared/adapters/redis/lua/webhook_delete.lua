@@ -1,0 +1,8 @@
+-- WEBHOOK_DELETE: removes a subscription of the tenant's with its cursor, deliveries and lease (0: none such).
+local sub, index, all, deliveries, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local sub_id = ARGV[1]
+
+if redis.call('ZREM', index, sub_id) == 0 then return 0 end
+redis.call('SREM', all, sub_id)
+redis.call('DEL', sub, deliveries, lease)
+return 1

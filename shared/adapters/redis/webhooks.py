@@ -1,0 +1,110 @@
+"""Webhook subscriptions in Redis (the `Webhooks` port): every subscription key shares the `{wh}` hash tag, so each
+change is one script in one slot; the outbox they read is the partitions' own stream, which `APPLY` writes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from shared.adapters.redis.cluster import Client
+from shared.adapters.redis.keys import Keys
+from shared.adapters.redis.scripts import (
+    WEBHOOK_ADVANCE,
+    WEBHOOK_CREATE,
+    WEBHOOK_DELETE,
+    WEBHOOK_LEASE,
+    WEBHOOK_RECORD,
+    WEBHOOK_RELEASE,
+    WEBHOOK_REPLAY,
+    WEBHOOK_UPDATE,
+)
+from shared.app.ports import Cursor
+from shared.domain.webhooks import OutboxEntry, Subscription
+
+__all__ = ["RedisWebhooks"]
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(Subscription).decode
+
+
+class RedisWebhooks:
+    def __init__(self, redis: Client, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def create(self, sub: Subscription) -> None:
+        k = self.keys
+        await WEBHOOK_CREATE(
+            self.redis, [k.webhook(sub.id), k.webhooks_of(sub.tenant), k.webhooks], [sub.id, _encode(sub)]
+        )
+
+    async def get(self, tenant: str, sub_id: str) -> Subscription | None:
+        raw = await self.redis.hget(self.keys.webhook(sub_id), "j")
+        sub = _decode(raw) if raw else None
+        return sub if sub is not None and sub.tenant == tenant else None
+
+    async def of(self, tenant: str) -> list[Subscription]:
+        ids = await self.redis.zrange(self.keys.webhooks_of(tenant), 0, -1)
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for sub_id in ids:
+            pipe.hget(self.keys.webhook(sub_id.decode()), "j")
+        return [s for raw in await pipe.execute() if raw and (s := _decode(raw)).tenant == tenant]
+
+    async def ids(self) -> list[str]:
+        return sorted(i.decode() for i in await self.redis.smembers(self.keys.webhooks))
+
+    async def load(self, sub_id: str) -> tuple[Subscription, Cursor] | None:
+        fields: dict[bytes, bytes] = await self.redis.hgetall(self.keys.webhook(sub_id))
+        if b"j" not in fields:
+            return None
+        partitions = {int(f[1:]): v.decode() for f, v in fields.items() if f.startswith(b"c")}
+        cursor = Cursor(epoch=int(fields[b"epoch"]), start=fields[b"start"].decode(), partitions=partitions)
+        return _decode(fields[b"j"]), cursor
+
+    async def update(self, sub: Subscription) -> bool:
+        return bool(await WEBHOOK_UPDATE(self.redis, [self.keys.webhook(sub.id)], [_encode(sub)]))
+
+    async def delete(self, tenant: str, sub_id: str) -> bool:
+        k = self.keys
+        keys = [k.webhook(sub_id), k.webhooks_of(tenant), k.webhooks, k.deliveries(sub_id), k.webhook_lease(sub_id)]
+        return bool(await WEBHOOK_DELETE(self.redis, keys, [sub_id]))
+
+    async def replay(self, tenant: str, sub_id: str, after: str) -> bool:
+        if await self.get(tenant, sub_id) is None:
+            return False
+        return bool(await WEBHOOK_REPLAY(self.redis, [self.keys.webhook(sub_id)], [after]))
+
+    async def advance(self, sub_id: str, epoch: int, partition: int, position: str) -> bool:
+        args = [epoch, f"c{partition}", position]
+        return bool(await WEBHOOK_ADVANCE(self.redis, [self.keys.webhook(sub_id)], args))
+
+    async def record(self, sub_id: str, delivery: bytes, keep: int) -> None:
+        await WEBHOOK_RECORD(self.redis, [self.keys.webhook(sub_id), self.keys.deliveries(sub_id)], [delivery, keep])
+
+    async def deliveries(self, sub_id: str, limit: int) -> list[bytes]:
+        return list(await self.redis.lrange(self.keys.deliveries(sub_id), 0, limit - 1))
+
+    async def lease(self, sub_id: str, holder: str, ttl_ms: int) -> bool:
+        return bool(await WEBHOOK_LEASE(self.redis, [self.keys.webhook_lease(sub_id)], [holder, ttl_ms]))
+
+    async def release(self, sub_id: str, holder: str) -> None:
+        await WEBHOOK_RELEASE(self.redis, [self.keys.webhook_lease(sub_id)], [holder])
+
+    async def outbox(self, partition: int, after: str, count: int) -> list[OutboxEntry]:
+        entries = await self.redis.xrange(self.keys.outbox(partition), f"({after}", "+", count=count)
+        return [_entry(partition, eid, fields) for eid, fields in entries]
+
+
+def _entry(partition: int, entry_id: bytes, f: dict[bytes, Any]) -> OutboxEntry:
+    return OutboxEntry(
+        partition=partition,
+        position=entry_id.decode(),
+        tenant=f[b"t"].decode(),
+        session_id=f[b"s"].decode(),
+        version=int(f[b"v"]),
+        event_type=f[b"e"].decode(),
+        event_id=f[b"i"].decode(),
+    )
