@@ -45,6 +45,8 @@ __all__ = [
     "REJECTED",
     "RETENTION_REMOVED",
     "RETENTION_SCANNED",
+    "WEBHOOK_DELIVERIES",
+    "WEBHOOK_LAG_SECONDS",
     "exposition",
     "multiprocess",
     "observe_request",
@@ -100,6 +102,18 @@ RETENTION_SCANNED = Counter(
 )
 RETENTION_REMOVED = Counter(
     "parley_retention_removed_total", "Sessions the retention sweeper deleted or purged, by action.", ["action"]
+)
+WEBHOOK_DELIVERIES = Counter(
+    "parley_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome: succeeded (2xx), retrying (failed, tried again after a backoff), failed "
+    "(the last attempt failed; the subscription goes on), skipped (the event was purged).",
+    ["outcome"],
+)
+WEBHOOK_LAG_SECONDS = Gauge(
+    "parley_webhook_lag_seconds",
+    "Age of the oldest outbox entry a subscription this worker delivers has not delivered yet (the largest over "
+    "its subscriptions; 0: caught up).",
+    multiprocess_mode="max",
 )
 INFLIGHT_LIMIT = Gauge(
     "parley_inflight_limit",
