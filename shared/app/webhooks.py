@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -71,6 +72,7 @@ class WebhookSubscriptions:
             updated_at=now,
         )
         await self.webhooks.create(sub)
+        _changed("created", sub, url=sub.url, event_types=sub.event_types)
         return WebhookCreated(**msgspec.structs.asdict(sub.resource()), secret=sub.secret)
 
     async def of(self, tenant: str) -> WebhookList:
@@ -92,11 +94,13 @@ class WebhookSubscriptions:
         )
         if not await self.webhooks.update(changed):
             raise NotFound(f"webhook {sub_id} not found")
+        _changed("updated", changed, url=changed.url, event_types=changed.event_types, active=changed.active)
         return changed.resource()
 
     async def delete(self, tenant: str, sub_id: str) -> None:
         if not await self.webhooks.delete(tenant, sub_id):
             raise NotFound(f"webhook {sub_id} not found")
+        log.info("webhook deleted", extra={"fields": {"tenant": tenant, "webhook_id": sub_id}})
 
     async def deliveries(self, tenant: str, sub_id: str, limit: int) -> list[bytes]:
         await self._sub(tenant, sub_id)
@@ -107,6 +111,7 @@ class WebhookSubscriptions:
         sub = await self._sub(tenant, sub_id)
         if not await self.webhooks.replay(tenant, sub_id, before(body.from_)):
             raise NotFound(f"webhook {sub_id} not found")
+        _changed("replayed", sub, **{"from": body.from_})
         return sub.resource()
 
     async def _sub(self, tenant: str, sub_id: str) -> Subscription:
@@ -119,6 +124,11 @@ class WebhookSubscriptions:
         refusal = await self.sender.vet(url)
         if refusal is not None:
             raise WebhookUrlRefused(f"the webhook URL is refused: {refusal}", {"field": "url"})
+
+
+def _changed(action: str, sub: Subscription, **fields: object) -> None:
+    """Every change of a subscription leaves a log line (its secret never)."""
+    log.info(f"webhook {action}", extra={"fields": {"tenant": sub.tenant, "webhook_id": sub.id, **fields}})
 
 
 @dataclass(frozen=True)
@@ -143,7 +153,7 @@ class _Reading:
 
     epoch: int
     after: dict[int, str]
-    ahead: dict[int, list[OutboxEntry]] = field(default_factory=dict)
+    ahead: dict[int, deque[OutboxEntry]] = field(default_factory=dict)
 
 
 class WebhookDeliverer:
@@ -212,7 +222,7 @@ class WebhookDeliverer:
                     continue
                 self.on_lag(sub_id, max(0.0, self.clock() - parse_position(entry.position)[0] / 1000))
                 if await self._deliver(sub, entry, stop):
-                    reading.ahead[entry.partition].pop(0)
+                    reading.ahead[entry.partition].popleft()
                     if not await self.webhooks.advance(sub_id, reading.epoch, entry.partition, entry.position):
                         reading = None  # replayed or deleted meanwhile: read the cursor again
                 else:
@@ -223,17 +233,19 @@ class WebhookDeliverer:
                 await self.webhooks.release(sub_id, self.holder)
 
     async def _next(self, sub: Subscription, reading: _Reading) -> OutboxEntry | None:
-        """The subscription's oldest undone entry over all partitions (read ahead a batch per partition)."""
+        """The subscription's oldest undone entry over all partitions (a batch per partition read ahead, filtered
+        by the subscription as it is now: a change of its types takes effect at once)."""
         for p in range(self.partitions):
-            if reading.ahead.get(p):
-                continue
-            entries = await self.webhooks.outbox(p, reading.after[p], self.policy.batch)
-            if not entries:
-                continue
-            reading.after[p] = entries[-1].position
-            mine = [e for e in entries if e.tenant == sub.tenant and e.event_type in sub.event_types]
-            reading.ahead[p] = mine
-            if not mine:  # none of these are for the subscription: step its cursor over them
+            queue = reading.ahead.get(p)
+            if not queue:
+                queue = reading.ahead[p] = deque(await self.webhooks.outbox(p, reading.after[p], self.policy.batch))
+                if queue:
+                    reading.after[p] = queue[-1].position
+            skipped = False
+            while queue and not (queue[0].tenant == sub.tenant and queue[0].event_type in sub.event_types):
+                queue.popleft()
+                skipped = True
+            if skipped and not queue:  # none of the batch is for the subscription: step its cursor over it
                 await self.webhooks.advance(sub.id, reading.epoch, p, reading.after[p])
         heads = [q[0] for q in reading.ahead.values() if q]
         return min(heads, key=lambda e: parse_position(e.position)) if heads else None

@@ -52,7 +52,9 @@ EventType = Literal["SessionCreated", "SessionDeleted", "ChatCompleted", "ChatFa
 SECRET_PREFIX = "whsec_"
 Secret = Annotated[str, Meta(pattern=r"^whsec_[A-Za-z0-9+/]{22,86}={0,2}$")]
 """`whsec_` and the base64 of 16 to 64 random bytes (Standard Webhooks' format: the HMAC key is those bytes)."""
-Url = Annotated[str, Meta(min_length=8, max_length=2048, pattern=r"^https?://[^\s]+$")]
+Url = Annotated[str, Meta(min_length=8, max_length=2048, pattern=r"^https?://[!-~]+$")]
+"""http(s) and printable ASCII only (an international host name as its punycode): one meaning in every regex
+dialect, so the document and the decoder agree."""
 Position = Annotated[str, Meta(pattern=r"^[0-9]{1,19}(-[0-9]{1,19})?$")]
 """An outbox position: `<ms>-<seq>` (a delivery's `position`), or `<ms>` (from that time, ms since the epoch)."""
 EventTypes = Annotated[list[EventType], Meta(min_length=1, max_length=len(WEBHOOK_EVENT_TYPES))]
