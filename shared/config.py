@@ -100,10 +100,10 @@ class Settings(Struct, kw_only=True, frozen=True):
     """How often a worker sweeps for expired sessions (0: never; `parley retention run` still does)."""
     retention_batch: int = 100
     """Idle sessions a sweep looks at per partition (a pass is bounded; the next goes on from there)."""
-    outbox_maxlen: int = 100_000
-    """Entries each partition's webhook outbox keeps (approximately: Redis trims whole nodes): a subscription
-    further behind than this (a receiver down for long) misses what was trimmed, and a replay reaches back only
-    this far."""
+    outbox_maxlen: int = 10_000
+    """Entries each partition's webhook outbox keeps (approximately: Redis trims whole nodes), about 125 bytes each
+    (10,000 × 16 partitions ≈ 20 MB): a subscription further behind than this (a receiver down for long) misses
+    what was trimmed, and a replay reaches back only this far."""
     webhooks_allow_private: bool = False
     """Let webhooks reach loopback, private, link-local and other non-public addresses (tests, a private network);
     off: such a URL is refused on subscribe (422) and at every delivery."""

@@ -30,7 +30,7 @@ _ENDED = ("succeeded", "failed", "cancelled")
 
 
 class MemoryReadModels:
-    def __init__(self, memory: Memory, chat_retention_s: int = 7 * 86_400, outbox_maxlen: int = 100_000) -> None:
+    def __init__(self, memory: Memory, chat_retention_s: int = 7 * 86_400, outbox_maxlen: int = 10_000) -> None:
         self.memory = memory
         self.chat_retention_s = chat_retention_s
         self.outbox_maxlen = outbox_maxlen

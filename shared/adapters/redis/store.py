@@ -71,7 +71,7 @@ class RedisStore:
         keys: Keys,
         idempotency_ttl_s: int = 86_400,
         chat_retention_s: int = 7 * 86_400,
-        outbox_maxlen: int = 100_000,
+        outbox_maxlen: int = 10_000,
     ) -> None:
         self.redis = redis
         self.keys = keys
