@@ -221,7 +221,7 @@ class WebhookDeliverer:
                     await _wait(stop, self.policy.poll_s)
                     continue
                 self.on_lag(sub_id, max(0.0, self.clock() - parse_position(entry.position)[0] / 1000))
-                if await self._deliver(sub, entry, stop):
+                if await self._deliver(sub, entry, reading.epoch, stop):
                     reading.ahead[entry.partition].popleft()
                     if not await self.webhooks.advance(sub_id, reading.epoch, entry.partition, entry.position):
                         reading = None  # replayed or deleted meanwhile: read the cursor again
@@ -250,9 +250,10 @@ class WebhookDeliverer:
         heads = [q[0] for q in reading.ahead.values() if q]
         return min(heads, key=lambda e: parse_position(e.position)) if heads else None
 
-    async def _deliver(self, sub: Subscription, entry: OutboxEntry, stop: asyncio.Event) -> bool:
+    async def _deliver(self, sub: Subscription, entry: OutboxEntry, epoch: int, stop: asyncio.Event) -> bool:
         """Attempt the entry until the receiver takes it or the attempts run out (True: done with it), or stop
-        early (False) when this deliverer stops, loses the lease, or the subscription changed."""
+        early (False) when this deliverer stops, loses the lease, or the subscription was paused, deleted or
+        replayed meanwhile."""
         did = delivery_id(sub.id, entry.event_id)
         logged = await self.admin.log_json(entry.session_id, entry.version - 1, 1)
         if not logged or logged[0][0] != entry.version:
@@ -282,9 +283,9 @@ class WebhookDeliverer:
             if not await self._wait_retry(sub, attempt, stop):
                 return False
             loaded = await self.webhooks.load(sub.id)
-            if loaded is None or not loaded[0].active:
+            if loaded is None or not loaded[0].active or loaded[1].epoch != epoch:
                 return False
-            sub = loaded[0]  # its URL or secret may have changed meanwhile
+            sub = loaded[0]  # its URL may have changed meanwhile
 
     async def _wait_retry(self, sub: Subscription, attempt: int, stop: asyncio.Event) -> bool:
         """Back off before the next attempt, renewing the lease meanwhile; False: stopped or the lease is lost."""
