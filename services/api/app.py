@@ -30,7 +30,7 @@ from services.api.openai_api import OpenAIController
 from services.api.sessions import SessionController
 from services.api.sse import StreamSlots
 from services.api.usage import usage
-from services.api.webhooks import WebhookController
+from services.api.webhooks import WebhookController, webhook_changes
 from services.worker.main import run_worker
 from shared import bootstrap
 from shared.config import Settings
@@ -166,6 +166,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker_too: b
             audit,
             usage,
             WebhookController,
+            webhook_changes,
             health,
             ready,
             metrics_route(settings.metrics_token),

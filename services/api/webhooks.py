@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post
 from litestar.di import Provide
 from litestar.params import Parameter
@@ -11,22 +12,27 @@ from litestar.params import Parameter
 from services.api.auth import provide_tenant
 from services.api.body import StrictBody
 from services.api.context import api
-from services.api.params import errors, json_list, json_response
+from services.api.params import Limit, errors, json_list, json_response
 from shared.domain.errors import NotFound
 from shared.domain.ids import parse_uuid
 from shared.domain.webhooks import (
     DeliveryList,
     Replay,
     Webhook,
+    WebhookChangePage,
     WebhookCreate,
     WebhookCreated,
     WebhookList,
     WebhookPatch,
 )
 
-__all__ = ["WebhookController"]
+__all__ = ["WebhookController", "webhook_changes"]
 
 Deliveries = Annotated[int, Parameter(ge=1, le=1000, description="Delivery attempts, newest first (1..1000).")]
+ChangesAfter = Annotated[
+    str | None,
+    Parameter(pattern=r"^[0-9]{1,19}-[0-9]{1,19}$", description="The `next` cursor of the previous page."),
+]
 
 
 def parse_webhook_id(raw: str) -> str:
@@ -86,3 +92,20 @@ class WebhookController(Controller):
         that time), as far back as the outbox still holds; each keeps its `webhook-id`."""
         subscriptions = api(request).parley.subscriptions
         return json_response(await subscriptions.replay(tenant, parse_webhook_id(webhook_id), data))
+
+
+@get(
+    "/audit/webhooks",
+    tags=["webhooks"],
+    dependencies={"tenant": Provide(provide_tenant)},
+    security=[{"bearer": []}, {"apiKey": []}],
+    responses=errors(),
+)
+async def webhook_changes(
+    request: Request, tenant: str, after: ChangesAfter = None, limit: Limit = 100
+) -> Response[WebhookChangePage]:
+    """The tenant's webhook subscription changes, oldest first: `WebhookCreated`, `WebhookUpdated` (the fields
+    changed), `WebhookDeleted`, `WebhookReplayed` (from where), each with its time; never a secret. Deleted
+    subscriptions' stay."""
+    items, cursor = await api(request).parley.subscriptions.changes(tenant, after, limit)
+    return json_list(items, next=msgspec.json.encode(cursor))

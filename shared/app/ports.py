@@ -531,9 +531,9 @@ class Cursor(Struct, frozen=True):
 
 
 class Webhooks(Protocol):
-    async def create(self, sub: Subscription) -> None:
+    async def create(self, sub: Subscription, change: bytes) -> None:
         """Store a new subscription; its cursor starts at the outbox's present (it gets what is projected from
-        now on)."""
+        now on). Each change (`change`: a `WebhookChange`'s JSON) joins the tenant's changes in the same step."""
         ...
 
     async def get(self, tenant: str, sub_id: str) -> Subscription | None:
@@ -550,16 +550,20 @@ class Webhooks(Protocol):
 
     async def load(self, sub_id: str) -> tuple[Subscription, Cursor] | None: ...
 
-    async def update(self, sub: Subscription) -> bool:
+    async def update(self, sub: Subscription, change: bytes) -> bool:
         """Store the subscription's new fields (its cursor stays); False: it was deleted meanwhile."""
         ...
 
-    async def delete(self, tenant: str, sub_id: str) -> bool:
+    async def delete(self, tenant: str, sub_id: str, change: bytes) -> bool:
         """Remove it with its cursor, deliveries and lease; False: no such subscription for this tenant."""
         ...
 
-    async def replay(self, tenant: str, sub_id: str, after: str) -> bool:
+    async def replay(self, tenant: str, sub_id: str, after: str, change: bytes) -> bool:
         """Move the cursor back (or on) to just after `after` in every partition, in a new epoch."""
+        ...
+
+    async def changes(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]:
+        """The tenant's subscription changes (JSON), oldest first, after cursor `after`; and the next cursor."""
         ...
 
     async def advance(self, sub_id: str, epoch: int, partition: int, position: str) -> bool:

@@ -15,16 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 
 from shared.app.ports import LogAdmin, Webhooks, WebhookSender
-from shared.domain.errors import NotFound, WebhookUrlRefused
+from shared.domain.errors import Invalid, NotFound, WebhookUrlRefused
 from shared.domain.ids import uuid7
 from shared.domain.webhooks import (
     Delivery,
@@ -32,6 +34,8 @@ from shared.domain.webhooks import (
     Replay,
     Subscription,
     Webhook,
+    WebhookChange,
+    WebhookChangeData,
     WebhookCreate,
     WebhookCreated,
     WebhookList,
@@ -48,6 +52,7 @@ from shared.domain.webhooks import (
 __all__ = ["DeliveryPolicy", "WebhookDeliverer", "WebhookSubscriptions"]
 
 log = logging.getLogger("parley.webhooks")
+_CURSOR = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 _encode = msgspec.json.Encoder().encode
 
 
@@ -71,7 +76,7 @@ class WebhookSubscriptions:
             created_at=now,
             updated_at=now,
         )
-        await self.webhooks.create(sub)
+        await self.webhooks.create(sub, self._change("WebhookCreated", sub, url=sub.url, event_types=sub.event_types))
         _changed("created", sub, url=sub.url, event_types=sub.event_types)
         return WebhookCreated(**msgspec.structs.asdict(sub.resource()), secret=sub.secret)
 
@@ -92,13 +97,15 @@ class WebhookSubscriptions:
             active=sub.active if patch.active is None else patch.active,
             updated_at=datetime.fromtimestamp(self.clock(), UTC),
         )
-        if not await self.webhooks.update(changed):
+        what = {f: getattr(patch, f) for f in ("url", "event_types", "active") if getattr(patch, f) is not None}
+        if not await self.webhooks.update(changed, self._change("WebhookUpdated", changed, **what)):
             raise NotFound(f"webhook {sub_id} not found")
         _changed("updated", changed, url=changed.url, event_types=changed.event_types, active=changed.active)
         return changed.resource()
 
     async def delete(self, tenant: str, sub_id: str) -> None:
-        if not await self.webhooks.delete(tenant, sub_id):
+        sub = await self._sub(tenant, sub_id)
+        if not await self.webhooks.delete(tenant, sub_id, self._change("WebhookDeleted", sub)):
             raise NotFound(f"webhook {sub_id} not found")
         log.info("webhook deleted", extra={"fields": {"tenant": tenant, "webhook_id": sub_id}})
 
@@ -109,10 +116,22 @@ class WebhookSubscriptions:
     async def replay(self, tenant: str, sub_id: str, body: Replay) -> Webhook:
         """Deliver again every outbox entry at or after `body.from_` (the outbox keeps its newest entries only)."""
         sub = await self._sub(tenant, sub_id)
-        if not await self.webhooks.replay(tenant, sub_id, before(body.from_)):
+        change = self._change("WebhookReplayed", sub, from_=body.from_)
+        if not await self.webhooks.replay(tenant, sub_id, before(body.from_), change):
             raise NotFound(f"webhook {sub_id} not found")
         _changed("replayed", sub, **{"from": body.from_})
         return sub.resource()
+
+    async def changes(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]:
+        """The tenant's subscription changes, oldest first (deleted subscriptions' too)."""
+        if after is not None and not _CURSOR.fullmatch(after):
+            raise Invalid("after must be the `next` of a previous page", {"query": "after"})
+        return await self.webhooks.changes(tenant, after, limit)
+
+    def _change(self, kind: str, sub: Subscription, **fields: Any) -> bytes:
+        at = datetime.fromtimestamp(self.clock(), UTC)
+        data = WebhookChangeData(webhook_id=sub.id, **fields)
+        return _encode(WebhookChange(type=kind, id=uuid7(), occurred_at=at, data=data))  # type: ignore[arg-type]
 
     async def _sub(self, tenant: str, sub_id: str) -> Subscription:
         sub = await self.webhooks.get(tenant, sub_id)

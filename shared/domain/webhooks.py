@@ -28,6 +28,9 @@ __all__ = [
     "OutboxEntry",
     "Replay",
     "Subscription",
+    "WebhookChange",
+    "WebhookChangeData",
+    "WebhookChangePage",
     "Webhook",
     "WebhookCreate",
     "WebhookCreated",
@@ -139,6 +142,31 @@ class Delivery(Struct, kw_only=True):
 
 class DeliveryList(Struct):
     items: list[Delivery]
+
+
+class WebhookChangeData(Struct, kw_only=True, omit_defaults=True):
+    webhook_id: str
+    url: str | None = None
+    event_types: list[str] | None = None
+    active: bool | None = None
+    from_: str | None = msgspec.field(name="from", default=None)
+    """A replay's position."""
+
+
+class WebhookChange(Struct, kw_only=True):
+    """A change of one of the tenant's subscriptions, as events are shaped (never its secret)."""
+
+    type: Literal["WebhookCreated", "WebhookUpdated", "WebhookDeleted", "WebhookReplayed"]
+    id: str
+    occurred_at: datetime
+    data: WebhookChangeData
+
+
+class WebhookChangePage(Struct):
+    """`next` is the cursor to pass as `after`; null on the last page."""
+
+    items: list[WebhookChange]
+    next: str | None
 
 
 class OutboxEntry(Struct, kw_only=True, frozen=True):

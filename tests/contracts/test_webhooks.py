@@ -40,7 +40,7 @@ async def test_subscriptions_belong_to_their_tenant(backend: Backend) -> None:
     hooks = backend.webhooks
     first, second, theirs = subscription(), subscription(), subscription("globex")
     for sub in (first, second, theirs):
-        await hooks.create(sub)
+        await hooks.create(sub, b"{}")
     assert await hooks.get("acme", first.id) == first
     assert await hooks.get("globex", first.id) is None
     assert [s.id for s in await hooks.of("acme")] == [first.id, second.id]
@@ -48,15 +48,15 @@ async def test_subscriptions_belong_to_their_tenant(backend: Backend) -> None:
     assert sorted(await hooks.ids()) == sorted([first.id, second.id, theirs.id])
 
     changed = msgspec.structs.replace(first, url="http://example.org/other", active=False)
-    assert await hooks.update(changed)
+    assert await hooks.update(changed, b"{}")
     assert await hooks.get("acme", first.id) == changed
 
-    assert not await hooks.delete("globex", first.id)  # not theirs
-    assert not await hooks.replay("globex", first.id, "0-0")
-    assert await hooks.delete("acme", first.id)
-    assert not await hooks.delete("acme", first.id)
+    assert not await hooks.delete("globex", first.id, b"{}")  # not theirs
+    assert not await hooks.replay("globex", first.id, "0-0", b"{}")
+    assert await hooks.delete("acme", first.id, b"{}")
+    assert not await hooks.delete("acme", first.id, b"{}")
     assert await hooks.get("acme", first.id) is None and await hooks.load(first.id) is None
-    assert not await hooks.update(changed)  # deleted meanwhile: not brought back
+    assert not await hooks.update(changed, b"{}")  # deleted meanwhile: not brought back
     assert await hooks.get("acme", first.id) is None
     assert first.id not in await hooks.ids()
 
@@ -87,7 +87,7 @@ async def test_a_cursor_starts_now_and_moves_only_in_its_epoch(backend: Backend)
     await project_all(backend.views, old.id)
     await asyncio.sleep(0.01)  # the outbox's entry ids are milliseconds: the subscription comes after this one's
     sub = subscription()
-    await hooks.create(sub)
+    await hooks.create(sub, b"{}")
     new = await create(backend.log)
     await project_all(backend.views, new.id)
     loaded = await hooks.load(sub.id)
@@ -103,26 +103,26 @@ async def test_a_cursor_starts_now_and_moves_only_in_its_epoch(backend: Backend)
     assert loaded is not None and loaded[1].after(entry.partition) == entry.position
     assert await hooks.outbox(entry.partition, loaded[1].after(entry.partition), 100) == []
 
-    assert await hooks.replay("acme", sub.id, "0-0")  # from the outbox's beginning, in a new epoch
+    assert await hooks.replay("acme", sub.id, "0-0", b"{}")  # from the outbox's beginning, in a new epoch
     assert not await hooks.advance(sub.id, 0, entry.partition, entry.position)  # a deliverer of the old epoch
     loaded = await hooks.load(sub.id)
     assert loaded is not None
     cursor = loaded[1]
     assert cursor.epoch == 1 and cursor.partitions == {} and cursor.after(entry.partition) == "0-0"
     assert await hooks.advance(sub.id, 1, entry.partition, entry.position)
-    assert await hooks.delete("acme", sub.id)
+    assert await hooks.delete("acme", sub.id, b"{}")
     assert not await hooks.advance(sub.id, 1, entry.partition, entry.position)
 
 
 async def test_deliveries_keep_the_newest_and_go_with_their_subscription(backend: Backend) -> None:
     hooks = backend.webhooks
     sub = subscription()
-    await hooks.create(sub)
+    await hooks.create(sub, b"{}")
     for i in range(5):
         await hooks.record(sub.id, b'{"n":%d}' % i, keep=3)
     assert await hooks.deliveries(sub.id, 10) == [b'{"n":4}', b'{"n":3}', b'{"n":2}']
     assert await hooks.deliveries(sub.id, 1) == [b'{"n":4}']
-    assert await hooks.delete("acme", sub.id)
+    assert await hooks.delete("acme", sub.id, b"{}")
     await hooks.record(sub.id, b'{"n":5}', keep=3)
     assert await hooks.deliveries(sub.id, 10) == []
 
@@ -130,7 +130,7 @@ async def test_deliveries_keep_the_newest_and_go_with_their_subscription(backend
 async def test_one_lease_holder_at_a_time(backend: Backend) -> None:
     hooks = backend.webhooks
     sub = subscription()
-    await hooks.create(sub)
+    await hooks.create(sub, b"{}")
     assert await hooks.lease(sub.id, "w1", 60_000)
     assert await hooks.lease(sub.id, "w1", 60_000)  # renewed
     assert not await hooks.lease(sub.id, "w2", 60_000)
@@ -144,3 +144,20 @@ async def test_one_lease_holder_at_a_time(backend: Backend) -> None:
 
     await wait_for(taken_over, 10, "the lapsed lease to be taken")
     assert not await hooks.lease(sub.id, "w2", 60_000)
+
+
+async def test_changes_are_recorded_with_them_and_paged(backend: Backend) -> None:
+    hooks = backend.webhooks
+    sub = subscription()
+    await hooks.create(sub, b'{"n":1}')
+    assert await hooks.update(sub, b'{"n":2}')
+    assert await hooks.replay("acme", sub.id, "0-0", b'{"n":3}')
+    assert not await hooks.replay("globex", sub.id, "0-0", b'{"n":"no"}')  # refused: not recorded
+    assert not await hooks.delete("globex", sub.id, b'{"n":"no"}')
+    assert await hooks.delete("acme", sub.id, b'{"n":4}')
+    assert not await hooks.update(sub, b'{"n":"no"}')  # deleted: not recorded
+    assert await hooks.changes("globex", None, 10) == ([], None)
+    first, cursor = await hooks.changes("acme", None, 3)
+    assert first == [b'{"n":1}', b'{"n":2}', b'{"n":3}'] and cursor is not None
+    assert await hooks.changes("acme", cursor, 3) == ([b'{"n":4}'], None)
+    assert await hooks.changes("acme", None, 4) == ([*first, b'{"n":4}'], None)

@@ -200,6 +200,35 @@ def test_private_urls_are_refused_unless_allowed(stack: Stack, tmp_path: Path, r
         strict.stop()
 
 
+def test_every_change_of_a_subscription_is_recorded_without_its_secret(c: httpx.Client, receiver: Receiver):
+    def changes(headers: dict[str, str] = ACME) -> list[dict[str, Any]]:
+        items, after = [], None
+        while True:
+            params = {"limit": 2, **({"after": after} if after else {})}
+            resp = c.get("/audit/webhooks", params=params, headers=headers)
+            assert resp.status_code == 200, resp.text
+            items += resp.json()["items"]
+            if (after := resp.json()["next"]) is None:
+                return items
+
+    seen = len(changes())
+    hook = subscribe(c, receiver.url + "/audited", ["ChatFailed"])
+    assert c.patch(f"/webhooks/{hook['id']}", json={"active": False}, headers=ACME).status_code == 200
+    assert c.post(f"/webhooks/{hook['id']}/replay", json={"from": "0"}, headers=ACME).status_code == 200
+    assert c.delete(f"/webhooks/{hook['id']}", headers=ACME).status_code == 204
+    assert_error(c.delete(f"/webhooks/{hook['id']}", headers=ACME), 404)  # refused: not recorded
+    mine = changes()[seen:]
+    assert [(x["type"], x["data"]) for x in mine] == [
+        ("WebhookCreated", {"webhook_id": hook["id"], "url": hook["url"], "event_types": ["ChatFailed"]}),
+        ("WebhookUpdated", {"webhook_id": hook["id"], "active": False}),
+        ("WebhookReplayed", {"webhook_id": hook["id"], "from": "0"}),
+        ("WebhookDeleted", {"webhook_id": hook["id"]}),
+    ]
+    assert hook["secret"] not in str(changes())
+    assert hook["id"] not in str(changes(GLOBEX))
+    assert_error(c.get("/audit/webhooks", params={"after": "x"}, headers=ACME), 422)
+
+
 def test_the_schema_documents_the_webhook_routes(c: httpx.Client):
     doc = c.get("/schema/openapi.json").json()
     paths = doc["paths"]

@@ -118,14 +118,14 @@ async def _workload(redis: Redis) -> None:
         created_at=now,
         updated_at=now,
     )
-    await hooks.create(sub)
-    assert await hooks.update(sub)
-    assert await hooks.replay("acme", sub.id, "0-0")
+    await hooks.create(sub, b"{}")
+    assert await hooks.update(sub, b"{}")
+    assert await hooks.replay("acme", sub.id, "0-0", b"{}")
     assert await hooks.advance(sub.id, 1, 0, "1-0")
     await hooks.record(sub.id, b"{}", 3)
     assert await hooks.lease(sub.id, "w", 1_000)
     await hooks.release(sub.id, "w")
-    assert await hooks.delete("acme", sub.id)
+    assert await hooks.delete("acme", sub.id, b"{}")
 
 
 def _monitor(port: int, out: Path) -> subprocess.Popen[bytes]:

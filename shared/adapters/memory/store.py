@@ -202,6 +202,8 @@ class Memory:
         self.deliveries: dict[str, list[bytes]] = {}
         """subscription id → its delivery attempts (JSON), newest first."""
         self.webhook_leases: TTLMap[str, str] = TTLMap(clock)
+        self.webhook_changes: dict[str, Stream[bytes]] = {}
+        """tenant → its subscription changes (JSON)."""
         # chat jobs
         self.jobs: TTLMap[tuple[str, str], dict[str, Any]] = TTLMap(clock)
         """(session, job) → the job record's fields (plain values)."""

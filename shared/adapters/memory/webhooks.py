@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.adapters.memory.store import Memory, entry_text, parse_entry_id
+from shared.adapters.memory.store import Memory, Stream, entry_text, parse_entry_id
 from shared.app.ports import Cursor
 from shared.domain.webhooks import MAX_SEQ, OutboxEntry, Subscription
 
@@ -19,7 +19,8 @@ class MemoryWebhooks:
     def __init__(self, memory: Memory) -> None:
         self.memory = memory
 
-    async def create(self, sub: Subscription) -> None:
+    async def create(self, sub: Subscription, change: bytes) -> None:
+        self._changed(sub.tenant, change)
         now_ms = int(self.memory.clock() * 1000)
         self.memory.webhooks[sub.id] = {
             "sub": _encode(sub),
@@ -47,27 +48,40 @@ class MemoryWebhooks:
         cursor = Cursor(epoch=record["epoch"], start=record["start"], partitions=dict(record["cursors"]))
         return _decode(record["sub"]), cursor
 
-    async def update(self, sub: Subscription) -> bool:
+    async def update(self, sub: Subscription, change: bytes) -> bool:
         record = self.memory.webhooks.get(sub.id)
         if record is None:
             return False
         record["sub"] = _encode(sub)
+        self._changed(sub.tenant, change)
         return True
 
-    async def delete(self, tenant: str, sub_id: str) -> bool:
+    async def delete(self, tenant: str, sub_id: str, change: bytes) -> bool:
         if await self.get(tenant, sub_id) is None:
             return False
+        self._changed(tenant, change)
         del self.memory.webhooks[sub_id]
         self.memory.deliveries.pop(sub_id, None)
         self.memory.webhook_leases.pop(sub_id)
         return True
 
-    async def replay(self, tenant: str, sub_id: str, after: str) -> bool:
+    async def replay(self, tenant: str, sub_id: str, after: str, change: bytes) -> bool:
         if await self.get(tenant, sub_id) is None:
             return False
         record = self.memory.webhooks[sub_id]
         record.update(start=after, cursors={}, epoch=record["epoch"] + 1)
+        self._changed(tenant, change)
         return True
+
+    async def changes(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]:
+        stream = self.memory.webhook_changes.get(tenant)
+        start = (parse_entry_id(after) or (0, 0)) if after else (0, 0)
+        entries = stream.after(start, limit + 1) if stream else []
+        page = entries[:limit]
+        return [d for _, d in page], (entry_text(page[-1][0]) if len(entries) > limit else None)
+
+    def _changed(self, tenant: str, change: bytes) -> None:
+        self.memory.webhook_changes.setdefault(tenant, Stream()).add(change, self.memory.clock())
 
     async def advance(self, sub_id: str, epoch: int, partition: int, position: str) -> bool:
         record = self.memory.webhooks.get(sub_id)

@@ -165,6 +165,10 @@ class Keys:
         """List (capped): the subscription's delivery attempts, newest first, as JSON."""
         return f"{PREFIX}:{{wh}}:deliveries:{sub_id}"
 
+    def webhook_changes(self, tenant: str) -> str:
+        """Stream: the tenant's subscription changes (`d`: a `WebhookChange`'s JSON), written with each change."""
+        return f"{PREFIX}:{{wh}}:changes:{tenant}"
+
     def webhook_lease(self, sub_id: str) -> str:
         """String with a TTL: the worker delivering the subscription now."""
         return f"{PREFIX}:{{wh}}:lease:{sub_id}"

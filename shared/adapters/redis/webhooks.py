@@ -33,11 +33,10 @@ class RedisWebhooks:
         self.redis = redis
         self.keys = keys
 
-    async def create(self, sub: Subscription) -> None:
+    async def create(self, sub: Subscription, change: bytes) -> None:
         k = self.keys
-        await WEBHOOK_CREATE(
-            self.redis, [k.webhook(sub.id), k.webhooks_of(sub.tenant), k.webhooks], [sub.id, _encode(sub)]
-        )
+        keys = [k.webhook(sub.id), k.webhooks_of(sub.tenant), k.webhooks, k.webhook_changes(sub.tenant)]
+        await WEBHOOK_CREATE(self.redis, keys, [sub.id, _encode(sub), change])
 
     async def get(self, tenant: str, sub_id: str) -> Subscription | None:
         raw = await self.redis.hget(self.keys.webhook(sub_id), "j")
@@ -64,18 +63,33 @@ class RedisWebhooks:
         cursor = Cursor(epoch=int(fields[b"epoch"]), start=fields[b"start"].decode(), partitions=partitions)
         return _decode(fields[b"j"]), cursor
 
-    async def update(self, sub: Subscription) -> bool:
-        return bool(await WEBHOOK_UPDATE(self.redis, [self.keys.webhook(sub.id)], [_encode(sub)]))
+    async def update(self, sub: Subscription, change: bytes) -> bool:
+        keys = [self.keys.webhook(sub.id), self.keys.webhook_changes(sub.tenant)]
+        return bool(await WEBHOOK_UPDATE(self.redis, keys, [_encode(sub), change]))
 
-    async def delete(self, tenant: str, sub_id: str) -> bool:
+    async def delete(self, tenant: str, sub_id: str, change: bytes) -> bool:
         k = self.keys
-        keys = [k.webhook(sub_id), k.webhooks_of(tenant), k.webhooks, k.deliveries(sub_id), k.webhook_lease(sub_id)]
-        return bool(await WEBHOOK_DELETE(self.redis, keys, [sub_id]))
+        keys = [
+            k.webhook(sub_id),
+            k.webhooks_of(tenant),
+            k.webhooks,
+            k.deliveries(sub_id),
+            k.webhook_lease(sub_id),
+            k.webhook_changes(tenant),
+        ]
+        return bool(await WEBHOOK_DELETE(self.redis, keys, [sub_id, change]))
 
-    async def replay(self, tenant: str, sub_id: str, after: str) -> bool:
+    async def replay(self, tenant: str, sub_id: str, after: str, change: bytes) -> bool:
         if await self.get(tenant, sub_id) is None:
             return False
-        return bool(await WEBHOOK_REPLAY(self.redis, [self.keys.webhook(sub_id)], [after]))
+        keys = [self.keys.webhook(sub_id), self.keys.webhook_changes(tenant)]
+        return bool(await WEBHOOK_REPLAY(self.redis, keys, [after, change]))
+
+    async def changes(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]:
+        start = f"({after}" if after else "-"
+        entries = await self.redis.xrange(self.keys.webhook_changes(tenant), start, "+", count=limit + 1)
+        page = entries[:limit]
+        return [f[b"d"] for _, f in page], (page[-1][0].decode() if len(entries) > limit else None)
 
     async def advance(self, sub_id: str, epoch: int, partition: int, position: str) -> bool:
         args = [epoch, f"c{partition}", position]
