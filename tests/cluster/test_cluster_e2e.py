@@ -1,7 +1,7 @@
 """Parley on a real 3-master Redis Cluster, over real HTTP: a `parley api` and a `parley worker` process with
 `REDIS_URL=redis+cluster://…` and the chat queue on a standalone Redis (`PARLEY_QUEUE_URL`), a chat against the
-OpenAI-protocol test server, the keys spread over every master, and two API processes with three workers across
-a worker's kill -9."""
+OpenAI-protocol test server, the keys spread over every master, webhooks delivered from every partition's outbox,
+and two API processes with three workers across a worker's kill -9."""
 
 from __future__ import annotations
 
