@@ -585,8 +585,9 @@ class Webhooks(Protocol):
 
     async def release(self, sub_id: str, holder: str) -> None: ...
 
-    async def outbox(self, partition: int, after: str, count: int) -> list[OutboxEntry]:
-        """Up to `count` outbox entries of the partition after position `after` (exclusive), oldest first."""
+    async def outbox(self, after: dict[int, str], count: int) -> dict[int, list[OutboxEntry]]:
+        """For each partition in `after`, up to `count` of its outbox entries after the position given (exclusive),
+        oldest first (one round trip however many partitions)."""
         ...
 
 

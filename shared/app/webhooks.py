@@ -252,14 +252,15 @@ class WebhookDeliverer:
                 await self.webhooks.release(sub_id, self.holder)
 
     async def _next(self, sub: Subscription, reading: _Reading) -> OutboxEntry | None:
-        """The subscription's oldest undone entry over all partitions (a batch per partition read ahead, filtered
-        by the subscription as it is now: a change of its types takes effect at once)."""
-        for p in range(self.partitions):
-            queue = reading.ahead.get(p)
-            if not queue:
-                queue = reading.ahead[p] = deque(await self.webhooks.outbox(p, reading.after[p], self.policy.batch))
-                if queue:
-                    reading.after[p] = queue[-1].position
+        """The subscription's oldest undone entry over all partitions (a batch per partition read ahead, the
+        partitions with nothing ahead in one round trip; filtered by the subscription as it is now: a change of its
+        types takes effect at once)."""
+        empty = {p: reading.after[p] for p in range(self.partitions) if not reading.ahead.get(p)}
+        for p, entries in (await self.webhooks.outbox(empty, self.policy.batch)).items():
+            reading.ahead[p] = deque(entries)
+            if entries:
+                reading.after[p] = entries[-1].position
+        for p, queue in reading.ahead.items():
             skipped = False
             while queue and not (queue[0].tenant == sub.tenant and queue[0].event_type in sub.event_types):
                 queue.popleft()

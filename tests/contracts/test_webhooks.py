@@ -33,7 +33,9 @@ def subscription(tenant: str = "acme", **fields: object) -> Subscription:
 
 
 async def outbox(backend: Backend, after: str = "0-0") -> list:
-    return [e for p in range(backend.partitions) for e in await backend.webhooks.outbox(p, after, 1000)]
+    read = await backend.webhooks.outbox({p: after for p in range(backend.partitions)}, 1000)
+    assert sorted(read) == list(range(backend.partitions))
+    return [e for p in range(backend.partitions) for e in read[p]]
 
 
 async def test_subscriptions_belong_to_their_tenant(backend: Backend) -> None:
@@ -77,8 +79,11 @@ async def test_the_live_projection_fills_the_outbox_once_per_event(backend: Back
     ]
     logged = await backend.log.read(state.id)
     assert [e.event_id for e in entries] == [logged[0].id, logged[2].id]
-    assert await backend.webhooks.outbox(entries[0].partition, entries[0].position, 10) == [entries[1]]
-    assert await backend.webhooks.outbox(entries[0].partition, before(entries[0].position), 10) == entries
+    p = entries[0].partition
+    assert await backend.webhooks.outbox({p: entries[0].position}, 10) == {p: [entries[1]]}
+    assert await backend.webhooks.outbox({p: before(entries[0].position)}, 10) == {p: entries}
+    assert await backend.webhooks.outbox({p: before(entries[0].position)}, 1) == {p: entries[:1]}
+    assert await backend.webhooks.outbox({}, 10) == {}
 
 
 async def test_a_cursor_starts_now_and_moves_only_in_its_epoch(backend: Backend) -> None:
@@ -94,14 +99,15 @@ async def test_a_cursor_starts_now_and_moves_only_in_its_epoch(backend: Backend)
     assert loaded is not None
     _, cursor = loaded
     assert cursor.epoch == 0 and cursor.partitions == {}
-    seen = [e for p in range(backend.partitions) for e in await hooks.outbox(p, cursor.after(p), 100)]
+    read = await hooks.outbox({p: cursor.after(p) for p in range(backend.partitions)}, 100)
+    seen = [e for entries in read.values() for e in entries]
     assert [e.session_id for e in seen] == [new.id]
 
     [entry] = seen
     assert await hooks.advance(sub.id, 0, entry.partition, entry.position)
     loaded = await hooks.load(sub.id)
     assert loaded is not None and loaded[1].after(entry.partition) == entry.position
-    assert await hooks.outbox(entry.partition, loaded[1].after(entry.partition), 100) == []
+    assert await hooks.outbox({entry.partition: loaded[1].after(entry.partition)}, 100) == {entry.partition: []}
 
     assert await hooks.replay("acme", sub.id, "0-0", b"{}")  # from the outbox's beginning, in a new epoch
     assert not await hooks.advance(sub.id, 0, entry.partition, entry.position)  # a deliverer of the old epoch

@@ -113,7 +113,10 @@ class MemoryWebhooks:
         if self.memory.webhook_leases.get(sub_id) == holder:
             self.memory.webhook_leases.pop(sub_id)
 
-    async def outbox(self, partition: int, after: str, count: int) -> list[OutboxEntry]:
+    async def outbox(self, after: dict[int, str], count: int) -> dict[int, list[OutboxEntry]]:
+        return {p: self._read(p, position, count) for p, position in after.items()}
+
+    def _read(self, partition: int, after: str, count: int) -> list[OutboxEntry]:
         start = parse_entry_id(after) or (0, 0)
         return [
             OutboxEntry(

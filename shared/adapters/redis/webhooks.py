@@ -107,9 +107,15 @@ class RedisWebhooks:
     async def release(self, sub_id: str, holder: str) -> None:
         await WEBHOOK_RELEASE(self.redis, [self.keys.webhook_lease(sub_id)], [holder])
 
-    async def outbox(self, partition: int, after: str, count: int) -> list[OutboxEntry]:
-        entries = await self.redis.xrange(self.keys.outbox(partition), f"({after}", "+", count=count)
-        return [_entry(partition, eid, fields) for eid, fields in entries]
+    async def outbox(self, after: dict[int, str], count: int) -> dict[int, list[OutboxEntry]]:
+        """One pipeline (on a cluster, each node its share, in parallel)."""
+        if not after:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for p, position in after.items():
+            pipe.xrange(self.keys.outbox(p), f"({position}", "+", count=count)
+        read = await pipe.execute()
+        return {p: [_entry(p, eid, fields) for eid, fields in entries] for p, entries in zip(after, read)}
 
 
 def _entry(partition: int, entry_id: bytes, f: dict[bytes, Any]) -> OutboxEntry:
