@@ -29,8 +29,10 @@ from shared.app.ports import LogAdmin, Webhooks, WebhookSender
 from shared.domain.errors import Invalid, NotFound, WebhookUrlRefused
 from shared.domain.ids import uuid7
 from shared.domain.webhooks import (
+    ChangeType,
     Delivery,
     OutboxEntry,
+    Outcome,
     Replay,
     Subscription,
     Webhook,
@@ -128,10 +130,10 @@ class WebhookSubscriptions:
             raise Invalid("after must be the `next` of a previous page", {"query": "after"})
         return await self.webhooks.changes(tenant, after, limit)
 
-    def _change(self, kind: str, sub: Subscription, **fields: Any) -> bytes:
+    def _change(self, kind: ChangeType, sub: Subscription, **fields: Any) -> bytes:
         at = datetime.fromtimestamp(self.clock(), UTC)
         data = WebhookChangeData(webhook_id=sub.id, **fields)
-        return _encode(WebhookChange(type=kind, id=uuid7(), occurred_at=at, data=data))  # type: ignore[arg-type]
+        return _encode(WebhookChange(type=kind, id=uuid7(), occurred_at=at, data=data))
 
     async def _sub(self, tenant: str, sub_id: str) -> Subscription:
         sub = await self.webhooks.get(tenant, sub_id)
@@ -296,7 +298,7 @@ class WebhookDeliverer:
             ms = int((time.monotonic() - started) * 1000)
             ok = sent.status_code is not None and 200 <= sent.status_code < 300
             final = ok or attempt >= self.policy.max_attempts
-            outcome = "succeeded" if ok else "failed" if final else "retrying"
+            outcome: Outcome = "succeeded" if ok else "failed" if final else "retrying"
             await self._record(sub, entry, did, attempt, outcome, sent.status_code, sent.error, ms)
             if final:
                 return True
@@ -324,7 +326,7 @@ class WebhookDeliverer:
         entry: OutboxEntry,
         did: str,
         attempt: int,
-        outcome: str,
+        outcome: Outcome,
         status_code: int | None,
         error: str | None,
         ms: int,
@@ -336,7 +338,7 @@ class WebhookDeliverer:
             session_id=entry.session_id,
             position=entry.position,
             attempt=attempt,
-            outcome=outcome,  # type: ignore[arg-type]
+            outcome=outcome,
             status_code=status_code,
             error=error,
             duration_ms=ms,

@@ -22,10 +22,12 @@ from msgspec import Meta, Struct
 
 __all__ = [
     "SECRET_PREFIX",
+    "ChangeType",
     "WEBHOOK_EVENT_TYPES",
     "Delivery",
     "DeliveryList",
     "OutboxEntry",
+    "Outcome",
     "Replay",
     "Subscription",
     "WebhookChange",
@@ -121,6 +123,9 @@ class Subscription(Struct, kw_only=True):
         return Webhook(**{f: getattr(self, f) for f in Webhook.__struct_fields__})
 
 
+Outcome = Literal["succeeded", "retrying", "failed", "skipped"]
+
+
 class Delivery(Struct, kw_only=True):
     """One attempt to deliver one outbox entry (the deliveries list, newest first)."""
 
@@ -132,7 +137,7 @@ class Delivery(Struct, kw_only=True):
     position: str
     """The entry's outbox position (`POST /webhooks/{id}/replay` takes it)."""
     attempt: int
-    outcome: Literal["succeeded", "retrying", "failed", "skipped"]
+    outcome: Outcome
     """skipped: the event is gone (its session was purged) or the URL is refused now; nothing was sent."""
     status_code: int | None = None
     error: str | None = None
@@ -153,10 +158,13 @@ class WebhookChangeData(Struct, kw_only=True, omit_defaults=True):
     """A replay's position."""
 
 
+ChangeType = Literal["WebhookCreated", "WebhookUpdated", "WebhookDeleted", "WebhookReplayed"]
+
+
 class WebhookChange(Struct, kw_only=True):
     """A change of one of the tenant's subscriptions, as events are shaped (never its secret)."""
 
-    type: Literal["WebhookCreated", "WebhookUpdated", "WebhookDeleted", "WebhookReplayed"]
+    type: ChangeType
     id: str
     occurred_at: datetime
     data: WebhookChangeData
