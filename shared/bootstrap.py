@@ -84,6 +84,7 @@ from shared.app.ports import (
 from shared.app.projection import Projection
 from shared.app.rebuild import Rebuilder
 from shared.app.retention import RetentionSweeper
+from shared.app.schedules import Scheduler, Schedules
 from shared.app.service import SessionService
 from shared.app.sessions import Sessions
 from shared.app.tenancy import Tenancy
@@ -159,6 +160,8 @@ class Parley:
     projection: Projection
     tenancy: Tenancy
     retention: RetentionSweeper
+    schedules: Schedules
+    scheduler: Scheduler
     subscriptions: WebhookSubscriptions
     stream_secret: bytes
     ping: Callable[[], Awaitable[Any]]
@@ -410,7 +413,11 @@ def _compose(
         a.log,
         a.views,
         settings.partitions,
-        ContentLimits(max_content_chars=settings.max_content_chars),
+        ContentLimits(
+            max_content_chars=settings.max_content_chars,
+            max_schedules=settings.max_schedules,
+            min_schedule_interval_s=settings.schedule_min_interval_s,
+        ),
         settings.read_timeout_s,
         settings.state_cache_size,
         projection=projection,
@@ -419,6 +426,7 @@ def _compose(
     history = History(service, a.admin, a.jobs)
     chats = Chats(service, a.jobs, a.queue, a.limits, a.wakeups, settings.model)
     sessions = Sessions(service, history, a.wakeups, a.limits, secret, settings.stream_token_ttl_s)
+    schedules = Schedules(service, chats, settings.schedule_grace_s)
     return Parley(
         settings=settings,
         supervisor=supervisor,
@@ -441,6 +449,8 @@ def _compose(
         projection=projection,
         tenancy=Tenancy(a.limits),
         retention=RetentionSweeper(sessions, a.views, settings.partitions, settings.retention_batch),
+        schedules=schedules,
+        scheduler=Scheduler(schedules, a.views, settings.partitions, settings.schedule_batch),
         subscriptions=WebhookSubscriptions(a.webhooks, a.webhook_sender),
         stream_secret=secret,
         ping=ping,

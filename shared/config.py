@@ -98,6 +98,17 @@ class Settings(Struct, kw_only=True, frozen=True):
     """What the default retention does to an expired session: `delete` (the log stays) or `purge` (erased)."""
     retention_sweep_s: float = 60.0
     """How often a worker sweeps for expired sessions (0: never; `parley retention run` still does)."""
+    max_schedules: int = 16
+    """Cron schedules per session."""
+    schedule_min_interval_s: float = 60.0
+    """The shortest interval between a schedule's ticks a tenant may ask for (cron's own is a minute; 6-field
+    expressions with seconds are taken when this allows)."""
+    schedule_poll_s: float = 0.5
+    """How often a worker looks for due schedule ticks (0: never): a tick runs at most this late."""
+    schedule_grace_s: float = 3_600.0
+    """A tick found later than this (no worker ran) is recorded as missed instead of run late."""
+    schedule_batch: int = 100
+    """Sessions with due ticks a scheduler pass takes per partition (the rest wait for the next pass)."""
     retention_batch: int = 100
     """Idle sessions a sweep looks at per partition (a pass is bounded; the next goes on from there)."""
     outbox_maxlen: int = 10_000

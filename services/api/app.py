@@ -27,6 +27,7 @@ from services.api.errors import EXCEPTION_HANDLERS, error_response
 from services.api.guard import EXPOSED_HEADERS
 from services.api.history import EventController, audit
 from services.api.openai_api import OpenAIController
+from services.api.schedules import ScheduleController
 from services.api.sessions import SessionController
 from services.api.sse import StreamSlots
 from services.api.usage import usage
@@ -160,6 +161,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker_too: b
     app = Litestar(
         route_handlers=[
             SessionController,
+            ScheduleController,
             ChatController,
             OpenAIController,
             EventController,

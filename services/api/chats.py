@@ -104,6 +104,24 @@ class ChatController(Controller):
             return await _sse(request, chats, sid, job.id, "0-0")  # type: ignore[return-value]
         return json_response(await wait_for_answer(request, sid, job.id))
 
+    @post(
+        "/compact",
+        status_code=202,
+        responses={**_errors(429), 202: ResponseSpec(data_container=JobAccepted, description="Queued")},
+    )
+    async def compact(
+        self, request: Request, tenant: str, session_id: str, idempotency_key: IdempotencyKey = None
+    ) -> Response[JobAccepted]:
+        """Compact the conversation now: a job, queued behind the session's chats, has the session's summariser
+        (`compaction.model`, else the default model) summarise every message it may (all but the newest
+        `compaction.keep_last` and the system messages) into a `SummaryAdded` event; later chats send the summary
+        instead. The job's answer is the summary; nothing is stored as a message, and a failed summary drops
+        nothing (the job fails `compaction_failed`)."""
+        sid = parse_session_id(session_id)
+        chats = api(request).parley.chats
+        done = await chats.compact(tenant, sid, await idempotency(request, idempotency_key))
+        return json_response(_encode(done.job), 202, {"Location": f"/sessions/{sid}/chats/{done.job.id}"})
+
     @get("/chats", responses=_errors())
     async def list_chats(
         self, request: Request, tenant: str, session_id: str, limit: Limit = 100, offset: Offset = 0

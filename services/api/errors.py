@@ -24,6 +24,7 @@ from shared.domain.errors import (
     QuotaExceeded,
     RateLimited,
     SessionExists,
+    TickTaken,
     VersionConflict,
 )
 from shared.domain.wire import ErrorBody, ErrorDetail
@@ -45,6 +46,7 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
     SchemaMismatch: 422,
     ChatInProgress: 409,
     ChatNotActive: 409,
+    TickTaken: 409,
     TokenBudgetExceeded: 422,
     ChatTimeout: 504,
     SessionExists: 409,

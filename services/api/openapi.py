@@ -203,8 +203,14 @@ def _success_headers(path: str, method: str, responses: dict[str, Any]) -> None:
         add("201", "Location")
     if path == "/sessions/{session_id}" and method in ("get", "put", "patch"):
         add("200", "ETag")
-    if path.endswith("/chat") and method == "post":
+    if (path.endswith("/chat") or path.endswith("/compact")) and method == "post":
         add("202", "Location")
+    if path.endswith("/schedules") and method == "post":
+        add("201", "ETag", "Location")
+    if "/schedules" in path and method in ("get", "patch"):
+        add("200", "ETag")
+    if "/schedules/" in path and method == "delete":
+        add("204", "ETag")
 
 
 def _streams(path: str, method: str, responses: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "json_list",
     "json_response",
     "parse_job_id",
+    "parse_schedule_id",
     "parse_message_id",
     "parse_session_id",
 ]
@@ -93,6 +94,10 @@ def parse_message_id(raw: str) -> str:
 
 def parse_job_id(raw: str) -> str:
     return _parse_id(raw, "chat")
+
+
+def parse_schedule_id(raw: str) -> str:
+    return _parse_id(raw, "schedule")
 
 
 def etag(version: int) -> str:

@@ -10,6 +10,7 @@ from typing import Literal
 
 from services.worker.projector import Projector
 from services.worker.sampler import sample
+from services.worker.scheduler import schedule_forever
 from services.worker.sweeper import sweep_forever
 from services.worker.webhooks import deliver_forever
 from shared.bootstrap import Parley
@@ -50,6 +51,9 @@ async def run_worker(parley: Parley, stop: asyncio.Event, role: Role = "all", sa
     if projector is not None and settings.retention_sweep_s > 0:
         every = settings.retention_sweep_s
         parts.append(supervisor.run("retention-sweeper", lambda: sweep_forever(parley.retention, stop, every)))
+    if projector is not None and settings.schedule_poll_s > 0:
+        poll = settings.schedule_poll_s
+        parts.append(supervisor.run("scheduler", lambda: schedule_forever(parley.scheduler, stop, poll)))
     if projector is not None:  # the outbox is the projector's output: its workers deliver it
         parts.append(supervisor.run("webhook-deliverer", lambda: deliver_forever(parley, stop)))
     if sample_metrics:

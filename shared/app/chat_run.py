@@ -35,7 +35,16 @@ from shared.domain.context import (
 from shared.domain.errors import DomainError
 from shared.domain.events import ChatRequested, Event
 from shared.domain.state import SessionState
-from shared.domain.wire import AssistantMessage, ChatChoice, ChatResponse, ContextReport, Message, Tool, Usage
+from shared.domain.wire import (
+    AssistantMessage,
+    ChatChoice,
+    ChatResponse,
+    Compaction,
+    ContextReport,
+    Message,
+    Tool,
+    Usage,
+)
 
 log = logging.getLogger("parley.chat")
 
@@ -56,6 +65,14 @@ _message_decoder = msgspec.json.Decoder(Message)
 
 class Cancelled(Exception):
     pass
+
+
+class CompactionFailed(ModelError):
+    """The summary could not be written (the model failed or answered nothing) and the session's compaction says
+    to fail (`on_failure: fail`, or a compaction job): nothing was dropped, nothing recorded."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("compaction_failed", message)
 
 
 class ChatRunner:
@@ -95,8 +112,16 @@ class ChatRunner:
         [requested] = await self.service.log.read(session_id, after=active.requested_at - 1, limit=1)
         assert isinstance(requested, ChatRequested)
         try:
-            plan, tools = await self._context(tenant, session_id, state, requested)
-            completion = await self._answer(session_id, job_id, requested, plan, tools)
+            plan, tools, written = await self._context(tenant, session_id, state, requested)
+            if requested.data.params.compact:
+                completion = written or Completion(
+                    content=state.summary.content if state.summary else "",
+                    tool_calls=None,
+                    finish_reason="stop",
+                    model=requested.data.params.model,
+                )
+            else:
+                completion = await self._answer(session_id, job_id, requested, plan, tools)
         except (TokenBudgetExceeded, ModelError) as e:
             code, message = (e.code, e.message)
             await self.fail(tenant, session_id, job_id, code, message)
@@ -132,10 +157,12 @@ class ChatRunner:
     # -- context ------------------------------------------------------------------------
     async def _context(
         self, tenant: str, session_id: str, state: SessionState, requested: ChatRequested
-    ) -> tuple[ContextPlan, list[Tool]]:
+    ) -> tuple[ContextPlan, list[Tool], Completion | None]:
+        """The prompt, the tools, and the summary this job wrote (None: none)."""
         d = requested.data
         assert state.session is not None
         session = state.session
+        compaction = session.compaction or Compaction()
         counter = self.counter_for(d.params.model)
         # The conversation as it stands now (a queued chat sees the answers of the chats before it), less the
         # messages of chats requested after this one.
@@ -148,7 +175,7 @@ class ChatRunner:
         saved = set(d.message_ids)
         reach = (
             session.token_budget
-            if session.token_budget is not None and session.context_overflow == "truncate"
+            if session.token_budget is not None and session.context_overflow == "truncate" and not d.params.compact
             else None
         )
         stored, dropped_range = await self._conversation(tenant, session_id, state, later, reach, counter)
@@ -168,7 +195,7 @@ class ChatRunner:
         tools_json = _encode(tools) if tools else None
         summary = state.summary
 
-        def plan(summary: Summary | None) -> ContextPlan:
+        def plan(summary: Summary | None, policy: Any = session.context_overflow) -> ContextPlan:
             return plan_context(
                 situation=session.situation,
                 summary=summary,
@@ -177,27 +204,41 @@ class ChatRunner:
                 tools_json=tools_json,
                 budget=session.token_budget,
                 max_tokens=d.params.max_tokens,
-                policy=session.context_overflow,
+                policy=policy,
                 counter=counter,
                 summary_reserve=self.summary_reserve,
+                threshold=compaction.threshold,
+                keep_last=compaction.keep_last,
+                compact=d.params.compact,
             )
 
         result = plan(summary)
         summarized: list[str] = []
+        written = None
         if result.to_summarize:
             seq_of = {m.id: seq for seq, m in history}
             covered = [m for m in result.to_summarize if m.id in seq_of]
-            content = await self._summarize(summary, result.to_summarize, d.params.model)
-            up_to = result.summary_up_to_seq or max(
-                (seq_of[m.id] for m in covered), default=summary.up_to_seq if summary else 0
-            )
-            summarized = [m.id for m in covered if m.id]
-            await self._record(
-                tenant, session_id, AddSummary(job_id=d.job_id, content=content, up_to_seq=up_to, summarized=summarized)
-            )
-            result = plan(Summary(content=content, up_to_seq=up_to))
-            if result.to_summarize:
-                raise TokenBudgetExceeded("the conversation does not fit the token budget even after summarising")
+            model = compaction.model or d.params.model
+            try:
+                written = await self._summarize(summary, result.to_summarize, model, compaction.prompt)
+            except CompactionFailed:
+                if d.params.compact or compaction.on_failure == "fail":
+                    raise
+                log.warning("compaction failed; the prompt is truncated instead", extra={"fields": {"job": d.job_id}})
+                result = plan(summary, "truncate")
+            else:
+                content = written.content or ""
+                up_to = result.summary_up_to_seq or max(
+                    (seq_of[m.id] for m in covered), default=summary.up_to_seq if summary else 0
+                )
+                summarized = [m.id for m in covered if m.id]
+                added = AddSummary(
+                    job_id=d.job_id, content=content, up_to_seq=up_to, summarized=summarized, model=written.model
+                )
+                await self._record(tenant, session_id, added)
+                result = plan(Summary(content=content, up_to_seq=up_to))
+                if result.to_summarize and not d.params.compact:
+                    raise TokenBudgetExceeded("the conversation does not fit the token budget even after summarising")
         report = ContextReport(
             included=result.included,
             dropped=result.dropped,
@@ -208,7 +249,7 @@ class ChatRunner:
             dropped_range=dropped_range,
         )
         await self._record(tenant, session_id, RecordContext(job_id=d.job_id, report=report))
-        return result, tools
+        return result, tools, written
 
     async def _conversation(
         self,
@@ -273,22 +314,31 @@ class ChatRunner:
             offset += len(page)
         return out
 
-    async def _summarize(self, previous: Summary | None, messages: list[ContextMessage], model: str) -> str:
+    async def _summarize(
+        self, previous: Summary | None, messages: list[ContextMessage], model: str, prompt: str | None
+    ) -> Completion:
+        """The summary's completion (its text stripped); `CompactionFailed` if the model failed or wrote nothing."""
         lines = [f"Earlier summary: {previous.content}"] if previous else []
         lines += [f"{m.role}: {_text(m.content)}" for m in messages]
         request = ModelRequest(
             model=model,
             messages=[
-                {"role": "system", "content": SUMMARY_INSTRUCTION},
+                {"role": "system", "content": prompt or SUMMARY_INSTRUCTION},
                 {"role": "user", "content": "\n".join(lines)},
             ],
             max_tokens=self.summary_reserve - 16,
         )
         final = None
-        async for item in self.provider.stream(request):
-            if isinstance(item, Completion):
-                final = item
-        return (final.content or "").strip() if final else ""
+        try:
+            async for item in self.provider.stream(request):
+                if isinstance(item, Completion):
+                    final = item
+        except ModelError as e:
+            raise CompactionFailed(f"the summariser ({model}) failed: {e.message}") from e
+        text = (final.content or "").strip() if final else ""
+        if final is None or not text:
+            raise CompactionFailed(f"the summariser ({model}) wrote nothing")
+        return msgspec.structs.replace(final, content=text, tool_calls=None)
 
     # -- the answer --------------------------------------------------------------------
     async def _answer(

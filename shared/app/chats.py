@@ -19,7 +19,7 @@ import msgspec
 from shared.app.follow import follow
 from shared.app.ports import ChatJobs, ChatQueue, Limits, Wakeups
 from shared.app.service import Idempotency, SessionService
-from shared.domain.commands import Amendment, CancelChat, RequestChat
+from shared.domain.commands import Amendment, CancelChat, RequestChat, Tick
 from shared.domain.errors import ChatTimeout, ChatUnanswered, QuotaExceeded, RateLimited
 from shared.domain.events import ChatCancelled, ChatRequested, Event, MessageAdded
 from shared.domain.ids import uuid7
@@ -81,14 +81,20 @@ class Chats:
         idem: Idempotency | None = None,
         amend: tuple[Amendment, ...] = (),
         planned: int | None = None,
+        tick: Tick | None = None,
+        compact: bool = False,
     ) -> Requested:
         """Record the request's messages and its job, under the tenant's limits, then queue the job if it is the
         session's first active chat. `amend`: edits and removals recorded first, in the same append. `planned`:
-        the session version the caller planned on (`StaleConversation` if it moved: plan again)."""
+        the session version the caller planned on (`StaleConversation` if it moved: plan again). `tick`: the
+        schedule tick this chat runs (`TickTaken` if another took it). `compact`: a compaction job instead of a chat
+        (`POST /sessions/{id}/compact`)."""
         if idem is not None and (replay := await self.service.replayed(tenant, sid, idem, Requested)) is not None:
             return replay  # a retry of a chat already requested: no new slot, nothing queued again
         job_id = uuid7()
-        command = RequestChat(job_id=job_id, request=request, default_model=self.default_model, amend=amend)
+        command = RequestChat(
+            job_id=job_id, request=request, default_model=self.default_model, amend=amend, tick=tick, compact=compact
+        )
 
         def requested(state: SessionState, events: list[Event]) -> Requested:
             before = state.version - len(events)
@@ -122,6 +128,11 @@ class Chats:
         if state is not None and state.active_chats and state.active_chats[0].job_id == job_id:
             await self.queue.enqueue(tenant, sid, [job_id], state.active_chats[0].run_at)
         return done
+
+    async def compact(self, tenant: str, sid: str, idem: Idempotency | None = None) -> Requested:
+        """Queue a compaction of the session's conversation (`POST /sessions/{id}/compact`): a job like a chat's,
+        under the same limits, in the same order, whose answer is the summary."""
+        return await self.request(tenant, sid, ChatRequest(save=False), idem, compact=True)
 
     async def _tokens_today(self, tenant: str, max_age_s: float = 1.0) -> int:
         """Prompt plus completion tokens the tenant used today (from the usage counters the projector keeps),

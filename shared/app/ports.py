@@ -52,6 +52,7 @@ __all__ = [
     "FeedEntry",
     "IdempotencyClaim",
     "IdempotencyMismatch",
+    "DueSession",
     "Idle",
     "IdleCursor",
     "Limits",
@@ -173,6 +174,14 @@ IdleCursor = Idle
 """Where a walk of the idle index goes on from: the last entry it saw."""
 
 
+class DueSession(NamedTuple):
+    """A session in the schedule index: when its next tick is due (ms since the epoch), its tenant, its id."""
+
+    due_ms: int
+    tenant: str
+    session_id: str
+
+
 class ReadModels(Protocol):
     async def session(self, tenant: str, session_id: str) -> View: ...
 
@@ -198,6 +207,15 @@ class ReadModels(Protocol):
 
     async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
         """Drop a session the idle index still names but that is gone (purged)."""
+        ...
+
+    async def due(self, partition: int, until_ms: int, limit: int) -> list[DueSession]:
+        """Up to `limit` of the partition's sessions with a schedule tick due at or before `until_ms`, soonest
+        first: what the scheduler fires."""
+        ...
+
+    async def forget_due(self, partition: int, tenant: str, session_id: str) -> None:
+        """Drop a session the schedule index still names but that is gone (purged)."""
         ...
 
     async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:

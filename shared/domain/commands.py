@@ -13,7 +13,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from msgspec import UNSET, Struct, UnsetType, structs
 
-from shared.domain.errors import ChatInProgress, ChatNotActive, Invalid, NotFound, VersionConflict
+from shared.domain import schedules
+from shared.domain.errors import ChatInProgress, ChatNotActive, Invalid, NotFound, TickTaken, VersionConflict
 from shared.domain.events import (
     ChatCancelled,
     ChatCancelledData,
@@ -30,6 +31,14 @@ from shared.domain.events import (
     MessageEdited,
     MessageRemoved,
     MessageRemovedData,
+    ScheduleCreated,
+    ScheduleCreatedData,
+    ScheduleDeleted,
+    ScheduleDeletedData,
+    ScheduleFired,
+    ScheduleFiredData,
+    ScheduleUpdated,
+    ScheduleUpdatedData,
     SessionCreated,
     SessionCreatedData,
     SessionDeleted,
@@ -42,7 +51,7 @@ from shared.domain.events import (
     ToolsChangedData,
 )
 from shared.domain.ids import derived_id
-from shared.domain.state import SessionState, fold
+from shared.domain.state import ScheduleState, SessionState, fold
 from shared.domain.wire import (
     ChatError,
     ChatParams,
@@ -52,6 +61,8 @@ from shared.domain.wire import (
     ContextReport,
     Message,
     MessageCreate,
+    ScheduleCreate,
+    SchedulePatch,
     SessionCreate,
     SessionPatch,
     Tool,
@@ -61,6 +72,10 @@ from shared.domain.wire import (
 
 class Limits(Struct, kw_only=True, frozen=True):
     max_content_chars: int = 100_000
+    max_schedules: int = 16
+    """Cron schedules per session."""
+    min_schedule_interval_s: float = 60.0
+    """The shortest time between two ticks of a schedule."""
 
 
 class Stamp(Struct, kw_only=True, frozen=True):
@@ -104,10 +119,22 @@ class RemoveMessage(Struct, kw_only=True, frozen=True):
 Amendment = EditMessage | RemoveMessage
 
 
+class Tick(Struct, kw_only=True, frozen=True):
+    """A tick of a schedule a chat request takes: recorded by `ScheduleFired` in the same append, once."""
+
+    schedule_id: str
+    at: datetime
+
+
 class RequestChat(Struct, kw_only=True, frozen=True):
     job_id: str
     request: ChatRequest
     default_model: str
+    tick: Tick | None = None
+    """The chat runs a schedule's tick (`TickTaken` if that tick, or a later one, was taken already)."""
+    compact: bool = False
+    """A compaction, not a chat (`ChatParams.compact`): queued behind the session's chats whatever its multitask
+    policy, run by the session's summariser model."""
     amend: tuple[Amendment, ...] = ()
     """Edits and removals of stored messages recorded before the request's messages, in the same append (the
     OpenAI endpoint's conversation rule: a client that cut off or edited an answer)."""
@@ -123,6 +150,7 @@ class AddSummary(Struct, kw_only=True, frozen=True):
     content: str
     up_to_seq: int
     summarized: list[str]
+    model: str | None = None
 
 
 class CompleteChat(Struct, kw_only=True, frozen=True):
@@ -147,6 +175,29 @@ class CancelChat(Struct, kw_only=True, frozen=True):
     so the conversation ends where the model was stopped, as the client saw it."""
 
 
+class CreateSchedule(Struct, kw_only=True, frozen=True):
+    schedule_id: str
+    body: ScheduleCreate
+
+
+class UpdateSchedule(Struct, kw_only=True, frozen=True):
+    schedule_id: str
+    patch: SchedulePatch
+
+
+class DeleteSchedule(Struct, kw_only=True, frozen=True):
+    schedule_id: str
+
+
+class SkipTicks(Struct, kw_only=True, frozen=True):
+    """Record ticks of a schedule as not run: `reason` is an error code (`missed`, `chat_in_progress`, …);
+    `missed_from`: the first tick of a run of missed ones ending at `tick.at`."""
+
+    tick: Tick
+    reason: str
+    missed_from: datetime | None = None
+
+
 Command = (
     CreateSession
     | UpdateSession
@@ -160,6 +211,10 @@ Command = (
     | CompleteChat
     | FailChat
     | CancelChat
+    | CreateSchedule
+    | UpdateSchedule
+    | DeleteSchedule
+    | SkipTicks
 )
 
 
@@ -199,7 +254,11 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
             return [ContextBuilt(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=built)]
         case AddSummary(job_id=job) if _running(state, job):
             summary = SummaryAddedData(
-                job_id=job, content=command.content, up_to_seq=command.up_to_seq, summarized=command.summarized
+                job_id=job,
+                content=command.content,
+                up_to_seq=command.up_to_seq,
+                summarized=command.summarized,
+                model=command.model,
             )
             return [SummaryAdded(id=stamp.new_id(), version=state.version + 1, occurred_at=stamp.now, data=summary)]
         case CompleteChat(job_id=job) if _running(state, job):
@@ -226,6 +285,8 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
             ]
         case RecordContext() | AddSummary() | CompleteChat() | FailChat():
             return []  # the job already ended (answered, failed or cancelled): a repeat run changes nothing
+        case CreateSchedule() | UpdateSchedule() | DeleteSchedule() | SkipTicks():
+            return _schedule(state, command, stamp, limits)
     raise TypeError(f"unknown command {type(command).__name__}")
 
 
@@ -244,6 +305,7 @@ def _create(state: SessionState, command: CreateSession, stamp: Stamp, limits: L
         multitask=b.multitask,
         tools=b.tools,
         metadata=b.metadata,
+        compaction=b.compaction,
         retention=b.retention,
     )
     return [SessionCreated(id=stamp.new_id(), version=1, occurred_at=stamp.now, data=data)]
@@ -255,7 +317,16 @@ def _update(state: SessionState, command: UpdateSession, stamp: Stamp, limits: L
     _check_text("situation", p.situation, limits)
     changes = {
         f: getattr(p, f)
-        for f in ("agent_id", "user_id", "situation", "token_budget", "context_overflow", "multitask", "retention")
+        for f in (
+            "agent_id",
+            "user_id",
+            "situation",
+            "token_budget",
+            "context_overflow",
+            "multitask",
+            "compaction",
+            "retention",
+        )
         if getattr(p, f) is not UNSET
     }
     if p.metadata is not UNSET:
@@ -350,11 +421,13 @@ def _amend(state: SessionState, version: int, command: Amendment, stamp: Stamp, 
 def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limits: Limits) -> list[Event]:
     _check_live(state, None)
     assert state.session is not None
+    if command.tick is not None:
+        _check_tick(state, command.tick)
     r = command.request
     if r.tools:
         _check_tools(r.tools)
     run_at = _run_at(r.run_at, r.delay_s, stamp.now)
-    policy = r.multitask or state.session.multitask
+    policy = "enqueue" if command.compact else r.multitask or state.session.multitask
     events: list[Event] = []
     version = state.version
     if state.active_chats and policy == "reject":
@@ -384,8 +457,13 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
             _check_message(m, limits, frozenset(known))
         known.discard(m.tool_call_id)
         known |= {c.id for c in m.tool_calls or ()}
+    compaction = state.session.compaction if state.session is not None else None
+    model = r.model or command.default_model
+    if command.compact and compaction is not None and compaction.model is not None:
+        model = compaction.model
     params = ChatParams(
-        model=r.model or command.default_model,
+        model=model,
+        compact=command.compact,
         max_tokens=r.max_tokens,
         stream=r.stream,
         save=r.save,
@@ -405,7 +483,74 @@ def _request_chat(state: SessionState, command: RequestChat, stamp: Stamp, limit
         unsaved=[] if r.save else r.messages,
     )
     events.append(ChatRequested(id=stamp.new_id(), version=version + 1, occurred_at=stamp.now, data=requested))
+    if command.tick is not None:
+        fired = ScheduleFiredData(schedule_id=command.tick.schedule_id, tick=command.tick.at, job_id=command.job_id)
+        events.append(ScheduleFired(id=stamp.new_id(), version=version + 2, occurred_at=stamp.now, data=fired))
     return events
+
+
+def _schedule(
+    state: SessionState,
+    command: CreateSchedule | UpdateSchedule | DeleteSchedule | SkipTicks,
+    stamp: Stamp,
+    limits: Limits,
+) -> list[Event]:
+    _check_live(state, None)
+    event: Event
+    new_id, version, now = stamp.new_id(), state.version + 1, stamp.now
+    match command:
+        case CreateSchedule(body=b):
+            if len(state.schedules) >= limits.max_schedules:
+                raise Invalid(
+                    f"a session has at most {limits.max_schedules} schedules",
+                    {"rule": "max_schedules", "max_schedules": limits.max_schedules},
+                )
+            schedules.check(b.cron, b.timezone, stamp.now, limits.min_schedule_interval_s)
+            if b.tools:
+                _check_tools(b.tools)
+            for m in b.messages:  # a tool result answers a call of one conversation, never one of every tick
+                _check_message(m, limits, frozenset())
+            event = ScheduleCreated(
+                id=new_id,
+                version=version,
+                occurred_at=now,
+                data=ScheduleCreatedData(schedule_id=command.schedule_id, schedule=b),
+            )
+        case UpdateSchedule(patch=p):
+            old = _found_schedule(state, command.schedule_id)
+            cron = old.spec.cron if isinstance(p.cron, UnsetType) else p.cron
+            timezone = old.spec.timezone if isinstance(p.timezone, UnsetType) else p.timezone
+            if cron != old.spec.cron or timezone != old.spec.timezone:
+                schedules.check(cron, timezone, stamp.now, limits.min_schedule_interval_s)
+            data = ScheduleUpdatedData(schedule_id=old.id, cron=p.cron, timezone=p.timezone, paused=p.paused)
+            event = ScheduleUpdated(id=new_id, version=version, occurred_at=now, data=data)
+        case DeleteSchedule():
+            _found_schedule(state, command.schedule_id)
+            event = ScheduleDeleted(
+                id=new_id, version=version, occurred_at=now, data=ScheduleDeletedData(schedule_id=command.schedule_id)
+            )
+        case SkipTicks(tick=t):
+            _check_tick(state, t)
+            fired = ScheduleFiredData(
+                schedule_id=t.schedule_id, tick=t.at, skipped=command.reason, missed_from=command.missed_from
+            )
+            event = ScheduleFired(id=new_id, version=version, occurred_at=now, data=fired)
+    return [event]
+
+
+def _found_schedule(state: SessionState, schedule_id: str) -> ScheduleState:
+    found = state.schedule(schedule_id)
+    if found is None:
+        raise NotFound(f"schedule {schedule_id} not found")
+    return found
+
+
+def _check_tick(state: SessionState, tick: Tick) -> None:
+    """A schedule's tick may be taken once, while the schedule runs: `TickTaken` otherwise (the scheduler that
+    lost the race, or a schedule paused or deleted meanwhile, does nothing)."""
+    s = state.schedule(tick.schedule_id)
+    if s is None or s.spec.paused or tick.at <= s.since:
+        raise TickTaken(f"tick {tick.at.isoformat()} of schedule {tick.schedule_id} is taken or no longer due")
 
 
 _RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:([Zz])|([+-])(\d{2}):(\d{2}))")

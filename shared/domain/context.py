@@ -106,6 +106,9 @@ def plan_context(
     policy: Policy,
     counter: TokenCounter,
     summary_reserve: int = 256,
+    threshold: float = 1.0,
+    keep_last: int = 0,
+    compact: bool = False,
 ) -> ContextPlan:
     """The prompt for a chat request: situation, summary, the history it does not cover, then `new`.
 
@@ -115,6 +118,10 @@ def plan_context(
     is a message, or an assistant message with tool calls together with the tool messages
     answering them, so a result never loses its call. System messages and the newest
     message's unit are never dropped; if they alone do not fit, every policy refuses.
+
+    `adaptive` compacts once the prompt would pass `threshold` × the budget, down to it, never summarising the
+    newest `keep_last` stored messages; `compact` (a compaction job) summarises every stored unit it may, budget
+    or none.
     """
     head: list[ContextMessage] = []
     if situation is not None:
@@ -151,10 +158,24 @@ def plan_context(
         )
 
     everything = list(range(len(conv)))
+    units = _units(conv)
+    # the newest `keep_last` stored non-system messages stay verbatim: no unit holding one is summarised
+    stored = [i for i in range(n_hist) if conv[i].role != "system"]
+    verbatim = set(stored[len(stored) - keep_last :]) if keep_last else set()
+    if compact:
+        eligible: list[int] = []
+        for u in units:
+            if max(u) >= n_hist or verbatim.intersection(u):
+                break
+            if conv[u[0]].role != "system":
+                eligible += u
+        if not eligible:
+            return plan(everything)
+        folded = set(eligible)
+        return plan([i for i in everything if i not in folded], summarize=eligible)
     if budget is None:
         return plan(everything)
 
-    units = _units(conv)
     last = len(conv) - 1
     pinned = {i for u in units if last in u for i in u} | {i for i, m in enumerate(conv) if m.role == "system"}
     droppable = [u for u in units if last not in u and conv[u[0]].role != "system"]
@@ -165,7 +186,6 @@ def plan_context(
             f"over the token budget of {budget}",
             {"prompt_tokens": minimum, "max_tokens": max_tokens, "budget": budget},
         )
-    fits = total + max_tokens <= budget
 
     if policy == "truncate":
         gone: set[int] = set()
@@ -186,11 +206,12 @@ def plan_context(
                 gone.add(i)
         return plan([i for i in everything if i not in gone], sorted(gone))
 
-    if fits:
+    target = int(budget * threshold) if policy == "adaptive" else budget
+    if total + max_tokens <= target:
         return plan(everything)
 
     if policy == "adaptive":
-        room = budget - max_tokens - summary_reserve
+        room = target - max_tokens - summary_reserve
         rest = total - summary_cost  # the summary to come replaces the one there is
         # How many non-system messages lie at or before each position: a set of chosen messages
         # can be summarised up to the seq of its last one only if none of those is left out.
@@ -199,13 +220,19 @@ def plan_context(
             before.append((before[-1] if before else 0) + (m.role != "system"))
         chosen: list[int] = []
         for u in droppable:
-            if max(u) >= n_hist:
-                break  # only stored history is summarised: a summary is a record up to a seq
+            if max(u) >= n_hist or verbatim.intersection(u):
+                break  # only stored history is summarised (a summary is a record up to a seq), and not the newest
             chosen += u
             rest -= sum(costs[i] for i in u)
             if rest <= room and before[max(chosen)] == len(chosen):
                 gone = set(chosen)
                 return plan([i for i in everything if i not in gone], summarize=sorted(chosen))
+        # under the threshold was out of reach (the newest messages stay verbatim): within the budget will do
+        if chosen and before[max(chosen)] == len(chosen) and rest <= budget - max_tokens - summary_reserve:
+            gone = set(chosen)
+            return plan([i for i in everything if i not in gone], summarize=sorted(chosen))
+        if total + max_tokens <= budget:
+            return plan(everything)
         raise TokenBudgetExceeded(
             f"even with the oldest messages summarised the prompt needs {rest} tokens, plus {summary_reserve} "
             f"for the summary and max_tokens {max_tokens}: over the token budget of {budget}",

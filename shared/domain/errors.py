@@ -54,6 +54,12 @@ class ChatInProgress(DomainError):
     code = "chat_in_progress"
 
 
+class TickTaken(DomainError):
+    """A schedule's tick was taken already (or the schedule was paused or deleted): firing it does nothing."""
+
+    code = "tick_taken"
+
+
 class ChatNotActive(DomainError):
     """The chat job already ended; it cannot be cancelled (→ 409)."""
 

@@ -18,12 +18,14 @@ from shared.domain.wire import (
     ChatError,
     ChatParams,
     ChatResponse,
+    Compaction,
     ContextOverflow,
     ContextReport,
     Message,
     MessageCreate,
     Multitask,
     Retention,
+    ScheduleCreate,
     Tool,
 )
 
@@ -42,6 +44,7 @@ class SessionCreatedData(Struct, kw_only=True):
     multitask: Multitask = "enqueue"
     tools: list[Tool] = msgspec.field(default_factory=list)
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    compaction: Compaction | None = None
     retention: Retention | None = None
 
 
@@ -55,6 +58,7 @@ class SessionUpdatedData(Struct, kw_only=True):
     context_overflow: ContextOverflow | None | UnsetType = UNSET
     multitask: Multitask | UnsetType = UNSET
     metadata: dict[str, Any] | UnsetType = UNSET
+    compaction: Compaction | None | UnsetType = UNSET
     retention: Retention | None | UnsetType = UNSET
 
 
@@ -87,12 +91,16 @@ class ContextBuiltData(ContextReport, kw_only=True):
 
 
 class SummaryAddedData(Struct, kw_only=True):
-    """An `adaptive` summary of the oldest messages; later chats reuse it instead of them."""
+    """An `adaptive` summary of the conversation from its first message up to `up_to_seq` (it folds in the summary
+    before it); later chats send it instead of those messages, which the log keeps."""
 
     job_id: str
     content: str
     up_to_seq: int
     summarized: list[str]
+    """The messages this summary newly covers (the earlier ones are in the summary it folds in)."""
+    model: str | None = None
+    """The model that wrote it."""
 
 
 class ChatCompletedData(Struct, kw_only=True):
@@ -113,6 +121,36 @@ class ChatCancelledData(Struct, kw_only=True):
     message_id: str | None = None
     """The answer as far as the model got when it was stopped, stored as an assistant message (None: nothing
     streamed yet, or `save: false`)."""
+
+
+class ScheduleCreatedData(Struct, kw_only=True):
+    schedule_id: str
+    schedule: ScheduleCreate
+
+
+class ScheduleUpdatedData(Struct, kw_only=True):
+    """Only the fields that changed."""
+
+    schedule_id: str
+    cron: str | UnsetType = UNSET
+    timezone: str | UnsetType = UNSET
+    paused: bool | UnsetType = UNSET
+
+
+class ScheduleDeletedData(Struct, kw_only=True):
+    schedule_id: str
+
+
+class ScheduleFiredData(Struct, kw_only=True):
+    """A tick of a schedule was taken: it requested chat `job_id` (its `ChatRequested` just before, in the same append),
+    or it was skipped (`skipped` says why; `missed_from`: the first of the ticks missed up to `tick`). A tick is
+    taken once: later ones only."""
+
+    schedule_id: str
+    tick: datetime
+    job_id: str | None = None
+    skipped: str | None = None
+    missed_from: datetime | None = None
 
 
 class EventBase(Struct, kw_only=True, frozen=True, tag_field="type"):
@@ -177,6 +215,22 @@ class ChatCancelled(EventBase, tag=True, frozen=True):
     data: ChatCancelledData
 
 
+class ScheduleCreated(EventBase, tag=True, frozen=True):
+    data: ScheduleCreatedData
+
+
+class ScheduleUpdated(EventBase, tag=True, frozen=True):
+    data: ScheduleUpdatedData
+
+
+class ScheduleDeleted(EventBase, tag=True, frozen=True):
+    data: ScheduleDeletedData
+
+
+class ScheduleFired(EventBase, tag=True, frozen=True):
+    data: ScheduleFiredData
+
+
 Event = (
     SessionCreated
     | SessionUpdated
@@ -191,7 +245,13 @@ Event = (
     | ChatCompleted
     | ChatFailed
     | ChatCancelled
+    | ScheduleCreated
+    | ScheduleUpdated
+    | ScheduleDeleted
+    | ScheduleFired
 )
+
+SCHEDULE_EVENTS = (ScheduleCreated, ScheduleUpdated, ScheduleDeleted, ScheduleFired)
 
 CHAT_ENDED = (ChatCompleted, ChatFailed, ChatCancelled)
 

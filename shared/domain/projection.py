@@ -24,10 +24,15 @@ from shared.domain.events import (
     MessageAdded,
     MessageEdited,
     MessageRemoved,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleFired,
+    ScheduleUpdated,
     SessionCreated,
     SessionDeleted,
     ToolsChanged,
 )
+from shared.domain.schedules import next_tick
 from shared.domain.state import SessionState, evolve
 from shared.domain.wire import ChatError, ChatResponse, ChatStatus, ContextReport, Session
 
@@ -91,6 +96,11 @@ class ReadModelUpdate(Struct, kw_only=True):
     """The states at the versions in this run that are multiples of `SNAPSHOT_EVERY`."""
     usage: list[UsageDelta] = []
     """Per day, what the run adds to the tenant's usage counters (chats, tokens)."""
+    schedules_changed: bool = False
+    """The run created, changed, deleted or fired a schedule, or deleted the session: `next_tick_ms` is new."""
+    next_tick_ms: int | None = None
+    """The session's next tick of any running schedule (ms since the epoch; None: none): its score in the
+    partition's schedule index, which the scheduler walks."""
     outbox: list[tuple[int, str, str]] = []
     """(version, type, event id) of each event of a webhook type (`WEBHOOK_EVENT_TYPES`), in order: the live
     projection puts them into the partition's outbox, exactly once, as the version fence guards it."""
@@ -115,6 +125,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
     usage: dict[str, UsageDelta] = {}
     outbox: list[tuple[int, str, str]] = []
     active = [c.job_id for c in state.active_chats]
+    schedules_changed = False
     for e in events:
         after = evolve(after, e)
         if type(e) in _OUTBOX:
@@ -135,8 +146,10 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
                 mods.append((d.seq, e.version, "r"))
             case MessageAdded():
                 versions.append(e.version)
+            case ScheduleCreated() | ScheduleUpdated() | ScheduleDeleted() | ScheduleFired():
+                schedules_changed = True
             case SessionDeleted():
-                index = "remove"
+                index, schedules_changed = "remove", True
                 reason = ChatError(code="session_deleted", message="the session was deleted")
                 jobs += [
                     JobUpdate(job_id=j, status="cancelled", finished_at=e.occurred_at, error=reason) for j in active
@@ -182,8 +195,22 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
         jobs=jobs,
         snapshots=snapshots,
         usage=list(usage.values()),
+        schedules_changed=schedules_changed,
+        next_tick_ms=next_tick_ms(after) if schedules_changed else None,
         outbox=outbox,
     )
+
+
+def next_tick_ms(state: SessionState) -> int | None:
+    """When the session's next tick is due, of all its running schedules (None: none, or the session is gone)."""
+    if not state.exists:
+        return None
+    ticks = [
+        t
+        for s in state.schedules
+        if not s.spec.paused and (t := next_tick(s.spec.cron, s.spec.timezone, s.since)) is not None
+    ]
+    return int(min(ticks).timestamp() * 1000) if ticks else None
 
 
 def _usage(usage: dict[str, UsageDelta], event: Event) -> UsageDelta:

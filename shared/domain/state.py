@@ -23,13 +23,17 @@ from shared.domain.events import (
     MessageAdded,
     MessageEdited,
     MessageRemoved,
+    ScheduleCreated,
+    ScheduleDeleted,
+    ScheduleFired,
+    ScheduleUpdated,
     SessionCreated,
     SessionDeleted,
     SessionUpdated,
     SummaryAdded,
     ToolsChanged,
 )
-from shared.domain.wire import Session
+from shared.domain.wire import ScheduleCreate, Session
 
 
 class ActiveChat(Struct, frozen=True, array_like=True):
@@ -38,6 +42,21 @@ class ActiveChat(Struct, frozen=True, array_like=True):
     """The version of its `ChatRequested` event, where the worker reads the request."""
     run_at: datetime | None = None
     """A scheduled chat: not run before this time (the queue defers it until then)."""
+
+
+class ScheduleState(Struct, frozen=True, kw_only=True):
+    """A schedule as the session's state keeps it (the resource adds its next tick: `shared.app.schedules`)."""
+
+    id: str
+    spec: ScheduleCreate
+    created_at: datetime
+    updated_at: datetime
+    since: datetime
+    """Ticks after this are still to come: the last tick taken, else when it was created, changed or resumed."""
+    last_tick: datetime | None = None
+    last_job_id: str | None = None
+    runs: int = 0
+    skipped: int = 0
 
 
 class SessionState(Struct, kw_only=True):
@@ -63,9 +82,15 @@ class SessionState(Struct, kw_only=True):
     the conversation from its newest message backwards and fetches these alone. None in a state folded before it
     was kept (such a chat reads the whole conversation; `parley rebuild` makes it exact)."""
 
+    schedules: tuple[ScheduleState, ...] = ()
+    """The session's cron schedules, in creation order."""
+
     @property
     def exists(self) -> bool:
         return self.session is not None and not self.deleted
+
+    def schedule(self, schedule_id: str) -> ScheduleState | None:
+        return next((s for s in self.schedules if s.id == schedule_id), None)
 
     def active(self, job_id: str) -> ActiveChat | None:
         return next((c for c in self.active_chats if c.job_id == job_id), None)
@@ -89,6 +114,7 @@ def evolve(state: SessionState, event: Event) -> SessionState:
                 multitask=d.multitask,
                 tools=d.tools,
                 metadata=d.metadata,
+                compaction=d.compaction,
                 version=event.version,
                 created_at=at,
                 updated_at=at,
@@ -156,6 +182,30 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             return _touch(state, event, summary=Summary(content=d.content, up_to_seq=d.up_to_seq))
         case ContextBuilt():
             return _touch(state, event)
+        case ScheduleCreated(data=d):
+            made = ScheduleState(id=d.schedule_id, spec=d.schedule, created_at=at, updated_at=at, since=at)
+            return _touch(state, event, schedules=(*state.schedules, made))
+        case ScheduleUpdated(data=d):
+            old = _schedule(state, d.schedule_id)
+            changes = {f: v for f in ("cron", "timezone", "paused") if (v := getattr(d, f)) is not UNSET}
+            spec = structs.replace(old.spec, **changes)
+            return _touch(
+                state, event, schedules=_replace(state, structs.replace(old, spec=spec, updated_at=at, since=at))
+            )
+        case ScheduleDeleted(data=d):
+            _schedule(state, d.schedule_id)
+            return _touch(state, event, schedules=tuple(s for s in state.schedules if s.id != d.schedule_id))
+        case ScheduleFired(data=d):
+            old = _schedule(state, d.schedule_id)
+            taken = structs.replace(
+                old,
+                since=d.tick,
+                last_tick=d.tick,
+                last_job_id=d.job_id or old.last_job_id,
+                runs=old.runs + (d.job_id is not None),
+                skipped=old.skipped + (d.job_id is None),
+            )
+            return _touch(state, event, schedules=_replace(state, taken))
     raise TypeError(f"unknown event {type(event).__name__}")
 
 
@@ -169,6 +219,17 @@ def _touch(state: SessionState, event: Event, **changes: object) -> SessionState
     """A chat event: the session's version and `updated_at` move, nothing else of the resource."""
     session = structs.replace(_live(state), version=event.version, updated_at=event.occurred_at)
     return structs.replace(state, version=event.version, session=session, **changes)
+
+
+def _schedule(state: SessionState, schedule_id: str) -> ScheduleState:
+    found = state.schedule(schedule_id)
+    if found is None:
+        raise ValueError(f"schedule {schedule_id} is not a schedule of session {state.id}")
+    return found
+
+
+def _replace(state: SessionState, schedule: ScheduleState) -> tuple[ScheduleState, ...]:
+    return tuple(schedule if s.id == schedule.id else s for s in state.schedules)
 
 
 def _live(state: SessionState) -> Session:

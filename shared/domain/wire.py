@@ -80,6 +80,24 @@ class Retention(Wire):
     action: RetentionAction = "delete"
 
 
+class Compaction(Wire):
+    """How an `adaptive` session compacts its conversation into a summary. A summary covers the conversation from its
+    first message up to a seq (it folds in the one before it); the log keeps every message it covers."""
+
+    model: ShortText | None = None
+    """The model that writes the summary (null: the chat's own)."""
+    threshold: Annotated[float, Meta(gt=0, le=1)] = 1.0
+    """Compact once the prompt plus `max_tokens` would pass this fraction of the token budget, down to it."""
+    prompt: Annotated[str, Meta(min_length=1, max_length=8_000)] | None = None
+    """The summariser's instruction (null: Parley's own)."""
+    keep_last: Annotated[int, Meta(ge=0, le=10_000)] = 0
+    """The newest messages never summarised: they stay verbatim in every prompt."""
+    on_failure: Literal["fail", "truncate"] = "fail"
+    """When the summary cannot be written (the model failed or answered nothing): fail the chat
+    (`compaction_failed`), or send the prompt truncated instead. Either way no message is dropped from the
+    conversation and no summary recorded."""
+
+
 class SessionCreate(Wire):
     agent_id: ShortText | None = None
     user_id: ShortText | None = None
@@ -89,6 +107,8 @@ class SessionCreate(Wire):
     multitask: Multitask = "enqueue"
     tools: Tools = msgspec.field(default_factory=list)
     metadata: Metadata = msgspec.field(default_factory=dict)
+    compaction: Compaction | None = None
+    """How `adaptive` compacts (null: at the budget, by the chat's model, keeping no message verbatim)."""
     retention: Retention | None = None
     """This session's own retention; null: the tenant's (`parley tenants set-limits --retention-idle-days`)."""
 
@@ -104,6 +124,7 @@ class SessionPatch(Wire):
     multitask: Multitask | UnsetType = UNSET
     tools: Tools | None | UnsetType = UNSET
     metadata: Metadata | None | UnsetType = UNSET
+    compaction: Compaction | None | UnsetType = UNSET
     retention: Retention | None | UnsetType = UNSET
 
 
@@ -121,6 +142,8 @@ class Session(Struct, kw_only=True):
     """The version of the session's last event; also its ETag."""
     created_at: datetime
     updated_at: datetime
+    compaction: Compaction | None = None
+    """How `adaptive` compacts (null: the defaults)."""
     retention: Retention | None = None
     """The session's own retention (null: the tenant's applies, if it has one)."""
     expires_at: datetime | None = None
@@ -151,7 +174,10 @@ class ToolCall(Wire, kw_only=True):
     function: FunctionCall
 
 
-class MessageCreate(Wire):
+class MessageCreate(Wire, omit_defaults=True):
+    """A message as a client sends it; encoded (a chat's unsaved messages, a schedule's) without its unset fields,
+    so it reads back as the per-role schema the document gives it."""
+
     role: Role
     content: Content | None = None
     """Required, except on an assistant message that carries `tool_calls`."""
@@ -217,9 +243,10 @@ class Readiness(Struct, kw_only=True):
 ChatStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
-class ChatRequest(Wire):
+class ChatTemplate(Wire):
+    """What a chat asks the model: the fields a chat request and a schedule's chats share."""
+
     messages: Annotated[list[MessageCreate], Meta(max_length=256)] = msgspec.field(default_factory=list)
-    stream: bool = False
     max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] = 150
     model: ShortText | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
@@ -233,12 +260,80 @@ class ChatRequest(Wire):
     """False: neither the request's messages nor the answer are stored (the job and its events still are)."""
     multitask: Multitask | None = None
     """Overrides the session's `multitask` for this request."""
+
+
+class ChatRequest(ChatTemplate):
+    stream: bool = False
     run_at: Annotated[str, Meta(max_length=64, extra_json_schema={"format": "date-time"})] | None = None
     """Run the chat at this time (RFC 3339), not before (a past time runs it at once). A scheduled chat answers 202
     with its job, which shows `run_at` and stays `queued` until then. Text, parsed by `commands.parse_time`: every
     RFC 3339 time is taken (a leap second, year 0000), which a `datetime` field would refuse."""
     delay_s: Annotated[float, Meta(ge=0, le=MAX_DELAY_S)] | None = None
     """Run the chat this many seconds from now (or after `run_at`, when both are given)."""
+
+
+# -- schedules ----------------------------------------------------------------------------
+Cron = Annotated[
+    str,
+    Meta(
+        min_length=9,
+        max_length=128,
+        pattern=r"^[0-9A-Za-z*/,#? -]+$",
+        description="A cron expression: 5 fields (minute hour day-of-month month day-of-week), or 6 with seconds "
+        "first; names (MON, JAN), ranges, steps, lists, L and # as Debian cron and cronsim read them. An expression "
+        "without ticks (`61 * * * *`, `0 0 30 2 *`) or ticking more often than the deployment allows is a 422.",
+        examples=["0 9 * * MON-FRI"],
+    ),
+]
+TimeZone = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*$",
+        description="An IANA time zone (an unknown one is a 422).",
+        examples=["Europe/Paris"],
+    ),
+]
+
+
+class ScheduleCreate(ChatTemplate, kw_only=True):
+    """A chat to run at every tick of `cron` in `timezone`, with these messages and parameters."""
+
+    cron: Cron
+    timezone: TimeZone = "UTC"
+    paused: bool = False
+
+
+class SchedulePatch(Wire):
+    """Absent fields stay as they are. A schedule changed or resumed ticks from now on (ticks missed while it was
+    paused are not run)."""
+
+    cron: Cron | UnsetType = UNSET
+    timezone: TimeZone | UnsetType = UNSET
+    paused: bool | UnsetType = UNSET
+
+
+class Schedule(ScheduleCreate, kw_only=True):
+    id: str
+    session_id: str
+    created_at: datetime
+    updated_at: datetime
+    next_run_at: datetime | None
+    """The next tick (null: paused)."""
+    last_tick_at: datetime | None = None
+    """The last tick run or skipped."""
+    last_job_id: str | None = None
+    """The chat job of the last tick run."""
+    runs: int = 0
+    """Ticks that requested a chat."""
+    skipped: int = 0
+    """Ticks not run: missed (no worker ran within `PARLEY_SCHEDULE_GRACE_S`) or refused (the multitask policy
+    `reject` while a chat ran, the tenant's chat limits)."""
+
+
+class ScheduleList(Struct):
+    items: list[Schedule]
 
 
 class ChatParams(Struct, kw_only=True):
@@ -257,6 +352,9 @@ class ChatParams(Struct, kw_only=True):
     response_format: dict[str, Any] | None = None
     run_at: datetime | None = None
     """Not before this time (a scheduled chat)."""
+    compact: bool = False
+    """A compaction (`POST /sessions/{id}/compact`): the job summarises the conversation and answers the summary;
+    no chat model is called and nothing is stored as a message."""
 
 
 class Usage(Struct, kw_only=True):

@@ -45,6 +45,7 @@ __all__ = [
     "REJECTED",
     "RETENTION_REMOVED",
     "RETENTION_SCANNED",
+    "SCHEDULE_TICKS",
     "WEBHOOK_DELIVERIES",
     "WEBHOOK_LAG_SECONDS",
     "exposition",
@@ -102,6 +103,12 @@ RETENTION_SCANNED = Counter(
 )
 RETENTION_REMOVED = Counter(
     "parley_retention_removed_total", "Sessions the retention sweeper deleted or purged, by action.", ["action"]
+)
+SCHEDULE_TICKS = Counter(
+    "parley_schedule_ticks_total",
+    "Schedule ticks taken by this process's scheduler: run (a chat requested) or skipped (missed, or refused by "
+    "the multitask policy or the tenant's limits).",
+    ["outcome"],
 )
 WEBHOOK_DELIVERIES = Counter(
     "parley_webhook_deliveries_total",

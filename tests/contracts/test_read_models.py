@@ -5,17 +5,35 @@ never into a purged session, and a rebuild's generation only above the live one.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
 from shared.adapters.codec import json_encode
-from shared.domain.commands import DeleteSession, EditMessage, RemoveMessage, UpdateSession
+from shared.domain.commands import (
+    CreateSchedule,
+    DeleteSchedule,
+    DeleteSession,
+    EditMessage,
+    RemoveMessage,
+    SkipTicks,
+    Tick,
+    UpdateSchedule,
+    UpdateSession,
+)
 from shared.domain.events import SessionPurged, SessionPurgedData
 from shared.domain.ids import partition_of, uuid7
 from shared.domain.projection import project
 from shared.domain.state import SessionState
-from shared.domain.wire import FunctionDef, Message, SessionPatch, Tool
+from shared.domain.wire import (
+    FunctionDef,
+    Message,
+    MessageCreate,
+    ScheduleCreate,
+    SchedulePatch,
+    SessionPatch,
+    Tool,
+)
 from tests.contracts.conftest import Backend, add, create, project_all, run
 
 
@@ -262,3 +280,37 @@ async def test_the_idle_index_walks_live_sessions_by_last_change_oldest_first(ba
     assert [e.session_id for e in await views.idle(p, seen[changed.id] - 1, None, 100)].count(changed.id) == 0
     await views.forget_idle(p, "acme", changed.id)
     assert changed.id not in [e.session_id for e in await views.idle(p, now_ms, None, 100)]
+
+
+async def test_the_schedule_index_names_each_session_by_its_next_tick(backend: Backend) -> None:
+    """What the scheduler reads: per partition, each session with a running schedule and its next tick, soonest
+    first; pausing its only schedule, deleting it or the session takes it out; firing a tick moves it on."""
+    log, views = backend.log, backend.views
+    body = ScheduleCreate(cron="0 * * * *", messages=[MessageCreate(role="user", content="hourly")])
+    states = [await create(log) for _ in range(6)]
+    states = [await run(log, s, CreateSchedule(schedule_id=uuid7(), body=body)) for s in states]
+    await project_all(views, *[s.id for s in states])
+    since = states[0].schedules[0].since  # (all made within the same hour but at its very end)
+    hour = since.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    assert all(s.schedules[0].since < hour for s in states)
+    far = int((hour + timedelta(days=1)).timestamp() * 1000)
+    due = [e for p in range(backend.partitions) for e in await views.due(p, far, 100)]
+    assert sorted(e.session_id for e in due) == sorted(s.id for s in states)
+    assert {e.due_ms for e in due} == {int(hour.timestamp() * 1000)} and {e.tenant for e in due} == {"acme"}
+    assert [e for p in range(backend.partitions) for e in await views.due(p, int(hour.timestamp() * 1000) - 1, 9)] == []
+
+    [paused, deleted, gone, fired, *_] = states
+    paused = await run(
+        log, paused, UpdateSchedule(schedule_id=paused.schedules[0].id, patch=SchedulePatch(paused=True))
+    )
+    deleted = await run(log, deleted, DeleteSchedule(schedule_id=deleted.schedules[0].id))
+    gone = await run(log, gone, DeleteSession())
+    tick = Tick(schedule_id=fired.schedules[0].id, at=hour)
+    fired = await run(log, fired, SkipTicks(tick=tick, reason="missed", missed_from=hour))
+    await project_all(views, paused.id, deleted.id, gone.id, fired.id)
+    due = {e.session_id: e.due_ms for p in range(backend.partitions) for e in await views.due(p, far, 100)}
+    assert set(due) == {s.id for s in states[3:]}
+    assert due[fired.id] == int((hour + timedelta(hours=1)).timestamp() * 1000)
+    p = partition_of(fired.id, backend.partitions)
+    await views.forget_due(p, "acme", fired.id)
+    assert fired.id not in [e.session_id for e in await views.due(p, far, 100)]

@@ -55,6 +55,7 @@ SESSION_FIELDS = {
     "version",
     "created_at",
     "updated_at",
+    "compaction",
     "retention",
     "expires_at",
 }

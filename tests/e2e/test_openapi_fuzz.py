@@ -105,6 +105,10 @@ STATE_DEPENDENT_CODES = {"idempotency_key_reused", "token_budget_exceeded", "web
 keys repeat: "", "0", "null"), a prompt over the session's token budget, and a webhook URL whose host does not resolve
 or resolves to a private address (DNS, not the document, decides). positive_data_acceptance failures with
 these codes say nothing about the document; they are counted, not reported."""
+SCHEDULE_RULES = {"cron_expression", "iana_time_zone", "min_interval", "max_schedules"}
+"""A schedule refused for what its schema can only describe: a cron expression that matches the pattern but has no
+ticks (minute 61, 30 February) or ticks too often, a zone name that is not in the IANA database, a session at its
+number of schedules."""
 DOCUMENTED_HEADERS = ("etag", "location", "retry-after", "www-authenticate", "allow")
 """Headers with meaning for a client: where the API sends one, the document must declare it for that response."""
 
@@ -179,6 +183,8 @@ def _refused_for_state(operation: str, body: bytes) -> bool:
         return True
     if isinstance(details, dict) and details.get("field") == "tools" and "duplicates" in details:
         return True  # tool names unique by name: a rule no JSON Schema can state (the document's description does)
+    if isinstance(details, dict) and details.get("rule") in SCHEDULE_RULES:
+        return True
     return operation == "GET /audit" and isinstance(details, dict) and details.get("query") == "after"
 
 

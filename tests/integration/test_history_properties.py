@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import fakeredis
@@ -48,18 +48,23 @@ from shared.domain.commands import (
     AddMessage,
     CancelChat,
     Command,
+    CreateSchedule,
     CreateSession,
+    DeleteSchedule,
     DeleteSession,
     FailChat,
     RequestChat,
+    SkipTicks,
     Stamp,
+    Tick,
+    UpdateSchedule,
     UpdateSession,
     decide,
 )
 from shared.domain.errors import DomainError, NotFound, VersionNotFound
 from shared.domain.events import Event, MessageAdded
 from shared.domain.ids import uuid7
-from shared.domain.projection import SNAPSHOT_EVERY
+from shared.domain.projection import SNAPSHOT_EVERY, next_tick_ms
 from shared.domain.state import SessionState, fold
 from shared.domain.wire import (
     ChatRequest,
@@ -68,6 +73,8 @@ from shared.domain.wire import (
     ImagePart,
     ImageUrl,
     MessageCreate,
+    ScheduleCreate,
+    SchedulePatch,
     SessionCreate,
     SessionPatch,
     TextPart,
@@ -231,6 +238,14 @@ class ToolRound:
     results: list[Any]
 
 
+@dataclass(frozen=True)
+class ScheduleRound:
+    """Schedule commands, each on the session's n-th schedule (a new one if it has none), one write each: create,
+    pause, resume, delete, fire its next tick as a chat, or skip it."""
+
+    ops: list[tuple[str, int]]
+
+
 tool_round = st.builds(ToolRound, tool_call_message, st.lists(content, min_size=2, max_size=2))
 chat = st.builds(
     Chat,
@@ -239,8 +254,17 @@ chat = st.builds(
     st.sampled_from([None, "enqueue", "interrupt", "reject"]),
 )
 end_chat = st.builds(EndChat, st.integers(0, 3), st.booleans())
+schedule_round = st.builds(
+    ScheduleRound,
+    st.lists(
+        st.tuples(st.sampled_from(["create", "pause", "resume", "delete", "fire", "skip"]), st.integers(0, 2)),
+        min_size=1,
+        max_size=4,
+    ),
+)
 step = st.one_of(  # hypothesis favours the first branches: the delete, which ends a session, comes last
     chat,
+    schedule_round,
     tool_round,
     message.map(lambda m: AddMessage(body=m)),
     end_chat,
@@ -276,6 +300,8 @@ class World:
     answers: dict[str, dict[int, Answer]] = field(default_factory=dict)
     """Per session: the version a write ended at → what the service answered right after it."""
     jobs: dict[str, list[str]] = field(default_factory=dict)
+    schedules: dict[str, list[str]] = field(default_factory=dict)
+    """Per session: its schedules' ids, in creation order."""
 
     @classmethod
     def on(cls, redis: Redis) -> World:
@@ -291,7 +317,7 @@ class World:
     def add_session(self, tenant: str) -> str:
         sid = self.service.new_session_id(tenant, None)
         self.sessions.append((tenant, sid))
-        self.answers[sid], self.jobs[sid] = {}, []
+        self.answers[sid], self.jobs[sid], self.schedules[sid] = {}, [], []
         return sid
 
     async def run(self, creates: list[SessionCreate], steps: list[tuple[int, Any]]) -> None:
@@ -306,6 +332,10 @@ class World:
                         await self.write(
                             tenant, sid, AddMessage(body=MessageCreate(role="tool", content=c, tool_call_id=call.id))
                         )
+                continue
+            if isinstance(s, ScheduleRound):
+                for kind, n in s.ops:
+                    await self.write(tenant, sid, self.schedule_command(sid, kind, n))
                 continue
             await self.write(tenant, sid, self.command(sid, s))
         for _, sid in self.sessions:  # what the examples covered (--hypothesis-show-statistics)
@@ -327,6 +357,23 @@ class World:
             job = jobs[s.n % len(jobs)]
             return FailChat(job_id=job, code="model_error", message="boom") if s.fail else CancelChat(job_id=job)
         return s
+
+    def schedule_command(self, sid: str, kind: str, n: int) -> Command:
+        ids = self.schedules[sid]
+        if kind == "create" or not ids:
+            ids.append(uuid7())
+            body = ScheduleCreate(cron="*/5 * * * *", messages=[MessageCreate(role="user", content="tick")])
+            return CreateSchedule(schedule_id=ids[-1], body=body)
+        target = ids[n % len(ids)]
+        tick = Tick(schedule_id=target, at=datetime.now(UTC) + timedelta(minutes=n + 1))
+        if kind in ("pause", "resume"):
+            return UpdateSchedule(schedule_id=target, patch=SchedulePatch(paused=kind == "pause"))
+        if kind == "delete":
+            return DeleteSchedule(schedule_id=target)
+        if kind == "fire":
+            self.jobs[sid].append(job := uuid7())
+            return RequestChat(job_id=job, request=ChatRequest(), default_model="parley-offline", tick=tick)
+        return SkipTicks(tick=tick, reason="missed")
 
     async def write(self, tenant: str, sid: str, command: Command) -> bool:
         """Execute through the service layer; once the projector caught up, record what the service answers.
@@ -418,6 +465,7 @@ async def read_models(w: World) -> dict[str, Any]:
             "snapshots": snaps,
             "jobs": {j: await r.hgetall(KEYS.chat(sid, j)) for j in jobs},
             "indexed": await r.zscore(KEYS.index(partition_of(sid, KEYS.partitions), tenant), sid) is not None,
+            "next_tick": await r.zscore(KEYS.schedules(partition_of(sid, KEYS.partitions)), f"{tenant}/{sid}"),
         }
     for tenant in TENANTS:
         out[tenant] = await w.service.read_sessions(tenant, PAGE, 0)
@@ -443,6 +491,7 @@ async def assert_read_models_equal_fold(w: World, models: dict[str, Any]) -> Non
             e.version: fold(SessionState(id=sid), events[: e.version]) for e in events if e.version % SNAP == 0
         }
         assert m["indexed"] == state.exists
+        assert m["next_tick"] == next_tick_ms(state)
         if state.exists:
             live_of[tenant].append((sid, json_encode(state.session)))
     for tenant in TENANTS:

@@ -18,7 +18,7 @@ import msgspec
 from shared.adapters.codec import encode_state, json_encode, upcast
 from shared.adapters.memory.log import tail
 from shared.adapters.memory.store import Generation, Memory
-from shared.app.ports import Idle, IdleCursor, Pending, View
+from shared.app.ports import DueSession, Idle, IdleCursor, Pending, View
 from shared.domain.projection import JobUpdate, ReadModelUpdate
 from shared.domain.wire import ToolList
 
@@ -123,6 +123,14 @@ class MemoryReadModels:
     async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
         self.memory.idle.get(partition, {}).pop(f"{tenant}/{session_id}", None)
 
+    async def due(self, partition: int, until_ms: int, limit: int) -> list[DueSession]:
+        ticks = self.memory.next_ticks.get(partition, {})
+        entries = sorted((ms, member) for member, ms in ticks.items() if ms <= until_ms)
+        return [DueSession(ms, *_split(member)) for ms, member in entries[:limit]]
+
+    async def forget_due(self, partition: int, tenant: str, session_id: str) -> None:
+        self.memory.next_ticks.get(partition, {}).pop(f"{tenant}/{session_id}", None)
+
     async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]], gen: int | None = None) -> list[bool]:
         encoded = [(tenant, u, _encoded(u)) for tenant, u in updates]  # encode all first, as a pipeline would
         return [
@@ -174,6 +182,12 @@ class MemoryReadModels:
             idle[f"{tenant}/{sid}"] = int(u.session.updated_at.timestamp() * 1000)
         else:
             idle.pop(f"{tenant}/{sid}", None)
+        if u.schedules_changed:
+            ticks = m.next_ticks.setdefault(p, {})
+            if u.next_tick_ms is not None:
+                ticks[f"{tenant}/{sid}"] = u.next_tick_ms
+            else:
+                ticks.pop(f"{tenant}/{sid}", None)
         m.projected[(p, tenant)] = m.projected.get((p, tenant), 0) + u.to_version - u.from_version
         for job in u.jobs:
             self._job(sid, job)
@@ -209,6 +223,11 @@ class MemoryReadModels:
         record.update(fields)
         if record.get("status") in _ENDED:
             m.jobs.expire(key, self.chat_retention_s)
+
+
+def _split(member: str) -> tuple[str, str]:
+    tenant, _, sid = member.partition("/")
+    return tenant, sid
 
 
 def job_fields(job: JobUpdate) -> dict[str, Any]:

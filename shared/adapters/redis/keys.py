@@ -115,6 +115,11 @@ class Keys:
         sessions: the retention sweeper reads it oldest first."""
         return f"{self.tag(partition)}:idle"
 
+    def schedules(self, partition: int) -> str:
+        """Sorted set "tenant/session id" → the session's next schedule tick (ms since the epoch), of the partition's
+        sessions with a running schedule: the scheduler reads what is due."""
+        return f"{self.tag(partition)}:schedules"
+
     def index(self, partition: int, tenant: str) -> str:
         """Sorted set of the tenant's live session ids in this partition (all scores 0: UUIDv7 text order)."""
         return f"{self.tag(partition)}:idx:{tenant}"

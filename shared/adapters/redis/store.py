@@ -40,6 +40,7 @@ from shared.app.ports import (
     Appended,
     AppendOutcome,
     Conflict,
+    DueSession,
     IdempotencyClaim,
     IdempotencyMismatch,
     Idle,
@@ -278,6 +279,19 @@ class RedisStore:
     async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
         await self.redis.zrem(self.keys.idle(partition), f"{tenant}/{session_id}")
 
+    async def due(self, partition: int, until_ms: int, limit: int) -> list[DueSession]:
+        page = await self.redis.zrangebyscore(
+            self.keys.schedules(partition), "-inf", until_ms, start=0, num=limit, withscores=True
+        )
+        out = []
+        for member, score in page:
+            tenant, _, sid = member.decode().partition("/")
+            out.append(DueSession(int(score), tenant, sid))
+        return out
+
+    async def forget_due(self, partition: int, tenant: str, session_id: str) -> None:
+        await self.redis.zrem(self.keys.schedules(partition), f"{tenant}/{session_id}")
+
     # -- ReadModels: the projector's side --------------------------------------------------
     async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:
         """`gen`: a rebuild's generation instead of the live one."""
@@ -362,6 +376,7 @@ class RedisStore:
                     k.mods(sid, g),
                     k.log(sid),
                     k.idle(p),
+                    k.schedules(p),
                     k.outbox(p),
                     *job_keys,
                     *usage_keys,
@@ -380,6 +395,7 @@ class RedisStore:
                     "1" if live else "0",
                     f"{tenant}/{sid}",
                     changed_ms,
+                    ("" if u.next_tick_ms is None else u.next_tick_ms) if u.schedules_changed else "k",
                     len(u.message_versions),
                     *u.message_versions,
                     len(u.message_mods),
