@@ -40,6 +40,7 @@ from shared.adapters.memory import (
     MemoryReadModels,
     MemoryWakeups,
 )
+from shared.adapters.memory.webhooks import MemoryWebhooks
 from shared.adapters.redis.api_keys import RedisApiKeys
 from shared.adapters.redis.chats import ChatStore
 from shared.adapters.redis.connect import (
@@ -59,7 +60,9 @@ from shared.adapters.redis.notify import Notifier
 from shared.adapters.redis.queue import ChatQueue as ArqChatQueue
 from shared.adapters.redis.queue import chat_worker
 from shared.adapters.redis.store import RedisStore
+from shared.adapters.redis.webhooks import RedisWebhooks
 from shared.adapters.tokenizer import Tokenizer
+from shared.adapters.webhook_sender import HttpWebhookSender
 from shared.app.chat_run import ChatRunner
 from shared.app.chats import Chats
 from shared.app.completions import Completions
@@ -75,6 +78,8 @@ from shared.app.ports import (
     ModelProvider,
     ReadModels,
     Wakeups,
+    Webhooks,
+    WebhookSender,
 )
 from shared.app.projection import Projection
 from shared.app.rebuild import Rebuilder
@@ -83,8 +88,10 @@ from shared.app.schedules import Scheduler, Schedules
 from shared.app.service import SessionService
 from shared.app.sessions import Sessions
 from shared.app.tenancy import Tenancy
+from shared.app.webhooks import DeliveryPolicy, WebhookDeliverer, WebhookSubscriptions
 from shared.config import Settings
 from shared.domain.commands import Limits as ContentLimits
+from shared.domain.webhooks import Delivery
 from shared.domain.wire import Usage
 from shared.observability import metrics, tracing
 from shared.supervise import Supervisor, until_available
@@ -122,6 +129,8 @@ class Adapters:
     admin: LogAdmin
     api_keys: ApiKeys
     limits: Limits
+    webhooks: Webhooks
+    webhook_sender: WebhookSender
 
 
 @dataclass
@@ -140,6 +149,8 @@ class Parley:
     admin: LogAdmin
     api_keys: ApiKeys
     limits: Limits
+    webhooks: Webhooks
+    webhook_sender: WebhookSender
     # use cases
     service: SessionService
     sessions: Sessions
@@ -151,6 +162,7 @@ class Parley:
     retention: RetentionSweeper
     schedules: Schedules
     scheduler: Scheduler
+    subscriptions: WebhookSubscriptions
     stream_secret: bytes
     ping: Callable[[], Awaitable[Any]]
     """Asks the store whether it answers (readiness)."""
@@ -177,6 +189,26 @@ class Parley:
             _counter_for,
             on_usage=_count_tokens,
             limits=self.limits,
+        )
+
+    def webhook_deliverer(
+        self,
+        holder: str,
+        on_attempt: Callable[[Delivery], None] = lambda d: None,
+        on_lag: Callable[[str, float], None] = lambda sub_id, s: None,
+    ) -> WebhookDeliverer:
+        """The webhook deliverer of a worker (`holder` names it in the subscriptions' leases)."""
+        s = self.settings
+        policy = DeliveryPolicy(
+            max_attempts=s.webhook_max_attempts,
+            retry_base_s=s.webhook_retry_base_s,
+            retry_max_s=s.webhook_retry_max_s,
+            poll_s=s.webhook_poll_s,
+            lease_s=max(s.webhook_lease_s, 2 * s.webhook_timeout_s),
+            keep=s.webhook_deliveries_kept,
+        )
+        return WebhookDeliverer(
+            self.webhooks, self.admin, self.webhook_sender, s.partitions, holder, policy, on_attempt, on_lag
         )
 
     def rebuilder(self, on_events: Callable[[int], None] = lambda n: None) -> Rebuilder:
@@ -256,7 +288,9 @@ async def start(
         closers = []
     supervisor = supervisor or Supervisor()
     keys = Keys(settings.partitions)
-    store = RedisStore(client, keys, settings.idempotency_ttl_s, settings.chat_retention_s)
+    store = RedisStore(client, keys, settings.idempotency_ttl_s, settings.chat_retention_s, settings.outbox_maxlen)
+    sender = HttpWebhookSender(settings.webhook_timeout_s, settings.webhooks_allow_private)
+    closers.append(sender.aclose)
 
     async def prepare() -> bytes:
         """What a process asks the store before it serves: the partition count it was set up with, the scripts
@@ -279,6 +313,8 @@ async def start(
         admin=RedisHistory(client, keys),
         api_keys=RedisApiKeys(client),
         limits=RedisLimits(client, keys, tenant_defaults(settings)),
+        webhooks=RedisWebhooks(client, keys),
+        webhook_sender=sender,
     )
 
     def make_chat_worker(runner: ChatRunner) -> ChatWorker:
@@ -316,9 +352,10 @@ async def in_memory(settings: Settings, memory: Memory | None = None, supervisor
     elif memory.partitions != settings.partitions:
         raise ValueError(f"the memory store has {memory.partitions} partitions, the settings {settings.partitions}")
     supervisor = supervisor or Supervisor()
+    sender = HttpWebhookSender(settings.webhook_timeout_s, settings.webhooks_allow_private)
     adapters = Adapters(
         log=MemoryEventLog(memory, settings.idempotency_ttl_s),
-        views=MemoryReadModels(memory, settings.chat_retention_s),
+        views=MemoryReadModels(memory, settings.chat_retention_s, settings.outbox_maxlen),
         jobs=MemoryChatJobs(memory, settings.chat_retention_s),
         queue=MemoryChatQueue(memory),
         feed=MemoryFeed(memory, "assist"),
@@ -326,6 +363,8 @@ async def in_memory(settings: Settings, memory: Memory | None = None, supervisor
         admin=MemoryLogAdmin(memory),
         api_keys=MemoryApiKeys(memory),
         limits=MemoryLimits(memory, tenant_defaults(settings)),
+        webhooks=MemoryWebhooks(memory),
+        webhook_sender=sender,
     )
     secret = settings.stream_token_secret.encode() if settings.stream_token_secret else secrets.token_bytes(32)
 
@@ -348,7 +387,7 @@ async def in_memory(settings: Settings, memory: Memory | None = None, supervisor
         secret=secret,
         ping=ping,
         fake=False,
-        closers=[],
+        closers=[sender.aclose],
         make_feed=lambda consumer: MemoryFeed(memory, consumer),
         make_chat_worker=make_chat_worker,
     )
@@ -400,6 +439,8 @@ def _compose(
         admin=a.admin,
         api_keys=a.api_keys,
         limits=a.limits,
+        webhooks=a.webhooks,
+        webhook_sender=a.webhook_sender,
         service=service,
         sessions=sessions,
         chats=chats,
@@ -410,6 +451,7 @@ def _compose(
         retention=RetentionSweeper(sessions, a.views, settings.partitions, settings.retention_batch),
         schedules=schedules,
         scheduler=Scheduler(schedules, a.views, settings.partitions, settings.schedule_batch),
+        subscriptions=WebhookSubscriptions(a.webhooks, a.webhook_sender),
         stream_secret=secret,
         ping=ping,
         fake=fake,

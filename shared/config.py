@@ -111,6 +111,27 @@ class Settings(Struct, kw_only=True, frozen=True):
     """Sessions with due ticks a scheduler pass takes per partition (the rest wait for the next pass)."""
     retention_batch: int = 100
     """Idle sessions a sweep looks at per partition (a pass is bounded; the next goes on from there)."""
+    outbox_maxlen: int = 10_000
+    """Entries each partition's webhook outbox keeps (approximately: Redis trims whole nodes), about 125 bytes each
+    (10,000 × 16 partitions ≈ 20 MB): a subscription further behind than this (a receiver down for long) misses
+    what was trimmed, and a replay reaches back only this far."""
+    webhooks_allow_private: bool = False
+    """Let webhooks reach loopback, private, link-local and other non-public addresses (tests, a private network);
+    off: such a URL is refused on subscribe (422) and at every delivery."""
+    webhook_timeout_s: float = 10.0
+    """Deadline of one delivery's POST (connecting, sending, the answer's status)."""
+    webhook_max_attempts: int = 8
+    """Attempts per delivery; after the last failed one it is marked `failed` and the subscription goes on."""
+    webhook_retry_base_s: float = 1.0
+    """The wait after a delivery's first failed attempt; it doubles with each attempt up to `webhook_retry_max_s`."""
+    webhook_retry_max_s: float = 300.0
+    webhook_poll_s: float = 0.5
+    """How often a caught-up subscription looks at the outbox again (and how soon a new one is picked up)."""
+    webhook_lease_s: float = 30.0
+    """A worker holds a subscription's delivery lease this long unless it renews it (at least twice
+    `webhook_timeout_s`): another worker takes over a dead one's subscriptions after it."""
+    webhook_deliveries_kept: int = 100
+    """Delivery attempts kept per subscription for `GET /webhooks/{id}/deliveries`."""
     cors_origins: str = ""
     """Comma-separated origins browsers may call the API from (`*`: any); empty: no CORS."""
     stream_token_ttl_s: int = 300

@@ -31,10 +31,11 @@ from services.api.schedules import ScheduleController
 from services.api.sessions import SessionController
 from services.api.sse import StreamSlots
 from services.api.usage import usage
+from services.api.webhooks import WebhookController, webhook_changes
 from services.worker.main import run_worker
 from shared import bootstrap
 from shared.config import Settings
-from shared.domain import events, openai_wire, wire
+from shared.domain import events, openai_wire, webhooks, wire
 from shared.domain.wire import ErrorBody, Health, Readiness
 from shared.observability import metrics
 from shared.supervise import TRANSIENT, Supervisor
@@ -166,6 +167,8 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker_too: b
             EventController,
             audit,
             usage,
+            WebhookController,
+            webhook_changes,
             health,
             ready,
             metrics_route(settings.metrics_token),
@@ -212,6 +215,6 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker_too: b
     app.state.supervisor = Supervisor(logging.getLogger("parley.api"))
     openapi.finish(
         app.plugins.get(OpenAPIPlugin).provide_openapi_schema(),
-        openapi.structs_of(wire, events, openai_wire),
+        openapi.structs_of(wire, events, openai_wire, webhooks),
     )
     return app

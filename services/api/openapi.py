@@ -26,7 +26,7 @@ CODES: dict[int, dict[str, str]] = {
     400: {"invalid_json": "the body is not JSON", "bad_request": "the request is not valid HTTP"},
     401: {"unauthorized": "no key, or an unknown or revoked key"},
     404: {
-        "not_found": "no such session (or job) for this tenant",
+        "not_found": "no such session (or job, or webhook) for this tenant",
         "version_not_found": "the session never had that version",
     },
     409: {
@@ -43,6 +43,7 @@ CODES: dict[int, dict[str, str]] = {
         "validation_failed": "the body, a parameter or a header does not match the schema, or breaks a rule",
         "idempotency_key_reused": "the Idempotency-Key was used with another request",
         "token_budget_exceeded": "the prompt cannot fit the session's token budget",
+        "webhook_url_refused": "the webhook URL does not resolve, or names a loopback or private address",
     },
     429: {
         "rate_limited": "the tenant is over its request rate, its concurrent chats or its open streams",
@@ -105,6 +106,8 @@ NO_MORE = {
     "description": "Nothing follows the `Last-Event-ID` given (the stream ended): an EventSource stops reconnecting."
 }
 PROBES = {"/health", "/ready"}
+WEBHOOK_URLS = {"/webhooks", "/webhooks/{webhook_id}"}
+"""Where a webhook URL is given (and may be refused)."""
 SESSION_WRITES = re.compile(r"^/sessions(/\{session_id\}(/messages)?)?$")
 
 
@@ -138,7 +141,7 @@ def _finish_operation(path: str, method: str, op: dict[str, Any]) -> None:
     has_body = "requestBody" in op
     has_params = has_body or any(p["in"] in ("query", "header") for p in op.get("parameters", ()))
     statuses = {400, 401, 429, 503}
-    if "{session_id}" in path:
+    if "{session_id}" in path or "{webhook_id}" in path:
         statuses.add(404)
     if has_params:
         statuses.add(422)
@@ -160,6 +163,8 @@ def _finish_operation(path: str, method: str, op: dict[str, Any]) -> None:
             codes.pop("version_not_found")
         if status == 422 and not path.endswith("/chat"):
             codes.pop("token_budget_exceeded")
+        if status == 422 and not (path in WEBHOOK_URLS and method in ("post", "patch")):
+            codes.pop("webhook_url_refused")
         if openai and status in OPENAI_CODES:
             codes.update(OPENAI_CODES[status])
         responses[str(status)] = _error(status, codes, body)
@@ -194,6 +199,8 @@ def _success_headers(path: str, method: str, responses: dict[str, Any]) -> None:
 
     if path == "/sessions" and method == "post":
         add("201", "ETag", "Location")
+    if path == "/webhooks" and method == "post":
+        add("201", "Location")
     if path == "/sessions/{session_id}" and method in ("get", "put", "patch"):
         add("200", "ETag")
     if (path.endswith("/chat") or path.endswith("/compact")) and method == "post":

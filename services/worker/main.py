@@ -12,6 +12,7 @@ from services.worker.projector import Projector
 from services.worker.sampler import sample
 from services.worker.scheduler import schedule_forever
 from services.worker.sweeper import sweep_forever
+from services.worker.webhooks import deliver_forever
 from shared.bootstrap import Parley
 from shared.supervise import TRANSIENT
 
@@ -53,6 +54,8 @@ async def run_worker(parley: Parley, stop: asyncio.Event, role: Role = "all", sa
     if projector is not None and settings.schedule_poll_s > 0:
         poll = settings.schedule_poll_s
         parts.append(supervisor.run("scheduler", lambda: schedule_forever(parley.scheduler, stop, poll)))
+    if projector is not None:  # the outbox is the projector's output: its workers deliver it
+        parts.append(supervisor.run("webhook-deliverer", lambda: deliver_forever(parley, stop)))
     if sample_metrics:
         feed = parley.feed if projector is not None else None
         depth = parley.queue.depth if worker is not None else None

@@ -16,6 +16,8 @@ use case behaves the same on all of them; the use cases' own tests run on the me
 | `ApiKeys` | key → tenant |
 | `Limits` | per-tenant rates, slots and usage, shared by every process |
 | `ModelProvider` | an LLM's answer, streamed |
+| `Webhooks` | a tenant's subscriptions, each with its cursor in the outbox, its deliveries and its delivery lease |
+| `WebhookSender` | a delivery POSTed, never to an address the deployment refuses |
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from msgspec import Struct
 from shared.domain.events import Event, SessionPurged
 from shared.domain.projection import ReadModelUpdate
 from shared.domain.state import SessionState
+from shared.domain.webhooks import OutboxEntry, Subscription
 from shared.domain.wire import TenantLimits, ToolCall, Usage, UsageDay
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "ChunkWriter",
     "Completion",
     "Conflict",
+    "Cursor",
     "Delta",
     "EventLog",
     "Feed",
@@ -62,8 +66,11 @@ __all__ = [
     "Replayed",
     "Slot",
     "View",
+    "Sent",
     "Wakeups",
     "Watch",
+    "WebhookSender",
+    "Webhooks",
 ]
 
 
@@ -525,4 +532,96 @@ class ModelProvider(Protocol):
     @property
     def models(self) -> list[str]:
         """The model names this deployment serves by default."""
+        ...
+
+
+# -- webhooks ---------------------------------------------------------------------------------------------------------
+class Cursor(Struct, frozen=True):
+    """Where a subscription is in the outbox: after `start` in every partition, unless `partitions` says further.
+    `epoch` grows with every replay, so a deliverer that read an older cursor cannot move the new one."""
+
+    epoch: int
+    start: str
+    partitions: dict[int, str]
+
+    def after(self, partition: int) -> str:
+        return self.partitions.get(partition, self.start)
+
+
+class Webhooks(Protocol):
+    async def create(self, sub: Subscription, change: bytes) -> None:
+        """Store a new subscription; its cursor starts at the outbox's present (it gets what is projected from
+        now on). Each change (`change`: a `WebhookChange`'s JSON) joins the tenant's changes in the same step."""
+        ...
+
+    async def get(self, tenant: str, sub_id: str) -> Subscription | None:
+        """None: no such subscription for this tenant (another tenant's reads like an unknown one)."""
+        ...
+
+    async def of(self, tenant: str) -> list[Subscription]:
+        """The tenant's subscriptions, oldest first."""
+        ...
+
+    async def ids(self) -> list[str]:
+        """Every tenant's subscription ids (what the deliverers walk)."""
+        ...
+
+    async def load(self, sub_id: str) -> tuple[Subscription, Cursor] | None: ...
+
+    async def update(self, sub: Subscription, change: bytes) -> bool:
+        """Store the subscription's new fields (its cursor stays); False: it was deleted meanwhile."""
+        ...
+
+    async def delete(self, tenant: str, sub_id: str, change: bytes) -> bool:
+        """Remove it with its cursor, deliveries and lease; False: no such subscription for this tenant."""
+        ...
+
+    async def replay(self, tenant: str, sub_id: str, after: str, change: bytes) -> bool:
+        """Move the cursor back (or on) to just after `after` in every partition, in a new epoch."""
+        ...
+
+    async def changes(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]:
+        """The tenant's subscription changes (JSON), oldest first, after cursor `after`; and the next cursor."""
+        ...
+
+    async def advance(self, sub_id: str, epoch: int, partition: int, position: str) -> bool:
+        """Move the partition's cursor to `position` iff the cursor is still in `epoch` (no replay meanwhile)."""
+        ...
+
+    async def record(self, sub_id: str, delivery: bytes, keep: int) -> None:
+        """Add a delivery attempt (JSON) to the subscription's list, keeping the newest `keep`; nothing once it
+        is deleted."""
+        ...
+
+    async def deliveries(self, sub_id: str, limit: int) -> list[bytes]:
+        """The newest `limit` delivery attempts (JSON), newest first."""
+        ...
+
+    async def lease(self, sub_id: str, holder: str, ttl_ms: int) -> bool:
+        """Take the subscription's delivery lease, or renew it if `holder` has it; False: another holder has it."""
+        ...
+
+    async def release(self, sub_id: str, holder: str) -> None: ...
+
+    async def outbox(self, after: dict[int, str], count: int) -> dict[int, list[OutboxEntry]]:
+        """For each partition in `after`, up to `count` of its outbox entries after the position given (exclusive),
+        oldest first (one round trip however many partitions)."""
+        ...
+
+
+class Sent(Struct, frozen=True):
+    """What a delivery's POST got: a status code, or an error (no answer, refused address) and no code."""
+
+    status_code: int | None
+    error: str | None = None
+
+
+class WebhookSender(Protocol):
+    async def vet(self, url: str) -> str | None:
+        """Why the URL cannot receive deliveries (its host resolves to a loopback or private address the
+        deployment does not allow, or does not resolve), or None."""
+        ...
+
+    async def send(self, url: str, headers: dict[str, str], body: bytes) -> Sent:
+        """POST the body (vetting the address again: DNS may have changed), following no redirects."""
         ...

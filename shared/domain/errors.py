@@ -114,3 +114,10 @@ class QuotaExceeded(DomainError):
     def __init__(self, message: str, details: object, retry_after: int) -> None:
         super().__init__(message, details)
         self.retry_after = retry_after
+
+
+class WebhookUrlRefused(Invalid):
+    """A webhook URL that does not resolve, or resolves to a loopback or private address the deployment does not
+    allow (→ 422); nothing is written."""
+
+    code = "webhook_url_refused"

@@ -36,6 +36,9 @@ from shared.domain.schedules import next_tick
 from shared.domain.state import SessionState, evolve
 from shared.domain.wire import ChatError, ChatResponse, ChatStatus, ContextReport, Session
 
+_OUTBOX = frozenset(t for t in (SessionCreated, SessionDeleted, ChatCompleted, ChatFailed, ChatCancelled))
+"""The event classes of `WEBHOOK_EVENT_TYPES` (tests/unit/test_webhooks.py checks the two agree)."""
+
 SNAPSHOT_EVERY = 100
 """A snapshot of the state every this many versions: time travel folds at most this many events."""
 
@@ -98,6 +101,9 @@ class ReadModelUpdate(Struct, kw_only=True):
     next_tick_ms: int | None = None
     """The session's next tick of any running schedule (ms since the epoch; None: none): its score in the
     partition's schedule index, which the scheduler walks."""
+    outbox: list[tuple[int, str, str]] = []
+    """(version, type, event id) of each event of a webhook type (`WEBHOOK_EVENT_TYPES`), in order: the live
+    projection puts them into the partition's outbox, exactly once, as the version fence guards it."""
 
     @property
     def to_version(self) -> int:
@@ -117,10 +123,13 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
     mods: list[tuple[int, int, str]] = []
     jobs: list[JobUpdate] = []
     usage: dict[str, UsageDelta] = {}
+    outbox: list[tuple[int, str, str]] = []
     active = [c.job_id for c in state.active_chats]
     schedules_changed = False
     for e in events:
         after = evolve(after, e)
+        if type(e) in _OUTBOX:
+            outbox.append((e.version, type(e).__name__, e.id))
         if after.version % snapshot_every == 0:
             snapshots.append(after)
         if type(e) is MessageAdded:  # most of any log: skip the match below
@@ -188,6 +197,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
         usage=list(usage.values()),
         schedules_changed=schedules_changed,
         next_tick_ms=next_tick_ms(after) if schedules_changed else None,
+        outbox=outbox,
     )
 
 

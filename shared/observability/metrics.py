@@ -46,6 +46,8 @@ __all__ = [
     "RETENTION_REMOVED",
     "RETENTION_SCANNED",
     "SCHEDULE_TICKS",
+    "WEBHOOK_DELIVERIES",
+    "WEBHOOK_LAG_SECONDS",
     "exposition",
     "multiprocess",
     "observe_request",
@@ -107,6 +109,18 @@ SCHEDULE_TICKS = Counter(
     "Schedule ticks taken by this process's scheduler: run (a chat requested) or skipped (missed, or refused by "
     "the multitask policy or the tenant's limits).",
     ["outcome"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "parley_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome: succeeded (2xx), retrying (failed, tried again after a backoff), failed "
+    "(the last attempt failed; the subscription goes on), skipped (the event was purged).",
+    ["outcome"],
+)
+WEBHOOK_LAG_SECONDS = Gauge(
+    "parley_webhook_lag_seconds",
+    "Age of the oldest outbox entry a subscription this worker delivers has not delivered yet (the largest over "
+    "its subscriptions; 0: caught up).",
+    multiprocess_mode="max",
 )
 INFLIGHT_LIMIT = Gauge(
     "parley_inflight_limit",

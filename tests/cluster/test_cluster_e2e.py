@@ -1,7 +1,7 @@
 """Parley on a real 3-master Redis Cluster, over real HTTP: a `parley api` and a `parley worker` process with
 `REDIS_URL=redis+cluster://…` and the chat queue on a standalone Redis (`PARLEY_QUEUE_URL`), a chat against the
-OpenAI-protocol test server, the keys spread over every master, and two API processes with three workers across
-a worker's kill -9."""
+OpenAI-protocol test server, the keys spread over every master, webhooks delivered from every partition's outbox,
+and two API processes with three workers across a worker's kill -9."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import redis as sync_redis
 from shared.adapters.redis.server import RedisClusterServers, RedisServer
 from tests.chat.conftest import model_env
 from tests.model_server import MODEL_NAME, ModelServer
+from tests.receiver import receiving
 from tests.support import ROOT, ParleyProcess, auth, wait_ready
 
 ACME = auth("acme")
@@ -64,7 +66,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterStack]:
     cluster = RedisClusterServers(root / "cluster").start()
     queue = RedisServer(root / "queue").start()
     model = ModelServer().start()
-    env = {**model_env(model), "PARLEY_QUEUE_URL": queue.url}  # and the default partitions on a cluster: 64
+    env = {  # and the default partitions on a cluster: 64
+        **model_env(model),
+        "PARLEY_QUEUE_URL": queue.url,
+        "PARLEY_WEBHOOKS_ALLOW_PRIVATE": "1",  # the webhook test's receiver is on loopback
+        "PARLEY_WEBHOOK_POLL_S": "0.05",
+    }
     procs: list[ParleyProcess] = []
     try:
         api = ParleyProcess("api", cluster.url, root, env)
@@ -92,6 +99,29 @@ def test_a_cluster_without_a_queue_redis_is_refused_with_a_clear_error(stack: Cl
     with pytest.raises(RuntimeError) as refused:
         ParleyProcess("api", stack.cluster.url, stack.root, {**env, "PARLEY_QUEUE_URL": ""}).start(timeout=30)
     assert "PARLEY_QUEUE_URL" in str(refused.value) and "exited" in str(refused.value)
+
+
+def test_webhooks_deliver_every_partitions_events_in_order_per_session(stack: ClusterStack, c: httpx.Client):
+    with receiving() as receiver:
+        body = {"url": receiver.url + "/cluster", "event_types": ["SessionCreated", "SessionDeleted"]}
+        resp = c.post("/webhooks", json=body, headers=ACME)
+        assert resp.status_code == 201, resp.text
+        hook = resp.json()
+        ids = [c.post("/sessions", json={}, headers=ACME).json()["id"] for _ in range(20)]
+        for sid in ids:
+            assert c.delete(f"/sessions/{sid}", headers=ACME).status_code == 202
+        deadline = time.monotonic() + 60
+        while len(receiver.taken("/cluster")) < 2 * len(ids):
+            assert time.monotonic() < deadline, f"{len(receiver.taken('/cluster'))} of {2 * len(ids)} deliveries"
+            time.sleep(0.05)
+        got = receiver.taken("/cluster")
+        assert all(r.verified(hook["secret"]) for r in got)
+        for sid in ids:
+            assert [r.payload["type"] for r in got if r.payload["session_id"] == sid] == [
+                "SessionCreated",
+                "SessionDeleted",
+            ]
+        assert c.delete(f"/webhooks/{hook['id']}", headers=ACME).status_code == 204
 
 
 def test_sessions_and_messages_read_back_in_order_and_spread_over_every_master(stack: ClusterStack, c: httpx.Client):

@@ -28,6 +28,7 @@ from shared.adapters.memory import (
     MemoryReadModels,
     MemoryWakeups,
 )
+from shared.adapters.memory.webhooks import MemoryWebhooks
 from shared.adapters.redis.api_keys import RedisApiKeys
 from shared.adapters.redis.chats import ChatStore
 from shared.adapters.redis.feed import RedisFeed
@@ -38,6 +39,7 @@ from shared.adapters.redis.notify import Notifier
 from shared.adapters.redis.queue import ChatQueue as RedisChatQueue
 from shared.adapters.redis.queue import chat_worker
 from shared.adapters.redis.store import RedisStore
+from shared.adapters.redis.webhooks import RedisWebhooks
 from shared.app.ports import (
     ApiKeys,
     Appended,
@@ -49,6 +51,7 @@ from shared.app.ports import (
     LogAdmin,
     ReadModels,
     Wakeups,
+    Webhooks,
 )
 from shared.bootstrap import ChatWorker
 from shared.domain.commands import AddMessage, Command, CreateSession, Stamp, decide
@@ -85,6 +88,7 @@ class Backend:
     """A process's wake-ups (each call: another process)."""
     worker: Callable[[RunChat, FailChat, int], ChatWorker]
     """A chat worker over the queue: (run, fail, max tries)."""
+    webhooks: Webhooks
     partitions: int = PARTITIONS
     _closers: list[Callable[[], Any]] = field(default_factory=list)
 
@@ -107,6 +111,7 @@ def memory_backend() -> Backend:
         feed=lambda consumer: MemoryFeed(memory, consumer),
         wakeups=lambda: MemoryWakeups(memory),
         worker=worker,
+        webhooks=MemoryWebhooks(memory),
     )
 
 
@@ -140,6 +145,7 @@ def redis_backend(
         feed=lambda consumer: RedisFeed(redis, keys, consumer),
         wakeups=wakeups,
         worker=worker,
+        webhooks=RedisWebhooks(redis, keys),
     )
 
     async def stop() -> None:

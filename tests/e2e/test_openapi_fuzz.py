@@ -100,9 +100,10 @@ the session may be busy or the job ended (409), an `If-Match` may be stale (412)
 REFUSALS = ["400", "401", "404", "405", "409", "412", "413", "415", "422", "5xx"]
 """What a request invalid per the document may answer: Parley's refusals (schemathesis's default list lacks 412 and
 413). (A 5xx is not_a_server_error's.)"""
-STATE_DEPENDENT_CODES = {"idempotency_key_reused", "token_budget_exceeded"}
+STATE_DEPENDENT_CODES = {"idempotency_key_reused", "token_budget_exceeded", "webhook_url_refused"}
 """422s that answer the state, not the request: an Idempotency-Key an earlier case used with another body (generated
-keys repeat: "", "0", "null"), and a prompt over the session's token budget. positive_data_acceptance failures with
+keys repeat: "", "0", "null"), a prompt over the session's token budget, and a webhook URL whose host does not resolve
+or resolves to a private address (DNS, not the document, decides). positive_data_acceptance failures with
 these codes say nothing about the document; they are counted, not reported."""
 SCHEDULE_RULES = {"cron_expression", "iana_time_zone", "min_interval", "max_schedules"}
 """A schedule refused for what its schema can only describe: a cron expression that matches the pattern but has no

@@ -24,6 +24,7 @@ from shared.adapters.redis.limits import RedisLimits
 from shared.adapters.redis.scripts import APPEND, REGISTRY
 from shared.adapters.redis.server import RedisServer
 from shared.adapters.redis.store import RedisStore
+from shared.adapters.redis.webhooks import RedisWebhooks
 from shared.app.ports import IdempotencyClaim
 from shared.app.projection import Projection
 from shared.app.rebuild import Rebuilder
@@ -31,6 +32,7 @@ from shared.domain.commands import AddMessage, CreateSession, RequestChat, Stamp
 from shared.domain.events import SCHEMA_VERSION, SessionPurged, SessionPurgedData
 from shared.domain.ids import partition_of, uuid7
 from shared.domain.state import SessionState, fold
+from shared.domain.webhooks import Subscription, new_secret
 from shared.domain.wire import ChatRequest, MessageCreate, SessionCreate, TenantLimits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,6 +108,24 @@ async def _workload(redis: Redis) -> None:
     api = RedisApiKeys(redis)
     key = await api.create("acme")
     assert await api.revoke(key)
+    hooks, now = RedisWebhooks(redis, keys), datetime.now(UTC)
+    sub = Subscription(
+        id=uuid7(),
+        tenant="acme",
+        url="http://h/",
+        event_types=["ChatCompleted"],
+        secret=new_secret(),
+        created_at=now,
+        updated_at=now,
+    )
+    await hooks.create(sub, b"{}")
+    assert await hooks.update(sub, b"{}")
+    assert await hooks.replay("acme", sub.id, "0-0", b"{}")
+    assert await hooks.advance(sub.id, 1, 0, "1-0")
+    await hooks.record(sub.id, b"{}", 3)
+    assert await hooks.lease(sub.id, "w", 1_000)
+    await hooks.release(sub.id, "w")
+    assert await hooks.delete("acme", sub.id, b"{}")
 
 
 def _monitor(port: int, out: Path) -> subprocess.Popen[bytes]:

@@ -196,6 +196,16 @@ class Memory:
         """partition → {"tenant/session id": next schedule tick, ms}: the scheduler's index."""
         self.projected: dict[tuple[int, str], int] = {}
         self.usage: TTLMap[tuple[int, str, str], dict[str, int]] = TTLMap(clock)
+        self.outbox: dict[int, Stream[tuple[str, str, int, str, str]]] = {p: Stream() for p in range(partitions)}
+        """partition → the webhook outbox: (tenant, session, version, event type, event id) per entry."""
+        # webhooks
+        self.webhooks: dict[str, dict[str, Any]] = {}
+        """subscription id → {"sub": its JSON, "start": position, "cursors": {partition: position}, "epoch": n}."""
+        self.deliveries: dict[str, list[bytes]] = {}
+        """subscription id → its delivery attempts (JSON), newest first."""
+        self.webhook_leases: TTLMap[str, str] = TTLMap(clock)
+        self.webhook_changes: dict[str, Stream[bytes]] = {}
+        """tenant → its subscription changes (JSON)."""
         # chat jobs
         self.jobs: TTLMap[tuple[str, str], dict[str, Any]] = TTLMap(clock)
         """(session, job) → the job record's fields (plain values)."""

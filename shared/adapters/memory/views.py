@@ -30,9 +30,10 @@ _ENDED = ("succeeded", "failed", "cancelled")
 
 
 class MemoryReadModels:
-    def __init__(self, memory: Memory, chat_retention_s: int = 7 * 86_400) -> None:
+    def __init__(self, memory: Memory, chat_retention_s: int = 7 * 86_400, outbox_maxlen: int = 10_000) -> None:
         self.memory = memory
         self.chat_retention_s = chat_retention_s
+        self.outbox_maxlen = outbox_maxlen
 
     # -- reads ---------------------------------------------------------------------------------------------------
     async def session(self, tenant: str, session_id: str) -> View:
@@ -198,6 +199,12 @@ class MemoryReadModels:
             counters["completion_tokens"] += d.completion_tokens
             m.usage.set(key, counters)
             m.usage.expire(key, USAGE_TTL_S)
+        if u.outbox:
+            outbox = m.outbox[p]
+            for version, kind, event_id in u.outbox:
+                outbox.add((tenant, sid, version, kind, event_id), m.clock())
+            if len(outbox.entries) > self.outbox_maxlen:
+                outbox.entries = outbox.entries[-self.outbox_maxlen :]
         return True
 
     def _job(self, sid: str, job: JobUpdate) -> None:

@@ -141,6 +141,11 @@ class Keys:
         """Stream: a chat job's answer as the worker produced it, chunk by chunk, then `done`."""
         return f"{self.of(sid)}:chunks:{job_id}"
 
+    def outbox(self, partition: int) -> str:
+        """Stream (capped ~`PARLEY_OUTBOX_MAXLEN`): one entry per event of a webhook type, written by the live APPLY
+        (exactly once per event): `t` tenant, `s` session, `v` version, `e` type, `i` event id."""
+        return f"{self.tag(partition)}:outbox"
+
     def projected(self, partition: int) -> str:
         """Hash tenant → events projected in this partition."""
         return f"{self.tag(partition)}:projected"
@@ -148,6 +153,30 @@ class Keys:
     def rebuild(self, scope: str) -> str:
         """Hash: a running `parley rebuild`'s progress (done sessions, events), so a killed run resumes."""
         return f"{PREFIX}:{{sys}}:rebuild:{scope}"
+
+    # -- webhooks: every subscription's keys share the `{wh}` slot (small, and one script sees them all) ------
+    webhooks = f"{PREFIX}:{{wh}}:subs"
+    """Set of every subscription id (the deliverers walk it)."""
+
+    def webhook(self, sub_id: str) -> str:
+        """Hash: the subscription (`j` its JSON), its cursor (`start`, `c<partition>`) and `epoch` (a replay bumps it)."""
+        return f"{PREFIX}:{{wh}}:sub:{sub_id}"
+
+    def webhooks_of(self, tenant: str) -> str:
+        """Sorted set of the tenant's subscription ids (scores 0: UUIDv7 order)."""
+        return f"{PREFIX}:{{wh}}:tenant:{tenant}"
+
+    def deliveries(self, sub_id: str) -> str:
+        """List (capped): the subscription's delivery attempts, newest first, as JSON."""
+        return f"{PREFIX}:{{wh}}:deliveries:{sub_id}"
+
+    def webhook_changes(self, tenant: str) -> str:
+        """Stream: the tenant's subscription changes (`d`: a `WebhookChange`'s JSON), written with each change."""
+        return f"{PREFIX}:{{wh}}:changes:{tenant}"
+
+    def webhook_lease(self, sub_id: str) -> str:
+        """String with a TTL: the worker delivering the subscription now."""
+        return f"{PREFIX}:{{wh}}:lease:{sub_id}"
 
     # -- global ----------------------------------------------------------------------
     config = f"{PREFIX}:{{sys}}:config"

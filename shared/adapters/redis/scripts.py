@@ -25,6 +25,14 @@ __all__ = [
     "SWITCH",
     "TAKE_SLOT",
     "TIME_TRAVEL",
+    "WEBHOOK_ADVANCE",
+    "WEBHOOK_CREATE",
+    "WEBHOOK_DELETE",
+    "WEBHOOK_LEASE",
+    "WEBHOOK_RECORD",
+    "WEBHOOK_RELEASE",
+    "WEBHOOK_REPLAY",
+    "WEBHOOK_UPDATE",
 ]
 
 REGISTRY = Registry()
@@ -51,3 +59,11 @@ TAKE_SLOT = _s("take_slot")
 SET_LIMITS = _s("set_limits")
 KEY_CREATE = _s("key_create")
 KEY_REVOKE = _s("key_revoke")
+WEBHOOK_CREATE = _s("webhook_create")
+WEBHOOK_UPDATE = _s("webhook_update")
+WEBHOOK_DELETE = _s("webhook_delete")
+WEBHOOK_REPLAY = _s("webhook_replay")
+WEBHOOK_ADVANCE = _s("webhook_advance")
+WEBHOOK_RECORD = _s("webhook_record")
+WEBHOOK_LEASE = _s("webhook_lease")
+WEBHOOK_RELEASE = _s("webhook_release")

@@ -67,12 +67,18 @@ class RedisStore:
     """Implements `EventLog` and `ReadModels` on one Redis (or one Redis Cluster)."""
 
     def __init__(
-        self, redis: Client, keys: Keys, idempotency_ttl_s: int = 86_400, chat_retention_s: int = 7 * 86_400
+        self,
+        redis: Client,
+        keys: Keys,
+        idempotency_ttl_s: int = 86_400,
+        chat_retention_s: int = 7 * 86_400,
+        outbox_maxlen: int = 10_000,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.idempotency_ttl_s = idempotency_ttl_s
         self.chat_retention_s = chat_retention_s
+        self.outbox_maxlen = outbox_maxlen
 
     # -- EventLog ----------------------------------------------------------------------
     async def append(
@@ -352,6 +358,7 @@ class RedisStore:
             usage_args: list[Any] = []
             for d in usage:
                 usage_args += [d.chats, d.prompt_tokens, d.completion_tokens, USAGE_TTL_S]
+            outbox = [x for entry in u.outbox for x in entry] if live else []
             state = encode_state(u.state)
             mods = [x for mod in u.message_mods for x in mod]
             changed_ms = int(u.session.updated_at.timestamp() * 1000) if u.session is not None else ""
@@ -370,6 +377,7 @@ class RedisStore:
                     k.log(sid),
                     k.idle(p),
                     k.schedules(p),
+                    k.outbox(p),
                     *job_keys,
                     *usage_keys,
                 ]
@@ -398,6 +406,9 @@ class RedisStore:
                     *job_args,
                     len(usage),
                     *usage_args,
+                    len(outbox) // 3,
+                    self.outbox_maxlen,
+                    *outbox,
                 ]
                 return keys, args
 

@@ -3,15 +3,16 @@
 -- purged) or {'stale', live generation}: `gen` is not the live generation the caller thought (a rebuild switched).
 -- A rebuild (`live` = '0') writes only its own generation's views, and only one newer than the live one.
 local head, view, msgs, snaps, index, projected, chats, mods = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local log, idle, ticks = KEYS[9], KEYS[10], KEYS[11]
-local FIRST_JOB_KEY = 12  -- then one chat job hash per job update, then one usage hash per usage delta
+local log, idle, ticks, outbox = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local FIRST_JOB_KEY = 13  -- then one chat job hash per job update, then one usage hash per usage delta
 local tenant, from, to, state, session_json, tools_json = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
 local index_op, session_id, retention, gen, live = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11] == '1'
 local idle_member, changed_ms = ARGV[12], ARGV[13]  -- "tenant/session id", its last change ('': deleted)
 local next_tick = ARGV[14]  -- the session's next schedule tick (ms), '' none, 'k' unchanged by this update
 -- then, from the 15th argument: message count n, n message versions; mod count d, d (seq, version, kind) triples;
 -- snapshot count s, s version/state pairs; job count J, per job: job id, field count m, m field/value pairs;
--- usage count U, per usage delta: chats, prompt tokens, completion tokens, TTL seconds
+-- usage count U, per usage delta: chats, prompt tokens, completion tokens, TTL seconds;
+-- outbox count O, the outbox's cap (approximate MAXLEN), O (version, event type, event id) triples
 local i = 15
 
 local h = redis.call('HMGET', head, 'v', 'g')
@@ -90,5 +91,11 @@ for j = i + 1, i + 4 * usage, 4 do
   redis.call('HINCRBY', KEYS[k], 'completion_tokens', ARGV[j + 2])
   redis.call('EXPIRE', KEYS[k], ARGV[j + 3])
   k = k + 1
+end
+i = i + 1 + 4 * usage
+-- the webhook outbox: each event of a webhook type once, in version order (the version check guards it too)
+local o, cap = tonumber(ARGV[i]), ARGV[i + 1]
+for j = i + 2, i + 1 + 3 * o, 3 do
+  redis.call('XADD', outbox, 'MAXLEN', '~', cap, '*', 't', tenant, 's', session_id, 'v', ARGV[j], 'e', ARGV[j + 1], 'i', ARGV[j + 2])
 end
 return 1

@@ -1,0 +1,165 @@
+"""The webhook deliverer on the memory adapters, with a sender that records what it was asked to POST and answers
+what the test says: deliveries in outbox order, each attempt recorded, retries until the attempts run out, an event
+purged meanwhile skipped, a change of types taking effect at once, a replay moving a retrying deliverer to the new
+cursor, and a lease another holder has."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+from shared.app.ports import Sent
+from shared.app.webhooks import DeliveryPolicy, WebhookDeliverer, WebhookSubscriptions
+from shared.bootstrap import Parley
+from shared.domain.webhooks import Replay, WebhookCreate, WebhookPatch, delivery_id, verify
+from shared.domain.wire import SessionCreate
+from tests.app.conftest import Deployment
+from tests.support import wait_for
+
+TIMEOUT_S = 10.0
+"""Only an upper bound for what must happen; a passing test never waits it out."""
+POLICY = DeliveryPolicy(max_attempts=3, retry_base_s=0.01, retry_max_s=0.02, poll_s=0.01, lease_s=5.0, keep=50)
+
+
+class Sender:
+    """Answers `statuses` in turn (then 200), and records every POST."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.sent: list[tuple[str, dict[str, str], dict]] = []
+
+    async def vet(self, url: str) -> str | None:
+        return None
+
+    async def send(self, url: str, headers: dict[str, str], body: bytes) -> Sent:
+        self.sent.append((url, headers, msgspec.json.decode(body)))
+        return Sent(self.statuses.pop(0) if self.statuses else 200)
+
+    def types(self) -> list[str]:
+        return [b["type"] for _, _, b in self.sent]
+
+
+@contextlib.asynccontextmanager
+async def delivering(parley: Parley, sender: Sender, holder: str = "w1") -> AsyncIterator[WebhookDeliverer]:
+    deliverer = WebhookDeliverer(parley.webhooks, parley.admin, sender, parley.settings.partitions, holder, POLICY)
+    stop = asyncio.Event()
+    task = asyncio.create_task(deliverer.run(stop))
+    try:
+        yield deliverer
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, TIMEOUT_S)
+
+
+async def session(parley: Parley, deployment: Deployment) -> str:
+    created, _ = await parley.sessions.create("acme", SessionCreate())
+    await deployment.project()
+    await asyncio.sleep(0.002)  # outbox entry ids are milliseconds: the next projection's come later
+    return created.id
+
+
+async def deliveries(parley: Parley, sub_id: str) -> list[dict]:
+    return [msgspec.json.decode(d) for d in await parley.webhooks.deliveries(sub_id, 100)]
+
+
+@pytest.fixture
+def deployment(parley: Parley) -> Deployment:
+    return Deployment(parley)
+
+
+async def test_deliveries_follow_the_outbox_and_each_attempt_is_listed(parley: Parley, deployment: Deployment):
+    sender = Sender(500, 503)
+    subs = WebhookSubscriptions(parley.webhooks, sender)
+    hook = await subs.create("acme", WebhookCreate(url="http://h/", event_types=["SessionCreated", "SessionDeleted"]))
+    first = await session(parley, deployment)
+    await parley.sessions.delete("acme", first, None, None, False)
+    await deployment.project()
+    await asyncio.sleep(0.002)
+    second = await session(parley, deployment)
+    async with delivering(parley, sender):
+        await wait_for(lambda: asyncio.sleep(0, len(sender.sent) >= 5), TIMEOUT_S, "five POSTs")
+    # each session's events in order (two partitions' entries of one millisecond may go either way)
+    by_session = {sid: [b["type"] for _, _, b in sender.sent if b["session_id"] == sid] for sid in (first, second)}
+    assert by_session == {first: ["SessionCreated"] * 3 + ["SessionDeleted"], second: ["SessionCreated"]}
+    for _, headers, body in sender.sent:
+        assert headers["webhook-id"] == delivery_id(hook.id, body["data"]["id"])
+        raw = msgspec.json.encode(body)
+        assert verify(
+            hook.secret, headers["webhook-id"], int(headers["webhook-timestamp"]), raw, headers["webhook-signature"]
+        )
+    listed = await deliveries(parley, hook.id)
+    assert [(d["attempt"], d["outcome"], d["status_code"]) for d in reversed(listed)][:3] == [
+        (1, "retrying", 500),
+        (2, "retrying", 503),
+        (3, "succeeded", 200),
+    ]
+    assert [(d["attempt"], d["outcome"]) for d in listed[:2]] == [(1, "succeeded"), (1, "succeeded")]
+
+
+async def test_a_delivery_fails_after_its_attempts_and_the_next_goes_on(parley: Parley, deployment: Deployment):
+    sender = Sender(500, 500, 500)
+    hook = await WebhookSubscriptions(parley.webhooks, sender).create(
+        "acme", WebhookCreate(url="http://h/", event_types=["SessionCreated"])
+    )
+    await session(parley, deployment)
+    await session(parley, deployment)
+    async with delivering(parley, sender):
+        await wait_for(lambda: asyncio.sleep(0, len(sender.sent) >= 4), TIMEOUT_S, "four POSTs")
+    outcomes = [(d["attempt"], d["outcome"]) for d in reversed(await deliveries(parley, hook.id))]
+    assert outcomes == [(1, "retrying"), (2, "retrying"), (3, "failed"), (1, "succeeded")]
+
+
+async def test_a_purged_event_is_skipped(parley: Parley, deployment: Deployment):
+    sender = Sender()
+    hook = await WebhookSubscriptions(parley.webhooks, sender).create(
+        "acme", WebhookCreate(url="http://h/", event_types=["SessionCreated"])
+    )
+    gone = await session(parley, deployment)
+    kept = await session(parley, deployment)
+    await parley.history.purge("acme", gone)
+    async with delivering(parley, sender):
+        await wait_for(lambda: asyncio.sleep(0, sender.sent), TIMEOUT_S, "a POST")
+        await wait_for(lambda: deliveries(parley, hook.id), TIMEOUT_S, "the deliveries")
+    assert [b["session_id"] for _, _, b in sender.sent] == [kept]
+    listed = await deliveries(parley, hook.id)
+    assert [(d["session_id"], d["outcome"]) for d in reversed(listed)] == [(gone, "skipped"), (kept, "succeeded")]
+
+
+async def test_types_and_replays_take_effect_at_once(parley: Parley, deployment: Deployment):
+    sender = Sender(*[500] * 1_000)  # never takes anything: the deliverer retries the first entry
+    subs = WebhookSubscriptions(parley.webhooks, sender)
+    hook = await subs.create("acme", WebhookCreate(url="http://h/", event_types=["SessionCreated", "SessionDeleted"]))
+    sid = await session(parley, deployment)
+    await parley.sessions.delete("acme", sid, None, None, False)
+    await deployment.project()
+    await subs.update("acme", hook.id, WebhookPatch(event_types=["SessionDeleted"]))
+    async with delivering(parley, sender):
+        await wait_for(lambda: asyncio.sleep(0, len(sender.sent) >= 2), TIMEOUT_S, "the retries")
+        assert set(sender.types()) == {"SessionDeleted"}  # SessionCreated, read ahead, is not for it any more
+        await subs.update("acme", hook.id, WebhookPatch(event_types=["SessionCreated", "SessionDeleted"]))
+        [created] = [d for d in await deliveries(parley, hook.id)][:1]
+        sender.statuses, sent = [], len(sender.sent)  # the receiver recovers; no await between: atomic here
+        await subs.replay("acme", hook.id, Replay(from_="0"))  # from the outbox's beginning, in a new epoch
+        await wait_for(lambda: asyncio.sleep(0, len(sender.sent) >= sent + 2), TIMEOUT_S, "the replay")
+    # the retrying deliverer left the old epoch's entry at once and went on from the replay's position
+    assert sender.types()[sent:] == ["SessionCreated", "SessionDeleted"]
+    assert created["event_type"] == "SessionDeleted"
+
+
+async def test_a_lease_another_holder_has_is_left_alone(parley: Parley, deployment: Deployment):
+    sender = Sender()
+    hook = await WebhookSubscriptions(parley.webhooks, sender).create(
+        "acme", WebhookCreate(url="http://h/", event_types=["SessionCreated"])
+    )
+    await session(parley, deployment)
+    assert await parley.webhooks.lease(hook.id, "elsewhere", 60_000)
+    deliverer = WebhookDeliverer(parley.webhooks, parley.admin, sender, parley.settings.partitions, "w1", POLICY)
+    await asyncio.wait_for(deliverer.serve(hook.id, asyncio.Event()), TIMEOUT_S)  # returns at once
+    assert sender.sent == []
+    await parley.webhooks.release(hook.id, "elsewhere")
+    async with delivering(parley, sender):
+        await wait_for(lambda: asyncio.sleep(0, sender.sent), TIMEOUT_S, "a POST once the lease is free")
