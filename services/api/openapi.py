@@ -197,7 +197,7 @@ def _success_headers(path: str, method: str, responses: dict[str, Any]) -> None:
                 {n: {"$ref": f"#/components/headers/{n}"} for n in names}
             )
 
-    if path == "/sessions" and method == "post":
+    if (path == "/sessions" or path.endswith("/fork")) and method == "post":
         add("201", "ETag", "Location")
     if path == "/webhooks" and method == "post":
         add("201", "Location")

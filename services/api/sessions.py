@@ -30,6 +30,7 @@ from services.api.params import (
     parse_session_id,
 )
 from shared.domain.wire import (
+    ForkRequest,
     Message,
     MessageCreate,
     MessageList,
@@ -206,6 +207,31 @@ class SessionController(Controller):
             tenant, parse_session_id(session_id), parse_message_id(message_id), idem
         )
         return json_response(message)
+
+    @post(
+        "/{session_id:str}/fork", status_code=201, responses=errors(404), dto=StrictBody[ForkRequest], return_dto=None
+    )
+    async def fork_session(
+        self,
+        request: Request,
+        tenant: str,
+        session_id: str,
+        data: ForkRequest,
+        idempotency_key: IdempotencyKey = None,
+    ) -> Response[Session]:
+        """A new session whose history is this one's up to `version` (default: its latest): its log starts with
+        `SessionForked`, then the parent's events, made its own (message ids kept); chats queued or running at that
+        version are cancelled in the fork and its schedules left behind. It shows `forked_from`; it stands alone
+        (purging the parent leaves it whole). Answers the fork with `Location` and `ETag`."""
+        sessions = api(request).parley.sessions
+        idem = await idempotency(request, idempotency_key)
+        fork, version = await sessions.fork(tenant, parse_session_id(session_id), data, idem)
+        return json_response(fork, 201, {"ETag": etag(version), "Location": f"/sessions/{fork.id}"})
+
+    @get("/{session_id:str}/forks", responses=errors(404))
+    async def list_forks(self, request: Request, tenant: str, session_id: str) -> Response[SessionList]:
+        """The sessions forked from this one, oldest first (deleted ones left out)."""
+        return json_list(await api(request).parley.sessions.forks(tenant, parse_session_id(session_id)))
 
     @get("/{session_id:str}/tools", responses=errors(404))
     async def list_tools(

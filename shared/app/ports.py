@@ -209,6 +209,10 @@ class ReadModels(Protocol):
         """Drop a session the idle index still names but that is gone (purged)."""
         ...
 
+    async def forks(self, parent_id: str) -> list[str]:
+        """The ids of the sessions forked from `parent_id`, oldest first (the caller checks their tenant)."""
+        ...
+
     async def due(self, partition: int, until_ms: int, limit: int) -> list[DueSession]:
         """Up to `limit` of the partition's sessions with a schedule tick due at or before `until_ms`, soonest
         first: what the scheduler fires."""

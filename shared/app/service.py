@@ -28,7 +28,7 @@ from shared.app.ports import (
     Replayed,
     View,
 )
-from shared.domain.commands import Command, CreateSession, Limits, Stamp, decide
+from shared.domain.commands import Command, CreateSession, ForkSession, Limits, Stamp, decide
 from shared.domain.errors import (
     Contention,
     DomainError,
@@ -193,7 +193,7 @@ class SessionService:
     ) -> R:
         state = self.cache.get(tenant, session_id)
         fresh = state is None
-        if isinstance(command, CreateSession):
+        if isinstance(command, (CreateSession, ForkSession)):
             state, fresh = SessionState(id=session_id), True
         elif state is None:
             state = await self.log.load(tenant, session_id)

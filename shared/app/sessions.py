@@ -18,14 +18,23 @@ from shared.app.follow import follow
 from shared.app.history import History
 from shared.app.ports import EventLog, Limits, ReadModels, Wakeups
 from shared.app.service import Idempotency, SessionService
-from shared.domain.commands import AddMessage, CreateSession, DeleteSession, EditMessage, RemoveMessage, UpdateSession
-from shared.domain.errors import NotFound
+from shared.domain.commands import (
+    AddMessage,
+    CreateSession,
+    DeleteSession,
+    EditMessage,
+    ForkSession,
+    RemoveMessage,
+    UpdateSession,
+)
+from shared.domain.errors import NotFound, VersionNotFound
 from shared.domain.events import Event, MessageAdded, MessageEdited, MessageRemoved
 from shared.domain.retention import with_expiry
 from shared.domain.state import SessionState
 from shared.domain.stream_tokens import StreamGrant, sign
 from shared.domain.wire import (
     Content,
+    ForkRequest,
     Message,
     MessageCreate,
     MessagePatch,
@@ -136,6 +145,40 @@ class Sessions:
         if before is not None:
             await self.history.end_chats(before)
         return done
+
+    async def fork(
+        self, tenant: str, parent_id: str, body: ForkRequest, idem: Idempotency | None = None
+    ) -> tuple[Session, int]:
+        """(the fork, its version): a new session whose history is the parent's up to `body.version` (its latest
+        by default), copied into the fork's own log (`shared.domain.fork`). O(that history), once."""
+        parent = await self.log.load(tenant, parent_id)
+        if parent is None:
+            raise NotFound(f"session {parent_id} not found")
+        version = body.version or parent.version
+        if version > parent.version:
+            raise VersionNotFound(f"session {parent_id} has no version {version} (its latest is {parent.version})")
+        events: builtins.list[Event] = []
+        while len(events) < version:
+            page = await self.log.read(parent_id, len(events), min(1_000, version - len(events)))
+            if not page:
+                raise NotFound(f"session {parent_id} not found")  # purged meanwhile
+            events += page
+        child = self.service.new_session_id(tenant, idem)
+        command = ForkSession(parent_id=parent_id, events=tuple(events), metadata=body.metadata)
+        forked, at = await self.service.execute(tenant, child, command, _session, idem, tuple[Session, int])
+        return with_expiry(forked, await self.limits.limits(tenant)), at
+
+    async def forks(self, tenant: str, parent_id: str) -> builtins.list[bytes]:
+        """The sessions forked from this one (JSON, oldest first; deleted ones left out)."""
+        if await self.log.load(tenant, parent_id) is None:
+            raise NotFound(f"session {parent_id} not found")
+        out = []
+        for sid in await self.views.forks(parent_id):
+            try:
+                out.append((await self.get(tenant, sid))[0])
+            except NotFound:  # deleted, purged, or (never) another tenant's
+                continue
+        return out
 
     async def tools(self, tenant: str, sid: str, version: int | None = None) -> bytes:
         if version is not None:

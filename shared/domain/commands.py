@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 from msgspec import UNSET, Struct, UnsetType, structs
 
@@ -50,6 +51,7 @@ from shared.domain.events import (
     ToolsChanged,
     ToolsChangedData,
 )
+from shared.domain.fork import fork_events
 from shared.domain.ids import derived_id
 from shared.domain.state import ScheduleState, SessionState, fold
 from shared.domain.wire import (
@@ -189,6 +191,14 @@ class DeleteSchedule(Struct, kw_only=True, frozen=True):
     schedule_id: str
 
 
+class ForkSession(Struct, kw_only=True, frozen=True):
+    """Start a fork (decided on the fork's empty state) from its parent's events 1..n (`shared.domain.fork`)."""
+
+    parent_id: str
+    events: tuple[Event, ...]
+    metadata: dict[str, Any] | None = None
+
+
 class SkipTicks(Struct, kw_only=True, frozen=True):
     """Record ticks of a schedule as not run: `reason` is an error code (`missed`, `chat_in_progress`, …);
     `missed_from`: the first tick of a run of missed ones ending at `tick.at`."""
@@ -215,6 +225,7 @@ Command = (
     | UpdateSchedule
     | DeleteSchedule
     | SkipTicks
+    | ForkSession
 )
 
 
@@ -287,6 +298,10 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
             return []  # the job already ended (answered, failed or cancelled): a repeat run changes nothing
         case CreateSchedule() | UpdateSchedule() | DeleteSchedule() | SkipTicks():
             return _schedule(state, command, stamp, limits)
+        case ForkSession():
+            if state.version != 0:
+                raise Invalid(f"session {state.id} already exists")
+            return fork_events(command.parent_id, command.events, state.id, stamp.now, stamp.new_id, command.metadata)
     raise TypeError(f"unknown command {type(command).__name__}")
 
 

@@ -123,6 +123,14 @@ class ChatCancelledData(Struct, kw_only=True):
     streamed yet, or `save: false`)."""
 
 
+class SessionForkedData(Struct, kw_only=True):
+    """The first event of a fork's log: the parent's events 1..`version` follow it, one version later each (ids
+    of the session, its events and its chat jobs made the fork's own; message ids kept), then the fork's own."""
+
+    parent_id: str
+    version: int
+
+
 class ScheduleCreatedData(Struct, kw_only=True):
     schedule_id: str
     schedule: ScheduleCreate
@@ -215,6 +223,10 @@ class ChatCancelled(EventBase, tag=True, frozen=True):
     data: ChatCancelledData
 
 
+class SessionForked(EventBase, tag=True, frozen=True):
+    data: SessionForkedData
+
+
 class ScheduleCreated(EventBase, tag=True, frozen=True):
     data: ScheduleCreatedData
 
@@ -249,6 +261,7 @@ Event = (
     | ScheduleUpdated
     | ScheduleDeleted
     | ScheduleFired
+    | SessionForked
 )
 
 SCHEDULE_EVENTS = (ScheduleCreated, ScheduleUpdated, ScheduleDeleted, ScheduleFired)

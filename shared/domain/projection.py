@@ -30,6 +30,7 @@ from shared.domain.events import (
     ScheduleUpdated,
     SessionCreated,
     SessionDeleted,
+    SessionForked,
     ToolsChanged,
 )
 from shared.domain.schedules import next_tick
@@ -98,6 +99,8 @@ class ReadModelUpdate(Struct, kw_only=True):
     """Per day, what the run adds to the tenant's usage counters (chats, tokens)."""
     schedules_changed: bool = False
     """The run created, changed, deleted or fired a schedule, or deleted the session: `next_tick_ms` is new."""
+    forked_from: str | None = None
+    """The run starts a fork of this session: the fork joins its parent's forks."""
     next_tick_ms: int | None = None
     """The session's next tick of any running schedule (ms since the epoch; None: none): its score in the
     partition's schedule index, which the scheduler walks."""
@@ -126,9 +129,13 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
     outbox: list[tuple[int, str, str]] = []
     active = [c.job_id for c in state.active_chats]
     schedules_changed = False
+    forked_from = None
+    # a fork's copies of its parent's events (versions 2..copied) add nothing to the tenant's usage, and send no
+    # webhook: they happened to the parent
+    copied = state.forked_from.version + 1 if state.forked_from is not None else 0
     for e in events:
         after = evolve(after, e)
-        if type(e) in _OUTBOX:
+        if type(e) in _OUTBOX and e.version > copied:
             outbox.append((e.version, type(e).__name__, e.id))
         if after.version % snapshot_every == 0:
             snapshots.append(after)
@@ -146,6 +153,8 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
                 mods.append((d.seq, e.version, "r"))
             case MessageAdded():
                 versions.append(e.version)
+            case SessionForked(data=d):
+                forked_from, copied = d.parent_id, d.version + 1
             case ScheduleCreated() | ScheduleUpdated() | ScheduleDeleted() | ScheduleFired():
                 schedules_changed = True
             case SessionDeleted():
@@ -155,7 +164,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
                     JobUpdate(job_id=j, status="cancelled", finished_at=e.occurred_at, error=reason) for j in active
                 ]
             case ChatRequested(data=d):
-                _usage(usage, e).chats += 1
+                _usage(usage, e, copied).chats += 1
                 active.append(d.job_id)
                 jobs.append(
                     JobUpdate(
@@ -168,11 +177,11 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
                     )
                 )
             case ContextBuilt(data=d):
-                _usage(usage, e).prompt_tokens += d.prompt_tokens
+                _usage(usage, e, copied).prompt_tokens += d.prompt_tokens
                 report = ContextReport(**{f: getattr(d, f) for f in ContextReport.__struct_fields__})
                 jobs.append(JobUpdate(job_id=d.job_id, context=report))
             case ChatCompleted(data=d):
-                _usage(usage, e).completion_tokens += d.response.usage.completion_tokens
+                _usage(usage, e, copied).completion_tokens += d.response.usage.completion_tokens
                 jobs.append(
                     JobUpdate(job_id=d.job_id, status="succeeded", finished_at=e.occurred_at, response=d.response)
                 )
@@ -196,6 +205,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
         snapshots=snapshots,
         usage=list(usage.values()),
         schedules_changed=schedules_changed,
+        forked_from=forked_from,
         next_tick_ms=next_tick_ms(after) if schedules_changed else None,
         outbox=outbox,
     )
@@ -213,7 +223,10 @@ def next_tick_ms(state: SessionState) -> int | None:
     return int(min(ticks).timestamp() * 1000) if ticks else None
 
 
-def _usage(usage: dict[str, UsageDelta], event: Event) -> UsageDelta:
+def _usage(usage: dict[str, UsageDelta], event: Event, copied: int) -> UsageDelta:
+    """The day's delta the event adds to; a fork's copy of its parent's event adds to a throwaway one."""
+    if event.version <= copied:
+        return UsageDelta(day="")
     day = event.occurred_at.astimezone(UTC).date().isoformat()
     delta = usage.get(day)
     if delta is None:

@@ -29,11 +29,12 @@ from shared.domain.events import (
     ScheduleUpdated,
     SessionCreated,
     SessionDeleted,
+    SessionForked,
     SessionUpdated,
     SummaryAdded,
     ToolsChanged,
 )
-from shared.domain.wire import ScheduleCreate, Session
+from shared.domain.wire import ForkedFrom, ScheduleCreate, Session
 
 
 class ActiveChat(Struct, frozen=True, array_like=True):
@@ -84,6 +85,8 @@ class SessionState(Struct, kw_only=True):
 
     schedules: tuple[ScheduleState, ...] = ()
     """The session's cron schedules, in creation order."""
+    forked_from: ForkedFrom | None = None
+    """A fork: its parent and the parent's version its copied history ends at (its own version + 1)."""
 
     @property
     def exists(self) -> bool:
@@ -115,6 +118,7 @@ def evolve(state: SessionState, event: Event) -> SessionState:
                 tools=d.tools,
                 metadata=d.metadata,
                 compaction=d.compaction,
+                forked_from=state.forked_from,
                 version=event.version,
                 created_at=at,
                 updated_at=at,
@@ -182,6 +186,12 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             return _touch(state, event, summary=Summary(content=d.content, up_to_seq=d.up_to_seq))
         case ContextBuilt():
             return _touch(state, event)
+        case SessionForked(data=d):
+            if state.version != 0:
+                raise ValueError(f"SessionForked is the first event of a fork's log, not event {event.version}")
+            return structs.replace(
+                state, version=event.version, forked_from=ForkedFrom(session_id=d.parent_id, version=d.version)
+            )
         case ScheduleCreated(data=d):
             made = ScheduleState(id=d.schedule_id, spec=d.schedule, created_at=at, updated_at=at, since=at)
             return _touch(state, event, schedules=(*state.schedules, made))

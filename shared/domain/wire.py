@@ -128,6 +128,12 @@ class SessionPatch(Wire):
     retention: Retention | None | UnsetType = UNSET
 
 
+class ForkedFrom(Struct, kw_only=True):
+    session_id: str
+    version: int
+    """The parent's version the fork's history ends at (the fork's own versions are one later)."""
+
+
 class Session(Struct, kw_only=True):
     id: str
     agent_id: str | None
@@ -144,6 +150,8 @@ class Session(Struct, kw_only=True):
     updated_at: datetime
     compaction: Compaction | None = None
     """How `adaptive` compacts (null: the defaults)."""
+    forked_from: ForkedFrom | None = None
+    """The session this one was forked from, and at which of its versions (null: not a fork)."""
     retention: Retention | None = None
     """The session's own retention (null: the tenant's applies, if it has one)."""
     expires_at: datetime | None = None
@@ -270,6 +278,13 @@ class ChatRequest(ChatTemplate):
     RFC 3339 time is taken (a leap second, year 0000), which a `datetime` field would refuse."""
     delay_s: Annotated[float, Meta(ge=0, le=MAX_DELAY_S)] | None = None
     """Run the chat this many seconds from now (or after `run_at`, when both are given)."""
+
+
+class ForkRequest(Wire):
+    version: Annotated[int, Meta(ge=1)] | None = None
+    """The parent's version the fork's history ends at (null: its latest)."""
+    metadata: Metadata | None = None
+    """The fork's metadata (null: the parent's at that version)."""
 
 
 # -- schedules ----------------------------------------------------------------------------

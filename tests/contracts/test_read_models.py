@@ -15,6 +15,7 @@ from shared.domain.commands import (
     DeleteSchedule,
     DeleteSession,
     EditMessage,
+    ForkSession,
     RemoveMessage,
     SkipTicks,
     Tick,
@@ -314,3 +315,17 @@ async def test_the_schedule_index_names_each_session_by_its_next_tick(backend: B
     p = partition_of(fired.id, backend.partitions)
     await views.forget_due(p, "acme", fired.id)
     assert fired.id not in [e.session_id for e in await views.due(p, far, 100)]
+
+
+async def test_a_parents_forks_are_indexed_across_partitions(backend: Backend) -> None:
+    """`forks` names every fork of a session, oldest first, whatever partition each fork hashed into."""
+    log, views = backend.log, backend.views
+    parent = await add(log, await create(log), "hello")
+    other = await create(log)
+    events = tuple(await log.read(parent.id, 0, 100))
+    forks = []
+    while len(forks) < 6 or len({partition_of(f.id, backend.partitions) for f in forks}) < 2:
+        forks.append(await run(log, SessionState(id=uuid7()), ForkSession(parent_id=parent.id, events=events)))
+    await project_all(views, parent.id, other.id, *[f.id for f in forks])
+    assert await views.forks(parent.id) == [f.id for f in forks]
+    assert await views.forks(other.id) == [] and await views.forks(forks[0].id) == []

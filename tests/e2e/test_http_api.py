@@ -56,6 +56,7 @@ SESSION_FIELDS = {
     "created_at",
     "updated_at",
     "compaction",
+    "forked_from",
     "retention",
     "expires_at",
 }
@@ -173,6 +174,7 @@ def test_create_with_an_empty_body_or_explicit_nulls_answers_the_defaults(c):
             "metadata": {},
             "version": 1,
             "compaction": None,
+            "forked_from": None,
             "retention": None,
             "expires_at": None,
         }

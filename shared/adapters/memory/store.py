@@ -192,6 +192,8 @@ class Memory:
         self.index: dict[tuple[int, str], set[str]] = {}
         self.idle: dict[int, dict[str, int]] = {}
         """partition → {"tenant/session id": last change, ms}: the retention sweeper's index."""
+        self.forks: dict[str, list[str]] = {}
+        """parent id → its forks' ids, oldest first."""
         self.next_ticks: dict[int, dict[str, int]] = {}
         """partition → {"tenant/session id": next schedule tick, ms}: the scheduler's index."""
         self.projected: dict[tuple[int, str], int] = {}

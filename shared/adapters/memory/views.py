@@ -123,6 +123,9 @@ class MemoryReadModels:
     async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
         self.memory.idle.get(partition, {}).pop(f"{tenant}/{session_id}", None)
 
+    async def forks(self, parent_id: str) -> list[str]:
+        return list(self.memory.forks.get(parent_id, []))
+
     async def due(self, partition: int, until_ms: int, limit: int) -> list[DueSession]:
         ticks = self.memory.next_ticks.get(partition, {})
         entries = sorted((ms, member) for member, ms in ticks.items() if ms <= until_ms)
@@ -182,6 +185,8 @@ class MemoryReadModels:
             idle[f"{tenant}/{sid}"] = int(u.session.updated_at.timestamp() * 1000)
         else:
             idle.pop(f"{tenant}/{sid}", None)
+        if u.forked_from is not None:
+            m.forks.setdefault(u.forked_from, []).append(sid)
         if u.schedules_changed:
             ticks = m.next_ticks.setdefault(p, {})
             if u.next_tick_ms is not None:

@@ -120,6 +120,11 @@ class Keys:
         sessions with a running schedule: the scheduler reads what is due."""
         return f"{self.tag(partition)}:schedules"
 
+    def forks(self, partition: int) -> str:
+        """Sorted set "parent id/fork id" (all scores 0) of the forks made in this partition: a parent's forks are
+        one lexicographic range in each partition."""
+        return f"{self.tag(partition)}:forks"
+
     def index(self, partition: int, tenant: str) -> str:
         """Sorted set of the tenant's live session ids in this partition (all scores 0: UUIDv7 text order)."""
         return f"{self.tag(partition)}:idx:{tenant}"

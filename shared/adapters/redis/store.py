@@ -279,6 +279,13 @@ class RedisStore:
     async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
         await self.redis.zrem(self.keys.idle(partition), f"{tenant}/{session_id}")
 
+    async def forks(self, parent_id: str) -> list[str]:
+        low, high = f"[{parent_id}/".encode(), f"[{parent_id}/\xff".encode()
+        found: list[str] = []
+        for p in range(self.keys.partitions):
+            found += [m.decode().partition("/")[2] for m in await self.redis.zrangebylex(self.keys.forks(p), low, high)]
+        return sorted(found)  # UUIDv7: oldest first
+
     async def due(self, partition: int, until_ms: int, limit: int) -> list[DueSession]:
         page = await self.redis.zrangebyscore(
             self.keys.schedules(partition), "-inf", until_ms, start=0, num=limit, withscores=True
@@ -378,6 +385,7 @@ class RedisStore:
                     k.idle(p),
                     k.schedules(p),
                     k.outbox(p),
+                    k.forks(p),
                     *job_keys,
                     *usage_keys,
                 ]
@@ -396,6 +404,7 @@ class RedisStore:
                     f"{tenant}/{sid}",
                     changed_ms,
                     ("" if u.next_tick_ms is None else u.next_tick_ms) if u.schedules_changed else "k",
+                    f"{u.forked_from}/{sid}" if u.forked_from is not None else "",
                     len(u.message_versions),
                     *u.message_versions,
                     len(u.message_mods),

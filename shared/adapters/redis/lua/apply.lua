@@ -3,17 +3,18 @@
 -- purged) or {'stale', live generation}: `gen` is not the live generation the caller thought (a rebuild switched).
 -- A rebuild (`live` = '0') writes only its own generation's views, and only one newer than the live one.
 local head, view, msgs, snaps, index, projected, chats, mods = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local log, idle, ticks, outbox = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local FIRST_JOB_KEY = 13  -- then one chat job hash per job update, then one usage hash per usage delta
+local log, idle, ticks, outbox, forks = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local FIRST_JOB_KEY = 14  -- then one chat job hash per job update, then one usage hash per usage delta
 local tenant, from, to, state, session_json, tools_json = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
 local index_op, session_id, retention, gen, live = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11] == '1'
 local idle_member, changed_ms = ARGV[12], ARGV[13]  -- "tenant/session id", its last change ('': deleted)
 local next_tick = ARGV[14]  -- the session's next schedule tick (ms), '' none, 'k' unchanged by this update
--- then, from the 15th argument: message count n, n message versions; mod count d, d (seq, version, kind) triples;
+local fork_member = ARGV[15]  -- "parent id/session id" when this update starts a fork, else ''
+-- then, from the 16th argument: message count n, n message versions; mod count d, d (seq, version, kind) triples;
 -- snapshot count s, s version/state pairs; job count J, per job: job id, field count m, m field/value pairs;
 -- usage count U, per usage delta: chats, prompt tokens, completion tokens, TTL seconds;
 -- outbox count O, the outbox's cap (approximate MAXLEN), O (version, event type, event id) triples
-local i = 15
+local i = 16
 
 local h = redis.call('HMGET', head, 'v', 'g')
 if not h[1] then return 0 end  -- purged meanwhile: nothing may bring its content back
@@ -62,6 +63,7 @@ elseif index_op == 'remove' then
   redis.call('ZREM', index, session_id)
 end
 if changed_ms ~= '' then redis.call('ZADD', idle, changed_ms, idle_member) else redis.call('ZREM', idle, idle_member) end
+if fork_member ~= '' then redis.call('ZADD', forks, 0, fork_member) end
 if next_tick == '' then redis.call('ZREM', ticks, idle_member) elseif next_tick ~= 'k' then redis.call('ZADD', ticks, next_tick, idle_member) end
 redis.call('HINCRBY', projected, tenant, to - from)
 local k = FIRST_JOB_KEY

@@ -1,0 +1,121 @@
+"""Forks on the memory adapters: a fork's history is its parent's up to a version, made its own (its log starts with
+`SessionForked`); the two then go their own ways; chats running and schedules at that version stay with the parent;
+a fork adds nothing to the tenant's usage, survives its parent's purge, exports and imports, and its read models
+rebuild to what they were."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from shared import bootstrap
+from shared.app.rebuild import Scope
+from shared.bootstrap import Parley
+from shared.domain.errors import Invalid, NotFound, VersionNotFound
+from shared.domain.events import ChatCancelled, MessageAdded, ScheduleDeleted, SessionCreated, SessionForked
+from shared.domain.wire import ChatRequest, ForkRequest, MessageCreate, MessagePatch, ScheduleCreate, SessionCreate
+from tests.app.conftest import Deployment, settings
+
+
+def ask(text: str) -> ChatRequest:
+    return ChatRequest(messages=[MessageCreate(role="user", content=text)])
+
+
+async def conversation(parley: Parley, sid: str) -> list[tuple[str, str]]:
+    return [
+        (m["id"], m["content"]) for m in map(msgspec.json.decode, await parley.sessions.messages("acme", sid, 100, 0))
+    ]
+
+
+async def test_a_fork_starts_with_its_parents_history_then_goes_its_own_way(parley: Parley) -> None:
+    d = Deployment(parley)
+    parent, _ = await parley.sessions.create("acme", SessionCreate(situation="Be kind.", metadata={"plan": "pro"}))
+    await parley.chats.request("acme", parent.id, ask("hello"))
+    await d.settle()
+    before = await conversation(parley, parent.id)
+    head = (await parley.sessions.get("acme", parent.id))[1]
+
+    fork, version = await parley.sessions.fork("acme", parent.id, ForkRequest(metadata={"branch": "b"}))
+    assert fork.id != parent.id and version == head + 2  # SessionForked, the copies, the metadata
+    assert fork.forked_from is not None and (fork.forked_from.session_id, fork.forked_from.version) == (parent.id, head)
+    assert (fork.situation, fork.metadata) == ("Be kind.", {"branch": "b"})
+    await d.settle()
+    assert await conversation(parley, fork.id) == before  # the same messages, the same ids
+    log = await parley.log.read(fork.id, 0, 100)
+    assert isinstance(log[0], SessionForked) and isinstance(log[1], SessionCreated)
+    assert all(m.data.session_id == fork.id for m in log if isinstance(m, MessageAdded))
+    jobs = [msgspec.json.decode(j)["id"] for j in await parley.chats.list("acme", fork.id, 10, 0)]
+    parents = [msgspec.json.decode(j)["id"] for j in await parley.chats.list("acme", parent.id, 10, 0)]
+    assert len(jobs) == 1 and jobs != parents  # the fork's own job record, not the parent's
+
+    # each goes its own way
+    first_id = before[0][0]
+    await parley.sessions.edit_message("acme", fork.id, first_id, MessagePatch(content="hello, fork"))
+    await parley.sessions.add_message("acme", parent.id, MessageCreate(role="user", content="parent only"))
+    await d.settle()
+    assert (await conversation(parley, parent.id))[0] == before[0]
+    assert (await conversation(parley, fork.id))[0] == (first_id, "hello, fork")
+    assert [s["id"] for s in map(msgspec.json.decode, await parley.sessions.forks("acme", parent.id))] == [fork.id]
+    assert await parley.sessions.forks("acme", fork.id) == []
+
+
+async def test_a_fork_of_a_past_version_and_what_is_not_carried_over(parley: Parley) -> None:
+    d = Deployment(parley)
+    parent, _ = await parley.sessions.create("acme", SessionCreate())
+    for i in range(3):
+        await parley.sessions.add_message("acme", parent.id, MessageCreate(role="user", content=f"m{i}"))
+    await parley.schedules.create("acme", parent.id, ScheduleCreate(cron="0 9 * * *"))
+    running = await parley.chats.request("acme", parent.id, ask("still running"))
+
+    past, _ = await parley.sessions.fork("acme", parent.id, ForkRequest(version=3))
+    await d.project()
+    assert [c for _, c in await conversation(parley, past.id)] == ["m0", "m1"]
+
+    now, _ = await parley.sessions.fork("acme", parent.id, ForkRequest())
+    log = await parley.log.read(now.id, 0, 100)
+    [cancelled] = [e for e in log if isinstance(e, ChatCancelled)]
+    assert cancelled.data.job_id != running.job.id and cancelled.data.reason == "not carried into the fork"
+    assert [e for e in log if isinstance(e, ScheduleDeleted)] and (await parley.schedules.list("acme", now.id))[
+        0
+    ].items == []
+    await d.settle()
+    assert msgspec.json.decode(await parley.chats.job("acme", parent.id, running.job.id))["status"] == "succeeded"
+    assert len((await parley.schedules.list("acme", parent.id))[0].items) == 1
+    after = await parley.tenancy.usage("acme", 1)
+    assert after.days[0].chats == 1  # the parent's chat; the fork's copy of it counts nothing
+
+    with pytest.raises(VersionNotFound):
+        await parley.sessions.fork("acme", parent.id, ForkRequest(version=999))
+    with pytest.raises(NotFound):
+        await parley.sessions.fork("globex", parent.id, ForkRequest())
+    await parley.sessions.delete("acme", parent.id, None)
+    with pytest.raises(Invalid):  # deleted at its latest version: an earlier one can still be forked
+        await parley.sessions.fork("acme", parent.id, ForkRequest())
+    assert (await parley.sessions.fork("acme", parent.id, ForkRequest(version=2)))[0].forked_from is not None
+
+
+async def test_a_fork_stands_alone_across_its_parents_purge_export_import_and_rebuild(parley: Parley) -> None:
+    d = Deployment(parley)
+    parent, _ = await parley.sessions.create("acme", SessionCreate())
+    await parley.sessions.add_message("acme", parent.id, MessageCreate(role="user", content="kept"))
+    fork, _ = await parley.sessions.fork("acme", parent.id, ForkRequest())
+    await d.settle()
+    await parley.sessions.delete("acme", parent.id, None, purge=True)
+    with pytest.raises(NotFound):
+        await parley.sessions.get("acme", parent.id)
+    assert [c for _, c in await conversation(parley, fork.id)] == ["kept"]
+    assert (await parley.sessions.get("acme", fork.id, version=2))[0]  # time travel into the copied history
+
+    lines = [line async for line in parley.history.export(fork.id)]
+    elsewhere = await bootstrap.in_memory(settings())
+    try:
+        assert await elsewhere.history.import_("globex", lines) == [(fork.id, 3)]
+        assert await elsewhere.sessions.messages("globex", fork.id, 10, 0) == await parley.sessions.messages(
+            "acme", fork.id, 10, 0
+        )
+    finally:
+        await elsewhere.close()
+
+    live = (await parley.sessions.get("acme", fork.id), await parley.sessions.messages("acme", fork.id, 10, 0))
+    await parley.rebuilder(lambda n: None).run(Scope(session_id=fork.id))
+    assert (await parley.sessions.get("acme", fork.id), await parley.sessions.messages("acme", fork.id, 10, 0)) == live
