@@ -28,6 +28,7 @@ from shared.domain.events import (
     SessionDeleted,
     ToolsChanged,
 )
+from shared.domain.search import entries
 from shared.domain.state import SessionState, evolve
 from shared.domain.wire import ChatError, ChatResponse, ChatStatus, ContextReport, Session
 
@@ -88,6 +89,9 @@ class ReadModelUpdate(Struct, kw_only=True):
     """The states at the versions in this run that are multiples of `SNAPSHOT_EVERY`."""
     usage: list[UsageDelta] = []
     """Per day, what the run adds to the tenant's usage counters (chats, tokens)."""
+    search: list[str] = []
+    """The session's search index entries after the events (`shared.domain.search.entries`; none once deleted):
+    they replace the ones it had."""
 
     @property
     def to_version(self) -> int:
@@ -173,6 +177,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
         jobs=jobs,
         snapshots=snapshots,
         usage=list(usage.values()),
+        search=entries(after),
     )
 
 
