@@ -5,8 +5,10 @@ Reads answer the read models' pre-encoded JSON without decoding it.
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 
+import msgspec
 from litestar import Controller, Request, Response, delete, get, patch, post, route
 from litestar.di import Provide
 from litestar.params import Parameter
@@ -29,12 +31,15 @@ from services.api.params import (
     parse_message_id,
     parse_session_id,
 )
+from shared.domain.errors import Invalid
+from shared.domain.search import FIELDS, Query, parse_fields, query_of
 from shared.domain.wire import (
     Message,
     MessageCreate,
     MessageList,
     MessagePatch,
     Session,
+    SessionCount,
     SessionCreate,
     SessionDeletion,
     SessionList,
@@ -45,6 +50,81 @@ from shared.domain.wire import (
 )
 
 __all__ = ["SessionController"]
+
+_FIELD = "|".join(FIELDS)
+AgentId = Annotated[str | None, Parameter(max_length=256, description="Only sessions of this agent.")]
+UserId = Annotated[str | None, Parameter(max_length=256, description="Only sessions of this user.")]
+Status = Annotated[
+    Literal["idle", "busy"] | None,
+    Parameter(description="`busy`: a chat of the session is queued or running (as projected); `idle`: none is."),
+]
+CreatedAfter = Annotated[datetime | None, Parameter(description="Only sessions created at or after this time.")]
+CreatedBefore = Annotated[datetime | None, Parameter(description="Only sessions created at or before this time.")]
+UpdatedAfter = Annotated[datetime | None, Parameter(description="Only sessions last changed at or after this time.")]
+UpdatedBefore = Annotated[datetime | None, Parameter(description="Only sessions last changed at or before this time.")]
+Sort = Annotated[
+    Literal["created_at", "-created_at", "updated_at", "-updated_at"],
+    Parameter(description="The order: by creation or last change; `-` newest first."),
+]
+Fields = Annotated[
+    str | None,
+    Parameter(
+        pattern=rf"^({_FIELD})(,({_FIELD}))*$",
+        max_length=400,
+        description="Only these fields of each session, comma-separated (`id` always).",
+    ),
+]
+After = Annotated[
+    str | None,
+    Parameter(
+        pattern=r"^[A-Za-z0-9_-]{1,200}$", description="The `next` cursor of the previous page (of the same query)."
+    ),
+]
+DeprecatedOffset = Annotated[
+    int,
+    Parameter(
+        ge=0,
+        le=1_000_000_000,
+        description="Deprecated: sessions to skip, only without filters, `sort` or `after`. Use `after`.",
+    ),
+]
+_FILTERS = frozenset(
+    ("agent_id", "user_id", "status", "created_after", "created_before", "updated_after", "updated_before")
+)
+_LIST = _FILTERS | {"sort", "fields", "after", "limit", "offset"}
+_METADATA = "metadata."
+
+
+def _query(
+    request: Request,
+    allowed: frozenset[str],
+    agent_id: str | None,
+    user_id: str | None,
+    status: Literal["idle", "busy"] | None,
+    created_after: datetime | None,
+    created_before: datetime | None,
+    updated_after: datetime | None,
+    updated_before: datetime | None,
+) -> Query:
+    """The filters, with the `metadata.<key>` ones read from the query string; an unknown parameter is refused (a
+    misspelt filter would otherwise widen the answer silently)."""
+    metadata = {}
+    for name in request.query_params.keys():
+        if name.startswith(_METADATA):
+            metadata[name[len(_METADATA) :]] = request.query_params[name]
+        elif name not in allowed:
+            raise Invalid(f"unknown query parameter {name!r}", {"query": name})
+    return query_of(
+        agent_id=agent_id,
+        user_id=user_id,
+        metadata=metadata,
+        status=status,
+        created_after=created_after,
+        created_before=created_before,
+        updated_after=updated_after,
+        updated_before=updated_before,
+    )
+
 
 Purge = Annotated[
     bool, Parameter(description="Also erase the log and everything derived from it, leaving a tombstone in /audit.")
@@ -60,10 +140,62 @@ class SessionController(Controller):
 
     @get("/", responses=errors())
     async def list_sessions(
-        self, request: Request, tenant: str, limit: Limit = 100, offset: Offset = 0
+        self,
+        request: Request,
+        tenant: str,
+        agent_id: AgentId = None,
+        user_id: UserId = None,
+        status: Status = None,
+        created_after: CreatedAfter = None,
+        created_before: CreatedBefore = None,
+        updated_after: UpdatedAfter = None,
+        updated_before: UpdatedBefore = None,
+        sort: Sort = "-created_at",
+        fields: Fields = None,
+        after: After = None,
+        limit: Limit = 100,
+        offset: DeprecatedOffset = 0,
     ) -> Response[SessionList]:
-        """The tenant's sessions, newest first."""
-        return json_list(await api(request).parley.sessions.list(tenant, limit, offset))
+        """The tenant's live sessions matching every filter given, in `sort` order (newest first by default), a
+        page at a time: pass `next` as `after` for the next page (null: the last). Filter on metadata with
+        `metadata.<key>=<value>` (scalar values, compared as text: `metadata.tier=3` finds 3 and "3"; up to 8).
+        A page may hold fewer than `limit` sessions (even none) while `next` is not null: each request walks a
+        bounded part of the index, so follow `next` until it is null."""
+        query = _query(
+            request, _LIST, agent_id, user_id, status, created_after, created_before, updated_after, updated_before
+        )
+        query = msgspec.structs.replace(query, sort=sort)
+        sessions = api(request).parley.sessions
+        if offset:  # the old paging: only the default listing, from the old index; `next` to go on by cursor
+            if request.query_params.keys() - {"offset", "limit"}:
+                raise Invalid("offset pages only the default listing; follow next instead", {"query": "offset"})
+            items = await sessions.list(tenant, limit, offset)
+            nxt = sessions.cursor_after(query, items[-1]) if len(items) == limit else None
+            return json_list(items, next=msgspec.json.encode(nxt))
+        items, nxt = await sessions.find(tenant, query, after, limit, parse_fields(fields))
+        return json_list(items, next=msgspec.json.encode(nxt))
+
+    @get("/count", responses=errors())
+    async def count_sessions(
+        self,
+        request: Request,
+        tenant: str,
+        agent_id: AgentId = None,
+        user_id: UserId = None,
+        status: Status = None,
+        created_after: CreatedAfter = None,
+        created_before: CreatedBefore = None,
+        updated_after: UpdatedAfter = None,
+        updated_before: UpdatedBefore = None,
+    ) -> Response[SessionCount]:
+        """How many of the tenant's live sessions match every filter given (the same filters as the list, with
+        `metadata.<key>=<value>` too). One filter, with or without a time range, is counted from its index at once;
+        a combination walks the most selective one, and past a bound answers a lower bound with `exact: false`."""
+        query = _query(
+            request, _FILTERS, agent_id, user_id, status, created_after, created_before, updated_after, updated_before
+        )
+        n, exact = await api(request).parley.sessions.count(tenant, query)
+        return json_response(SessionCount(count=n, exact=exact))
 
     @post("/", status_code=201, responses=errors(), dto=StrictBody[SessionCreate], return_dto=None)
     async def create_session(

@@ -17,7 +17,8 @@ local at_old = tonumber(redis.call('HGET', old_view, 'v')) or 0
 if tonumber(fresh[1]) ~= tonumber(h[1]) or at_old ~= tonumber(h[1]) then return 0 end
 redis.call('HSET', head, 'g', new)
 if fresh[2] then redis.call('ZADD', index, 0, session_id) else redis.call('ZREM', index, session_id) end
--- the search index: the old generation's members (its view's `ix`) out, the new one's in
+-- the search index: the old generation's members (its view's `ix`) out, the new one's in (all of them, so a
+-- rebuild restores an index that lost entries)
 local function members(packed)
   local out, at = {}, 1
   while at <= #packed do
@@ -30,9 +31,11 @@ local function members(packed)
 end
 local old_entries = redis.call('HGET', old_view, 'ix') or ''
 local new_entries = redis.call('HGET', new_view, 'ix') or ''
-if old_entries ~= new_entries then
-  for _, m in ipairs(members(old_entries)) do redis.call('ZREM', search, m) end
-  for _, m in ipairs(members(new_entries)) do redis.call('ZADD', search, 0, m) end
+local new_members, keep = members(new_entries), {}
+for _, m in ipairs(new_members) do keep[m] = true end
+for _, m in ipairs(members(old_entries)) do
+  if not keep[m] then redis.call('ZREM', search, m) end
 end
+for _, m in ipairs(new_members) do redis.call('ZADD', search, 0, m) end
 redis.call('UNLINK', old_view, old_msgs, old_snaps, old_mods)
 return 1
