@@ -5,6 +5,7 @@ Reads answer the read models' pre-encoded JSON without decoding it.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -58,10 +59,18 @@ Status = Annotated[
     Literal["idle", "busy"] | None,
     Parameter(description="`busy`: a chat of the session is queued or running (as projected); `idle`: none is."),
 ]
-CreatedAfter = Annotated[datetime | None, Parameter(description="Only sessions created at or after this time.")]
-CreatedBefore = Annotated[datetime | None, Parameter(description="Only sessions created at or before this time.")]
-UpdatedAfter = Annotated[datetime | None, Parameter(description="Only sessions last changed at or after this time.")]
-UpdatedBefore = Annotated[datetime | None, Parameter(description="Only sessions last changed at or before this time.")]
+CreatedAfter = Annotated[
+    datetime | None, Parameter(description="Only sessions created at or after this RFC 3339 time.")
+]
+CreatedBefore = Annotated[
+    datetime | None, Parameter(description="Only sessions created at or before this RFC 3339 time.")
+]
+UpdatedAfter = Annotated[
+    datetime | None, Parameter(description="Only sessions last changed at or after this RFC 3339 time.")
+]
+UpdatedBefore = Annotated[
+    datetime | None, Parameter(description="Only sessions last changed at or before this RFC 3339 time.")
+]
 Sort = Annotated[
     Literal["created_at", "-created_at", "updated_at", "-updated_at"],
     Parameter(description="The order: by creation or last change; `-` newest first."),
@@ -93,6 +102,8 @@ _FILTERS = frozenset(
 )
 _LIST = _FILTERS | {"sort", "fields", "after", "limit", "offset"}
 _METADATA = "metadata."
+_TIMES = frozenset(("created_after", "created_before", "updated_after", "updated_before"))
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?")
 
 
 def _query(
@@ -114,6 +125,9 @@ def _query(
             metadata[name[len(_METADATA) :]] = request.query_params[name]
         elif name not in allowed:
             raise Invalid(f"unknown query parameter {name!r}", {"query": name})
+        elif name in _TIMES and not _RFC3339.fullmatch(request.query_params[name]):
+            # litestar would also take a number as a Unix time: the document says RFC 3339, so only that
+            raise Invalid(f"{name} must be an RFC 3339 time", {"query": name})
     return query_of(
         agent_id=agent_id,
         user_id=user_id,

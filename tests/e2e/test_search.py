@@ -128,6 +128,7 @@ def test_tenants_are_isolated(c, seeded):
     [
         {"sort": "name"},
         {"created_after": "yesterday"},
+        {"created_after": "0"},
         {"updated_before": "2024-13-01T00:00:00Z"},
         {"fields": "id,secret"},
         {"after": "not-a-cursor"},
