@@ -105,6 +105,8 @@ NO_MORE = {
     "description": "Nothing follows the `Last-Event-ID` given (the stream ended): an EventSource stops reconnecting."
 }
 PROBES = {"/health", "/ready"}
+DEPRECATED = {"/sessions": {"offset"}}
+"""Query parameters still served but marked deprecated (litestar's `Parameter` cannot say so)."""
 SESSION_WRITES = re.compile(r"^/sessions(/\{session_id\}(/messages)?)?$")
 
 
@@ -126,6 +128,8 @@ def _finish_operation(path: str, method: str, op: dict[str, Any]) -> None:
     responses.pop("400", None)  # litestar's own ValidationException body: never sent
     for p in op.get("parameters", ()):
         _tighten(p)
+        if p["in"] == "query" and p["name"] in DEPRECATED.get(path, ()):
+            p["deprecated"] = True
     if path in PROBES:
         op["security"] = []
         if path == "/ready":
@@ -227,6 +231,8 @@ def _tighten(param: dict[str, Any]) -> None:
         kinds = [v for v in variants if v.get("type") != "null"]
         if len(kinds) == 1 and len(kinds) < len(variants):
             schema = {**{k: v for k, v in schema.items() if k != "oneOf"}, **kinds[0]}
+    if param["in"] in ("header", "query") and None in schema.get("enum", ()):
+        schema["enum"] = [v for v in schema["enum"] if v is not None]  # `Literal[…] | None`: absent, never null
     if schema.get("type") == "integer":
         for bound in ("minimum", "maximum"):
             if isinstance(schema.get(bound), float):

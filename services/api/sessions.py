@@ -102,6 +102,17 @@ _FILTERS = frozenset(
 )
 _LIST = _FILTERS | {"sort", "fields", "after", "limit", "offset"}
 _METADATA = "metadata."
+LIST_DOC = (
+    "The tenant's live sessions matching every filter given, in `sort` order, a page at a time: pass `next` as "
+    "`after` (null: the last page). Also `metadata.<key>=<value>` (up to 8): sessions whose metadata has that scalar "
+    'value at `<key>`, compared as text (`metadata.tier=3` finds 3 and "3"). A page may hold fewer than `limit` '
+    "sessions, even none, while `next` is not null (each request walks a bounded part of the index): follow `next`. "
+    "Any other parameter is refused (422)."
+)
+COUNT_DOC = (
+    "How many of the tenant's live sessions match every filter given (as the list's, `metadata.<key>=<value>` too). "
+    "`exact: false`: a combination of filters walked past its bound and `count` is a lower bound."
+)
 _TIMES = frozenset(("created_after", "created_before", "updated_after", "updated_before"))
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?")
 
@@ -152,7 +163,7 @@ class SessionController(Controller):
     dependencies = {"tenant": Provide(provide_tenant)}
     security = [{"bearer": []}, {"apiKey": []}]
 
-    @get("/", responses=errors())
+    @get("/", responses=errors(), description=LIST_DOC)
     async def list_sessions(
         self,
         request: Request,
@@ -189,7 +200,7 @@ class SessionController(Controller):
         items, nxt = await sessions.find(tenant, query, after, limit, parse_fields(fields))
         return json_list(items, next=msgspec.json.encode(nxt))
 
-    @get("/count", responses=errors())
+    @get("/count", responses=errors(), description=COUNT_DOC)
     async def count_sessions(
         self,
         request: Request,

@@ -184,3 +184,21 @@ def test_a_rebuild_reproduces_the_index(stack, c, seeded):
     assert done.returncode == 0, done.stderr[-2000:]
     assert [walk(c, **q) for q in queries] == before
     assert [count(c, **q) for q in ({"agent_id": "search-b"}, {"user_id": "s2"})] == counts
+
+
+def test_the_openapi_document_states_each_parameter(c):
+    doc = c.get("/schema/openapi.json").json()
+    listing = {p["name"]: p for p in doc["paths"]["/sessions"]["get"]["parameters"]}
+    times = {"created_after", "created_before", "updated_after", "updated_before"}
+    filters = {"agent_id", "user_id", "status", *times}
+    assert set(listing) == filters | {"sort", "fields", "after", "limit", "offset"}
+    assert listing["sort"]["schema"]["enum"] == ["created_at", "-created_at", "updated_at", "-updated_at"]
+    assert listing["status"]["schema"]["enum"] == ["idle", "busy"]
+    assert all(listing[t]["schema"]["format"] == "date-time" for t in times)
+    assert listing["offset"]["deprecated"] is True and not listing["after"].get("deprecated")
+    assert "metadata.<key>" in doc["paths"]["/sessions"]["get"]["description"]
+    counting = doc["paths"]["/sessions/count"]["get"]
+    assert {p["name"] for p in counting["parameters"]} == filters
+    assert counting["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/SessionCount")
+    page = doc["components"]["schemas"]["SessionList"]
+    assert set(page["required"]) == {"items", "next"}
