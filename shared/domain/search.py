@@ -61,7 +61,7 @@ MAX_INDEXED_VALUE = 256
 SCAN_BUDGET = 2_000
 """Index entries one partition walks per list request at most: an unselective filter combination answers a short
 page with `next` rather than walking the whole index."""
-COUNT_BUDGET = 100_000
+COUNT_BUDGET = 10_000
 """Index entries one partition walks per count at most; beyond it the count is a lower bound (`exact: false`)."""
 SORTS = ("created_at", "-created_at", "updated_at", "-updated_at")
 STATUSES = ("idle", "busy")
