@@ -27,6 +27,7 @@ from msgspec import Struct
 
 from shared.domain.errors import Invalid
 from shared.domain.state import SessionState
+from shared.domain.wire import Session
 
 __all__ = [
     "COUNT_BUDGET",
@@ -65,22 +66,7 @@ COUNT_BUDGET = 10_000
 """Index entries one partition walks per count at most; beyond it the count is a lower bound (`exact: false`)."""
 SORTS = ("created_at", "-created_at", "updated_at", "-updated_at")
 STATUSES = ("idle", "busy")
-FIELDS = (
-    "id",
-    "agent_id",
-    "user_id",
-    "situation",
-    "token_budget",
-    "context_overflow",
-    "multitask",
-    "tools",
-    "metadata",
-    "version",
-    "created_at",
-    "updated_at",
-    "retention",
-    "expires_at",
-)
+FIELDS: tuple[str, ...] = Session.__struct_fields__
 """What `fields=` may name: the session resource's top-level fields."""
 MAX_FILTERS = 8
 """`metadata.<key>` filters per request at most."""

@@ -25,7 +25,7 @@ from shared.domain.search import (
     term,
 )
 from shared.domain.state import ActiveChat, SessionState
-from shared.domain.wire import Session
+from shared.domain.wire import Session, SessionFields
 
 AT = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
@@ -151,3 +151,8 @@ def test_bad_requests_are_invalid():
     assert e.value.details == {"query": "fields"}
     assert parse_fields("metadata,id,metadata") == ("id", "metadata")
     assert parse_fields(None) is None
+
+
+def test_a_list_item_has_every_field_of_the_session():
+    """`SessionFields` (what a list answers, with or without `fields=`) keeps up with `Session`."""
+    assert SessionFields.__struct_fields__ == Session.__struct_fields__
