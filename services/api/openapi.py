@@ -232,7 +232,11 @@ def _tighten(param: dict[str, Any]) -> None:
         if len(kinds) == 1 and len(kinds) < len(variants):
             schema = {**{k: v for k, v in schema.items() if k != "oneOf"}, **kinds[0]}
     if param["in"] in ("header", "query") and None in schema.get("enum", ()):
-        schema["enum"] = [v for v in schema["enum"] if v is not None]  # `Literal[…] | None`: absent, never null
+        # `Literal[…] | None`: absent, never null
+        schema["enum"] = [v for v in schema["enum"] if v is not None]
+        if isinstance(schema.get("type"), list):
+            kinds = [t for t in schema["type"] if t != "null"]
+            schema["type"] = kinds[0] if len(kinds) == 1 else kinds
     if schema.get("type") == "integer":
         for bound in ("minimum", "maximum"):
             if isinstance(schema.get(bound), float):

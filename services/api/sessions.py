@@ -139,11 +139,15 @@ def _query(
         elif name in _TIMES and not _RFC3339.fullmatch(request.query_params[name]):
             # litestar would also take a number as a Unix time: the document says RFC 3339, so only that
             raise Invalid(f"{name} must be an RFC 3339 time", {"query": name})
+    # the text as sent: litestar reads `null` as absent, which would drop a filter (`agent_id=null` is an agent)
+    raw = request.query_params
+    if "status" in raw and raw["status"] not in ("idle", "busy"):
+        raise Invalid("status must be idle or busy", {"query": "status"})
     return query_of(
-        agent_id=agent_id,
-        user_id=user_id,
+        agent_id=raw.get("agent_id"),
+        user_id=raw.get("user_id"),
         metadata=metadata,
-        status=status,
+        status=status if "status" in raw else None,
         created_after=created_after,
         created_before=created_before,
         updated_after=updated_after,

@@ -178,5 +178,4 @@ async def test_a_small_walk_budget_gives_short_pages_but_every_match_once(
     assert await walk(backend, query_of(agent_id="a", user_id="u1"), 2) == expected
     assert await walk(backend, Query(sort="updated_at"), 4) == [s.id for s in states]
     lagging, n, exact = await backend.views.count("acme", query_of(agent_id="a", user_id="u1"))
-    assert n <= len(expected)
-    assert exact == (n == len(expected))
+    assert n == len(expected) if exact else n <= len(expected)  # a walk cut short counts a lower bound

@@ -90,6 +90,11 @@ def test_filters_sort_and_a_cursor_walk_answer_every_match_once(c, seeded):
     assert count(c, status="busy") == 0
 
 
+def test_null_is_a_value_not_an_absent_filter(c, seeded):
+    assert page(c, agent_id="null")["items"] == []
+    assert count(c, user_id="null") == 0
+
+
 def test_fields_answers_only_those_fields(c, seeded):
     body = page(c, agent_id="search-b", fields="user_id,metadata", limit=2)
     assert [set(s) for s in body["items"]] == [{"id", "user_id", "metadata"}] * 2
@@ -134,6 +139,7 @@ def test_tenants_are_isolated(c, seeded):
         {"after": "not-a-cursor"},
         {"after": "!!"},
         {"status": "running"},
+        {"status": "null"},
         {"agent": "search-a"},
         {"limit": 0},
         {"offset": 1, "agent_id": "search-a"},
@@ -193,7 +199,7 @@ def test_the_openapi_document_states_each_parameter(c):
     filters = {"agent_id", "user_id", "status", *times}
     assert set(listing) == filters | {"sort", "fields", "after", "limit", "offset"}
     assert listing["sort"]["schema"]["enum"] == ["created_at", "-created_at", "updated_at", "-updated_at"]
-    assert listing["status"]["schema"]["enum"] == ["idle", "busy"]
+    assert listing["status"]["schema"]["enum"] == ["idle", "busy"] and listing["status"]["schema"]["type"] == "string"
     assert all(listing[t]["schema"]["format"] == "date-time" for t in times)
     assert listing["offset"]["deprecated"] is True and not listing["after"].get("deprecated")
     assert "metadata.<key>" in doc["paths"]["/sessions"]["get"]["description"]
