@@ -108,6 +108,8 @@ NO_MORE = {
 PROBES = {"/health", "/ready"}
 WEBHOOK_URLS = {"/webhooks", "/webhooks/{webhook_id}"}
 """Where a webhook URL is given (and may be refused)."""
+DEPRECATED = {"/sessions": {"offset"}}
+"""Query parameters still served but marked deprecated (litestar's `Parameter` cannot say so)."""
 SESSION_WRITES = re.compile(r"^/sessions(/\{session_id\}(/messages)?)?$")
 
 
@@ -129,6 +131,8 @@ def _finish_operation(path: str, method: str, op: dict[str, Any]) -> None:
     responses.pop("400", None)  # litestar's own ValidationException body: never sent
     for p in op.get("parameters", ()):
         _tighten(p)
+        if p["in"] == "query" and p["name"] in DEPRECATED.get(path, ()):
+            p["deprecated"] = True
     if path in PROBES:
         op["security"] = []
         if path == "/ready":
@@ -240,6 +244,12 @@ def _tighten(param: dict[str, Any]) -> None:
         kinds = [v for v in variants if v.get("type") != "null"]
         if len(kinds) == 1 and len(kinds) < len(variants):
             schema = {**{k: v for k, v in schema.items() if k != "oneOf"}, **kinds[0]}
+    if param["in"] in ("header", "query") and None in schema.get("enum", ()):
+        # `Literal[…] | None`: absent, never null
+        schema["enum"] = [v for v in schema["enum"] if v is not None]
+        if isinstance(schema.get("type"), list):
+            kinds = [t for t in schema["type"] if t != "null"]
+            schema["type"] = kinds[0] if len(kinds) == 1 else kinds
     if schema.get("type") == "integer":
         for bound in ("minimum", "maximum"):
             if isinstance(schema.get(bound), float):

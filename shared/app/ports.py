@@ -31,6 +31,7 @@ from msgspec import Struct
 
 from shared.domain.events import Event, SessionPurged
 from shared.domain.projection import ReadModelUpdate
+from shared.domain.search import Position, Query
 from shared.domain.state import SessionState
 from shared.domain.webhooks import OutboxEntry, Subscription
 from shared.domain.wire import TenantLimits, ToolCall, Usage, UsageDay
@@ -198,6 +199,19 @@ class ReadModels(Protocol):
     async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:
         """(lagging partitions, session JSON newest first). A lagging partition holds an acknowledged write of the
         tenant's that is not projected yet."""
+        ...
+
+    async def find(
+        self, tenant: str, query: Query, after: Position | None, limit: int
+    ) -> tuple[list[int], list[bytes], Position | None]:
+        """(lagging partitions, the JSON of up to `limit` live sessions matching `query` after `after` in its order,
+        where the next page starts: None at the end). A page may be short, even empty, with a next position: each
+        partition walks a bounded number of index entries per call."""
+        ...
+
+    async def count(self, tenant: str, query: Query) -> tuple[list[int], int, bool]:
+        """(lagging partitions, how many live sessions match, exact: False when a bounded walk stopped first and
+        the count is a lower bound)."""
         ...
 
     async def idle(self, partition: int, until_ms: int, after: IdleCursor | None, limit: int) -> list[Idle]:

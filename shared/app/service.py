@@ -321,6 +321,21 @@ class SessionService:
             raise ProjectionLagging("the session index is behind the last acknowledged write; retry shortly")
         return page[1]
 
+    async def read_index(self, fetch: Callable[[], Awaitable[T]], lagging: Callable[[T], list[int]]) -> T:
+        """A read of the tenant's session index (`find`, `count`), fresh as of its start: polled until no partition
+        it answers `lagging` holds an acknowledged write of the tenant's that is not projected yet."""
+        behind: list[int] = []
+
+        async def read() -> T:
+            result = await fetch()
+            behind[:] = lagging(result)
+            return result
+
+        result = await self._fresh(read, lambda r: not lagging(r), lambda: self._assist_partitions(list(behind)))
+        if result is None:
+            raise ProjectionLagging("the session index is behind the last acknowledged write; retry shortly")
+        return result
+
     async def _fresh(
         self,
         fetch: Callable[[], Awaitable[T]],

@@ -27,9 +27,10 @@ from shared.domain.commands import (
     RemoveMessage,
     UpdateSession,
 )
-from shared.domain.errors import NotFound, VersionNotFound
+from shared.domain.errors import Invalid, NotFound, VersionNotFound
 from shared.domain.events import Event, MessageAdded, MessageEdited, MessageRemoved
 from shared.domain.retention import with_expiry
+from shared.domain.search import Position, Query, decode_cursor, encode_cursor, ms
 from shared.domain.state import SessionState
 from shared.domain.stream_tokens import StreamGrant, sign
 from shared.domain.wire import (
@@ -53,6 +54,12 @@ _message = msgspec.json.Decoder(Message)
 _session_decoder = msgspec.json.Decoder(Session)
 _NO_OWN_RETENTION = b'"retention":null,"expires_at":null}'
 """How a projected session without a retention of its own ends (the two last fields of `Session`)."""
+
+
+def _only(raw: bytes, fields: Sequence[str]) -> bytes:
+    """A session's JSON with only these top-level fields."""
+    whole = msgspec.json.decode(raw)
+    return _encode({f: whole[f] for f in fields if f in whole})
 
 
 class EventsPage(msgspec.Struct, frozen=True):
@@ -92,6 +99,33 @@ class Sessions:
     async def list(self, tenant: str, limit: int, offset: int) -> list[bytes]:
         """The tenant's sessions, newest first (JSON)."""
         return [await self._expiring(tenant, raw) for raw in await self.service.read_sessions(tenant, limit, offset)]
+
+    async def find(
+        self, tenant: str, query: Query, after: str | None, limit: int, fields: Sequence[str] | None = None
+    ) -> tuple[builtins.list[bytes], str | None]:
+        """A page of the tenant's live sessions matching `query`, in its order, and the cursor of the next page
+        (None: the last). `after`: a cursor this query gave out; `fields`: only these fields of each session."""
+        try:
+            start = None if after is None else decode_cursor(query, after)
+        except ValueError as e:
+            raise Invalid("after is not a cursor this query gave out", {"query": "after"}) from e
+        _, raws, nxt = await self.service.read_index(
+            lambda: self.views.find(tenant, query, start, limit), lambda r: r[0]
+        )
+        items = [await self._expiring(tenant, raw) for raw in raws]
+        if fields is not None:
+            items = [_only(raw, fields) for raw in items]
+        return items, None if nxt is None else encode_cursor(query, nxt)
+
+    def cursor_after(self, query: Query, raw: bytes) -> str:
+        """The cursor of the page after this session (JSON) in `query`'s order."""
+        s = _session_decoder.decode(raw)
+        return encode_cursor(query, Position(ms(s.updated_at if query.order == "u" else s.created_at), s.id))
+
+    async def count(self, tenant: str, query: Query) -> tuple[int, bool]:
+        """(how many of the tenant's live sessions match, exact: False when the count is a lower bound)."""
+        _, n, exact = await self.service.read_index(lambda: self.views.count(tenant, query), lambda r: r[0])
+        return n, exact
 
     async def create(self, tenant: str, body: SessionCreate, idem: Idempotency | None = None) -> tuple[Session, int]:
         """(the new session, its version)."""

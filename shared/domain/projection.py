@@ -34,6 +34,7 @@ from shared.domain.events import (
     ToolsChanged,
 )
 from shared.domain.schedules import next_tick
+from shared.domain.search import entries
 from shared.domain.state import SessionState, evolve
 from shared.domain.wire import ChatError, ChatResponse, ChatStatus, ContextReport, Session
 
@@ -107,6 +108,9 @@ class ReadModelUpdate(Struct, kw_only=True):
     outbox: list[tuple[int, str, str]] = []
     """(version, type, event id) of each event of a webhook type (`WEBHOOK_EVENT_TYPES`), in order: the live
     projection puts them into the partition's outbox, exactly once, as the version fence guards it."""
+    search: list[str] = []
+    """The session's search index entries after the events (`shared.domain.search.entries`; none once deleted):
+    they replace the ones it had."""
 
     @property
     def to_version(self) -> int:
@@ -208,6 +212,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
         forked_from=forked_from,
         next_tick_ms=next_tick_ms(after) if schedules_changed else None,
         outbox=outbox,
+        search=entries(after),
     )
 
 

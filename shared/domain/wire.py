@@ -159,8 +159,39 @@ class Session(Struct, kw_only=True):
     of its own retention, else of its tenant's; null: kept."""
 
 
+class SessionFields(Struct, kw_only=True):
+    """A session as a list answers it: every field of `Session`, or with `fields=` only those named (and `id`)."""
+
+    id: str
+    agent_id: str | None = None
+    user_id: str | None = None
+    situation: str | None = None
+    token_budget: int | None = None
+    context_overflow: ContextOverflow | None = None
+    multitask: Multitask | None = None
+    tools: list[Tool] | None = None
+    metadata: dict[str, Any] | None = None
+    version: int | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    compaction: Compaction | None = None
+    forked_from: ForkedFrom | None = None
+    retention: Retention | None = None
+    expires_at: datetime | None = None
+
+
 class SessionList(Struct):
-    items: list[Session]
+    """A page of sessions; `next` is an opaque cursor to pass as `after`, null on the last page."""
+
+    items: list[SessionFields]
+    next: str | None
+
+
+class SessionCount(Struct, kw_only=True):
+    count: int
+    exact: bool
+    """False: a filter combination no single index serves walked more index entries than a count may, and `count`
+    is a lower bound (narrow the filter, e.g. by a time range)."""
 
 
 class SessionDeletion(Struct, kw_only=True):

@@ -774,7 +774,11 @@ def main(argv: list[str] | None = None) -> int:
     args.seconds = args.seconds or (1.0 if args.quick else 5.0)
     bench = Bench(args)
     bench.start()
-    rows = set(args.rows.split(",")) if args.rows else {"P1", "P2", "P3", "P4", "P5", "P7", "P6", "P5tt", "P8", "P9"}
+    rows = (
+        set(args.rows.split(","))
+        if args.rows
+        else {"P1", "P2", "P3", "P4", "P5", "P7", "P6", "P5tt", "P8", "P9", "P10"}
+    )
     try:
         if rows & {"P1", "P2", "P3"}:
             bench.p1_p2()
@@ -790,6 +794,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.p8()
         if "P9" in rows:
             bench.p9()
+        if "P10" in rows:
+            from tests.bench import search_bench
+
+            search_bench.run(bench)
         if rows & {"P6", "P5tt"}:
             from tests.bench import replay_bench
 

@@ -43,6 +43,7 @@ def test_quick_benchmark_runs_and_every_request_succeeds(tmp_path):
         "P8tenants",
         "P9api",
         "P9workers",
+        "P10",
     }
     assert result["rows"]["P1"]["parley_rps"] > 0 and result["rows"]["P1"]["ceiling_rps"] > 0
     assert result["rows"]["P3"]["probes"] > 0

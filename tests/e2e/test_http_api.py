@@ -110,7 +110,7 @@ def tools(c: httpx.Client, sid: str, headers: dict[str, str] = ACME) -> list[dic
 def listed(c: httpx.Client, headers: dict[str, str] = ACME, **params: Any) -> list[dict[str, Any]]:
     r = c.get("/sessions", params=params, headers=headers)
     assert r.status_code == 200, r.text
-    assert set(r.json()) == {"items"}
+    assert set(r.json()) == {"items", "next"}
     return r.json()["items"]
 
 

@@ -173,7 +173,8 @@ class Findings:
 
 def _refused_for_state(operation: str, body: bytes) -> bool:
     """A valid request refused for what no schema can say: a tool result that answers no open call of the session,
-    an `/audit` cursor the server never gave out (cursors are opaque), two tools of one name."""
+    an `/audit` or `/sessions` cursor the server never gave out (cursors are opaque), two tools of one name, the
+    deprecated `offset` of `/sessions` beside a filter."""
     try:
         err = json.loads(body)["error"]
     except (ValueError, KeyError, TypeError):
@@ -185,6 +186,8 @@ def _refused_for_state(operation: str, body: bytes) -> bool:
         return True  # tool names unique by name: a rule no JSON Schema can state (the document's description does)
     if isinstance(details, dict) and details.get("rule") in SCHEDULE_RULES:
         return True
+    if operation == "GET /sessions" and isinstance(details, dict) and details.get("query") in ("after", "offset"):
+        return True  # a session list cursor the server never gave out; the deprecated offset with a filter
     return operation == "GET /audit" and isinstance(details, dict) and details.get("query") == "after"
 
 

@@ -31,6 +31,7 @@ from shared.app.rebuild import Rebuilder
 from shared.domain.commands import AddMessage, CreateSession, RequestChat, Stamp, decide
 from shared.domain.events import SCHEMA_VERSION, SessionPurged, SessionPurgedData
 from shared.domain.ids import partition_of, uuid7
+from shared.domain.search import query_of
 from shared.domain.state import SessionState, fold
 from shared.domain.webhooks import Subscription, new_secret
 from shared.domain.wire import ChatRequest, MessageCreate, SessionCreate, TenantLimits
@@ -90,6 +91,9 @@ async def _workload(redis: Redis) -> None:
         await store.events("acme", state.id, 0, 10)
         await store.at_version("acme", state.id, 2)
         await store.sessions("acme", 10, 0)
+        since = datetime(2000, 1, 1, tzinfo=UTC)  # two terms and the other order's range: every path of FIND
+        await store.find("acme", query_of(user_id="u", status="busy", updated_after=since), None, 10)
+        await store.count("acme", query_of(user_id="u", status="busy", created_after=since))
         sids.append((state.id, state.version))
     await Rebuilder(store, history, live).rebuild([("acme", sid) for sid, _ in sids])
     for sid, _ in sids:  # generation 1 now

@@ -101,6 +101,7 @@ class MemoryLogAdmin:
             index.add(sid)
         else:
             index.discard(sid)
+        m.index_search(tenant, sid, fresh.view.search)
         m.drop_generation(sid, old)
         return 1
 
@@ -129,6 +130,7 @@ class MemoryLogAdmin:
         del m.heads[session_id]
         m.logs.pop(session_id, None)
         m.index.get((p, tenant), set()).discard(session_id)
+        m.index_search(tenant, session_id, ())
         m.registry.get((p, tenant), set()).discard(session_id)
         at = json_encode(tombstone.occurred_at)[1:-1]
         fields = {b"t": b"SessionPurged", b"i": tombstone.id.encode(), b"a": at, b"d": json_encode(tombstone.data)}

@@ -144,6 +144,8 @@ class ViewRecord:
     state: bytes | None = None
     session: bytes | None = None
     tools: bytes | None = None
+    search: tuple[str, ...] = ()
+    """The session's search index members (`ix` in Redis)."""
 
 
 @dataclass
@@ -190,6 +192,8 @@ class Memory:
         # read models
         self.generations: dict[tuple[str, int], Generation] = {}
         self.index: dict[tuple[int, str], set[str]] = {}
+        self.search: dict[tuple[int, str], dict[str, tuple[str, ...]]] = {}
+        """(partition, tenant) → {session id: its search index members}: the live sessions' entries."""
         self.idle: dict[int, dict[str, int]] = {}
         """partition → {"tenant/session id": last change, ms}: the retention sweeper's index."""
         self.forks: dict[str, list[str]] = {}
@@ -249,6 +253,14 @@ class Memory:
 
     def drop_generation(self, session_id: str, gen: int) -> None:
         self.generations.pop((session_id, gen), None)
+
+    def index_search(self, tenant: str, session_id: str, members: tuple[str, ...]) -> None:
+        """Replace the session's search index members (none: it leaves the index)."""
+        found = self.search.setdefault((self.partition(session_id), tenant), {})
+        if members:
+            found[session_id] = members
+        else:
+            found.pop(session_id, None)
 
     def head_of(self, tenant: str, session_id: str) -> Head | None:
         """The session's head if this tenant owns it (another tenant's session reads like none)."""

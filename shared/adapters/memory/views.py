@@ -20,6 +20,7 @@ from shared.adapters.memory.log import tail
 from shared.adapters.memory.store import Generation, Memory
 from shared.app.ports import DueSession, Idle, IdleCursor, Pending, View
 from shared.domain.projection import JobUpdate, ReadModelUpdate
+from shared.domain.search import Position, Query, matches, search_times
 from shared.domain.wire import ToolList
 
 __all__ = ["USAGE_TTL_S", "MemoryReadModels"]
@@ -105,6 +106,35 @@ class MemoryReadModels:
                 out.append(view.body)
         return lagging, out
 
+    async def find(
+        self, tenant: str, query: Query, after: Position | None, limit: int
+    ) -> tuple[list[int], list[bytes], Position | None]:
+        lagging, found = self._search(tenant, query)
+        if after is not None:
+            found = [at for at in found if (at < after if query.descending else at > after)]
+        page = found[:limit]
+        out = []
+        for at in page:
+            view = self._view_field(tenant, at.session_id, "session")
+            if view.body is not None:
+                out.append(view.body)
+        return lagging, out, page[-1] if len(found) > limit else None
+
+    async def count(self, tenant: str, query: Query) -> tuple[list[int], int, bool]:
+        lagging, found = self._search(tenant, query)
+        return lagging, len(found), True
+
+    def _search(self, tenant: str, query: Query) -> tuple[list[int], list[Position]]:
+        """Every match in walk order (the memory adapter has no budget: its pages are always full)."""
+        m = self.memory
+        lagging = [p for p in range(m.partitions) if m.projected.get((p, tenant), 0) < m.written.get((p, tenant), 0)]
+        found = []
+        for p in range(m.partitions):
+            for sid, members in m.search.get((p, tenant), {}).items():
+                if matches(members, sid, query):
+                    found.append(Position(search_times(members, sid)[query.order], sid))
+        return lagging, sorted(found, reverse=query.descending)
+
     # -- the projector's side ---------------------------------------------------------------------------------------
     async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:
         return [tail(self.memory, sid, None, gen) for sid in session_ids]
@@ -173,8 +203,10 @@ class MemoryReadModels:
             if tools is not None:
                 g.view.tools = tools
         g.view.version, g.view.tenant, g.view.state = u.to_version, tenant, state
+        g.view.search = tuple(u.search)
         if not live:
             return True
+        m.index_search(tenant, sid, g.view.search)
         p = m.partition(sid)
         if u.index == "add":
             m.index.setdefault((p, tenant), set()).add(sid)

@@ -120,7 +120,7 @@ class RedisHistory:
                 keys = [k.head(sid), k.index(p, tenant)]
                 for g in (old, new):
                     keys += [k.view(sid, g), k.messages(sid, g), k.snapshots(sid, g), k.mods(sid, g)]
-                return keys, [new, sid, old]
+                return [*keys, k.search(p, tenant)], [new, sid, old]
 
             return at
 
@@ -163,6 +163,7 @@ class RedisHistory:
                 k.sessions(p, tenant),
                 k.audit(p, tenant),
                 k.projected(p),
+                k.search(p, tenant),
             ]
             for gen in (g, g + 1):  # the live generation, and one a killed rebuild may have left
                 keys += [k.view(sid, gen), k.messages(sid, gen), k.snapshots(sid, gen), k.mods(sid, gen)]

@@ -129,6 +129,13 @@ class Keys:
         """Sorted set of the tenant's live session ids in this partition (all scores 0: UUIDv7 text order)."""
         return f"{self.tag(partition)}:idx:{tenant}"
 
+    def search(self, partition: int, tenant: str) -> str:
+        """Sorted set (all scores 0, read by lex range) of the tenant's live sessions in this partition, one member
+        per sort order and filter term each, and one with their times (`shared.domain.search`): what `GET /sessions`
+        and `/sessions/count` walk. The view's `ix` keeps the session's own members, so APPLY and SWITCH replace
+        them."""
+        return f"{self.tag(partition)}:search:{tenant}"
+
     def usage(self, partition: int, tenant: str, day: str) -> str:
         """Hash {chats, prompt_tokens, completion_tokens}: the tenant's usage on `day` (YYYY-MM-DD) from this
         partition's sessions, counted by APPLY (exactly once); kept `USAGE_TTL_S`."""

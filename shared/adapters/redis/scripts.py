@@ -11,6 +11,7 @@ __all__ = [
     "APPEND",
     "APPLY",
     "CHUNKS",
+    "FIND",
     "KEY_CREATE",
     "KEY_REVOKE",
     "LOAD",
@@ -51,6 +52,7 @@ READ_EVENTS = _s("read_events")
 READ_CHAT = _s("read_chat")
 TIME_TRAVEL = _s("time_travel")
 SWITCH = _s("switch")
+FIND = _s("find")
 PURGE = _s("purge")
 MARK_RUNNING = _s("mark_running")
 CHUNKS = _s("chunks")

@@ -23,10 +23,11 @@ from shared.adapters.codec import (
 )
 from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import USAGE_TTL_S, Keys, partition_of
-from shared.adapters.redis.lua import call_live, run_live
+from shared.adapters.redis.lua import call_live, run_live, run_pipeline
 from shared.adapters.redis.scripts import (
     APPEND,
     APPLY,
+    FIND,
     LOAD,
     PURGE,
     READ_EVENTS,
@@ -52,6 +53,7 @@ from shared.app.ports import (
 )
 from shared.domain.events import SCHEMA_VERSION, Event
 from shared.domain.projection import SNAPSHOT_EVERY, JobUpdate, ReadModelUpdate
+from shared.domain.search import COUNT_BUDGET, SCAN_BUDGET, PartitionPage, Position, Query, merge, stamp
 from shared.domain.state import SessionState, fold
 from shared.domain.wire import ToolList
 
@@ -257,6 +259,49 @@ class RedisStore:
         )
         return lagging, [r[2] for r in replies if len(r) > 2 and r[2] is not None]
 
+    async def find(
+        self, tenant: str, query: Query, after: Position | None, limit: int
+    ) -> tuple[list[int], list[bytes], Position | None]:
+        k = self.keys
+        args = _find_args(query, "list", query.order, after, limit, SCAN_BUDGET)
+        lagging, replies = await self._search(tenant, args)
+        pages = []
+        for r in replies:
+            matches = [_position(m) for m in r[2:]]
+            pages.append(PartitionPage(matches, _position(r[1]) if r[0] == b"more" else None))
+        page = merge(pages, limit, query.descending)
+        if not page.positions:
+            return lagging, [], page.next
+        ids = [at.session_id for at in page.positions]
+        views = await run_live(
+            self.redis,
+            REGISTRY,
+            k.generations,
+            [(READ_VIEW, sid, lambda g, sid=sid: ([k.head(sid), k.view(sid, g)], [tenant, "j", g])) for sid in ids],
+        )
+        return lagging, [r[2] for r in views if len(r) > 2 and r[2] is not None], page.next
+
+    async def count(self, tenant: str, query: Query) -> tuple[list[int], int, bool]:
+        # a count may walk either order: the one a time range bounds, so the range is an index range
+        order = "u" if query.bounds("u") != (None, None) and query.bounds("c") == (None, None) else "c"
+        lagging, replies = await self._search(tenant, _find_args(query, "count", order, None, 0, COUNT_BUDGET))
+        return lagging, sum(int(r[0]) for r in replies), all(int(r[1]) == 1 for r in replies)
+
+    async def _search(self, tenant: str, args: list[Any]) -> tuple[list[int], list[Any]]:
+        """One pipeline: per partition, the tenant's written and projected counters and one FIND call."""
+        k = self.keys
+        parts = range(k.partitions)
+
+        def fill(pipe: Any) -> None:
+            for p in parts:
+                pipe.hget(k.written(p), tenant)
+                pipe.hget(k.projected(p), tenant)
+                FIND.queue(pipe, [k.search(p, tenant)], args)
+
+        replies = await run_pipeline(self.redis, REGISTRY, fill)
+        lagging = [p for p in parts if int(replies[3 * p + 1] or 0) < int(replies[3 * p] or 0)]
+        return lagging, replies[2::3]
+
     async def idle(self, partition: int, until_ms: int, after: IdleCursor | None, limit: int) -> list[Idle]:
         key = self.keys.idle(partition)
         low = after.changed_ms if after is not None else "-inf"
@@ -369,6 +414,7 @@ class RedisStore:
             state = encode_state(u.state)
             mods = [x for mod in u.message_mods for x in mod]
             changed_ms = int(u.session.updated_at.timestamp() * 1000) if u.session is not None else ""
+            search = pack(u.search)
 
             def at(g: int) -> tuple[list[str], list[Any]]:
                 g = g if live else gen
@@ -386,6 +432,7 @@ class RedisStore:
                     k.schedules(p),
                     k.outbox(p),
                     k.forks(p),
+                    k.search(p, tenant),
                     *job_keys,
                     *usage_keys,
                 ]
@@ -405,6 +452,7 @@ class RedisStore:
                     changed_ms,
                     ("" if u.next_tick_ms is None else u.next_tick_ms) if u.schedules_changed else "k",
                     f"{u.forked_from}/{sid}" if u.forked_from is not None else "",
+                    search,
                     len(u.message_versions),
                     *u.message_versions,
                     len(u.message_mods),
@@ -430,6 +478,44 @@ class RedisStore:
 
     async def load_scripts(self) -> None:
         await REGISTRY.load_all(self.redis)
+
+
+def pack(members: Sequence[str]) -> bytes:
+    """Search index members as one value the scripts can split: "<length>:<member>" each (lengths in bytes)."""
+    out = bytearray()
+    for m in members:
+        raw = m.encode()
+        out += b"%d:%s" % (len(raw), raw)
+    return bytes(out)
+
+
+def _find_args(query: Query, mode: str, order: str, after: Position | None, limit: int, budget: int) -> list[Any]:
+    """FIND's arguments (lua/find.lua names them)."""
+    lo, hi = query.bounds(order)
+    other = "u" if order == "c" else "c"
+    other_lo, other_hi = query.bounds(other)
+    terms = query.terms()
+    return [
+        mode,
+        order,
+        "1" if query.descending else "0",
+        "" if lo is None else stamp(lo),
+        "" if hi is None else stamp(hi),
+        "" if after is None else f"{stamp(after.ms)}\x00{after.session_id}",
+        limit,
+        budget,
+        other,
+        "" if other_lo is None else stamp(other_lo),
+        "" if other_hi is None else stamp(other_hi),
+        len(terms),
+        *terms,
+    ]
+
+
+def _position(tail: bytes) -> Position:
+    """A match as FIND answers it (milliseconds, a NUL, the session id)."""
+    ms, _, sid = tail.decode().partition("\x00")
+    return Position(int(ms), sid)
 
 
 def job_fields(job: JobUpdate) -> list[Any]:

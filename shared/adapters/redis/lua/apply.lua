@@ -3,18 +3,19 @@
 -- purged) or {'stale', live generation}: `gen` is not the live generation the caller thought (a rebuild switched).
 -- A rebuild (`live` = '0') writes only its own generation's views, and only one newer than the live one.
 local head, view, msgs, snaps, index, projected, chats, mods = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local log, idle, ticks, outbox, forks = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
-local FIRST_JOB_KEY = 14  -- then one chat job hash per job update, then one usage hash per usage delta
+local log, idle, ticks, outbox, forks, search = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14]
+local FIRST_JOB_KEY = 15  -- then one chat job hash per job update, then one usage hash per usage delta
 local tenant, from, to, state, session_json, tools_json = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
 local index_op, session_id, retention, gen, live = ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11] == '1'
 local idle_member, changed_ms = ARGV[12], ARGV[13]  -- "tenant/session id", its last change ('': deleted)
 local next_tick = ARGV[14]  -- the session's next schedule tick (ms), '' none, 'k' unchanged by this update
 local fork_member = ARGV[15]  -- "parent id/session id" when this update starts a fork, else ''
--- then, from the 16th argument: message count n, n message versions; mod count d, d (seq, version, kind) triples;
+local entries = ARGV[16]  -- the session's search index members, each "<length>:<member>" ('': none)
+-- then, from the 17th argument: message count n, n message versions; mod count d, d (seq, version, kind) triples;
 -- snapshot count s, s version/state pairs; job count J, per job: job id, field count m, m field/value pairs;
 -- usage count U, per usage delta: chats, prompt tokens, completion tokens, TTL seconds;
 -- outbox count O, the outbox's cap (approximate MAXLEN), O (version, event type, event id) triples
-local i = 16
+local i = 17
 
 local h = redis.call('HMGET', head, 'v', 'g')
 if not h[1] then return 0 end  -- purged meanwhile: nothing may bring its content back
@@ -54,8 +55,30 @@ else
   redis.call('HSET', view, 'j', session_json)
   if tools_json ~= '' then redis.call('HSET', view, 'tools', tools_json) end
 end
+-- the search index: the view's `ix` holds the members the session has in it, replaced by the new ones
+local old_entries = redis.call('HGET', view, 'ix') or ''
+if entries == '' then redis.call('HDEL', view, 'ix') else redis.call('HSET', view, 'ix', entries) end
 redis.call('HSET', view, 'v', to, 't', tenant, 'st', state)
 if not live then return 1 end
+
+local function members(packed)
+  local out, at = {}, 1
+  while at <= #packed do
+    local colon = string.find(packed, ':', at, true)
+    local n = tonumber(string.sub(packed, at, colon - 1))
+    out[#out + 1] = string.sub(packed, colon + 1, colon + n)
+    at = colon + n + 1
+  end
+  return out
+end
+if old_entries ~= entries then
+  local new_members, keep = members(entries), {}
+  for _, m in ipairs(new_members) do keep[m] = true end
+  for _, m in ipairs(members(old_entries)) do
+    if not keep[m] then redis.call('ZREM', search, m) end
+  end
+  for _, m in ipairs(new_members) do redis.call('ZADD', search, 0, m) end
+end
 
 if index_op == 'add' then
   redis.call('ZADD', index, 0, session_id)

@@ -2,11 +2,11 @@
 -- for this tenant), {'conflict', version} (it changed since the caller read it) or {'stale', live generation}:
 -- the caller's view of the session's keys is out of date (its generation, its chat jobs or its idempotency
 -- records changed since it read them); it reads them again and retries.
-local head, log, chats, idems, index, registry, audit, projected =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local READ_MODELS = 9   -- 8 keys: view, msgs, snaps, mods of the live generation, then of the next one (a killed
+local head, log, chats, idems, index, registry, audit, projected, search =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local READ_MODELS = 10  -- 8 keys: view, msgs, snaps, mods of the live generation, then of the next one (a killed
                         -- rebuild may have left it)
-local FIRST_JOB = 17    -- then a chat job hash and its chunk stream per job, then the idempotency records
+local FIRST_JOB = 18    -- then a chat job hash and its chunk stream per job, then the idempotency records
 local tenant, session_id, expected, gen = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local tomb_type, tomb_id, tomb_at, tomb_data = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local jobs, records = tonumber(ARGV[9]), tonumber(ARGV[10])
@@ -29,6 +29,14 @@ end
 -- events the projector will now never apply count as projected, or the tenant's list would wait for them
 local seen = tonumber(redis.call('HGET', KEYS[READ_MODELS], 'v')) or 0
 redis.call('HINCRBY', projected, tenant, tonumber(h[1]) - seen)
+-- the search index members the live view holds ("<length>:<member>" each)
+local packed, at = redis.call('HGET', KEYS[READ_MODELS], 'ix') or '', 1
+while at <= #packed do
+  local colon = string.find(packed, ':', at, true)
+  local n = tonumber(string.sub(packed, at, colon - 1))
+  redis.call('ZREM', search, string.sub(packed, colon + 1, colon + n))
+  at = colon + n + 1
+end
 local doomed = {head, log, chats, idems}
 for k = READ_MODELS, #KEYS do doomed[#doomed + 1] = KEYS[k] end
 for i = 1, #doomed, 500 do redis.call('UNLINK', unpack(doomed, i, math.min(i + 499, #doomed))) end
