@@ -19,7 +19,16 @@ from typing import Any
 import msgspec
 
 from shared.app.chats import streamed_text
-from shared.app.ports import ChatJobs, Completion, Delta, Limits, ModelError, ModelProvider, ModelRequest
+from shared.app.ports import (
+    ChatJobs,
+    Completion,
+    Delta,
+    Limits,
+    ModelError,
+    ModelProvider,
+    ModelRequest,
+    Superseded,
+)
 from shared.app.service import SessionService
 from shared.domain.commands import AddSummary, CompleteChat, FailChat, RecordContext
 from shared.domain.context import (
@@ -107,7 +116,8 @@ class ChatRunner:
             return "ended"
         if state.active_chats[0].job_id != job_id:
             return "waiting"  # the projector enqueues it again when the chats before it end
-        if not await self.chats.mark_running(session_id, job_id):
+        attempt = await self.chats.mark_running(session_id, job_id)
+        if not attempt:
             return "ended"
         [requested] = await self.service.log.read(session_id, after=active.requested_at - 1, limit=1)
         assert isinstance(requested, ChatRequested)
@@ -121,7 +131,7 @@ class ChatRunner:
                     model=requested.data.params.model,
                 )
             else:
-                completion = await self._answer(session_id, job_id, requested, plan, tools)
+                completion = await self._answer(session_id, job_id, requested, plan, tools, attempt)
         except (TokenBudgetExceeded, ModelError) as e:
             code, message = (e.code, e.message)
             await self.fail(tenant, session_id, job_id, code, message)
@@ -129,6 +139,8 @@ class ChatRunner:
         except Cancelled:
             await self._ensure_terminal(tenant, session_id, job_id)  # if whoever cancelled could not say so
             return "cancelled"
+        except Superseded:  # this attempt's lease lapsed and a later one runs: it answers, this one stops writing
+            return "superseded"
         usage = completion.usage or _count_usage(plan, completion, self.counter_for(completion.model))
         response = ChatResponse(
             id=job_id,
@@ -342,7 +354,13 @@ class ChatRunner:
 
     # -- the answer --------------------------------------------------------------------
     async def _answer(
-        self, session_id: str, job_id: str, requested: ChatRequested, plan: ContextPlan, tools: list[Tool]
+        self,
+        session_id: str,
+        job_id: str,
+        requested: ChatRequested,
+        plan: ContextPlan,
+        tools: list[Tool],
+        attempt: int,
     ) -> Completion:
         p = requested.data.params
         request = ModelRequest(
@@ -357,14 +375,14 @@ class ChatRunner:
             tool_choice=p.tool_choice,
             response_format=p.response_format,
         )
-        return await self._stream(session_id, job_id, request)
+        return await self._stream(session_id, job_id, request, attempt)
 
-    async def _stream(self, session_id: str, job_id: str, request: ModelRequest) -> Completion:
+    async def _stream(self, session_id: str, job_id: str, request: ModelRequest, attempt: int) -> Completion:
         # A retried attempt resumes the stream: skip what an earlier attempt already sent, if the answer agrees.
         sent = streamed_text(await self.chats.streamed(session_id, job_id))
         produced = ""
         next_check = time.monotonic() + CANCEL_CHECK_S
-        writer = self.chats.writer(session_id, job_id)
+        writer = self.chats.writer(session_id, job_id, attempt)
         async with contextlib.aclosing(self.provider.stream(request)) as items:  # closed early on cancel: the call ends
             async for item in items:
                 if time.monotonic() >= next_check:

@@ -66,6 +66,7 @@ __all__ = [
     "ReadModels",
     "Replayed",
     "Slot",
+    "Superseded",
     "View",
     "Sent",
     "Wakeups",
@@ -248,13 +249,18 @@ class ReadModels(Protocol):
 
 
 # -- chat jobs ------------------------------------------------------------------------------------------------------
+class Superseded(Exception):
+    """A later attempt of the chat job has started (this one's lease lapsed while it still ran): this attempt's
+    chunks are refused, so a stream never interleaves two attempts; it stops, and the later one answers."""
+
+
 class ChunkWriter(Protocol):
     def put(self, data: bytes) -> None:
         """Queue a chunk; chunks are written in order without making the caller wait."""
         ...
 
     async def drain(self) -> None:
-        """Wait until every chunk put so far is stored."""
+        """Wait until every chunk put so far is stored (`Superseded` if a later attempt refused them)."""
         ...
 
 
@@ -277,7 +283,10 @@ class ChatJobs(Protocol):
         """Append one entry (`chunk`, `done`, `error`) to the job's stream; None if the session is gone."""
         ...
 
-    def writer(self, session_id: str, job_id: str) -> ChunkWriter: ...
+    def writer(self, session_id: str, job_id: str, attempt: int) -> ChunkWriter:
+        """The chunk writer of attempt `attempt` (from `mark_running`): its chunks are stored only while no later
+        attempt has started."""
+        ...
 
     async def chunks(self, session_id: str, job_id: str, after: str) -> list[tuple[str, str, bytes]]:
         """(entry id, kind, data) of up to 500 entries after `after` ("0-0": from the start)."""

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
+
+from shared.app.ports import Superseded
 from shared.domain.commands import CancelChat, CompleteChat, FailChat, RequestChat
 from shared.domain.events import SessionPurged, SessionPurgedData
 from shared.domain.ids import uuid7
@@ -136,7 +139,7 @@ async def test_chunk_streams_keep_order_and_know_their_end(backend: Backend) -> 
     assert await jobs.last_entry(state.id, job) is None
     assert await jobs.streamed(state.id, job) == []
     assert await jobs.chunks(state.id, job, "0-0") == []
-    writer = jobs.writer(state.id, job)
+    writer = jobs.writer(state.id, job, await jobs.mark_running(state.id, job))
     for i in range(5):
         writer.put(b'{"n":%d}' % i)
     await writer.drain()
@@ -158,6 +161,25 @@ async def test_chunk_streams_keep_order_and_know_their_end(backend: Backend) -> 
     assert not await jobs.is_terminal(state.id, job, "1-0")
     assert not await jobs.is_terminal(state.id, job, "not-an-id")
     assert not await jobs.is_terminal(state.id, uuid7(), ids[-1])
+
+
+async def test_an_attempt_superseded_by_a_later_one_writes_nothing_more(backend: Backend) -> None:
+    """A worker whose lease lapsed while it still streamed (a later attempt started) has its chunks refused and is
+    told so at `drain`: the stream never interleaves two attempts; the later attempt writes on."""
+    state, job = await request(backend, await create(backend.log))
+    jobs = backend.jobs
+    first = jobs.writer(state.id, job, await jobs.mark_running(state.id, job))
+    first.put(b'{"n":0}')
+    await first.drain()
+    second = jobs.writer(state.id, job, await jobs.mark_running(state.id, job))
+    first.put(b'{"stale":1}')
+    first.put(b'{"stale":2}')
+    with pytest.raises(Superseded):
+        await first.drain()
+    second.put(b'{"n":1}')
+    await second.drain()
+    assert [d for _, _, d in await jobs.streamed(state.id, job)] == [b'{"n":0}', b'{"n":1}']
+    assert await jobs.emit(state.id, job, "done", b"{}") is not None  # an end is no attempt's: never refused
 
 
 async def test_an_error_entry_ends_a_stream_too(backend: Backend) -> None:
@@ -182,7 +204,7 @@ async def test_a_purged_sessions_jobs_and_chunks_are_erased_and_stay_so(backend:
     assert await backend.jobs.streamed(state.id, job) == []
     assert await backend.jobs.status(state.id, job) is None
     assert await backend.jobs.emit(state.id, job, "chunk", b"late") is None  # a late worker writes nothing
-    writer = backend.jobs.writer(state.id, job)
+    writer = backend.jobs.writer(state.id, job, 1)
     writer.put(b"late too")
     await writer.drain()
     assert await backend.jobs.streamed(state.id, job) == []

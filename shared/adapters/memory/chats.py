@@ -16,7 +16,7 @@ import msgspec
 
 from shared.adapters.codec import json_encode
 from shared.adapters.memory.store import Memory, Stream, entry_text, parse_entry_id
-from shared.app.ports import View
+from shared.app.ports import Superseded, View
 from shared.domain.wire import ChatJob
 
 __all__ = ["MemoryChatJobs", "MemoryChunkWriter", "job_json"]
@@ -102,8 +102,13 @@ class MemoryChatJobs:
         m.wake(job_id)
         return entry_text(eid).encode()
 
-    def writer(self, session_id: str, job_id: str) -> MemoryChunkWriter:
-        return MemoryChunkWriter(self, session_id, job_id)
+    def writer(self, session_id: str, job_id: str, attempt: int) -> MemoryChunkWriter:
+        return MemoryChunkWriter(self, session_id, job_id, attempt)
+
+    def current(self, session_id: str, job_id: str, attempt: int) -> bool:
+        """No later attempt than `attempt` has started."""
+        record = self.memory.jobs.get((session_id, job_id))
+        return int((record or {}).get("attempts", 0)) <= attempt
 
     async def chunks(self, session_id: str, job_id: str, after: str) -> list[tuple[str, str, bytes]]:
         start = parse_entry_id(after)
@@ -131,15 +136,22 @@ class MemoryChatJobs:
 
 
 class MemoryChunkWriter:
-    """Chunks are stored as they are put (in order; nothing to wait for), unless the session is gone."""
+    """Chunks are stored as they are put (in order; nothing to wait for), unless the session is gone or a later
+    attempt started (then `drain` raises `Superseded`)."""
 
-    def __init__(self, jobs: MemoryChatJobs, session_id: str, job_id: str) -> None:
+    def __init__(self, jobs: MemoryChatJobs, session_id: str, job_id: str, attempt: int) -> None:
         self.jobs = jobs
         self.session_id = session_id
         self.job_id = job_id
+        self.attempt = attempt
+        self.superseded = False
 
     def put(self, data: bytes) -> None:
+        if self.superseded or not self.jobs.current(self.session_id, self.job_id, self.attempt):
+            self.superseded = True
+            return
         self.jobs.write(self.session_id, self.job_id, [("chunk", data)])
 
     async def drain(self) -> None:
-        return None
+        if self.superseded:
+            raise Superseded(f"a later attempt of chat {self.job_id} runs")

@@ -15,7 +15,7 @@ from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, call_live, run_pipeline, stale_generation
 from shared.adapters.redis.scripts import CHUNKS, MARK_RUNNING, READ_CHAT, READ_VIEW, REGISTRY
-from shared.app.ports import View
+from shared.app.ports import Superseded, View
 from shared.domain.wire import ChatJob
 
 __all__ = ["ChatStore", "ChunkWriter", "job_json"]
@@ -105,14 +105,20 @@ class ChatStore:
     # -- chunk streams -----------------------------------------------------------------
     async def emit(self, session_id: str, job_id: str, kind: str, data: bytes) -> bytes | None:
         """Append one entry; None if the session is gone (purged)."""
-        return await CHUNKS(self.redis, self._chunk_keys(session_id, job_id), [self.retention_s, job_id, kind, data])
+        keys = self._chunk_keys(session_id, job_id)
+        return await CHUNKS(self.redis, keys, [self.retention_s, job_id, "", kind, data])
 
-    def writer(self, session_id: str, job_id: str) -> ChunkWriter:
-        return ChunkWriter(self.redis, self._chunk_keys(session_id, job_id), job_id, self.retention_s)
+    def writer(self, session_id: str, job_id: str, attempt: int) -> ChunkWriter:
+        return ChunkWriter(self.redis, self._chunk_keys(session_id, job_id), job_id, self.retention_s, attempt)
 
     def _chunk_keys(self, session_id: str, job_id: str) -> list[str]:
         k = self.keys
-        return [k.head(session_id), k.chunks(session_id, job_id), k.relay(partition_of(session_id, k.partitions))]
+        return [
+            k.head(session_id),
+            k.chunks(session_id, job_id),
+            k.relay(partition_of(session_id, k.partitions)),
+            k.chat(session_id, job_id),
+        ]
 
     async def chunks(self, session_id: str, job_id: str, after: str) -> list[tuple[str, str, bytes]]:
         """(entry id, kind, data) of up to 500 entries after `after`; waiting for more is `shared.adapters.redis.notify`'s."""
@@ -148,16 +154,19 @@ class ChunkWriter:
     together in the next pipeline.
     """
 
-    def __init__(self, redis: Client, keys: list[str], job_id: str, retention_s: int) -> None:
+    def __init__(self, redis: Client, keys: list[str], job_id: str, retention_s: int, attempt: int) -> None:
         self.redis = redis
         self.keys = keys
         """The session's head (no head: purged, write nothing), the chunk stream and the partition's relay stream."""
         self.job_id = job_id
         self.retention_s = retention_s
+        self.attempt = attempt
         self._pending: list[bytes] = []
         self._task: asyncio.Task[None] | None = None
 
     def put(self, data: bytes) -> None:
+        if self._task is not None and self._task.done() and not self._task.cancelled() and self._task.exception():
+            return  # refused (superseded, or the write failed): `drain` raises it
         self._pending.append(data)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush())
@@ -165,10 +174,12 @@ class ChunkWriter:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            args: list[Any] = [self.retention_s, self.job_id]  # a job that never ends still has its chunks expire
+            args: list[Any] = [self.retention_s, self.job_id, self.attempt]  # chunks expire even if it never ends
             for data in batch:
                 args += ["chunk", data]
-            await CHUNKS(self.redis, self.keys, args)
+            if await CHUNKS(self.redis, self.keys, args) == -1:
+                self._pending = []
+                raise Superseded(f"a later attempt of chat {self.job_id} runs")
 
     async def drain(self) -> None:
         """Wait until every chunk put so far is in Redis (raises what a write raised)."""

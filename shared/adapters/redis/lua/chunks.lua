@@ -1,11 +1,13 @@
 -- CHUNKS: appends entries to a chat job's chunk stream unless the session is gone (a late worker must not bring a
--- purged session's text back). One relay entry per call wakes whoever waits on the job
--- (shared.adapters.redis.notify). Answers the last entry's id, or nil.
-local head, chunks, relay = KEYS[1], KEYS[2], KEYS[3]
-local retention, job_id = ARGV[1], ARGV[2]
-local FIRST = 3  -- then kind/data pairs
+-- purged session's text back) or, for an attempt's chunks, a later attempt of the job started (its lease lapsed
+-- while it ran: two attempts must not interleave in one stream). One relay entry per call wakes whoever waits on
+-- the job (shared.adapters.redis.notify). Answers the last entry's id, nil (purged), or -1 (superseded).
+local head, chunks, relay, job = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local retention, job_id, attempt = ARGV[1], ARGV[2], ARGV[3]  -- attempt '': not an attempt's (an end, a cancel)
+local FIRST = 4  -- then kind/data pairs
 
 if redis.call('EXISTS', head) == 0 then return false end
+if attempt ~= '' and tonumber(redis.call('HGET', job, 'attempts') or '0') > tonumber(attempt) then return -1 end
 local id
 for i = FIRST, #ARGV, 2 do id = redis.call('XADD', chunks, '*', 'k', ARGV[i], 'd', ARGV[i + 1]) end
 redis.call('EXPIRE', chunks, retention)
