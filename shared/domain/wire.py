@@ -312,7 +312,7 @@ class ChatRequest(ChatTemplate):
 
 
 class ForkRequest(Wire):
-    version: Annotated[int, Meta(ge=1)] | None = None
+    version: Annotated[int, Meta(ge=1, le=2**63 - 1)] | None = None
     """The parent's version the fork's history ends at (null: its latest)."""
     metadata: Metadata | None = None
     """The fork's metadata (null: the parent's at that version)."""

@@ -62,7 +62,7 @@ EVENT_TYPES = [
     "ChatFailed",
     "ChatCancelled",
 ]
-SESSION_ONLY = {"id", "version", "created_at", "updated_at", "expires_at"}
+SESSION_ONLY = {"id", "version", "created_at", "updated_at", "expires_at", "forked_from"}
 """Session resource fields that are not in `SessionCreated.data`."""
 
 
