@@ -126,7 +126,8 @@ class Settings(Struct, kw_only=True, frozen=True):
     """The wait after a delivery's first failed attempt; it doubles with each attempt up to `webhook_retry_max_s`."""
     webhook_retry_max_s: float = 300.0
     webhook_poll_s: float = 0.5
-    """How often a caught-up subscription looks at the outbox again (and how soon a new one is picked up)."""
+    """How often a caught-up subscription looks at the outbox again (and how soon a new one is picked up); 0: this
+    worker delivers no webhooks."""
     webhook_lease_s: float = 30.0
     """A worker holds a subscription's delivery lease this long unless it renews it (at least twice
     `webhook_timeout_s`): another worker takes over a dead one's subscriptions after it."""

@@ -54,7 +54,7 @@ async def run_worker(parley: Parley, stop: asyncio.Event, role: Role = "all", sa
     if projector is not None and settings.schedule_poll_s > 0:
         poll = settings.schedule_poll_s
         parts.append(supervisor.run("scheduler", lambda: schedule_forever(parley.scheduler, stop, poll)))
-    if projector is not None:  # the outbox is the projector's output: its workers deliver it
+    if projector is not None and settings.webhook_poll_s > 0:  # the outbox is the projector's: its workers deliver
         parts.append(supervisor.run("webhook-deliverer", lambda: deliver_forever(parley, stop)))
     if sample_metrics:
         feed = parley.feed if projector is not None else None

@@ -338,7 +338,12 @@ CHECKS = [
 # -- the stack and its real resources ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    env = {"PARLEY_CHAT_WAIT_S": str(CHAT_WAIT_S), "PARLEY_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}
+    # no webhook deliverer: a subscription the fuzzer makes to a public host must never be sent to
+    env = {
+        "PARLEY_CHAT_WAIT_S": str(CHAT_WAIT_S),
+        "PARLEY_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+        "PARLEY_WEBHOOK_POLL_S": "0",
+    }
     with running_stack(tmp_path_factory.mktemp("e2e-fuzz"), env) as stack:
         yield stack
 
