@@ -370,7 +370,11 @@ class SessionController(Controller):
         return json_response(message)
 
     @post(
-        "/{session_id:str}/fork", status_code=201, responses=errors(404), dto=StrictBody[ForkRequest], return_dto=None
+        "/{session_id:str}/fork",
+        status_code=201,
+        responses=errors(404, 409),
+        dto=StrictBody[ForkRequest],
+        return_dto=None,
     )
     async def fork_session(
         self,

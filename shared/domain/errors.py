@@ -54,6 +54,12 @@ class ChatInProgress(DomainError):
     code = "chat_in_progress"
 
 
+class DeletedAtVersion(DomainError):
+    """The session was deleted at the version asked for (a fork of it): a state the request cannot change (→ 409)."""
+
+    code = "session_deleted"
+
+
 class TickTaken(DomainError):
     """A schedule's tick was taken already (or the schedule was paused or deleted): firing it does nothing."""
 

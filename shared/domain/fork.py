@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from shared.domain.errors import Invalid, NotFound
+from shared.domain.errors import DeletedAtVersion, NotFound
 from shared.domain.events import (
     ChatCancelled,
     ChatCancelledData,
@@ -49,7 +49,10 @@ def fork_events(
         raise (
             NotFound(f"session {parent_id} not found")
             if parent.session is None
-            else Invalid(f"session {parent_id} was deleted at version {parent.version}: fork an earlier version")
+            else DeletedAtVersion(
+                f"session {parent_id} was deleted at version {parent.version}: fork an earlier version",
+                {"version": parent.version},
+            )
         )
     ids = {parent_id: child_id}
     for e in events:

@@ -11,7 +11,7 @@ import pytest
 from shared import bootstrap
 from shared.app.rebuild import Scope
 from shared.bootstrap import Parley
-from shared.domain.errors import Invalid, NotFound, VersionNotFound
+from shared.domain.errors import DeletedAtVersion, NotFound, VersionNotFound
 from shared.domain.events import ChatCancelled, MessageAdded, ScheduleDeleted, SessionCreated, SessionForked
 from shared.domain.wire import ChatRequest, ForkRequest, MessageCreate, MessagePatch, ScheduleCreate, SessionCreate
 from tests.app.conftest import Deployment, settings
@@ -89,7 +89,7 @@ async def test_a_fork_of_a_past_version_and_what_is_not_carried_over(parley: Par
     with pytest.raises(NotFound):
         await parley.sessions.fork("globex", parent.id, ForkRequest())
     await parley.sessions.delete("acme", parent.id, None)
-    with pytest.raises(Invalid):  # deleted at its latest version: an earlier one can still be forked
+    with pytest.raises(DeletedAtVersion):  # deleted at its latest version: an earlier one can still be forked
         await parley.sessions.fork("acme", parent.id, ForkRequest())
     assert (await parley.sessions.fork("acme", parent.id, ForkRequest(version=2)))[0].forked_from is not None
 

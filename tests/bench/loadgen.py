@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 from urllib.parse import urlsplit
@@ -33,6 +34,8 @@ class Spec(msgspec.Struct, kw_only=True):
 class _Conn:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.code = ""
+        """The error code of the last refused answer."""
 
     async def request(self, raw: bytes) -> int:
         self.writer.write(raw)
@@ -42,8 +45,10 @@ class _Conn:
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             if line[:15].lower() == b"content-length:":
                 length = int(line[15:])
-        if length:
-            await self.reader.readexactly(length)
+        body = await self.reader.readexactly(length) if length else b""
+        if status >= 300:  # which refusal: the error body's stable code
+            m = re.search(rb'"code":"([a-z_]+)"', body)
+            self.code = m.group(1).decode() if m else ""
         return status
 
 
@@ -90,7 +95,8 @@ async def run(spec: Spec) -> dict:
                 ok_latencies.append(latencies[-1])
             else:
                 errors += 1
-                failures[str(status)] = failures.get(str(status), 0) + 1
+                key = f"{status} {conn.code}".strip()
+                failures[key] = failures.get(key, 0) + 1
 
     if spec.mode == "closed":
         await asyncio.gather(*(closed_worker() for _ in range(spec.connections)))
@@ -118,7 +124,8 @@ async def run(spec: Spec) -> dict:
                 ok_latencies.append(latencies[-1])
             else:
                 errors += 1
-                failures[str(status)] = failures.get(str(status), 0) + 1
+                key = f"{status} {conn.code}".strip()
+                failures[key] = failures.get(key, 0) + 1
 
         interval = 1.0 / spec.rate
         i = 0
