@@ -161,7 +161,8 @@ async def tenants(settings: Settings, args: argparse.Namespace) -> None:
 
 async def retention(settings: Settings, args: argparse.Namespace) -> None:
     """`parley retention run [--dry-run]`: sweep every idle session once (passes until the walk wraps around),
-    one JSON line per expired session (`done`: deleted or purged), then a summary line."""
+    one JSON line per expired session (`done`: deleted or purged) and per session whose hidden messages' copies
+    were freed (`messages`), then a summary line."""
     tenant = check_tenant(args.tenant) if args.tenant else None
     now = datetime.fromisoformat(args.now).timestamp() if args.now else None
     async with connected(settings) as parley:
@@ -172,7 +173,7 @@ async def retention(settings: Settings, args: argparse.Namespace) -> None:
             settings.retention_batch,
             (lambda: now) if now else time.time,
         )
-        scanned = expired = removed = 0
+        scanned = expired = removed = trimmed = 0
         while True:
             done = await sweeper.sweep(dry_run=args.dry_run, tenant=tenant)
             scanned += done.scanned
@@ -180,9 +181,18 @@ async def retention(settings: Settings, args: argparse.Namespace) -> None:
                 expired += 1
                 removed += item.done
                 sys.stdout.write(msgspec.json.encode(item).decode() + "\n")
+            for t in done.trimmed:
+                trimmed += t.messages
+                sys.stdout.write(msgspec.json.encode(t).decode() + "\n")
             if done.wrapped:
                 break
-    summary = {"scanned": scanned, "expired": expired, "removed": removed, "dry_run": args.dry_run}
+    summary = {
+        "scanned": scanned,
+        "expired": expired,
+        "removed": removed,
+        "trimmed_messages": trimmed,
+        "dry_run": args.dry_run,
+    }
     sys.stdout.write(msgspec.json.encode(summary).decode() + "\n")
 
 
@@ -232,6 +242,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         dest="retention_action",
         choices=["delete", "purge"],
         help="what retention does to them: delete (the log stays) or purge (erased)",
+    )
+    sl.add_argument(
+        "--retention-keep-messages",
+        dest="retention_keep_messages",
+        type=int,
+        help="sessions without a retention of their own list only their newest this many messages (0: all)",
     )
     sl.add_argument("--reset", nargs="+", choices=FIELDS, help="these limits go back to the deployment's defaults")
     sh = tsub.add_parser("show", help="a tenant's limits (effective and its own) and its usage per day")

@@ -96,6 +96,9 @@ class Settings(Struct, kw_only=True, frozen=True):
     ever); a tenant's own (`parley tenants set-limits --retention-idle-days`) or a session's own wins."""
     retention_action: Literal["delete", "purge"] = "delete"
     """What the default retention does to an expired session: `delete` (the log stays) or `purge` (erased)."""
+    retention_keep_messages: int = 0
+    """Default number of newest messages a session's message list shows (0: all); a tenant's own
+    (`parley tenants set-limits --retention-keep-messages`) or a session's own retention wins."""
     retention_sweep_s: float = 60.0
     """How often a worker sweeps for expired sessions (0: never; `parley retention run` still does)."""
     max_schedules: int = 16

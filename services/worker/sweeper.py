@@ -24,10 +24,13 @@ async def sweep_forever(sweeper: RetentionSweeper, stop: asyncio.Event, every_s:
         for item in done.expired:
             if item.done:
                 metrics.RETENTION_REMOVED.labels(item.action).inc()
-        if done.expired:
+        freed = sum(t.messages for t in done.trimmed if t.done)
+        metrics.RETENTION_TRIMMED.inc(freed)
+        if done.expired or freed:
+            removed = sum(1 for e in done.expired if e.done)
             log.info(
                 "retention sweep",
-                extra={"fields": {"scanned": done.scanned, "removed": sum(1 for e in done.expired if e.done)}},
+                extra={"fields": {"scanned": done.scanned, "removed": removed, "trimmed_messages": freed}},
             )
         if done.wrapped:
             with contextlib.suppress(TimeoutError):

@@ -190,11 +190,20 @@ class ReadModels(Protocol):
     async def tools(self, tenant: str, session_id: str) -> View: ...
 
     async def messages(
-        self, tenant: str, session_id: str, limit: int, offset: int, count: int | None = None, at: int | None = None
+        self,
+        tenant: str,
+        session_id: str,
+        limit: int,
+        offset: int,
+        count: int | None = None,
+        at: int | None = None,
+        keep_messages: int | None = None,
     ) -> View:
         """`items` holds the page's message JSON, oldest first, each as its latest edit, removed ones skipped;
         `body` is None once the session is gone. `count`, `at`: the page as it was at version `at` (`count`
-        messages then), deleted or not."""
+        messages then), deleted or not. `keep_messages`: the tenant's retention (0: none); then the page skips
+        the messages a retention hides now (`shared.domain.retention.keep`: the session's own retention wins).
+        None: every message (a lookup by id, a past version)."""
         ...
 
     async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:
@@ -222,6 +231,12 @@ class ReadModels(Protocol):
 
     async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
         """Drop a session the idle index still names but that is gone (purged)."""
+        ...
+
+    async def trim(self, tenant: str, session_id: str, keep_messages: int, budget: int, dry_run: bool) -> int:
+        """Free the read model's copies of (at most `budget` more of) the messages the session's retention hides
+        from its list (`keep_messages`: the tenant's; the session's own wins); the log keeps them, and reads of
+        them go there. How many it freed (`dry_run`: would free)."""
         ...
 
     async def forks(self, parent_id: str) -> list[str]:

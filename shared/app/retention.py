@@ -7,6 +7,11 @@ at most `batch` sessions per partition, so a pass is bounded whatever the deploy
 looked at again once the walk wraps around. Each expired session is deleted or purged through the same use case
 as `DELETE /sessions/{id}` (an event in its log, or a tombstone in the audit stream), on the version it was read
 at: one that changed meanwhile is left for a later pass.
+
+A `keep_messages` retention hides a session's older messages from its list at once (the read does it); the sweeper
+then frees the read model's copies of them (`ReadModels.trim`), walking the same index in the same bounded way up
+to `TRIM_SETTLE_S` ago (a tenant's policy may change, or an import land, anywhere in it). A session freed before
+costs one short script call a pass. The log keeps every message.
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from shared.domain.errors import NotFound, ProjectionLagging, VersionConflict
 from shared.domain.retention import MIN_IDLE
 from shared.domain.wire import RetentionAction, Session
 
-__all__ = ["Expired", "RetentionSweeper", "Sweep"]
+__all__ = ["TRIM_SETTLE_S", "Expired", "RetentionSweeper", "Sweep", "Trimmed"]
 
 _session = msgspec.json.Decoder(Session)
+TRIM_SETTLE_S = 60
+"""The trim walk stops this far before now, so that a change the projector indexes late is still ahead of it."""
+TRIM_BUDGET = 1_000
+"""Message copies one trim call frees at most (one short script); a session with more takes several."""
 
 
 class Expired(msgspec.Struct, kw_only=True):
@@ -37,12 +46,21 @@ class Expired(msgspec.Struct, kw_only=True):
     """False in a dry run, or when the session changed (or went) before the sweeper got to it."""
 
 
+class Trimmed(msgspec.Struct, kw_only=True):
+    tenant: str
+    session_id: str
+    messages: int
+    """Message copies freed from its read model (in a dry run: that would be)."""
+    done: bool
+
+
 class Sweep(msgspec.Struct, kw_only=True):
     scanned: int = 0
     """Idle sessions looked at."""
     expired: list[Expired] = msgspec.field(default_factory=list)
+    trimmed: list[Trimmed] = msgspec.field(default_factory=list)
     wrapped: bool = True
-    """Every partition's walk reached its end in this pass (the next one starts over)."""
+    """Every partition's walks reached their end in this pass (the next one starts over, or goes on from there)."""
 
 
 class RetentionSweeper:
@@ -60,6 +78,8 @@ class RetentionSweeper:
         self.batch = batch
         self.clock = clock
         self._cursors: dict[int, IdleCursor] = {}
+        self._trim_cursors: dict[int, IdleCursor] = {}
+        """Where each partition's trim walk goes on from."""
 
     async def sweep(self, dry_run: bool = False, tenant: str | None = None) -> Sweep:
         """One bounded pass over every partition. `dry_run`: say what would go, change nothing. `tenant`: only
@@ -104,7 +124,33 @@ class RetentionSweeper:
                         done=done,
                     )
                 )
+        await self._trim(out, dry_run, tenant)
         return out
+
+    async def _trim(self, out: Sweep, dry_run: bool, tenant: str | None) -> None:
+        until_ms = int((self.clock() - TRIM_SETTLE_S) * 1000)
+        for p in range(self.partitions):
+            page = await self.views.idle(p, until_ms, self._trim_cursors.get(p), self.batch)
+            if len(page) == self.batch:
+                self._trim_cursors[p] = page[-1]
+                out.wrapped = False
+            else:
+                self._trim_cursors.pop(p, None)
+            for entry in page:
+                if tenant is not None and entry.tenant != tenant:
+                    continue
+                keep = (await self.sessions.limits.limits(entry.tenant)).retention_keep_messages
+                budget = 2**31 if dry_run else TRIM_BUDGET  # a dry run counts; only freeing is done in steps
+                freed = 0
+                while True:
+                    n = await self.views.trim(entry.tenant, entry.session_id, keep, budget, dry_run)
+                    freed += n
+                    if n < budget:
+                        break
+                if freed:
+                    out.trimmed.append(
+                        Trimmed(tenant=entry.tenant, session_id=entry.session_id, messages=freed, done=not dry_run)
+                    )
 
     async def _remove(self, tenant: str, session_id: str, version: int, action: RetentionAction) -> bool:
         try:

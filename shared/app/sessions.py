@@ -230,21 +230,26 @@ class Sessions:
     async def messages(
         self, tenant: str, sid: str, limit: int, offset: int, version: int | None = None
     ) -> builtins.list[bytes]:
-        """The conversation (JSON), oldest first, each message as it is now; at `version`: as it was then."""
+        """The conversation (JSON), oldest first, each message as it is now, but for those a `keep_messages`
+        retention hides; at `version`: every message as it was then."""
         if version is not None:
             count = (await self.service.at_version(tenant, sid, version)).message_count
             view = await self.service.read_past(
                 sid, lambda: self.views.messages(tenant, sid, limit, offset, count, version), version
             )
-        else:
-            view = await self.service.read(sid, lambda: self.views.messages(tenant, sid, limit, offset))
+            return view.items or []
+        keep = (await self.limits.limits(tenant)).retention_keep_messages
+        return await self._messages(tenant, sid, limit, offset, keep)
+
+    async def _messages(self, tenant: str, sid: str, limit: int, offset: int, keep: int | None) -> builtins.list[bytes]:
+        view = await self.service.read(sid, lambda: self.views.messages(tenant, sid, limit, offset, keep_messages=keep))
         return view.items or []
 
     async def message(self, tenant: str, sid: str, message_id: str) -> Message:
-        """One message as it is now (not a removed one)."""
+        """One message as it is now (not a removed one; one a retention hides from the list is still found)."""
         offset = 0
         while True:  # pages of the conversation: a message is found by its id, never across sessions
-            page = await self.messages(tenant, sid, 1000, offset)
+            page = await self._messages(tenant, sid, 1000, offset, None)
             for raw in page:
                 m = _message.decode(raw)
                 if m.id == message_id:

@@ -9,7 +9,7 @@ from msgspec import structs
 
 from shared.domain.wire import Retention, Session, TenantLimits
 
-__all__ = ["MIN_IDLE", "expires_at", "policy", "with_expiry"]
+__all__ = ["MIN_IDLE", "expires_at", "keep", "policy", "shown_from", "with_expiry"]
 
 MIN_IDLE = timedelta(days=1)
 """No policy lets a session go sooner after its last change: the sweeper looks no closer to now than this."""
@@ -19,14 +19,32 @@ def policy(session: Session, tenant: TenantLimits) -> Retention | None:
     """The session's own retention, else its tenant's (None: kept for ever)."""
     if session.retention is not None:
         return session.retention
-    if tenant.retention_idle_days > 0:
-        return Retention(idle_days=tenant.retention_idle_days, action=tenant.retention_action)
+    if tenant.retention_idle_days > 0 or tenant.retention_keep_messages > 0:
+        return Retention(
+            idle_days=tenant.retention_idle_days or None,
+            action=tenant.retention_action,
+            keep_messages=tenant.retention_keep_messages or None,
+        )
     return None
 
 
 def expires_at(session: Session, tenant: TenantLimits) -> datetime | None:
     held = policy(session, tenant)
-    return session.updated_at + timedelta(days=held.idle_days) if held is not None else None
+    if held is None or held.idle_days is None:
+        return None
+    return session.updated_at + timedelta(days=held.idle_days)
+
+
+def keep(session: Session, tenant: TenantLimits) -> int | None:
+    """How many of the newest messages the session's message list shows (None: all). The Redis read script
+    (`read_messages.lua`) and the read-model trim (`trim.lua`) answer the same from the session's JSON."""
+    held = policy(session, tenant)
+    return held.keep_messages if held is not None else None
+
+
+def shown_from(shown: int, keep_messages: int | None) -> int:
+    """How many of a list's `shown` messages (oldest first) a `keep_messages` retention hides."""
+    return max(0, shown - keep_messages) if keep_messages is not None else 0
 
 
 def with_expiry(session: Session, tenant: TenantLimits) -> Session:

@@ -72,12 +72,19 @@ RetentionAction = Literal["delete", "purge"]
 
 
 class Retention(Wire):
-    """When an idle session goes: `idle_days` after its last change the retention sweeper deletes it (its log is
+    """What of a session is kept. `idle_days` after its last change the retention sweeper deletes it (its log is
     kept: history, export and time travel still work) or purges it (the log and everything derived from it are
-    erased)."""
+    erased). `keep_messages`: its message list shows only the newest N messages and the sweeper frees the read
+    model's copies of the older ones; the log keeps every message (time travel and export still show them, and a
+    chat's context is its token budget's business). At least one of the two."""
 
-    idle_days: Annotated[int, Meta(ge=1, le=36_500)]
+    idle_days: Annotated[int, Meta(ge=1, le=36_500)] | None = None
     action: RetentionAction = "delete"
+    keep_messages: Annotated[int, Meta(ge=1, le=10_000_000)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.idle_days is None and self.keep_messages is None:
+            raise ValueError("a retention needs idle_days, keep_messages or both")
 
 
 class Compaction(Wire):
@@ -501,6 +508,8 @@ class TenantLimits(Struct, kw_only=True, frozen=True):
     """Sessions without a retention of their own go this many days after their last change (0: kept)."""
     retention_action: RetentionAction = "delete"
     """What the sweeper does to them: `delete` (the log stays) or `purge` (erased)."""
+    retention_keep_messages: int = 0
+    """Sessions without a retention of their own list only their newest this many messages (0: all)."""
 
 
 class UsageDay(Struct, kw_only=True):

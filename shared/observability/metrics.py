@@ -45,6 +45,7 @@ __all__ = [
     "REJECTED",
     "RETENTION_REMOVED",
     "RETENTION_SCANNED",
+    "RETENTION_TRIMMED",
     "SCHEDULE_TICKS",
     "WEBHOOK_DELIVERIES",
     "WEBHOOK_LAG_SECONDS",
@@ -103,6 +104,10 @@ RETENTION_SCANNED = Counter(
 )
 RETENTION_REMOVED = Counter(
     "parley_retention_removed_total", "Sessions the retention sweeper deleted or purged, by action.", ["action"]
+)
+RETENTION_TRIMMED = Counter(
+    "parley_retention_trimmed_total",
+    "Read-model copies of messages a keep_messages retention hides that the sweeper freed (the log keeps them).",
 )
 SCHEDULE_TICKS = Counter(
     "parley_schedule_ticks_total",

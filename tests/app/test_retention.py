@@ -42,6 +42,16 @@ async def sweep_all(sweeper: RetentionSweeper, dry_run: bool = False, tenant: st
             return expired
 
 
+async def sweep_trims(sweeper: RetentionSweeper) -> list:
+    """Passes until every walk wraps around: what the trim walks freed."""
+    trimmed = []
+    while True:
+        done = await sweeper.sweep()
+        trimmed += done.trimmed
+        if done.wrapped:
+            return trimmed
+
+
 async def session(parley: Parley, tenant: str = "acme", **fields: object) -> str:
     created, _ = await parley.sessions.create(tenant, SessionCreate(**fields))  # type: ignore[arg-type]
     return created.id
@@ -65,7 +75,7 @@ async def test_a_session_shows_when_it_expires_by_its_own_policy_or_its_tenants(
     kept = await session(parley)
     body = await shown(parley, "acme", own)
     updated = datetime.fromisoformat(body["updated_at"])
-    assert body["retention"] == {"idle_days": 3, "action": "purge"}
+    assert body["retention"] == {"idle_days": 3, "action": "purge", "keep_messages": None}
     assert datetime.fromisoformat(body["expires_at"]) == updated + timedelta(days=3)
     assert (await shown(parley, "acme", kept))["expires_at"] is None
     await parley.tenancy.set_limits("acme", {"retention_idle_days": 30})
@@ -134,3 +144,48 @@ async def test_a_tenants_policy_sweeps_its_sessions_without_one_of_their_own(par
 def test_a_retention_outside_its_bounds_is_refused(days: int) -> None:
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"retention": {"idle_days": days}}, SessionCreate)
+
+
+async def test_keep_messages_hides_the_oldest_at_once_and_the_sweeper_frees_their_copies(parley: Parley) -> None:
+    clock = Clock().drive(parley)
+    own = await session(parley, retention=Retention(keep_messages=2))
+    by_tenant = await session(parley)
+    other = await session(parley, "globex")
+    for sid, tenant in ((own, "acme"), (by_tenant, "acme"), (other, "globex")):
+        for i in range(5):
+            await parley.sessions.add_message(tenant, sid, MessageCreate(role="user", content=f"m{i}"))
+    await parley.tenancy.set_limits("acme", {"retention_keep_messages": 3})
+    d = Deployment(parley)
+    await d.project()
+
+    async def listed(tenant: str, sid: str) -> list[str]:
+        return [msgspec.json.decode(m)["content"] for m in await parley.sessions.messages(tenant, sid, 100, 0)]
+
+    assert await listed("acme", own) == ["m3", "m4"]  # its own retention
+    assert await listed("acme", by_tenant) == ["m2", "m3", "m4"]  # its tenant's
+    assert await listed("globex", other) == [f"m{i}" for i in range(5)]  # another tenant's policy is not its
+    first = (await parley.sessions.messages("acme", own, 100, 0, version=2))[0]
+    assert (await parley.sessions.message("acme", own, msgspec.json.decode(first)["id"])).content == "m0"
+    assert (await shown(parley, "acme", own))["retention"] == {"idle_days": None, "action": "delete", "keep_messages": 2}
+    assert (await shown(parley, "acme", own))["expires_at"] is None  # no idle_days: it never expires
+
+    sweeper = RetentionSweeper(parley.sessions, parley.views, parley.settings.partitions, batch=1, clock=clock)
+    clock.days_later(0.01)  # past the trim walk's settling time
+    fresh = RetentionSweeper(parley.sessions, parley.views, parley.settings.partitions, clock=clock)
+    dry = await fresh.sweep(dry_run=True)  # a walk of its own, as `parley retention run --dry-run` does
+    trimmed = await sweep_trims(sweeper)  # batches of one session per partition: passes go on from there
+    assert {(t.session_id, t.messages, t.done) for t in trimmed} == {(own, 3, True), (by_tenant, 2, True)}
+    assert {(t.session_id, t.messages, t.done) for t in dry.trimmed} == {(own, 3, False), (by_tenant, 2, False)}
+    assert await sweep_trims(sweeper) == []  # nothing more to free until it grows
+    await parley.sessions.add_message("acme", own, MessageCreate(role="user", content="m5"))
+    await d.project()
+    clock.days_later(0.01)
+    assert [(t.session_id, t.messages) for t in (await sweep_trims(sweeper))] == [(own, 1)]
+    assert await listed("acme", own) == ["m4", "m5"]
+
+
+def test_a_retention_needs_idle_days_or_keep_messages() -> None:
+    for body in ({}, {"action": "purge"}, {"keep_messages": 0}, {"idle_days": None, "keep_messages": None}):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert({"retention": body}, SessionCreate)
+    assert msgspec.convert({"retention": {"keep_messages": 5}}, SessionCreate).retention == Retention(keep_messages=5)

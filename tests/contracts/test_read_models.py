@@ -30,6 +30,7 @@ from shared.domain.wire import (
     FunctionDef,
     Message,
     MessageCreate,
+    Retention,
     ScheduleCreate,
     SchedulePatch,
     SessionPatch,
@@ -329,3 +330,54 @@ async def test_a_parents_forks_are_indexed_across_partitions(backend: Backend) -
     await project_all(views, parent.id, other.id, *[f.id for f in forks])
     assert await views.forks(parent.id) == [f.id for f in forks]
     assert await views.forks(other.id) == [] and await views.forks(forks[0].id) == []
+
+
+async def test_a_keep_messages_retention_hides_the_oldest_from_the_list_and_trim_frees_their_copies(
+    backend: Backend,
+) -> None:
+    """The list shows the newest N shown messages (the tenant's N, or the session's own retention's); a past
+    version and a lookup (`keep_messages=None`) still see every one; trimming frees the hidden ones' copies in
+    budgeted steps, and everything reads the same after it, from the log."""
+    log, views = backend.log, backend.views
+    state = await create(log)
+    for i in range(6):
+        state = await add(log, state, f"m{i}")
+    await project_all(views, state.id)
+    stored = [msgspec.json.decode(i, type=Message) for i in (await views.messages("acme", state.id, 10, 0)).items or []]
+    state = await run(log, state, RemoveMessage(message=stored[4]))
+    await project_all(views, state.id)
+    every = ["m0", "m1", "m2", "m3", "m5"]
+    assert contents((await views.messages("acme", state.id, 10, 0)).items) == every
+    assert contents((await views.messages("acme", state.id, 10, 0, keep_messages=0)).items) == every
+    assert contents((await views.messages("acme", state.id, 10, 0, keep_messages=3)).items) == ["m2", "m3", "m5"]
+    assert contents((await views.messages("acme", state.id, 1, 1, keep_messages=3)).items) == ["m3"]
+    assert contents((await views.messages("acme", state.id, 10, 0, count=6, at=7, keep_messages=3)).items) == [
+        "m0",
+        "m1",
+        "m2",
+        "m3",
+        "m4",
+        "m5",
+    ]  # a past version is the log's: every message it had
+    assert contents((await views.messages("acme", state.id, 10, 0, keep_messages=9)).items) == every
+
+    assert await views.trim("acme", state.id, 3, 1, dry_run=True) == 1  # a budget of one entry per call
+    assert await views.trim("acme", state.id, 3, 100, dry_run=True) == 3  # 6 positions, the newest 3 kept
+    assert await views.trim("acme", state.id, 3, 2, dry_run=False) == 2
+    assert await views.trim("acme", state.id, 3, 100, dry_run=False) == 1
+    assert await views.trim("acme", state.id, 3, 100, dry_run=False) == 0  # nothing more until it grows
+    assert await views.trim("globex", state.id, 3, 100, dry_run=False) == 0  # not another tenant's to trim
+    assert contents((await views.messages("acme", state.id, 10, 0, keep_messages=3)).items) == ["m2", "m3", "m5"]
+    assert contents((await views.messages("acme", state.id, 10, 0)).items) == every  # freed copies: from the log
+    assert contents((await views.messages("acme", state.id, 10, 0, count=6, at=7)).items)[:3] == ["m0", "m1", "m2"]
+
+    state = await run(log, state, UpdateSession(patch=SessionPatch(retention=Retention(keep_messages=1))))
+    state = await add(log, state, "m6")
+    await project_all(views, state.id)
+    for tenants in (0, 3):  # the session's own retention wins over its tenant's
+        assert contents((await views.messages("acme", state.id, 10, 0, keep_messages=tenants)).items) == ["m6"]
+    assert await views.trim("acme", state.id, 0, 100, dry_run=False) == 3  # positions 4..6 (m3, m4, m5)
+    state = await run(log, state, UpdateSession(patch=SessionPatch(retention=Retention(idle_days=9))))
+    await project_all(views, state.id)  # its own retention keeps every message: the tenant's N does not apply
+    assert contents((await views.messages("acme", state.id, 10, 0, keep_messages=3)).items) == [*every, "m6"]
+    assert await views.trim("acme", state.id, 3, 100, dry_run=False) == 0

@@ -146,6 +146,9 @@ class ViewRecord:
     tools: bytes | None = None
     search: tuple[str, ...] = ()
     """The session's search index members (`ix` in Redis)."""
+    trimmed: int = 0
+    """How many of the oldest messages' copies a retention freed (`kt` in Redis; in memory the copies are only
+    log versions, so freeing is counting)."""
 
 
 @dataclass

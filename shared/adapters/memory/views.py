@@ -20,14 +20,16 @@ from shared.adapters.memory.log import tail
 from shared.adapters.memory.store import Generation, Memory
 from shared.app.ports import DueSession, Idle, IdleCursor, Pending, View
 from shared.domain.projection import JobUpdate, ReadModelUpdate
+from shared.domain.retention import keep, shown_from
 from shared.domain.search import Position, Query, matches, search_times
-from shared.domain.wire import ToolList
+from shared.domain.wire import Session, TenantLimits, ToolList
 
 __all__ = ["USAGE_TTL_S", "MemoryReadModels"]
 
 USAGE_TTL_S = 40 * 86_400
 """Usage counters (per tenant and day) are kept this long, as in Redis."""
 _ENDED = ("succeeded", "failed", "cancelled")
+_session = msgspec.json.Decoder(Session)
 
 
 class MemoryReadModels:
@@ -54,7 +56,14 @@ class MemoryReadModels:
         return View(head.version, g.view.version, body)
 
     async def messages(
-        self, tenant: str, session_id: str, limit: int, offset: int, count: int | None = None, at: int | None = None
+        self,
+        tenant: str,
+        session_id: str,
+        limit: int,
+        offset: int,
+        count: int | None = None,
+        at: int | None = None,
+        keep_messages: int | None = None,
     ) -> View:
         m = self.memory
         head = m.head_of(tenant, session_id)
@@ -73,6 +82,12 @@ class MemoryReadModels:
                 if v <= upto:
                     last[seq] = (kind, v)
                     removals = removals or kind == "r"
+        if count is None and keep_messages is not None:  # the messages a retention hides come first: skip them
+            assert g.view.session is not None
+            session = _session.decode(g.view.session)
+            tenant_keep = TenantLimits(retention_keep_messages=keep_messages)
+            removed = sum(1 for seq, (kind, _) in last.items() if kind == "r" and seq <= total)
+            offset += shown_from(total - removed, keep(session, tenant_keep))
         page: list[tuple[int, int]] = []  # (seq, version of its MessageAdded)
         if not removals:  # positions are the messages shown: read the page alone
             stop = min(offset + limit, total)
@@ -152,6 +167,21 @@ class MemoryReadModels:
 
     async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
         self.memory.idle.get(partition, {}).pop(f"{tenant}/{session_id}", None)
+
+    async def trim(self, tenant: str, session_id: str, keep_messages: int, budget: int, dry_run: bool) -> int:
+        m = self.memory
+        head = m.head_of(tenant, session_id)
+        g = m.peek_generation(session_id, head.gen) if head is not None else None
+        if g is None or g.view.session is None:
+            return 0
+        kept = keep(_session.decode(g.view.session), TenantLimits(retention_keep_messages=keep_messages))
+        if kept is None:
+            return 0
+        cut = min(len(g.messages) - kept, g.view.trimmed + budget)
+        freed = max(0, cut - g.view.trimmed)
+        if not dry_run and freed:
+            g.view.trimmed = cut
+        return freed
 
     async def forks(self, parent_id: str) -> list[str]:
         return list(self.memory.forks.get(parent_id, []))

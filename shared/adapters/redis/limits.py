@@ -33,6 +33,7 @@ FIELDS = (
     "streams",
     "retention_idle_days",
     "retention_action",
+    "retention_keep_messages",
 )
 
 
@@ -45,6 +46,7 @@ def tenant_defaults(settings: Settings) -> TenantLimits:
         streams=settings.tenant_streams,
         retention_idle_days=settings.retention_idle_days,
         retention_action=settings.retention_action,
+        retention_keep_messages=settings.retention_keep_messages,
     )
 
 

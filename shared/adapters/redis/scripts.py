@@ -26,6 +26,7 @@ __all__ = [
     "SWITCH",
     "TAKE_SLOT",
     "TIME_TRAVEL",
+    "TRIM",
     "WEBHOOK_ADVANCE",
     "WEBHOOK_CREATE",
     "WEBHOOK_DELETE",
@@ -51,6 +52,7 @@ READ_VIEW = _s("read_view")
 READ_EVENTS = _s("read_events")
 READ_CHAT = _s("read_chat")
 TIME_TRAVEL = _s("time_travel")
+TRIM = _s("trim")
 SWITCH = _s("switch")
 FIND = _s("find")
 PURGE = _s("purge")

@@ -36,6 +36,7 @@ from shared.adapters.redis.scripts import (
     REGISTRY,
     SWITCH,
     TIME_TRAVEL,
+    TRIM,
 )
 from shared.app.ports import (
     Appended,
@@ -209,7 +210,14 @@ class RedisStore:
         return View(int(reply[0]), int(reply[1]), reply[2] if len(reply) > 2 else None)
 
     async def messages(
-        self, tenant: str, session_id: str, limit: int, offset: int, count: int | None = None, at: int | None = None
+        self,
+        tenant: str,
+        session_id: str,
+        limit: int,
+        offset: int,
+        count: int | None = None,
+        at: int | None = None,
+        keep_messages: int | None = None,
     ) -> View:
         """`count`, `at`: the messages at a past version (`count` of them, edits and removals up to `at` counted);
         the page is read whether or not the session is deleted now."""
@@ -227,7 +235,15 @@ class RedisStore:
                     k.log(session_id),
                     k.mods(session_id, g),
                 ],
-                [tenant, offset, limit, "" if count is None else count, "" if at is None else at, g],
+                [
+                    tenant,
+                    offset,
+                    limit,
+                    "" if count is None else count,
+                    "" if at is None else at,
+                    g,
+                    "" if keep_messages is None else keep_messages,
+                ],
             ),
         )
         head, version, live = int(reply[0]), int(reply[1]), reply[2] == 1
@@ -323,6 +339,21 @@ class RedisStore:
 
     async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
         await self.redis.zrem(self.keys.idle(partition), f"{tenant}/{session_id}")
+
+    async def trim(self, tenant: str, session_id: str, keep_messages: int, budget: int, dry_run: bool) -> int:
+        k = self.keys
+        return int(
+            await call_live(
+                self.redis,
+                TRIM,
+                k.generations,
+                session_id,
+                lambda g: (
+                    [k.head(session_id), k.view(session_id, g), k.messages(session_id, g)],
+                    [tenant, g, keep_messages, budget, int(dry_run)],
+                ),
+            )
+        )
 
     async def forks(self, parent_id: str) -> list[str]:
         low, high = f"[{parent_id}/".encode(), f"[{parent_id}/\xff".encode()

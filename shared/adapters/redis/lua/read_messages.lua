@@ -2,9 +2,13 @@
 -- (`offset` counts the messages shown). Answers {head version, view version, live?, then schema and data of each
 -- message on the page}, {0, 0, 0} for no such session of this tenant, or {'stale', live generation}.
 -- `count` ('': every message; else a past version's message count: the page is read even if the session is
--- deleted now); `at` ('': now; else the version whose edits and removals count).
+-- deleted now); `at` ('': now; else the version whose edits and removals count). `keep`: the tenant's
+-- `retention_keep_messages` (0: all): the page then skips what a retention hides now, the list showing only the
+-- newest that many messages, or as many as the session's own retention says when it has one
+-- (`shared.domain.retention.keep`); '': every message.
 local head, view, msgs, log, mods = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local tenant, offset, limit, count, at, gen = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
+local keep = ARGV[7] ~= '' and tonumber(ARGV[7]) or nil
 
 local h = redis.call('HMGET', head, 'v', 't', 'g')
 if not h[1] or h[2] ~= tenant then return {0, 0, 0} end
@@ -14,6 +18,10 @@ local live = vw[2] or count ~= ''
 local out = {tonumber(h[1]), tonumber(vw[1]) or 0, live and 1 or 0}
 if not live then return out end
 local total = count ~= '' and tonumber(count) or redis.call('LLEN', msgs)
+if keep and count == '' and string.find(vw[2], '"retention":{', 1, true) then  -- its own retention wins over the tenant's
+  local own = cjson.decode(vw[2]).retention  -- (the text found may have been metadata's: then the tenant's holds)
+  if type(own) == 'table' then keep = tonumber(own.keep_messages) or 0 end
+end
 local upto = at ~= '' and tonumber(at) or math.huge
 local last, removals = {}, false
 local m = redis.call('HGETALL', mods)
@@ -28,6 +36,13 @@ for i = 1, #m, 2 do
   end
 end
 local page = {}
+if keep and count == '' and keep > 0 then  -- the messages a keep_messages retention hides come first: skip them
+  local shown = total
+  if removals then
+    for j, mod in pairs(last) do if mod[1] == 'r' and j <= total then shown = shown - 1 end end
+  end
+  offset = offset + math.max(0, shown - keep)
+end
 if not removals then  -- positions are the messages shown: read the page alone
   local stop = math.min(offset + limit, total) - 1
   if stop >= offset then
