@@ -166,7 +166,11 @@ async def test_keep_messages_hides_the_oldest_at_once_and_the_sweeper_frees_thei
     assert await listed("globex", other) == [f"m{i}" for i in range(5)]  # another tenant's policy is not its
     first = (await parley.sessions.messages("acme", own, 100, 0, version=2))[0]
     assert (await parley.sessions.message("acme", own, msgspec.json.decode(first)["id"])).content == "m0"
-    assert (await shown(parley, "acme", own))["retention"] == {"idle_days": None, "action": "delete", "keep_messages": 2}
+    assert (await shown(parley, "acme", own))["retention"] == {
+        "idle_days": None,
+        "action": "delete",
+        "keep_messages": 2,
+    }
     assert (await shown(parley, "acme", own))["expires_at"] is None  # no idle_days: it never expires
 
     sweeper = RetentionSweeper(parley.sessions, parley.views, parley.settings.partitions, batch=1, clock=clock)
