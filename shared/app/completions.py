@@ -100,11 +100,10 @@ class Completions:
         sent = [to_message(m, i) for i, m in enumerate(data.messages)]
         model = data.model or self.default_model
         for _ in range(PLAN_ATTEMPTS):
-            state = await service.log.load(tenant, sid, service.cache.get(tenant, sid))
-            if state is None or not state.exists:
+            state = await service.current(tenant, sid)  # the append decides on it (a stale one fails the check)
+            if not state.exists:
                 raise NotFound(f"session {sid} not found")
             assert state.session is not None
-            service.cache.put(tenant, state)  # the append decides on this state (a stale one would only fail the check)
             turns = without_situation(sent, state.session.situation)
             keys = [message_key(m) for m in turns]
             digests = chain(keys)

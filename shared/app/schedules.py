@@ -103,12 +103,10 @@ class Schedules:
         return resource(sid, found), state.version
 
     async def _state(self, tenant: str, sid: str) -> SessionState:
-        """The session's state at its last event: its snapshot and the log's tail (one round trip), so a schedule
-        reads as it is, whatever the projector has reached."""
-        state = await self.service.log.load(tenant, sid, self.service.cache.get(tenant, sid))
-        if state is None or not state.exists:
+        """The live session as of its last event, so a schedule reads as it is whatever the projector reached."""
+        state = await self.service.current(tenant, sid)
+        if not state.exists:
             raise NotFound(f"session {sid} not found")
-        self.service.cache.put(tenant, state)
         return state
 
     # -- the scheduler's side ---------------------------------------------------------------------

@@ -247,6 +247,12 @@ class SessionService:
         """Drop what this process remembers of a session (after a purge, nothing of it may stay)."""
         self.cache.drop(tenant, session_id)
 
+    async def current(self, tenant: str, session_id: str) -> SessionState:
+        """The session's state at its last event, whatever the projector has reached: its cached state and the
+        log's tail in one round trip. NotFound if it never was, or was purged (a deleted one is returned)."""
+        known = self.cache.get(tenant, session_id)
+        return await self._reload(tenant, known if known is not None else SessionState(id=session_id))
+
     async def _reload(self, tenant: str, known: SessionState) -> SessionState:
         state = await self.log.load(tenant, known.id, known if known.version else None)
         if state is None:
