@@ -18,6 +18,7 @@ from shared.domain.ids import parse_uuid
 from shared.domain.webhooks import (
     DeliveryList,
     Replay,
+    SecretRotation,
     Webhook,
     WebhookChangePage,
     WebhookCreate,
@@ -86,6 +87,21 @@ class WebhookController(Controller):
         subscriptions = api(request).parley.subscriptions
         return json_list(await subscriptions.deliveries(tenant, parse_webhook_id(webhook_id), limit))
 
+    @post(
+        "/{webhook_id:str}/rotate-secret",
+        status_code=200,
+        responses=errors(404),
+        dto=StrictBody[SecretRotation],
+        return_dto=None,
+    )
+    async def rotate_webhook_secret(
+        self, request: Request, tenant: str, webhook_id: str, data: SecretRotation
+    ) -> Response[WebhookCreated]:
+        """A new signing `secret` (answered this once). For `previous_valid_s` (a day unless said) deliveries carry
+        a signature by the old secret too, so receivers can switch without rejecting one."""
+        subscriptions = api(request).parley.subscriptions
+        return json_response(await subscriptions.rotate_secret(tenant, parse_webhook_id(webhook_id), data))
+
     @post("/{webhook_id:str}/replay", status_code=200, responses=errors(404), dto=StrictBody[Replay], return_dto=None)
     async def replay_webhook(self, request: Request, tenant: str, webhook_id: str, data: Replay) -> Response[Webhook]:
         """Deliver again every event at or after outbox position `from` (a delivery's `position`, or `<ms>`: from
@@ -105,7 +121,8 @@ async def webhook_changes(
     request: Request, tenant: str, after: ChangesAfter = None, limit: Limit = 100
 ) -> Response[WebhookChangePage]:
     """The tenant's webhook subscription changes, oldest first: `WebhookCreated`, `WebhookUpdated` (the fields
-    changed), `WebhookDeleted`, `WebhookReplayed` (from where), each with its time; never a secret. Deleted
+    changed), `WebhookDeleted`, `WebhookReplayed` (from where), `WebhookSecretRotated` (until when the previous
+    secret signs too), each with its time; never a secret. Deleted
     subscriptions' stay."""
     items, cursor = await api(request).parley.subscriptions.changes(tenant, after, limit)
     return json_list(items, next=msgspec.json.encode(cursor))

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -34,6 +34,7 @@ from shared.domain.webhooks import (
     OutboxEntry,
     Outcome,
     Replay,
+    SecretRotation,
     Subscription,
     Webhook,
     WebhookChange,
@@ -48,7 +49,7 @@ from shared.domain.webhooks import (
     delivery_id,
     new_secret,
     parse_position,
-    sign,
+    signature,
 )
 
 __all__ = ["DeliveryPolicy", "WebhookDeliverer", "WebhookSubscriptions"]
@@ -59,7 +60,8 @@ _encode = msgspec.json.Encoder().encode
 
 
 class WebhookSubscriptions:
-    """Create, read, change and delete a tenant's subscriptions; list their deliveries; replay from a position."""
+    """Create, read, change and delete a tenant's subscriptions; rotate their secrets; list their deliveries;
+    replay from a position."""
 
     def __init__(self, webhooks: Webhooks, sender: WebhookSender, clock: Callable[[], float] = time.time) -> None:
         self.webhooks = webhooks
@@ -114,6 +116,24 @@ class WebhookSubscriptions:
     async def deliveries(self, tenant: str, sub_id: str, limit: int) -> list[bytes]:
         await self._sub(tenant, sub_id)
         return await self.webhooks.deliveries(sub_id, limit)
+
+    async def rotate_secret(self, tenant: str, sub_id: str, body: SecretRotation) -> WebhookCreated:
+        """A new signing secret; the old one signs deliveries too for `previous_valid_s` more."""
+        sub = await self._sub(tenant, sub_id)
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        until = now + timedelta(seconds=body.previous_valid_s)
+        rotated = msgspec.structs.replace(
+            sub,
+            secret=body.secret or new_secret(),
+            previous_secret=sub.secret if body.previous_valid_s else None,
+            previous_until=until if body.previous_valid_s else None,
+            updated_at=now,
+        )
+        change = self._change("WebhookSecretRotated", rotated, previous_until=rotated.previous_until)
+        if not await self.webhooks.update(rotated, change):
+            raise NotFound(f"webhook {sub_id} not found")
+        _changed("secret rotated", rotated, previous_until=str(rotated.previous_until))
+        return WebhookCreated(**msgspec.structs.asdict(rotated.resource()), secret=rotated.secret)
 
     async def replay(self, tenant: str, sub_id: str, body: Replay) -> Webhook:
         """Deliver again every outbox entry at or after `body.from_` (the outbox keeps its newest entries only)."""
@@ -291,7 +311,9 @@ class WebhookDeliverer:
             headers = {
                 "webhook-id": did,
                 "webhook-timestamp": str(timestamp),
-                "webhook-signature": sign(sub.secret, did, timestamp, body),
+                "webhook-signature": signature(
+                    sub.secrets(datetime.fromtimestamp(timestamp, UTC)), did, timestamp, body
+                ),
             }
             started = time.monotonic()
             sent = await self.sender.send(sub.url, headers, body)

@@ -39,6 +39,7 @@ __all__ = [
     "WebhookList",
     "WebhookPatch",
     "WebhookPayload",
+    "SecretRotation",
     "address_refused",
     "backoff_s",
     "before",
@@ -47,6 +48,7 @@ __all__ = [
     "parse_position",
     "secret_key",
     "sign",
+    "signature",
     "verify",
 ]
 
@@ -84,6 +86,14 @@ class WebhookPatch(_Body):
     """False: deliveries pause (the cursor stays where it was; true resumes from there)."""
 
 
+class SecretRotation(_Body):
+    secret: Secret | None = None
+    """The new signing secret; absent: one is made (and answered this once)."""
+    previous_valid_s: Annotated[int, Meta(ge=0, le=7 * 86_400)] = 86_400
+    """How long deliveries are signed with the old secret too, so receivers can switch without a failed check
+    (0: at once)."""
+
+
 class Replay(_Body):
     from_: Position = msgspec.field(name="from")
     """Deliver again every outbox entry at or after this position (what the outbox still holds)."""
@@ -99,6 +109,8 @@ class Webhook(Struct, kw_only=True):
 
 
 class WebhookCreated(Webhook, kw_only=True):
+    """A subscription as created, or as a secret rotation left it: with its signing secret."""
+
     secret: str
     """Shown only in this answer: keep it to verify signatures."""
 
@@ -118,6 +130,15 @@ class Subscription(Struct, kw_only=True):
     active: bool = True
     created_at: datetime
     updated_at: datetime
+    previous_secret: str | None = None
+    """The secret before the last rotation: deliveries are signed with it too until `previous_until`."""
+    previous_until: datetime | None = None
+
+    def secrets(self, now: datetime) -> list[str]:
+        """What a delivery at `now` is signed with: the secret, and the previous one while it is still valid."""
+        if self.previous_secret is not None and self.previous_until is not None and now < self.previous_until:
+            return [self.secret, self.previous_secret]
+        return [self.secret]
 
     def resource(self) -> Webhook:
         return Webhook(**{f: getattr(self, f) for f in Webhook.__struct_fields__})
@@ -156,9 +177,11 @@ class WebhookChangeData(Struct, kw_only=True, omit_defaults=True):
     active: bool | None = None
     from_: str | None = msgspec.field(name="from", default=None)
     """A replay's position."""
+    previous_until: datetime | None = None
+    """A secret rotation's: until when the previous secret signs too."""
 
 
-ChangeType = Literal["WebhookCreated", "WebhookUpdated", "WebhookDeleted", "WebhookReplayed"]
+ChangeType = Literal["WebhookCreated", "WebhookUpdated", "WebhookDeleted", "WebhookReplayed", "WebhookSecretRotated"]
 
 
 class WebhookChange(Struct, kw_only=True):
@@ -232,6 +255,11 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header: `v1,` and the base64 HMAC-SHA256 of `<id>.<timestamp>.<body>`."""
     signed = b"%s.%d.%s" % (msg_id.encode(), timestamp, body)
     return "v1," + base64.b64encode(hmac.new(secret_key(secret), signed, hashlib.sha256).digest()).decode()
+
+
+def signature(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header: one `v1,<sig>` per secret, space-separated (Standard Webhooks)."""
+    return " ".join(sign(s, msg_id, timestamp, body) for s in secrets)
 
 
 def verify(secret: str, msg_id: str, timestamp: int, body: bytes, signature_header: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
@@ -15,7 +16,16 @@ import pytest
 from shared.app.ports import Sent
 from shared.app.webhooks import DeliveryPolicy, WebhookDeliverer, WebhookSubscriptions
 from shared.bootstrap import Parley
-from shared.domain.webhooks import Replay, WebhookCreate, WebhookPatch, delivery_id, verify
+from shared.domain.errors import NotFound
+from shared.domain.webhooks import (
+    Replay,
+    SecretRotation,
+    Subscription,
+    WebhookCreate,
+    WebhookPatch,
+    delivery_id,
+    verify,
+)
 from shared.domain.wire import SessionCreate
 from tests.app.conftest import Deployment
 from tests.support import wait_for
@@ -163,3 +173,49 @@ async def test_a_lease_another_holder_has_is_left_alone(parley: Parley, deployme
     await parley.webhooks.release(hook.id, "elsewhere")
     async with delivering(parley, sender):
         await wait_for(lambda: asyncio.sleep(0, sender.sent), TIMEOUT_S, "a POST once the lease is free")
+
+
+async def test_a_rotated_secret_signs_beside_the_new_one_until_it_expires(parley: Parley, deployment: Deployment):
+    sender = Sender()
+    subs = WebhookSubscriptions(parley.webhooks, sender)
+    hook = await subs.create("acme", WebhookCreate(url="http://h/", event_types=["SessionCreated"]))
+    rotated = await subs.rotate_secret("acme", hook.id, SecretRotation(previous_valid_s=60))
+    assert rotated.secret != hook.secret and rotated.id == hook.id
+    await session(parley, deployment)
+    async with delivering(parley, sender):
+        await wait_for(lambda: asyncio.sleep(0, sender.sent), TIMEOUT_S, "a delivery")
+    _, headers, body = sender.sent[0]
+    raw = msgspec.json.encode(body)
+    signed = headers["webhook-id"], int(headers["webhook-timestamp"]), raw, headers["webhook-signature"]
+    assert len(headers["webhook-signature"].split()) == 2
+    assert verify(rotated.secret, *signed) and verify(hook.secret, *signed)  # either secret checks it
+
+    mine = "whsec_" + "A" * 32
+    latest = await subs.rotate_secret("acme", hook.id, SecretRotation(secret=mine, previous_valid_s=0))
+    assert latest.secret == mine
+    await session(parley, deployment)
+    async with delivering(parley, sender):
+        await wait_for(lambda: asyncio.sleep(0, len(sender.sent) >= 2), TIMEOUT_S, "the next delivery")
+    _, headers, body = sender.sent[1]
+    signed = headers["webhook-id"], int(headers["webhook-timestamp"]), msgspec.json.encode(body)
+    assert verify(mine, *signed, headers["webhook-signature"])
+    assert not verify(rotated.secret, *signed, headers["webhook-signature"])  # at once: the old one no longer signs
+    with pytest.raises(NotFound):
+        await subs.rotate_secret("globex", hook.id, SecretRotation())  # not another tenant's
+
+
+def test_the_previous_secret_signs_only_until_it_expires() -> None:
+    now = datetime.now(UTC)
+    sub = Subscription(
+        id="s",
+        tenant="acme",
+        url="http://h/",
+        event_types=["SessionCreated"],
+        secret="new",
+        created_at=now,
+        updated_at=now,
+        previous_secret="old",
+        previous_until=now + timedelta(seconds=60),
+    )
+    assert sub.secrets(now) == ["new", "old"]
+    assert sub.secrets(now + timedelta(seconds=60)) == ["new"]

@@ -229,6 +229,35 @@ def test_every_change_of_a_subscription_is_recorded_without_its_secret(c: httpx.
     assert_error(c.get("/audit/webhooks", params={"after": "x"}, headers=ACME), 422)
 
 
+def test_a_rotated_secret_signs_beside_the_new_one_and_is_audited(c: httpx.Client, receiver: Receiver):
+    hook = subscribe(c, receiver.url + "/rotated", ["SessionCreated"])
+    assert_error(c.post(f"/webhooks/{hook['id']}/rotate-secret", json={}, headers=GLOBEX), 404, "not_found")
+    for bad in ({"previous_valid_s": -1}, {"previous_valid_s": 604_801}, {"secret": "nope"}, {"extra": 1}):
+        assert_error(c.post(f"/webhooks/{hook['id']}/rotate-secret", json=bad, headers=ACME), 422)
+    resp = c.post(f"/webhooks/{hook['id']}/rotate-secret", json={}, headers=ACME)
+    assert resp.status_code == 200, resp.text
+    rotated = resp.json()
+    assert (
+        rotated["id"] == hook["id"] and rotated["secret"].startswith("whsec_") and rotated["secret"] != hook["secret"]
+    )
+    create(c, {})
+    [got] = until(lambda: receiver.taken("/rotated"), "a delivery")
+    assert got.verified(rotated["secret"]) and got.verified(hook["secret"])  # a day of both, by default
+    assert len(got.signature.split()) == 2
+
+    resp = c.post(f"/webhooks/{hook['id']}/rotate-secret", json={"previous_valid_s": 0}, headers=ACME)
+    latest = resp.json()["secret"]
+    create(c, {})
+    second = until(lambda: len(receiver.taken("/rotated")) >= 2 and receiver.taken("/rotated")[1], "the next")
+    assert second.verified(latest) and not second.verified(rotated["secret"]) and not second.verified(hook["secret"])
+
+    audit = c.get("/audit/webhooks", params={"limit": 1000}, headers=ACME).json()["items"]
+    mine = [x for x in audit if x["data"]["webhook_id"] == hook["id"] and x["type"] == "WebhookSecretRotated"]
+    assert len(mine) == 2 and mine[0]["data"]["previous_until"] is not None and "previous_until" not in mine[1]["data"]
+    assert not any(secret in str(audit) for secret in (hook["secret"], rotated["secret"], latest))
+    assert c.delete(f"/webhooks/{hook['id']}", headers=ACME).status_code == 204
+
+
 def test_the_schema_documents_the_webhook_routes(c: httpx.Client):
     doc = c.get("/schema/openapi.json").json()
     paths = doc["paths"]
