@@ -261,7 +261,7 @@ def _tighten(param: dict[str, Any]) -> None:
 def _exact_schemas(schemas: dict[str, Any], types: Iterable[type]) -> None:
     """Replace litestar's schema of each Struct with msgspec's own (litestar drops `minimum: 0` on optional fields,
     `minItems` inside unions and `additionalProperties: false`), then state the rules msgspec cannot: which fields
-    a message of each role takes."""
+    a message of each role takes, and that a retention holds at least one rule."""
     named = {t.__name__: t for t in types if t.__name__ in schemas}
     _, generated = msgspec.json.schema_components(list(named.values()), ref_template="#/components/schemas/{name}")
     for name, schema in generated.items():
@@ -278,6 +278,11 @@ def _exact_schemas(schemas: dict[str, Any], types: Iterable[type]) -> None:
             content = variant["properties"].get("content")
             if content is not None:
                 variant["properties"]["content"] = _text_and_image_parts(content)
+    if "Retention" in schemas:  # `Retention.__post_init__`: at least one of the two, not null
+        schemas["Retention"]["anyOf"] = [
+            {"required": [field], "properties": {field: {"type": "integer"}}}
+            for field in ("idle_days", "keep_messages")
+        ]
     request = schemas.get("ChatCompletionRequest")
     if request is not None:  # one session holds one conversation: any other `n` answers 400 `unsupported_value`
         request["properties"]["n"] = {"anyOf": [{"const": 1}, {"type": "null"}], "default": None}

@@ -239,6 +239,7 @@ async def test_usage_shows_a_tenant_its_own_requests_chats_and_tokens(stack: Sta
             "streams": 1000,
             "retention_idle_days": 0,
             "retention_action": "delete",
+            "retention_keep_messages": 0,
         }
         sid = (await c.post(f"{url}/sessions", json={}, headers=auth("counted"))).json()["id"]
         jobs = []

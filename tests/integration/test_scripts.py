@@ -87,7 +87,8 @@ async def _workload(redis: Redis) -> None:
         await jobs.job("acme", state.id, job)
         await jobs.jobs("acme", state.id, 10, 0)
         await store.session("acme", state.id)
-        await store.messages("acme", state.id, 10, 0)
+        await store.messages("acme", state.id, 10, 0, keep_messages=1)  # a retention's page, and its trim
+        await store.trim("acme", state.id, 1, 10, dry_run=False)
         await store.events("acme", state.id, 0, 10)
         await store.at_version("acme", state.id, 2)
         await store.sessions("acme", 10, 0)
@@ -98,6 +99,7 @@ async def _workload(redis: Redis) -> None:
     await Rebuilder(store, history, live).rebuild([("acme", sid) for sid, _ in sids])
     for sid, _ in sids:  # generation 1 now
         await store.messages("acme", sid, 10, 0)
+        await store.trim("acme", sid, 1, 10, dry_run=False)
         await store.at_version("acme", sid, 2)
     for sid, version in sids[:2]:
         tomb = SessionPurged(
