@@ -271,7 +271,8 @@ class Superseded(Exception):
 
 class ChunkWriter(Protocol):
     def put(self, data: bytes) -> None:
-        """Queue a chunk; chunks are written in order without making the caller wait."""
+        """Queue a chunk; chunks are written in order without making the caller wait. Raises `Superseded` (or what
+        a write raised) once a write was refused, so a superseded attempt stops reading its model's stream."""
         ...
 
     async def drain(self) -> None:

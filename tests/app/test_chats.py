@@ -247,3 +247,38 @@ async def test_a_budget_chat_on_a_long_session_reads_about_what_the_budget_holds
     newest = await parley.sessions.messages("acme", sid, len(ctx["included"]), total - len(ctx["included"]))
     assert ctx["included"] == [msgspec.json.decode(m)["id"] for m in newest]  # the newest, exactly those that fit
     assert 290 < len(ctx["included"]) <= 301
+
+
+class Endless:
+    """A model that streams until it is closed, counting what it sent: a superseded attempt must stop reading it."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.closed = asyncio.Event()
+
+    @property
+    def models(self) -> list[str]:
+        return ["endless"]
+
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[Delta | Completion, None]:
+        try:
+            while True:
+                self.sent += 1
+                yield Delta(content="la ")
+                await asyncio.sleep(0.001)
+        finally:
+            self.closed.set()
+
+
+async def test_a_superseded_attempt_stops_reading_its_model(parley: Parley) -> None:
+    model = Endless()
+    d = Deployment(parley)
+    sid = await new_session(parley)
+    requested = await parley.chats.request("acme", sid, ask("sing"))
+    await d.project()
+    running = asyncio.create_task(parley.chat_runner(model).run("acme", sid, requested.job.id))
+    while model.sent < 5:
+        await asyncio.sleep(0.001)
+    await parley.jobs.mark_running(sid, requested.job.id)  # its lease lapsed: a later attempt starts
+    assert await asyncio.wait_for(running, 10) == "superseded"
+    assert model.closed.is_set() and model.sent < 50  # the stream was closed at the refusal, not read on

@@ -4,6 +4,7 @@ under increasing ids, know their end, and refuse writes once the session is purg
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 
@@ -165,15 +166,18 @@ async def test_chunk_streams_keep_order_and_know_their_end(backend: Backend) -> 
 
 async def test_an_attempt_superseded_by_a_later_one_writes_nothing_more(backend: Backend) -> None:
     """A worker whose lease lapsed while it still streamed (a later attempt started) has its chunks refused and is
-    told so at `drain`: the stream never interleaves two attempts; the later attempt writes on."""
+    told so by the next `put` once the refusal is back (so it stops reading its model) and by `drain`: the stream
+    never interleaves two attempts; the later attempt writes on."""
     state, job = await request(backend, await create(backend.log))
     jobs = backend.jobs
     first = jobs.writer(state.id, job, await jobs.mark_running(state.id, job))
     first.put(b'{"n":0}')
     await first.drain()
     second = jobs.writer(state.id, job, await jobs.mark_running(state.id, job))
-    first.put(b'{"stale":1}')
-    first.put(b'{"stale":2}')
+    with pytest.raises(Superseded):
+        for i in range(500):  # a bound for the test only: the refusal comes back with the first stale write
+            first.put(b'{"stale":%d}' % i)
+            await asyncio.sleep(0.005)
     with pytest.raises(Superseded):
         await first.drain()
     second.put(b'{"n":1}')

@@ -149,7 +149,7 @@ class MemoryChunkWriter:
     def put(self, data: bytes) -> None:
         if self.superseded or not self.jobs.current(self.session_id, self.job_id, self.attempt):
             self.superseded = True
-            return
+            raise Superseded(f"a later attempt of chat {self.job_id} runs")
         self.jobs.write(self.session_id, self.job_id, [("chunk", data)])
 
     async def drain(self) -> None:

@@ -165,8 +165,9 @@ class ChunkWriter:
         self._task: asyncio.Task[None] | None = None
 
     def put(self, data: bytes) -> None:
-        if self._task is not None and self._task.done() and not self._task.cancelled() and self._task.exception():
-            return  # refused (superseded, or the write failed): `drain` raises it
+        task = self._task
+        if task is not None and task.done() and not task.cancelled() and (refused := task.exception()) is not None:
+            raise refused  # superseded, or the write failed: the producer stops now, not at its stream's end
         self._pending.append(data)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush())
