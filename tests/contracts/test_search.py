@@ -4,6 +4,7 @@ deletes, chats), follows a rebuild's switch and a purge, and never shows another
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -114,6 +115,7 @@ async def test_an_update_moves_a_session_and_a_delete_or_purge_drops_it(backend:
     states = await seed(backend)
     first = states[1]  # agent a, oldest change of agent a
     assert first.id in await ids(backend, query_of(agent_id="a"))
+    await asyncio.sleep(0.002)  # times are milliseconds: the update comes after every session's last change
     moved = await run(log, first, UpdateSession(patch=SessionPatch(agent_id="c")))
     await project_all(views, moved.id)
     assert first.id not in await ids(backend, query_of(agent_id="a"))

@@ -247,8 +247,7 @@ class RedisStore:
             ),
         )
         head, version, live = int(reply[0]), int(reply[1]), reply[2] == 1
-        rest = reply[3:]
-        items = [upcast(b"MessageAdded", int(s), d) for s, d in zip(rest[::2], rest[1::2])]
+        items = [upcast(b"MessageAdded", int(s), d) for _, s, d in (entry.split(b"|", 2) for entry in reply[3:])]
         return View(head, version, b"live" if live else None, items)
 
     async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:

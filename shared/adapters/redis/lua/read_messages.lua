@@ -1,6 +1,6 @@
 -- READ_MESSAGES: a page of a session's messages, each as its latest edit at or before `at`, removed ones skipped
--- (`offset` counts the messages shown). Answers {head version, view version, live?, then schema and data of each
--- message on the page}, {0, 0, 0} for no such session of this tenant, or {'stale', live generation}.
+-- (`offset` counts the messages shown). Answers {head version, view version, live?, then "version|schema|data" of
+-- each message on the page}, {0, 0, 0} for no such session of this tenant, or {'stale', live generation}.
 -- `count` ('': every message; else a past version's message count: the page is read even if the session is
 -- deleted now); `at` ('': now; else the version whose edits and removals count). `keep`: the tenant's
 -- `retention_keep_messages` (0: all): the page then skips what a retention hides now, the list showing only the
@@ -72,20 +72,20 @@ else  -- skip the removed ones: find the page's first position, then read only a
 end
 for _, p in ipairs(page) do
   local mod = last[p[1]]
-  -- an entry is "version|schema|data" (APPLY keeps the message beside its version), or a bare version (read
-  -- models projected before it did): then, or for an edited message, the event is read from the log
-  local v, s, at_data = string.match(p[2], '^(%d+)|([^|]*)|()')
-  local d
-  if v and not (mod and mod[1] == 'e') then
-    d = string.sub(p[2], at_data)
+  -- an entry is "version|schema|data" (APPLY keeps the message beside its version), answered as it is (the caller
+  -- splits it: cheaper there than in Lua), or a bare version (a read model projected before APPLY kept data, or
+  -- freed by a retention's trim): then, or for an edited message, the event is read from the log
+  local bar = string.find(p[2], '|', 1, true)
+  if bar and not (mod and mod[1] == 'e') then
+    out[#out + 1] = p[2]
   else
-    local version = (mod and mod[1] == 'e') and mod[2] or (v or p[2])
+    local version = (mod and mod[1] == 'e') and mod[2] or (bar and string.sub(p[2], 1, bar - 1) or p[2])
     local f = redis.call('XRANGE', log, version .. '-0', version .. '-0')[1][2]
+    local s, d
     for k = 1, #f, 2 do
       if f[k] == 's' then s = f[k + 1] elseif f[k] == 'd' then d = f[k + 1] end
     end
+    out[#out + 1] = version .. '|' .. s .. '|' .. d
   end
-  out[#out + 1] = s
-  out[#out + 1] = d
 end
 return out
