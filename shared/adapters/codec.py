@@ -24,6 +24,17 @@ _state_encoder = msgspec.msgpack.Encoder()
 _state_decoder = msgspec.msgpack.Decoder(SessionState)
 
 
+def member(tenant: str, session_id: str) -> str:
+    """A session as a member of the per-partition indexes (idle, schedules): `tenant/session id`."""
+    return f"{tenant}/{session_id}"
+
+
+def split_member(member: str) -> tuple[str, str]:
+    """(tenant, session id) of an index member."""
+    tenant, _, session_id = member.partition("/")
+    return tenant, session_id
+
+
 def event_fields(event: Event) -> tuple[str, str, str, bytes]:
     """(type, id, occurred_at, data JSON): what the log stores of an event; the version is the entry's id."""
     at = json_encode(event.occurred_at)[1:-1].decode()

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from shared.adapters.codec import encode_state, json_encode, upcast
+from shared.adapters.codec import encode_state, json_encode, member, split_member, upcast
 from shared.adapters.memory.log import tail
 from shared.adapters.memory.store import Generation, Memory
 from shared.app.ports import DueSession, Idle, IdleCursor, Pending, View
@@ -155,18 +155,18 @@ class MemoryReadModels:
         return [tail(self.memory, sid, None, gen) for sid in session_ids]
 
     async def idle(self, partition: int, until_ms: int, after: IdleCursor | None, limit: int) -> list[Idle]:
-        entries = sorted((ms, member) for member, ms in self.memory.idle.get(partition, {}).items() if ms <= until_ms)
+        entries = sorted((ms, m) for m, ms in self.memory.idle.get(partition, {}).items() if ms <= until_ms)
         if after is not None:
-            cursor = (after.changed_ms, f"{after.tenant}/{after.session_id}")
+            cursor = (after.changed_ms, member(after.tenant, after.session_id))
             entries = [e for e in entries if e > cursor]
         out = []
-        for ms, member in entries[:limit]:
-            tenant, _, sid = member.partition("/")
+        for ms, m in entries[:limit]:
+            tenant, sid = split_member(m)
             out.append(Idle(ms, tenant, sid))
         return out
 
     async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
-        self.memory.idle.get(partition, {}).pop(f"{tenant}/{session_id}", None)
+        self.memory.idle.get(partition, {}).pop(member(tenant, session_id), None)
 
     async def trim(self, tenant: str, session_id: str, keep_messages: int, budget: int, dry_run: bool) -> int:
         m = self.memory
@@ -188,11 +188,11 @@ class MemoryReadModels:
 
     async def due(self, partition: int, until_ms: int, limit: int) -> list[DueSession]:
         ticks = self.memory.next_ticks.get(partition, {})
-        entries = sorted((ms, member) for member, ms in ticks.items() if ms <= until_ms)
-        return [DueSession(ms, *_split(member)) for ms, member in entries[:limit]]
+        entries = sorted((ms, m) for m, ms in ticks.items() if ms <= until_ms)
+        return [DueSession(ms, *split_member(m)) for ms, m in entries[:limit]]
 
     async def forget_due(self, partition: int, tenant: str, session_id: str) -> None:
-        self.memory.next_ticks.get(partition, {}).pop(f"{tenant}/{session_id}", None)
+        self.memory.next_ticks.get(partition, {}).pop(member(tenant, session_id), None)
 
     async def apply(self, updates: Sequence[tuple[str, ReadModelUpdate]], gen: int | None = None) -> list[bool]:
         encoded = [(tenant, u, _encoded(u)) for tenant, u in updates]  # encode all first, as a pipeline would
@@ -244,17 +244,17 @@ class MemoryReadModels:
             m.index.get((p, tenant), set()).discard(sid)
         idle = m.idle.setdefault(p, {})
         if u.session is not None:
-            idle[f"{tenant}/{sid}"] = int(u.session.updated_at.timestamp() * 1000)
+            idle[member(tenant, sid)] = int(u.session.updated_at.timestamp() * 1000)
         else:
-            idle.pop(f"{tenant}/{sid}", None)
+            idle.pop(member(tenant, sid), None)
         if u.forked_from is not None:
             m.forks.setdefault(u.forked_from, []).append(sid)
         if u.schedules_changed:
             ticks = m.next_ticks.setdefault(p, {})
             if u.next_tick_ms is not None:
-                ticks[f"{tenant}/{sid}"] = u.next_tick_ms
+                ticks[member(tenant, sid)] = u.next_tick_ms
             else:
-                ticks.pop(f"{tenant}/{sid}", None)
+                ticks.pop(member(tenant, sid), None)
         m.projected[(p, tenant)] = m.projected.get((p, tenant), 0) + u.to_version - u.from_version
         for job in u.jobs:
             self._job(sid, job)
@@ -290,11 +290,6 @@ class MemoryReadModels:
         record.update(fields)
         if record.get("status") in _ENDED:
             m.jobs.expire(key, self.chat_retention_s)
-
-
-def _split(member: str) -> tuple[str, str]:
-    tenant, _, sid = member.partition("/")
-    return tenant, sid
 
 
 def job_fields(job: JobUpdate) -> dict[str, Any]:

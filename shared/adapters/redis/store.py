@@ -18,7 +18,9 @@ from shared.adapters.codec import (
     event_fields,
     event_json,
     json_encode,
+    member,
     pairs,
+    split_member,
     upcast,
 )
 from shared.adapters.redis.cluster import Client
@@ -320,16 +322,16 @@ class RedisStore:
     async def idle(self, partition: int, until_ms: int, after: IdleCursor | None, limit: int) -> list[Idle]:
         key = self.keys.idle(partition)
         low = after.changed_ms if after is not None else "-inf"
-        seen = f"{after.tenant}/{after.session_id}".encode() if after is not None else b""
+        seen = member(after.tenant, after.session_id).encode() if after is not None else b""
         out: list[Idle] = []
         offset = 0
         while len(out) < limit:
             # members that share the cursor's score sort by name: skip those up to the cursor's own
             page = await self.redis.zrangebyscore(key, low, until_ms, start=offset, num=limit, withscores=True)
-            for member, score in page:
-                if after is not None and int(score) == after.changed_ms and member <= seen:
+            for m, score in page:
+                if after is not None and int(score) == after.changed_ms and m <= seen:
                     continue
-                tenant, _, sid = member.decode().partition("/")
+                tenant, sid = split_member(m.decode())
                 out.append(Idle(int(score), tenant, sid))
             if len(page) < limit:
                 break
@@ -337,7 +339,7 @@ class RedisStore:
         return out[:limit]
 
     async def forget_idle(self, partition: int, tenant: str, session_id: str) -> None:
-        await self.redis.zrem(self.keys.idle(partition), f"{tenant}/{session_id}")
+        await self.redis.zrem(self.keys.idle(partition), member(tenant, session_id))
 
     async def trim(self, tenant: str, session_id: str, keep_messages: int, budget: int, dry_run: bool) -> int:
         k = self.keys
@@ -366,13 +368,13 @@ class RedisStore:
             self.keys.schedules(partition), "-inf", until_ms, start=0, num=limit, withscores=True
         )
         out = []
-        for member, score in page:
-            tenant, _, sid = member.decode().partition("/")
+        for m, score in page:
+            tenant, sid = split_member(m.decode())
             out.append(DueSession(int(score), tenant, sid))
         return out
 
     async def forget_due(self, partition: int, tenant: str, session_id: str) -> None:
-        await self.redis.zrem(self.keys.schedules(partition), f"{tenant}/{session_id}")
+        await self.redis.zrem(self.keys.schedules(partition), member(tenant, session_id))
 
     # -- ReadModels: the projector's side --------------------------------------------------
     async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:
@@ -478,7 +480,7 @@ class RedisStore:
                     self.chat_retention_s,
                     g,
                     "1" if live else "0",
-                    f"{tenant}/{sid}",
+                    member(tenant, sid),
                     changed_ms,
                     ("" if u.next_tick_ms is None else u.next_tick_ms) if u.schedules_changed else "k",
                     f"{u.forked_from}/{sid}" if u.forked_from is not None else "",
