@@ -10,8 +10,10 @@ few microseconds and the requests that are served keep their latency:
   counting once it waits (`services.api.sse.detach`). `/health`, `/ready` and `/metrics` are never shed.
 - **A tenant's rate** is checked in Redis (`shared.adapters.redis.limits`, GCRA, the same for every process) once the key
   names the tenant. A refused request answers 429 `rate_limited` with `Retry-After`; for that long this process
-  refuses the tenant without asking Redis again, so a noisy tenant costs the others little. Every answer to a
-  limited tenant carries the IETF `RateLimit-Policy` and `RateLimit` fields.
+  refuses the tenant without asking Redis again, so a noisy tenant costs the others little. So does the
+  admission that spends the last request of a tenant's burst, for as long as the rate will refuse the next one
+  (`Gate.spent`): a tenant held at its rate asks Redis about the requests it is admitted, not also about one
+  refusal after each. Every answer to a limited tenant carries the IETF `RateLimit-Policy` and `RateLimit` fields.
 
 The tenant found here is handed to litestar in the scope's state (`parley.tenant`), so the key is looked up once.
 """
