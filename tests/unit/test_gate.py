@@ -4,10 +4,14 @@ requests queue, grows back one by one while they do not and the limit is reached
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
+
+import pytest
 
 from services.api import guard
 from services.api.guard import Gate
+from shared.app.ports import Admission
 
 
 def run_window(gate: Gate, now: float, took_s: float, n: int = 20) -> float:
@@ -98,10 +102,8 @@ def test_a_window_with_too_few_requests_changes_nothing():
 
 
 # -- the tenants this process refuses without Redis ---------------------------------------------------------------
-def gcra(rps: float, burst: int):
+def gcra(rps: float, burst: int) -> Callable[..., Admission]:
     """The ADMIT script's arithmetic (shared/adapters/redis/lua/admit.lua), in ms: admit(now) → Admission."""
-    from shared.app.ports import Admission
-
     state = {"tat": 0.0}
     step, span, milli = 1000 / rps, 1000 / rps * burst, math.floor(rps * 1000)
 
@@ -118,7 +120,9 @@ def gcra(rps: float, burst: int):
     return admit
 
 
-def test_an_admission_that_spends_the_burst_refuses_the_key_here_never_longer_than_the_rate_would(monkeypatch):
+def test_an_admission_that_spends_the_burst_refuses_the_key_here_never_longer_than_the_rate_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     clock = [0.0]
     monkeypatch.setattr(guard, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     spent_windows = 0
@@ -145,9 +149,7 @@ def test_an_admission_that_spends_the_burst_refuses_the_key_here_never_longer_th
     assert spent_windows > 0  # the shortcut was taken at all
 
 
-def test_a_refusal_at_parse_time_is_the_whole_429_answer_with_whole_seconds(monkeypatch):
-    from shared.app.ports import Admission
-
+def test_a_refusal_at_parse_time_is_the_whole_429_answer_with_whole_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [10.0]
     monkeypatch.setattr(guard, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     gate = Gate(64)
