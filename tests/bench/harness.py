@@ -622,9 +622,14 @@ class Bench:
         finally:
             self._pin(None)
         self.check(alone + beside)
+        quiet_failures: dict[str, int] = {}  # the quiet tenant's failed requests, by code (none is the goal)
+        for r in alone + beside:
+            for code, n in r["failures"].items():
+                quiet_failures[code] = quiet_failures.get(code, 0) + n
         self.record(
             "P8tenants",
             quiet_rps=rate,
+            quiet_failures=quiet_failures,
             quiet_p99_alone_ms=med(alone, "p99_ms"),
             quiet_p99_beside_noisy_ms=med(beside, "p99_ms"),
             p99_ratio=med(beside, "p99_ms") / med(alone, "p99_ms"),
