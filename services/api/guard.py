@@ -10,8 +10,10 @@ few microseconds and the requests that are served keep their latency:
   counting once it waits (`services.api.sse.detach`). `/health`, `/ready` and `/metrics` are never shed.
 - **A tenant's rate** is checked in Redis (`shared.adapters.redis.limits`, GCRA, the same for every process) once the key
   names the tenant. A refused request answers 429 `rate_limited` with `Retry-After`; for that long this process
-  refuses the tenant without asking Redis again, so a noisy tenant costs the others little. Every answer to a
-  limited tenant carries the IETF `RateLimit-Policy` and `RateLimit` fields.
+  refuses the tenant without asking Redis again, so a noisy tenant costs the others little. So does the
+  admission that spends the last request of a tenant's burst, for as long as the rate will refuse the next one
+  (`Gate.spent`): a tenant held at its rate asks Redis about the requests it is admitted, not also about one
+  refusal after each. Every answer to a limited tenant carries the IETF `RateLimit-Policy` and `RateLimit` fields.
 
 The tenant found here is handed to litestar in the scope's state (`parley.tenant`), so the key is looked up once.
 """
@@ -111,9 +113,12 @@ class Gate:
         self._window_end = 0.0
         self._reached = False
         """The limit was reached during this window: only then may it grow (an idle process keeps what it learnt)."""
-        self._refusing: dict[bytes, tuple[float, Admission, str]] = {}
-        """sha256(key) → (until when, the admission that refused it, its tenant): refused here without Redis
-        meanwhile."""
+        self._refusing: dict[bytes, _Refusal] = {}
+        """sha256(key) → until when, and why, this process refuses the key without asking Redis."""
+        self._counters: dict[str, Any] = {}
+        """tenant → its `rate_limited` counter (a labelled metric costs a lookup under a lock each time)."""
+        self._answers: dict[tuple[int, float, int], bytes] = {}
+        """(burst, rps, seconds to wait) → the whole 429 answer the protocol writes."""
 
     def admit(self) -> bool:
         """A request's headers are parsed: count it in, or say it must be shed."""
@@ -153,31 +158,74 @@ class Gate:
         _OVERLOADED.inc()
 
     def refuse(self, key: str, tenant: str, admission: Admission, wait_s: float) -> None:
-        self._refusing[_digest(key)] = (time.monotonic() + wait_s, admission, tenant)
+        now = time.monotonic()
+        if len(self._refusing) >= 1024:  # keys refused once and never seen again must not pile up
+            self._refusing = {d: r for d, r in self._refusing.items() if r.until > now}
+        counter = self._counters.get(tenant)
+        if counter is None:
+            if len(self._counters) >= 1024:
+                self._counters.clear()
+            counter = self._counters[tenant] = metrics.REJECTED.labels("rate_limited", tenant)
+        self._refusing[_digest(key)] = _Refusal(now + wait_s, admission, tenant, counter)
+
+    def spent(self, key: str, tenant: str, admission: Admission) -> None:
+        """`admission` admitted the last request the tenant's burst held: the rate (GCRA) refuses its next one for
+        a while that the admission itself tells, so this process refuses the key that long without asking Redis
+        (a tenant held at its rate would otherwise cost a refused round trip to Redis per request admitted). Never
+        longer than Redis would: other processes' admissions can only make the wait longer."""
+        if admission.remaining or not admission.admitted or admission.rps <= 0 or admission.burst <= 0:
+            return
+        # admitted: wait_ms is ceil(tat - now) with tat already moved on; the next request is refused while
+        # tat + step - now > burst × step. `rps` is rounded down to a thousandth, so `step` is never short.
+        step_ms = 1000 / admission.rps
+        refused_ms = admission.wait_ms - 1 - step_ms * (admission.burst - 1)
+        if refused_ms > 0:
+            self.refuse(key, tenant, admission, refused_ms / 1000)
 
     def refusal(self, key: str) -> tuple[Admission, float, str] | None:
         """(the refusing admission, seconds left, the tenant) while this key's tenant is refused; else None."""
-        digest = _digest(key)
+        found = self._refused(_digest(key))
+        return None if found is None else (found[0].admission, found[1], found[0].tenant)
+
+    def _refused(self, digest: bytes) -> tuple[_Refusal, float] | None:
         hit = self._refusing.get(digest)
         if hit is None:
             return None
-        left = hit[0] - time.monotonic()
+        left = hit.until - time.monotonic()
         if left <= 0:
             del self._refusing[digest]
             return None
-        return hit[1], left, hit[2]
+        return hit, left
 
     def early_answer(self, headers: list[tuple[bytes, bytes]]) -> bytes | None:
         """For the protocol, at parse time: the whole 429 answer if the request's key is being refused."""
         if not self._refusing:
             return None
         key = key_of(headers)
-        refused = self.refusal(key) if key is not None else None
-        if refused is None:
+        found = self._refused(_digest(key)) if key is not None else None
+        if found is None:
             return None
-        admission, left, tenant = refused
-        metrics.REJECTED.labels("rate_limited", tenant).inc()  # answered by the protocol: the observer never sees it
-        return _response(429, RATE_LIMITED, _refusal_headers(admission, left))
+        refusal, left = found
+        refusal.counter.inc()  # answered by the protocol: the observer never sees it
+        # The answer's fields count whole seconds: made once per policy and second, not per refusal.
+        a, seconds = refusal.admission, max(1, math.ceil(left))
+        answer = self._answers.get((a.burst, a.rps, seconds))
+        if answer is None:
+            if len(self._answers) >= 1024:
+                self._answers.clear()
+            answer = _response(429, RATE_LIMITED, _refusal_headers(a, seconds))
+            self._answers[a.burst, a.rps, seconds] = answer
+        return answer
+
+
+class _Refusal:
+    """A key this process refuses without Redis: until when, the admission that refused it, its tenant, and its
+    tenant's refusal counter."""
+
+    __slots__ = ("admission", "counter", "tenant", "until")
+
+    def __init__(self, until: float, admission: Admission, tenant: str, counter: Any) -> None:
+        self.until, self.admission, self.tenant, self.counter = until, admission, tenant, counter
 
 
 def _digest(key: str) -> bytes:
@@ -281,6 +329,8 @@ class Guard:
             self.gate.refuse(key, tenant, admission, wait)
             await _answer(send, 429, RATE_LIMITED, _refusal_headers(admission, wait))
             return None
+        if not admission.remaining:
+            self.gate.spent(key, tenant, admission)
         return ratelimit_headers(admission) if admission.burst else []
 
 

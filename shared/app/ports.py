@@ -527,6 +527,10 @@ class Limits(Protocol):
         """The tenant's counters for the last `days` UTC days, newest first."""
         ...
 
+    async def report(self, tenant: str, days: int) -> tuple[TenantLimits, list[UsageDay]]:
+        """The tenant's limits as they apply now (not cached) and `usage(tenant, days)`, read together."""
+        ...
+
 
 # -- the LLM ----------------------------------------------------------------------------------------------------------
 class ModelRequest(Struct, kw_only=True):

@@ -18,11 +18,8 @@ class Tenancy:
     async def usage(self, tenant: str, days: int) -> UsageReport:
         """The tenant's limits as they apply now and its counters per day, newest first: requests admitted, chats
         requested, prompt and completion tokens (counted from the log's `ContextBuilt` and `ChatCompleted`)."""
-        return UsageReport(
-            tenant=tenant,
-            limits=await self.limits.limits(tenant, max_age_s=0),
-            days=await self.limits.usage(tenant, days),
-        )
+        limits, counters = await self.limits.report(tenant, days)
+        return UsageReport(tenant=tenant, limits=limits, days=counters)
 
     async def set_limits(self, tenant: str, values: dict[str, Any], reset: Sequence[str] = ()) -> None:
         await self.limits.set_limits(tenant, values, reset)

@@ -29,6 +29,9 @@ class Spec(msgspec.Struct, kw_only=True):
     mode: str = "closed"
     connections: int = 32
     rate: float = 0.0
+    announce: bool = False
+    """Write a line to stderr once the connections are open and requests start (for a run that must begin beside
+    this one's load, not beside its start-up)."""
 
 
 class _Conn:
@@ -106,6 +109,8 @@ async def run(spec: Spec) -> dict:
         idle: asyncio.Queue[_Conn] = asyncio.Queue()
         for _ in range(spec.connections):
             idle.put_nowait(await _connect(spec))
+        if spec.announce:
+            print("sending", file=sys.stderr, flush=True)
         pending: set[asyncio.Task] = set()
 
         async def one(due: float, raw: bytes) -> None:

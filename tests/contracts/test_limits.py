@@ -48,12 +48,14 @@ async def test_a_rate_of_0_is_unlimited_and_a_tenants_own_limits_win(backend: Ba
 
 
 async def test_limits_merge_overrides_with_the_defaults_and_reset_them(backend: Backend) -> None:
-    limits = backend.limits(DEFAULTS)
+    limits, other = backend.limits(DEFAULTS), backend.limits(DEFAULTS)
     assert await limits.limits("acme", max_age_s=0) == DEFAULTS
     assert await limits.overrides("acme") == {}
+    assert (await other.report("acme", 1))[0] == await other.limits("acme") == DEFAULTS
     await limits.set_limits("acme", {"concurrent_chats": 7, "chat_tokens_per_day": 1000})
     own = await limits.limits("acme", max_age_s=0)
     assert (own.concurrent_chats, own.chat_tokens_per_day, own.rps, own.burst) == (7, 1000, 1.0, 3)
+    assert (await other.report("acme", 1))[0] == own  # as they apply now: never another process's stale copy
     await limits.set_limits("acme", {}, reset=["concurrent_chats"])
     assert await limits.overrides("acme") == {"chat_tokens_per_day": "1000"}
     assert (await limits.limits("acme", max_age_s=0)).concurrent_chats == 2
@@ -123,3 +125,4 @@ async def test_usage_counts_requests_chats_and_tokens_per_day(backend: Backend) 
     assert today.day == datetime.now(UTC).date().isoformat()
     assert (yesterday.requests, yesterday.chats, yesterday.prompt_tokens) == (0, 0, 0)
     assert (await limits.usage("globex", 1))[0].chats == 0
+    assert await limits.report("acme", 2) == (await limits.limits("acme", max_age_s=0), [today, yesterday])

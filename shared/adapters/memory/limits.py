@@ -118,6 +118,9 @@ class MemoryLimits:
             own.pop(name, None)
         self._limits.pop(tenant, None)
 
+    async def report(self, tenant: str, days: int) -> tuple[TenantLimits, list[UsageDay]]:
+        return await self.limits(tenant, max_age_s=0), await self.usage(tenant, days)
+
     async def usage(self, tenant: str, days: int) -> list[UsageDay]:
         m = self.memory
         start = datetime.fromtimestamp(m.clock(), UTC).date()

@@ -108,7 +108,10 @@ class RedisLimits:
         hit = self._limits.get(tenant)
         if hit is not None and now - hit[0] < max_age_s:
             return hit[1]
-        raw = await self.redis.hgetall(f"{self._tag(tenant)}:limits")
+        return self._merged(tenant, await self.redis.hgetall(f"{self._tag(tenant)}:limits"), now)
+
+    def _merged(self, tenant: str, raw: dict[bytes, bytes], now: float) -> TenantLimits:
+        """The tenant's own limits (`raw`, its hash) over the defaults; cached as of `now`."""
         own = {k.decode(): v.decode() for k, v in raw.items()}
         merged = msgspec.convert({**msgspec.structs.asdict(self.defaults), **own}, TenantLimits, strict=False)
         self._limits[tenant] = (now, merged)
@@ -130,15 +133,29 @@ class RedisLimits:
     # -- usage -------------------------------------------------------------------------------------
     async def usage(self, tenant: str, days: int) -> list[UsageDay]:
         """The tenant's counters for the last `days` UTC days, newest first."""
+        pipe = self.redis.pipeline(transaction=False)
+        names = self._queue_usage(pipe, tenant, days)
+        return self._usage_days(names, await pipe.execute())
+
+    async def report(self, tenant: str, days: int) -> tuple[TenantLimits, list[UsageDay]]:
+        """The tenant's limits as they apply now and its counters for the last `days` days, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(f"{self._tag(tenant)}:limits")
+        names = self._queue_usage(pipe, tenant, days)
+        raw, *replies = await pipe.execute()
+        return self._merged(tenant, raw, time.monotonic()), self._usage_days(names, replies)
+
+    def _queue_usage(self, pipe: Any, tenant: str, days: int) -> list[str]:
         start = datetime.now(UTC).date()
         names = [(start - timedelta(days=i)).isoformat() for i in range(days)]
         tag = self._tag(tenant)
-        pipe = self.redis.pipeline(transaction=False)
         for day in names:
             pipe.get(f"{tag}:requests:{day}")
             for p in range(self.keys.partitions):
                 pipe.hmget(self.keys.usage(p, tenant, day), "chats", "prompt_tokens", "completion_tokens")
-        replies = await pipe.execute()
+        return names
+
+    def _usage_days(self, names: list[str], replies: list[Any]) -> list[UsageDay]:
         out = []
         step = 1 + self.keys.partitions
         for i, day in enumerate(names):
