@@ -11,6 +11,7 @@ __all__ = [
     "APPEND",
     "APPLY",
     "CHUNKS",
+    "ENQUEUE",
     "FIND",
     "KEY_CREATE",
     "KEY_REVOKE",
@@ -23,6 +24,7 @@ __all__ = [
     "READ_VIEW",
     "REGISTRY",
     "SET_LIMITS",
+    "START_JOB",
     "SWITCH",
     "TAKE_SLOT",
     "TIME_TRAVEL",
@@ -58,6 +60,8 @@ FIND = _s("find")
 PURGE = _s("purge")
 MARK_RUNNING = _s("mark_running")
 CHUNKS = _s("chunks")
+ENQUEUE = _s("enqueue")
+START_JOB = _s("start_job")
 ADMIT = _s("admit")
 TAKE_SLOT = _s("take_slot")
 SET_LIMITS = _s("set_limits")
