@@ -37,6 +37,7 @@ from shared.domain.webhooks import OutboxEntry, Subscription
 from shared.domain.wire import TenantLimits, ToolCall, Usage, UsageDay
 
 __all__ = [
+    "CONFLICT_TAIL",
     "Admission",
     "AppendOutcome",
     "Appended",
@@ -94,7 +95,12 @@ class Replayed(Struct, frozen=True):
 
 
 class Conflict(Struct, frozen=True):
+    """The head was not at the expected version: it is at `version`, and `newer` are the events after the expected
+    version when they are few (up to `CONFLICT_TAIL`; else empty), so the writer can fold them and decide again
+    without another round trip to load them."""
+
     version: int
+    newer: tuple[Event, ...] = ()
 
 
 class IdempotencyMismatch(Struct, frozen=True):
@@ -104,6 +110,9 @@ class IdempotencyMismatch(Struct, frozen=True):
 class Missing(Struct, frozen=True):
     """No such session for this tenant (unknown, or another tenant's)."""
 
+
+CONFLICT_TAIL = 32
+"""At most this many events come back with a `Conflict` (a writer further behind reloads)."""
 
 AppendOutcome = Appended | Replayed | Conflict | IdempotencyMismatch | Missing
 

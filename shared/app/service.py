@@ -239,8 +239,12 @@ class SessionService:
                     raise IdempotencyKeyReused("this Idempotency-Key was used with a different request")
                 case Missing():
                     raise NotFound(f"session {session_id} not found")
-                case Conflict():
-                    state, fresh = await self._reload(tenant, state), True
+                case Conflict(version=head, newer=newer):
+                    if newer and len(newer) == head - state.version and newer[0].version == state.version + 1:
+                        state, fresh = fold(state, newer), True  # what we missed came back with the refusal
+                        self.cache.put(tenant, state)
+                    else:
+                        state, fresh = await self._reload(tenant, state), True
         raise Contention(f"session {session_id} is changing too fast; retry")
 
     def forget(self, tenant: str, session_id: str) -> None:

@@ -9,12 +9,13 @@ import contextlib
 import msgspec
 import pytest
 
+from shared.adapters.memory.store import Memory
 from shared.app.service import Idempotency
-from shared.bootstrap import Parley
+from shared.bootstrap import Parley, in_memory
 from shared.domain.errors import IdempotencyKeyReused, NotFound, VersionConflict, VersionNotFound
 from shared.domain.stream_tokens import verify
 from shared.domain.wire import MessageCreate, MessagePatch, SessionCreate, SessionPatch
-from tests.app.conftest import ids
+from tests.app.conftest import ids, settings
 
 
 def content(items: list[bytes]) -> list[str]:
@@ -132,3 +133,26 @@ async def test_a_stream_token_grants_one_session_to_its_tenant(parley: Parley) -
     assert grant is not None and (grant.tenant, grant.session_id) == ("acme", session.id)
     with pytest.raises(NotFound):
         await s.stream_token("globex", session.id, 60)
+
+
+async def test_a_write_on_a_stale_state_decides_again_on_what_the_conflict_answered() -> None:
+    """Two processes write to one session: the one whose cached state is behind is refused with the events it
+    missed, folds them and appends again, without another round trip to load the session."""
+    memory = Memory(settings().partitions)
+    first, second = await in_memory(settings(), memory), await in_memory(settings(), memory)
+    session, _ = await first.sessions.create("acme", SessionCreate())
+    await first.sessions.add_message("acme", session.id, MessageCreate(role="user", content="a"))
+    for text in ("b", "c"):
+        await second.sessions.add_message("acme", session.id, MessageCreate(role="user", content=text))
+    loads = 0
+    load = first.service.log.load
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal loads
+        loads += 1
+        return await load(*args, **kwargs)  # type: ignore[arg-type]
+
+    first.service.log.load = counted  # type: ignore[method-assign]
+    added = await first.sessions.add_message("acme", session.id, MessageCreate(role="user", content="d"))
+    assert (added.seq, loads) == (4, 0)
+    assert content(await first.sessions.messages("acme", session.id, 10, 0)) == ["a", "b", "c", "d"]

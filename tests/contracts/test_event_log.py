@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from shared.app.ports import Appended, Conflict, IdempotencyClaim, IdempotencyMismatch, Missing, Replayed
+from shared.app.ports import CONFLICT_TAIL, Appended, Conflict, IdempotencyClaim, IdempotencyMismatch, Missing, Replayed
 from shared.domain.commands import AddMessage, CreateSession, DeleteSession, decide
 from shared.domain.ids import uuid7
 from shared.domain.projection import SNAPSHOT_EVERY
@@ -42,10 +42,24 @@ async def test_stale_expected_version_conflicts_and_writes_nothing(backend: Back
     log = backend.log
     state = await add(log, await create(log), "one")
     stale = decide(state, AddMessage(body=MessageCreate(role="user", content="x")), stamp())
-    assert await log.append("acme", state.id, 1, stale) == Conflict(2)
-    assert await log.append("acme", state.id, 0, stale) == Conflict(2)
+    logged = await log.read(state.id)
+    # the events the writer missed come back with the refusal, so it can decide again without loading them
+    assert await log.append("acme", state.id, 1, stale) == Conflict(2, tuple(logged[1:]))
+    assert await log.append("acme", state.id, 0, stale) == Conflict(2, tuple(logged))
     assert await log.append("acme", state.id, 5, stale) == Conflict(2)  # ahead of the head: a conflict too
     assert len(await log.read(state.id)) == 2
+
+
+async def test_a_conflict_far_behind_the_head_answers_no_events(backend: Backend) -> None:
+    """Only a few missed events come back with a conflict (`CONFLICT_TAIL`): a writer further behind reloads."""
+    log = backend.log
+    state = await create(log)
+    for i in range(CONFLICT_TAIL + 1):
+        state = await add(log, state, f"m{i}")
+    stale = decide(state, AddMessage(body=MessageCreate(role="user", content="x")), stamp())
+    assert await log.append("acme", state.id, 1, stale) == Conflict(CONFLICT_TAIL + 2)
+    near = await log.append("acme", state.id, 2, stale)
+    assert isinstance(near, Conflict) and [e.version for e in near.newer] == list(range(3, CONFLICT_TAIL + 3))
 
 
 async def test_an_unknown_session_conflicts_at_version_0_and_stays_unknown(backend: Backend) -> None:
@@ -70,7 +84,8 @@ async def test_an_append_repeated_after_a_lost_reply_is_recognised_not_written_t
     stored = await log.read(state.id)
     assert len(stored) == later.version == 3 and [e.id for e in stored].count(events[0].id) == 1
     other = decide(state, AddMessage(body=MessageCreate(role="user", content="new")), stamp())
-    assert await log.append("acme", state.id, 1, other) == Conflict(3)  # other events at a stale version: a conflict
+    refused = await log.append("acme", state.id, 1, other)  # other events at a stale version: a conflict
+    assert refused == Conflict(3, tuple(stored[1:]))
 
 
 async def test_another_tenant_cannot_append_or_load(backend: Backend) -> None:
@@ -118,7 +133,7 @@ async def test_a_claim_is_stored_only_with_an_append_that_lands(backend: Backend
     state = await add(log, await create(log), "one")
     stale = decide(state, AddMessage(body=MessageCreate(role="user", content="x")), stamp())
     claim = IdempotencyClaim(key="k", request_hash="h", response=b"{}")
-    assert await log.append("acme", state.id, 1, stale, claim) == Conflict(2)
+    assert isinstance(await log.append("acme", state.id, 1, stale, claim), Conflict)
     assert await log.recall("acme", state.id, "k", "h") is None
     assert await log.append("acme", state.id, 2, stale, claim) == Appended(3)
     assert await log.recall("acme", state.id, "k", "h") == b"{}"

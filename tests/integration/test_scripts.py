@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import redis as sync_redis
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from redis.asyncio import Redis
 
 from shared.adapters.codec import event_fields
@@ -21,11 +23,12 @@ from shared.adapters.redis.chats import ChatStore
 from shared.adapters.redis.history import RedisHistory
 from shared.adapters.redis.keys import Keys
 from shared.adapters.redis.limits import RedisLimits
-from shared.adapters.redis.scripts import APPEND, REGISTRY
+from shared.adapters.redis.queue import QUEUE, ChatQueue
+from shared.adapters.redis.scripts import APPEND, REGISTRY, START_JOB
 from shared.adapters.redis.server import RedisServer
 from shared.adapters.redis.store import RedisStore
 from shared.adapters.redis.webhooks import RedisWebhooks
-from shared.app.ports import IdempotencyClaim
+from shared.app.ports import Conflict, IdempotencyClaim
 from shared.app.projection import Projection
 from shared.app.rebuild import Rebuilder
 from shared.domain.commands import AddMessage, CreateSession, RequestChat, Stamp, decide
@@ -66,6 +69,7 @@ async def _workload(redis: Redis) -> None:
         redis, keys, TenantLimits(rps=100, burst=10, concurrent_chats=2, chat_tokens_per_day=0, streams=5)
     )
     live = Projection(store, feed=None)  # type: ignore[arg-type]
+    queue = ChatQueue(redis)
     sids = []
     for i in range(3):
         state = SessionState(id=uuid7())
@@ -80,7 +84,12 @@ async def _workload(redis: Redis) -> None:
         job = uuid7()
         chat = decide(state, RequestChat(job_id=job, request=ChatRequest(), default_model="parley-offline"), stamp())
         await store.append("acme", state.id, state.version, chat)
+        late = decide(state, AddMessage(body=MessageCreate(role="user", content="late")), stamp())
+        assert isinstance(await store.append("acme", state.id, 1, late), Conflict)  # with the events it missed
         state = fold(state, chat)
+        await queue.enqueue("acme", state.id, [job])
+        arq_id = f"{{arq}}chat:{job}"
+        assert await START_JOB(redis, [in_progress_key_prefix + arq_id, QUEUE], [arq_id, timestamp_ms(), 1000])
         await live.catch_up([state.id])
         assert await jobs.mark_running(state.id, job) == 1
         await jobs.emit(state.id, job, "chunk", b'"x"')
@@ -214,7 +223,18 @@ async def test_append_called_twice_with_the_same_events_answers_already_and_stor
     ]
 
     def args(expected: int, evs: list) -> list:
-        return ["acme", expected, state.id, "0", "", "", 60, SCHEMA_VERSION, *(x for e in evs for x in event_fields(e))]
+        return [
+            "acme",
+            expected,
+            state.id,
+            "0",
+            "",
+            "",
+            60,
+            SCHEMA_VERSION,
+            0,
+            *(x for e in evs for x in event_fields(e)),
+        ]
 
     assert await APPEND(redis, keys, args(0, events)) == [b"appended", 1]
     assert await APPEND(redis, keys, args(1, more)) == [b"appended", 3]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from shared.adapters.codec import decode_event, decode_state, event_fields, event_json
 from shared.adapters.memory.store import Head, Memory
 from shared.app.ports import (
+    CONFLICT_TAIL,
     Appended,
     AppendOutcome,
     Conflict,
@@ -81,7 +82,8 @@ class MemoryEventLog:
             # a retry of an append that did land (its reply was lost): our first event sits at expected + 1
             if 0 <= expected_version < len(log) and log[expected_version][b"i"] == events[0].id.encode():
                 return Appended(expected_version + len(events))
-            return Conflict(version)
+            newer = log[expected_version:] if 0 <= version - expected_version <= CONFLICT_TAIL else []
+            return Conflict(version, tuple(decode_event(expected_version + i + 1, f) for i, f in enumerate(newer)))
         fields = [_fields(e) for e in events]  # encode all first: a bad event writes nothing
         m.logs.setdefault(session_id, []).extend(fields)
         version += len(events)

@@ -41,6 +41,7 @@ from shared.adapters.redis.scripts import (
     TRIM,
 )
 from shared.app.ports import (
+    CONFLICT_TAIL,
     Appended,
     AppendOutcome,
     Conflict,
@@ -108,6 +109,7 @@ class RedisStore:
             claim.response if claim else "",
             self.idempotency_ttl_s,
             SCHEMA_VERSION,
+            CONFLICT_TAIL,
         ]
         for e in events:
             args.extend(event_fields(e))
@@ -130,7 +132,8 @@ class RedisStore:
             case b"replayed":
                 return Replayed(reply[1])
             case b"conflict":
-                return Conflict(int(reply[1]))
+                newer = tuple(decode_event(_version(eid), pairs(f)) for eid, f in reply[2]) if len(reply) > 2 else ()
+                return Conflict(int(reply[1]), newer)
             case b"mismatch":
                 return IdempotencyMismatch()
             case b"missing":

@@ -2,11 +2,13 @@
 -- The idempotency record (if claimed) is checked first: a replay answers the stored response, another body
 -- 'mismatch'. Idempotent per event id: the same events sent again (a retry after a lost reply) answer 'already'
 -- at their version, even after later appends, and nothing is stored twice: the log holds our first event at
--- expected + 1.
+-- expected + 1. A conflict answers the head and, when they are at most `tail`, the events after the
+-- expected version, so the writer can fold them and decide again without loading them.
 local head, log, feed, written, idem, registry, idems = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local tenant, expected, session_id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local claimed, request_hash, response, ttl, schema = ARGV[4] == '1', ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local FIRST = 9  -- then 4 per event: type, id, occurred_at, data
+local tail = tonumber(ARGV[9])
+local FIRST = 10  -- then 4 per event: type, id, occurred_at, data
 local count = (#ARGV - FIRST + 1) / 4
 local first_id = ARGV[FIRST + 1]
 
@@ -27,6 +29,9 @@ if v ~= expected then
     for k = 1, #f, 2 do
       if f[k] == 'i' and f[k + 1] == first_id then return {'already', expected + count} end
     end
+  end
+  if v > expected and v - expected <= tail then
+    return {'conflict', v, redis.call('XRANGE', log, (expected + 1) .. '-0', '+', 'COUNT', tail)}
   end
   return {'conflict', v}
 end
