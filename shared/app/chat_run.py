@@ -7,6 +7,7 @@ still active, and the answer's ids are derived from the job id.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -41,7 +42,7 @@ from shared.domain.context import (
     plan_context,
     to_openai,
 )
-from shared.domain.errors import DomainError
+from shared.domain.errors import DomainError, NotFound
 from shared.domain.events import ChatRequested, Event
 from shared.domain.state import SessionState
 from shared.domain.wire import (
@@ -109,17 +110,22 @@ class ChatRunner:
 
     async def run(self, tenant: str, session_id: str, job_id: str) -> str:
         """One attempt at a job; answers what happened (for arq's log)."""
-        state = await self.service.log.load(tenant, session_id)
+        try:  # the cached state and the log's tail: the job's own appends then find the session cached
+            state: SessionState | None = await self.service.current(tenant, session_id)
+        except NotFound:
+            state = None
         active = state.active(job_id) if state is not None else None
         if state is None or active is None:
             await self._ensure_terminal(tenant, session_id, job_id)
             return "ended"
         if state.active_chats[0].job_id != job_id:
             return "waiting"  # the projector enqueues it again when the chats before it end
-        attempt = await self.chats.mark_running(session_id, job_id)
+        attempt, [requested] = await asyncio.gather(  # the request is read meanwhile (dropped if the job ended)
+            self.chats.mark_running(session_id, job_id),
+            self.service.log.read(session_id, after=active.requested_at - 1, limit=1),
+        )
         if not attempt:
             return "ended"
-        [requested] = await self.service.log.read(session_id, after=active.requested_at - 1, limit=1)
         assert isinstance(requested, ChatRequested)
         try:
             plan, tools, written = await self._context(tenant, session_id, state, requested)
@@ -379,7 +385,7 @@ class ChatRunner:
 
     async def _stream(self, session_id: str, job_id: str, request: ModelRequest, attempt: int) -> Completion:
         # A retried attempt resumes the stream: skip what an earlier attempt already sent, if the answer agrees.
-        sent = streamed_text(await self.chats.streamed(session_id, job_id))
+        sent = streamed_text(await self.chats.streamed(session_id, job_id)) if attempt > 1 else ""
         produced = ""
         next_check = time.monotonic() + CANCEL_CHECK_S
         writer = self.chats.writer(session_id, job_id, attempt)
