@@ -20,7 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 from redis.asyncio import Redis
@@ -95,6 +95,9 @@ from shared.domain.webhooks import Delivery
 from shared.domain.wire import Usage
 from shared.observability import metrics, tracing
 from shared.supervise import Supervisor, until_available
+
+if TYPE_CHECKING:  # imported when a model URL is set (it loads aiohttp)
+    from shared.adapters.llm.openai_compat import OpenAICompatible
 
 __all__ = ["Adapters", "ChatWorker", "Parley", "dev_store_url", "embedded_store", "in_memory", "make_provider", "start"]
 
@@ -182,10 +185,14 @@ class Parley:
 
     def chat_runner(self, provider: ModelProvider | None = None) -> ChatRunner:
         """The chat job's run (a worker's), on the deployment's model unless `provider` is given."""
+        if provider is None:  # one of ours: its connections close with the process's other clients
+            made = make_provider(self.settings)
+            self._closers.append(made.aclose)
+            provider = made
         return ChatRunner(
             self.service,
             self.jobs,
-            Metered(provider or make_provider(self.settings)),
+            Metered(provider),
             _counter_for,
             on_usage=_count_tokens,
             limits=self.limits,
@@ -220,7 +227,7 @@ class Parley:
             await close()
 
 
-def make_provider(settings: Settings) -> ModelProvider:
+def make_provider(settings: Settings) -> OpenAICompatible | OfflineModel:
     if settings.model_base_url:
         from shared.adapters.llm.openai_compat import OpenAICompatible
 

@@ -113,10 +113,12 @@ class Recorded:
     (the client went away mid-answer), at `ended_at`. `chunks_sent` counts content/tool-call chunks sent.
     """
 
-    def __init__(self, index: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+    def __init__(self, index: int, body: dict[str, Any], headers: dict[str, str], peer: str = "") -> None:
         self.index = index
         self.body = body
         self.headers = headers
+        self.peer = peer
+        """The client's address and port: requests on one connection share it."""
         self.received_at = time.time()
         self.status: int | None = None
         self.outcome: str | None = None
@@ -134,6 +136,7 @@ class Recorded:
             "index": self.index,
             "body": self.body,
             "headers": self.headers,
+            "peer": self.peer,
             "received_at": self.received_at,
             "status": self.status,
             "outcome": self.outcome,
@@ -211,6 +214,7 @@ class ModelApp:
             len(self.requests),
             body,
             {k: v for k, v in headers.items() if k in ("authorization", "content-type", "user-agent")},
+            "%s:%s" % tuple(scope.get("client") or ("", "")),
         )
         self.requests.append(rec)
         b = self.behaviour

@@ -115,12 +115,13 @@ async def test_calls_reuse_one_connection(model_server: ModelServer) -> None:
     """A finished answer's connection goes back to the pool (its body read to the end, past `[DONE]`): a call to a
     remote provider must not pay a new TCP and TLS handshake."""
     provider = OpenAICompatible(model_server.base_url, "", MODEL_NAME, max_retries=0, timeout_s=10)
+    model_server.reset()
     try:
         for i in range(5):
             await collect(
                 provider, ModelRequest(model=MODEL_NAME, messages=[{"role": "user", "content": f"{i}"}], max_tokens=20)
             )
-        pool = provider.client._transport._pool  # type: ignore[attr-defined]
-        assert len(pool.connections) == 1
+        peers = [r["peer"] for r in model_server.requests()]  # the client's address and port, per request
+        assert len(peers) == 5 and len(set(peers)) == 1, peers
     finally:
         await provider.aclose()

@@ -28,6 +28,9 @@ class OfflineModel:
     def models(self) -> list[str]:
         return [NAME]
 
+    async def aclose(self) -> None:
+        """Nothing to release (the OpenAI-compatible provider closes its connections)."""
+
     async def stream(self, request: ModelRequest) -> AsyncGenerator[Delta | Completion, None]:
         """Usage is left to the caller, which counts the prompt it built with the same tokenizer."""
         tokenizer = Tokenizer.for_model(request.model)

@@ -1,8 +1,10 @@
-"""Any OpenAI-compatible server (OpenAI, vLLM, Ollama, LiteLLM, …): its streamed Chat Completions over httpx.
+"""Any OpenAI-compatible server (OpenAI, vLLM, Ollama, LiteLLM, …): its streamed Chat Completions over aiohttp.
 
 Not the official SDK: in profiles it spent ~3.8 ms of CPU per call building typed objects for every streamed
 chunk, three quarters of a chat job's CPU against a fast model (docs/performance.md, P4cpu). Here a chunk is one
-msgspec decode into the few fields Parley reads (~1.4 ms per call, most of it httpx's).
+msgspec decode into the few fields Parley reads. And not httpx (which the SDK uses): against the same local model
+one streamed call cost 761 µs of CPU and 1.2 ms of wall time on httpx, 147 µs and 0.33 ms on aiohttp, whose HTTP
+parser is C (`python -m tests.bench.profile_chat --model-client`).
 
 What the SDK did and this keeps: timeouts, connection errors, 408, 409, 429 and 5xx are retried `max_retries`
 times with exponential backoff (0.5 s doubling, jittered, at most 8 s, or the server's `Retry-After` up to 60 s),
@@ -17,7 +19,7 @@ import random
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 
 from shared.adapters.llm import Completion, Delta, ModelError, ModelRequest
@@ -70,21 +72,31 @@ class OpenAICompatible:
     def __init__(
         self, base_url: str, api_key: str, default_model: str, max_retries: int = 3, timeout_s: float = 60.0
     ) -> None:
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        self.client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers=headers,
-            timeout=timeout_s,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=100),
-        )
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        # each step has the deadline, not the whole answer: a long answer streams as long as chunks keep coming
+        self.timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
         self.default_model = default_model
         self.max_retries = max_retries
 
     @property
     def models(self) -> list[str]:
         return [self.default_model]
+
+    def _client(self) -> aiohttp.ClientSession:
+        """The session, made on first use: aiohttp binds it to the running event loop."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers=self.headers,
+                timeout=self.timeout,
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                read_bufsize=1 << 20,  # a line (one chunk) may be up to twice this: a long tool call's arguments
+                raise_for_status=False,
+            )
+        return self._session
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[Delta | Completion, None]:
         body: dict[str, Any] = {
@@ -107,11 +119,12 @@ class OpenAICompatible:
                 body[name] = value
         payload = _encode(body)
         started = False
+        client = self._client()
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
             try:
-                async with self.client.stream("POST", "chat/completions", content=payload) as response:
-                    if response.status_code >= 400:
+                async with client.post(self.url, data=payload) as response:
+                    if response.status >= 400:
                         raise await _refusal(response)
                     async for item in _items(response, request.model):
                         started = True
@@ -121,38 +134,40 @@ class OpenAICompatible:
                 if last:
                     raise retry.error from None
                 await asyncio.sleep(retry.after_s if retry.after_s is not None else _backoff(attempt))
-            except httpx.TimeoutException as e:
+            except TimeoutError as e:  # aiohttp's timeouts are TimeoutErrors (ServerTimeoutError, ConnectionTimeout…)
                 if last or started:
                     raise ModelError("model_timeout", "the model provider timed out") from e
                 await asyncio.sleep(_backoff(attempt))
-            except httpx.TransportError as e:  # connection refused or reset, a stream cut short
+            except aiohttp.ClientError as e:  # connection refused or reset, a stream cut short
                 if last or started:
                     raise ModelError("model_unavailable", f"cannot reach the model provider: {e!r}") from e
                 await asyncio.sleep(_backoff(attempt))
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
-async def _items(response: httpx.Response, model: str) -> AsyncGenerator[Delta | Completion, None]:
+async def _items(response: aiohttp.ClientResponse, model: str) -> AsyncGenerator[Delta | Completion, None]:
     """The deltas of one streamed answer, then its `Completion`. Once a delta is out, nothing is retried: a
     failure now fails the chat (the caller cannot take back what it relayed)."""
     content: list[str] = []
     calls: dict[int, dict[str, str]] = {}
     finish, usage, done = "stop", None, False
-    async for line in response.aiter_lines():
+    async for line in response.content:
         # read to the end of the body even after [DONE]: a response left unread closes its connection, and the
         # next call would open (and, to a provider, TLS-handshake) a new one
-        if done or not line.startswith("data:"):
+        if done or not line.startswith(b"data:"):
             continue  # comments, `event:` and `id:` fields, blank lines between events
         data = line[5:].strip()
-        if data == "[DONE]":
+        if data == b"[DONE]":
             done = True
             continue
         try:
             chunk = _decode_chunk(data)
         except msgspec.DecodeError as e:
-            raise ModelError("model_error", f"the model provider sent a chunk that is not JSON: {data[:200]}") from e
+            text = data[:200].decode("utf-8", "replace")
+            raise ModelError("model_error", f"the model provider sent a chunk that is not JSON: {text}") from e
         if chunk.error is not None:
             raise ModelError("model_error", f"the model provider failed: {chunk.error.get('message', chunk.error)}")
         model = chunk.model or model
@@ -190,14 +205,14 @@ async def _items(response: httpx.Response, model: str) -> AsyncGenerator[Delta |
     )
 
 
-async def _refusal(response: httpx.Response) -> Exception:
+async def _refusal(response: aiohttp.ClientResponse) -> Exception:
     """The error an answer >= 400 stands for: a `_Retry` where another try may succeed, else the `ModelError`."""
-    raw = await response.aread()
+    raw = await response.read()
     try:
         message = str(msgspec.json.decode(raw)["error"]["message"])
     except (msgspec.DecodeError, KeyError, TypeError):
-        message = raw[:200].decode("utf-8", "replace") or response.reason_phrase
-    status = response.status_code
+        message = raw[:200].decode("utf-8", "replace") or (response.reason or "")
+    status = response.status
     if status == 429:
         error = ModelError("model_rate_limited", f"the model provider kept answering 429: {message}")
     else:
@@ -205,7 +220,7 @@ async def _refusal(response: httpx.Response) -> Exception:
         error = ModelError(code, f"the model provider answered {status}: {message}")
     if status not in RETRIED_STATUSES:
         return error
-    return _Retry(error, _retry_after(response.headers.get("retry-after")))
+    return _Retry(error, _retry_after(response.headers.get("Retry-After")))
 
 
 def _retry_after(value: str | None) -> float | None:
