@@ -93,6 +93,9 @@ async def test_a_job_that_ran_can_be_queued_again(backend: Backend) -> None:
     async with working(backend, calls.run, calls.fail):
         await backend.queue.enqueue("acme", sid, [job])
         await wait_for(lambda: _true(calls.ran(job) == 1), TIMEOUT_S, "the job to run")
+        # until the worker has finished with it (arq: its queue entry and job key deleted together), an enqueue is
+        # one of a running job, which is not run again
+        await wait_for(lambda: _idle(backend), TIMEOUT_S, "the worker to finish the job")
         await backend.queue.enqueue("acme", sid, [job])
         await wait_for(lambda: _true(calls.ran(job) == 2), TIMEOUT_S, "the job to run again")
 
@@ -131,6 +134,10 @@ async def test_the_job_of_a_worker_that_stopped_runs_on_another(backend: Backend
 
 async def _true(value: object) -> bool:
     return bool(value)
+
+
+async def _idle(backend: Backend) -> bool:
+    return await backend.queue.depth() == 0
 
 
 async def test_depth_counts_the_jobs_waiting(backend: Backend) -> None:

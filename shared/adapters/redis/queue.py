@@ -47,7 +47,9 @@ class ChatQueue:
     arq names its keys `arq:job:<job id>`, `arq:in-progress:<job id>`…; the `{arq}` hash tag in the job id puts
     them in the queue's Redis Cluster slot. A job is written as arq's `enqueue_job` writes it (`serialize_job`, the
     job key with arq's expiry, the queue's score), but by one script (`ENQUEUE`), which also wakes a worker: one
-    round trip where arq's transaction takes three and the wake-up a fourth.
+    round trip where arq's transaction takes three and the wake-up a fourth. As with arq's own enqueue, a job whose
+    run has returned but which the worker has not yet finished with (arq deletes its keys just after) is still
+    running: an enqueue then is a no-op.
     """
 
     def __init__(self, redis: Redis) -> None:
