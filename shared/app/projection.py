@@ -8,8 +8,9 @@ race harmlessly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 
 from shared.app.ports import ChatQueue, Feed, FeedEntry, Limits, ReadModels
 from shared.domain.projection import ReadModelUpdate, project
@@ -59,13 +60,14 @@ class Projection:
                         continue
                     heads.append(p.head)
             results = await self._apply(updates)
-            todo = []
+            todo, applied = [], []
             for (tenant, u), head, ok in zip(updates, heads, results):
                 if ok:
                     self.applied += u.event_count
-                    await self._after(tenant, u)
+                    applied.append((tenant, u))
                 if ok is False or (ok and u.to_version < head):
                     todo.append(u.session_id)
+            await self._after(applied)
 
     async def _apply(self, updates: list[tuple[str, ReadModelUpdate]]) -> list[bool | None]:
         """Apply them together; if that fails for a reason other than the store's, one by one, so one session the
@@ -88,12 +90,16 @@ class Projection:
                 out.append(None)
         return out
 
-    async def _after(self, tenant: str, u: ReadModelUpdate) -> None:
-        """The chat hooks: the session's next chat is queued when one was requested or ended; ended chats give
-        their concurrent-chat slots back."""
-        if self.queue is not None and u.state.active_chats and any(j.status is not None for j in u.jobs):
-            first = u.state.active_chats[0]
-            await self.queue.enqueue(tenant, u.session_id, [first.job_id], first.run_at)
-        ended = [j.job_id for j in u.jobs if j.ended]
-        if ended and self.limits is not None:
-            await self.limits.give(tenant, "chats", *ended)
+    async def _after(self, applied: list[tuple[str, ReadModelUpdate]]) -> None:
+        """The chat hooks of a batch: a session's next chat is queued when one was requested or ended; ended chats
+        give their concurrent-chat slots back (one call per tenant). All at once, not one round trip after another."""
+        calls: list[Awaitable[None]] = []
+        ended: dict[str, list[str]] = {}
+        for tenant, u in applied:
+            if self.queue is not None and u.state.active_chats and any(j.status is not None for j in u.jobs):
+                first = u.state.active_chats[0]
+                calls.append(self.queue.enqueue(tenant, u.session_id, [first.job_id], first.run_at))
+            ended.setdefault(tenant, []).extend(j.job_id for j in u.jobs if j.ended)
+        if self.limits is not None:
+            calls += [self.limits.give(tenant, "chats", *jobs) for tenant, jobs in ended.items() if jobs]
+        await asyncio.gather(*calls)
