@@ -166,8 +166,7 @@ class ChatRunner:
         )
         if appended:
             self.on_usage(usage)
-            await self._give_slot(tenant, job_id)
-            await self.chats.emit(session_id, job_id, "done", _encode(response))
+            await self._ended(tenant, session_id, job_id, "done", _encode(response))
         else:
             await self._ensure_terminal(tenant, session_id, job_id)
         return "succeeded"
@@ -436,12 +435,14 @@ class ChatRunner:
     async def fail(self, tenant: str, session_id: str, job_id: str, code: str, message: str) -> None:
         """End the job as failed (if it is still active) and tell whoever waits on its stream."""
         if await self._record(tenant, session_id, FailChat(job_id=job_id, code=code, message=message)):
-            await self._give_slot(tenant, job_id)
-            await self.chats.emit(session_id, job_id, "error", _encode({"code": code, "message": message}))
+            await self._ended(tenant, session_id, job_id, "error", _encode({"code": code, "message": message}))
 
-    async def _give_slot(self, tenant: str, job_id: str) -> None:
-        if self.limits is not None:
-            await self.limits.give(tenant, "chats", job_id)
+    async def _ended(self, tenant: str, session_id: str, job_id: str, kind: str, data: bytes) -> None:
+        """Give the chat's slot back and tell whoever waits, side by side (one round trip of latency, not two). The
+        slot's one command is sent first; a client hears the answer only after it went through the relay and the
+        API, so one that chats again at once finds its slot free."""
+        give = self.limits.give(tenant, "chats", job_id) if self.limits is not None else asyncio.sleep(0)
+        await asyncio.gather(give, self.chats.emit(session_id, job_id, kind, data))
 
     async def _ensure_terminal(self, tenant: str, session_id: str, job_id: str) -> None:
         """A run that finds its job ended makes sure the chunk stream says how (an earlier run may have died first)."""
