@@ -82,10 +82,15 @@ def one_chat(bench: Bench, sid: str, pids: dict[str, int]) -> None:
     time.sleep(0.3)
     stop.set()
     owners = ports_of(pids)
-    idle = re.compile(r"^(BLPOP|XREADGROUP|ZRANGEBYSCORE parley:\{(arq|p\d+)\}:(queue|schedules)|SMEMBERS|ZREVRANGE)")
+    # the idle polls and the projector's maintenance (heartbeat, claims) run whether or not anyone chats
+    idle = re.compile(
+        r"^(BLPOP|XREADGROUP|XAUTOCLAIM|ZRANGEBYSCORE parley:\{(arq|p\d+)\}:(queue|schedules)|SMEMBERS|ZREVRANGE"
+        r"|ZADD parley:\{sys\}:projectors)"
+    )
     rounds: collections.Counter[str] = collections.Counter()
+    in_transaction: set[str] = set()
     t0 = None
-    print("one synchronous chat (MONITOR; the idle polls of other parts left out):")
+    print("one synchronous chat (MONITOR; the idle polls and maintenance of other parts left out):")
     for c in seen:
         if c["client_type"] == "lua" or idle.match(c["command"]) or "BLOCK 1000" in c["command"]:
             continue
@@ -94,10 +99,14 @@ def one_chat(bench: Bench, sid: str, pids: dict[str, int]) -> None:
         command = c["command"]
         for sha, name in shas.items():
             command = command.replace(sha, name)
-        if command.split()[0] not in ("MULTI", "EXEC"):  # a transaction is one round trip: its commands count
+        verb = command.split()[0]
+        if verb == "MULTI":
+            in_transaction.add(who)
+        elif verb == "EXEC" or who not in in_transaction:  # a transaction is one round trip
+            in_transaction.discard(who)
             rounds[who] += 1
         print(f"  {(c['time'] - t0) * 1000:7.2f} ms  {who:9s} {command[:110]}")
-    print("  commands sent (a pipeline's count one each):", dict(rounds))
+    print("  commands sent, by process (a transaction counts once, a pipeline's commands each):", dict(rounds))
 
 
 def under_load(bench: Bench, extra: dict[str, Proc], sids: list[str], chats: int) -> None:
