@@ -120,12 +120,13 @@ class ChatRunner:
             return "ended"
         if state.active_chats[0].job_id != job_id:
             return "waiting"  # the projector enqueues it again when the chats before it end
-        attempt, [requested] = await asyncio.gather(  # the request is read meanwhile (dropped if the job ended)
+        attempt, read = await asyncio.gather(  # the request is read meanwhile (dropped if the job ended)
             self.chats.mark_running(session_id, job_id),
             self.service.log.read(session_id, after=active.requested_at - 1, limit=1),
         )
-        if not attempt:
+        if not attempt or not read:  # ended, or its session purged meanwhile
             return "ended"
+        [requested] = read
         assert isinstance(requested, ChatRequested)
         try:
             plan, tools, written = await self._context(tenant, session_id, state, requested)

@@ -9,8 +9,9 @@ race harmlessly.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from shared.app.ports import ChatQueue, Feed, FeedEntry, Limits, ReadModels
 from shared.domain.projection import ReadModelUpdate, project
@@ -19,6 +20,9 @@ from shared.supervise import is_transient
 __all__ = ["Projection"]
 
 log = logging.getLogger("parley.projector")
+
+HOOKS_AT_ONCE = 32
+"""Chat hooks (enqueues, slots given back) a projector runs side by side."""
 
 
 class Projection:
@@ -92,14 +96,17 @@ class Projection:
 
     async def _after(self, applied: list[tuple[str, ReadModelUpdate]]) -> None:
         """The chat hooks of a batch: a session's next chat is queued when one was requested or ended; ended chats
-        give their concurrent-chat slots back (one call per tenant). All at once, not one round trip after another."""
-        calls: list[Awaitable[None]] = []
+        give their concurrent-chat slots back (one call per tenant). `HOOKS_AT_ONCE` at a time, not one round trip
+        after another, nor a batch's worth of connections at once (the chat jobs share the pool)."""
+        calls: list[Callable[[], Awaitable[None]]] = []
         ended: dict[str, list[str]] = {}
         for tenant, u in applied:
             if self.queue is not None and u.state.active_chats and any(j.status is not None for j in u.jobs):
                 first = u.state.active_chats[0]
-                calls.append(self.queue.enqueue(tenant, u.session_id, [first.job_id], first.run_at))
+                calls.append(functools.partial(self.queue.enqueue, tenant, u.session_id, [first.job_id], first.run_at))
             ended.setdefault(tenant, []).extend(j.job_id for j in u.jobs if j.ended)
         if self.limits is not None:
-            calls += [self.limits.give(tenant, "chats", *jobs) for tenant, jobs in ended.items() if jobs]
-        await asyncio.gather(*calls)
+            give = self.limits.give
+            calls += [functools.partial(give, tenant, "chats", *jobs) for tenant, jobs in ended.items() if jobs]
+        for i in range(0, len(calls), HOOKS_AT_ONCE):
+            await asyncio.gather(*(call() for call in calls[i : i + HOOKS_AT_ONCE]))

@@ -111,6 +111,31 @@ async def test_a_refused_request_is_retried_but_a_stream_cut_short_never_is(mode
         server.close()
 
 
+async def test_an_event_too_long_to_read_fails_the_call_once_with_a_model_error() -> None:
+    """One line of the stream past what the client reads (2 MiB) is the server's fault: a `model_error`, no retry."""
+    requests = 0
+
+    async def one_huge_line(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        writer.write(b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * (3 << 20) + b'"}}]}\n\n')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(one_huge_line, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    provider = OpenAICompatible(f"http://127.0.0.1:{port}/v1", "", "m", max_retries=2, timeout_s=5)
+    try:
+        with pytest.raises(ModelError) as failed:
+            await collect(provider, ModelRequest(model="m", messages=[], max_tokens=5))
+        assert failed.value.code == "model_error" and requests == 1
+    finally:
+        await provider.aclose()
+        server.close()
+
+
 async def test_calls_reuse_one_connection(model_server: ModelServer) -> None:
     """A finished answer's connection goes back to the pool (its body read to the end, past `[DONE]`): a call to a
     remote provider must not pay a new TCP and TLS handshake."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+from aiohttp.http_exceptions import HttpProcessingError
 
 from shared.adapters.llm import Completion, Delta, ModelError, ModelRequest
 from shared.domain.wire import FunctionCall, ToolCall, Usage
@@ -92,9 +93,12 @@ class OpenAICompatible:
             self._session = aiohttp.ClientSession(
                 headers=self.headers,
                 timeout=self.timeout,
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                # an idle connection is dropped before the server would drop it (uvicorn-based servers, vLLM's
+                # among them, after 5 s), so a call never races the server's close
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
                 read_bufsize=1 << 20,  # a line (one chunk) may be up to twice this: a long tool call's arguments
                 raise_for_status=False,
+                trust_env=True,  # HTTP(S)_PROXY / NO_PROXY, as httpx and the SDK honour them
             )
         return self._session
 
@@ -142,10 +146,13 @@ class OpenAICompatible:
                 if last or started:
                     raise ModelError("model_unavailable", f"cannot reach the model provider: {e!r}") from e
                 await asyncio.sleep(_backoff(attempt))
+            except HttpProcessingError as e:  # a line of the stream longer than 2 MiB: the server's, not retried
+                raise ModelError("model_error", f"the model provider sent an event Parley cannot read: {e!r}") from e
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
 async def _items(response: aiohttp.ClientResponse, model: str) -> AsyncGenerator[Delta | Completion, None]:

@@ -122,9 +122,13 @@ class ArqChatWorker(Worker):
             self.job_counter += 1
             job_id = job_id_b.decode()
             lease_ms = int(self.in_progress_timeout_s * 1000)
-            score = await START_JOB(
-                self.pool, [in_progress_key_prefix + job_id, self.queue_name], [job_id, timestamp_ms(), lease_ms]
-            )
+            try:
+                score = await START_JOB(
+                    self.pool, [in_progress_key_prefix + job_id, self.queue_name], [job_id, timestamp_ms(), lease_ms]
+                )
+            except BaseException:  # the store failed (the supervisor runs `poll` again): the slot is not kept
+                self._release_sem_dec_counter_on_complete()
+                raise
             if score is None:  # not due yet, or another worker took it
                 self._release_sem_dec_counter_on_complete()
                 continue
