@@ -75,6 +75,12 @@ class Proc:
             self.proc.kill()
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds a process has used so far (user + system, from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def _code(r: httpx.Response) -> str:
     """The stable error code of a refused answer ("" if it has none)."""
     try:
@@ -308,11 +314,9 @@ class Bench:
         "model" (the model server) and "client" (this process, where a row's client runs)."""
         info = self.redis.info("cpu")
         out = {"redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"])}
-        tick = os.sysconf("SC_CLK_TCK")
         procs = {"api": self.api, "worker": self.worker, "model": self.model}
         for name in ("api", "worker", *(m for m in more if m in procs)):
-            fields = Path(f"/proc/{procs[name].proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            out[name] = cpu_s(procs[name].proc.pid)
         if "client" in more:
             t = os.times()
             out["client"] = t.user + t.system

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import hashlib
 import os
 import re
 import statistics
@@ -30,11 +29,10 @@ from redis import Redis
 
 from shared.adapters.llm import ModelRequest
 from shared.adapters.llm.openai_compat import OpenAICompatible
+from shared.adapters.redis.scripts import REGISTRY
 from shared.adapters.redis.server import free_port
 from tests.bench import chat_bench
-from tests.bench.harness import KEY, ROOT, Bench, Proc, _wait_port
-
-LUA = ROOT / "shared" / "adapters" / "redis" / "lua"
+from tests.bench.harness import KEY, ROOT, Bench, Proc, _wait_port, cpu_s
 
 
 def ports_of(pids: dict[str, int]) -> dict[int, str]:
@@ -59,7 +57,7 @@ def ports_of(pids: dict[str, int]) -> dict[int, str]:
 
 def one_chat(bench: Bench, sid: str, pids: dict[str, int]) -> None:
     """MONITOR one synchronous chat on a warm session; print its commands by process, scripts by name."""
-    shas = {hashlib.sha1(f.read_bytes()).hexdigest(): f.stem for f in LUA.glob("*.lua")}
+    shas = {script.sha: script.name for script in REGISTRY.scripts.values()}
     client = httpx.Client(base_url=bench.api.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
     for _ in range(5):
@@ -112,11 +110,11 @@ def one_chat(bench: Bench, sid: str, pids: dict[str, int]) -> None:
 def under_load(bench: Bench, extra: dict[str, Proc], sids: list[str], chats: int) -> None:
     bench.redis.config_resetstat()
     before = bench._cpu_s("model", "client")
-    started = {name: _cpu(p) for name, p in extra.items()}
+    started = {name: cpu_s(p.proc.pid) for name, p in extra.items()}
     rate = asyncio.run(chat_bench.parley_jobs_per_second(bench.api.url, KEY, sids, chats))
     after = bench._cpu_s("model", "client")
     cpu = {k: (after[k] - before[k]) / chats * 1e6 for k in after}
-    cpu |= {name: (_cpu(p) - started[name]) / chats * 1e6 for name, p in extra.items()}
+    cpu |= {name: (cpu_s(p.proc.pid) - started[name]) / chats * 1e6 for name, p in extra.items()}
     print(f"\nunder load: {rate['jobs_per_s']:.0f} chats/s, {rate['errors']} errors")
     print("  CPU µs per chat:", {k: round(v) for k, v in cpu.items()}, "total", round(sum(cpu.values())))
     stats = bench.redis.info("commandstats")
@@ -124,11 +122,6 @@ def under_load(bench: Bench, extra: dict[str, Proc], sids: list[str], chats: int
     print("  redis-server, per chat:")
     for name, v in rows:
         print(f"    {name[8:]:18s} calls {v['calls'] / chats:6.2f}  µs {v['usec'] / chats:7.1f}")
-
-
-def _cpu(p: Proc) -> float:
-    fields = Path(f"/proc/{p.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _httpx_calls(url: str, body: bytes, n: int) -> None:
