@@ -2,9 +2,10 @@
 
 Not the official SDK: in profiles it spent ~3.8 ms of CPU per call building typed objects for every streamed
 chunk, three quarters of a chat job's CPU against a fast model (docs/performance.md, P4cpu). Here a chunk is one
-msgspec decode into the few fields Parley reads. And not httpx (which the SDK uses): against the same local model
-one streamed call cost 761 µs of CPU and 1.2 ms of wall time on httpx, 147 µs and 0.33 ms on aiohttp, whose HTTP
-parser is C (`python -m tests.bench.profile_chat --model-client`).
+msgspec decode into the few fields Parley reads. And not httpx (which the SDK uses): against the zero-latency model
+of the benchmark, httpx merely reading one streamed answer's lines cost 669 µs of CPU and 0.68 ms of wall time,
+this client on aiohttp (whose HTTP parser is C), decoding them too, 200 µs and 0.26 ms (medians of 5 × 300 calls,
+`python -m tests.bench.profile_chat --model-client`).
 
 What the SDK did and this keeps: timeouts, connection errors, 408, 409, 429 and 5xx are retried `max_retries`
 times with exponential backoff (0.5 s doubling, jittered, at most 8 s, or the server's `Retry-After` up to 60 s),
