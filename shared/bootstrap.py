@@ -63,6 +63,7 @@ from shared.adapters.redis.store import RedisStore
 from shared.adapters.redis.webhooks import RedisWebhooks
 from shared.adapters.tokenizer import Tokenizer
 from shared.adapters.webhook_sender import HttpWebhookSender
+from shared.app.admission import Admissions
 from shared.app.chat_run import ChatRunner
 from shared.app.chats import Chats
 from shared.app.completions import Completions
@@ -155,6 +156,7 @@ class Parley:
     webhooks: Webhooks
     webhook_sender: WebhookSender
     # use cases
+    admissions: Admissions
     service: SessionService
     sessions: Sessions
     chats: Chats
@@ -448,6 +450,7 @@ def _compose(
         limits=a.limits,
         webhooks=a.webhooks,
         webhook_sender=a.webhook_sender,
+        admissions=Admissions(a.limits, max_lease=settings.rate_lease_max, lease_s=settings.rate_lease_s),
         service=service,
         sessions=sessions,
         chats=chats,

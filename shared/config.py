@@ -85,6 +85,11 @@ class Settings(Struct, kw_only=True, frozen=True):
     set-limits` overrides it per tenant."""
     tenant_burst: int = 2_000
     """Default requests a tenant may send at once after a quiet spell."""
+    rate_lease_max: int = 64
+    """The most of a tenant's requests an API process takes from its rate at once and admits without asking Redis
+    again (`shared.app.admission`); 1: ask Redis about every request."""
+    rate_lease_s: float = 0.05
+    """A lease holds at most this many seconds of the tenant's rate (and an eighth of its burst)."""
     tenant_concurrent_chats: int = 100
     """Default chats (queued or running) per tenant at once (0: unlimited)."""
     tenant_chat_tokens_per_day: int = 0

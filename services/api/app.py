@@ -148,6 +148,7 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker_too: b
         )
         supervisor.run("health", check.run)
         supervisor.run("stream-slots", app.state.api.streams.renew)
+        supervisor.run("rate-leases", parley.admissions.run)
         stop = asyncio.Event()
         worker = asyncio.create_task(run_worker(parley, stop)) if run_worker_too else None
         try:
@@ -156,6 +157,9 @@ def create_app(settings: Settings, redis: Redis | None = None, run_worker_too: b
             stop.set()
             if worker is not None:
                 await worker
+            with contextlib.suppress(Exception):  # the store may be gone: those requests then stay counted
+                async with asyncio.timeout(1):
+                    await parley.admissions.settle(everything=True)
             await parley.close()
 
     app = Litestar(

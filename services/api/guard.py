@@ -9,7 +9,8 @@ few microseconds and the requests that are served keep their latency:
   behind the others, so the requests that are served keep their latency. A stream or a waiting chat stops
   counting once it waits (`services.api.sse.detach`). `/health`, `/ready` and `/metrics` are never shed.
 - **A tenant's rate** is checked in Redis (`shared.adapters.redis.limits`, GCRA, the same for every process) once the key
-  names the tenant. A refused request answers 429 `rate_limited` with `Retry-After`; for that long this process
+  names the tenant; a busy tenant's requests are admitted from a lease of its rate this process took
+  (`shared.app.admission`), one round trip per lease. A refused request answers 429 `rate_limited` with `Retry-After`; for that long this process
   refuses the tenant without asking Redis again, so a noisy tenant costs the others little. So does the
   admission that spends the last request of a tenant's burst, for as long as the rate will refuse the next one
   (`Gate.spent`): a tenant held at its rate asks Redis about the requests it is admitted, not also about one
@@ -316,7 +317,7 @@ class Guard:
                 if tenant is None:
                     return []
             state["parley.tenant"] = tenant
-            admission = await api.parley.limits.admit(tenant)
+            admission = await api.parley.admissions.admit(tenant)
         except TRANSIENT as e:
             if pool_exhausted(e):
                 self.gate.shed_one()

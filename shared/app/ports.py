@@ -503,6 +503,10 @@ class Admission(Struct, frozen=True, array_like=True):
     wait_ms: int
     """Admitted: until the burst is whole again; refused: until a request is admitted again."""
     rps: float = 0
+    granted: int = 1
+    """Requests admitted by this call (a lease asks for several); 0 when refused."""
+    day: str = ""
+    """The UTC day the granted requests were counted on (a lease's unused ones are taken back from it)."""
 
 
 class Slot(Struct, frozen=True):
@@ -512,8 +516,10 @@ class Slot(Struct, frozen=True):
 
 
 class Limits(Protocol):
-    async def admit(self, tenant: str) -> Admission:
-        """One request of the tenant's, against its rate (and counted for the day)."""
+    async def admit(self, tenant: str, want: int = 1, unused: int = 0, unused_day: str = "") -> Admission:
+        """Up to `want` requests of the tenant's at once, against its rate (as many as fit, at least one or none;
+        counted for the day); first taking back `unused` requests an earlier grant counted on `unused_day`
+        (`want` 0: only that)."""
         ...
 
     async def take(self, tenant: str, kind: str, member: str, ttl_s: float) -> Slot:

@@ -36,6 +36,35 @@ async def test_a_burst_is_admitted_then_the_rate_holds(backend: Backend) -> None
     assert (await limits.admit("globex")).admitted  # each tenant has its own
 
 
+async def test_a_grant_of_several_takes_what_fits_and_unused_ones_go_back(backend: Backend) -> None:
+    limits = backend.limits(TenantLimits(rps=0.01, burst=3))  # no refill within the test
+
+    async def requests() -> int:
+        return (await limits.usage("acme", 1))[0].requests
+
+    two = await limits.admit("acme", want=2)
+    assert (two.admitted, two.granted, two.remaining) == (True, 2, 1) and two.day
+    one = await limits.admit("acme", want=5)  # as many as fit
+    assert (one.granted, one.remaining) == (1, 0)
+    refused = await limits.admit("acme", want=5)
+    assert (refused.admitted, refused.granted) == (False, 0) and refused.wait_ms > 0
+    assert await requests() == 3
+    back = await limits.admit("acme", 0, unused=2, unused_day=two.day)  # a lease's two unspent: nothing granted
+    assert back.granted == 0 and await requests() == 1
+    again = await limits.admit("acme", want=5)
+    assert (again.granted, again.remaining) == (2, 0) and await requests() == 3
+    await limits.admit("acme", 0, unused=7, unused_day="2000-01-01")  # a day long gone: nothing to take back
+    assert await requests() == 3
+
+
+async def test_an_unlimited_tenants_grants_are_whole_and_counted(backend: Backend) -> None:
+    limits = backend.limits(TenantLimits(rps=0, burst=0))
+    grant = await limits.admit("acme", want=10)
+    assert (grant.admitted, grant.granted, grant.burst) == (True, 10, 0)
+    await limits.admit("acme", 0, unused=4, unused_day=grant.day)
+    assert (await limits.usage("acme", 1))[0].requests == 6
+
+
 async def test_a_rate_of_0_is_unlimited_and_a_tenants_own_limits_win(backend: Backend) -> None:
     limits = backend.limits(TenantLimits(rps=0, burst=0))
     assert all([(await limits.admit("acme")).admitted for _ in range(20)])

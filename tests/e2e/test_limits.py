@@ -23,12 +23,15 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from shared.adapters.redis.scripts import ADMIT
 from shared.adapters.redis.server import RedisServer
 from tests.chat.conftest import model_env
 from tests.model_server import ModelServer
 from tests.support import ROOT, ParleyProcess, wait_ready
 
-TENANTS = {name: f"{name}-key" for name in ("quiet", "noisy", "chatty", "thrifty", "streamer", "counted", "crowd")}
+TENANTS = {
+    name: f"{name}-key" for name in ("quiet", "noisy", "chatty", "thrifty", "streamer", "counted", "crowd", "leased")
+}
 KEYS = ",".join(f"{t}:{k}" for t, k in TENANTS.items())
 POLICY = re.compile(r'^"tenant";q=(\d+);w=(\d+)$')
 STATE = re.compile(r'^"tenant";r=(\d+);t=(\d+)$')
@@ -128,6 +131,28 @@ async def test_a_tenants_rate_is_one_budget_across_processes_and_refusals_say_wh
             assert int(r.headers["retry-after"]) >= 1 and state.group(1) == "0"
     refused = [r for r in answers if r.status_code == 429]
     assert {str(r.url).split("/sessions")[0] for r in refused} == {p.url for p in stack.apis}  # both processes refuse
+
+
+async def test_a_busy_tenant_is_admitted_from_leases_one_redis_call_per_lease(stack: Stack, tmp_path):
+    stack.set_limits("leased", "--rps", "400", "--burst", "200")  # leases of 20 (50 ms of its rate)
+    log = tmp_path / "monitor.log"
+    monitor = subprocess.Popen(
+        ["redis-cli", "-p", str(stack.redis.port), "monitor"], stdout=open(log, "wb"), stderr=subprocess.DEVNULL
+    )
+    try:
+        await asyncio.sleep(0.3)  # MONITOR attached
+        async with httpx.AsyncClient(timeout=10) as c:
+            answers = [await c.get(f"{stack.apis[i % 2].url}/sessions", headers=auth("leased")) for i in range(120)]
+        await asyncio.sleep(0.3)
+    finally:
+        monitor.terminate()
+        monitor.wait()
+    assert Counter(r.status_code for r in answers) == {200: 120}
+    admits = [line for line in log.read_text(errors="replace").splitlines() if ADMIT.sha in line and "leased" in line]
+    # per request it would be 120; per lease: each process learns the limits once, then takes 20 at a time
+    assert 2 <= len(admits) <= 16, len(admits)
+    remaining = [int(STATE.match(r.headers["ratelimit"]).group(1)) for r in answers]  # type: ignore[union-attr]
+    assert all(0 < r < 200 for r in remaining)
 
 
 async def test_a_noisy_tenant_far_over_its_rate_never_gets_a_quiet_one_refused(stack: Stack):

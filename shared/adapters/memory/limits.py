@@ -1,6 +1,6 @@
 """Per-tenant limits in memory (the `Limits` port), the same arithmetic as the Redis scripts.
 
-`admit` is GCRA (each request moves the tenant's theoretical arrival time on by 1/rate; admitted while that stays
+`admit` is GCRA (each request granted moves the tenant's theoretical arrival time on by 1/rate; admitted while that stays
 within `burst` requests of now) and counts admitted requests per day; `take` holds one of the tenant's slots per
 member until `ttl_s` passes unless renewed, refusing past the limit (0: unlimited); a tenant's own limits override
 the deployment's defaults field by field. Chat tokens per day come from the usage counters the read models keep.
@@ -35,32 +35,51 @@ class MemoryLimits:
     def _today(self) -> str:
         return datetime.fromtimestamp(self.memory.clock(), UTC).date().isoformat()
 
-    def _count_request(self, tenant: str) -> None:
-        m, key = self.memory, (tenant, self._today())
-        m.requests.set(key, (m.requests.get(key) or 0) + 1)
+    def _count_requests(self, tenant: str, day: str, n: int) -> None:
+        m, key = self.memory, (tenant, day)
+        counted = m.requests.get(key)
+        if n < 0 and counted is None:  # taking back from a day whose counter is gone: nothing to take
+            return
+        m.requests.set(key, max(0, (counted or 0) + n))
         m.requests.expire(key, USAGE_TTL_S)
 
-    async def admit(self, tenant: str) -> Admission:
-        m = self.memory
+    async def admit(self, tenant: str, want: int = 1, unused: int = 0, unused_day: str = "") -> Admission:
+        m, day = self.memory, self._today()
         now = math.floor(m.clock() * 1000)
         own = m.tenant_limits.get(tenant, {})
         rps = float(own["rps"]) if "rps" in own else self.defaults.rps
         burst = int(float(own["burst"])) if "burst" in own else self.defaults.burst
+        if unused > 0:
+            self._count_requests(tenant, unused_day or day, -unused)
         if rps <= 0 or burst <= 0:
-            self._count_request(tenant)
-            return Admission(True, 0, 0, 0, 0)
+            if want > 0:
+                self._count_requests(tenant, day, want)
+            return Admission(want > 0, 0, 0, 0, 0, want, day)
         milli = math.floor(rps * 1000)
         step = 1000 / rps
         span = step * burst
-        tat = max(m.rates.get(tenant) or now, now)
-        next_tat = tat + step
-        if next_tat - now > span:
-            return Admission(False, burst, 0, math.ceil(next_tat - now - span), milli / 1000)
+        tat = m.rates.get(tenant) or now
+        if unused > 0:
+            tat -= unused * step
+        tat = max(tat, now)
+        granted = min(want, math.floor((span - (tat - now)) / step + 1e-9))
+        if granted < 1:
+            if unused > 0:
+                m.rates.set(tenant, tat)
+                m.rates.expire(tenant, (math.ceil(tat - now) + 1) / 1000)
+            return Admission(False, burst, 0, math.ceil(tat + step - now - span), milli / 1000, 0, day)
+        next_tat = tat + granted * step
         m.rates.set(tenant, next_tat)
         m.rates.expire(tenant, (math.ceil(next_tat - now) + 1) / 1000)
-        self._count_request(tenant)
+        self._count_requests(tenant, day, granted)
         return Admission(
-            True, burst, math.floor((span - (next_tat - now)) / step), math.ceil(next_tat - now), milli / 1000
+            True,
+            burst,
+            math.floor((span - (next_tat - now)) / step),
+            math.ceil(next_tat - now),
+            milli / 1000,
+            granted,
+            day,
         )
 
     def _held(self, tenant: str, kind: str) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """Per-tenant limits, kept in Redis so that every API process enforces the same ones.
 
 Each tenant's limiter keys share the tenant's hash tag (`{t:<tenant>}`): the rate (GCRA, one script call per
-request), the concurrent chats and open streams (sorted sets of slots that expire if their holder dies), the
-limits themselves (a hash `parley tenants set-limits` writes; a field absent: the deployment's default) and the
+request or per lease of several, `shared.app.admission`), the concurrent chats and open streams (sorted sets of
+slots that expire if their holder dies), the limits themselves (a hash `parley tenants set-limits` writes; a field absent: the deployment's default) and the
 requests per day. Chat tokens per day are read from the usage counters APPLY keeps per partition (so the usage
 ledger is the log itself).
 """
@@ -66,15 +66,15 @@ class RedisLimits:
         return f"{PREFIX}:{{t:{tenant}}}"
 
     # -- requests per second ---------------------------------------------------------------
-    async def admit(self, tenant: str) -> Admission:
-        tag, d = self._tag(tenant), self.defaults
+    async def admit(self, tenant: str, want: int = 1, unused: int = 0, unused_day: str = "") -> Admission:
+        tag, d, day = self._tag(tenant), self.defaults, today()
         reply = await ADMIT(
             self.redis,
-            [f"{tag}:rate", f"{tag}:limits", f"{tag}:requests:{today()}"],
-            [d.rps, d.burst, USAGE_TTL_S],
+            [f"{tag}:rate", f"{tag}:limits", f"{tag}:requests:{day}", f"{tag}:requests:{unused_day or day}"],
+            [d.rps, d.burst, USAGE_TTL_S, want, unused],
         )
-        admitted, burst, remaining, wait_ms, milli_rps = (int(x) for x in reply)
-        return Admission(bool(admitted), burst, remaining, wait_ms, milli_rps / 1000)
+        granted, burst, remaining, wait_ms, milli_rps = (int(x) for x in reply)
+        return Admission(granted > 0, burst, remaining, wait_ms, milli_rps / 1000, granted, day)
 
     # -- slots: concurrent chats, open streams ------------------------------------------------
     async def take(self, tenant: str, kind: str, member: str, ttl_s: float) -> Slot:

@@ -1,0 +1,113 @@
+"""Admissions: a tenant's requests admitted from leases of its rate, one `Limits` call per lease, the rate exact."""
+
+from __future__ import annotations
+
+from shared.adapters.memory.limits import MemoryLimits
+from shared.adapters.memory.store import Memory
+from shared.app.admission import Admissions
+from shared.app.ports import Admission
+from shared.domain.wire import TenantLimits
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Counted(MemoryLimits):
+    """The memory limits, counting the calls that would be Redis round trips."""
+
+    calls = 0
+
+    async def admit(self, tenant: str, want: int = 1, unused: int = 0, unused_day: str = "") -> Admission:
+        self.calls += 1
+        return await super().admit(tenant, want, unused, unused_day)
+
+
+def setup(limits: TenantLimits, processes: int = 1) -> tuple[Clock, Counted, list[Admissions]]:
+    clock = Clock()
+    shared = Counted(Memory(4, clock), limits)
+    return (
+        clock,
+        shared,
+        [Admissions(shared, max_lease=64, lease_s=0.05, ttl_s=1.0, clock=clock) for _ in range(processes)],
+    )
+
+
+async def requests_counted(limits: Counted) -> int:
+    return (await limits.usage("acme", 1))[0].requests
+
+
+async def test_a_busy_tenant_costs_one_call_per_lease_and_its_counter_ends_exact() -> None:
+    _, limits, (admissions,) = setup(TenantLimits(rps=1000, burst=2000))
+    answers = [await admissions.admit("acme") for _ in range(200)]
+    assert all(a.admitted for a in answers)
+    assert limits.calls == 1 + 4  # the first learns the tenant's limits; then leases of 50 (50 ms of its rate)
+    assert [a.remaining for a in answers[1:4]] == [1998, 1997, 1996]  # what is left counts the lease's unspent
+    assert await requests_counted(limits) == 1 + 4 * 50  # a lease counts as made when taken...
+    await admissions.settle(everything=True)
+    assert await requests_counted(limits) == 200  # ...and its unspent requests go back
+
+
+async def test_the_rate_holds_exactly_across_processes_taking_leases() -> None:
+    _, limits, processes = setup(TenantLimits(rps=100, burst=40), processes=3)  # leases of 5
+    admitted = [0, 0, 0]
+    refused = [False, False, False]
+    i = 0
+    while not all(refused):
+        p = i % 3
+        i += 1
+        if (await processes[p].admit("acme")).admitted:
+            admitted[p] += 1
+        else:
+            refused[p] = True
+    assert sum(admitted) == 40  # the burst, not a request more: a process is refused only once its lease is spent
+    assert min(admitted) > 0 and limits.calls < 40
+    assert await requests_counted(limits) == 40
+
+
+async def test_a_small_tenant_is_asked_about_every_request() -> None:
+    _, limits, (admissions,) = setup(TenantLimits(rps=10, burst=20))  # half a request per 50 ms: no lease
+    answers = [await admissions.admit("acme") for _ in range(21)]
+    assert [a.admitted for a in answers] == [True] * 20 + [False]
+    assert limits.calls == 21 and [a.remaining for a in answers[:3]] == [19, 18, 17]
+
+
+async def test_a_lease_past_its_time_gives_its_unspent_requests_back_to_the_other_processes() -> None:
+    # no refill: every request counts
+    clock, limits, (first, second) = setup(TenantLimits(rps=0.01, burst=40), processes=2)
+    first.lease_s = second.lease_s = 1_000.0  # leases of 5 (an eighth of the burst) despite the slow rate
+    for _ in range(2):
+        assert (await first.admit("acme")).admitted  # one to learn the limits, then a lease of 5: 4 unspent
+    while (await second.admit("acme")).admitted:
+        pass
+    assert await requests_counted(limits) == 40  # the second got all but the first's lease
+    clock.now += 1.0
+    await first.settle()
+    assert await requests_counted(limits) == 36
+    served = 0
+    while (await second.admit("acme")).admitted:
+        served += 1
+    assert served == 4
+
+
+async def test_an_expired_lease_goes_back_with_the_next_grant_and_a_failed_return_is_dropped() -> None:
+    clock, limits, (admissions,) = setup(TenantLimits(rps=1000, burst=2000))
+    await admissions.admit("acme")
+    await admissions.admit("acme")  # a lease of 50, one spent
+    clock.now += 0.5  # (the rate refills meanwhile; the counter is what shows the return)
+    assert await requests_counted(limits) == 51
+    clock.now += 0.6
+    calls = limits.calls
+    await admissions.admit("acme")  # the lease ran out: its 49 go back in the call that takes the next one
+    assert limits.calls == calls + 1 and await requests_counted(limits) == 2 + 50
+
+    async def broken(*_: object) -> Admission:
+        raise ConnectionError("gone")
+
+    clock.now += 1.1
+    limits.admit = broken  # type: ignore[method-assign]
+    await admissions.settle()  # the store is gone: those requests stay counted, nothing raises
