@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -712,6 +713,7 @@ class Bench:
                         {
                             "rps": sum(r["rps"] for r in runs),
                             "errors": sum(r["errors"] for r in runs),
+                            "failures": dict(sum((Counter(r.get("failures", {})) for r in runs), Counter())),
                             "p99_ms": max(r["p99_ms"] for r in runs),
                         }
                     )

@@ -20,15 +20,24 @@ request = function()
   i = i + 1
   return wrk.format(method, paths[(i %% #paths) + 1], headers, body)
 end
-local non2xx = 0
+local threads = {}
+setup = function(thread) table.insert(threads, thread) end
+failures = {}
 response = function(status, hdrs, b)
-  if status < 200 or status > 299 then non2xx = non2xx + 1 end
+  if status < 200 or status > 299 then
+    local key = string.format("%%d %%s", status, (b and b:match('"code":"([%%w_]+)"')) or "")
+    failures[key] = (failures[key] or 0) + 1
+  end
 end
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format('PARLEY_JSON {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,"errors":%%d}\n',
+  local parts = {}
+  for _, thread in ipairs(threads) do
+    for k, n in pairs(thread:get("failures") or {}) do parts[#parts + 1] = string.format('"%%s":%%d', k, n) end
+  end
+  io.write(string.format('PARLEY_JSON {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,"errors":%%d,"failures":{%%s}}\n',
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.timeout + e.status))
+    e.connect + e.read + e.write + e.timeout + e.status, table.concat(parts, ",")))
 end
 """
 
@@ -40,6 +49,8 @@ class LoadResult(msgspec.Struct, kw_only=True):
     p50_ms: float
     p99_ms: float
     errors: int
+    failures: dict[str, int] = {}
+    """Non-2xx answers by status and error code (`503 overloaded`), as the open-loop generator counts them."""
 
 
 def available() -> bool:
@@ -88,4 +99,5 @@ def run(
         p50_ms=raw["p50_us"] / 1000,
         p99_ms=raw["p99_us"] / 1000,
         errors=raw["errors"],
+        failures={k.strip(): n for k, n in raw.get("failures", {}).items()},
     )
