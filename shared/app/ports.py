@@ -52,6 +52,7 @@ __all__ = [
     "EventLog",
     "Feed",
     "FeedEntry",
+    "Freshness",
     "IdempotencyClaim",
     "IdempotencyMismatch",
     "DueSession",
@@ -128,6 +129,21 @@ class View(Struct, frozen=True):
     version: int
     body: bytes | None
     items: list[bytes] | None = None
+
+
+class Freshness(Struct, frozen=True):
+    """How far a tenant's session index was projected when it was read, per partition: `written` counts the tenant's
+    acknowledged events there, `projected` those the read models hold. Both only grow, so a read is as fresh as of
+    its start once every partition's `projected` reaches the `written` its first fetch saw: writes acknowledged
+    later (under steady writes there always are some) do not hold it back."""
+
+    written: tuple[int, ...]
+    projected: tuple[int, ...]
+
+    def behind(self, start: Freshness | None = None) -> list[int]:
+        """The partitions not yet projected up to `start`'s writes (default: this reading's own)."""
+        written = (start or self).written
+        return [p for p, (w, done) in enumerate(zip(written, self.projected)) if done < w]
 
 
 class EventLog(Protocol):
@@ -215,21 +231,20 @@ class ReadModels(Protocol):
         None: every message (a lookup by id, a past version)."""
         ...
 
-    async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:
-        """(lagging partitions, session JSON newest first). A lagging partition holds an acknowledged write of the
-        tenant's that is not projected yet."""
+    async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[Freshness, list[bytes]]:
+        """(the index's freshness, session JSON newest first)."""
         ...
 
     async def find(
         self, tenant: str, query: Query, after: Position | None, limit: int
-    ) -> tuple[list[int], list[bytes], Position | None]:
-        """(lagging partitions, the JSON of up to `limit` live sessions matching `query` after `after` in its order,
+    ) -> tuple[Freshness, list[bytes], Position | None]:
+        """(the index's freshness, the JSON of up to `limit` live sessions matching `query` after `after` in its order,
         where the next page starts: None at the end). A page may be short, even empty, with a next position: each
         partition walks a bounded number of index entries per call."""
         ...
 
-    async def count(self, tenant: str, query: Query) -> tuple[list[int], int, bool]:
-        """(lagging partitions, how many live sessions match, exact: False when a bounded walk stopped first and
+    async def count(self, tenant: str, query: Query) -> tuple[Freshness, int, bool]:
+        """(the index's freshness, how many live sessions match, exact: False when a bounded walk stopped first and
         the count is a lower bound)."""
         ...
 

@@ -21,6 +21,7 @@ from shared.app.ports import (
     Appended,
     Conflict,
     EventLog,
+    Freshness,
     IdempotencyClaim,
     IdempotencyMismatch,
     Missing,
@@ -306,11 +307,15 @@ class SessionService:
         `catch_up`: do not wait for the projector, catch the session up here at once if it is behind (a chat job
         reads its conversation right after the writes that asked for it: waiting would add the projector's lag,
         and a poll's, to every chat; the projection's version check makes projecting twice harmless)."""
+        target: list[int] = []  # the head the first fetch saw: later writes do not hold this read back
+
+        def caught_up(v: View) -> bool:
+            if not target:
+                target.append(v.head)
+            return v.head == 0 or v.version >= target[0]
+
         view = await self._fresh(
-            fetch,
-            lambda v: v.head == 0 or v.version >= v.head,
-            lambda: self._assist([session_id]),
-            assist_after_s=0.0 if catch_up else None,
+            fetch, caught_up, lambda: self._assist([session_id]), assist_after_s=0.0 if catch_up else None
         )
         if view is None:
             raise ProjectionLagging("the read model is behind the last acknowledged write; retry shortly")
@@ -319,29 +324,24 @@ class SessionService:
         return view
 
     async def read_sessions(self, tenant: str, limit: int, offset: int) -> list[bytes]:
-        lagging: list[int] = []
-
-        async def fetch() -> tuple[list[int], list[bytes]]:
-            page = await self.views.sessions(tenant, limit, offset)
-            lagging[:] = page[0]
-            return page
-
-        page = await self._fresh(fetch, lambda p: not p[0], lambda: self._assist_partitions(list(lagging)))
-        if page is None:
-            raise ProjectionLagging("the session index is behind the last acknowledged write; retry shortly")
+        """A page of the tenant's session index, newest first, fresh as of the read's start."""
+        page = await self.read_index(lambda: self.views.sessions(tenant, limit, offset), lambda p: p[0])
         return page[1]
 
-    async def read_index(self, fetch: Callable[[], Awaitable[T]], lagging: Callable[[T], list[int]]) -> T:
-        """A read of the tenant's session index (`find`, `count`), fresh as of its start: polled until no partition
-        it answers `lagging` holds an acknowledged write of the tenant's that is not projected yet."""
+    async def read_index(self, fetch: Callable[[], Awaitable[T]], freshness: Callable[[T], Freshness]) -> T:
+        """A read of the tenant's session index (a page, `find`, `count`), fresh as of its start: polled until every
+        partition has projected the tenant's writes its first fetch saw acknowledged."""
+        start: list[Freshness] = []
         behind: list[int] = []
 
-        async def read() -> T:
-            result = await fetch()
-            behind[:] = lagging(result)
-            return result
+        def caught_up(result: T) -> bool:
+            fresh = freshness(result)
+            if not start:
+                start.append(fresh)
+            behind[:] = fresh.behind(start[0])
+            return not behind
 
-        result = await self._fresh(read, lambda r: not lagging(r), lambda: self._assist_partitions(list(behind)))
+        result = await self._fresh(fetch, caught_up, lambda: self._assist_partitions(list(behind)))
         if result is None:
             raise ProjectionLagging("the session index is behind the last acknowledged write; retry shortly")
         return result

@@ -9,6 +9,7 @@ import asyncio
 from services.worker.projector import Projector
 from shared import bootstrap
 from shared.bootstrap import Parley
+from shared.domain.search import Query
 from shared.domain.wire import ChatRequest, MessageCreate, SessionCreate
 from tests.app.conftest import Deployment, ids, settings
 from tests.support import wait_for
@@ -102,3 +103,55 @@ async def test_a_reader_catches_the_list_up_itself(parley: Parley) -> None:
     """No projector runs; the list's lagging partitions are caught up by the reader (`read_assist_s=0`)."""
     sids = await write(parley, 5, 0)
     assert ids(await parley.sessions.list("acme", 10, 0)) == sids[::-1]
+
+
+class WriteDuringEachRead:
+    """Read models whose every fetch first projects what is pending, then lets one more write be acknowledged before
+    it reads: the log is never caught up while it is read, as under a writer that never pauses."""
+
+    def __init__(self, d: Deployment, sid: str) -> None:
+        self.d, self.sid, self.inner = d, sid, d.parley.service.views
+        self.writes = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def _write(self) -> None:
+        await self.d.project()
+        self.writes += 1
+        await self.d.parley.sessions.add_message("acme", self.sid, MessageCreate(role="user", content="later"))
+
+    async def session(self, tenant: str, sid: str) -> object:
+        await self._write()
+        return await self.inner.session(tenant, sid)
+
+    async def sessions(self, tenant: str, limit: int, offset: int) -> object:
+        await self._write()
+        return await self.inner.sessions(tenant, limit, offset)
+
+    async def find(self, *args: object) -> object:
+        await self._write()
+        return await self.inner.find(*args)
+
+    async def count(self, *args: object) -> object:
+        await self._write()
+        return await self.inner.count(*args)
+
+
+async def test_reads_are_fresh_as_of_their_start_not_held_back_by_later_writes() -> None:
+    """Read-your-writes asks for the writes acknowledged before a read began: a read that waited for the log's
+    current head instead never ends under steady writes (it answered 503 projection_lagging on a busy tenant)."""
+    parley = await bootstrap.in_memory(settings(read_assist_s=60.0, read_timeout_s=1.0))
+    d = Deployment(parley)
+    await d.feed.ensure_groups()
+    [sid] = await write(parley, 1, 1)
+    await d.project()
+    views = WriteDuringEachRead(d, sid)
+    parley.service.views = views  # type: ignore[assignment]
+    body, version = await parley.sessions.get("acme", sid)
+    assert version == 3 and views.writes == 2  # the first fetch's write (v3) is read, the second's (v4) is not
+    assert ids(await parley.sessions.list("acme", 10, 0)) == [sid]
+    assert ids((await parley.sessions.find("acme", Query(), None, 10))[0]) == [sid]
+    assert (await parley.sessions.count("acme", Query()))[0] == 1
+    assert views.writes == 8
+    await parley.close()

@@ -70,7 +70,8 @@ async def test_other_tenants_and_unknown_ids_see_nothing(backend: Backend) -> No
         await views.session("acme", uuid7()),
     ):
         assert view.head == 0 and view.body is None and not view.items
-    assert (await views.sessions("globex", 10, 0)) == ([], [])  # no lagging partition, no session
+    fresh, items = await views.sessions("globex", 10, 0)
+    assert fresh.behind() == [] and items == []  # no lagging partition, no session
 
 
 async def test_messages_page_in_conversation_order(backend: Backend) -> None:
@@ -160,11 +161,11 @@ async def test_session_list_is_newest_first_across_partitions_and_waits_for_proj
     log, views = backend.log, backend.views
     states = [await create(log) for _ in range(9)]
     other = await create(log, tenant="globex")
-    lagging, _ = await views.sessions("acme", 100, 0)
-    assert lagging == sorted({partition_of(s.id, backend.partitions) for s in states})
+    fresh, _ = await views.sessions("acme", 100, 0)
+    assert fresh.behind() == sorted({partition_of(s.id, backend.partitions) for s in states})
     await project_all(views, *[s.id for s in states], other.id)
-    lagging, items = await views.sessions("acme", 100, 0)
-    assert not lagging
+    fresh, items = await views.sessions("acme", 100, 0)
+    assert not fresh.behind()
     expected = [s.id for s in reversed(states)]
     assert [json.loads(i)["id"] for i in items] == expected
     assert [json.loads(i)["id"] for i in (await views.sessions("acme", 3, 2))[1]] == expected[2:5]
@@ -181,7 +182,8 @@ async def test_deleted_sessions_leave_the_read_models_but_not_the_log(backend: B
     assert (view.head, view.version, view.body) == (3, 3, None)
     assert (await views.tools("acme", state.id)).body is None
     assert (await views.messages("acme", state.id, 10, 0)).body is None
-    assert (await views.sessions("acme", 10, 0)) == ([], [])  # no lagging partition, no session
+    fresh, items = await views.sessions("acme", 10, 0)
+    assert fresh.behind() == [] and items == []  # no lagging partition, no session
     assert len(await log.read(state.id)) == 3
     # the message list stays, so past versions still answer (a purge erases it)
     past = await views.messages("acme", state.id, 10, 0, count=1)
@@ -245,10 +247,11 @@ async def test_a_stale_rebuild_cannot_write_into_the_live_generation(backend: Ba
     [stale] = await views.pending([state.id], gen=1)
     assert stale is not None and [e.version for e in stale.events] == [3]
     assert await views.apply([("acme", project(stale.state, stale.events))], gen=1) == [False]
-    lagging, _ = await views.sessions("acme", 10, 0)
-    assert lagging != []  # still unprojected: only the live projection may count it
+    fresh, _ = await views.sessions("acme", 10, 0)
+    assert fresh.behind() != []  # still unprojected: only the live projection may count it
     await project_all(views, state.id)
-    assert await views.sessions("acme", 10, 0) == ([], [json_encode(state.session)])
+    fresh, items = await views.sessions("acme", 10, 0)
+    assert fresh.behind() == [] and items == [json_encode(state.session)]
 
 
 async def test_the_idle_index_walks_live_sessions_by_last_change_oldest_first(backend: Backend) -> None:

@@ -24,8 +24,8 @@ async def walk(backend: Backend, query: Query, limit: int, tenant: str = "acme")
     out: list[str] = []
     after: Position | None = None
     for _ in range(1_000):
-        lagging, items, after = await backend.views.find(tenant, query, after, limit)
-        assert not lagging
+        fresh, items, after = await backend.views.find(tenant, query, after, limit)
+        assert not fresh.behind()
         assert len(items) <= limit
         out += [json.loads(i)["id"] for i in items]
         if after is None:
@@ -40,8 +40,8 @@ async def ids(backend: Backend, query: Query, tenant: str = "acme") -> list[str]
 
 
 async def count(backend: Backend, query: Query, tenant: str = "acme") -> int:
-    lagging, n, exact = await backend.views.count(tenant, query)
-    assert not lagging and exact
+    fresh, n, exact = await backend.views.count(tenant, query)
+    assert not fresh.behind() and exact
     return n
 
 
@@ -162,10 +162,10 @@ async def test_a_rebuild_reproduces_the_index(backend: Backend) -> None:
 
 async def test_lagging_partitions_are_named(backend: Backend) -> None:
     s = await create(backend.log)
-    lagging, _, _ = await backend.views.find("acme", Query(), None, 10)
-    assert lagging == [partition_of(s.id, backend.partitions)]
-    lagging, n, _ = await backend.views.count("acme", Query())
-    assert lagging == [partition_of(s.id, backend.partitions)] and n == 0
+    fresh, _, _ = await backend.views.find("acme", Query(), None, 10)
+    assert fresh.behind() == [partition_of(s.id, backend.partitions)]
+    fresh, n, _ = await backend.views.count("acme", Query())
+    assert fresh.behind() == [partition_of(s.id, backend.partitions)] and n == 0
 
 
 async def test_a_small_walk_budget_gives_short_pages_but_every_match_once(

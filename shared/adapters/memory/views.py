@@ -18,7 +18,7 @@ import msgspec
 from shared.adapters.codec import encode_state, json_encode, member, split_member, upcast
 from shared.adapters.memory.log import tail
 from shared.adapters.memory.store import Generation, Memory
-from shared.app.ports import DueSession, Idle, IdleCursor, Pending, View
+from shared.app.ports import DueSession, Freshness, Idle, IdleCursor, Pending, View
 from shared.domain.projection import JobUpdate, ReadModelUpdate
 from shared.domain.retention import keep, shown_from
 from shared.domain.search import Position, Query, matches, search_times
@@ -110,21 +110,21 @@ class MemoryReadModels:
             items.append(upcast(b"MessageAdded", int(fields[b"s"]), fields[b"d"]))
         return View(head.version, version, b"live", items)
 
-    async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:
+    async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[Freshness, list[bytes]]:
         m = self.memory
-        lagging = [p for p in range(m.partitions) if m.projected.get((p, tenant), 0) < m.written.get((p, tenant), 0)]
+        fresh = self._freshness(tenant)
         ids = sorted((sid for p in range(m.partitions) for sid in m.index.get((p, tenant), ())), reverse=True)
         out = []
         for sid in ids[offset : offset + limit]:
             view = self._view_field(tenant, sid, "session")
             if view.body is not None:
                 out.append(view.body)
-        return lagging, out
+        return fresh, out
 
     async def find(
         self, tenant: str, query: Query, after: Position | None, limit: int
-    ) -> tuple[list[int], list[bytes], Position | None]:
-        lagging, found = self._search(tenant, query)
+    ) -> tuple[Freshness, list[bytes], Position | None]:
+        fresh, found = self._search(tenant, query)
         if after is not None:
             found = [at for at in found if (at < after if query.descending else at > after)]
         page = found[:limit]
@@ -133,22 +133,29 @@ class MemoryReadModels:
             view = self._view_field(tenant, at.session_id, "session")
             if view.body is not None:
                 out.append(view.body)
-        return lagging, out, page[-1] if len(found) > limit else None
+        return fresh, out, page[-1] if len(found) > limit else None
 
-    async def count(self, tenant: str, query: Query) -> tuple[list[int], int, bool]:
-        lagging, found = self._search(tenant, query)
-        return lagging, len(found), True
+    async def count(self, tenant: str, query: Query) -> tuple[Freshness, int, bool]:
+        fresh, found = self._search(tenant, query)
+        return fresh, len(found), True
 
-    def _search(self, tenant: str, query: Query) -> tuple[list[int], list[Position]]:
+    def _freshness(self, tenant: str) -> Freshness:
+        m = self.memory
+        parts = range(m.partitions)
+        return Freshness(
+            tuple(m.written.get((p, tenant), 0) for p in parts), tuple(m.projected.get((p, tenant), 0) for p in parts)
+        )
+
+    def _search(self, tenant: str, query: Query) -> tuple[Freshness, list[Position]]:
         """Every match in walk order (the memory adapter has no budget: its pages are always full)."""
         m = self.memory
-        lagging = [p for p in range(m.partitions) if m.projected.get((p, tenant), 0) < m.written.get((p, tenant), 0)]
+        fresh = self._freshness(tenant)
         found = []
         for p in range(m.partitions):
             for sid, members in m.search.get((p, tenant), {}).items():
                 if matches(members, sid, query):
                     found.append(Position(search_times(members, sid)[query.order], sid))
-        return lagging, sorted(found, reverse=query.descending)
+        return fresh, sorted(found, reverse=query.descending)
 
     # -- the projector's side ---------------------------------------------------------------------------------------
     async def pending(self, session_ids: Sequence[str], gen: int | None = None) -> list[Pending | None]:

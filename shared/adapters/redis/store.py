@@ -46,6 +46,7 @@ from shared.app.ports import (
     AppendOutcome,
     Conflict,
     DueSession,
+    Freshness,
     IdempotencyClaim,
     IdempotencyMismatch,
     Idle,
@@ -255,7 +256,7 @@ class RedisStore:
         items = [upcast(b"MessageAdded", int(s), d) for _, s, d in (entry.split(b"|", 2) for entry in reply[3:])]
         return View(head, version, b"live" if live else None, items)
 
-    async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[list[int], list[bytes]]:
+    async def sessions(self, tenant: str, limit: int, offset: int) -> tuple[Freshness, list[bytes]]:
         k = self.keys
         parts = range(k.partitions)
         pipe = self.redis.pipeline(transaction=False)
@@ -264,34 +265,32 @@ class RedisStore:
             pipe.hget(k.projected(p), tenant)
             pipe.zrevrange(k.index(p, tenant), 0, offset + limit - 1)
         replies = await pipe.execute()
-        lagging = [
-            p for p, i in zip(parts, range(0, len(replies), 3)) if int(replies[i + 1] or 0) < int(replies[i] or 0)
-        ]
+        fresh = _freshness(replies)
         ids = sorted((sid for i in range(2, len(replies), 3) for sid in replies[i]), reverse=True)
         page = [sid.decode() for sid in ids[offset : offset + limit]]
         if not page:
-            return lagging, []
+            return fresh, []
         replies = await run_live(
             self.redis,
             REGISTRY,
             k.generations,
             [(READ_VIEW, sid, lambda g, sid=sid: ([k.head(sid), k.view(sid, g)], [tenant, "j", g])) for sid in page],
         )
-        return lagging, [r[2] for r in replies if len(r) > 2 and r[2] is not None]
+        return fresh, [r[2] for r in replies if len(r) > 2 and r[2] is not None]
 
     async def find(
         self, tenant: str, query: Query, after: Position | None, limit: int
-    ) -> tuple[list[int], list[bytes], Position | None]:
+    ) -> tuple[Freshness, list[bytes], Position | None]:
         k = self.keys
         args = _find_args(query, "list", query.order, after, limit, SCAN_BUDGET)
-        lagging, replies = await self._search(tenant, args)
+        fresh, replies = await self._search(tenant, args)
         pages = []
         for r in replies:
             matches = [_position(m) for m in r[2:]]
             pages.append(PartitionPage(matches, _position(r[1]) if r[0] == b"more" else None))
         page = merge(pages, limit, query.descending)
         if not page.positions:
-            return lagging, [], page.next
+            return fresh, [], page.next
         ids = [at.session_id for at in page.positions]
         views = await run_live(
             self.redis,
@@ -299,15 +298,15 @@ class RedisStore:
             k.generations,
             [(READ_VIEW, sid, lambda g, sid=sid: ([k.head(sid), k.view(sid, g)], [tenant, "j", g])) for sid in ids],
         )
-        return lagging, [r[2] for r in views if len(r) > 2 and r[2] is not None], page.next
+        return fresh, [r[2] for r in views if len(r) > 2 and r[2] is not None], page.next
 
-    async def count(self, tenant: str, query: Query) -> tuple[list[int], int, bool]:
+    async def count(self, tenant: str, query: Query) -> tuple[Freshness, int, bool]:
         # a count may walk either order: the one a time range bounds, so the range is an index range
         order = "u" if query.bounds("u") != (None, None) and query.bounds("c") == (None, None) else "c"
-        lagging, replies = await self._search(tenant, _find_args(query, "count", order, None, 0, COUNT_BUDGET))
-        return lagging, sum(int(r[0]) for r in replies), all(int(r[1]) == 1 for r in replies)
+        fresh, replies = await self._search(tenant, _find_args(query, "count", order, None, 0, COUNT_BUDGET))
+        return fresh, sum(int(r[0]) for r in replies), all(int(r[1]) == 1 for r in replies)
 
-    async def _search(self, tenant: str, args: list[Any]) -> tuple[list[int], list[Any]]:
+    async def _search(self, tenant: str, args: list[Any]) -> tuple[Freshness, list[Any]]:
         """One pipeline: per partition, the tenant's written and projected counters and one FIND call."""
         k = self.keys
         parts = range(k.partitions)
@@ -319,8 +318,7 @@ class RedisStore:
                 FIND.queue(pipe, [k.search(p, tenant)], args)
 
         replies = await run_pipeline(self.redis, REGISTRY, fill)
-        lagging = [p for p in parts if int(replies[3 * p + 1] or 0) < int(replies[3 * p] or 0)]
-        return lagging, replies[2::3]
+        return _freshness(replies), replies[2::3]
 
     async def idle(self, partition: int, until_ms: int, after: IdleCursor | None, limit: int) -> list[Idle]:
         key = self.keys.idle(partition)
@@ -545,6 +543,11 @@ def _find_args(query: Query, mode: str, order: str, after: Position | None, limi
         len(terms),
         *terms,
     ]
+
+
+def _freshness(replies: Sequence[Any]) -> Freshness:
+    """From a pipeline whose replies come in threes per partition: written counter, projected counter, the rest."""
+    return Freshness(tuple(int(w or 0) for w in replies[0::3]), tuple(int(done or 0) for done in replies[1::3]))
 
 
 def _position(tail: bytes) -> Position:
