@@ -183,10 +183,11 @@ class ChatRunner:
         compaction = session.compaction or Compaction()
         counter = self.counter_for(d.params.model)
         # The conversation as it stands now (a queued chat sees the answers of the chats before it), less the
-        # messages of chats requested after this one.
+        # messages of chats requested after this one (a chat that overtook a scheduled one sees that one's request).
         later: set[str] = set()
-        mine = [i for i, c in enumerate(state.active_chats) if c.job_id == d.job_id][0]
-        for c in state.active_chats[mine + 1 :]:
+        for c in state.active_chats:
+            if c.requested_at <= requested.version:
+                continue
             [other] = await self.service.log.read(session_id, after=c.requested_at - 1, limit=1)
             if isinstance(other, ChatRequested):
                 later.update(other.data.message_ids)

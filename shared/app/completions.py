@@ -115,8 +115,8 @@ class Completions:
             if plan.kind == "replay":
                 assert plan.index is not None
                 return Replay(await self._stored_answer(tenant, sid, plan.index, model))
-            if plan.kind == "current" and state.active_chats:
-                return Answer(state.active_chats[-1].job_id)
+            if plan.kind == "current" and state.active_chats:  # the chat asked for last answers it
+                return Answer(max(state.active_chats, key=lambda c: c.requested_at).job_id)
             amend = await self._amendments(tenant, sid, plan, turns, n) if plan.kind == "amend" else ()
             request = ChatRequest(
                 messages=turns[plan.start :],

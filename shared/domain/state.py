@@ -8,7 +8,7 @@ time travel to answer past versions, so all three agree by construction.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from msgspec import UNSET, Struct, structs
 
@@ -68,7 +68,7 @@ class SessionState(Struct, kw_only=True):
     deleted: bool = False
     message_count: int = 0
     active_chats: tuple[ActiveChat, ...] = ()
-    """Chat jobs requested and not yet ended, in request order: the first one runs."""
+    """Chat jobs requested and not yet ended, in the order they are due (`queued`): the first one runs."""
     open_tool_calls: frozenset[str] = frozenset()
     """Ids of the tool calls assistant messages made that no tool result has answered yet: a tool result must
     answer one of them. (Only the open ones, so the state stays small however long the session runs.)"""
@@ -179,7 +179,7 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             return structs.replace(state, version=event.version, deleted=True, active_chats=())
         case ChatRequested(data=d):
             chat = ActiveChat(d.job_id, event.version, d.params.run_at)
-            return _touch(state, event, active_chats=(*state.active_chats, chat))
+            return _touch(state, event, active_chats=queued(state.active_chats, chat, event.occurred_at))
         case ChatCompleted(data=d) | ChatFailed(data=d) | ChatCancelled(data=d):
             return _touch(state, event, active_chats=tuple(c for c in state.active_chats if c.job_id != d.job_id))
         case SummaryAdded(data=d):
@@ -217,6 +217,22 @@ def evolve(state: SessionState, event: Event) -> SessionState:
             )
             return _touch(state, event, schedules=_replace(state, taken))
     raise TypeError(f"unknown event {type(event).__name__}")
+
+
+OVERTAKE_MARGIN = timedelta(seconds=1)
+"""A chat goes before a scheduled one only if that one is due more than this after it: a scheduled chat whose time
+has come may be running (and the clocks of processes differ a little), and a running chat keeps its place."""
+
+
+def queued(chats: tuple[ActiveChat, ...], chat: ActiveChat, at: datetime) -> tuple[ActiveChat, ...]:
+    """`chats` with `chat`, requested `at`, in its place: chats run in the order they are due, so a chat goes after
+    every chat due before it and ahead of the scheduled ones still waiting for a later time (a reminder set for
+    an hour from now does not hold the session's conversation for that hour), in request order among equals."""
+    due = at if chat.run_at is None else max(at, chat.run_at)
+    for i, c in enumerate(chats):
+        if c.run_at is not None and c.run_at - OVERTAKE_MARGIN > due:
+            return (*chats[:i], chat, *chats[i:])
+    return (*chats, chat)
 
 
 def fold(state: SessionState, events: Iterable[Event]) -> SessionState:

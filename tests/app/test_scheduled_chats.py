@@ -1,6 +1,6 @@
 """Scheduled chats on the memory adapters, with a fake clock: a chat with `run_at` or `delay_s` waits in the queue
-until its time, shows when it runs, keeps the session's order (multitask policies apply), and bad times are 422s
-that write nothing."""
+until its time, shows when it runs, takes its place among the session's chats by when it is due (multitask policies
+apply), and bad times are 422s that write nothing."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from shared.domain.commands import parse_time
 from shared.domain.errors import Invalid
 from shared.domain.wire import ChatRequest, MessageCreate, SessionCreate
 from tests.app.conftest import Deployment
+from tests.app.test_compaction import Recording
 
 
 def ask(text: str, **fields: object) -> ChatRequest:
@@ -54,23 +55,41 @@ async def test_a_scheduled_chat_runs_at_its_time_and_not_before(parley: Parley) 
     assert answered.occurred_at >= run_at
 
 
-async def test_chats_after_a_scheduled_one_wait_for_it_or_interrupt_it(parley: Parley) -> None:
-    clock, d = Clock(parley), Deployment(parley)
+async def test_chats_run_in_the_order_they_are_due_and_interrupt_cancels_a_waiting_one(parley: Parley) -> None:
+    model = Recording()
+    clock, d = Clock(parley), Deployment(parley, provider=model)
     sid = (await parley.sessions.create("acme", SessionCreate()))[0].id
     at = datetime.fromtimestamp(clock.now, UTC) + timedelta(minutes=5)
     scheduled = await parley.chats.request("acme", sid, ask("at five", run_at=at.isoformat()))
-    queued = await parley.chats.request("acme", sid, ask("right after"))
+    sooner = await parley.chats.request("acme", sid, ask("in a minute", delay_s=60))
+    now = await parley.chats.request("acme", sid, ask("right now"))
+    await d.settle()  # the chat asked for now does not wait five minutes for the reminder before it
+    assert [(await job(parley, sid, j.job.id))["status"] for j in (scheduled, sooner, now)] == [
+        "queued",
+        "queued",
+        "succeeded",
+    ]
+    [prompt] = [r.messages for r in model.requests]  # it sees the reminders asked for before it, not their answers
+    assert [(m["role"], m["content"]) for m in prompt] == [
+        ("user", "at five"),
+        ("user", "in a minute"),
+        ("user", "right now"),
+    ]
+    clock.later(61)
     await d.settle()
-    assert [(await job(parley, sid, j))["status"] for j in (scheduled.job.id, queued.job.id)] == ["queued", "queued"]
-    clock.later(301)
+    assert (await job(parley, sid, sooner.job.id))["status"] == "succeeded"
+    assert (await job(parley, sid, scheduled.job.id))["status"] == "queued"
+    clock.later(240)
     await d.settle()
-    assert [(await job(parley, sid, j))["status"] for j in (scheduled.job.id, queued.job.id)] == ["succeeded"] * 2
+    assert (await job(parley, sid, scheduled.job.id))["status"] == "succeeded"
+    answered = [e.data.job_id for e in await parley.log.read(sid) if type(e).__name__ == "ChatCompleted"]
+    assert answered == [now.job.id, sooner.job.id, scheduled.job.id]
 
     later = await parley.chats.request("acme", sid, ask("tomorrow", delay_s=86_400))
-    now = await parley.chats.request("acme", sid, ask("no, now", multitask="interrupt"))
+    due = await parley.chats.request("acme", sid, ask("no, now", multitask="interrupt"))
     await d.settle()
     assert (await job(parley, sid, later.job.id))["status"] == "cancelled"
-    assert (await job(parley, sid, now.job.id))["status"] == "succeeded"
+    assert (await job(parley, sid, due.job.id))["status"] == "succeeded"
 
 
 async def test_a_time_without_a_zone_is_refused_and_writes_nothing(parley: Parley) -> None:

@@ -1,6 +1,6 @@
 """Scheduled chats on a real stack (redis-server, `parley api`, `parley worker`, the OpenAI-protocol test server):
-a chat with `delay_s` answers 202 with its `run_at`, the model is not called before then, and the chat survives
-its worker being killed -9 while it waits (the queue keeps it); without `Prefer: respond-async` it is a 422 that
+a chat with `delay_s` answers 202 with its `run_at`, the model is not called before then, the chat survives
+its worker being killed -9 while it waits (the queue keeps it), a chat asked for now does not wait for it; without `Prefer: respond-async` it is a 422 that
 writes nothing."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.chat.conftest import Stack, model_env
-from tests.chat.test_chat_e2e import ACME, ASYNC, chat, create, job, marker, messages, user, wait_job
+from tests.chat.test_chat_e2e import ACME, ASYNC, chat, chat_ok, create, job, marker, messages, user, wait_job
 from tests.model_server import ModelServer
 
 pytestmark = pytest.mark.slow
@@ -50,6 +50,21 @@ def test_a_delayed_chat_waits_for_its_time_even_across_a_worker_kill(stack: Stac
     received = datetime.fromtimestamp(model.requests(mark)[0]["received_at"], UTC)
     assert received >= run_at
     assert [m["role"] for m in messages(c, s["id"])] == ["user", "assistant"]
+
+
+def test_a_chat_asked_for_now_overtakes_one_scheduled_for_later(stack: Stack, c: httpx.Client, model):
+    mark = marker()
+    s = create(c)
+    later = chat(c, s["id"], user(f"remind me {mark}"), headers=ASYNC, delay_s=2.0).json()
+    answered = chat_ok(c, s["id"], user(f"meanwhile {mark}"))  # synchronous: answered now, not in 2 s (or a 504)
+    assert answered["choices"][0]["finish_reason"] == "stop"
+    assert job(c, s["id"], later["id"])["status"] == "queued"
+    done = wait_job(c, s["id"], later["id"])
+    assert done["status"] == "succeeded"
+    first, second = model.requests(mark)
+    assert [m["content"] for m in first["body"]["messages"]] == [f"remind me {mark}", f"meanwhile {mark}"]
+    assert datetime.fromtimestamp(second["received_at"], UTC) >= datetime.fromisoformat(later["run_at"])
+    assert [m["role"] for m in messages(c, s["id"])] == ["user", "user", "assistant", "assistant"]
 
 
 def test_a_scheduled_chat_answers_202_without_respond_async_and_bad_times_are_422s(c: httpx.Client):

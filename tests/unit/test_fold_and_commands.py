@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import count
 
 import pytest
@@ -12,7 +12,7 @@ from shared.domain.commands import AddMessage, CreateSession, DeleteSession, Lim
 from shared.domain.errors import Invalid, NotFound, VersionConflict
 from shared.domain.events import MessageAdded, SessionCreated, SessionDeleted, SessionUpdated, ToolsChanged
 from shared.domain.projection import project
-from shared.domain.state import SessionState, evolve, fold
+from shared.domain.state import ActiveChat, SessionState, evolve, fold, queued
 from shared.domain.wire import FunctionDef, MessageCreate, SessionCreate, SessionPatch, Tool
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -158,3 +158,23 @@ def test_a_tool_result_answers_an_open_call_once_and_the_state_keeps_only_open_c
         decide(s, AddMessage(body=MessageCreate(role="tool", content="again", tool_call_id="call_1")), stamp())
     s = run(s, AddMessage(body=MessageCreate(role="tool", content="7", tool_call_id="call_2")))
     assert s.open_tool_calls == frozenset()  # however many calls a session made, its state holds none of them now
+
+
+def test_chats_queue_in_the_order_they_are_due_and_only_waiting_scheduled_ones_are_overtaken() -> None:
+    t = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+    def chat(job: str, version: int, in_s: float | None = None) -> ActiveChat:
+        return ActiveChat(job, version, None if in_s is None else t + timedelta(seconds=in_s))
+
+    running, hour, minute = chat("running", 1), chat("hour", 2, 3_600), chat("minute", 3, 60)
+    chats = queued(queued((running,), hour, t), minute, t)
+    assert [c.job_id for c in chats] == ["running", "minute", "hour"]  # scheduled ones by their time
+    now = queued(chats, chat("now", 4), t)
+    assert [c.job_id for c in now] == ["running", "now", "minute", "hour"]  # ahead of those waiting, after the rest
+    again = queued(now, chat("again", 5), t)
+    assert [c.job_id for c in again] == ["running", "now", "again", "minute", "hour"]  # request order among equals
+    # a scheduled chat due within OVERTAKE_MARGIN may be running already (and clocks differ): it keeps its place
+    close = queued((chat("close", 1, 0.9),), chat("late", 2), t)
+    assert [c.job_id for c in close] == ["close", "late"]
+    past = queued((chat("due", 1, 30),), chat("overdue", 2, -60), t)  # a past time is now
+    assert [c.job_id for c in past] == ["overdue", "due"]
