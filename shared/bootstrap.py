@@ -198,6 +198,7 @@ class Parley:
             _counter_for,
             on_usage=_count_tokens,
             limits=self.limits,
+            queue=self.queue,
         )
 
     def webhook_deliverer(
@@ -337,6 +338,7 @@ async def start(
             max_jobs=settings.worker_max_jobs,
             job_timeout_s=max(settings.model_timeout_s * (settings.model_max_retries + 1) * 2, 60),
             poll_delay_s=settings.worker_poll_delay_s,
+            after_waiting=runner.requeue,
         )
 
     return _compose(
@@ -384,6 +386,7 @@ async def in_memory(settings: Settings, memory: Memory | None = None, supervisor
             runner.fail,
             max_jobs=settings.worker_max_jobs,
             poll_delay_s=settings.worker_poll_delay_s,
+            after_waiting=runner.requeue,
         )
 
     async def ping() -> bool:

@@ -22,6 +22,7 @@ import msgspec
 from shared.app.chats import streamed_text
 from shared.app.ports import (
     ChatJobs,
+    ChatQueue,
     Completion,
     Delta,
     Limits,
@@ -95,6 +96,7 @@ class ChatRunner:
         summary_reserve: int = 256,
         on_usage: Callable[[Usage], None] = lambda usage: None,
         limits: Limits | None = None,
+        queue: ChatQueue | None = None,
     ) -> None:
         """`counter_for(model)`: the token counter of a model (its tokenizer); `on_usage`: told each answer's
         usage (the provider's, else our own count), for metrics."""
@@ -105,6 +107,8 @@ class ChatRunner:
         """The tenant's chat slot is given back as soon as the job ends here: waiting for the projector to see the
         end (which also gives it back, after a crash say) would hold slots a client already got its answer for."""
         self.counter_for = counter_for
+        self.queue = queue
+        """Where `requeue` queues a job that answered `waiting` and became its session's first chat meanwhile."""
         self.summary_reserve = summary_reserve
         self.on_usage = on_usage
 
@@ -171,6 +175,19 @@ class ChatRunner:
         else:
             await self._ensure_terminal(tenant, session_id, job_id)
         return "succeeded"
+
+    async def requeue(self, tenant: str, session_id: str, job_id: str) -> None:
+        """A run that answered `waiting` has left the queue: queue the job again if it is its session's first chat
+        now. The chat before it may have ended while that run finished, and the projector's enqueue then found the
+        job still queued and did nothing (a scheduled chat that came due while a chat that overtook it ran)."""
+        if self.queue is None:
+            return
+        try:
+            state = await self.service.current(tenant, session_id)
+        except NotFound:
+            return
+        if state.active_chats and state.active_chats[0].job_id == job_id:
+            await self.queue.enqueue(tenant, session_id, [job_id], state.active_chats[0].run_at)
 
     # -- context ------------------------------------------------------------------------
     async def _context(

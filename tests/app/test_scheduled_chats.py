@@ -124,3 +124,25 @@ def test_every_rfc3339_time_is_taken(text: str, when: datetime) -> None:
 def test_anything_else_is_invalid(text: str) -> None:
     with pytest.raises(Invalid):
         parse_time(text)
+
+
+async def test_a_waiting_run_hands_its_job_back_to_the_queue_only_once_it_is_first(parley: Parley) -> None:
+    """`ChatRunner.requeue`, which a worker calls after a run answered `waiting` left the queue: while the chat
+    that overtook it is active the job stays out (the projector queues it when that one ends); once it ended, the
+    job is queued again, for its time."""
+    clock, d = Clock(parley), Deployment(parley)
+    runner = parley.chat_runner()
+    sid = (await parley.sessions.create("acme", SessionCreate()))[0].id
+    later = await parley.chats.request("acme", sid, ask("in a minute", delay_s=60))
+    now = await parley.chats.request("acme", sid, ask("now"))
+    assert parley.memory is not None
+    clock.later(61)
+    assert await runner.run("acme", sid, later.job.id) == "waiting"
+    parley.memory.queued.pop(later.job.id, None)  # it has left the queue, as a finished run's job does
+    await runner.requeue("acme", sid, later.job.id)
+    assert later.job.id not in parley.memory.queued
+    assert await runner.run("acme", sid, now.job.id) == "succeeded"
+    await runner.requeue("acme", sid, later.job.id)  # no projector has seen the end yet: the requeue queues it
+    assert later.job.id in parley.memory.queued
+    await d.settle()
+    assert (await job(parley, sid, later.job.id))["status"] == "succeeded"

@@ -68,6 +68,7 @@ RETENTION_S = 3_600
 
 RunChat = Callable[[str, str, str], Any]
 FailChat = Callable[[str, str, str, str, str], Any]
+AfterWaiting = Callable[[str, str, str], Any]
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Backend:
     """A consumer of the projector's feed, by name."""
     wakeups: Callable[[], Wakeups]
     """A process's wake-ups (each call: another process)."""
-    worker: Callable[[RunChat, FailChat, int], ChatWorker]
+    worker: Callable[[RunChat, FailChat, int, AfterWaiting | None], ChatWorker]
     """A chat worker over the queue: (run, fail, max tries)."""
     webhooks: Webhooks
     partitions: int = PARTITIONS
@@ -96,8 +97,8 @@ class Backend:
 def memory_backend() -> Backend:
     memory = Memory(PARTITIONS)
 
-    def worker(run: RunChat, fail: FailChat, max_tries: int) -> ChatWorker:
-        return MemoryChatWorker(memory, run, fail, max_tries=max_tries, poll_delay_s=0.05)
+    def worker(run: RunChat, fail: FailChat, max_tries: int, after_waiting: AfterWaiting | None) -> ChatWorker:
+        return MemoryChatWorker(memory, run, fail, max_tries=max_tries, poll_delay_s=0.05, after_waiting=after_waiting)
 
     return Backend(
         name="memory",
@@ -129,9 +130,19 @@ def redis_backend(
         supervisors.append(supervisor := Supervisor())  # one per process, as each process has its own
         return Notifier(redis, keys, supervisor, block_ms=200, poll_s=0.01 if fake else None)
 
-    def worker(run: RunChat, fail: FailChat, max_tries: int) -> ChatWorker:
+    def worker(run: RunChat, fail: FailChat, max_tries: int, after_waiting: AfterWaiting | None) -> ChatWorker:
         monkeypatch.setattr(redis_queue, "MAX_TRIES", max_tries)
-        return chat_worker(queue_redis, None, run, fail, claim_s=1.0, max_jobs=10, job_timeout_s=60, poll_delay_s=0.05)
+        return chat_worker(
+            queue_redis,
+            None,
+            run,
+            fail,
+            claim_s=1.0,
+            max_jobs=10,
+            job_timeout_s=60,
+            poll_delay_s=0.05,
+            after_waiting=after_waiting,
+        )
 
     backend = Backend(
         name=name,

@@ -41,8 +41,9 @@ async def working(
     run: Callable[[str, str, str], Awaitable[str]],
     fail: Callable[..., Awaitable[None]],
     max_tries: int = 3,
+    after_waiting: Callable[[str, str, str], Awaitable[None]] | None = None,
 ) -> AsyncIterator[ChatWorker]:
-    worker = backend.worker(run, fail, max_tries)
+    worker = backend.worker(run, fail, max_tries, after_waiting)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.poll(stop))
     try:
@@ -85,6 +86,30 @@ async def test_a_job_queued_while_it_runs_is_not_run_again(backend: Backend) -> 
         await backend.queue.enqueue("acme", sid, [sentinel])
         await wait_for(lambda: _true(calls.ran(sentinel)), TIMEOUT_S, "the sentinel to run")
     assert calls.ran(job) == 1
+
+
+async def test_a_run_that_answers_waiting_is_handed_back_once_it_has_left_the_queue(backend: Backend) -> None:
+    """A job enqueued while its run (which found it not first yet) is finishing is a no-op: the job is still in the
+    queue. `after_waiting` comes after the job left it, so it can queue the job again."""
+    calls = Calls()
+    sid, job = uuid7(), uuid7()
+    handed_back: list[tuple[str, str, str]] = []
+
+    async def not_first_yet(tenant: str, s: str, j: str) -> str:
+        await calls.run(tenant, s, j)
+        if calls.ran(j) > 1:
+            return "succeeded"
+        await backend.queue.enqueue(tenant, s, [j])  # the chat before it ended just now: a no-op, it still runs
+        return "waiting"
+
+    async def after_waiting(tenant: str, s: str, j: str) -> None:
+        handed_back.append((tenant, s, j))
+        await backend.queue.enqueue(tenant, s, [j])
+
+    await backend.queue.enqueue("acme", sid, [job])
+    async with working(backend, not_first_yet, calls.fail, after_waiting=after_waiting):
+        await wait_for(lambda: _true(calls.ran(job) == 2), TIMEOUT_S, "the job handed back to run again")
+    assert handed_back == [("acme", sid, job)] and calls.fails == []
 
 
 async def test_a_job_that_ran_can_be_queued_again(backend: Backend) -> None:

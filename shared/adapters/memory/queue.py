@@ -26,6 +26,7 @@ MAX_TRIES = 5
 
 RunChat = Callable[[str, str, str], Awaitable[str]]
 FailChat = Callable[[str, str, str, str, str], Awaitable[None]]
+AfterWaiting = Callable[[str, str, str], Awaitable[None]]
 
 
 class MemoryChatQueue:
@@ -69,10 +70,13 @@ class MemoryChatWorker:
         max_tries: int = MAX_TRIES,
         poll_delay_s: float = 0.5,
         name: str | None = None,
+        after_waiting: AfterWaiting | None = None,
     ) -> None:
         self.memory = memory
         self.run = run
         self.fail = fail
+        self.after_waiting = after_waiting
+        """Called once a run that answered `waiting` has left the queue (`ArqChatWorker.finish_job`)."""
         self.max_jobs = max_jobs
         self.max_tries = max_tries
         self.poll_delay_s = poll_delay_s
@@ -91,12 +95,15 @@ class MemoryChatWorker:
         return tenant, session_id, job_id
 
     async def _run(self, tenant: str, session_id: str, job_id: str) -> None:
+        if await self._attempts(tenant, session_id, job_id) == "waiting" and self.after_waiting is not None:
+            await self.after_waiting(tenant, session_id, job_id)
+
+    async def _attempts(self, tenant: str, session_id: str, job_id: str) -> str:
         m = self.memory
         try:
             for attempt in range(1, self.max_tries + 1):
                 try:
-                    await self.run(tenant, session_id, job_id)
-                    return
+                    return await self.run(tenant, session_id, job_id)
                 except Exception as e:
                     if attempt < self.max_tries:
                         log.warning("chat %s attempt %s failed (%r); retrying", job_id, attempt, e)
@@ -109,6 +116,7 @@ class MemoryChatWorker:
                         "internal_error",
                         "the chat failed inside Parley; see the worker's log",
                     )
+            return "failed: internal_error"
         except asyncio.CancelledError:  # the worker stopped: another one runs the job
             m.queued[job_id] = (tenant, session_id)
             for other in [j for j in m.queued if j != job_id]:

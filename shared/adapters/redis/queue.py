@@ -82,6 +82,13 @@ class ChatQueue:
         return int(await self.arq.zcard(QUEUE))
 
 
+RunChat = Callable[[str, str, str], Awaitable[str]]
+FailChat = Callable[[str, str, str, str, str], Awaitable[None]]
+AfterWaiting = Callable[[str, str, str], Awaitable[None]]
+"""Called with (tenant, session, job) once a run that answered `waiting` (not its session's first chat) has left
+the queue: the job is queued again if it became first meanwhile."""
+
+
 class ArqChatWorker(Worker):
     """arq's worker, driven by Parley's supervisor instead of `Worker.main`, and woken by the API's push to WAKE
     instead of waiting out its poll delay.
@@ -90,12 +97,33 @@ class ArqChatWorker(Worker):
     runs them again. It also skips arq's start-up INFO call, which fakeredis does not implement.
     """
 
-    def __init__(self, *args: Any, claim_s: float = 5.0, wake: Redis | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        claim_s: float = 5.0,
+        wake: Redis | None = None,
+        after_waiting: AfterWaiting | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.in_progress_timeout_s = claim_s  # kept alive by the job's heartbeat while it runs
         self.wake_client = wake
         """A client for the blocking wake-up read (None: poll only, for fakeredis)."""
         self._wake = asyncio.Event()
+        self.after_waiting = after_waiting
+        self.waiting: dict[str, tuple[str, str, str]] = {}
+        """arq job id → (tenant, session, job) of the runs that answered `waiting`, until arq has finished them."""
+
+    async def finish_job(self, job_id: str, finish: bool, *args: Any, **kwargs: Any) -> None:
+        """arq's finish, then `after_waiting` for a run that answered `waiting`: an enqueue of the job while it was
+        still in the queue (the chat before it ended meanwhile) was a no-op, and nothing else would queue it."""
+        await super().finish_job(job_id, finish, *args, **kwargs)
+        parked = self.waiting.pop(job_id, None)
+        if parked is not None and finish and self.after_waiting is not None:
+            try:
+                await self.after_waiting(*parked)
+            except TRANSIENT as e:  # the projector queues it when the chat before it ends, if it has not yet
+                log.warning("chat %s: could not queue it again after waiting (%s)", parked[2], e)
 
     async def poll(self, stop: asyncio.Event) -> None:
         self.ctx["redis"] = self.pool
@@ -140,10 +168,6 @@ class ArqChatWorker(Worker):
         raise NotImplementedError("run ParleyWorker.poll / listen under a Supervisor")
 
 
-RunChat = Callable[[str, str, str], Awaitable[str]]
-FailChat = Callable[[str, str, str, str, str], Awaitable[None]]
-
-
 def chat_worker(
     redis: Redis,
     blocking: Redis | None,
@@ -154,6 +178,7 @@ def chat_worker(
     max_jobs: int,
     job_timeout_s: float,
     poll_delay_s: float,
+    after_waiting: AfterWaiting | None = None,
 ) -> ArqChatWorker:
     """The worker loop: `run(tenant, session, job)` each job arq hands out, heart-beating its lease; a job that
     raises is retried with backoff, then `fail(tenant, session, job, code, message)`ed, never left running.
@@ -184,6 +209,8 @@ def chat_worker(
             try:
                 result = await attempt(ctx, tenant, session_id, job_id)
                 status = result.partition(":")[0]
+                if result == "waiting":  # `worker`, below: its jobs run only once it is made
+                    worker.waiting[ctx["job_id"]] = (tenant, session_id, job_id)
                 return result
             except asyncio.CancelledError:  # the worker is stopping: the lease lapses and the job runs again
                 status = "interrupted"
@@ -229,7 +256,7 @@ def chat_worker(
         finally:
             beat.cancel()
 
-    return ArqChatWorker(
+    worker = ArqChatWorker(
         functions=[func(run_chat, name=RUN_CHAT, keep_result=0, max_tries=MAX_TRIES + 10)],  # + crashes
         queue_name=QUEUE,
         redis_pool=ArqRedis(connection_pool=redis.connection_pool),
@@ -240,4 +267,6 @@ def chat_worker(
         poll_delay=poll_delay_s,
         claim_s=claim_s,
         wake=blocking,
+        after_waiting=after_waiting,
     )
+    return worker
