@@ -57,6 +57,8 @@ class Admissions:
         self._leases: dict[str, _Lease] = {}
         self._sizes: dict[str, int] = {}
         """tenant → the lease to ask for, from its limits in its last grant (unknown: 1)."""
+        self._asking: dict[str, asyncio.Future[Admission]] = {}
+        """tenant → the lease this process is asking for now, which its other requests wait for."""
 
     def lease_size(self, grant: Admission) -> int:
         """What to ask for next, from the limits a grant carried."""
@@ -66,28 +68,60 @@ class Admissions:
         return size if size >= 2 else 1
 
     async def admit(self, tenant: str) -> Admission:
-        """One request of the tenant's: from this process's lease if it has one, else from a new grant."""
-        now = self.clock()
-        lease = self._leases.get(tenant)
-        unused, unused_day = 0, ""
-        if lease is not None:
-            if lease.left > 0 and now < lease.until:
+        """One request of the tenant's: from this process's lease if it has one, else from a new grant. One lease
+        is asked for at a time per tenant: the requests that arrive meanwhile wait for it and spend from it, where
+        each asking for its own would charge the tenant a lease apiece (50 requests at once, 50 leases of 50: its
+        whole burst of 2,000, and 429s for a tenant far below its rate)."""
+        while True:
+            now = self.clock()
+            lease = self._leases.get(tenant)
+            if lease is not None and lease.left > 0 and now < lease.until:
                 lease.left -= 1
                 return self._from(lease, now)
-            del self._leases[tenant]
+            asking = self._asking.get(tenant)
+            if asking is None:
+                break
+            try:
+                grant = await asyncio.shield(asking)
+            except asyncio.CancelledError:
+                if asking.cancelled():  # the request that asked went away: ask again
+                    continue
+                raise
+            if not grant.admitted:
+                return grant  # refused: so is every request that waited for it
+        want = self._sizes.get(tenant, 1)
+        if want <= 1:  # a tenant asked about per request: its requests ask side by side, as without leases
+            return await self._grant(tenant, want)
+        asked: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
+        self._asking[tenant] = asked
+        try:
+            grant = await self._grant(tenant, want)
+        except BaseException as e:
+            if isinstance(e, asyncio.CancelledError):
+                asked.cancel()
+            else:
+                asked.set_exception(e)
+                asked.exception()  # retrieved: nobody may be waiting
+            raise
+        finally:
+            del self._asking[tenant]
+        asked.set_result(grant)
+        return grant
+
+    async def _grant(self, tenant: str, want: int) -> Admission:
+        """Ask `Limits` for `want` requests (giving back what an expired lease left); keep a lease of the rest."""
+        unused, unused_day = 0, ""
+        lease = self._leases.pop(tenant, None)
+        if lease is not None:
             unused, unused_day = lease.left, lease.grant.day
-        grant = await self.limits.admit(tenant, self._sizes.get(tenant, 1), unused, unused_day)
+        grant = await self.limits.admit(tenant, want, unused, unused_day)
         if len(self._sizes) >= TENANTS_REMEMBERED:
             self._sizes.clear()
         self._sizes[tenant] = self.lease_size(grant)
         if grant.granted <= 1:
             return grant
         now = self.clock()
-        lease = _Lease(grant, grant.granted - 1, now, now + self.ttl_s)
-        other = self._leases.get(tenant)  # taken by another request while this one waited for its grant
-        if other is not None and other.left > 0:
-            lease.left += other.left
-        self._leases[tenant] = lease
+        lease = self._leases[tenant] = _Lease(grant, grant.granted - 1, now, now + self.ttl_s)
         return self._from(lease, now)
 
     @staticmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from shared.adapters.memory.limits import MemoryLimits
 from shared.adapters.memory.store import Memory
 from shared.app.admission import Admissions
@@ -111,3 +113,50 @@ async def test_an_expired_lease_goes_back_with_the_next_grant_and_a_failed_retur
     clock.now += 1.1
     limits.admit = broken  # type: ignore[method-assign]
     await admissions.settle()  # the store is gone: those requests stay counted, nothing raises
+
+
+class Slow(Counted):
+    """Counted limits whose answers take a turn of the event loop, as a Redis round trip does."""
+
+    wants: list[int]
+
+    async def admit(self, tenant: str, want: int = 1, unused: int = 0, unused_day: str = "") -> Admission:
+        self.wants = [*getattr(self, "wants", []), want]
+        await asyncio.sleep(0.001)
+        return await super().admit(tenant, want, unused, unused_day)
+
+
+async def test_requests_that_arrive_while_a_lease_is_asked_for_wait_for_it_instead_of_each_taking_one() -> None:
+    """50 requests at once used to take 50 leases of 50: the tenant's whole burst of 2,000, then 429s."""
+    clock = Clock()
+    limits = Slow(Memory(4, clock), TenantLimits(rps=1000, burst=2000))
+    admissions = Admissions(limits, max_lease=64, lease_s=0.05, ttl_s=1.0, clock=clock)
+    assert (await admissions.admit("acme")).admitted  # learns the tenant's limits: leases of 50 from now on
+    for _ in range(3):
+        answers = await asyncio.gather(*(admissions.admit("acme") for _ in range(120)))
+        assert all(a.admitted for a in answers)
+    assert limits.wants == [1] + [50] * 8  # 1 + 360 requests: one lease at a time, each spent before the next
+    assert await requests_counted(limits) == 1 + 8 * 50
+
+
+async def test_a_refused_lease_refuses_the_requests_that_waited_for_it_and_a_failed_one_fails_them() -> None:
+    clock = Clock()
+    limits = Slow(Memory(4, clock), TenantLimits(rps=1000, burst=16))  # leases of 2 (an eighth of the burst)
+    admissions = Admissions(limits, max_lease=64, lease_s=0.05, ttl_s=1.0, clock=clock)
+    answers = [await admissions.admit("acme") for _ in range(15)]
+    assert all(a.admitted for a in answers)
+    waited = await asyncio.gather(*(admissions.admit("acme") for _ in range(5)))
+    assert [a.admitted for a in waited] == [True, False, False, False, False]  # the burst's last one, then none
+    assert limits.wants.count(2) == len(limits.wants) - 1  # the refusals came from the one grant they waited on
+
+    class Down(Exception):
+        pass
+
+    async def failing(*args: object) -> Admission:
+        await asyncio.sleep(0.001)
+        raise Down
+
+    limits.admit = failing  # type: ignore[method-assign]
+    clock.now += 10  # the burst is whole again; the store is not there
+    results = await asyncio.gather(*(admissions.admit("acme") for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, Down) for r in results)
