@@ -44,7 +44,7 @@ from shared.domain.context import (
     to_openai,
 )
 from shared.domain.errors import DomainError, NotFound
-from shared.domain.events import ChatRequested, Event
+from shared.domain.events import ChatRequested, Event, MessageAdded
 from shared.domain.state import SessionState
 from shared.domain.wire import (
     AssistantMessage,
@@ -216,7 +216,10 @@ class ChatRunner:
         )
         stored, dropped_range = await self._conversation(tenant, session_id, state, later, reach, counter)
         history = [(m.seq, _context_message(m)) for m in stored if m.id not in saved]
-        new = [_context_message(m) for m in stored if m.id in saved] + [
+        own = [m for m in stored if m.id in saved]
+        if len(own) < len(saved):  # overtaken: chats answered since its request, and the read did not reach it
+            own = sorted(own + await self._own(tenant, session_id, state, requested, own), key=lambda m: m.seq)
+        new = [_context_message(m) for m in own] + [
             ContextMessage(
                 id=None,
                 role=m.role,
@@ -331,6 +334,26 @@ class ChatRunner:
         older = [m for s in systems for m in await self._messages(tenant, session_id, *_offsets(s, state.removed))]
         conversation = [m for m in older + tail if m.id not in later]
         return conversation, (summary_seq + 1, oldest - 1) if start > first_shown else None
+
+    async def _own(
+        self, tenant: str, session_id: str, state: SessionState, requested: ChatRequested, found: list[Message]
+    ) -> list[Message]:
+        """The chat's saved messages (its request) that the conversation's read did not reach: a chat that chats
+        asked for later overtook (it was scheduled) can find its request behind a budget's worth of their messages,
+        or under a summary. They are the events right before its `ChatRequested`; each is read where it is shown."""
+        missing = set(requested.data.message_ids) - {m.id for m in found}
+        n = len(requested.data.message_ids)
+        events = await self.service.log.read(session_id, after=requested.version - 1 - n, limit=n)
+        seqs = [
+            e.data.seq
+            for e in events
+            if isinstance(e, MessageAdded) and e.data.id in missing and e.data.seq not in state.removed
+        ]
+        if not seqs:
+            return []
+        spans = [_offsets(seq, state.removed) for seq in seqs]
+        page = await self._messages(tenant, session_id, min(a for a, _ in spans), max(b for _, b in spans))
+        return [m for m in page if m.id in missing]
 
     async def _messages(self, tenant: str, session_id: str, start: int, end: int) -> list[Message]:
         """The messages shown at offsets `start`..`end` (end exclusive), oldest first."""

@@ -146,3 +146,23 @@ async def test_a_waiting_run_hands_its_job_back_to_the_queue_only_once_it_is_fir
     assert later.job.id in parley.memory.queued
     await d.settle()
     assert (await job(parley, sid, later.job.id))["status"] == "succeeded"
+
+
+async def test_an_overtaken_chat_asks_its_own_request_however_far_back_the_conversation_has_moved(
+    parley: Parley,
+) -> None:
+    """Chats asked for after a scheduled one can run first and leave a budget's worth of messages after its request;
+    the truncating read from the newest message back never reaches it, yet the prompt must still end with it."""
+    model = Recording()
+    clock, d = Clock(parley), Deployment(parley, provider=model)
+    body = SessionCreate(token_budget=2_000, context_overflow="truncate")
+    sid = (await parley.sessions.create("acme", body))[0].id
+    later = await parley.chats.request("acme", sid, ask("remind me about the order", delay_s=60))
+    for i in range(250):  # more than the read's first page and the page after it
+        await parley.sessions.add_message("acme", sid, MessageCreate(role="user", content=f"note {i} " + "word " * 20))
+    clock.later(61)
+    await d.settle()
+    assert (await job(parley, sid, later.job.id))["status"] == "succeeded"
+    [prompt] = [r.messages for r in model.requests]
+    assert prompt[-1] == {"role": "user", "content": "remind me about the order"}
+    assert "note 249" in prompt[-2]["content"] and len(prompt) < 100  # the newest notes, truncated to the budget
