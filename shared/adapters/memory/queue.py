@@ -96,7 +96,10 @@ class MemoryChatWorker:
 
     async def _run(self, tenant: str, session_id: str, job_id: str) -> None:
         if await self._attempts(tenant, session_id, job_id) == "waiting" and self.after_waiting is not None:
-            await self.after_waiting(tenant, session_id, job_id)
+            try:
+                await self.after_waiting(tenant, session_id, job_id)
+            except Exception:
+                log.exception("chat %s: could not hand it back after waiting", job_id)
 
     async def _attempts(self, tenant: str, session_id: str, job_id: str) -> str:
         m = self.memory

@@ -26,7 +26,7 @@ from shared.adapters.redis.keys import PREFIX
 from shared.adapters.redis.lua import run_pipeline
 from shared.adapters.redis.scripts import ENQUEUE, REGISTRY, START_JOB
 from shared.observability import logs, metrics, tracing
-from shared.supervise import TRANSIENT
+from shared.supervise import TRANSIENT, until_available
 
 __all__ = ["MAX_TRIES", "QUEUE", "RUN_CHAT", "WAKE", "ArqChatWorker", "ChatQueue", "chat_worker"]
 
@@ -120,10 +120,11 @@ class ArqChatWorker(Worker):
         await super().finish_job(job_id, finish, *args, **kwargs)
         parked = self.waiting.pop(job_id, None)
         if parked is not None and finish and self.after_waiting is not None:
-            try:
-                await self.after_waiting(*parked)
-            except TRANSIENT as e:  # the projector queues it when the chat before it ends, if it has not yet
-                log.warning("chat %s: could not queue it again after waiting (%s)", parked[2], e)
+            after_waiting = self.after_waiting
+            try:  # the job is in no queue now: a store outage is waited out, not left to a later chat's enqueue
+                await until_available(lambda: after_waiting(*parked), f"chat {parked[2]}'s hand-back", log)
+            except Exception:
+                log.exception("chat %s: could not hand it back after waiting", parked[2])
 
     async def poll(self, stop: asyncio.Event) -> None:
         self.ctx["redis"] = self.pool
