@@ -18,6 +18,7 @@ that dies keeps its last lease's unspent requests counted (one lease per tenant,
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -69,9 +70,10 @@ class Admissions:
 
     async def admit(self, tenant: str) -> Admission:
         """One request of the tenant's: from this process's lease if it has one, else from a new grant. One lease
-        is asked for at a time per tenant: the requests that arrive meanwhile wait for it and spend from it, where
+        is asked for at a time per tenant, and every request that finds none waits for it and then spends from it:
         each asking for its own would charge the tenant a lease apiece (50 requests at once, 50 leases of 50: its
-        whole burst of 2,000, and 429s for a tenant far below its rate)."""
+        whole burst of 2,000, and 429s for a tenant far below its rate). The ask is a task of its own, so a request
+        that goes away meanwhile does not lose the lease it was asking for."""
         while True:
             now = self.clock()
             lease = self._leases.get(tenant)
@@ -80,36 +82,37 @@ class Admissions:
                 return self._from(lease, now)
             asking = self._asking.get(tenant)
             if asking is None:
-                break
+                want = self._sizes.get(tenant, 1)
+                if want <= 1:  # a tenant asked about per request: its requests ask side by side, as without leases
+                    return await self._ask(tenant, 1)
+                asking = self._asking[tenant] = asyncio.ensure_future(self._lease(tenant, want))
+                asking.add_done_callback(functools.partial(self._asked, tenant))
             try:
                 grant = await asyncio.shield(asking)
             except asyncio.CancelledError:
-                if asking.cancelled():  # the request that asked went away: ask again
-                    continue
+                me = asyncio.current_task()
+                if asking.cancelled() and not (me is not None and me.cancelling()):
+                    continue  # the ask was cancelled (the process is stopping), not this request
                 raise
             if not grant.admitted:
                 return grant  # refused: so is every request that waited for it
-        want = self._sizes.get(tenant, 1)
-        if want <= 1:  # a tenant asked about per request: its requests ask side by side, as without leases
-            return await self._grant(tenant, want)
-        asked: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
-        self._asking[tenant] = asked
-        try:
-            grant = await self._grant(tenant, want)
-        except BaseException as e:
-            if isinstance(e, asyncio.CancelledError):
-                asked.cancel()
-            else:
-                asked.set_exception(e)
-                asked.exception()  # retrieved: nobody may be waiting
-            raise
-        finally:
+
+    def _asked(self, tenant: str, asking: asyncio.Future[Admission]) -> None:
+        if self._asking.get(tenant) is asking:
             del self._asking[tenant]
-        asked.set_result(grant)
+        if not asking.cancelled():
+            asking.exception()  # retrieved: every request that waited for it may have gone
+
+    async def _lease(self, tenant: str, want: int) -> Admission:
+        """Ask for `want` requests and keep what is granted as the tenant's lease, for the requests to spend."""
+        grant = await self._ask(tenant, want)
+        if grant.admitted:
+            now = self.clock()
+            self._leases[tenant] = _Lease(grant, grant.granted, now, now + self.ttl_s)
         return grant
 
-    async def _grant(self, tenant: str, want: int) -> Admission:
-        """Ask `Limits` for `want` requests (giving back what an expired lease left); keep a lease of the rest."""
+    async def _ask(self, tenant: str, want: int) -> Admission:
+        """`Limits.admit` for `want` requests, giving back what an expired lease did not spend."""
         unused, unused_day = 0, ""
         lease = self._leases.pop(tenant, None)
         if lease is not None:
@@ -118,11 +121,7 @@ class Admissions:
         if len(self._sizes) >= TENANTS_REMEMBERED:
             self._sizes.clear()
         self._sizes[tenant] = self.lease_size(grant)
-        if grant.granted <= 1:
-            return grant
-        now = self.clock()
-        lease = self._leases[tenant] = _Lease(grant, grant.granted - 1, now, now + self.ttl_s)
-        return self._from(lease, now)
+        return grant
 
     @staticmethod
     def _from(lease: _Lease, now: float) -> Admission:

@@ -160,3 +160,19 @@ async def test_a_refused_lease_refuses_the_requests_that_waited_for_it_and_a_fai
     clock.now += 10  # the burst is whole again; the store is not there
     results = await asyncio.gather(*(admissions.admit("acme") for _ in range(3)), return_exceptions=True)
     assert all(isinstance(r, Down) for r in results)
+
+
+async def test_a_request_that_goes_away_while_its_lease_is_asked_for_does_not_lose_it_for_the_others() -> None:
+    clock = Clock()
+    limits = Slow(Memory(4, clock), TenantLimits(rps=1000, burst=2000))
+    admissions = Admissions(limits, max_lease=64, lease_s=0.05, ttl_s=1.0, clock=clock)
+    await admissions.admit("acme")  # leases of 50 from now on
+    first = asyncio.create_task(admissions.admit("acme"))  # asks for the lease
+    await asyncio.sleep(0)
+    others = [asyncio.create_task(admissions.admit("acme")) for _ in range(3)]
+    await asyncio.sleep(0)
+    first.cancel()  # its client went away while the lease was asked for
+    answers = await asyncio.gather(*others)
+    assert first.cancelled() and all(a.admitted for a in answers)
+    assert limits.wants == [1, 50]  # the lease it asked for serves the others; nobody asked again
+    assert answers[-1].remaining == 2000 - 51 + 47
