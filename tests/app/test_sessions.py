@@ -156,3 +156,24 @@ async def test_a_write_on_a_stale_state_decides_again_on_what_the_conflict_answe
     added = await first.sessions.add_message("acme", session.id, MessageCreate(role="user", content="d"))
     assert (added.seq, loads) == (4, 0)
     assert content(await first.sessions.messages("acme", session.id, 10, 0)) == ["a", "b", "c", "d"]
+
+
+async def test_a_writer_that_keeps_losing_races_to_another_process_gets_through() -> None:
+    """Another process's writer wins this one's first ten appends to the session (a process starved of CPU while
+    the other writes the session every few milliseconds): each loss folds what it missed, and the write lands."""
+    memory = Memory(settings().partitions)
+    mine, theirs = await in_memory(settings(), memory), await in_memory(settings(), memory)
+    session, _ = await mine.sessions.create("acme", SessionCreate())
+    append, lost = mine.service.log.append, 0
+
+    async def racing(*args: object, **kwargs: object) -> object:
+        nonlocal lost
+        if lost < 10:  # the other writer appends first
+            lost += 1
+            await theirs.sessions.add_message("acme", session.id, MessageCreate(role="user", content=f"theirs {lost}"))
+        return await append(*args, **kwargs)  # type: ignore[arg-type]
+
+    mine.service.log.append = racing  # type: ignore[method-assign]
+    added = await mine.sessions.add_message("acme", session.id, MessageCreate(role="user", content="mine"))
+    assert (lost, added.seq) == (10, 11)
+    assert content(await mine.sessions.messages("acme", session.id, 20, 0))[-1] == "mine"
