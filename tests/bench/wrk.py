@@ -32,6 +32,9 @@ end
 done = function(summary, latency, requests)
   local e = summary.errors
   local parts = {}
+  for _, kind in ipairs({"connect", "read", "write", "timeout"}) do  -- socket errors, by kind, as failures too
+    if e[kind] > 0 then parts[#parts + 1] = string.format('"socket %%s":%%d', kind, e[kind]) end
+  end
   for _, thread in ipairs(threads) do
     for k, n in pairs(thread:get("failures") or {}) do parts[#parts + 1] = string.format('"%%s":%%d', k, n) end
   end
@@ -50,7 +53,8 @@ class LoadResult(msgspec.Struct, kw_only=True):
     p99_ms: float
     errors: int
     failures: dict[str, int] = {}
-    """Non-2xx answers by status and error code (`503 overloaded`), as the open-loop generator counts them."""
+    """Non-2xx answers by status and error code (`503 overloaded`), as the open-loop generator counts them, and
+    socket errors by kind (`socket read`: the connection closed or reset under a request)."""
 
 
 def available() -> bool:
