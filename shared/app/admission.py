@@ -31,11 +31,21 @@ TENANTS_REMEMBERED = 10_000
 """Lease sizes kept per process (a tenant not seen since the map was cleared starts from a lease of one)."""
 
 
+REFILL_AT = 0.25
+"""The share of a lease left when the process asks for the next one, so its requests spend the old one meanwhile
+instead of all waiting for the ask (a round trip: about 4 % of a busy tenant's throughput, benchmark row P2)."""
+
+
 class _Lease:
-    __slots__ = ("grant", "left", "taken", "until")
+    __slots__ = ("grant", "left", "refill", "taken", "until")
 
     def __init__(self, grant: Admission, left: int, taken: float, until: float) -> None:
         self.grant, self.left, self.taken, self.until = grant, left, taken, until
+        self.refill = math.floor(grant.granted * REFILL_AT)
+        """Ask for the next lease once `left` is down to this."""
+
+    def live(self, now: float) -> bool:
+        return self.left > 0 and now < self.until
 
 
 class Admissions:
@@ -60,6 +70,8 @@ class Admissions:
         """tenant → the lease to ask for, from its limits in its last grant (unknown: 1)."""
         self._asking: dict[str, asyncio.Future[Admission]] = {}
         """tenant → the lease this process is asking for now, which its other requests wait for."""
+        self._retired: list[tuple[str, _Lease]] = []
+        """Leases replaced before they ran out by one counted on another day: `settle` gives back what is left."""
 
     def lease_size(self, grant: Admission) -> int:
         """What to ask for next, from the limits a grant carried."""
@@ -77,16 +89,17 @@ class Admissions:
         while True:
             now = self.clock()
             lease = self._leases.get(tenant)
-            if lease is not None and lease.left > 0 and now < lease.until:
+            if lease is not None and lease.live(now):
                 lease.left -= 1
+                if lease.left <= lease.refill and tenant not in self._asking:  # the next, while this one lasts
+                    self._ask_lease(tenant, self._sizes.get(tenant, 1))
                 return self._from(lease, now)
             asking = self._asking.get(tenant)
             if asking is None:
                 want = self._sizes.get(tenant, 1)
                 if want <= 1:  # a tenant asked about per request: its requests ask side by side, as without leases
                     return await self._ask(tenant, 1)
-                asking = self._asking[tenant] = asyncio.ensure_future(self._lease(tenant, want))
-                asking.add_done_callback(functools.partial(self._asked, tenant))
+                asking = self._ask_lease(tenant, want)
             try:
                 grant = await asyncio.shield(asking)
             except asyncio.CancelledError:
@@ -96,6 +109,11 @@ class Admissions:
                 raise
             if not grant.admitted:
                 return grant  # refused: so is every request that waited for it
+
+    def _ask_lease(self, tenant: str, want: int) -> asyncio.Future[Admission]:
+        asking = self._asking[tenant] = asyncio.ensure_future(self._lease(tenant, want))
+        asking.add_done_callback(functools.partial(self._asked, tenant))
+        return asking
 
     def _asked(self, tenant: str, asking: asyncio.Future[Admission]) -> None:
         if self._asking.get(tenant) is asking:
@@ -108,14 +126,23 @@ class Admissions:
         grant = await self._ask(tenant, want)
         if grant.admitted:
             now = self.clock()
-            self._leases[tenant] = _Lease(grant, grant.granted, now, now + self.ttl_s)
+            lease = _Lease(grant, grant.granted, now, now + self.ttl_s)
+            current = self._leases.get(tenant)
+            if current is not None and current.live(now):  # asked for before it ran out: what it has left
+                if current.grant.day == grant.day:  # was charged already, and stays spendable in the new one
+                    lease.left += current.left
+                else:  # counted on another day: given back to that day's counter by `settle`
+                    self._retired.append((tenant, current))
+            self._leases[tenant] = lease
         return grant
 
     async def _ask(self, tenant: str, want: int) -> Admission:
-        """`Limits.admit` for `want` requests, giving back what an expired lease did not spend."""
+        """`Limits.admit` for `want` requests, giving back what a spent or expired lease did not spend (a live
+        one stays: requests spend it while the next is asked for)."""
         unused, unused_day = 0, ""
-        lease = self._leases.pop(tenant, None)
-        if lease is not None:
+        lease = self._leases.get(tenant)
+        if lease is not None and not lease.live(self.clock()):
+            del self._leases[tenant]
             unused, unused_day = lease.left, lease.grant.day
         grant = await self.limits.admit(tenant, want, unused, unused_day)
         if len(self._sizes) >= TENANTS_REMEMBERED:
@@ -131,11 +158,16 @@ class Admissions:
         return Admission(True, g.burst, g.remaining + lease.left if g.burst else 0, wait_ms, g.rps, 1, g.day)
 
     async def settle(self, everything: bool = False) -> None:
-        """Give back what the leases past their time (or all of them: shutting down) did not spend."""
+        """Give back what the leases past their time (or all of them: shutting down, once the asks in flight
+        have landed) did not spend."""
+        if everything:
+            await asyncio.gather(*self._asking.values(), return_exceptions=True)
         now = self.clock()
         done = [(t, lease) for t, lease in self._leases.items() if everything or now >= lease.until]
         for tenant, _ in done:
             del self._leases[tenant]
+        done += self._retired
+        self._retired = []
         returns = [self.limits.admit(t, 0, lease.left, lease.grant.day) for t, lease in done if lease.left > 0]
         # A return that fails leaves those requests counted as made: the cost of a lost lease, documented above.
         await asyncio.gather(*returns, return_exceptions=True)

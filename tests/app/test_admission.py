@@ -47,9 +47,12 @@ async def test_a_busy_tenant_costs_one_call_per_lease_and_its_counter_ends_exact
     _, limits, (admissions,) = setup(TenantLimits(rps=1000, burst=2000))
     answers = [await admissions.admit("acme") for _ in range(200)]
     assert all(a.admitted for a in answers)
-    assert limits.calls == 1 + 4  # the first learns the tenant's limits; then leases of 50 (50 ms of its rate)
     assert [a.remaining for a in answers[1:4]] == [1998, 1997, 1996]  # what is left counts the lease's unspent
-    assert await requests_counted(limits) == 1 + 4 * 50  # a lease counts as made when taken...
+    await asyncio.sleep(0.01)  # the next lease, asked for when the last was down to a quarter, lands
+    # the first learns the tenant's limits; then leases of 50 (50 ms of its rate), each asked for while the one
+    # before still had 12 left: 199 requests spend four, and the fifth is there for the next
+    assert limits.calls == 1 + 5
+    assert await requests_counted(limits) == 1 + 5 * 50  # a lease counts as made when taken...
     await admissions.settle(everything=True)
     assert await requests_counted(limits) == 200  # ...and its unspent requests go back
 
@@ -176,3 +179,36 @@ async def test_a_request_that_goes_away_while_its_lease_is_asked_for_does_not_lo
     assert first.cancelled() and all(a.admitted for a in answers)
     assert limits.wants == [1, 50]  # the lease it asked for serves the others; nobody asked again
     assert answers[-1].remaining == 2000 - 51 + 47
+
+
+async def test_the_next_lease_is_asked_for_while_requests_still_spend_the_last_one() -> None:
+    """Asked for once a lease is down to a quarter: the requests spend what it has left meanwhile, and only those
+    that find it spent wait for the ask."""
+    clock = Clock()
+    gate = asyncio.Event()
+
+    class Gated(Counted):
+        async def admit(self, tenant: str, want: int = 1, unused: int = 0, unused_day: str = "") -> Admission:
+            if want > 1 and self.calls >= 2:  # the second lease on waits for the gate
+                self.calls += 1
+                await gate.wait()
+                self.calls -= 1
+            return await super().admit(tenant, want, unused, unused_day)
+
+    limits = Gated(Memory(4, clock), TenantLimits(rps=1000, burst=2000))
+    admissions = Admissions(limits, max_lease=64, lease_s=0.05, ttl_s=1.0, clock=clock)
+    await admissions.admit("acme")  # learns the limits
+    spent = [await admissions.admit("acme") for _ in range(38)]  # the first lease of 50, down to 12: the next asked
+    await asyncio.sleep(0)
+    assert limits.calls == 3 and all(a.admitted for a in spent)
+    for _ in range(12):  # the rest of the first lease, each without waiting for the ask in flight
+        request = asyncio.ensure_future(admissions.admit("acme"))
+        await asyncio.sleep(0)
+        assert request.done() and request.result().admitted
+    waiting = asyncio.ensure_future(admissions.admit("acme"))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # the lease is spent: this one waits for the next
+    gate.set()
+    assert (await waiting).admitted
+    await admissions.settle(everything=True)
+    assert await requests_counted(limits) == 1 + 50 + 1
