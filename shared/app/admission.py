@@ -55,7 +55,7 @@ class Admissions:
         self,
         limits: Limits,
         *,
-        max_lease: int = 64,
+        max_lease: int = 256,
         lease_s: float = 0.05,
         ttl_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
