@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from shared.app.chats import streamed_text
+from shared.app.chats import queue_if_first, streamed_text
 from shared.app.ports import (
     ChatJobs,
     ChatQueue,
@@ -186,8 +186,7 @@ class ChatRunner:
             state = await self.service.current(tenant, session_id)
         except NotFound:
             return
-        if state.active_chats and state.active_chats[0].job_id == job_id:
-            await self.queue.enqueue(tenant, session_id, [job_id], state.active_chats[0].run_at)
+        await queue_if_first(self.queue, tenant, state, job_id)
 
     # -- context ------------------------------------------------------------------------
     async def _context(

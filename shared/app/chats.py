@@ -26,7 +26,15 @@ from shared.domain.ids import uuid7
 from shared.domain.state import SessionState
 from shared.domain.wire import ChatRequest, JobAccepted
 
-__all__ = ["CHAT_SLOT_TTL_S", "Chats", "Requested", "StaleConversation", "streamed_text", "unanswered"]
+__all__ = [
+    "CHAT_SLOT_TTL_S",
+    "Chats",
+    "Requested",
+    "StaleConversation",
+    "queue_if_first",
+    "streamed_text",
+    "unanswered",
+]
 
 CHAT_SLOT_TTL_S = 900.0
 """A concurrent-chat slot is given back when the chat ends (by the projector); one whose holder vanished expires."""
@@ -42,6 +50,13 @@ class Requested(msgspec.Struct, kw_only=True, frozen=True):
     last_message_id: str | None = None
     state_version: int = 0
     """The session's version before the request's events (the one it was decided on)."""
+
+
+async def queue_if_first(queue: ChatQueue, tenant: str, state: SessionState, job_id: str) -> None:
+    """Queue the job, for its time, if it is the session's first active chat: the one that runs next (the others
+    are queued by the projector when the chats before them end)."""
+    if state.active_chats and state.active_chats[0].job_id == job_id:
+        await queue.enqueue(tenant, state.id, [job_id], state.active_chats[0].run_at)
 
 
 def streamed_text(entries: Sequence[tuple[str, str, bytes]]) -> str:
@@ -125,8 +140,8 @@ class Chats:
                 sid, other, "error", _encode({"code": "cancelled", "message": f"interrupted by chat {job_id}"})
             )
         state = self.service.cache.get(tenant, sid)
-        if state is not None and state.active_chats and state.active_chats[0].job_id == job_id:
-            await self.queue.enqueue(tenant, sid, [job_id], state.active_chats[0].run_at)
+        if state is not None:
+            await queue_if_first(self.queue, tenant, state, job_id)
         return done
 
     async def compact(self, tenant: str, sid: str, idem: Idempotency | None = None) -> Requested:
