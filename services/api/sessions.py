@@ -268,7 +268,7 @@ class SessionController(Controller):
         )
         return json_response(session, headers={"ETag": etag(version)})
 
-    @delete("/{session_id:str}", status_code=202, responses=errors(404, 412))
+    @delete("/{session_id:str}", status_code=202, responses=errors(404, 409, 412))
     async def delete_session(
         self,
         request: Request,
@@ -280,7 +280,8 @@ class SessionController(Controller):
     ) -> Response[SessionDeletion]:
         """Delete the session: it and its messages and tools leave the read models; the log keeps `SessionDeleted`
         (its events and past versions stay readable). `purge=true` erases the log and all derived data as well,
-        a deleted session's too, and records a `SessionPurged` tombstone in `GET /audit`."""
+        a deleted session's too, and records a `SessionPurged` tombstone in `GET /audit`; refused with 409
+        `has_forks` (changing nothing) while copy-on-write forks read its history: purge them first."""
         sessions = api(request).parley.sessions
         idem = await idempotency(request, idempotency_key)
         deletion = await sessions.delete(tenant, parse_session_id(session_id), expected_version(if_match), idem, purge)

@@ -41,6 +41,12 @@ def event_fields(event: Event) -> tuple[str, str, str, bytes]:
     return type(event).__name__, event.id, at, json_encode(event.data)
 
 
+def log_fields(event: Event) -> dict[bytes, bytes]:
+    """The log entry's fields of an event as it is stored today (schema current)."""
+    kind, event_id, at, data = event_fields(event)
+    return {b"t": kind.encode(), b"i": event_id.encode(), b"a": at.encode(), b"s": _CURRENT_SCHEMA, b"d": data}
+
+
 def event_json(version: int, fields: dict[bytes, bytes]) -> bytes:
     """The wire JSON of a logged event, assembled without decoding its data."""
     data = upcast(fields[b"t"], int(fields.get(b"s", b"1")), fields[b"d"])

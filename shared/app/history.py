@@ -15,7 +15,7 @@ import msgspec
 from shared.app.ports import Appended, ChatJobs, LogAdmin, PurgeConflict
 from shared.app.service import SessionService
 from shared.domain.commands import DeleteSession
-from shared.domain.errors import Invalid, InvalidImport, NotFound, SessionExists, VersionConflict
+from shared.domain.errors import HasForks, Invalid, InvalidImport, NotFound, SessionExists, VersionConflict
 from shared.domain.events import SCHEMA_VERSION, Event, SessionDeleted, SessionPurged, SessionPurgedData
 from shared.domain.ids import parse_uuid, uuid7
 from shared.domain.state import SessionState, fold
@@ -136,6 +136,7 @@ async def purge(
     before = await service.log.load(tenant, session_id)
     if before is None:
         raise NotFound(f"session {session_id} not found")
+    await _no_readers(admin, session_id)
     if before.exists:
         command = DeleteSession(expected_version=expected_version)
         await service.execute(tenant, session_id, command, lambda s, e: None)
@@ -159,16 +160,26 @@ async def purge(
             if not await admin.purge(tenant, session_id, state.version, tombstone):
                 raise NotFound(f"session {session_id} not found")
         except PurgeConflict:
+            await _no_readers(admin, session_id)  # a fork made since the check above
             continue
         service.forget(tenant, session_id)
         return deleted_at
     raise RuntimeError(f"session {session_id} kept changing while being purged")
 
 
+async def _no_readers(admin: LogAdmin, session_id: str) -> None:
+    if forks := await admin.readers(session_id):
+        raise HasForks(
+            f"session {session_id} has {len(forks)} forks that read its history (copy-on-write): purge them first",
+            {"forks": forks},
+        )
+
+
 async def sessions_of_user(service: SessionService, admin: LogAdmin, tenant: str, user_id: str) -> list[str]:
-    """The tenant's sessions (deleted ones too) whose `user_id` is this user."""
+    """The tenant's sessions (deleted ones too) whose `user_id` is this user, newest first: a fork before the
+    session it was forked from (which cannot be purged while its forks are there)."""
     out = []
-    for sid in await admin.session_ids(tenant):
+    for sid in reversed(await admin.session_ids(tenant)):  # ids are UUIDv7: creation order
         state = await service.log.load(tenant, sid)
         if state is not None and state.session is not None and state.session.user_id == user_id:
             out.append(sid)

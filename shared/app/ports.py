@@ -156,7 +156,10 @@ class EventLog(Protocol):
         claim: IdempotencyClaim | None = None,
     ) -> AppendOutcome:
         """Append iff the session's version is `expected_version` (0: the session must not exist). The same events
-        appended again (a retried call whose answer was lost) answer `Appended`, once."""
+        appended again (a retried call whose answer was lost) answer `Appended`, once. A copy-on-write fork's
+        first append (`shared.domain.fork.shares`) stores its `SessionForked` and its own events, and leaves its
+        inherited versions to be read from its parent's log (refused as `Missing` if the parent is not this
+        tenant's or does not reach that far); every read of the log shows them as the fork's own."""
         ...
 
     async def load(self, tenant: str, session_id: str, known: SessionState | None = None) -> SessionState | None:
@@ -481,9 +484,14 @@ class LogAdmin(Protocol):
         """Record a rebuild's cursor ("": started), or forget it (None)."""
         ...
 
+    async def readers(self, session_id: str) -> list[str]:
+        """The copy-on-write forks that read this session's log (`shared.domain.fork`); purged ones left out."""
+        ...
+
     async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
         """Erase the session and record `tombstone`, atomically. False: no such session for this tenant; raises
-        `PurgeConflict` if its version is not `expected`."""
+        `PurgeConflict` if its version is not `expected` or a fork reads its log (`readers`), and a fork's purge
+        leaves its parent's readers."""
         ...
 
     async def audit(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]: ...

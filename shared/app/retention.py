@@ -24,7 +24,7 @@ import msgspec
 
 from shared.app.ports import IdleCursor, ReadModels
 from shared.app.sessions import Sessions
-from shared.domain.errors import NotFound, ProjectionLagging, VersionConflict
+from shared.domain.errors import HasForks, NotFound, ProjectionLagging, VersionConflict
 from shared.domain.retention import MIN_IDLE
 from shared.domain.wire import RetentionAction, Session
 
@@ -156,5 +156,7 @@ class RetentionSweeper:
         try:
             await self.sessions.delete(tenant, session_id, version, purge=action == "purge")
         except (VersionConflict, NotFound):  # it changed, or went, since it was read: a later pass decides
+            return False
+        except HasForks:  # its forks read its history: it is not erased before they are
             return False
         return True

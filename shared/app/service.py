@@ -40,6 +40,7 @@ from shared.domain.errors import (
     VersionNotFound,
 )
 from shared.domain.events import Event, check_readable
+from shared.domain.fork import stored
 from shared.domain.ids import partition_of, uuid7
 from shared.domain.state import SessionState, fold
 
@@ -159,12 +160,17 @@ class SessionService:
         self.read_assist_s = read_assist_s
         self._assisting: dict[str, asyncio.Future[None]] = {}
 
-    def new_session_id(self, tenant: str, idempotency: Idempotency | None) -> str:
-        """A fresh id; with an Idempotency-Key, one in the partition the key's record lives in."""
+    def new_session_id(self, tenant: str, idempotency: Idempotency | None, parent_id: str | None = None) -> str:
+        """A fresh id; a fork's in its parent's partition (it reads its parent's log, in one Cluster slot), else
+        with an Idempotency-Key one in the partition the key's record lives in (a fork's record lives in the
+        fork's, so its parent's, partition)."""
         sid = self.new_id()
-        if idempotency is None:
+        if parent_id is not None:
+            target = partition_of(parent_id, self.partitions)
+        elif idempotency is not None:
+            target = partition_of(f"{tenant}:{idempotency.key}", self.partitions)
+        else:
             return sid
-        target = partition_of(f"{tenant}:{idempotency.key}", self.partitions)
         while partition_of(sid, self.partitions) != target:
             sid = self.new_id()
         return sid
@@ -234,7 +240,10 @@ class SessionService:
                 claim = IdempotencyClaim(
                     key=idempotency.key, request_hash=idempotency.request_hash, response=_encode(answer)
                 )
-            match await self.log.append(tenant, session_id, state.version, events, claim):
+            writes = events
+            if isinstance(command, ForkSession) and self._near(session_id, command.parent_id):
+                writes = stored(events)  # copy-on-write: the inherited events are read from the parent's log
+            match await self.log.append(tenant, session_id, state.version, writes, claim):
                 case Appended():
                     self.cache.put(tenant, after)
                     return answer
@@ -251,6 +260,11 @@ class SessionService:
                     else:
                         state, fresh = await self._reload(tenant, state), True
         raise Contention(f"session {session_id} is changing too fast; retry")
+
+    def _near(self, session_id: str, parent_id: str) -> bool:
+        """A fork reads its parent's log only from the parent's partition (one Cluster slot: `new_session_id`);
+        one given another id stores its inherited events."""
+        return partition_of(session_id, self.partitions) == partition_of(parent_id, self.partitions)
 
     def forget(self, tenant: str, session_id: str) -> None:
         """Drop what this process remembers of a session (after a purge, nothing of it may stay)."""

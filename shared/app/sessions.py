@@ -184,7 +184,8 @@ class Sessions:
         self, tenant: str, parent_id: str, body: ForkRequest, idem: Idempotency | None = None
     ) -> tuple[Session, int]:
         """(the fork, its version): a new session whose history is the parent's up to `body.version` (its latest
-        by default), copied into the fork's own log (`shared.domain.fork`). O(that history), once."""
+        by default), which the fork's log reads from the parent's (`shared.domain.fork`, copy-on-write). Deciding
+        it folds that history once."""
         parent = await self.log.load(tenant, parent_id)
         if parent is None:
             raise NotFound(f"session {parent_id} not found")
@@ -197,9 +198,12 @@ class Sessions:
             if not page:
                 raise NotFound(f"session {parent_id} not found")  # purged meanwhile
             events += page
-        child = self.service.new_session_id(tenant, idem)
+        child = self.service.new_session_id(tenant, idem, parent_id)
         command = ForkSession(parent_id=parent_id, events=tuple(events), metadata=body.metadata)
-        forked, at = await self.service.execute(tenant, child, command, _session, idem, tuple[Session, int])
+        try:
+            forked, at = await self.service.execute(tenant, child, command, _session, idem, tuple[Session, int])
+        except NotFound as e:  # the parent was purged meanwhile (the fork's append checks it)
+            raise NotFound(f"session {parent_id} not found") from e
         return with_expiry(forked, await self.limits.limits(tenant)), at
 
     async def forks(self, tenant: str, parent_id: str) -> builtins.list[bytes]:

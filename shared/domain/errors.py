@@ -60,6 +60,12 @@ class DeletedAtVersion(DomainError):
     code = "session_deleted"
 
 
+class HasForks(DomainError):
+    """Copy-on-write forks read the session's log, so it cannot be erased before they are (→ 409)."""
+
+    code = "has_forks"
+
+
 class TickTaken(DomainError):
     """A schedule's tick was taken already (or the schedule was paused or deleted): firing it does nothing."""
 

@@ -125,7 +125,9 @@ class ChatCancelledData(Struct, kw_only=True):
 
 class SessionForkedData(Struct, kw_only=True):
     """The first event of a fork's log: the parent's events 1..`version` follow it, one version later each (ids
-    of the session, its events and its chat jobs made the fork's own; message ids kept), then the fork's own."""
+    of the session, its events and its chat jobs made the fork's own; message ids kept), then the fork's own. The
+    log reads those inherited events from the parent's (copy-on-write, `shared.domain.fork`); an imported fork
+    stores them. Later in a log (a fork of a fork's inherited history) it changes nothing."""
 
     parent_id: str
     version: int

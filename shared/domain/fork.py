@@ -1,11 +1,15 @@
 """Forking a session, purely: the fork's log from its parent's events.
 
-A fork's log starts with `SessionForked {parent_id, version}`, then holds the parent's events 1..`version`, each
-one version later and made the fork's own: the session's id, the events' ids and the chat jobs' ids are derived
-from the fork's id (so the fork's jobs never share a job record, a chat slot or a chunk stream with the parent's);
-message ids are kept (a message is the same message in both). Chats queued or running at that version are
-cancelled in the fork, and its schedules deleted: the fork inherits the conversation, not the parent's work. So
-the fork stands alone: time travel, export, rebuild and a purge of its parent all leave it whole.
+A fork's log starts with `SessionForked {parent_id, version}`, then shows the parent's events 1..`version`, each
+one version later and made the fork's own (`inherited`): the session's id, the events' ids and the chat jobs' ids
+are derived from the fork's id (so the fork's jobs never share a job record, a chat slot or a chunk stream with the
+parent's); message ids are kept (a message is the same message in both). Chats queued or running at that version
+are cancelled in the fork, and its schedules deleted: the fork inherits the conversation, not the parent's work.
+
+The inherited events are not stored twice (copy-on-write): the fork's first append stores its `SessionForked` and
+its own events (`stored`), and a log read of versions 2..`version + 1` reads the parent's 1..`version` and makes
+them the fork's own as it goes (`shared.adapters.forks`). Only the fork's own events are its storage; its parent's
+history cannot change below `version`, and a purge of the parent is refused while a fork reads it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from shared.domain.errors import DeletedAtVersion, NotFound
 from shared.domain.events import (
     ChatCancelled,
     ChatCancelledData,
-    ChatRequested,
     Event,
     ScheduleDeleted,
     ScheduleDeletedData,
@@ -32,7 +35,7 @@ from shared.domain.events import (
 from shared.domain.ids import derived_id
 from shared.domain.state import SessionState, fold
 
-__all__ = ["fork_events"]
+__all__ = ["fork_events", "inherited", "shares", "stored"]
 
 
 def fork_events(
@@ -54,10 +57,6 @@ def fork_events(
                 {"version": parent.version},
             )
         )
-    ids = {parent_id: child_id}
-    for e in events:
-        if isinstance(e, ChatRequested):
-            ids[e.data.job_id] = derived_id(child_id, f"job/{e.data.job_id}")
     out: list[Event] = [
         SessionForked(
             id=new_id(),
@@ -66,16 +65,13 @@ def fork_events(
             data=SessionForkedData(parent_id=parent_id, version=parent.version),
         )
     ]
-    for e in events:
-        raw = _renamed(msgspec.to_builtins(e), ids)
-        raw.update(id=derived_id(child_id, f"event/{e.id}"), version=e.version + 1)
-        out.append(msgspec.convert(raw, Event))
+    out += inherited(parent_id, child_id, events)
 
     def then(event_type: type, data: Any) -> None:
         out.append(event_type(id=new_id(), version=len(out) + 1, occurred_at=now, data=data))
 
     for chat in parent.active_chats:
-        then(ChatCancelled, ChatCancelledData(job_id=ids[chat.job_id], reason="not carried into the fork"))
+        then(ChatCancelled, ChatCancelledData(job_id=_job(child_id, chat.job_id), reason="not carried into the fork"))
     for s in parent.schedules:
         then(ScheduleDeleted, ScheduleDeletedData(schedule_id=s.id))
     if metadata is not None:
@@ -83,12 +79,40 @@ def fork_events(
     return out
 
 
-def _renamed(node: Any, ids: dict[str, str]) -> Any:
-    """`node` with every string that is a key of `ids` replaced by its value."""
-    if isinstance(node, str):
-        return ids.get(node, node)
-    if isinstance(node, list):
-        return [_renamed(v, ids) for v in node]
-    if isinstance(node, dict):
-        return {k: _renamed(v, ids) for k, v in node.items()}
-    return node
+def inherited(parent_id: str, child_id: str, events: Sequence[Event]) -> list[Event]:
+    """The parent's events as the fork shows them: one version later, the event's id derived from the fork's, and
+    the ids the data names made the fork's (`session_id`: a message's session; `job_id`: the chat job's). Per
+    event, so any range of the parent's log can be made the fork's on its own."""
+    out: list[Event] = []
+    for e in events:
+        data: Any = e.data
+        ids: dict[str, str] = {}
+        if getattr(data, "session_id", None) == parent_id:
+            ids["session_id"] = child_id
+        if (job_id := getattr(data, "job_id", None)) is not None:
+            ids["job_id"] = _job(child_id, job_id)
+        made = msgspec.structs.replace(e, id=derived_id(child_id, f"event/{e.id}"), version=e.version + 1)
+        out.append(msgspec.structs.replace(made, data=msgspec.structs.replace(data, **ids)) if ids else made)
+    return out
+
+
+def stored(events: Sequence[Event]) -> list[Event]:
+    """What a fork's first append stores: its `SessionForked` and its own events, not the inherited ones."""
+    match events[0] if events else None:
+        case SessionForked(data=d):
+            return [e for e in events if not 1 < e.version <= d.version + 1]
+    return list(events)
+
+
+def shares(events: Sequence[Event]) -> tuple[str, int] | None:
+    """(parent id, the last inherited version) if these are a copy-on-write fork's first events (`stored`: its
+    `SessionForked`, then only events after the inherited range); None for any other append, an imported fork's
+    (whose inherited events are stored) included."""
+    match events[0] if events else None:
+        case SessionForked(data=d) if all(e.version > d.version + 1 for e in events[1:]):
+            return d.parent_id, d.version + 1
+    return None
+
+
+def _job(child_id: str, job_id: str) -> str:
+    return derived_id(child_id, f"job/{job_id}")

@@ -157,7 +157,7 @@ def project(state: SessionState, events: Sequence[Event], snapshot_every: int = 
                 mods.append((d.seq, e.version, "r"))
             case MessageAdded():
                 versions.append(e.version)
-            case SessionForked(data=d):
+            case SessionForked(data=d) if e.version == 1:  # later: a fork of a fork's inherited origin
                 forked_from, copied = d.parent_id, d.version + 1
             case ScheduleCreated() | ScheduleUpdated() | ScheduleDeleted() | ScheduleFired():
                 schedules_changed = True

@@ -187,6 +187,8 @@ def evolve(state: SessionState, event: Event) -> SessionState:
         case ContextBuilt():
             return _touch(state, event)
         case SessionForked(data=d):
+            if event.version > 1 and state.forked_from is not None:  # a fork of a fork: its parent's origin,
+                return structs.replace(state, version=event.version)  # inherited as history; it changes nothing
             if state.version != 0:
                 raise ValueError(f"SessionForked is the first event of a fork's log, not event {event.version}")
             return structs.replace(

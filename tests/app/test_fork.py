@@ -1,7 +1,7 @@
 """Forks on the memory adapters: a fork's history is its parent's up to a version, made its own (its log starts with
 `SessionForked`); the two then go their own ways; chats running and schedules at that version stay with the parent;
-a fork adds nothing to the tenant's usage, survives its parent's purge, exports and imports, and its read models
-rebuild to what they were."""
+a fork adds nothing to the tenant's usage, reads its parent's history (which is not purged while it does: a user's
+purge takes forks first), exports and imports, and its read models rebuild to what they were."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from shared import bootstrap
 from shared.app.rebuild import Scope
 from shared.bootstrap import Parley
-from shared.domain.errors import DeletedAtVersion, NotFound, VersionNotFound
+from shared.domain.errors import DeletedAtVersion, HasForks, NotFound, VersionNotFound
 from shared.domain.events import ChatCancelled, MessageAdded, ScheduleDeleted, SessionCreated, SessionForked
 from shared.domain.wire import ChatRequest, ForkRequest, MessageCreate, MessagePatch, ScheduleCreate, SessionCreate
 from tests.app.conftest import Deployment, settings
@@ -94,17 +94,19 @@ async def test_a_fork_of_a_past_version_and_what_is_not_carried_over(parley: Par
     assert (await parley.sessions.fork("acme", parent.id, ForkRequest(version=2)))[0].forked_from is not None
 
 
-async def test_a_fork_stands_alone_across_its_parents_purge_export_import_and_rebuild(parley: Parley) -> None:
+async def test_a_fork_reads_its_parents_history_which_is_not_purged_while_it_does(parley: Parley) -> None:
     d = Deployment(parley)
     parent, _ = await parley.sessions.create("acme", SessionCreate())
     await parley.sessions.add_message("acme", parent.id, MessageCreate(role="user", content="kept"))
     fork, _ = await parley.sessions.fork("acme", parent.id, ForkRequest())
     await d.settle()
-    await parley.sessions.delete("acme", parent.id, None, purge=True)
-    with pytest.raises(NotFound):
-        await parley.sessions.get("acme", parent.id)
+    with pytest.raises(HasForks) as refused:
+        await parley.sessions.delete("acme", parent.id, None, purge=True)
+    assert refused.value.details == {"forks": [fork.id]}
+    assert (await parley.sessions.get("acme", parent.id))[0]  # nothing changed: not even deleted
+    await parley.sessions.delete("acme", parent.id, None)  # a delete keeps the log the fork reads
     assert [c for _, c in await conversation(parley, fork.id)] == ["kept"]
-    assert (await parley.sessions.get("acme", fork.id, version=2))[0]  # time travel into the copied history
+    assert (await parley.sessions.get("acme", fork.id, version=2))[0]  # time travel into the inherited history
 
     lines = [line async for line in parley.history.export(fork.id)]
     elsewhere = await bootstrap.in_memory(settings())
@@ -119,3 +121,25 @@ async def test_a_fork_stands_alone_across_its_parents_purge_export_import_and_re
     live = (await parley.sessions.get("acme", fork.id), await parley.sessions.messages("acme", fork.id, 10, 0))
     await parley.rebuilder(lambda n: None).run(Scope(session_id=fork.id))
     assert (await parley.sessions.get("acme", fork.id), await parley.sessions.messages("acme", fork.id, 10, 0)) == live
+
+    await parley.sessions.delete("acme", fork.id, None, purge=True)  # the fork first, then its parent
+    await parley.sessions.delete("acme", parent.id, None, purge=True)
+    with pytest.raises(NotFound):
+        await parley.sessions.get("acme", parent.id)
+
+
+async def test_a_fork_of_a_fork_and_a_users_purge_takes_forks_first(parley: Parley) -> None:
+    d = Deployment(parley)
+    root, _ = await parley.sessions.create("acme", SessionCreate(user_id="u1"))
+    await parley.sessions.add_message("acme", root.id, MessageCreate(role="user", content="root"))
+    middle, _ = await parley.sessions.fork("acme", root.id, ForkRequest())
+    await parley.sessions.add_message("acme", middle.id, MessageCreate(role="user", content="middle"))
+    leaf, _ = await parley.sessions.fork("acme", middle.id, ForkRequest())
+    await d.settle()
+    assert [c for _, c in await conversation(parley, leaf.id)] == ["root", "middle"]
+    assert leaf.forked_from is not None and leaf.forked_from.session_id == middle.id
+    order = await parley.history.sessions_of_user("acme", "u1")
+    assert order == [leaf.id, middle.id, root.id]
+    for sid in order:
+        await parley.history.purge("acme", sid)
+    assert await parley.history.sessions_of_user("acme", "u1") == []

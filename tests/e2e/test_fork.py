@@ -1,7 +1,7 @@
 """Forks over HTTP against a real API and worker on a real redis-server: `POST /sessions/{id}/fork` answers the fork
 (201, `Location`, `ETag`, `forked_from`) with its parent's conversation up to a version, the two diverge, `GET
-…/forks` lists the lineage, time travel and export work on the fork, a purge of the parent leaves it whole, and bad
-input is a 4xx that writes nothing."""
+…/forks` lists the lineage, time travel and export work on the fork, a purge of the parent is refused (409
+`has_forks`) while the fork reads its history, and bad input is a 4xx that writes nothing."""
 
 from __future__ import annotations
 
@@ -60,9 +60,14 @@ def test_a_fork_over_http(c: httpx.Client) -> None:
     assert [e["type"] for e in events[:2]] == ["SessionForked", "SessionCreated"]
     assert contents(c, fork["id"], version=3) == ["m0"]  # time travel into the copied history
 
-    assert c.delete(f"/sessions/{parent}", headers=ACME, params={"purge": "true"}).status_code == 202
+    refused = c.delete(f"/sessions/{parent}", headers=ACME, params={"purge": "true"})
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "has_forks", refused.text
+    assert contents(c, parent) == ["m0", "m1", "m2"]  # the refused purge changed nothing
+    assert c.delete(f"/sessions/{parent}", headers=ACME).status_code == 202  # a delete keeps the log it reads
     assert contents(c, fork["id"]) == ["m0", "m1", "f"]
     assert c.get(f"/sessions/{fork['id']}", headers=ACME).json()["forked_from"]["session_id"] == parent
+    for sid in (fork["id"], parent):  # the fork first, then its parent
+        assert c.delete(f"/sessions/{sid}", headers=ACME, params={"purge": "true"}).status_code == 202
 
 
 def test_bad_forks_are_4xx_and_write_nothing(c: httpx.Client) -> None:

@@ -325,8 +325,8 @@ class World:
         # the rebuild's own catch-up projector, as `parley rebuild` builds one beside the worker's
         return Rebuilder(self.store, self.history, Projection(self.store, RedisFeed(self.redis, KEYS, "ops")))
 
-    def add_session(self, tenant: str) -> str:
-        sid = self.service.new_session_id(tenant, None)
+    def add_session(self, tenant: str, parent_id: str | None = None) -> str:
+        sid = self.service.new_session_id(tenant, None, parent_id)
         self.sessions.append((tenant, sid))
         self.answers[sid], self.jobs[sid], self.schedules[sid] = {}, [], []
         return sid
@@ -347,7 +347,7 @@ class World:
             if isinstance(s, Fork):
                 events = await self.log(sid)
                 version = max(1, round(len(events) * s.fraction))
-                child = self.add_session(tenant)
+                child = self.add_session(tenant, sid)  # copy-on-write: it reads the parent's log
                 if not await self.write(tenant, child, ForkSession(parent_id=sid, events=tuple(events[:version]))):
                     self.sessions.pop()
                 continue
@@ -736,8 +736,8 @@ async def test_time_travel_across_real_snapshots_of_a_long_history(redis):
 
 
 class HookedRedis:
-    """The Redis client, with a hook run after each pipeline made only of XRANGE calls got its replies (before
-    its caller sees them): lets a test decide how a read and a write in flight interleave."""
+    """The Redis client, with a hook run after each pipeline that reads logs (XRANGE, beside their heads) got its
+    replies (before its caller sees them): lets a test decide how a read and a write in flight interleave."""
 
     def __init__(self, redis: Redis, after_xrange) -> None:
         self._redis, self._after_xrange = redis, after_xrange
@@ -755,7 +755,7 @@ class HookedRedis:
             else:  # a cluster pipeline
                 names = {c.args[0] for c in pipe._command_stack}
             replies = await execute(*a, **kw)
-            if names == {"XRANGE"}:
+            if "XRANGE" in names:
                 await self._after_xrange()
             return replies
 

@@ -42,15 +42,11 @@ class MemoryLogAdmin:
         return [h.version if (h := self.memory.heads.get(sid)) else 0 for sid in session_ids]
 
     async def log_json(self, session_id: str, after: int, count: int) -> list[tuple[int, bytes]]:
-        entries = self.memory.logs.get(session_id, [])[after : after + count]
-        return [(after + i + 1, event_json(after + i + 1, f)) for i, f in enumerate(entries)]
+        return [(v, event_json(v, f)) for v, f in self.memory.entries(session_id, after, count)]
 
     async def read_logs(self, after: dict[str, int], count: int) -> dict[str, list[Event]]:
-        logs = self.memory.logs
-        return {
-            sid: [decode_event(v + i + 1, f) for i, f in enumerate(logs.get(sid, [])[v : v + count])]
-            for sid, v in after.items()
-        }
+        m = self.memory
+        return {sid: [decode_event(v, f) for v, f in m.entries(sid, a, count)] for sid, a in after.items()}
 
     async def generation_states(self, gens: dict[str, int]) -> dict[str, tuple[str, SessionState]]:
         out: dict[str, tuple[str, SessionState]] = {}
@@ -109,6 +105,9 @@ class MemoryLogAdmin:
         self.memory.drop_generation(session_id, gen)
 
     # -- erasure --------------------------------------------------------------------------------------------------
+    async def readers(self, session_id: str) -> list[str]:
+        return sorted(self.memory.readers.get(session_id, ()))
+
     async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
         m = self.memory
         head = m.head_of(tenant, session_id)
@@ -116,6 +115,11 @@ class MemoryLogAdmin:
             return False
         if head.version != expected:
             raise PurgeConflict(f"session {session_id} is at version {head.version}, not {expected}")
+        if m.readers.get(session_id):
+            raise PurgeConflict(f"session {session_id} has forks reading its log")
+        if head.fork is not None:
+            m.readers.get(head.fork[0], set()).discard(session_id)
+        m.readers.pop(session_id, None)
         p = m.partition(session_id)
         live = m.peek_generation(session_id, head.gen)
         seen = live.view.version if live is not None else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.adapters.codec import decode_event, decode_state, event_fields, event_json
+from shared.adapters.codec import decode_event, decode_state, event_json, log_fields
 from shared.adapters.memory.store import Head, Memory
 from shared.app.ports import (
     CONFLICT_TAIL,
@@ -24,7 +24,8 @@ from shared.app.ports import (
     Replayed,
     View,
 )
-from shared.domain.events import SCHEMA_VERSION, Event
+from shared.domain.events import Event
+from shared.domain.fork import shares
 from shared.domain.projection import SNAPSHOT_EVERY
 from shared.domain.state import SessionState, fold
 
@@ -32,7 +33,6 @@ __all__ = ["LOAD_BATCH", "MemoryEventLog", "tail"]
 
 LOAD_BATCH = 500
 """Events per load step, as in Redis: a longer tail is folded in several steps."""
-_SCHEMA = str(SCHEMA_VERSION).encode()
 
 
 def tail(memory: Memory, session_id: str, known: SessionState | None, gen: int | None = None) -> Pending | None:
@@ -46,8 +46,8 @@ def tail(memory: Memory, session_id: str, known: SessionState | None, gen: int |
     state = known or SessionState(id=session_id)
     if generation is not None and generation.view.version > base and generation.view.state is not None:
         base, state = generation.view.version, decode_state(generation.view.state)
-    entries = memory.logs.get(session_id, [])[base : base + LOAD_BATCH] if head.version > base else []
-    events = [decode_event(base + i + 1, fields) for i, fields in enumerate(entries)]
+    entries = memory.entries(session_id, base, LOAD_BATCH) if head.version > base else []
+    events = [decode_event(v, fields) for v, fields in entries]
     return Pending(tenant=head.tenant, state=state, events=events, head=head.version)
 
 
@@ -78,19 +78,35 @@ class MemoryEventLog:
             return Missing()
         version = head.version if head is not None else 0
         log = m.logs.get(session_id, [])
+        fork = shares(events)
+        if fork is not None and m.partition(fork[0]) != partition:
+            raise ValueError("a copy-on-write fork reads its parent's log in its slot: its id is in its partition")
         if version != expected_version:
             # a retry of an append that did land (its reply was lost): our first event sits at expected + 1
-            if 0 <= expected_version < len(log) and log[expected_version][b"i"] == events[0].id.encode():
-                return Appended(expected_version + len(events))
-            newer = log[expected_version:] if 0 <= version - expected_version <= CONFLICT_TAIL else []
-            return Conflict(version, tuple(decode_event(expected_version + i + 1, f) for i, f in enumerate(newer)))
-        fields = [_fields(e) for e in events]  # encode all first: a bad event writes nothing
+            mine = log[expected_version] if 0 <= expected_version < len(log) else None
+            if mine is not None and mine[b"i"] == events[0].id.encode():
+                return Appended(expected_version + len(events) + (fork[1] - 1 if fork else 0))
+            newer = (
+                m.entries(session_id, expected_version, CONFLICT_TAIL)
+                if 0 <= version - expected_version <= CONFLICT_TAIL
+                else []
+            )
+            return Conflict(version, tuple(decode_event(v, f) for v, f in newer))
+        fields: list[dict[bytes, bytes] | None] = [
+            log_fields(e) for e in events
+        ]  # encode all first: a bad event writes nothing
+        if fork is not None:
+            parent = m.heads.get(fork[0])
+            if parent is None or parent.tenant != tenant or parent.version < fork[1] - 1:
+                return Missing()
+            fields[1:1] = [None] * (fork[1] - 1)
+            m.readers.setdefault(fork[0], set()).add(session_id)
         m.logs.setdefault(session_id, []).extend(fields)
-        version += len(events)
+        version += len(fields)
         if head is None:
-            m.heads[session_id] = head = Head(version, tenant)
+            m.heads[session_id] = head = Head(version, tenant, fork=fork)
         head.version = version
-        m.written[(partition, tenant)] = m.written.get((partition, tenant), 0) + len(events)
+        m.written[(partition, tenant)] = m.written.get((partition, tenant), 0) + len(fields)
         m.feeds[partition].stream.add(session_id, m.clock())
         if expected_version == 0:
             m.registry.setdefault((partition, tenant), set()).add(session_id)
@@ -122,8 +138,7 @@ class MemoryEventLog:
         return record[1] if record[0] == request_hash else b""
 
     async def read(self, session_id: str, after: int = 0, limit: int = 100) -> list[Event]:
-        entries = self.memory.logs.get(session_id, [])[max(after, 0) : max(after, 0) + limit]
-        return [decode_event(after + i + 1, fields) for i, fields in enumerate(entries)]
+        return [decode_event(v, fields) for v, fields in self.memory.entries(session_id, after, limit)]
 
     async def events(self, tenant: str, session_id: str, after: int, limit: int) -> View:
         head = self.memory.head_of(tenant, session_id)
@@ -131,9 +146,8 @@ class MemoryEventLog:
             return View(0, 0, None)
         if after >= head.version:
             return View(head.version, head.version, b"log", [])
-        start = max(after, 0)
-        entries = self.memory.logs[session_id][start : start + limit]
-        return View(head.version, head.version, b"log", [event_json(start + i + 1, f) for i, f in enumerate(entries)])
+        entries = self.memory.entries(session_id, after, limit)
+        return View(head.version, head.version, b"log", [event_json(v, f) for v, f in entries])
 
     async def at_version(self, tenant: str, session_id: str, version: int) -> tuple[int, SessionState | None]:
         head = self.memory.head_of(tenant, session_id)
@@ -147,11 +161,5 @@ class MemoryEventLog:
         while base > 0 and base not in snapshots:
             base -= SNAPSHOT_EVERY
         state = decode_state(snapshots[base]) if base > 0 else SessionState(id=session_id)
-        base = max(base, 0)
-        entries = self.memory.logs[session_id][base:version]
-        return head.version, fold(state, (decode_event(base + i + 1, f) for i, f in enumerate(entries)))
-
-
-def _fields(event: Event) -> dict[bytes, bytes]:
-    kind, event_id, at, data = event_fields(event)
-    return {b"t": kind.encode(), b"i": event_id.encode(), b"a": at.encode(), b"s": _SCHEMA, b"d": data}
+        entries = self.memory.entries(session_id, base, version - max(base, 0))
+        return head.version, fold(state, (decode_event(v, f) for v, f in entries))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from shared.adapters.forks import Entry, made_own
 from shared.domain.ids import partition_of
 
 __all__ = [
@@ -132,6 +133,8 @@ class Head:
     version: int
     tenant: str
     gen: int = 0
+    fork: tuple[str, int] | None = None
+    """A copy-on-write fork's (parent, last inherited version)."""
 
 
 @dataclass
@@ -177,14 +180,31 @@ class FeedGroup:
 class Memory:
     """Everything one in-memory deployment holds."""
 
+    def entries(self, session_id: str, after: int, limit: int) -> list[Entry]:
+        """Up to `limit` entries of the session's log after version `after`, a copy-on-write fork's inherited ones
+        read from its parent's log and made its own (`shared.adapters.forks`)."""
+        start = max(after, 0)
+        out: list[Entry] = []
+        for version, fields in enumerate(self.logs.get(session_id, [])[start : start + limit], start + 1):
+            if fields is None:
+                fork = self.heads[session_id].fork
+                assert fork is not None, f"session {session_id} misses version {version} and is no fork"
+                [(_, lent)] = self.entries(fork[0], version - 2, 1)
+                fields = made_own(fork[0], session_id, version - 1, lent)
+            out.append((version, fields))
+        return out
+
     def __init__(self, partitions: int = 16, clock: Callable[[], float] = time.time) -> None:
         self.partitions = partitions
         self.clock = clock
         """Wall-clock seconds: expiry, entry ids and days are judged by it (Redis's clock, in Redis)."""
         # the log
         self.heads: dict[str, Head] = {}
-        self.logs: dict[str, list[dict[bytes, bytes]]] = {}
-        """session → its entries (fields as the Redis log stores them); entry i holds version i + 1."""
+        self.logs: dict[str, list[dict[bytes, bytes] | None]] = {}
+        """session → its entries (fields as the Redis log stores them); entry i holds version i + 1, None for a
+        copy-on-write fork's inherited version (read from its parent: `entries`)."""
+        self.readers: dict[str, set[str]] = {}
+        """session → the copy-on-write forks that read its log."""
         self.feeds: dict[int, FeedGroup] = {p: FeedGroup() for p in range(partitions)}
         self.written: dict[tuple[int, str], int] = {}
         self.idempotency: TTLMap[tuple[int, str, str], tuple[str, bytes]] = TTLMap(clock)

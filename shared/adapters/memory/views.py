@@ -102,11 +102,10 @@ class MemoryReadModels:
                         page.append((j, v))
                     if len(page) == limit:
                         break
-        log = m.logs[session_id]
         items = []
         for seq, v in page:
             mod = last.get(seq)
-            fields = log[(mod[1] if mod and mod[0] == "e" else v) - 1]
+            [(_, fields)] = m.entries(session_id, (mod[1] if mod and mod[0] == "e" else v) - 1, 1)
             items.append(upcast(b"MessageAdded", int(fields[b"s"]), fields[b"d"]))
         return View(head.version, version, b"live", items)
 

@@ -16,6 +16,7 @@ from shared.adapters.redis.cluster import Client, ParleyCluster
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, run_live, stale_generation
 from shared.adapters.redis.scripts import PURGE, REGISTRY, SWITCH
+from shared.adapters.redis.store import log_entries
 from shared.app.ports import PurgeConflict
 from shared.domain.events import Event, SessionPurged
 from shared.domain.state import SessionState
@@ -57,20 +58,27 @@ class RedisHistory:
         return int(await self.redis.hget(self.keys.view(session_id, gen), "v") or 0)
 
     async def log_json(self, session_id: str, after: int, count: int) -> list[tuple[int, bytes]]:
-        entries = await self.redis.xrange(self.keys.log(session_id), f"{after + 1}-0", "+", count=count)
-        return [(v, event_json(v, fields)) for v, fields in ((_version(eid), fields) for eid, fields in entries)]
+        _, entries = await log_entries(self.redis, self.keys, session_id, after, count)
+        return [(v, event_json(v, fields)) for v, fields in entries]
 
     async def read_logs(self, after: dict[str, int], count: int) -> dict[str, list[Event]]:
         """Plain pipelined XRANGE (read through a script, the log cost ~3.5 µs an event of Redis's time against
-        0.9 µs), decoding only each event's `data` (rebuild spends most of its time here)."""
+        0.9 µs), decoding only each event's `data` (rebuild spends most of its time here); a copy-on-write fork's
+        inherited events read from its parent's log after."""
         targets = list(after.items())
         pipe = self.redis.pipeline(transaction=False)
         for sid, version in targets:
+            pipe.hget(self.keys.head(sid), "v")
             pipe.xrange(self.keys.log(sid), f"{version + 1}-0", "+", count=count)
-        return {
-            sid: [decode_event(_version(eid), fields) for eid, fields in entries]
-            for (sid, _), entries in zip(targets, await pipe.execute())
-        }
+        replies = await pipe.execute()
+        out: dict[str, list[Event]] = {}
+        for (sid, version), head, raw in zip(targets, replies[::2], replies[1::2]):
+            upto = min(int(head or 0), version + count)
+            stored = [(v, fields) for v, fields in ((_version(eid), fields) for eid, fields in raw) if v <= upto]
+            if len(stored) < upto - version:  # a fork's inherited versions
+                _, stored = await log_entries(self.redis, self.keys, sid, version, count)
+            out[sid] = [decode_event(v, fields) for v, fields in stored]
+        return out
 
     async def generation_states(self, gens: dict[str, int]) -> dict[str, tuple[str, SessionState]]:
         k = self.keys
@@ -138,6 +146,9 @@ class RedisHistory:
         )
 
     # -- erasure ---------------------------------------------------------------------------
+    async def readers(self, session_id: str) -> list[str]:
+        return sorted(r.decode() for r in await self.redis.smembers(self.keys.readers(session_id)))
+
     async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
         """Erase the session and record `tombstone`, atomically. False: no such session for this tenant."""
         k = self.keys
@@ -148,10 +159,10 @@ class RedisHistory:
             # the keys the script erases are named here, in KEYS: read which chat jobs and idempotency records the
             # session has (the script answers 'stale' if that changed before it ran)
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hget(k.head(sid), "g")
+            pipe.hmget(k.head(sid), "g", "fp")
             pipe.zrange(k.chats(sid), 0, -1)
             pipe.smembers(k.idempotency_of(sid))
-            raw_g, job_ids, records = await pipe.execute()
+            (raw_g, parent), job_ids, records = await pipe.execute()
             g = int(raw_g or 0)
             jobs = [j.decode() for j in job_ids]
             keys = [
@@ -164,6 +175,8 @@ class RedisHistory:
                 k.audit(p, tenant),
                 k.projected(p),
                 k.search(p, tenant),
+                k.readers(sid),
+                k.readers(parent.decode() if parent else sid),
             ]
             for gen in (g, g + 1):  # the live generation, and one a killed rebuild may have left
                 keys += [k.view(sid, gen), k.messages(sid, gen), k.snapshots(sid, gen), k.mods(sid, gen)]
@@ -186,6 +199,8 @@ class RedisHistory:
             reply = await PURGE(self.redis, keys, args)
             if stale_generation(reply) is not None:
                 continue
+            if isinstance(reply, list) and reply[0] == b"forked":
+                raise PurgeConflict(f"session {sid} has {int(reply[1])} forks reading its log")
             if isinstance(reply, list):
                 raise PurgeConflict(f"session {sid} is at version {int(reply[1])}, not {expected}")
             return reply == 1

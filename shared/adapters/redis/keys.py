@@ -52,12 +52,18 @@ class Keys:
 
     # -- write side (the log): written only by the append script ------------------------
     def head(self, sid: str) -> str:
-        """Hash {v: last version, t: tenant}: the expected-version check reads this."""
+        """Hash {v: last version, t: tenant, g: live read-model generation; a copy-on-write fork's fp: parent,
+        fv: last inherited version}: the expected-version check reads this."""
         return f"{self.of(sid)}:head:{sid}"
 
     def log(self, sid: str) -> str:
         """Stream: the session's events; entry id `<version>-0`."""
         return f"{self.of(sid)}:log:{sid}"
+
+    def readers(self, sid: str) -> str:
+        """Set: the copy-on-write forks that read this session's log (in its partition: a fork's id is chosen
+        there). Written by the fork's append; a purge of the session is refused while it has a member."""
+        return f"{self.of(sid)}:readers:{sid}"
 
     def feed(self, partition: int) -> str:
         """Stream: one entry per append naming the session; the projector's consumer group reads it."""

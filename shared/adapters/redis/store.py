@@ -8,7 +8,7 @@ script. Works the same on redis-server and on fakeredis (with Lua).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 from shared.adapters.codec import (
@@ -23,6 +23,7 @@ from shared.adapters.codec import (
     split_member,
     upcast,
 )
+from shared.adapters.forks import Entry, complete
 from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import USAGE_TTL_S, Keys, partition_of
 from shared.adapters.redis.lua import call_live, run_live, run_pipeline
@@ -57,12 +58,23 @@ from shared.app.ports import (
     View,
 )
 from shared.domain.events import SCHEMA_VERSION, Event
+from shared.domain.fork import shares
 from shared.domain.projection import SNAPSHOT_EVERY, JobUpdate, ReadModelUpdate
 from shared.domain.search import COUNT_BUDGET, SCAN_BUDGET, PartitionPage, Position, Query, merge, stamp
 from shared.domain.state import SessionState, fold
 from shared.domain.wire import ToolList
 
-__all__ = ["LOAD_BATCH", "PURGE", "REGISTRY", "SWITCH", "TIME_TRAVEL", "RedisStore", "job_fields"]
+__all__ = [
+    "LOAD_BATCH",
+    "PURGE",
+    "REGISTRY",
+    "SWITCH",
+    "TIME_TRAVEL",
+    "RedisStore",
+    "fork_origin",
+    "job_fields",
+    "log_entries",
+]
 
 log = logging.getLogger("parley.store")
 
@@ -101,6 +113,10 @@ class RedisStore:
         k = self.keys
         partition = partition_of(session_id, k.partitions)
         idem_key = k.idempotency(partition, tenant, claim.key) if claim else k.idempotency(partition, tenant, "-")
+        fork = shares(events)
+        if fork is not None and partition_of(fork[0], k.partitions) != partition:
+            raise ValueError("a copy-on-write fork reads its parent's log in its slot: its id is in its partition")
+        parent, last = fork if fork is not None else ("", 0)
         args: list[Any] = [
             tenant,
             expected_version,
@@ -111,6 +127,8 @@ class RedisStore:
             self.idempotency_ttl_s,
             SCHEMA_VERSION,
             CONFLICT_TAIL,
+            parent,
+            last,
         ]
         for e in events:
             args.extend(event_fields(e))
@@ -124,6 +142,8 @@ class RedisStore:
                 idem_key,
                 k.sessions(partition, tenant),
                 k.idempotency_of(session_id),
+                k.head(parent or session_id),
+                k.readers(parent or session_id),
             ],
             args,
         )
@@ -162,8 +182,8 @@ class RedisStore:
         return r if h.decode() == request_hash else b""
 
     async def read(self, session_id: str, after: int = 0, limit: int = 100) -> list[Event]:
-        entries = await self.redis.xrange(self.keys.log(session_id), f"{after + 1}-0", "+", count=limit)
-        return [decode_event(_version(eid), fields) for eid, fields in entries]
+        _, entries = await log_entries(self.redis, self.keys, session_id, after, limit)
+        return [decode_event(v, fields) for v, fields in entries]
 
     async def events(self, tenant: str, session_id: str, after: int, limit: int) -> View:
         """Up to `limit` events after version `after` as wire JSON, straight from the log (always fresh)."""
@@ -172,8 +192,20 @@ class RedisStore:
         head = int(reply[0])
         if head == 0:
             return View(0, 0, None)
-        items = [event_json(_version(eid), pairs(fields)) for eid, fields in reply[1]]
-        return View(head, head, b"log", items)
+        stored = [(_version(eid), pairs(fields)) for eid, fields in reply[1]]
+        entries = await self._complete(session_id, stored, after, min(head, after + limit))
+        return View(head, head, b"log", [event_json(v, fields) for v, fields in entries])
+
+    async def _complete(self, session_id: str, stored: list[Entry], after: int, upto: int) -> list[Entry]:
+        """A script's read of the log, a copy-on-write fork's inherited entries filled in (`shared.adapters.forks`)."""
+        return await complete(
+            session_id,
+            stored,
+            after,
+            upto,
+            lambda: fork_origin(self.redis, self.keys, session_id),
+            lambda parent, a, n: _entries(self.redis, self.keys, parent, a, n),
+        )
 
     async def at_version(self, tenant: str, session_id: str, version: int) -> tuple[int, SessionState | None]:
         """(head, the state right after event `version`): folded from the nearest snapshot at or below it,
@@ -192,10 +224,11 @@ class RedisStore:
         head = int(reply[0])
         if len(reply) == 1:
             return head, None
-        base, raw, entries = int(reply[1]), reply[2], reply[3]
+        base, raw = int(reply[1]), reply[2]
         state = decode_state(raw) if raw is not None else SessionState(id=session_id)
         assert state.version == base
-        return head, fold(state, (decode_event(_version(eid), pairs(f)) for eid, f in entries))
+        entries = await self._complete(session_id, [(_version(eid), pairs(f)) for eid, f in reply[3]], base, version)
+        return head, fold(state, (decode_event(v, fields) for v, fields in entries))
 
     # -- ReadModels: reads ---------------------------------------------------------------
     async def session(self, tenant: str, session_id: str) -> View:
@@ -409,10 +442,12 @@ class RedisStore:
             if reply[0] == 0:
                 out.append(None)
                 continue
-            head, tenant, raw_state, entries = int(reply[0]), reply[1].decode(), reply[3], reply[4]
+            head, tenant, base, raw_state = int(reply[0]), reply[1].decode(), int(reply[2]), reply[3]
+            stored = [(_version(eid), pairs(fields)) for eid, fields in reply[4]]
+            entries = await self._complete(sid, stored, base, min(head, base + LOAD_BATCH))
             try:
                 state = decode_state(raw_state) if raw_state is not None else (s or SessionState(id=sid))
-                events = [decode_event(_version(eid), pairs(fields)) for eid, fields in entries]
+                events = [decode_event(v, fields) for v, fields in entries]
             except Exception:
                 log.exception("cannot decode session %s; it stays behind until fixed (parley rebuild --session)", sid)
                 out.append(None)
@@ -568,6 +603,37 @@ def job_fields(job: JobUpdate) -> list[Any]:
         if (value := getattr(job, name)) is not None:
             out += [name, json_encode(value)]
     return out
+
+
+async def log_entries(redis: Client, keys: Keys, session_id: str, after: int, limit: int) -> tuple[int, list[Entry]]:
+    """(the session's head, up to `limit` entries of its log after version `after`), a copy-on-write fork's
+    inherited ones filled in from its parent's log (`shared.adapters.forks`)."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hmget(keys.head(session_id), "v", "fp", "fv")
+    pipe.xrange(keys.log(session_id), f"{after + 1}-0", "+", count=limit)
+    (v, parent, last), raw = await pipe.execute()
+    head = int(v or 0)
+    stored = [(_version(eid), fields) for eid, fields in raw]
+    if head <= after:
+        return head, []
+
+    async def origin() -> tuple[str, int] | None:
+        return (parent.decode(), int(last)) if parent else None
+
+    def read_parent(parent_id: str, a: int, n: int) -> Awaitable[list[Entry]]:
+        return _entries(redis, keys, parent_id, a, n)
+
+    return head, await complete(session_id, stored, after, min(head, after + limit), origin, read_parent)
+
+
+async def _entries(redis: Client, keys: Keys, session_id: str, after: int, limit: int) -> list[Entry]:
+    return (await log_entries(redis, keys, session_id, after, limit))[1]
+
+
+async def fork_origin(redis: Client, keys: Keys, session_id: str) -> tuple[str, int] | None:
+    """(parent, last inherited version) of a copy-on-write fork; None for any other session."""
+    parent, last = await redis.hmget(keys.head(session_id), "fp", "fv")
+    return (parent.decode(), int(last)) if parent else None
 
 
 def _version(entry_id: bytes) -> int:

@@ -4,12 +4,17 @@
 -- at their version, even after later appends, and nothing is stored twice: the log holds our first event at
 -- expected + 1. A conflict answers the head and, when they are at most `tail`, the events after the
 -- expected version, so the writer can fold them and decide again without loading them.
+-- A copy-on-write fork's first append (`parent` not ''): its SessionForked at version 1, then its own events from
+-- `last` + 1 (versions 2..last are its parent's, read from the parent's log); refused as 'missing' unless the
+-- parent is this tenant's and reaches that far. The parent's `readers` then names the fork.
 local head, log, feed, written, idem, registry, idems = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local parent_head, parent_readers = KEYS[8], KEYS[9]  -- a fork's parent's (same slot); else unused
 local tenant, expected, session_id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local claimed, request_hash, response, ttl, schema = ARGV[4] == '1', ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local tail = tonumber(ARGV[9])
-local FIRST = 10  -- then 4 per event: type, id, occurred_at, data
+local tail, parent, last = tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11])
+local FIRST = 12  -- then 4 per event: type, id, occurred_at, data
 local count = (#ARGV - FIRST + 1) / 4
+if parent ~= '' then count = count + last - 1 end
 local first_id = ARGV[FIRST + 1]
 
 if claimed then
@@ -35,11 +40,20 @@ if v ~= expected then
   end
   return {'conflict', v}
 end
+if parent ~= '' then
+  local p = redis.call('HMGET', parent_head, 'v', 't')
+  if p[2] ~= tenant or (tonumber(p[1]) or 0) < last - 1 then return {'missing'} end
+end
 for i = FIRST, #ARGV, 4 do
   v = v + 1
   redis.call('XADD', log, v .. '-0', 't', ARGV[i], 'i', ARGV[i + 1], 'a', ARGV[i + 2], 's', schema, 'd', ARGV[i + 3])
+  if i == FIRST and parent ~= '' then v = last end
 end
 redis.call('HSET', head, 'v', v, 't', tenant)
+if parent ~= '' then
+  redis.call('HSET', head, 'fp', parent, 'fv', last)
+  redis.call('SADD', parent_readers, session_id)
+end
 redis.call('HINCRBY', written, tenant, v - expected)
 redis.call('XADD', feed, '*', 's', session_id)
 if expected == 0 then redis.call('ZADD', registry, 0, session_id) end

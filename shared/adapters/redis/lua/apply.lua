@@ -17,6 +17,34 @@ local entries = ARGV[16]  -- the session's search index members, each "<length>:
 -- outbox count O, the outbox's cap (approximate MAXLEN), O (version, event type, event id) triples
 local i = 17
 
+-- an event's log fields by version; a copy-on-write fork's inherited event is its parent's one version lower (a
+-- fork of a fork: its grandparent's two lower, ...). A fork's id is chosen in its parent's partition, so the
+-- parent's keys share this slot, named as keys.py names them; a message's `session_id` is made this session's.
+local function logged(version)
+  local l, h, v = log, head, tonumber(version)
+  local e = redis.call('XRANGE', l, v .. '-0', v .. '-0')[1]
+  while not e do
+    local parent = redis.call('HGET', h, 'fp')
+    if not parent then return error('no log entry at version ' .. version .. ' of ' .. log) end
+    local tag = string.match(l, '^(.*}:)log:')
+    l, h, v = tag .. 'log:' .. parent, tag .. 'head:' .. parent, v - 1
+    e = redis.call('XRANGE', l, v .. '-0', v .. '-0')[1]
+  end
+  if l ~= log then
+    local f, own, found = e[2], string.match(log, ':log:(.*)$'), string.match(l, ':log:(.*)$')
+    local needle = '"session_id":"' .. found .. '"'
+    for k = 1, #f, 2 do
+      if f[k] == 'd' then
+        local at = string.find(f[k + 1], needle, 1, true)
+        if at then
+          f[k + 1] = string.sub(f[k + 1], 1, at - 1) .. '"session_id":"' .. own .. '"' .. string.sub(f[k + 1], at + #needle)
+        end
+      end
+    end
+  end
+  return e[2]
+end
+
 local h = redis.call('HMGET', head, 'v', 'g')
 if not h[1] then return 0 end  -- purged meanwhile: nothing may bring its content back
 local live_gen = h[2] or '0'
@@ -30,7 +58,7 @@ if n > 0 then
   -- each message as "version|schema|data": a page of messages is then one LRANGE, not one XRANGE per message
   local entries = {}
   for j = i + 1, i + n do
-    local f = redis.call('XRANGE', log, ARGV[j] .. '-0', ARGV[j] .. '-0')[1][2]
+    local f = logged(ARGV[j])
     local sch, data
     for k = 1, #f, 2 do
       if f[k] == 's' then sch = f[k + 1] elseif f[k] == 'd' then data = f[k + 1] end

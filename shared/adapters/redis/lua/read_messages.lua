@@ -10,6 +10,34 @@ local head, view, msgs, log, mods = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local tenant, offset, limit, count, at, gen = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
 local keep = ARGV[7] ~= '' and tonumber(ARGV[7]) or nil
 
+-- an event's log fields by version; a copy-on-write fork's inherited event is its parent's one version lower (a
+-- fork of a fork: its grandparent's two lower, ...). A fork's id is chosen in its parent's partition, so the
+-- parent's keys share this slot, named as keys.py names them; a message's `session_id` is made this session's.
+local function logged(version)
+  local l, h, v = log, head, tonumber(version)
+  local e = redis.call('XRANGE', l, v .. '-0', v .. '-0')[1]
+  while not e do
+    local parent = redis.call('HGET', h, 'fp')
+    if not parent then return error('no log entry at version ' .. version .. ' of ' .. log) end
+    local tag = string.match(l, '^(.*}:)log:')
+    l, h, v = tag .. 'log:' .. parent, tag .. 'head:' .. parent, v - 1
+    e = redis.call('XRANGE', l, v .. '-0', v .. '-0')[1]
+  end
+  if l ~= log then
+    local f, own, found = e[2], string.match(log, ':log:(.*)$'), string.match(l, ':log:(.*)$')
+    local needle = '"session_id":"' .. found .. '"'
+    for k = 1, #f, 2 do
+      if f[k] == 'd' then
+        local at = string.find(f[k + 1], needle, 1, true)
+        if at then
+          f[k + 1] = string.sub(f[k + 1], 1, at - 1) .. '"session_id":"' .. own .. '"' .. string.sub(f[k + 1], at + #needle)
+        end
+      end
+    end
+  end
+  return e[2]
+end
+
 local h = redis.call('HMGET', head, 'v', 't', 'g')
 if not h[1] or h[2] ~= tenant then return {0, 0, 0} end
 if (h[3] or '0') ~= gen then return {'stale', h[3] or '0'} end
@@ -80,7 +108,7 @@ for _, p in ipairs(page) do
     out[#out + 1] = p[2]
   else
     local version = (mod and mod[1] == 'e') and mod[2] or (bar and string.sub(p[2], 1, bar - 1) or p[2])
-    local f = redis.call('XRANGE', log, version .. '-0', version .. '-0')[1][2]
+    local f = logged(version)
     local s, d
     for k = 1, #f, 2 do
       if f[k] == 's' then s = f[k + 1] elseif f[k] == 'd' then d = f[k + 1] end

@@ -1,0 +1,51 @@
+"""A copy-on-write fork's inherited history, filled in from its parent's log as it is read.
+
+A fork's log stores its `SessionForked` at version 1 and its own events after the inherited range; versions
+2..`last` (its parent's 1..`last - 1`) are not stored (`shared.domain.fork`). Both log adapters read a range of a
+session's log as it is stored and complete it here: a range holding fewer entries than versions is a fork's, and
+the versions it lacks are read from the parent (completed the same way, so a fork of a fork works) and made the
+fork's own. The parent's history up to the fork's version never changes, and a purge of the parent is refused
+while a fork reads it, so completing a read after it is as consistent as the read itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from shared.adapters.codec import decode_event, log_fields
+from shared.domain.fork import inherited
+
+__all__ = ["Entry", "complete", "made_own"]
+
+Entry = tuple[int, dict[bytes, bytes]]
+"""(version, the log's fields of the event at that version)."""
+
+
+async def complete(
+    session_id: str,
+    entries: Sequence[Entry],
+    after: int,
+    upto: int,
+    origin: Callable[[], Awaitable[tuple[str, int] | None]],
+    read_parent: Callable[[str, int, int], Awaitable[list[Entry]]],
+) -> list[Entry]:
+    """The session's entries `after + 1..upto`: `entries` as stored (in order; may run past `upto`) with the
+    inherited ones filled in. `origin()`: (parent, last inherited version), None if the session is no fork;
+    `read_parent(parent, after, count)`: the parent's entries, completed."""
+    own = [e for e in entries if e[0] <= upto]
+    if len(own) >= upto - after:
+        return own
+    fork = await origin()
+    if fork is None:
+        raise RuntimeError(f"session {session_id}: versions {after + 1}..{upto} of its log are missing")
+    parent, last = fork
+    lo, hi = max(after + 1, 2), min(upto, last)
+    lent = await read_parent(parent, lo - 2, hi - lo + 1) if hi >= lo else []
+    made = [(version + 1, made_own(parent, session_id, version, fields)) for version, fields in lent]
+    return sorted([*own, *made], key=lambda e: e[0])
+
+
+def made_own(parent_id: str, child_id: str, version: int, fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """The fields of the parent's event at `version` as the fork shows it, at `version + 1`."""
+    [event] = inherited(parent_id, child_id, [decode_event(version, fields)])
+    return log_fields(event)
