@@ -125,19 +125,21 @@ async def purge(settings: Settings, args: argparse.Namespace) -> None:
             targets = [args.session]
         else:
             targets = await parley.history.sessions_of_user(args.tenant, args.user_id)
-        heads = [(await parley.history.head(sid))[0] for sid in targets]
+        heads = {sid: (await parley.history.head(sid))[0] for sid in targets}
         with progress() as bar:
-            task = bar.add_task(f"purge {len(targets)} sessions", total=sum(heads))
-            for sid, n in zip(targets, heads):
-                await parley.history.purge(args.tenant, sid)
-                bar.advance(task, n)
+            task = bar.add_task(f"purge {len(targets)} sessions", total=sum(heads.values()))
+            # a session its forks read waits for them (copy-on-write): forks first, in passes
+            kept = await parley.history.purge_all(args.tenant, targets, lambda sid: bar.advance(task, heads[sid]))
         started = await parley.history.rewrite_persistence()
     for sid in targets:
-        print(sid)
+        if sid not in kept:
+            print(sid)
     console.print(
-        f"purged {len(targets)} sessions"
+        f"purged {len(targets) - len(kept)} sessions"
         + (f"; Redis is rewriting its files ({', '.join(started)})" if started else "")
     )
+    if kept:
+        sys.exit(f"parley purge: {len(kept)} not purged, forks of other users read them: {', '.join(kept)}")
 
 
 async def tenants(settings: Settings, args: argparse.Namespace) -> None:

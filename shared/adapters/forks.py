@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 from shared.adapters.codec import decode_event, log_fields
+from shared.domain.events import Event, SessionForked
 from shared.domain.fork import inherited
 
-__all__ = ["Entry", "complete", "made_own"]
+__all__ = ["Entry", "checked", "complete", "made_own"]
 
 Entry = tuple[int, dict[bytes, bytes]]
 """(version, the log's fields of the event at that version)."""
@@ -30,19 +31,32 @@ async def complete(
     read_parent: Callable[[str, int, int], Awaitable[list[Entry]]],
 ) -> list[Entry]:
     """The session's entries `after + 1..upto`: `entries` as stored (in order; may run past `upto`) with the
-    inherited ones filled in. `origin()`: (parent, last inherited version), None if the session is no fork;
-    `read_parent(parent, after, count)`: the parent's entries, completed."""
+    inherited ones filled in, always a run of consecutive versions from `after + 1`. `origin()`: (parent, last
+    inherited version), None if the session is no fork; `read_parent(parent, after, count)`: the parent's
+    entries, completed."""
     own = [e for e in entries if e[0] <= upto]
     if len(own) >= upto - after:
         return own
-    fork = await origin()
-    if fork is None:
-        raise RuntimeError(f"session {session_id}: versions {after + 1}..{upto} of its log are missing")
-    parent, last = fork
-    lo, hi = max(after + 1, 2), min(upto, last)
-    lent = await read_parent(parent, lo - 2, hi - lo + 1) if hi >= lo else []
-    made = [(version + 1, made_own(parent, session_id, version, fields)) for version, fields in lent]
-    return sorted([*own, *made], key=lambda e: e[0])
+    made: list[Entry] = []
+    if (fork := await origin()) is not None:
+        parent, last = fork
+        lo, hi = max(after + 1, 2), min(upto, last)
+        lent = await read_parent(parent, lo - 2, hi - lo + 1) if hi >= lo else []
+        made = [(version + 1, made_own(parent, session_id, version, fields)) for version, fields in lent]
+    out: list[Entry] = []
+    for entry in sorted([*own, *made], key=lambda e: e[0]):
+        if entry[0] != after + len(out) + 1:
+            break  # purged while it was read (the fork, then its parent): what was read up to there
+        out.append(entry)
+    return out
+
+
+def checked(events: Sequence[Event], inherits: tuple[str, int] | None) -> tuple[str, int] | None:
+    """`inherits`, once sure the append is a fork's first (`EventLog.append`)."""
+    first = events[0]
+    if inherits is not None and not (isinstance(first, SessionForked) and first.data.parent_id == inherits[0]):
+        raise ValueError("a copy-on-write fork's first append starts with its SessionForked")
+    return inherits
 
 
 def made_own(parent_id: str, child_id: str, version: int, fields: dict[bytes, bytes]) -> dict[bytes, bytes]:

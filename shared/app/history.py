@@ -91,7 +91,8 @@ def parse_export(lines: Iterable[bytes]) -> list[tuple[str, list[Event]]]:
                 f"session {header.session_id}: the header counts {header.events} events, the file has {len(events)}"
             )
         try:
-            fold(SessionState(id=header.session_id), events)
+            if fold(SessionState(id=header.session_id), events).session is None:  # a fork's lone SessionForked
+                raise ValueError("the log creates no session (a fork's holds its inherited events)")
             for event in events:  # what the read models could not store (integers past 64 bits) is refused here
                 _msgpack(event.data)
         except (ValueError, TypeError, OverflowError) as e:
@@ -176,10 +177,9 @@ async def _no_readers(admin: LogAdmin, session_id: str) -> None:
 
 
 async def sessions_of_user(service: SessionService, admin: LogAdmin, tenant: str, user_id: str) -> list[str]:
-    """The tenant's sessions (deleted ones too) whose `user_id` is this user, newest first: a fork before the
-    session it was forked from (which cannot be purged while its forks are there)."""
+    """The tenant's sessions (deleted ones too) whose `user_id` is this user."""
     out = []
-    for sid in reversed(await admin.session_ids(tenant)):  # ids are UUIDv7: creation order
+    for sid in await admin.session_ids(tenant):
         state = await service.log.load(tenant, sid)
         if state is not None and state.session is not None and state.session.user_id == user_id:
             out.append(sid)
@@ -213,6 +213,26 @@ class History:
 
     async def purge(self, tenant: str, session_id: str, expected_version: int | None = None) -> datetime:
         return await purge(self.service, self.admin, tenant, session_id, expected_version, self.end_chats)
+
+    async def purge_all(
+        self, tenant: str, session_ids: Iterable[str], purged: Callable[[str], None] = lambda sid: None
+    ) -> list[str]:
+        """Purge each session (`purged` told of each); one its forks read waits for them, in passes until a pass
+        purges nothing. Answers those left: forks outside `session_ids` read them (nothing of them changed)."""
+        left = list(session_ids)
+        while left:
+            waiting = []
+            for sid in left:
+                try:
+                    await self.purge(tenant, sid)
+                except HasForks:
+                    waiting.append(sid)
+                    continue
+                purged(sid)
+            if len(waiting) == len(left):
+                return waiting
+            left = waiting
+        return []
 
     async def sessions_of_user(self, tenant: str, user_id: str) -> list[str]:
         return await sessions_of_user(self.service, self.admin, tenant, user_id)

@@ -154,12 +154,14 @@ class EventLog(Protocol):
         expected_version: int,
         events: Sequence[Event],
         claim: IdempotencyClaim | None = None,
+        inherits: tuple[str, int] | None = None,
     ) -> AppendOutcome:
         """Append iff the session's version is `expected_version` (0: the session must not exist). The same events
-        appended again (a retried call whose answer was lost) answer `Appended`, once. A copy-on-write fork's
-        first append (`shared.domain.fork.shares`) stores its `SessionForked` and its own events, and leaves its
-        inherited versions to be read from its parent's log (refused as `Missing` if the parent is not this
-        tenant's or does not reach that far); every read of the log shows them as the fork's own."""
+        appended again (a retried call whose answer was lost) answer `Appended`, once. `inherits` (parent id,
+        last inherited version): a copy-on-write fork's first append (`shared.domain.fork.stored`), its
+        `SessionForked` and its own events; versions 2..last are read from the parent's log (in the parent's
+        partition: the fork's id is chosen there), made the fork's own, by every read. Refused as `Missing` if the
+        parent is not this tenant's or does not reach that far."""
         ...
 
     async def load(self, tenant: str, session_id: str, known: SessionState | None = None) -> SessionState | None:

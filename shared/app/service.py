@@ -240,10 +240,10 @@ class SessionService:
                 claim = IdempotencyClaim(
                     key=idempotency.key, request_hash=idempotency.request_hash, response=_encode(answer)
                 )
-            writes = events
-            if isinstance(command, ForkSession) and self._near(session_id, command.parent_id):
-                writes = stored(events)  # copy-on-write: the inherited events are read from the parent's log
-            match await self.log.append(tenant, session_id, state.version, writes, claim):
+            writes, inherits = list(events), None
+            if isinstance(command, ForkSession) and not command.copy and self._near(session_id, command.parent_id):
+                writes, inherits = stored(events)  # copy-on-write: the inherited events are read from the parent's
+            match await self.log.append(tenant, session_id, state.version, writes, claim, inherits):
                 case Appended():
                     self.cache.put(tenant, after)
                     return answer

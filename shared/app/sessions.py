@@ -29,6 +29,7 @@ from shared.domain.commands import (
 )
 from shared.domain.errors import Invalid, NotFound, VersionNotFound
 from shared.domain.events import Event, MessageAdded, MessageEdited, MessageRemoved
+from shared.domain.fork import MAX_CHAIN, chain
 from shared.domain.retention import with_expiry
 from shared.domain.search import Position, Query, decode_cursor, encode_cursor, ms
 from shared.domain.state import SessionState
@@ -199,7 +200,8 @@ class Sessions:
                 raise NotFound(f"session {parent_id} not found")  # purged meanwhile
             events += page
         child = self.service.new_session_id(tenant, idem, parent_id)
-        command = ForkSession(parent_id=parent_id, events=tuple(events), metadata=body.metadata)
+        copy = chain(events) >= MAX_CHAIN  # deeper, a read would walk too many parents: this one stores its own
+        command = ForkSession(parent_id=parent_id, events=tuple(events), metadata=body.metadata, copy=copy)
         try:
             forked, at = await self.service.execute(tenant, child, command, _session, idem, tuple[Session, int])
         except NotFound as e:  # the parent was purged meanwhile (the fork's append checks it)

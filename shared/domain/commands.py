@@ -197,6 +197,8 @@ class ForkSession(Struct, kw_only=True, frozen=True):
     parent_id: str
     events: tuple[Event, ...]
     metadata: dict[str, Any] | None = None
+    copy: bool = False
+    """Store the inherited events instead of reading them from the parent (a long chain of forks of forks)."""
 
 
 class SkipTicks(Struct, kw_only=True, frozen=True):

@@ -25,6 +25,8 @@ from shared.domain.events import (
     ChatCancelled,
     ChatCancelledData,
     Event,
+    MessageAdded,
+    MessageEdited,
     ScheduleDeleted,
     ScheduleDeletedData,
     SessionForked,
@@ -35,7 +37,11 @@ from shared.domain.events import (
 from shared.domain.ids import derived_id
 from shared.domain.state import SessionState, fold
 
-__all__ = ["fork_events", "inherited", "shares", "stored"]
+__all__ = ["MAX_CHAIN", "chain", "fork_events", "inherited", "stored"]
+
+MAX_CHAIN = 8
+"""A fork of a session this many forks deep stores its inherited events (`ForkSession.copy`): every read of a
+copy-on-write fork's inherited history walks its chain of parents, a step per fork."""
 
 
 def fork_events(
@@ -81,38 +87,55 @@ def fork_events(
 
 def inherited(parent_id: str, child_id: str, events: Sequence[Event]) -> list[Event]:
     """The parent's events as the fork shows them: one version later, the event's id derived from the fork's, and
-    the ids the data names made the fork's (`session_id`: a message's session; `job_id`: the chat job's). Per
-    event, so any range of the parent's log can be made the fork's on its own."""
+    the ids it names made the fork's: the parent's id and the event's chat job's, wherever they appear (a
+    `ChatCompleted`'s response names both); in a message, its `session_id` alone (its content is the user's).
+    Per event, so any range of the parent's log can be made the fork's on its own."""
     out: list[Event] = []
     for e in events:
         data: Any = e.data
-        ids: dict[str, str] = {}
-        if getattr(data, "session_id", None) == parent_id:
-            ids["session_id"] = child_id
-        if (job_id := getattr(data, "job_id", None)) is not None:
-            ids["job_id"] = _job(child_id, job_id)
-        made = msgspec.structs.replace(e, id=derived_id(child_id, f"event/{e.id}"), version=e.version + 1)
-        out.append(msgspec.structs.replace(made, data=msgspec.structs.replace(data, **ids)) if ids else made)
+        if isinstance(e, (MessageAdded, MessageEdited)):
+            if data.session_id == parent_id:
+                data = msgspec.structs.replace(data, session_id=child_id)
+        else:
+            ids = {parent_id: child_id}
+            if (job_id := getattr(data, "job_id", None)) is not None:
+                ids[job_id] = _job(child_id, job_id)
+            data = msgspec.convert(_renamed(msgspec.to_builtins(data), ids), type(data))
+        out.append(
+            msgspec.structs.replace(e, id=derived_id(child_id, f"event/{e.id}"), version=e.version + 1, data=data)
+        )
     return out
 
 
-def stored(events: Sequence[Event]) -> list[Event]:
-    """What a fork's first append stores: its `SessionForked` and its own events, not the inherited ones."""
-    match events[0] if events else None:
-        case SessionForked(data=d):
-            return [e for e in events if not 1 < e.version <= d.version + 1]
-    return list(events)
+def stored(events: Sequence[Event]) -> tuple[list[Event], tuple[str, int]]:
+    """What a fork's first append stores, copy-on-write: its `SessionForked` and its own events, not the inherited
+    ones; and what it inherits: (parent id, the last inherited version)."""
+    first = events[0]
+    if not isinstance(first, SessionForked):
+        raise ValueError("a fork's first event is its SessionForked")
+    last = first.data.version + 1
+    return [e for e in events if not 1 < e.version <= last], (first.data.parent_id, last)
 
 
-def shares(events: Sequence[Event]) -> tuple[str, int] | None:
-    """(parent id, the last inherited version) if these are a copy-on-write fork's first events (`stored`: its
-    `SessionForked`, then only events after the inherited range); None for any other append, an imported fork's
-    (whose inherited events are stored) included."""
-    match events[0] if events else None:
-        case SessionForked(data=d) if all(e.version > d.version + 1 for e in events[1:]):
-            return d.parent_id, d.version + 1
-    return None
+def chain(events: Sequence[Event]) -> int:
+    """How many forks deep a session is, from its history: each fork's log starts with its `SessionForked`, then
+    its parent's (so a fork of a fork shows two in a row)."""
+    n = 0
+    while n < len(events) and isinstance(events[n], SessionForked):
+        n += 1
+    return n
 
 
 def _job(child_id: str, job_id: str) -> str:
     return derived_id(child_id, f"job/{job_id}")
+
+
+def _renamed(node: Any, ids: dict[str, str]) -> Any:
+    """`node` with every string that is a key of `ids` replaced by its value."""
+    if isinstance(node, str):
+        return ids.get(node, node)
+    if isinstance(node, list):
+        return [_renamed(v, ids) for v in node]
+    if isinstance(node, dict):
+        return {k: _renamed(v, ids) for k, v in node.items()}
+    return node

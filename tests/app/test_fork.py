@@ -9,10 +9,20 @@ import msgspec
 import pytest
 
 from shared import bootstrap
+from shared.adapters.memory import MemoryEventLog
 from shared.app.rebuild import Scope
 from shared.bootstrap import Parley
-from shared.domain.errors import DeletedAtVersion, HasForks, NotFound, VersionNotFound
-from shared.domain.events import ChatCancelled, MessageAdded, ScheduleDeleted, SessionCreated, SessionForked
+from shared.domain.errors import DeletedAtVersion, HasForks, InvalidImport, NotFound, VersionNotFound
+from shared.domain.events import (
+    ChatCancelled,
+    ChatCompleted,
+    MessageAdded,
+    ScheduleDeleted,
+    SessionCreated,
+    SessionForked,
+)
+from shared.domain.fork import MAX_CHAIN
+from shared.domain.fork import inherited as inherited_events
 from shared.domain.wire import ChatRequest, ForkRequest, MessageCreate, MessagePatch, ScheduleCreate, SessionCreate
 from tests.app.conftest import Deployment, settings
 
@@ -44,6 +54,10 @@ async def test_a_fork_starts_with_its_parents_history_then_goes_its_own_way(parl
     log = await parley.log.read(fork.id, 0, 100)
     assert isinstance(log[0], SessionForked) and isinstance(log[1], SessionCreated)
     assert all(m.data.session_id == fork.id for m in log if isinstance(m, MessageAdded))
+    # nothing inherited names the parent or its jobs: a ChatCompleted's response names the fork and its job
+    assert not any(parent.id in msgspec.json.encode(e.data).decode() for e in log[1:])
+    parent_jobs = {e.data.job_id for e in await parley.log.read(parent.id, 0, 100) if isinstance(e, ChatCompleted)}
+    assert parent_jobs and not any(j in msgspec.json.encode(e.data).decode() for e in log for j in parent_jobs)
     jobs = [msgspec.json.decode(j)["id"] for j in await parley.chats.list("acme", fork.id, 10, 0)]
     parents = [msgspec.json.decode(j)["id"] for j in await parley.chats.list("acme", parent.id, 10, 0)]
     assert len(jobs) == 1 and jobs != parents  # the fork's own job record, not the parent's
@@ -128,7 +142,7 @@ async def test_a_fork_reads_its_parents_history_which_is_not_purged_while_it_doe
         await parley.sessions.get("acme", parent.id)
 
 
-async def test_a_fork_of_a_fork_and_a_users_purge_takes_forks_first(parley: Parley) -> None:
+async def test_a_fork_of_a_fork_and_a_users_purge_takes_forks_first_in_passes(parley: Parley) -> None:
     d = Deployment(parley)
     root, _ = await parley.sessions.create("acme", SessionCreate(user_id="u1"))
     await parley.sessions.add_message("acme", root.id, MessageCreate(role="user", content="root"))
@@ -138,8 +152,37 @@ async def test_a_fork_of_a_fork_and_a_users_purge_takes_forks_first(parley: Parl
     await d.settle()
     assert [c for _, c in await conversation(parley, leaf.id)] == ["root", "middle"]
     assert leaf.forked_from is not None and leaf.forked_from.session_id == middle.id
-    order = await parley.history.sessions_of_user("acme", "u1")
-    assert order == [leaf.id, middle.id, root.id]
-    for sid in order:
-        await parley.history.purge("acme", sid)
+    mine = await parley.history.sessions_of_user("acme", "u1")
+    assert mine == [root.id, middle.id, leaf.id]  # parents first: each waits for its forks
+    assert await parley.history.purge_all("acme", mine[:2]) == [root.id, middle.id]  # the leaf reads both
+    assert (await parley.sessions.get("acme", root.id))[0]  # nothing of them changed
+    purged: list[str] = []
+    assert await parley.history.purge_all("acme", mine, purged.append) == []
+    assert purged == [leaf.id, middle.id, root.id]
     assert await parley.history.sessions_of_user("acme", "u1") == []
+
+
+async def test_a_chain_of_forks_this_deep_stores_its_inherited_events_and_a_lone_fork_event_is_no_import(
+    parley: Parley,
+) -> None:
+    assert isinstance(parley.log, MemoryEventLog)
+    memory = parley.log.memory
+    sid = (await parley.sessions.create("acme", SessionCreate()))[0].id
+    await parley.sessions.add_message("acme", sid, MessageCreate(role="user", content="root"))
+    chain = [sid]
+    for _ in range(MAX_CHAIN + 1):
+        chain.append((await parley.sessions.fork("acme", chain[-1], ForkRequest()))[0].id)
+    inherited = [sum(1 for f in memory.logs[s] if f is None) for s in chain[1:]]
+    assert all(inherited[:MAX_CHAIN]) and inherited[MAX_CHAIN] == 0  # the deepest stores its history
+    await Deployment(parley).settle()
+    assert [c for _, c in await conversation(parley, chain[-1])] == ["root"]
+    assert await parley.log.read(chain[-1], 0, 100) == [
+        *(await parley.log.read(chain[-1], 0, 100))[:1],
+        *inherited_events(chain[-2], chain[-1], await parley.log.read(chain[-2], 0, 100)),
+    ]
+
+    lines = [line async for line in parley.history.export(chain[1])]
+    header = msgspec.json.decode(lines[0])
+    header["events"] = 1
+    with pytest.raises(InvalidImport):  # a fork's SessionForked alone: it would name a history it does not hold
+        await parley.history.import_("globex", [msgspec.json.encode(header), lines[1]])

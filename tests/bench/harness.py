@@ -857,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = (
         set(args.rows.split(","))
         if args.rows
-        else {"P1", "P2", "P3", "P4", "P5", "P7", "P6", "P5tt", "P8", "P9", "P10"}
+        else {"P1", "P2", "P3", "P4", "P5", "P7", "P6", "P5tt", "P8", "P9", "P10", "P11"}
     )
     try:
         if rows & {"P1", "P2", "P3"}:
@@ -878,6 +878,10 @@ def main(argv: list[str] | None = None) -> int:
             from tests.bench import search_bench
 
             search_bench.run(bench)
+        if "P11" in rows:
+            from tests.bench import fork_bench
+
+            fork_bench.run(bench)
         if rows & {"P6", "P5tt"}:
             from tests.bench import replay_bench
 

@@ -44,10 +44,12 @@ def test_quick_benchmark_runs_and_every_request_succeeds(tmp_path):
         "P9api",
         "P9workers",
         "P10",
+        "P11",
     }
     assert result["rows"]["P1"]["parley_rps"] > 0 and result["rows"]["P1"]["ceiling_rps"] > 0
     assert result["rows"]["P3"]["probes"] > 0
     assert result["rows"]["P4openai"]["completions_full_history_p50_ms"] > 0
     assert result["rows"]["P6"]["rebuild_eps"] > 0 and result["rows"]["P6"]["xrange_eps"] > 0
+    assert result["rows"]["P11"]["fork_log_bytes_1000"] < result["rows"]["P11"]["parent_log_bytes_1000"]
     assert result["rows"]["P5tt"]["session_far_p50_ms"] > 0 and result["rows"]["P5tt"]["at_version_far_p50_ms"] > 0
     assert (tmp_path / "result.md").read_text().startswith("# Parley benchmark")

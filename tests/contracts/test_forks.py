@@ -29,7 +29,8 @@ async def fork(backend: Backend, parent: SessionState, version: int | None = Non
     while partition_of(child, PARTITIONS) != partition_of(parent.id, PARTITIONS):  # as the service chooses it
         child = uuid7()
     events = decide(SessionState(id=child), ForkSession(parent_id=parent.id, events=tuple(history)), stamp())
-    assert await backend.log.append("acme", child, 0, stored(events)) == Appended(len(events))
+    writes, inherits = stored(events)
+    assert await backend.log.append("acme", child, 0, writes, None, inherits) == Appended(len(events))
     return child, events
 
 
@@ -126,6 +127,6 @@ async def test_a_fork_of_another_tenants_or_a_shorter_parent_is_refused(backend:
         while partition_of(other, PARTITIONS) != partition_of(parent_id, PARTITIONS):
             other = uuid7()
         forked = msgspec.structs.replace(events[0], data=msgspec.structs.replace(events[0].data, parent_id=parent_id))
-        assert await log.append(tenant, other, 0, [forked]) == Missing()
+        assert await log.append(tenant, other, 0, [forked], None, (parent_id, 2)) == Missing()
         assert await log.read(other) == [] and await backend.admin.head(other) == (0, None, 0)
     assert await backend.admin.readers(parent.id) == [child]

@@ -220,6 +220,8 @@ async def test_append_called_twice_with_the_same_events_answers_already_and_stor
         k.idempotency(p, "acme", "-"),
         k.sessions(p, "acme"),
         k.idempotency_of(state.id),
+        k.head(state.id),  # a fork's parent's head and readers: this append is none
+        k.readers(state.id),
     ]
 
     def args(expected: int, evs: list) -> list:
@@ -232,6 +234,8 @@ async def test_append_called_twice_with_the_same_events_answers_already_and_stor
             "",
             60,
             SCHEMA_VERSION,
+            0,
+            "",
             0,
             *(x for e in evs for x in event_fields(e)),
         ]

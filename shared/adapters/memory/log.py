@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shared.adapters.codec import decode_event, decode_state, event_json, log_fields
+from shared.adapters.forks import checked
 from shared.adapters.memory.store import Head, Memory
 from shared.app.ports import (
     CONFLICT_TAIL,
@@ -25,7 +26,6 @@ from shared.app.ports import (
     View,
 )
 from shared.domain.events import Event
-from shared.domain.fork import shares
 from shared.domain.projection import SNAPSHOT_EVERY
 from shared.domain.state import SessionState, fold
 
@@ -63,6 +63,7 @@ class MemoryEventLog:
         expected_version: int,
         events: Sequence[Event],
         claim: IdempotencyClaim | None = None,
+        inherits: tuple[str, int] | None = None,
     ) -> AppendOutcome:
         if not events:
             raise ValueError("an append needs at least one event")  # a head without events would be no session
@@ -78,7 +79,7 @@ class MemoryEventLog:
             return Missing()
         version = head.version if head is not None else 0
         log = m.logs.get(session_id, [])
-        fork = shares(events)
+        fork = checked(events, inherits)
         if fork is not None and m.partition(fork[0]) != partition:
             raise ValueError("a copy-on-write fork reads its parent's log in its slot: its id is in its partition")
         if version != expected_version:

@@ -11,6 +11,8 @@ import logging
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from shared.adapters.codec import (
     decode_event,
     decode_state,
@@ -23,7 +25,7 @@ from shared.adapters.codec import (
     split_member,
     upcast,
 )
-from shared.adapters.forks import Entry, complete
+from shared.adapters.forks import Entry, checked, complete
 from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import USAGE_TTL_S, Keys, partition_of
 from shared.adapters.redis.lua import call_live, run_live, run_pipeline
@@ -58,7 +60,6 @@ from shared.app.ports import (
     View,
 )
 from shared.domain.events import SCHEMA_VERSION, Event
-from shared.domain.fork import shares
 from shared.domain.projection import SNAPSHOT_EVERY, JobUpdate, ReadModelUpdate
 from shared.domain.search import COUNT_BUDGET, SCAN_BUDGET, PartitionPage, Position, Query, merge, stamp
 from shared.domain.state import SessionState, fold
@@ -107,13 +108,14 @@ class RedisStore:
         expected_version: int,
         events: Sequence[Event],
         claim: IdempotencyClaim | None = None,
+        inherits: tuple[str, int] | None = None,
     ) -> AppendOutcome:
         if not events:
             raise ValueError("an append needs at least one event")  # a head without events would be no session
         k = self.keys
         partition = partition_of(session_id, k.partitions)
         idem_key = k.idempotency(partition, tenant, claim.key) if claim else k.idempotency(partition, tenant, "-")
-        fork = shares(events)
+        fork = checked(events, inherits)
         if fork is not None and partition_of(fork[0], k.partitions) != partition:
             raise ValueError("a copy-on-write fork reads its parent's log in its slot: its id is in its partition")
         parent, last = fork if fork is not None else ("", 0)
@@ -444,10 +446,12 @@ class RedisStore:
                 continue
             head, tenant, base, raw_state = int(reply[0]), reply[1].decode(), int(reply[2]), reply[3]
             stored = [(_version(eid), pairs(fields)) for eid, fields in reply[4]]
-            entries = await self._complete(sid, stored, base, min(head, base + LOAD_BATCH))
             try:
+                entries = await self._complete(sid, stored, base, min(head, base + LOAD_BATCH))
                 state = decode_state(raw_state) if raw_state is not None else (s or SessionState(id=sid))
                 events = [decode_event(v, fields) for v, fields in entries]
+            except RedisError:
+                raise  # the store's trouble, not the session's: the caller retries
             except Exception:
                 log.exception("cannot decode session %s; it stays behind until fixed (parley rebuild --session)", sid)
                 out.append(None)
