@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 from shared.adapters.codec import decode_event, log_fields
-from shared.domain.events import Event, SessionForked
+from shared.domain.events import SCHEMA_VERSION, Event, SessionForked
 from shared.domain.fork import inherited
+from shared.domain.ids import derived_id
 
 __all__ = ["Entry", "checked", "complete", "made_own"]
 
@@ -60,6 +61,18 @@ def checked(events: Sequence[Event], inherits: tuple[str, int] | None) -> tuple[
 
 
 def made_own(parent_id: str, child_id: str, version: int, fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
-    """The fields of the parent's event at `version` as the fork shows it, at `version + 1`."""
+    """The fields of the parent's event at `version` as the fork shows it, at `version + 1` (`inherited`). A
+    message of today's schema, most of any log, is made the fork's without decoding it: its `session_id` is the one
+    id it names, as APPLY and READ_MESSAGES make it in Lua."""
+    if fields[b"t"] in _MESSAGES and fields.get(b"s") == _SCHEMA:
+        named = b'"session_id":"%s"' % parent_id.encode()
+        if named in fields[b"d"]:
+            event_id = derived_id(child_id, f"event/{fields[b'i'].decode()}").encode()
+            data = fields[b"d"].replace(named, b'"session_id":"%s"' % child_id.encode(), 1)
+            return {**fields, b"i": event_id, b"d": data}
     [event] = inherited(parent_id, child_id, [decode_event(version, fields)])
     return log_fields(event)
+
+
+_MESSAGES = (b"MessageAdded", b"MessageEdited")
+_SCHEMA = str(SCHEMA_VERSION).encode()
