@@ -152,11 +152,12 @@ class Admissions:
 
     @staticmethod
     def _from(lease: _Lease, now: float) -> Admission:
-        """The admission of one request of a lease: what is left counts this lease's unspent requests too, up to the
-        burst (a lease asked for early carries the last one's over while the tenant's bucket refills)."""
+        """The admission of one request of a lease: what is left counts this lease's unspent requests too, and is
+        less than the burst, this request being one of it (a lease asked for early carries the last one's over
+        while the tenant's bucket refills: the sum alone counted up to 204 of 200)."""
         g = lease.grant
         wait_ms = max(0, g.wait_ms - math.floor((now - lease.taken) * 1000)) if g.burst else 0
-        left = min(g.burst, g.remaining + lease.left) if g.burst else 0
+        left = min(g.burst - 1, g.remaining + lease.left) if g.burst else 0
         return Admission(True, g.burst, left, wait_ms, g.rps, 1, g.day)
 
     async def settle(self, everything: bool = False) -> None:
