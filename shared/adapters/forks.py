@@ -52,11 +52,18 @@ async def complete(
     return out
 
 
-def checked(events: Sequence[Event], inherits: tuple[str, int] | None) -> tuple[str, int] | None:
-    """`inherits`, once sure the append is a fork's first (`EventLog.append`)."""
+def checked(
+    events: Sequence[Event], inherits: tuple[str, int] | None, partition: int, partition_of: Callable[[str], int]
+) -> tuple[str, int] | None:
+    """`inherits`, once sure the append (in `partition`) is a fork's first, in its parent's partition
+    (`EventLog.append`): the fork reads its parent's log in its slot."""
+    if inherits is None:
+        return None
     first = events[0]
-    if inherits is not None and not (isinstance(first, SessionForked) and first.data.parent_id == inherits[0]):
+    if not (isinstance(first, SessionForked) and first.data.parent_id == inherits[0]):
         raise ValueError("a copy-on-write fork's first append starts with its SessionForked")
+    if partition_of(inherits[0]) != partition:
+        raise ValueError("a copy-on-write fork reads its parent's log in its slot: its id is in its partition")
     return inherits
 
 

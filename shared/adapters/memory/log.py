@@ -79,9 +79,7 @@ class MemoryEventLog:
             return Missing()
         version = head.version if head is not None else 0
         log = m.logs.get(session_id, [])
-        fork = checked(events, inherits)
-        if fork is not None and m.partition(fork[0]) != partition:
-            raise ValueError("a copy-on-write fork reads its parent's log in its slot: its id is in its partition")
+        fork = checked(events, inherits, partition, m.partition)
         if version != expected_version:
             # a retry of an append that did land (its reply was lost): our first event sits at expected + 1
             mine = log[expected_version] if 0 <= expected_version < len(log) else None
@@ -93,9 +91,8 @@ class MemoryEventLog:
                 else []
             )
             return Conflict(version, tuple(decode_event(v, f) for v, f in newer))
-        fields: list[dict[bytes, bytes] | None] = [
-            log_fields(e) for e in events
-        ]  # encode all first: a bad event writes nothing
+        # encode all first: a bad event writes nothing
+        fields: list[dict[bytes, bytes] | None] = [log_fields(e) for e in events]
         if fork is not None:
             parent = m.heads.get(fork[0])
             if parent is None or parent.tenant != tenant or parent.version < fork[1] - 1:

@@ -180,20 +180,6 @@ class FeedGroup:
 class Memory:
     """Everything one in-memory deployment holds."""
 
-    def entries(self, session_id: str, after: int, limit: int) -> list[Entry]:
-        """Up to `limit` entries of the session's log after version `after`, a copy-on-write fork's inherited ones
-        read from its parent's log and made its own (`shared.adapters.forks`)."""
-        start = max(after, 0)
-        out: list[Entry] = []
-        for version, fields in enumerate(self.logs.get(session_id, [])[start : start + limit], start + 1):
-            if fields is None:
-                fork = self.heads[session_id].fork
-                assert fork is not None, f"session {session_id} misses version {version} and is no fork"
-                [(_, lent)] = self.entries(fork[0], version - 2, 1)
-                fields = made_own(fork[0], session_id, version - 1, lent)
-            out.append((version, fields))
-        return out
-
     def __init__(self, partitions: int = 16, clock: Callable[[], float] = time.time) -> None:
         self.partitions = partitions
         self.clock = clock
@@ -261,6 +247,20 @@ class Memory:
         # wake-ups: who is told that a session's log or a job's chunks grew; blocked readers of the feed and queue
         self.listeners: list[Callable[[str], None]] = []
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+
+    def entries(self, session_id: str, after: int, limit: int) -> list[Entry]:
+        """Up to `limit` entries of the session's log after version `after`, a copy-on-write fork's inherited ones
+        read from its parent's log and made its own (`shared.adapters.forks`)."""
+        start = max(after, 0)
+        out: list[Entry] = []
+        for version, fields in enumerate(self.logs.get(session_id, [])[start : start + limit], start + 1):
+            if fields is None:
+                fork = self.heads[session_id].fork
+                assert fork is not None, f"session {session_id} misses version {version} and is no fork"
+                [(_, lent)] = self.entries(fork[0], version - 2, 1)
+                fields = made_own(fork[0], session_id, version - 1, lent)
+            out.append((version, fields))
+        return out
 
     def partition(self, session_id: str) -> int:
         return partition_of(session_id, self.partitions)

@@ -16,7 +16,7 @@ from shared.adapters.redis.cluster import Client, ParleyCluster
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, run_live, stale_generation
 from shared.adapters.redis.scripts import PURGE, REGISTRY, SWITCH
-from shared.adapters.redis.store import log_entries
+from shared.adapters.redis.store import completed, log_entries
 from shared.app.ports import PurgeConflict
 from shared.domain.events import Event, SessionPurged
 from shared.domain.state import SessionState
@@ -73,11 +73,9 @@ class RedisHistory:
         replies = await pipe.execute()
         out: dict[str, list[Event]] = {}
         for (sid, version), head, raw in zip(targets, replies[::2], replies[1::2]):
-            upto = min(int(head or 0), version + count)
-            stored = [(v, fields) for v, fields in ((_version(eid), fields) for eid, fields in raw) if v <= upto]
-            if len(stored) < upto - version:  # a fork's inherited versions
-                _, stored = await log_entries(self.redis, self.keys, sid, version, count)
-            out[sid] = [decode_event(v, fields) for v, fields in stored]
+            stored = [(_version(eid), fields) for eid, fields in raw]
+            entries = await completed(self.redis, self.keys, sid, stored, version, min(int(head or 0), version + count))
+            out[sid] = [decode_event(v, fields) for v, fields in entries]
         return out
 
     async def generation_states(self, gens: dict[str, int]) -> dict[str, tuple[str, SessionState]]:

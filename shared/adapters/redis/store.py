@@ -8,7 +8,7 @@ script. Works the same on redis-server and on fakeredis (with Lua).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -72,6 +72,7 @@ __all__ = [
     "SWITCH",
     "TIME_TRAVEL",
     "RedisStore",
+    "completed",
     "fork_origin",
     "job_fields",
     "log_entries",
@@ -115,9 +116,7 @@ class RedisStore:
         k = self.keys
         partition = partition_of(session_id, k.partitions)
         idem_key = k.idempotency(partition, tenant, claim.key) if claim else k.idempotency(partition, tenant, "-")
-        fork = checked(events, inherits)
-        if fork is not None and partition_of(fork[0], k.partitions) != partition:
-            raise ValueError("a copy-on-write fork reads its parent's log in its slot: its id is in its partition")
+        fork = checked(events, inherits, partition, lambda sid: partition_of(sid, k.partitions))
         parent, last = fork if fork is not None else ("", 0)
         args: list[Any] = [
             tenant,
@@ -195,19 +194,8 @@ class RedisStore:
         if head == 0:
             return View(0, 0, None)
         stored = [(_version(eid), pairs(fields)) for eid, fields in reply[1]]
-        entries = await self._complete(session_id, stored, after, min(head, after + limit))
+        entries = await completed(self.redis, self.keys, session_id, stored, after, min(head, after + limit))
         return View(head, head, b"log", [event_json(v, fields) for v, fields in entries])
-
-    async def _complete(self, session_id: str, stored: list[Entry], after: int, upto: int) -> list[Entry]:
-        """A script's read of the log, a copy-on-write fork's inherited entries filled in (`shared.adapters.forks`)."""
-        return await complete(
-            session_id,
-            stored,
-            after,
-            upto,
-            lambda: fork_origin(self.redis, self.keys, session_id),
-            lambda parent, a, n: _entries(self.redis, self.keys, parent, a, n),
-        )
 
     async def at_version(self, tenant: str, session_id: str, version: int) -> tuple[int, SessionState | None]:
         """(head, the state right after event `version`): folded from the nearest snapshot at or below it,
@@ -229,7 +217,8 @@ class RedisStore:
         base, raw = int(reply[1]), reply[2]
         state = decode_state(raw) if raw is not None else SessionState(id=session_id)
         assert state.version == base
-        entries = await self._complete(session_id, [(_version(eid), pairs(f)) for eid, f in reply[3]], base, version)
+        stored = [(_version(eid), pairs(f)) for eid, f in reply[3]]
+        entries = await completed(self.redis, self.keys, session_id, stored, base, version)
         return head, fold(state, (decode_event(v, fields) for v, fields in entries))
 
     # -- ReadModels: reads ---------------------------------------------------------------
@@ -447,7 +436,7 @@ class RedisStore:
             head, tenant, base, raw_state = int(reply[0]), reply[1].decode(), int(reply[2]), reply[3]
             stored = [(_version(eid), pairs(fields)) for eid, fields in reply[4]]
             try:
-                entries = await self._complete(sid, stored, base, min(head, base + LOAD_BATCH))
+                entries = await completed(self.redis, self.keys, sid, stored, base, min(head, base + LOAD_BATCH))
                 state = decode_state(raw_state) if raw_state is not None else (s or SessionState(id=sid))
                 events = [decode_event(v, fields) for v, fields in entries]
             except RedisError:
@@ -611,27 +600,41 @@ def job_fields(job: JobUpdate) -> list[Any]:
 
 async def log_entries(redis: Client, keys: Keys, session_id: str, after: int, limit: int) -> tuple[int, list[Entry]]:
     """(the session's head, up to `limit` entries of its log after version `after`), a copy-on-write fork's
-    inherited ones filled in from its parent's log (`shared.adapters.forks`)."""
+    inherited ones filled in from its parent's log."""
     pipe = redis.pipeline(transaction=False)
     pipe.hmget(keys.head(session_id), "v", "fp", "fv")
     pipe.xrange(keys.log(session_id), f"{after + 1}-0", "+", count=limit)
     (v, parent, last), raw = await pipe.execute()
     head = int(v or 0)
-    stored = [(_version(eid), fields) for eid, fields in raw]
     if head <= after:
         return head, []
+    stored = [(_version(eid), fields) for eid, fields in raw]
 
     async def origin() -> tuple[str, int] | None:
         return (parent.decode(), int(last)) if parent else None
 
-    def read_parent(parent_id: str, a: int, n: int) -> Awaitable[list[Entry]]:
-        return _entries(redis, keys, parent_id, a, n)
-
-    return head, await complete(session_id, stored, after, min(head, after + limit), origin, read_parent)
+    return head, await completed(redis, keys, session_id, stored, after, min(head, after + limit), origin)
 
 
-async def _entries(redis: Client, keys: Keys, session_id: str, after: int, limit: int) -> list[Entry]:
-    return (await log_entries(redis, keys, session_id, after, limit))[1]
+async def completed(
+    redis: Client,
+    keys: Keys,
+    session_id: str,
+    stored: list[Entry],
+    after: int,
+    upto: int,
+    origin: Callable[[], Awaitable[tuple[str, int] | None]] | None = None,
+) -> list[Entry]:
+    """A read of versions `after + 1..upto` of the session's log (`stored`: what it holds of them), a copy-on-write
+    fork's inherited entries filled in (`shared.adapters.forks`); `origin`: the fork's (parent, last inherited
+    version) when the caller read it, else its head is asked only if entries are missing."""
+
+    async def read_parent(parent_id: str, a: int, n: int) -> list[Entry]:
+        return (await log_entries(redis, keys, parent_id, a, n))[1]
+
+    return await complete(
+        session_id, stored, after, upto, origin or (lambda: fork_origin(redis, keys, session_id)), read_parent
+    )
 
 
 async def fork_origin(redis: Client, keys: Keys, session_id: str) -> tuple[str, int] | None:
