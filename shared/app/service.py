@@ -40,7 +40,7 @@ from shared.domain.errors import (
     VersionNotFound,
 )
 from shared.domain.events import Event, check_readable
-from shared.domain.fork import stored
+from shared.domain.fork import forked_state
 from shared.domain.ids import partition_of, uuid7
 from shared.domain.state import SessionState, fold
 
@@ -231,7 +231,14 @@ class SessionService:
                     check_readable(event)
                 except msgspec.ValidationError as e:
                     raise Invalid(f"the request would store an event the log cannot read back: {e}") from e
-            after = fold(state, events)
+            inherits = None
+            if isinstance(command, ForkSession) and not command.events:  # copy-on-write: reads its parent's log
+                if not self._near(session_id, command.parent.id):
+                    raise ValueError(f"a copy-on-write fork of {command.parent.id} needs an id in its partition")
+                inherits = (command.parent.id, command.parent.version + 1)
+                after = forked_state(command.parent, events, session_id)
+            else:
+                after = fold(state, events)
             answer = result(after, events)
             if not events:
                 return answer
@@ -240,10 +247,7 @@ class SessionService:
                 claim = IdempotencyClaim(
                     key=idempotency.key, request_hash=idempotency.request_hash, response=_encode(answer)
                 )
-            writes, inherits = list(events), None
-            if isinstance(command, ForkSession) and not command.copy and self._near(session_id, command.parent_id):
-                writes, inherits = stored(events)  # copy-on-write: the inherited events are read from the parent's
-            match await self.log.append(tenant, session_id, state.version, writes, claim, inherits):
+            match await self.log.append(tenant, session_id, state.version, events, claim, inherits):
                 case Appended():
                     self.cache.put(tenant, after)
                     return answer
@@ -262,8 +266,7 @@ class SessionService:
         raise Contention(f"session {session_id} is changing too fast; retry")
 
     def _near(self, session_id: str, parent_id: str) -> bool:
-        """A fork reads its parent's log only from the parent's partition (one Cluster slot: `new_session_id`);
-        one given another id stores its inherited events."""
+        """A fork reads its parent's log only from the parent's partition (one Cluster slot: `new_session_id`)."""
         return partition_of(session_id, self.partitions) == partition_of(parent_id, self.partitions)
 
     def forget(self, tenant: str, session_id: str) -> None:

@@ -186,22 +186,27 @@ class Sessions:
     ) -> tuple[Session, int]:
         """(the fork, its version): a new session whose history is the parent's up to `body.version` (its latest
         by default), which the fork's log reads from the parent's (`shared.domain.fork`, copy-on-write). Deciding
-        it folds that history once."""
+        it reads the parent's state at that version (a snapshot and the events after it), not its history."""
         parent = await self.log.load(tenant, parent_id)
         if parent is None:
             raise NotFound(f"session {parent_id} not found")
         version = body.version or parent.version
         if version > parent.version:
             raise VersionNotFound(f"session {parent_id} has no version {version} (its latest is {parent.version})")
-        events: builtins.list[Event] = []
-        while len(events) < version:
-            page = await self.log.read(parent_id, len(events), min(1_000, version - len(events)))
-            if not page:
+        if version < parent.version:
+            _, past = await self.log.at_version(tenant, parent_id, version)
+            if past is None:
                 raise NotFound(f"session {parent_id} not found")  # purged meanwhile
-            events += page
+            parent = past
+        events: builtins.list[Event] = []
+        if parent.forked_from is not None and chain(await self.log.read(parent_id, 0, MAX_CHAIN)) >= MAX_CHAIN:
+            while len(events) < version:  # deeper, a read would walk too many parents: this fork stores its own
+                page = await self.log.read(parent_id, len(events), min(1_000, version - len(events)))
+                if not page:
+                    raise NotFound(f"session {parent_id} not found")  # purged meanwhile
+                events += page
         child = self.service.new_session_id(tenant, idem, parent_id)
-        copy = chain(events) >= MAX_CHAIN  # deeper, a read would walk too many parents: this one stores its own
-        command = ForkSession(parent_id=parent_id, events=tuple(events), metadata=body.metadata, copy=copy)
+        command = ForkSession(parent=parent, events=tuple(events), metadata=body.metadata)
         try:
             forked, at = await self.service.execute(tenant, child, command, _session, idem, tuple[Session, int])
         except NotFound as e:  # the parent was purged meanwhile (the fork's append checks it)

@@ -192,13 +192,13 @@ class DeleteSchedule(Struct, kw_only=True, frozen=True):
 
 
 class ForkSession(Struct, kw_only=True, frozen=True):
-    """Start a fork (decided on the fork's empty state) from its parent's events 1..n (`shared.domain.fork`)."""
+    """Start a fork (decided on the fork's empty state) from its parent's state at the fork's version
+    (`shared.domain.fork`). Copy-on-write unless `events` holds the parent's events 1..`parent.version`: then
+    they are stored, made the fork's own (a fork at the end of a long chain of forks of forks)."""
 
-    parent_id: str
-    events: tuple[Event, ...]
+    parent: SessionState
+    events: tuple[Event, ...] = ()
     metadata: dict[str, Any] | None = None
-    copy: bool = False
-    """Store the inherited events instead of reading them from the parent (a long chain of forks of forks)."""
 
 
 class SkipTicks(Struct, kw_only=True, frozen=True):
@@ -303,7 +303,7 @@ def decide(state: SessionState, command: Command, stamp: Stamp, limits: Limits =
         case ForkSession():
             if state.version != 0:
                 raise Invalid(f"session {state.id} already exists")
-            return fork_events(command.parent_id, command.events, state.id, stamp.now, stamp.new_id, command.metadata)
+            return fork_events(command.parent, command.events, state.id, stamp.now, stamp.new_id, command.metadata)
     raise TypeError(f"unknown command {type(command).__name__}")
 
 

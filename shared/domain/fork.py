@@ -1,4 +1,4 @@
-"""Forking a session, purely: the fork's log from its parent's events.
+"""Forking a session, purely: the fork's log and state from its parent's state at the fork's version.
 
 A fork's log starts with `SessionForked {parent_id, version}`, then shows the parent's events 1..`version`, each
 one version later and made the fork's own (`inherited`): the session's id, the events' ids and the chat jobs' ids
@@ -7,16 +7,17 @@ parent's); message ids are kept (a message is the same message in both). Chats q
 are cancelled in the fork, and its schedules deleted: the fork inherits the conversation, not the parent's work.
 
 The inherited events are not stored twice (copy-on-write): the fork's first append stores its `SessionForked` and
-its own events (`stored`), and a log read of versions 2..`version + 1` reads the parent's 1..`version` and makes
-them the fork's own as it goes (`shared.adapters.forks`). Only the fork's own events are its storage; its parent's
-history cannot change below `version`, and a purge of the parent is refused while a fork reads it.
+its own events, and a log read of versions 2..`version + 1` reads the parent's 1..`version` and makes them the
+fork's own as it goes (`shared.adapters.forks`). Only the fork's own events are its storage; its parent's history
+cannot change below `version`, and a purge of the parent is refused while a fork reads it. Deciding a fork reads
+none of that history either: the fork's state after it is its parent's at `version`, renamed (`forked_state`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -36,8 +37,11 @@ from shared.domain.events import (
 )
 from shared.domain.ids import derived_id
 from shared.domain.state import SessionState, fold
+from shared.domain.wire import ForkedFrom
 
-__all__ = ["MAX_CHAIN", "chain", "fork_events", "inherited", "stored"]
+__all__ = ["MAX_CHAIN", "chain", "fork_events", "forked_state", "inherited"]
+
+T = TypeVar("T")
 
 MAX_CHAIN = 8
 """A fork of a session this many forks deep stores its inherited events (`ForkSession.copy`): every read of a
@@ -45,36 +49,42 @@ copy-on-write fork's inherited history walks its chain of parents, a step per fo
 
 
 def fork_events(
-    parent_id: str,
+    parent: SessionState,
     events: Sequence[Event],
     child_id: str,
     now: datetime,
     new_id: Callable[[], str],
     metadata: dict[str, Any] | None,
 ) -> list[Event]:
-    """The fork's first events, from the parent's events 1..n (n ≥ 1, in order)."""
-    parent = fold(SessionState(id=parent_id), events)
+    """The fork's first events, decided on its parent's state at the fork's version (`parent.version`, ≥ 1).
+
+    Copy-on-write (`events` empty): its `SessionForked` and its own events, which follow the inherited versions
+    2..`parent.version + 1` its log reads from the parent's. Given the parent's events 1..`parent.version`, the
+    inherited ones made the fork's own are among them, to be stored (`ForkSession.events`)."""
     if not parent.exists:
         raise (
-            NotFound(f"session {parent_id} not found")
+            NotFound(f"session {parent.id} not found")
             if parent.session is None
             else DeletedAtVersion(
-                f"session {parent_id} was deleted at version {parent.version}: fork an earlier version",
+                f"session {parent.id} was deleted at version {parent.version}: fork an earlier version",
                 {"version": parent.version},
             )
         )
+    if events and (len(events) != parent.version or events[-1].version != parent.version):
+        raise ValueError(f"a copied fork needs its parent's events 1..{parent.version}")
     out: list[Event] = [
         SessionForked(
             id=new_id(),
             version=1,
             occurred_at=now,
-            data=SessionForkedData(parent_id=parent_id, version=parent.version),
+            data=SessionForkedData(parent_id=parent.id, version=parent.version),
         )
     ]
-    out += inherited(parent_id, child_id, events)
+    out += inherited(parent.id, child_id, events)
 
     def then(event_type: type, data: Any) -> None:
-        out.append(event_type(id=new_id(), version=len(out) + 1, occurred_at=now, data=data))
+        own = len(out) - len(events)  # its SessionForked and the own events before this one
+        out.append(event_type(id=new_id(), version=parent.version + own + 1, occurred_at=now, data=data))
 
     for chat in parent.active_chats:
         then(ChatCancelled, ChatCancelledData(job_id=_job(child_id, chat.job_id), reason="not carried into the fork"))
@@ -83,6 +93,46 @@ def fork_events(
     if metadata is not None:
         then(SessionUpdated, SessionUpdatedData(metadata=metadata))
     return out
+
+
+def forked_state(parent: SessionState, events: Sequence[Event], child_id: str) -> SessionState:
+    """The fork's state after its copy-on-write first events (`fork_events` without the parent's events), from its
+    parent's state at the fork's version: what folding its `SessionForked`, the `inherited` events and its own
+    gives, without reading the inherited ones, so deciding a fork costs the same on any length of history.
+    Everything `inherited` renames is renamed here: the parent's id wherever the resource shows it, the chat
+    jobs' ids; every version one later."""
+    forked, own = events[0], events[1:]
+    if not isinstance(forked, SessionForked) or forked.data.version != parent.version:
+        raise ValueError("a fork's first event is its SessionForked at its parent's version")
+    ids = {parent.id: child_id}
+    origin = ForkedFrom(session_id=forked.data.parent_id, version=forked.data.version)
+    session = parent.session
+    if session is not None:
+        session = msgspec.structs.replace(
+            _convert(session, ids), id=child_id, forked_from=origin, version=session.version + 1
+        )
+    summary = _convert(parent.summary, ids) if parent.summary is not None else None
+    schedules = []
+    for s in parent.schedules:
+        s = _convert(s, ids)
+        if s.last_job_id is not None:
+            s = msgspec.structs.replace(s, last_job_id=_job(child_id, s.last_job_id))
+        schedules.append(s)
+    inherited_state = msgspec.structs.replace(
+        parent,
+        id=child_id,
+        version=parent.version + 1,
+        session=session,
+        active_chats=tuple(
+            msgspec.structs.replace(c, job_id=_job(child_id, c.job_id), requested_at=c.requested_at + 1)
+            for c in parent.active_chats
+        ),
+        summary=summary,
+        amended=parent.amended + 1 if parent.amended else 0,
+        schedules=tuple(schedules),
+        forked_from=origin,
+    )
+    return fold(inherited_state, own)
 
 
 def inherited(parent_id: str, child_id: str, events: Sequence[Event]) -> list[Event]:
@@ -107,16 +157,6 @@ def inherited(parent_id: str, child_id: str, events: Sequence[Event]) -> list[Ev
     return out
 
 
-def stored(events: Sequence[Event]) -> tuple[list[Event], tuple[str, int]]:
-    """What a fork's first append stores, copy-on-write: its `SessionForked` and its own events, not the inherited
-    ones; and what it inherits: (parent id, the last inherited version)."""
-    first = events[0]
-    if not isinstance(first, SessionForked):
-        raise ValueError("a fork's first event is its SessionForked")
-    last = first.data.version + 1
-    return [e for e in events if not 1 < e.version <= last], (first.data.parent_id, last)
-
-
 def chain(events: Sequence[Event]) -> int:
     """How many forks deep a session is, from its history: each fork's log starts with its `SessionForked`, then
     its parent's (so a fork of a fork shows two in a row)."""
@@ -128,6 +168,11 @@ def chain(events: Sequence[Event]) -> int:
 
 def _job(child_id: str, job_id: str) -> str:
     return derived_id(child_id, f"job/{job_id}")
+
+
+def _convert(obj: T, ids: dict[str, str]) -> T:
+    """`obj` with `_renamed` applied to its fields, as `inherited` renames an event's data."""
+    return msgspec.convert(_renamed(msgspec.to_builtins(obj), ids), type(obj))
 
 
 def _renamed(node: Any, ids: dict[str, str]) -> Any:

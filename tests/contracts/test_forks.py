@@ -15,7 +15,7 @@ from shared.adapters.memory import MemoryEventLog
 from shared.app.ports import Appended, Missing, PurgeConflict
 from shared.domain.commands import EditMessage, ForkSession, decide
 from shared.domain.events import Event, SessionForked, SessionPurged, SessionPurgedData
-from shared.domain.fork import stored
+from shared.domain.fork import inherited
 from shared.domain.ids import partition_of, uuid7
 from shared.domain.state import SessionState, fold
 from shared.domain.wire import Message
@@ -28,10 +28,11 @@ async def fork(backend: Backend, parent: SessionState, version: int | None = Non
     child = uuid7()
     while partition_of(child, PARTITIONS) != partition_of(parent.id, PARTITIONS):  # as the service chooses it
         child = uuid7()
-    events = decide(SessionState(id=child), ForkSession(parent_id=parent.id, events=tuple(history)), stamp())
-    writes, inherits = stored(events)
-    assert await backend.log.append("acme", child, 0, writes, None, inherits) == Appended(len(events))
-    return child, events
+    at = fold(SessionState(id=parent.id), history)
+    events = decide(SessionState(id=child), ForkSession(parent=at), stamp())
+    head = at.version + len(events)  # its SessionForked, the inherited versions, its own
+    assert await backend.log.append("acme", child, 0, events, None, (parent.id, at.version + 1)) == Appended(head)
+    return child, [events[0], *inherited(parent.id, child, history), *events[1:]]
 
 
 async def stored_entries(backend: Backend, session_id: str) -> int:

@@ -329,7 +329,7 @@ async def test_a_parents_forks_are_indexed_across_partitions(backend: Backend) -
     events = tuple(await log.read(parent.id, 0, 100))
     forks = []
     while len(forks) < 6 or len({partition_of(f.id, backend.partitions) for f in forks}) < 2:
-        forks.append(await run(log, SessionState(id=uuid7()), ForkSession(parent_id=parent.id, events=events)))
+        forks.append(await run(log, SessionState(id=uuid7()), ForkSession(parent=parent, events=events)))
     await project_all(views, parent.id, other.id, *[f.id for f in forks])
     assert await views.forks(parent.id) == [f.id for f in forks]
     assert await views.forks(other.id) == [] and await views.forks(forks[0].id) == []

@@ -348,8 +348,12 @@ class World:
                 events = await self.log(sid)
                 version = max(1, round(len(events) * s.fraction))
                 child = self.add_session(tenant, sid)  # copy-on-write: it reads the parent's log
-                if not await self.write(tenant, child, ForkSession(parent_id=sid, events=tuple(events[:version]))):
+                parent = fold(SessionState(id=sid), events[:version])
+                if not await self.write(tenant, child, ForkSession(parent=parent)):
                     self.sessions.pop()
+                    continue
+                # decided on the parent's state renamed, not by folding the history: what the log folds to
+                assert self.service.cache.get(tenant, child) == await self.store.load(tenant, child)
                 continue
             if isinstance(s, ScheduleRound):
                 for kind, n in s.ops:
