@@ -194,7 +194,8 @@ class RedisStore:
         if head == 0:
             return View(0, 0, None)
         stored = [(_version(eid), pairs(fields)) for eid, fields in reply[1]]
-        entries = await completed(self.redis, self.keys, session_id, stored, after, min(head, after + limit))
+        origin = _origin(*reply[2:4]) if len(reply) > 2 else None
+        entries = await completed(self.redis, self.keys, session_id, stored, after, min(head, after + limit), origin)
         return View(head, head, b"log", [event_json(v, fields) for v, fields in entries])
 
     async def at_version(self, tenant: str, session_id: str, version: int) -> tuple[int, SessionState | None]:
@@ -218,7 +219,7 @@ class RedisStore:
         state = decode_state(raw) if raw is not None else SessionState(id=session_id)
         assert state.version == base
         stored = [(_version(eid), pairs(f)) for eid, f in reply[3]]
-        entries = await completed(self.redis, self.keys, session_id, stored, base, version)
+        entries = await completed(self.redis, self.keys, session_id, stored, base, version, _origin(*reply[4:6]))
         return head, fold(state, (decode_event(v, fields) for v, fields in entries))
 
     # -- ReadModels: reads ---------------------------------------------------------------
@@ -609,11 +610,9 @@ async def log_entries(redis: Client, keys: Keys, session_id: str, after: int, li
     if head <= after:
         return head, []
     stored = [(_version(eid), fields) for eid, fields in raw]
-
-    async def origin() -> tuple[str, int] | None:
-        return (parent.decode(), int(last)) if parent else None
-
-    return head, await completed(redis, keys, session_id, stored, after, min(head, after + limit), origin)
+    return head, await completed(
+        redis, keys, session_id, stored, after, min(head, after + limit), _origin(parent, last)
+    )
 
 
 async def completed(
@@ -641,6 +640,15 @@ async def fork_origin(redis: Client, keys: Keys, session_id: str) -> tuple[str, 
     """(parent, last inherited version) of a copy-on-write fork; None for any other session."""
     parent, last = await redis.hmget(keys.head(session_id), "fp", "fv")
     return (parent.decode(), int(last)) if parent else None
+
+
+def _origin(parent: bytes | None, last: bytes | None) -> Callable[[], Awaitable[tuple[str, int] | None]]:
+    """`fork_origin` as a read already found it in the session's head (`fp`, `fv`): completing asks nothing more."""
+
+    async def origin() -> tuple[str, int] | None:
+        return (parent.decode(), int(last)) if parent and last else None
+
+    return origin
 
 
 def _version(entry_id: bytes) -> int:
