@@ -22,7 +22,7 @@ use case behaves the same on all of them; the use cases' own tests run on the me
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
@@ -38,6 +38,8 @@ from shared.domain.wire import TenantLimits, ToolCall, Usage, UsageDay
 
 __all__ = [
     "CONFLICT_TAIL",
+    "MAX_TRIES",
+    "AfterWaiting",
     "Admission",
     "AppendOutcome",
     "Appended",
@@ -58,6 +60,8 @@ __all__ = [
     "DueSession",
     "Idle",
     "IdleCursor",
+    "JobFailer",
+    "JobRunner",
     "Limits",
     "LogAdmin",
     "Missing",
@@ -361,6 +365,19 @@ class ChatQueue(Protocol):
     async def depth(self) -> int:
         """Jobs waiting for a worker (for metrics and the chat workers' autoscaler)."""
         ...
+
+
+JobRunner = Callable[[str, str, str], Awaitable[str]]
+"""What a chat worker runs for a job, with (tenant, session, job): the use case (`shared.app.chat_run`), answering
+how the run ended (`waiting`: not the session's first chat yet)."""
+JobFailer = Callable[[str, str, str, str, str], Awaitable[None]]
+"""What a chat worker calls with (tenant, session, job, code, message) once a job ran out of attempts."""
+AfterWaiting = Callable[[str, str, str], Awaitable[None]]
+"""Called with (tenant, session, job) once a run that answered `waiting` (not its session's first chat) has left
+the queue: the job is queued again if it became first meanwhile."""
+MAX_TRIES = 5
+"""Attempts of a chat job that raised an unexpected error before it is failed with `internal_error` (every chat
+worker, whatever its queue)."""
 
 
 # -- the projector's work -----------------------------------------------------------------------------------------

@@ -41,12 +41,15 @@ from shared.adapters.redis.queue import chat_worker
 from shared.adapters.redis.store import RedisStore
 from shared.adapters.redis.webhooks import RedisWebhooks
 from shared.app.ports import (
+    AfterWaiting,
     ApiKeys,
     Appended,
     ChatJobs,
     ChatQueue,
     EventLog,
     Feed,
+    JobFailer,
+    JobRunner,
     Limits,
     LogAdmin,
     ReadModels,
@@ -66,11 +69,6 @@ PARTITIONS = 4
 RETENTION_S = 3_600
 
 
-RunChat = Callable[[str, str, str], Any]
-FailChat = Callable[[str, str, str, str, str], Any]
-AfterWaiting = Callable[[str, str, str], Any]
-
-
 @dataclass
 class Backend:
     """Every port's adapter, on one store."""
@@ -87,7 +85,7 @@ class Backend:
     """A consumer of the projector's feed, by name."""
     wakeups: Callable[[], Wakeups]
     """A process's wake-ups (each call: another process)."""
-    worker: Callable[[RunChat, FailChat, int, AfterWaiting | None], ChatWorker]
+    worker: Callable[[JobRunner, JobFailer, int, AfterWaiting | None], ChatWorker]
     """A chat worker over the queue: (run, fail, max tries)."""
     webhooks: Webhooks
     partitions: int = PARTITIONS
@@ -97,7 +95,7 @@ class Backend:
 def memory_backend() -> Backend:
     memory = Memory(PARTITIONS)
 
-    def worker(run: RunChat, fail: FailChat, max_tries: int, after_waiting: AfterWaiting | None) -> ChatWorker:
+    def worker(run: JobRunner, fail: JobFailer, max_tries: int, after_waiting: AfterWaiting | None) -> ChatWorker:
         return MemoryChatWorker(memory, run, fail, max_tries=max_tries, poll_delay_s=0.05, after_waiting=after_waiting)
 
     return Backend(
@@ -130,7 +128,7 @@ def redis_backend(
         supervisors.append(supervisor := Supervisor())  # one per process, as each process has its own
         return Notifier(redis, keys, supervisor, block_ms=200, poll_s=0.01 if fake else None)
 
-    def worker(run: RunChat, fail: FailChat, max_tries: int, after_waiting: AfterWaiting | None) -> ChatWorker:
+    def worker(run: JobRunner, fail: JobFailer, max_tries: int, after_waiting: AfterWaiting | None) -> ChatWorker:
         monkeypatch.setattr(redis_queue, "MAX_TRIES", max_tries)
         return chat_worker(
             queue_redis,

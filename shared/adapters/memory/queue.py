@@ -12,21 +12,15 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 
 from shared.adapters.memory.store import Memory
+from shared.app.ports import MAX_TRIES, AfterWaiting, JobFailer, JobRunner
 
-__all__ = ["MAX_TRIES", "MemoryChatQueue", "MemoryChatWorker"]
+__all__ = ["MemoryChatQueue", "MemoryChatWorker"]
 
 log = logging.getLogger("parley.worker")
-
-MAX_TRIES = 5
-"""Attempts of a job that raised before it is failed with `internal_error` (as the arq worker)."""
-
-RunChat = Callable[[str, str, str], Awaitable[str]]
-FailChat = Callable[[str, str, str, str, str], Awaitable[None]]
-AfterWaiting = Callable[[str, str, str], Awaitable[None]]
 
 
 class MemoryChatQueue:
@@ -63,8 +57,8 @@ class MemoryChatWorker:
     def __init__(
         self,
         memory: Memory,
-        run: RunChat,
-        fail: FailChat,
+        run: JobRunner,
+        fail: JobFailer,
         *,
         max_jobs: int = 100,
         max_tries: int = MAX_TRIES,

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -25,10 +25,11 @@ from redis.asyncio import Redis
 from shared.adapters.redis.keys import PREFIX
 from shared.adapters.redis.lua import run_pipeline
 from shared.adapters.redis.scripts import ENQUEUE, REGISTRY, START_JOB
+from shared.app.ports import MAX_TRIES, AfterWaiting, JobFailer, JobRunner
 from shared.observability import logs, metrics, tracing
 from shared.supervise import TRANSIENT, until_available
 
-__all__ = ["MAX_TRIES", "QUEUE", "RUN_CHAT", "WAKE", "ArqChatWorker", "ChatQueue", "chat_worker"]
+__all__ = ["QUEUE", "RUN_CHAT", "WAKE", "ArqChatWorker", "ChatQueue", "chat_worker"]
 
 log = logging.getLogger("parley.worker")
 
@@ -37,8 +38,6 @@ QUEUE = f"{PREFIX}:{{arq}}:queue"
 WAKE = f"{PREFIX}:{{arq}}:wake"
 """A list the API pushes to after enqueueing, so an idle worker starts at once instead of at its next poll."""
 RUN_CHAT = "run_chat"
-MAX_TRIES = 5
-"""Attempts of a chat job that raised an unexpected error before it is failed with `internal_error`."""
 
 
 class ChatQueue:
@@ -80,13 +79,6 @@ class ChatQueue:
     async def depth(self) -> int:
         """Jobs waiting in the queue (not yet started, or deferred for a retry)."""
         return int(await self.arq.zcard(QUEUE))
-
-
-RunChat = Callable[[str, str, str], Awaitable[str]]
-FailChat = Callable[[str, str, str, str, str], Awaitable[None]]
-AfterWaiting = Callable[[str, str, str], Awaitable[None]]
-"""Called with (tenant, session, job) once a run that answered `waiting` (not its session's first chat) has left
-the queue: the job is queued again if it became first meanwhile."""
 
 
 class ArqChatWorker(Worker):
@@ -172,8 +164,8 @@ class ArqChatWorker(Worker):
 def chat_worker(
     redis: Redis,
     blocking: Redis | None,
-    run: RunChat,
-    fail: FailChat,
+    run: JobRunner,
+    fail: JobFailer,
     *,
     claim_s: float,
     max_jobs: int,
