@@ -387,8 +387,9 @@ class SessionController(Controller):
     ) -> Response[Session]:
         """A new session whose history is this one's up to `version` (default: its latest): its log starts with
         `SessionForked`, then the parent's events, made its own (message ids kept); chats queued or running at that
-        version are cancelled in the fork and its schedules left behind. It shows `forked_from`; it stands alone
-        (purging the parent leaves it whole). Answers the fork with `Location` and `ETag`."""
+        version are cancelled in the fork and its schedules left behind. It shows `forked_from`. Copy-on-write: the
+        fork reads those events from the parent's log, so the parent cannot be purged while it does (409
+        `has_forks`). Answers the fork with `Location` and `ETag`."""
         sessions = api(request).parley.sessions
         idem = await idempotency(request, idempotency_key)
         fork, version = await sessions.fork(tenant, parse_session_id(session_id), data, idem)

@@ -162,7 +162,7 @@ class EventLog(Protocol):
     ) -> AppendOutcome:
         """Append iff the session's version is `expected_version` (0: the session must not exist). The same events
         appended again (a retried call whose answer was lost) answer `Appended`, once. `inherits` (parent id,
-        last inherited version): a copy-on-write fork's first append (`shared.domain.fork.stored`), its
+        last inherited version): a copy-on-write fork's first append (`shared.domain.fork.fork_events`), its
         `SessionForked` and its own events; versions 2..last are read from the parent's log (in the parent's
         partition: the fork's id is chosen there), made the fork's own, by every read. Refused as `Missing` if the
         parent is not this tenant's or does not reach that far."""
@@ -175,6 +175,11 @@ class EventLog(Protocol):
     async def recall(self, tenant: str, session_id: str, key: str, request_hash: str) -> bytes | None:
         """The stored response of an idempotent write: None if the key is unused, b"" if it was used with another
         request. `session_id` names the partition the record lives in."""
+        ...
+
+    async def fork_depth(self, session_id: str, limit: int) -> int:
+        """How many parents a read of the session's inherited history walks, counted up to `limit`: 0 for a log
+        that stores its whole history (any session but a copy-on-write fork, a copied fork too)."""
         ...
 
     async def read(self, session_id: str, after: int = 0, limit: int = 100) -> list[Event]: ...

@@ -29,7 +29,7 @@ from shared.domain.commands import (
 )
 from shared.domain.errors import Invalid, NotFound, VersionNotFound
 from shared.domain.events import Event, MessageAdded, MessageEdited, MessageRemoved
-from shared.domain.fork import MAX_CHAIN, chain
+from shared.domain.fork import MAX_CHAIN
 from shared.domain.retention import with_expiry
 from shared.domain.search import Position, Query, decode_cursor, encode_cursor, ms
 from shared.domain.state import SessionState
@@ -199,7 +199,7 @@ class Sessions:
                 raise NotFound(f"session {parent_id} not found")  # purged meanwhile
             parent = past
         events: builtins.list[Event] = []
-        if parent.forked_from is not None and chain(await self.log.read(parent_id, 0, MAX_CHAIN)) >= MAX_CHAIN:
+        if parent.forked_from is not None and await self.log.fork_depth(parent_id, MAX_CHAIN) >= MAX_CHAIN:
             while len(events) < version:  # deeper, a read would walk too many parents: this fork stores its own
                 page = await self.log.read(parent_id, len(events), min(1_000, version - len(events)))
                 if not page:

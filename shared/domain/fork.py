@@ -28,6 +28,7 @@ from shared.domain.events import (
     Event,
     MessageAdded,
     MessageEdited,
+    MessageRemoved,
     ScheduleDeleted,
     ScheduleDeletedData,
     SessionForked,
@@ -39,13 +40,14 @@ from shared.domain.ids import derived_id
 from shared.domain.state import SessionState, fold
 from shared.domain.wire import ForkedFrom
 
-__all__ = ["MAX_CHAIN", "chain", "fork_events", "forked_state", "inherited"]
+__all__ = ["MAX_CHAIN", "fork_events", "forked_state", "inherited"]
 
 T = TypeVar("T")
 
 MAX_CHAIN = 8
-"""A fork of a session this many forks deep stores its inherited events (`ForkSession.copy`): every read of a
-copy-on-write fork's inherited history walks its chain of parents, a step per fork."""
+"""A fork of a session whose reads already walk this many copy-on-write parents stores its inherited events
+(`ForkSession.events`; `EventLog.fork_depth`): every read of a copy-on-write fork's inherited history walks its
+chain of parents, a step per fork, and a fork that stores its history starts the chain again."""
 
 
 def fork_events(
@@ -138,7 +140,8 @@ def forked_state(parent: SessionState, events: Sequence[Event], child_id: str) -
 def inherited(parent_id: str, child_id: str, events: Sequence[Event]) -> list[Event]:
     """The parent's events as the fork shows them: one version later, the event's id derived from the fork's, and
     the ids it names made the fork's: the parent's id and the event's chat job's, wherever they appear (a
-    `ChatCompleted`'s response names both); in a message, its `session_id` alone (its content is the user's).
+    `ChatCompleted`'s response names both); in a message, its `session_id` alone (its content is the user's); in
+    a removal, nothing.
     Per event, so any range of the parent's log can be made the fork's on its own."""
     out: list[Event] = []
     for e in events:
@@ -146,6 +149,8 @@ def inherited(parent_id: str, child_id: str, events: Sequence[Event]) -> list[Ev
         if isinstance(e, (MessageAdded, MessageEdited)):
             if data.session_id == parent_id:
                 data = msgspec.structs.replace(data, session_id=child_id)
+        elif isinstance(e, MessageRemoved):
+            pass  # it names its message and the tool calls it made (the client's ids): nothing of the session's
         else:
             ids = {parent_id: child_id}
             if (job_id := getattr(data, "job_id", None)) is not None:
@@ -155,15 +160,6 @@ def inherited(parent_id: str, child_id: str, events: Sequence[Event]) -> list[Ev
             msgspec.structs.replace(e, id=derived_id(child_id, f"event/{e.id}"), version=e.version + 1, data=data)
         )
     return out
-
-
-def chain(events: Sequence[Event]) -> int:
-    """How many forks deep a session is, from its history: each fork's log starts with its `SessionForked`, then
-    its parent's (so a fork of a fork shows two in a row)."""
-    n = 0
-    while n < len(events) and isinstance(events[n], SessionForked):
-        n += 1
-    return n
 
 
 def _job(child_id: str, job_id: str) -> str:

@@ -170,15 +170,19 @@ async def test_a_chain_of_forks_this_deep_stores_its_inherited_events_and_a_lone
     sid = (await parley.sessions.create("acme", SessionCreate()))[0].id
     await parley.sessions.add_message("acme", sid, MessageCreate(role="user", content="root"))
     chain = [sid]
-    for _ in range(MAX_CHAIN + 1):
+    for _ in range(MAX_CHAIN + 3):
         chain.append((await parley.sessions.fork("acme", chain[-1], ForkRequest()))[0].id)
     inherited = [sum(1 for f in memory.logs[s] if f is None) for s in chain[1:]]
-    assert all(inherited[:MAX_CHAIN]) and inherited[MAX_CHAIN] == 0  # the deepest stores its history
+    assert all(inherited[:MAX_CHAIN]) and inherited[MAX_CHAIN] == 0  # the ninth stores its history
+    assert all(inherited[MAX_CHAIN + 1 :])  # and the chain starts again from it: its forks read it
+    assert [await parley.log.fork_depth(s, 100) for s in chain] == [*range(MAX_CHAIN + 1), 0, 1, 2]
     await Deployment(parley).settle()
-    assert [c for _, c in await conversation(parley, chain[-1])] == ["root"]
-    assert await parley.log.read(chain[-1], 0, 100) == [
-        *(await parley.log.read(chain[-1], 0, 100))[:1],
-        *inherited_events(chain[-2], chain[-1], await parley.log.read(chain[-2], 0, 100)),
+    for s in chain[MAX_CHAIN:]:
+        assert [c for _, c in await conversation(parley, s)] == ["root"]
+    copied = chain[MAX_CHAIN + 1]
+    assert await parley.log.read(copied, 0, 100) == [
+        *(await parley.log.read(copied, 0, 100))[:1],
+        *inherited_events(chain[MAX_CHAIN], copied, await parley.log.read(chain[MAX_CHAIN], 0, 100)),
     ]
 
     lines = [line async for line in parley.history.export(chain[1])]

@@ -83,7 +83,7 @@ async def test_a_fork_stores_its_own_events_and_reads_its_parents(backend: Backe
     assert (await log.read(child, len(shown), 10))[0].version == more.version
 
 
-async def test_a_fork_of_a_fork_reads_through_both(backend: Backend) -> None:
+async def test_a_fork_of_a_fork_reads_through_both_and_counts_them(backend: Backend) -> None:
     log = backend.log
     root = await create(log)
     for i in range(3):
@@ -98,6 +98,8 @@ async def test_a_fork_of_a_fork_reads_through_both(backend: Backend) -> None:
     assert state is not None and state.forked_from is not None and state.forked_from.session_id == middle
     await project_all(backend.views, leaf)
     assert [m["content"] for m in await messages(backend, leaf)] == ["r0", "r1", "r2", "middle's"]
+    assert [await log.fork_depth(s, 8) for s in (root.id, middle, leaf)] == [0, 1, 2]  # parents a read walks
+    assert await log.fork_depth(leaf, 1) == 1 and await log.fork_depth(uuid7(), 8) == 0
 
 
 def tombstone(sid: str, version: int) -> SessionPurged:

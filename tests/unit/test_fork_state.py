@@ -96,6 +96,9 @@ def history(sid: str) -> list[Event]:
     run(CompleteChat(job_id=done, response=answer, save=True))
     run(EditMessage(message=message(3).data, content="edited"))
     run(RemoveMessage(message=message(5).data))
+    named = [ToolCall(id=sid, function=FunctionCall(name="f", arguments="{}"))]  # a client's id, whatever it is
+    run(AddMessage(body=MessageCreate(role="assistant", tool_calls=named)))
+    run(RemoveMessage(message=message(state.message_count).data))
     body = ScheduleCreate(cron="*/5 * * * *", messages=[MessageCreate(role="user", content=sid)])
     run(CreateSchedule(schedule_id=schedule, body=body))
     run(SkipTicks(tick=Tick(schedule_id=schedule, at=NOW + timedelta(minutes=5)), reason="missed"))

@@ -135,6 +135,12 @@ class MemoryEventLog:
             return None
         return record[1] if record[0] == request_hash else b""
 
+    async def fork_depth(self, session_id: str, limit: int) -> int:
+        depth, head = 0, self.memory.heads.get(session_id)
+        while depth < limit and head is not None and head.fork is not None:
+            depth, head = depth + 1, self.memory.heads.get(head.fork[0])
+        return depth
+
     async def read(self, session_id: str, after: int = 0, limit: int = 100) -> list[Event]:
         return [decode_event(v, fields) for v, fields in self.memory.entries(session_id, after, limit)]
 

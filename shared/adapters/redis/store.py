@@ -182,6 +182,12 @@ class RedisStore:
             return None
         return r if h.decode() == request_hash else b""
 
+    async def fork_depth(self, session_id: str, limit: int) -> int:
+        depth, sid = 0, session_id
+        while depth < limit and (origin := await fork_origin(self.redis, self.keys, sid)) is not None:
+            depth, sid = depth + 1, origin[0]
+        return depth
+
     async def read(self, session_id: str, after: int = 0, limit: int = 100) -> list[Event]:
         _, entries = await log_entries(self.redis, self.keys, session_id, after, limit)
         return [decode_event(v, fields) for v, fields in entries]
