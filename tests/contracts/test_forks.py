@@ -102,6 +102,34 @@ async def test_a_fork_of_a_fork_reads_through_both_and_counts_them(backend: Back
     assert await log.fork_depth(leaf, 1) == 1 and await log.fork_depth(uuid7(), 8) == 0
 
 
+async def test_events_of_a_fork_of_a_fork_read_its_parents_in_the_same_step(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`events` (the `/events` page) of a range reaching back through two parents: what a copy would show, and on
+    Redis one script, the parents' ranges read with the fork's (no read of theirs after it)."""
+    log = backend.log
+    root = await create(log)
+    for i in range(4):
+        root = await add(log, root, f"r{i}")
+    middle, shown = await fork(backend, root)
+    mid = await add(log, fold(SessionState(id=middle), shown), "middle's")
+    leaf, leaf_shown = await fork(backend, mid)
+    leaf_state = await add(log, fold(SessionState(id=leaf), leaf_shown), "leaf's")
+    expected = [*leaf_shown, *(await log.read(leaf, len(leaf_shown), 10))]
+    assert len(expected) == leaf_state.version
+    if not isinstance(log, MemoryEventLog):
+        from shared.adapters.redis import store
+
+        async def no_second_read(*args: object) -> None:
+            raise AssertionError("a parent's log was read after the fork's")
+
+        monkeypatch.setattr(store, "log_entries", no_second_read)
+        monkeypatch.setattr(store, "fork_origin", no_second_read)
+    for after, limit in ((0, 100), (2, 3), (5, 4), (len(expected) - 1, 5)):
+        page = (await log.events("acme", leaf, after, limit)).items or []
+        assert page == [event_json(e.version, log_fields(e)) for e in expected[after : after + limit]], (after, limit)
+
+
 def tombstone(sid: str, version: int) -> SessionPurged:
     return SessionPurged(
         id=uuid7(), occurred_at=stamp().now, data=SessionPurgedData(session_id=sid, user_id=None, event_count=version)

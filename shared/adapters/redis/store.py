@@ -201,7 +201,13 @@ class RedisStore:
             return View(0, 0, None)
         stored = [(_version(eid), pairs(fields)) for eid, fields in reply[1]]
         origin = _origin(*reply[2:4]) if len(reply) > 2 else None
-        entries = await completed(self.redis, self.keys, session_id, stored, after, min(head, after + limit), origin)
+        parents = {
+            reply[i].decode(): [int(reply[i + 1]), int(reply[i + 2]), *reply[i + 3 : i + 7]]
+            for i in range(4, len(reply), 7)
+        }
+        entries = await completed(
+            self.redis, self.keys, session_id, stored, after, min(head, after + limit), origin, parents
+        )
         return View(head, head, b"log", [event_json(v, fields) for v, fields in entries])
 
     async def at_version(self, tenant: str, session_id: str, version: int) -> tuple[int, SessionState | None]:
@@ -629,13 +635,22 @@ async def completed(
     after: int,
     upto: int,
     origin: Callable[[], Awaitable[tuple[str, int] | None]] | None = None,
+    read: dict[str, Any] | None = None,
 ) -> list[Entry]:
     """A read of versions `after + 1..upto` of the session's log (`stored`: what it holds of them), a copy-on-write
     fork's inherited entries filled in (`shared.adapters.forks`); `origin`: the fork's (parent, last inherited
-    version) when the caller read it, else its head is asked only if entries are missing."""
+    version) when the caller read it, else its head is asked only if entries are missing; `read`: the parents'
+    ranges the caller read too (`READ_EVENTS`), per parent id, used when they are the ones asked for."""
 
     async def read_parent(parent_id: str, a: int, n: int) -> list[Entry]:
-        return (await log_entries(redis, keys, parent_id, a, n))[1]
+        found = (read or {}).get(parent_id)
+        if found is None or found[:2] != [a, n]:
+            return (await log_entries(redis, keys, parent_id, a, n))[1]
+        _, _, head, raw, parent, last = found
+        if int(head) <= a:
+            return []
+        entries = [(_version(eid), pairs(fields)) for eid, fields in raw]
+        return await completed(redis, keys, parent_id, entries, a, min(int(head), a + n), _origin(parent, last), read)
 
     return await complete(
         session_id, stored, after, upto, origin or (lambda: fork_origin(redis, keys, session_id)), read_parent
