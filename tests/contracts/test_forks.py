@@ -83,14 +83,21 @@ async def test_a_fork_stores_its_own_events_and_reads_its_parents(backend: Backe
     assert (await log.read(child, len(shown), 10))[0].version == more.version
 
 
+async def generations(backend: Backend, n: int) -> tuple[SessionState, str, str, list[Event]]:
+    """(a root of `n` messages, its fork with one message of its own, that one's fork, every event the
+    last one's log shows)."""
+    root = await create(backend.log)
+    for i in range(n):
+        root = await add(backend.log, root, f"r{i}")
+    middle, shown = await fork(backend, root)
+    mid = await add(backend.log, fold(SessionState(id=middle), shown), "middle's")
+    leaf, leaf_shown = await fork(backend, mid)
+    return root, middle, leaf, leaf_shown
+
+
 async def test_a_fork_of_a_fork_reads_through_both_and_counts_them(backend: Backend) -> None:
     log = backend.log
-    root = await create(log)
-    for i in range(3):
-        root = await add(log, root, f"r{i}")
-    middle, shown = await fork(backend, root)
-    mid = await add(log, fold(SessionState(id=middle), shown), "middle's")
-    leaf, leaf_shown = await fork(backend, mid)
+    root, middle, leaf, leaf_shown = await generations(backend, 3)
     assert await stored_entries(backend, leaf) == 1
     assert await log.read(leaf, 0, 100) == leaf_shown
     assert isinstance(leaf_shown[1], SessionForked) and leaf_shown[1].data.parent_id == root.id  # middle's origin
@@ -108,12 +115,7 @@ async def test_events_of_a_fork_of_a_fork_read_its_parents_in_the_same_step(
     """`events` (the `/events` page) of a range reaching back through two parents: what a copy would show, and on
     Redis one script, the parents' ranges read with the fork's (no read of theirs after it)."""
     log = backend.log
-    root = await create(log)
-    for i in range(4):
-        root = await add(log, root, f"r{i}")
-    middle, shown = await fork(backend, root)
-    mid = await add(log, fold(SessionState(id=middle), shown), "middle's")
-    leaf, leaf_shown = await fork(backend, mid)
+    _, _, leaf, leaf_shown = await generations(backend, 4)
     leaf_state = await add(log, fold(SessionState(id=leaf), leaf_shown), "leaf's")
     expected = [*leaf_shown, *(await log.read(leaf, len(leaf_shown), 10))]
     assert len(expected) == leaf_state.version
