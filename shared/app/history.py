@@ -138,9 +138,16 @@ async def purge(
     if before is None:
         raise NotFound(f"session {session_id} not found")
     await _no_readers(admin, session_id)
-    if before.exists:
-        command = DeleteSession(expected_version=expected_version)
-        await service.execute(tenant, session_id, command, lambda s, e: None)
+    if before.exists:  # refused while forks read it, and no fork is made after it: a 409 changes nothing
+        command = DeleteSession(expected_version=expected_version, purge=True)
+        for _ in range(8):
+            try:
+                await service.execute(tenant, session_id, command, lambda s, e: None)
+                break
+            except PurgeConflict:
+                await _no_readers(admin, session_id)  # a fork made since the check above; else it is gone: again
+        else:
+            raise RuntimeError(f"session {session_id} kept changing while being purged")
     elif expected_version is not None and expected_version != before.version:
         raise VersionConflict(f"the session is at version {before.version}, not {expected_version}")
     if end_chats is not None:

@@ -53,6 +53,7 @@ __all__ = [
     "Delta",
     "EventLog",
     "Feed",
+    "Forked",
     "FeedEntry",
     "Freshness",
     "IdempotencyClaim",
@@ -116,10 +117,16 @@ class Missing(Struct, frozen=True):
     """No such session for this tenant (unknown, or another tenant's)."""
 
 
+class Forked(Struct, frozen=True):
+    """A purge's delete refused: `forks` copy-on-write forks read the session's log (nothing was written)."""
+
+    forks: int
+
+
 CONFLICT_TAIL = 32
 """At most this many events come back with a `Conflict` (a writer further behind reloads)."""
 
-AppendOutcome = Appended | Replayed | Conflict | IdempotencyMismatch | Missing
+AppendOutcome = Appended | Replayed | Conflict | IdempotencyMismatch | Missing | Forked
 
 
 class View(Struct, frozen=True):
@@ -159,9 +166,12 @@ class EventLog(Protocol):
         events: Sequence[Event],
         claim: IdempotencyClaim | None = None,
         inherits: tuple[str, int] | None = None,
+        purging: bool = False,
     ) -> AppendOutcome:
         """Append iff the session's version is `expected_version` (0: the session must not exist). The same events
-        appended again (a retried call whose answer was lost) answer `Appended`, once. `inherits` (parent id,
+        appended again (a retried call whose answer was lost) answer `Appended`, once. `purging`: a purge's delete,
+        refused as `Forked` while forks read the session; once it is appended no fork of the session is made, so the
+        purge that follows cannot be refused by one made in between. `inherits` (parent id,
         last inherited version): a copy-on-write fork's first append (`shared.domain.fork.fork_events`), its
         `SessionForked` and its own events; versions 2..last are read from the parent's log (in the parent's
         partition: the fork's id is chosen there), made the fork's own, by every read. Refused as `Missing` if the

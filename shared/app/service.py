@@ -21,15 +21,17 @@ from shared.app.ports import (
     Appended,
     Conflict,
     EventLog,
+    Forked,
     Freshness,
     IdempotencyClaim,
     IdempotencyMismatch,
     Missing,
+    PurgeConflict,
     ReadModels,
     Replayed,
     View,
 )
-from shared.domain.commands import Command, CreateSession, ForkSession, Limits, Stamp, decide
+from shared.domain.commands import Command, CreateSession, DeleteSession, ForkSession, Limits, Stamp, decide
 from shared.domain.errors import (
     Contention,
     DomainError,
@@ -247,7 +249,8 @@ class SessionService:
                 claim = IdempotencyClaim(
                     key=idempotency.key, request_hash=idempotency.request_hash, response=_encode(answer)
                 )
-            match await self.log.append(tenant, session_id, state.version, events, claim, inherits):
+            purging = isinstance(command, DeleteSession) and command.purge
+            match await self.log.append(tenant, session_id, state.version, events, claim, inherits, purging):
                 case Appended():
                     self.cache.put(tenant, after)
                     return answer
@@ -257,6 +260,8 @@ class SessionService:
                     raise IdempotencyKeyReused("this Idempotency-Key was used with a different request")
                 case Missing():
                     raise NotFound(f"session {session_id} not found")
+                case Forked(forks=n):
+                    raise PurgeConflict(f"session {session_id} has {n} forks reading its log")
                 case Conflict(version=head, newer=newer):
                     if newer and len(newer) == head - state.version and newer[0].version == state.version + 1:
                         state, fresh = fold(state, newer), True  # what we missed came back with the refusal

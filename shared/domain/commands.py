@@ -98,6 +98,8 @@ class UpdateSession(Struct, kw_only=True, frozen=True):
 
 class DeleteSession(Struct, kw_only=True, frozen=True):
     expected_version: int | None = None
+    purge: bool = False
+    """The delete a purge begins with: no fork of the session may be made after it (`EventLog.append`)."""
 
 
 class AddMessage(Struct, kw_only=True, frozen=True):

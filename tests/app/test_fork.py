@@ -10,6 +10,7 @@ import pytest
 
 from shared import bootstrap
 from shared.adapters.memory import MemoryEventLog
+from shared.app import history
 from shared.app.rebuild import Scope
 from shared.bootstrap import Parley
 from shared.domain.errors import DeletedAtVersion, HasForks, InvalidImport, NotFound, VersionNotFound
@@ -137,6 +138,41 @@ async def test_a_fork_reads_its_parents_history_which_is_not_purged_while_it_doe
     assert (await parley.sessions.get("acme", fork.id), await parley.sessions.messages("acme", fork.id, 10, 0)) == live
 
     await parley.sessions.delete("acme", fork.id, None, purge=True)  # the fork first, then its parent
+    await parley.sessions.delete("acme", parent.id, None, purge=True)
+    with pytest.raises(NotFound):
+        await parley.sessions.get("acme", parent.id)
+
+
+async def test_a_fork_made_while_a_purge_begins_refuses_the_purge_which_changes_nothing(
+    parley: Parley, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork made right after the purge's first check: the purge's delete is refused (409 `has_forks`), so the
+    parent is not left deleted; once that delete is in, a fork of the parent is refused (404) until it is gone."""
+    parent, _ = await parley.sessions.create("acme", SessionCreate())
+    await parley.sessions.add_message("acme", parent.id, MessageCreate(role="user", content="kept"))
+    checked = history._no_readers
+    made: list[str] = []
+
+    async def then_a_fork(admin: object, session_id: str) -> None:
+        await checked(admin, session_id)  # type: ignore[arg-type]
+        if not made:
+            made.append((await parley.sessions.fork("acme", parent.id, ForkRequest()))[0].id)
+
+    monkeypatch.setattr(history, "_no_readers", then_a_fork)
+    with pytest.raises(HasForks) as refused:
+        await parley.sessions.delete("acme", parent.id, None, purge=True)
+    assert refused.value.details == {"forks": made}
+    session, version = await parley.sessions.get("acme", parent.id)
+    assert version == 2 and b'"version":2' in session  # not deleted: nothing changed
+    monkeypatch.setattr(history, "_no_readers", checked)
+
+    class ForkFirst:  # the purge's delete is in: a fork tried before its erase is refused
+        async def __call__(self, state: object) -> None:
+            with pytest.raises(NotFound):  # of a version before the delete, which a fork may otherwise take
+                await parley.sessions.fork("acme", parent.id, ForkRequest(version=2))
+
+    await parley.sessions.delete("acme", made[0], None, purge=True)
+    monkeypatch.setattr(parley.history, "end_chats", ForkFirst())
     await parley.sessions.delete("acme", parent.id, None, purge=True)
     with pytest.raises(NotFound):
         await parley.sessions.get("acme", parent.id)

@@ -12,8 +12,8 @@ import pytest
 
 from shared.adapters.codec import event_json, log_fields
 from shared.adapters.memory import MemoryEventLog
-from shared.app.ports import Appended, Missing, PurgeConflict
-from shared.domain.commands import EditMessage, ForkSession, decide
+from shared.app.ports import Appended, Forked, Missing, PurgeConflict
+from shared.domain.commands import DeleteSession, EditMessage, ForkSession, decide
 from shared.domain.events import Event, SessionForked, SessionPurged, SessionPurgedData
 from shared.domain.fork import inherited
 from shared.domain.ids import partition_of, uuid7
@@ -146,9 +146,21 @@ async def test_a_session_forks_read_is_not_purged_until_they_are(backend: Backen
     with pytest.raises(PurgeConflict):
         await admin.purge("acme", parent.id, parent.version, tombstone(parent.id, parent.version))
     assert await log.read(parent.id) != [] and await log.read(child, 0, 100) == shown  # nothing erased
+    delete = decide(parent, DeleteSession(purge=True), stamp())
+    assert await log.append("acme", parent.id, parent.version, delete, purging=True) == Forked(1)
+    assert (await log.load("acme", parent.id)) == parent  # the purge's delete refused: nothing written
     assert await admin.purge("acme", child, len(shown), tombstone(child, len(shown)))
     assert await admin.readers(parent.id) == []
-    assert await admin.purge("acme", parent.id, parent.version, tombstone(parent.id, parent.version))
+    assert await log.append("acme", parent.id, parent.version, delete, purging=True) == Appended(parent.version + 1)
+    late = uuid7()
+    while partition_of(late, PARTITIONS) != partition_of(parent.id, PARTITIONS):
+        late = uuid7()
+    events = decide(SessionState(id=late), ForkSession(parent=parent), stamp())  # of a version before the delete
+    inherits = (parent.id, parent.version + 1)
+    assert await log.append("acme", late, 0, events, None, inherits) == Missing()  # a purge has begun
+    assert await admin.readers(parent.id) == []
+    deleted = parent.version + 1
+    assert await admin.purge("acme", parent.id, deleted, tombstone(parent.id, deleted))
 
 
 async def test_a_fork_of_another_tenants_or_a_shorter_parent_is_refused(backend: Backend) -> None:

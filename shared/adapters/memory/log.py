@@ -18,6 +18,7 @@ from shared.app.ports import (
     Appended,
     AppendOutcome,
     Conflict,
+    Forked,
     IdempotencyClaim,
     IdempotencyMismatch,
     Missing,
@@ -64,6 +65,7 @@ class MemoryEventLog:
         events: Sequence[Event],
         claim: IdempotencyClaim | None = None,
         inherits: tuple[str, int] | None = None,
+        purging: bool = False,
     ) -> AppendOutcome:
         if not events:
             raise ValueError("an append needs at least one event")  # a head without events would be no session
@@ -95,8 +97,11 @@ class MemoryEventLog:
         fields: list[dict[bytes, bytes] | None] = [log_fields(e) for e in events]
         if fork is not None:
             parent = m.heads.get(fork[0])
-            if parent is None or parent.tenant != tenant or parent.version < fork[1] - 1:
+            if parent is None or parent.tenant != tenant or parent.version < fork[1] - 1 or parent.purging:
                 return Missing()
+        if purging and (forks := len(m.readers.get(session_id, ()))):
+            return Forked(forks)
+        if fork is not None:
             fields[1:1] = [None] * (fork[1] - 1)
             m.readers.setdefault(fork[0], set()).add(session_id)
         m.logs.setdefault(session_id, []).extend(fields)
@@ -104,6 +109,7 @@ class MemoryEventLog:
         if head is None:
             m.heads[session_id] = head = Head(version, tenant, fork=fork)
         head.version = version
+        head.purging = head.purging or purging
         m.written[(partition, tenant)] = m.written.get((partition, tenant), 0) + len(fields)
         m.feeds[partition].stream.add(session_id, m.clock())
         if expected_version == 0:

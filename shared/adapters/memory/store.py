@@ -135,6 +135,8 @@ class Head:
     gen: int = 0
     fork: tuple[str, int] | None = None
     """A copy-on-write fork's (parent, last inherited version)."""
+    purging: bool = False
+    """A purge's delete was appended: no fork of it is made until the purge erases it."""
 
 
 @dataclass

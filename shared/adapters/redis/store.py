@@ -49,6 +49,7 @@ from shared.app.ports import (
     AppendOutcome,
     Conflict,
     DueSession,
+    Forked,
     Freshness,
     IdempotencyClaim,
     IdempotencyMismatch,
@@ -110,6 +111,7 @@ class RedisStore:
         events: Sequence[Event],
         claim: IdempotencyClaim | None = None,
         inherits: tuple[str, int] | None = None,
+        purging: bool = False,
     ) -> AppendOutcome:
         if not events:
             raise ValueError("an append needs at least one event")  # a head without events would be no session
@@ -130,6 +132,7 @@ class RedisStore:
             CONFLICT_TAIL,
             parent,
             last,
+            "1" if purging else "0",
         ]
         for e in events:
             args.extend(event_fields(e))
@@ -145,6 +148,7 @@ class RedisStore:
                 k.idempotency_of(session_id),
                 k.head(parent or session_id),
                 k.readers(parent or session_id),
+                k.readers(session_id),
             ],
             args,
         )
@@ -160,6 +164,8 @@ class RedisStore:
                 return IdempotencyMismatch()
             case b"missing":
                 return Missing()
+            case b"forked":
+                return Forked(int(reply[1]))
         raise RuntimeError(f"unexpected append reply {reply!r}")
 
     async def load(self, tenant: str, session_id: str, known: SessionState | None = None) -> SessionState | None:

@@ -6,13 +6,16 @@
 -- expected version, so the writer can fold them and decide again without loading them.
 -- A copy-on-write fork's first append (`parent` not ''): its SessionForked at version 1, then its own events from
 -- `last` + 1 (versions 2..last are its parent's, read from the parent's log); refused as 'missing' unless the
--- parent is this tenant's and reaches that far. The parent's `readers` then names the fork.
+-- parent is this tenant's and reaches that far, and no purge of it has begun. The parent's `readers` then names
+-- the fork. A purge's delete (`purging` = '1') is refused as {'forked', n} while n forks read the session; once
+-- appended it marks the head (`pg`), so no fork is made before the purge erases it.
 local head, log, feed, written, idem, registry, idems = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local parent_head, parent_readers = KEYS[8], KEYS[9]  -- a fork's parent's (same slot); else unused
+local readers = KEYS[10]  -- the forks that read this session's log
 local tenant, expected, session_id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local claimed, request_hash, response, ttl, schema = ARGV[4] == '1', ARGV[5], ARGV[6], ARGV[7], ARGV[8]
-local tail, parent, last = tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11])
-local FIRST = 12  -- then 4 per event: type, id, occurred_at, data
+local tail, parent, last, purging = tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11]), ARGV[12] == '1'
+local FIRST = 13  -- then 4 per event: type, id, occurred_at, data
 local count = (#ARGV - FIRST + 1) / 4
 if parent ~= '' then count = count + last - 1 end
 local first_id = ARGV[FIRST + 1]
@@ -41,8 +44,12 @@ if v ~= expected then
   return {'conflict', v}
 end
 if parent ~= '' then
-  local p = redis.call('HMGET', parent_head, 'v', 't')
-  if p[2] ~= tenant or (tonumber(p[1]) or 0) < last - 1 then return {'missing'} end
+  local p = redis.call('HMGET', parent_head, 'v', 't', 'pg')
+  if p[2] ~= tenant or (tonumber(p[1]) or 0) < last - 1 or p[3] then return {'missing'} end
+end
+if purging then
+  local forks = redis.call('SCARD', readers)
+  if forks > 0 then return {'forked', forks} end
 end
 for i = FIRST, #ARGV, 4 do
   v = v + 1
@@ -50,6 +57,7 @@ for i = FIRST, #ARGV, 4 do
   if i == FIRST and parent ~= '' then v = last end
 end
 redis.call('HSET', head, 'v', v, 't', tenant)
+if purging then redis.call('HSET', head, 'pg', '1') end
 if parent ~= '' then
   redis.call('HSET', head, 'fp', parent, 'fv', last)
   redis.call('SADD', parent_readers, session_id)
