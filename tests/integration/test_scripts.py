@@ -222,6 +222,7 @@ async def test_append_called_twice_with_the_same_events_answers_already_and_stor
         k.idempotency_of(state.id),
         k.head(state.id),  # a fork's parent's head and readers: this append is none
         k.readers(state.id),
+        k.readers(state.id),  # its own readers (a purge's delete checks them)
     ]
 
     def args(expected: int, evs: list) -> list:
@@ -237,6 +238,7 @@ async def test_append_called_twice_with_the_same_events_answers_already_and_stor
             0,
             "",
             0,
+            "0",  # not a purge's delete
             *(x for e in evs for x in event_fields(e)),
         ]
 

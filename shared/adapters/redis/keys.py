@@ -53,7 +53,7 @@ class Keys:
     # -- write side (the log): written only by the append script ------------------------
     def head(self, sid: str) -> str:
         """Hash {v: last version, t: tenant, g: live read-model generation; a copy-on-write fork's fp: parent,
-        fv: last inherited version}: the expected-version check reads this."""
+        fv: last inherited version; pg: a purge's delete is in}: the expected-version check reads this."""
         return f"{self.of(sid)}:head:{sid}"
 
     def log(self, sid: str) -> str:
