@@ -326,13 +326,15 @@ def _unconstrained(schema: Any) -> bool:
 def _by_role(schema: dict[str, Any]) -> dict[str, Any]:
     """A message as one schema per role (as OpenAI's own document has them): `content` is required, except on an
     assistant message that carries `tool_calls`; only a `tool` message has (and needs) `tool_call_id`; only an
-    assistant message has `tool_calls`."""
+    assistant message has `tool_calls`. An OpenAI message, which ignores unknown fields, names the two on the other
+    roles as null (or no calls), so that a client does not take them for fields it may send anything in."""
     props: dict[str, Any] = schema["properties"]
     roles = props["role"]["enum"]
     content = copy.deepcopy(props["content"])
     content["anyOf"] = [v for v in content["anyOf"] if v.get("type") != "null"]
     content.pop("default", None)
     common = {k: v for k, v in props.items() if k not in ("role", "content", "tool_call_id", "tool_calls")}
+    lenient = schema.get("additionalProperties", True) is not False  # an OpenAI message: unknown fields ignored
     variants = []
     for role in roles:
         p: dict[str, Any] = {"role": {"const": role}, **copy.deepcopy(common)}
@@ -360,6 +362,10 @@ def _by_role(schema: dict[str, Any]) -> dict[str, Any]:
             p["tool_call_id"] = {k: v for k, v in copy.deepcopy(props["tool_call_id"]).items() if k != "default"}
             p["tool_call_id"]["anyOf"] = [v for v in p["tool_call_id"]["anyOf"] if v.get("type") != "null"]
             required.append("tool_call_id")
+        if lenient and role != "tool":  # the type has the field on every role: any value but null is refused (422)
+            p["tool_call_id"] = {"type": "null"}
+        if lenient and role != "assistant":  # likewise: none, or no calls
+            p["tool_calls"] = {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}
         variant["required"] = required
         variants.append(variant)
     return {"oneOf": variants}

@@ -581,6 +581,26 @@ def test_the_openapi_document_has_every_schema_and_path(c):
     assert "get" in paths["/health"] and "get" in paths["/ready"]
 
 
+def test_an_openai_message_names_on_every_role_the_fields_only_some_roles_take(c):
+    """An OpenAI message ignores unknown fields, so the document names `tool_call_id` and `tool_calls` on every
+    role: null (or no calls) where the role does not take them, as a request with anything else is refused."""
+    doc = c.get("/schema/openapi.json").json()
+    roles = {v["properties"]["role"]["const"]: v for v in doc["components"]["schemas"]["OpenAIMessage"]["oneOf"]}
+    assert set(roles) == {"system", "developer", "user", "assistant", "tool"}
+    for role, variant in roles.items():
+        props = variant["properties"]
+        assert (props["tool_call_id"] == {"type": "null"}) is (role != "tool")
+        assert (props["tool_calls"] == {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}) is (
+            role != "assistant"
+        )
+    sid = create(c)["id"]
+    for value in (5, "call-1"):
+        body = {"messages": [{"role": "developer", "content": "Be brief.", "tool_call_id": value}]}
+        r = c.post(f"/sessions/{sid}/chat/completions", json=body, headers=ACME)
+        assert r.status_code == 422, r.text
+    assert messages(c, sid) == []
+
+
 # -- errors ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "raw",
