@@ -155,7 +155,7 @@ def inherited(parent_id: str, child_id: str, events: Sequence[Event]) -> list[Ev
             ids = {parent_id: child_id}
             if (job_id := getattr(data, "job_id", None)) is not None:
                 ids[job_id] = _job(child_id, job_id)
-            data = msgspec.convert(_renamed(msgspec.to_builtins(data), ids), type(data))
+            data = _convert(data, ids)
         out.append(
             msgspec.structs.replace(e, id=derived_id(child_id, f"event/{e.id}"), version=e.version + 1, data=data)
         )
@@ -167,7 +167,7 @@ def _job(child_id: str, job_id: str) -> str:
 
 
 def _convert(obj: T, ids: dict[str, str]) -> T:
-    """`obj` with `_renamed` applied to its fields, as `inherited` renames an event's data."""
+    """`obj` with `_renamed` applied to its fields (an event's data, a part of a state)."""
     return msgspec.convert(_renamed(msgspec.to_builtins(obj), ids), type(obj))
 
 

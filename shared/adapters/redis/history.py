@@ -16,7 +16,7 @@ from shared.adapters.redis.cluster import Client, ParleyCluster
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, run_live, stale_generation
 from shared.adapters.redis.scripts import PURGE, REGISTRY, SWITCH
-from shared.adapters.redis.store import completed, log_entries
+from shared.adapters.redis.store import completed, known_origin, log_entries
 from shared.app.ports import PurgeConflict
 from shared.domain.events import Event, SessionPurged
 from shared.domain.state import SessionState
@@ -68,13 +68,14 @@ class RedisHistory:
         targets = list(after.items())
         pipe = self.redis.pipeline(transaction=False)
         for sid, version in targets:
-            pipe.hget(self.keys.head(sid), "v")
+            pipe.hmget(self.keys.head(sid), "v", "fp", "fv")
             pipe.xrange(self.keys.log(sid), f"{version + 1}-0", "+", count=count)
         replies = await pipe.execute()
         out: dict[str, list[Event]] = {}
-        for (sid, version), head, raw in zip(targets, replies[::2], replies[1::2]):
+        for (sid, version), (head, parent, last), raw in zip(targets, replies[::2], replies[1::2]):
             stored = [(_version(eid), fields) for eid, fields in raw]
-            entries = await completed(self.redis, self.keys, sid, stored, version, min(int(head or 0), version + count))
+            upto = min(int(head or 0), version + count)
+            entries = await completed(self.redis, self.keys, sid, stored, version, upto, known_origin(parent, last))
             out[sid] = [decode_event(v, fields) for v, fields in entries]
         return out
 

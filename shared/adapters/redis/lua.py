@@ -2,7 +2,9 @@
 
 Scripts live as `.lua` files in `lua/` (package data) and are read once by the registry in `scripts.py`. Each
 file names its KEYS and ARGV as locals at the top; every key a script touches is in KEYS (Redis Cluster needs it,
-and it keeps a script correct if keys move). A script that reads a session's read models is given the keys of
+and it keeps a script correct if keys move), but for a copy-on-write fork's parents' logs and heads, which
+APPLY, READ_MESSAGES and READ_EVENTS find through the fork's head (`fp`) as they go: a fork's id is chosen in its
+parent's partition, so those keys share the slot of the keys named. A script that reads a session's read models is given the keys of
 the generation the caller believes live and answers `{'stale', g}` when the head says otherwise: the caller
 remembers `g` (`Keys.generations`) and calls again with that generation's keys (`stale_generation`).
 """

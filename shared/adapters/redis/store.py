@@ -76,6 +76,7 @@ __all__ = [
     "completed",
     "fork_origin",
     "job_fields",
+    "known_origin",
     "log_entries",
 ]
 
@@ -206,7 +207,7 @@ class RedisStore:
         if head == 0:
             return View(0, 0, None)
         stored = [(_version(eid), pairs(fields)) for eid, fields in reply[1]]
-        origin = _origin(*reply[2:4]) if len(reply) > 2 else None
+        origin = known_origin(*reply[2:4]) if len(reply) > 2 else None
         parents = {
             reply[i].decode(): [int(reply[i + 1]), int(reply[i + 2]), *reply[i + 3 : i + 7]]
             for i in range(4, len(reply), 7)
@@ -237,7 +238,7 @@ class RedisStore:
         state = decode_state(raw) if raw is not None else SessionState(id=session_id)
         assert state.version == base
         stored = [(_version(eid), pairs(f)) for eid, f in reply[3]]
-        entries = await completed(self.redis, self.keys, session_id, stored, base, version, _origin(*reply[4:6]))
+        entries = await completed(self.redis, self.keys, session_id, stored, base, version, known_origin(*reply[4:6]))
         return head, fold(state, (decode_event(v, fields) for v, fields in entries))
 
     # -- ReadModels: reads ---------------------------------------------------------------
@@ -629,7 +630,7 @@ async def log_entries(redis: Client, keys: Keys, session_id: str, after: int, li
         return head, []
     stored = [(_version(eid), fields) for eid, fields in raw]
     return head, await completed(
-        redis, keys, session_id, stored, after, min(head, after + limit), _origin(parent, last)
+        redis, keys, session_id, stored, after, min(head, after + limit), known_origin(parent, last)
     )
 
 
@@ -656,7 +657,9 @@ async def completed(
         if int(head) <= a:
             return []
         entries = [(_version(eid), pairs(fields)) for eid, fields in raw]
-        return await completed(redis, keys, parent_id, entries, a, min(int(head), a + n), _origin(parent, last), read)
+        return await completed(
+            redis, keys, parent_id, entries, a, min(int(head), a + n), known_origin(parent, last), read
+        )
 
     return await complete(
         session_id, stored, after, upto, origin or (lambda: fork_origin(redis, keys, session_id)), read_parent
@@ -665,17 +668,20 @@ async def completed(
 
 async def fork_origin(redis: Client, keys: Keys, session_id: str) -> tuple[str, int] | None:
     """(parent, last inherited version) of a copy-on-write fork; None for any other session."""
-    parent, last = await redis.hmget(keys.head(session_id), "fp", "fv")
-    return (parent.decode(), int(last)) if parent else None
+    return _fork(*await redis.hmget(keys.head(session_id), "fp", "fv"))
 
 
-def _origin(parent: bytes | None, last: bytes | None) -> Callable[[], Awaitable[tuple[str, int] | None]]:
+def known_origin(parent: bytes | None, last: bytes | None) -> Callable[[], Awaitable[tuple[str, int] | None]]:
     """`fork_origin` as a read already found it in the session's head (`fp`, `fv`): completing asks nothing more."""
 
     async def origin() -> tuple[str, int] | None:
-        return (parent.decode(), int(last)) if parent and last else None
+        return _fork(parent, last)
 
     return origin
+
+
+def _fork(parent: bytes | None, last: bytes | None) -> tuple[str, int] | None:
+    return (parent.decode(), int(last)) if parent and last else None
 
 
 def _version(entry_id: bytes) -> int:
