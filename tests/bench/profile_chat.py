@@ -3,6 +3,8 @@ commands per chat under P4's load (64 clients over 50 sessions).
 
 python -m tests.bench.profile_chat [--chats N] [--layout all|split]   (starts its own stack, as the harness does)
 python -m tests.bench.profile_chat --model-client   (CPU and wall time per streamed model call: httpx, Parley's)
+python -m tests.bench.profile_chat --paced [--chats N]   (synchronous chats on a model streaming 200 words 5 ms apart:
+    the API's CPU and the Redis reads per chat while it waits for an answer that streams for a second)
 
 `--layout split` runs the worker as two processes (`parley worker --role projector` and `--role chat`).
 The round trips come from redis-server's MONITOR (each client connection is told apart by the process owning its
@@ -176,15 +178,53 @@ def model_client(reps: int = 5, n: int = 300) -> None:
         model.stop()
 
 
+PACED_WORDS, PACED_MS, PACED_CLIENTS = 200, 5, 4
+
+
+def paced(bench: Bench, sids: list[str], chats: int) -> None:
+    """`chats` synchronous chats, `PACED_CLIENTS` at a time, each answered by a model streaming for a second."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": PACED_WORDS}
+
+    async def client(sid: str, n: int, walls: list[float]) -> None:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=bench.api.url, headers=headers, timeout=60) as http:
+            for _ in range(n):
+                t = time.perf_counter()
+                r = await http.post(f"/sessions/{sid}/chat", json=body)
+                r.raise_for_status()
+                walls.append(time.perf_counter() - t)
+
+    async def run(n: int) -> list[float]:
+        walls: list[float] = []
+        await asyncio.gather(*(client(sids[i], n // PACED_CLIENTS, walls) for i in range(PACED_CLIENTS)))
+        return walls
+
+    asyncio.run(run(PACED_CLIENTS))  # warm
+    bench.redis.config_resetstat()
+    api = cpu_s(bench.api.proc.pid)
+    walls = asyncio.run(run(chats))
+    per_chat = (cpu_s(bench.api.proc.pid) - api) / len(walls) * 1e6
+    stats = bench.redis.info("commandstats")
+    xread = stats.get("cmdstat_xread", {}).get("calls", 0) / len(walls)
+    print(
+        f"paced: {len(walls)} synchronous chats, {PACED_CLIENTS} at a time, {PACED_WORDS} chunks {PACED_MS} ms apart;"
+        f" p50 {statistics.median(walls) * 1000:.0f} ms; API CPU µs per chat {per_chat:.0f};"
+        f" XREAD calls per chat (all processes) {xread:.1f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.profile_chat")
     parser.add_argument("--chats", type=int, default=2000)
     parser.add_argument("--layout", choices=("all", "split"), default="all")
     parser.add_argument("--model-client", action="store_true", help="only time streamed calls to the model")
+    parser.add_argument("--paced", action="store_true", help="synchronous chats on a model that streams for a second")
     a = parser.parse_args(argv)
     if a.model_client:
         model_client()
         return 0
+    if a.paced:
+        os.environ |= {"ZERO_MODEL_WORDS": str(PACED_WORDS), "ZERO_MODEL_PACE_MS": str(PACED_MS)}
     bench = Bench(argparse.Namespace(quick=False, reps=1, seconds=1, connections=32, rows="P4", out="-"))
     bench.start()
     extra: dict[str, Proc] = {}
@@ -197,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             extra["chat"] = Proc([py, "-m", "services.cli", "worker", "--role", "chat"], bench.env, bench.tmp / "c.log")
         sids = bench.sessions(50)
+        if a.paced:
+            paced(bench, sids, a.chats)
+            return 0
         asyncio.run(chat_bench.parley_jobs_per_second(bench.api.url, KEY, sids, 200))  # warm
         pids = {"api": bench.api.proc.pid, "worker": bench.worker.proc.pid}
         pids |= {name: p.proc.pid for name, p in extra.items()}

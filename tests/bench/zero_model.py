@@ -1,16 +1,23 @@
 """A zero-latency OpenAI-compatible server for the chat benchmark: answers at once, plain or streamed.
 
 python -m tests.bench.zero_model --port N
+
+`ZERO_MODEL_WORDS=N ZERO_MODEL_PACE_MS=M` in its environment: a streamed answer of N words, one chunk each, M ms
+apart (a model that really streams: `profile_chat --paced`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import time
 
 import uvicorn
 
 ANSWER = "Hello from the zero-latency model."
+WORDS = int(os.environ.get("ZERO_MODEL_WORDS", "0"))
+PACE_S = float(os.environ.get("ZERO_MODEL_PACE_MS", "0")) / 1000
 
 
 def completion(model: str) -> bytes:
@@ -27,6 +34,8 @@ def chunks(model: str) -> list[bytes]:
         model.encode(),
     )
     words = ANSWER.split(" ")
+    if WORDS:
+        words = (words * (WORDS // len(words) + 1))[:WORDS]
     out = [head + b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}']
     out += [
         head + b'"choices":[{"index":0,"delta":{"content":"%s "},"finish_reason":null}]}' % w.encode() for w in words
@@ -51,6 +60,8 @@ async def app(scope, receive, send) -> None:  # a bare ASGI app: the least a ser
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         for c in chunks(model):
             await send({"type": "http.response.body", "body": c, "more_body": True})
+            if PACE_S:
+                await asyncio.sleep(PACE_S)
         await send({"type": "http.response.body", "body": b""})
     else:
         payload = completion(model)
