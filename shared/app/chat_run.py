@@ -21,6 +21,7 @@ import msgspec
 
 from shared.app.chats import queue_if_first, streamed_text
 from shared.app.ports import (
+    ENDS,
     ChatJobs,
     ChatQueue,
     Completion,
@@ -488,7 +489,7 @@ class ChatRunner:
     async def _ensure_terminal(self, tenant: str, session_id: str, job_id: str) -> None:
         """A run that finds its job ended makes sure the chunk stream says how (an earlier run may have died first)."""
         entries = await self.chats.streamed(session_id, job_id)
-        if entries and entries[-1][1] in ("done", "error"):
+        if entries and entries[-1][1] in ENDS:
             return
         try:
             view = await self.service.read(session_id, lambda: self.chats.job(tenant, session_id, job_id))

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 
 from shared.app.follow import follow
-from shared.app.ports import ChatJobs, ChatQueue, Limits, Wakeups
+from shared.app.ports import ENDS, ChatJobs, ChatQueue, Limits, Wakeups
 from shared.app.service import Idempotency, SessionService
 from shared.domain.commands import Amendment, CancelChat, RequestChat, Tick
 from shared.domain.errors import ChatTimeout, ChatUnanswered, QuotaExceeded, RateLimited
@@ -237,10 +237,16 @@ class Chats:
 
     async def wait(self, sid: str, job_id: str, wait_s: float) -> bytes:
         """The job's answer (its `done` entry), waiting at most `wait_s` (`ChatTimeout`); `ChatUnanswered` if it
-        ended otherwise."""
+        ended otherwise. Woken only by the stream's last entry, and reads that one: the chunks before it are the
+        streaming clients' (a model streaming a long answer would otherwise wake this, and a read, per batch)."""
+
+        async def fetch() -> builtins.list[tuple[str, str, bytes]]:
+            last = await self.jobs.last_entry(sid, job_id)
+            return [last] if last is not None and last[1] in ENDS else []
+
         deadline = time.monotonic() + wait_s
         async with contextlib.aclosing(
-            self.follow_chunks(sid, job_id, keepalive_s=wait_s, deadline=deadline)
+            follow(self.wakeups, job_id, sid, fetch, wait_s, deadline, ends=True)
         ) as batches:
             async for batch in batches:
                 for _, kind, data in batch:
@@ -260,7 +266,7 @@ class Chats:
     async def past_the_end(self, sid: str, job_id: str, after: str) -> bool:
         """The job ended and `after` (an event id of its stream) lies beyond its last event: nothing can follow."""
         last = await self.jobs.last_entry(sid, job_id)
-        return last is not None and last[1] in ("done", "error") and _id_key(after) > _id_key(last[0])
+        return last is not None and last[1] in ENDS and _id_key(after) > _id_key(last[0])
 
 
 class StaleConversation(Exception):

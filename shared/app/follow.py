@@ -32,13 +32,14 @@ async def follow(
     fetch: Callable[[], Awaitable[list[T]]],
     keepalive_s: float,
     deadline: float | None = None,
+    ends: bool = False,
 ) -> AsyncGenerator[list[T], None]:
     """Yield each non-empty batch `fetch()` answers as it appears; an empty batch after `keepalive_s` of quiet
     (time for a keep-alive comment). Ends at `deadline` (monotonic), or when the caller stops iterating.
 
     `fetch` moves its own cursor; `name` is what `wakeups` wakes for (the session id for its log, the job id
-    for its chunks)."""
-    async with wakeups.watching(name, session_id) as watch:
+    for its chunks; with `ends`, only for the job's last entry)."""
+    async with wakeups.watching(name, session_id, ends) as watch:
         quiet_since = time.monotonic()
         while True:
             watch.clear()  # before the read: a wake-up that arrives while reading is kept

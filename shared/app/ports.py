@@ -38,6 +38,7 @@ from shared.domain.wire import TenantLimits, ToolCall, Usage, UsageDay
 
 __all__ = [
     "CONFLICT_TAIL",
+    "ENDS",
     "MAX_TRIES",
     "AfterWaiting",
     "Admission",
@@ -328,6 +329,10 @@ class ChunkWriter(Protocol):
         ...
 
 
+ENDS = frozenset({"done", "error"})
+"""The kinds of entry that end a job's chunk stream: its answer, or why it has none."""
+
+
 class ChatJobs(Protocol):
     async def job(self, tenant: str, session_id: str, job_id: str) -> View:
         """The job's record (`body`: its JSON; None for no such job of this session)."""
@@ -360,8 +365,8 @@ class ChatJobs(Protocol):
         """The entry exists and ends the stream (`done` or `error`)."""
         ...
 
-    async def last_entry(self, session_id: str, job_id: str) -> tuple[str, str] | None:
-        """(entry id, kind) of the stream's last entry."""
+    async def last_entry(self, session_id: str, job_id: str) -> tuple[str, str, bytes] | None:
+        """(entry id, kind, data) of the stream's last entry."""
         ...
 
     async def streamed(self, session_id: str, job_id: str) -> list[tuple[str, str, bytes]]:
@@ -469,8 +474,10 @@ class Watch(Protocol):
 
 
 class Wakeups(Protocol):
-    def watching(self, name: str, session_id: str) -> AbstractAsyncContextManager[Watch]:
-        """Wake-ups for `name` (a session id: appended to; a job id: its chunks grew), in `session_id`'s partition."""
+    def watching(self, name: str, session_id: str, ends: bool = False) -> AbstractAsyncContextManager[Watch]:
+        """Wake-ups for `name` (a session id: appended to; a job id: its chunks grew), in `session_id`'s partition.
+        `ends`: for a job, only when its stream gets its last entry (`done`, `error`): a synchronous chat waits
+        for its answer, not for every batch of chunks before it."""
         ...
 
 

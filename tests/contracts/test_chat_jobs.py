@@ -156,7 +156,7 @@ async def test_chunk_streams_keep_order_and_know_their_end(backend: Backend) -> 
     assert await jobs.chunks(state.id, job, "0-0") == entries
     assert await jobs.chunks(state.id, job, ids[2]) == entries[3:]
     assert await jobs.chunks(state.id, job, ids[-1]) == []
-    assert await jobs.last_entry(state.id, job) == (ids[-1], "done")
+    assert await jobs.last_entry(state.id, job) == (ids[-1], "done", b'{"end":true}')
     assert await jobs.is_terminal(state.id, job, ids[-1])
     assert not await jobs.is_terminal(state.id, job, ids[0])
     assert not await jobs.is_terminal(state.id, job, "1-0")
@@ -191,7 +191,11 @@ async def test_an_error_entry_ends_a_stream_too(backend: Backend) -> None:
     await backend.jobs.emit(state.id, job, "chunk", b"{}")
     last = await backend.jobs.emit(state.id, job, "error", b'{"code":"cancelled","message":"x"}')
     assert last is not None and await backend.jobs.is_terminal(state.id, job, last.decode())
-    assert await backend.jobs.last_entry(state.id, job) == (last.decode(), "error")
+    assert await backend.jobs.last_entry(state.id, job) == (
+        last.decode(),
+        "error",
+        b'{"code":"cancelled","message":"x"}',
+    )
 
 
 async def test_a_purged_sessions_jobs_and_chunks_are_erased_and_stay_so(backend: Backend) -> None:

@@ -1,5 +1,5 @@
-"""The `Wakeups` contract: a waiter hears an append to its session and a chunk written for its job, in any process
-of the deployment, and nothing else."""
+"""The `Wakeups` contract: a waiter hears an append to its session and a chunk written for its job (or, asking for
+ends only, the job's last entry), in any process of the deployment, and nothing else."""
 
 from __future__ import annotations
 
@@ -30,6 +30,27 @@ async def test_a_chunk_wakes_the_jobs_waiters(backend: Backend) -> None:
         watch.clear()
         await backend.jobs.emit(state.id, job, "chunk", b"{}")
         assert await watch.wait(WAIT_S)
+
+
+async def test_a_waiter_for_a_jobs_end_hears_its_last_entry_and_not_the_chunks_before(backend: Backend) -> None:
+    """A synchronous chat waits for the answer alone: a model streaming a long answer must not wake it (and make it
+    read) once per batch of chunks."""
+    state, job = await create(backend.log), uuid7()
+    wakeups = backend.wakeups()
+    async with wakeups.watching(job, state.id, ends=True) as end, wakeups.watching(job, state.id) as every:
+        for kind in ("done", "error"):
+            end.clear()
+            every.clear()
+            await backend.jobs.emit(state.id, job, "chunk", b"{}")
+            assert await every.wait(WAIT_S)
+            every.clear()
+            writer = backend.jobs.writer(state.id, job, 0)
+            writer.put(b"{}")
+            await writer.drain()
+            assert await every.wait(WAIT_S)  # both chunk writes have been seen by the reader by now
+            assert not await end.wait(0.05)
+            await backend.jobs.emit(state.id, job, kind, b"{}")
+            assert await end.wait(WAIT_S)
 
 
 async def test_a_wake_up_that_arrives_before_the_wait_is_kept(backend: Backend) -> None:

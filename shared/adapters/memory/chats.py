@@ -16,7 +16,7 @@ import msgspec
 
 from shared.adapters.codec import json_encode
 from shared.adapters.memory.store import Memory, Stream, entry_text, parse_entry_id
-from shared.app.ports import Superseded, View
+from shared.app.ports import ENDS, Superseded, View
 from shared.domain.wire import ChatJob
 
 __all__ = ["MemoryChatJobs", "MemoryChunkWriter", "job_json"]
@@ -99,7 +99,7 @@ class MemoryChatJobs:
         for kind, data in entries:
             eid = stream.add((kind, bytes(data)), m.clock())
         m.chunks.expire(key, self.retention_s)
-        m.wake(job_id)
+        m.wake(job_id, ended=bool(entries) and entries[-1][0] in ENDS)
         return entry_text(eid).encode()
 
     def writer(self, session_id: str, job_id: str, attempt: int) -> MemoryChunkWriter:
@@ -121,14 +121,14 @@ class MemoryChatJobs:
         eid = parse_entry_id(entry_id)
         stream = self.memory.chunks.get((session_id, job_id))
         entry = stream.get(eid) if stream is not None and eid is not None else None
-        return entry is not None and entry[0] in ("done", "error")
+        return entry is not None and entry[0] in ENDS
 
-    async def last_entry(self, session_id: str, job_id: str) -> tuple[str, str] | None:
+    async def last_entry(self, session_id: str, job_id: str) -> tuple[str, str, bytes] | None:
         stream = self.memory.chunks.get((session_id, job_id))
         if not stream or not stream.entries:
             return None
-        eid, (kind, _) = stream.entries[-1]
-        return entry_text(eid), kind
+        eid, (kind, data) = stream.entries[-1]
+        return entry_text(eid), kind, data
 
     async def streamed(self, session_id: str, job_id: str) -> list[tuple[str, str, bytes]]:
         stream = self.memory.chunks.get((session_id, job_id))

@@ -247,7 +247,7 @@ class Memory:
         self.running: dict[str, str] = {}
         """job → the worker that holds it."""
         # wake-ups: who is told that a session's log or a job's chunks grew; blocked readers of the feed and queue
-        self.listeners: list[Callable[[str], None]] = []
+        self.listeners: list[Callable[[str, bool], None]] = []
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
 
     def entries(self, session_id: str, after: int, limit: int) -> list[Entry]:
@@ -293,10 +293,10 @@ class Memory:
         return head if head is not None and head.tenant == tenant else None
 
     # -- wake-ups ------------------------------------------------------------------------------------------------
-    def wake(self, name: str) -> None:
-        """`name` (a session id, a job id) grew: tell every process's waiters."""
+    def wake(self, name: str, ended: bool = False) -> None:
+        """`name` (a session id, a job id) grew (`ended`: by a job's last entry): tell every process's waiters."""
         for listener in list(self.listeners):
-            listener(name)
+            listener(name, ended)
 
     def signal(self, what: str) -> None:
         """`what` ("feed", "queue") has something new: wake its blocked readers."""

@@ -20,10 +20,11 @@ class MemoryWatch:
     """One waiter's flag. Clear it, read, and wait only if the read found nothing: a wake-up that arrives while
     reading is kept."""
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "ends")
 
-    def __init__(self) -> None:
+    def __init__(self, ends: bool = False) -> None:
         self._event = asyncio.Event()
+        self.ends = ends
 
     def clear(self) -> None:
         self._event.clear()
@@ -44,13 +45,14 @@ class MemoryWakeups:
         self._watches: dict[str, set[MemoryWatch]] = {}
         memory.listeners.append(self._wake)
 
-    def _wake(self, name: str) -> None:
+    def _wake(self, name: str, ended: bool) -> None:
         for watch in self._watches.get(name, ()):
-            watch.set()
+            if ended or not watch.ends:
+                watch.set()
 
     @contextlib.asynccontextmanager
-    async def watching(self, name: str, session_id: str) -> AsyncIterator[MemoryWatch]:
-        watch = MemoryWatch()
+    async def watching(self, name: str, session_id: str, ends: bool = False) -> AsyncIterator[MemoryWatch]:
+        watch = MemoryWatch(ends)
         self._watches.setdefault(name, set()).add(watch)
         try:
             yield watch

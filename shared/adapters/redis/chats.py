@@ -15,7 +15,7 @@ from shared.adapters.redis.cluster import Client
 from shared.adapters.redis.keys import Keys, partition_of
 from shared.adapters.redis.lua import MAX_STALE, StaleGenerations, call_live, run_pipeline, stale_generation
 from shared.adapters.redis.scripts import CHUNKS, MARK_RUNNING, READ_CHAT, READ_VIEW, REGISTRY
-from shared.app.ports import Superseded, View
+from shared.app.ports import ENDS, Superseded, View
 from shared.domain.wire import ChatJob
 
 __all__ = ["ChatStore", "ChunkWriter", "job_json"]
@@ -134,12 +134,15 @@ class ChatStore:
             entries = await self.redis.xrange(self.keys.chunks(session_id, job_id), entry_id, entry_id)
         except ResponseError:  # not a stream entry id: the client made it up
             return False
-        return bool(entries) and entries[0][1].get(b"k") in (b"done", b"error")
+        return bool(entries) and entries[0][1].get(b"k", b"").decode() in ENDS
 
-    async def last_entry(self, session_id: str, job_id: str) -> tuple[str, str] | None:
-        """(entry id, kind) of the job's last chunk-stream entry, or None if it has none."""
+    async def last_entry(self, session_id: str, job_id: str) -> tuple[str, str, bytes] | None:
+        """(entry id, kind, data) of the job's last chunk-stream entry, or None if it has none."""
         entries = await self.redis.xrevrange(self.keys.chunks(session_id, job_id), count=1)
-        return (entries[0][0].decode(), entries[0][1][b"k"].decode()) if entries else None
+        if not entries:
+            return None
+        eid, f = entries[0]
+        return eid.decode(), f[b"k"].decode(), f[b"d"]
 
     async def streamed(self, session_id: str, job_id: str) -> list[tuple[str, str, bytes]]:
         """Everything a job streamed so far (a retried attempt resumes after it)."""

@@ -30,10 +30,11 @@ class Watch:
     """One waiter's wake-up flag. Clear it, read, and wait only if the read found nothing: a wake-up that
     arrives while reading is kept."""
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "ends")
 
-    def __init__(self) -> None:
+    def __init__(self, ends: bool = False) -> None:
         self._event = asyncio.Event()
+        self.ends = ends
 
     def clear(self) -> None:
         self._event.clear()
@@ -82,17 +83,17 @@ class Notifier:
         self._watches: dict[str, set[Watch]] = {}
 
     @contextlib.asynccontextmanager
-    async def watching(self, name: str, session_id: str) -> AsyncIterator[Watch]:
+    async def watching(self, name: str, session_id: str, ends: bool = False) -> AsyncIterator[Watch]:
         """Wake-ups for `name` (a session id: it was appended to; a job id: its chunk stream grew), whose data
-        lives in `session_id`'s partition. The reader is armed before this yields, so nothing appended after a
-        read that follows is missed."""
+        lives in `session_id`'s partition; `ends`: only by a job's last entry. The reader is armed before this
+        yields, so nothing appended after a read that follows is missed."""
         partition = partition_of(session_id, self.keys.partitions)
         reader = self._readers.get(partition)
         if reader is None:
             reader = self._readers[partition] = _Reader(partition)
             self.supervisor.run(f"notify:p{partition}", lambda: self._read(reader))
         reader.waiters += 1
-        watch = Watch()
+        watch = Watch(ends)
         self._watches.setdefault(name, set()).add(watch)
         try:
             with contextlib.suppress(TimeoutError):  # Redis is down: the waiter's own re-checks carry it
@@ -136,5 +137,7 @@ class Notifier:
                 reader.cursors[name] = entries[-1][0].decode()
                 for _, fields in entries:
                     target = fields.get(b"s") or fields.get(b"j")
+                    ended = fields.get(b"e") == b"1"
                     for watch in self._watches.get(target.decode() if target else "", ()):
-                        watch.set()
+                        if ended or not watch.ends:
+                            watch.set()
