@@ -233,7 +233,7 @@ class Chats:
                 cursor = entries[-1][0]
             return entries
 
-        return follow(self.wakeups, job_id, sid, fetch, keepalive_s, deadline)
+        return follow(self.wakeups, "chunks", job_id, sid, fetch, keepalive_s, deadline)
 
     async def wait(self, sid: str, job_id: str, wait_s: float) -> bytes:
         """The job's answer (its `done` entry), waiting at most `wait_s` (`ChatTimeout`); `ChatUnanswered` if it
@@ -245,9 +245,7 @@ class Chats:
             return [last] if last is not None and last[1] in ENDS else []
 
         deadline = time.monotonic() + wait_s
-        async with contextlib.aclosing(
-            follow(self.wakeups, job_id, sid, fetch, wait_s, deadline, ends=True)
-        ) as batches:
+        async with contextlib.aclosing(follow(self.wakeups, "end", job_id, sid, fetch, wait_s, deadline)) as batches:
             async for batch in batches:
                 for _, kind, data in batch:
                     if kind == "done":

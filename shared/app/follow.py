@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
-from shared.app.ports import Wakeups
+from shared.app.ports import WakeOn, Wakeups
 from shared.supervise import is_transient
 
 __all__ = ["RECHECK_S", "follow"]
@@ -27,19 +27,19 @@ RETRY_S = 0.1
 
 async def follow(
     wakeups: Wakeups,
+    on: WakeOn,
     name: str,
     session_id: str,
     fetch: Callable[[], Awaitable[list[T]]],
     keepalive_s: float,
     deadline: float | None = None,
-    ends: bool = False,
 ) -> AsyncGenerator[list[T], None]:
     """Yield each non-empty batch `fetch()` answers as it appears; an empty batch after `keepalive_s` of quiet
     (time for a keep-alive comment). Ends at `deadline` (monotonic), or when the caller stops iterating.
 
-    `fetch` moves its own cursor; `name` is what `wakeups` wakes for (the session id for its log, the job id
-    for its chunks; with `ends`, only for the job's last entry)."""
-    async with wakeups.watching(name, session_id, ends) as watch:
+    `fetch` moves its own cursor; `on` and `name` say what wakes it (`appends` to the session `name`, a job
+    `name`'s `chunks`, or only its `end`)."""
+    async with wakeups.watching(name, session_id, on) as watch:
         quiet_since = time.monotonic()
         while True:
             watch.clear()  # before the read: a wake-up that arrives while reading is kept

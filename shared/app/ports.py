@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from msgspec import Struct
 
@@ -40,11 +40,11 @@ __all__ = [
     "CONFLICT_TAIL",
     "ENDS",
     "MAX_TRIES",
-    "AfterWaiting",
     "Admission",
+    "AfterWaiting",
+    "ApiKeys",
     "AppendOutcome",
     "Appended",
-    "ApiKeys",
     "ChatJobs",
     "ChatQueue",
     "ChunkWriter",
@@ -52,14 +52,14 @@ __all__ = [
     "Conflict",
     "Cursor",
     "Delta",
+    "DueSession",
     "EventLog",
     "Feed",
-    "Forked",
     "FeedEntry",
+    "Forked",
     "Freshness",
     "IdempotencyClaim",
     "IdempotencyMismatch",
-    "DueSession",
     "Idle",
     "IdleCursor",
     "JobFailer",
@@ -73,10 +73,11 @@ __all__ = [
     "Pending",
     "ReadModels",
     "Replayed",
+    "Sent",
     "Slot",
     "Superseded",
     "View",
-    "Sent",
+    "WakeOn",
     "Wakeups",
     "Watch",
     "WebhookSender",
@@ -473,11 +474,14 @@ class Watch(Protocol):
         ...
 
 
+WakeOn = Literal["appends", "chunks", "end"]
+"""What wakes a waiter: `appends` to a session's log, `chunks` written to a job's stream (its end too), or only
+the job's `end` (its last entry: a synchronous chat waits for its answer, not for every batch before it)."""
+
+
 class Wakeups(Protocol):
-    def watching(self, name: str, session_id: str, ends: bool = False) -> AbstractAsyncContextManager[Watch]:
-        """Wake-ups for `name` (a session id: appended to; a job id: its chunks grew), in `session_id`'s partition.
-        `ends`: for a job, only when its stream gets its last entry (`done`, `error`): a synchronous chat waits
-        for its answer, not for every batch of chunks before it."""
+    def watching(self, name: str, session_id: str, on: WakeOn) -> AbstractAsyncContextManager[Watch]:
+        """Wake-ups for `name` (a session id for `appends`, else a job id), in `session_id`'s partition."""
         ...
 
 

@@ -323,7 +323,7 @@ class Sessions:
             cursor += len(items)
             return items
 
-        return _until_purged(follow(self.wakeups, sid, sid, fetch, keepalive_s))
+        return _until_purged(follow(self.wakeups, "appends", sid, sid, fetch, keepalive_s))
 
     # -- stream tokens -------------------------------------------------------------------------
     async def stream_token(self, tenant: str, sid: str, ttl_s: int | None) -> StreamToken:

@@ -21,7 +21,7 @@ async def test_a_transient_error_is_waited_out_and_the_read_tried_again() -> Non
             raise RedisConnectionError("No connection available.")
         return [calls]
 
-    stream = follow(MemoryWakeups(Memory(4)), "s", "s", fetch, keepalive_s=30)
+    stream = follow(MemoryWakeups(Memory(4)), "appends", "s", "s", fetch, keepalive_s=30)
     assert await anext(stream) == [3]
     await stream.aclose()
 
@@ -31,4 +31,4 @@ async def test_any_other_error_ends_the_stream() -> None:
         raise ValueError("a bug")
 
     with pytest.raises(ValueError):
-        await anext(follow(MemoryWakeups(Memory(4)), "s", "s", fetch, keepalive_s=30))
+        await anext(follow(MemoryWakeups(Memory(4)), "appends", "s", "s", fetch, keepalive_s=30))

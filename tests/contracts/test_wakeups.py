@@ -15,7 +15,10 @@ WAIT_S = 10.0
 async def test_an_append_wakes_the_sessions_waiters_in_every_process(backend: Backend) -> None:
     state = await create(backend.log)
     here, there = backend.wakeups(), backend.wakeups()
-    async with here.watching(state.id, state.id) as mine, there.watching(state.id, state.id) as theirs:
+    async with (
+        here.watching(state.id, state.id, "appends") as mine,
+        there.watching(state.id, state.id, "appends") as theirs,
+    ):
         mine.clear()
         theirs.clear()
         await add(backend.log, state, "x")
@@ -26,7 +29,7 @@ async def test_an_append_wakes_the_sessions_waiters_in_every_process(backend: Ba
 async def test_a_chunk_wakes_the_jobs_waiters(backend: Backend) -> None:
     state, job = await create(backend.log), uuid7()
     wakeups = backend.wakeups()
-    async with wakeups.watching(job, state.id) as watch:
+    async with wakeups.watching(job, state.id, "chunks") as watch:
         watch.clear()
         await backend.jobs.emit(state.id, job, "chunk", b"{}")
         assert await watch.wait(WAIT_S)
@@ -37,7 +40,7 @@ async def test_a_waiter_for_a_jobs_end_hears_its_last_entry_and_not_the_chunks_b
     read) once per batch of chunks."""
     state, job = await create(backend.log), uuid7()
     wakeups = backend.wakeups()
-    async with wakeups.watching(job, state.id, ends=True) as end, wakeups.watching(job, state.id) as every:
+    async with wakeups.watching(job, state.id, "end") as end, wakeups.watching(job, state.id, "chunks") as every:
         for kind in ("done", "error"):
             end.clear()
             every.clear()
@@ -49,14 +52,16 @@ async def test_a_waiter_for_a_jobs_end_hears_its_last_entry_and_not_the_chunks_b
             await writer.drain()
             assert await every.wait(WAIT_S)  # both chunk writes have been seen by the reader by now
             assert not await end.wait(0.05)
+            every.clear()
             await backend.jobs.emit(state.id, job, kind, b"{}")
             assert await end.wait(WAIT_S)
+            assert await every.wait(WAIT_S)  # the end is a chunk-stream entry too
 
 
 async def test_a_wake_up_that_arrives_before_the_wait_is_kept(backend: Backend) -> None:
     state = await create(backend.log)
     wakeups = backend.wakeups()
-    async with wakeups.watching(state.id, state.id) as watch:
+    async with wakeups.watching(state.id, state.id, "appends") as watch:
         watch.clear()
         await add(backend.log, state, "x")
         await asyncio.sleep(0.1)  # the wake-up lands while nobody waits
@@ -66,7 +71,10 @@ async def test_a_wake_up_that_arrives_before_the_wait_is_kept(backend: Backend) 
 async def test_only_the_named_session_or_job_wakes(backend: Backend) -> None:
     mine, other = await create(backend.log), await create(backend.log)
     wakeups = backend.wakeups()
-    async with wakeups.watching(mine.id, mine.id) as watch, wakeups.watching(other.id, other.id) as signal:
+    async with (
+        wakeups.watching(mine.id, mine.id, "appends") as watch,
+        wakeups.watching(other.id, other.id, "appends") as signal,
+    ):
         watch.clear()
         signal.clear()
         await add(backend.log, other, "not yours")

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from shared.adapters.memory.store import Memory
+from shared.app.ports import WakeOn
 
 __all__ = ["MemoryWakeups", "MemoryWatch"]
 
@@ -20,11 +21,11 @@ class MemoryWatch:
     """One waiter's flag. Clear it, read, and wait only if the read found nothing: a wake-up that arrives while
     reading is kept."""
 
-    __slots__ = ("_event", "ends")
+    __slots__ = ("_event", "on")
 
-    def __init__(self, ends: bool = False) -> None:
+    def __init__(self, on: WakeOn) -> None:
         self._event = asyncio.Event()
-        self.ends = ends
+        self.on = on
 
     def clear(self) -> None:
         self._event.clear()
@@ -47,12 +48,12 @@ class MemoryWakeups:
 
     def _wake(self, name: str, ended: bool) -> None:
         for watch in self._watches.get(name, ()):
-            if ended or not watch.ends:
+            if ended or watch.on != "end":
                 watch.set()
 
     @contextlib.asynccontextmanager
-    async def watching(self, name: str, session_id: str, ends: bool = False) -> AsyncIterator[MemoryWatch]:
-        watch = MemoryWatch(ends)
+    async def watching(self, name: str, session_id: str, on: WakeOn) -> AsyncIterator[MemoryWatch]:
+        watch = MemoryWatch(on)
         self._watches.setdefault(name, set()).add(watch)
         try:
             yield watch

@@ -112,13 +112,8 @@ class ChatStore:
         return ChunkWriter(self.redis, self._chunk_keys(session_id, job_id), job_id, self.retention_s, attempt)
 
     def _chunk_keys(self, session_id: str, job_id: str) -> list[str]:
-        k = self.keys
-        return [
-            k.head(session_id),
-            k.chunks(session_id, job_id),
-            k.relay(partition_of(session_id, k.partitions)),
-            k.chat(session_id, job_id),
-        ]
+        k, p = self.keys, partition_of(session_id, self.keys.partitions)
+        return [k.head(session_id), k.chunks(session_id, job_id), k.relay(p), k.chat(session_id, job_id), k.ends(p)]
 
     async def chunks(self, session_id: str, job_id: str, after: str) -> list[tuple[str, str, bytes]]:
         """(entry id, kind, data) of up to 500 entries after `after`; waiting for more is `shared.adapters.redis.notify`'s."""
@@ -160,7 +155,8 @@ class ChunkWriter:
     def __init__(self, redis: Client, keys: list[str], job_id: str, retention_s: int, attempt: int) -> None:
         self.redis = redis
         self.keys = keys
-        """The session's head (no head: purged, write nothing), the chunk stream and the partition's relay stream."""
+        """CHUNKS's keys: the session's head (no head: purged, write nothing), the chunk stream, the partition's relay
+        stream, the job's record (its attempt) and the partition's ends stream."""
         self.job_id = job_id
         self.retention_s = retention_s
         self.attempt = attempt

@@ -71,8 +71,13 @@ class Keys:
 
     def relay(self, partition: int) -> str:
         """Stream (capped): one entry per chunk write naming the job, so a process's one reader per partition
-        wakes whoever waits on that job's chunks (`shared.adapters.redis.notify`)."""
+        wakes whoever follows that job's chunks (`shared.adapters.redis.notify`)."""
         return f"{self.tag(partition)}:relay"
+
+    def ends(self, partition: int) -> str:
+        """Stream (capped): one entry per job's last chunk-stream entry naming the job, read with the feed, so a
+        synchronous chat's wait is not woken by every chunk of a streaming model (`shared.adapters.redis.notify`)."""
+        return f"{self.tag(partition)}:ends"
 
     def sessions(self, partition: int, tenant: str) -> str:
         """Sorted set of every session id the tenant ever created in this partition, deleted ones too

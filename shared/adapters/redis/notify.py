@@ -1,11 +1,15 @@
-"""Wake-ups: one blocking reader per partition and process, shared by every client that waits.
+"""Wake-ups: blocking readers per partition and process, shared by every client that waits.
 
 Thousands of open event streams and waiting chats must not each hold a Redis connection in a blocking read (the
 pool runs dry and ordinary requests starve). Every append already adds an entry naming the session to its
-partition's feed, and every chunk write adds one naming the job to the partition's relay stream; both streams
-share the partition's hash tag, so one `XREAD BLOCK` covers both, in Redis Cluster too. A process runs one such
-reader per partition that has waiters, started on the first and stopped a while after the last; it only sets
-the waiters' events. A waiter then reads its own log or chunk stream with an ordinary, short command.
+partition's feed; every chunk write adds one naming the job to the partition's relay stream, and a job's last
+entry one to its ends stream. A process runs, per partition that has waiters, one reader of the feed and the ends
+stream (for `appends` and `end` waiters: streams of session events, synchronous chats) and, only while someone
+follows a job's chunks, one of the relay stream: a model streaming a long answer then wakes only the processes
+that relay its chunks, not every one that waits for an answer. A partition's streams share its hash tag, so one
+`XREAD BLOCK` covers a reader's streams in Redis Cluster too. A reader starts with its first waiter and stops a
+while after its last; it only sets the waiters' events. A waiter then reads its own log or chunk stream with an
+ordinary, short command.
 
 Waiters re-check on their own every few seconds as well, so a wake-up lost to a reader's restart (Redis down)
 or to trimming only delays them.
@@ -21,6 +25,7 @@ from collections.abc import AsyncIterator
 from redis.asyncio import Redis
 
 from shared.adapters.redis.keys import Keys, partition_of
+from shared.app.ports import WakeOn
 from shared.supervise import Supervisor
 
 __all__ = ["Notifier", "Watch"]
@@ -30,11 +35,11 @@ class Watch:
     """One waiter's wake-up flag. Clear it, read, and wait only if the read found nothing: a wake-up that
     arrives while reading is kept."""
 
-    __slots__ = ("_event", "ends")
+    __slots__ = ("_event", "on")
 
-    def __init__(self, ends: bool = False) -> None:
+    def __init__(self, on: WakeOn) -> None:
         self._event = asyncio.Event()
-        self.ends = ends
+        self.on = on
 
     def clear(self) -> None:
         self._event.clear()
@@ -52,10 +57,12 @@ class Watch:
 
 
 class _Reader:
-    __slots__ = ("partition", "cursors", "armed", "waiters", "idle_since")
+    __slots__ = ("partition", "chunks", "cursors", "armed", "waiters", "idle_since")
 
-    def __init__(self, partition: int) -> None:
+    def __init__(self, partition: int, chunks: bool) -> None:
         self.partition = partition
+        self.chunks = chunks
+        """Reads the relay stream (for `chunks` waiters), else the feed and the ends stream."""
         self.cursors: dict[str, str] | None = None
         self.armed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters = 0
@@ -79,21 +86,21 @@ class Notifier:
         self.block_ms = block_ms
         self.poll_s = poll_s
         self.idle_s = idle_s
-        self._readers: dict[int, _Reader] = {}
+        self._readers: dict[tuple[int, bool], _Reader] = {}
         self._watches: dict[str, set[Watch]] = {}
 
     @contextlib.asynccontextmanager
-    async def watching(self, name: str, session_id: str, ends: bool = False) -> AsyncIterator[Watch]:
-        """Wake-ups for `name` (a session id: it was appended to; a job id: its chunk stream grew), whose data
-        lives in `session_id`'s partition; `ends`: only by a job's last entry. The reader is armed before this
-        yields, so nothing appended after a read that follows is missed."""
-        partition = partition_of(session_id, self.keys.partitions)
-        reader = self._readers.get(partition)
+    async def watching(self, name: str, session_id: str, on: WakeOn) -> AsyncIterator[Watch]:
+        """Wake-ups `on` what `name` names (a session id for `appends`, else a job id), whose data lives in
+        `session_id`'s partition. The reader is armed before this yields, so nothing written after a read that
+        follows is missed."""
+        key = (partition_of(session_id, self.keys.partitions), on == "chunks")
+        reader = self._readers.get(key)
         if reader is None:
-            reader = self._readers[partition] = _Reader(partition)
-            self.supervisor.run(f"notify:p{partition}", lambda: self._read(reader))
+            reader = self._readers[key] = _Reader(*key)
+            self.supervisor.run(f"notify:p{key[0]}{':chunks' if key[1] else ''}", lambda: self._read(reader))
         reader.waiters += 1
-        watch = Watch(ends)
+        watch = Watch(on)
         self._watches.setdefault(name, set()).add(watch)
         try:
             with contextlib.suppress(TimeoutError):  # Redis is down: the waiter's own re-checks carry it
@@ -115,8 +122,9 @@ class Notifier:
 
     async def _read(self, reader: _Reader) -> None:
         k, p = self.keys, reader.partition
+        on = {k.relay(p): "chunks"} if reader.chunks else {k.feed(p): "appends", k.ends(p): "end"}
         if reader.cursors is None:  # first start: from the streams' ends now (later restarts resume)
-            reader.cursors = {k.feed(p): "0-0", k.relay(p): "0-0"}
+            reader.cursors = dict.fromkeys(on, "0-0")
             for stream in reader.cursors:
                 last = await self.redis.xrevrange(stream, count=1)
                 if last:
@@ -125,8 +133,8 @@ class Notifier:
                 reader.armed.set_result(None)
         while True:
             if reader.waiters == 0 and time.monotonic() - reader.idle_since >= self.idle_s:
-                if self._readers.get(p) is reader:
-                    del self._readers[p]
+                if self._readers.get((p, reader.chunks)) is reader:
+                    del self._readers[(p, reader.chunks)]
                 return
             block = None if self.poll_s is not None else self.block_ms
             reply = await self.redis.xread(reader.cursors, count=1000, block=block)
@@ -135,9 +143,9 @@ class Notifier:
             for stream, entries in reply or ():
                 name = stream.decode() if isinstance(stream, bytes) else stream
                 reader.cursors[name] = entries[-1][0].decode()
+                kind = on[name]
                 for _, fields in entries:
                     target = fields.get(b"s") or fields.get(b"j")
-                    ended = fields.get(b"e") == b"1"
                     for watch in self._watches.get(target.decode() if target else "", ()):
-                        if ended or not watch.ends:
+                        if watch.on == kind:
                             watch.set()

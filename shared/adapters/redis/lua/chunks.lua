@@ -1,10 +1,10 @@
 -- CHUNKS: appends entries to a chat job's chunk stream unless the session is gone (a late worker must not bring a
 -- purged session's text back) or, for an attempt's chunks, a later attempt of the job started (its lease lapsed
--- while it ran: two attempts must not interleave in one stream). One relay entry per call wakes whoever waits on
--- the job (shared.adapters.redis.notify); its `e` says whether the call's last entry ends the stream (`done`, `error`),
--- so a waiter for the answer alone is not woken by every batch. Answers the last entry's id, nil (purged), or -1
--- (superseded).
-local head, chunks, relay, job = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+-- while it ran: two attempts must not interleave in one stream). One relay entry per call wakes whoever follows
+-- the job's chunks (shared.adapters.redis.notify); a call whose last entry ends the stream (`done`, `error`) adds
+-- one to the partition's ends stream too, for whoever waits for the answer alone. Answers the last entry's id, nil
+-- (purged), or -1 (superseded).
+local head, chunks, relay, job, ends = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local retention, job_id, attempt = ARGV[1], ARGV[2], ARGV[3]  -- attempt '': not an attempt's (an end, a cancel)
 local FIRST = 4  -- then kind/data pairs
 
@@ -13,7 +13,7 @@ if attempt ~= '' and tonumber(redis.call('HGET', job, 'attempts') or '0') > tonu
 local id
 for i = FIRST, #ARGV, 2 do id = redis.call('XADD', chunks, '*', 'k', ARGV[i], 'd', ARGV[i + 1]) end
 redis.call('EXPIRE', chunks, retention)
+redis.call('XADD', relay, 'MAXLEN', '~', 10000, '*', 'j', job_id)
 local last = ARGV[#ARGV - 1]
-local ends = (last == 'done' or last == 'error') and '1' or '0'
-redis.call('XADD', relay, 'MAXLEN', '~', 10000, '*', 'j', job_id, 'e', ends)
+if last == 'done' or last == 'error' then redis.call('XADD', ends, 'MAXLEN', '~', 10000, '*', 'j', job_id) end
 return id
