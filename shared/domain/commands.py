@@ -576,8 +576,9 @@ _RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d
 
 
 def parse_time(text: str) -> datetime:
-    """An RFC 3339 time, aware. A leap second counts as the second before it; years before 1 as the first moment
-    Python knows (both are in the past for a schedule). Anything else is `Invalid`."""
+    """An RFC 3339 time, in UTC. A leap second (:60) counts as the second before it; the year 0 as the first moment
+    Python knows (in the past for a schedule), and a time past the last (9999-12-31T23:59:59-23:59) as that last
+    moment, so a stored time always encodes. Anything else is `Invalid`."""
     m = _RFC3339.fullmatch(text)
     if m is None:
         raise Invalid("not an RFC 3339 time with a zone (e.g. 2027-01-31T09:00:00Z)", {"value": text})
@@ -586,12 +587,19 @@ def parse_time(text: str) -> datetime:
     offset = timedelta(0)
     if m.group(9):
         offset = timedelta(hours=int(m.group(10)), minutes=int(m.group(11))) * (1 if m.group(9) == "+" else -1)
+    try:
+        if second > 60:
+            raise ValueError("second must be in 0..60")
+        # the year 0 is checked as a leap year (it is one, proleptically), then read as the first moment
+        local = datetime(year or 4, month, day, hour, minute, min(second, 59), micro, timezone(offset))
+    except ValueError as e:
+        raise Invalid(f"not a time: {e}", {"value": text}) from e
     if year == 0:
         return datetime.min.replace(tzinfo=UTC)
     try:
-        return datetime(year, month, day, hour, minute, min(second, 59), micro, timezone(offset))
-    except ValueError as e:
-        raise Invalid(f"not a time: {e}", {"value": text}) from e
+        return local.astimezone(UTC)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC)
 
 
 def _run_at(run_at: str | None, delay_s: float | None, now: datetime) -> datetime | None:

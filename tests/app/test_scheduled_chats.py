@@ -101,6 +101,18 @@ async def test_a_time_without_a_zone_is_refused_and_writes_nothing(parley: Parle
     assert (await parley.log.load("acme", sid)).version == 1  # type: ignore[union-attr]
 
 
+async def test_a_time_past_the_last_one_in_utc_is_queued_for_then_and_its_session_still_reads(parley: Parley) -> None:
+    """9999-12-31T23:59:59-23:59 is in the year 10000 in UTC: the state holding it must still encode (the read
+    models of a session that could not be stored would stay behind for good)."""
+    d = Deployment(parley)
+    sid = (await parley.sessions.create("acme", SessionCreate()))[0].id
+    later = await parley.chats.request("acme", sid, ask("much later", run_at="9999-12-31T23:59:59-23:59"))
+    await d.project()
+    assert (await parley.sessions.get("acme", sid))[1] == 3
+    record = await job(parley, sid, later.job.id)
+    assert record["status"] == "queued" and record["run_at"].startswith("9999-12-31T23:59:59")
+
+
 def test_a_delay_outside_its_bounds_is_refused() -> None:
     for delay in (-1, 30 * 86_400 + 1):
         with pytest.raises(msgspec.ValidationError):
@@ -114,13 +126,27 @@ def test_a_delay_outside_its_bounds_is_refused() -> None:
         ("2027-01-31t09:00:00.1234567+01:00", datetime(2027, 1, 31, 8, 0, 0, 123456, tzinfo=UTC)),
         ("1990-12-31T23:59:60Z", datetime(1990, 12, 31, 23, 59, 59, tzinfo=UTC)),  # a leap second
         ("0000-01-01T00:00:00Z", datetime.min.replace(tzinfo=UTC)),
+        ("0000-02-29T00:00:00Z", datetime.min.replace(tzinfo=UTC)),  # the year 0 was a leap year
+        ("9999-12-31T23:59:59-23:59", datetime.max.replace(tzinfo=UTC)),  # past the last time Python knows, in UTC
     ],
 )
 def test_every_rfc3339_time_is_taken(text: str, when: datetime) -> None:
     assert parse_time(text) == when
 
 
-@pytest.mark.parametrize("text", ["2027-01-31T09:00:00", "2027-02-30T09:00:00Z", "tomorrow", "2027-01-31"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2027-01-31T09:00:00",
+        "2027-02-30T09:00:00Z",
+        "tomorrow",
+        "2027-01-31",
+        "2027-01-31T09:00:61Z",
+        "2027-01-31T09:00:99Z",
+        "0000-99-99T99:99:99Z",
+        "0000-01-01T24:00:00Z",
+    ],
+)
 def test_anything_else_is_invalid(text: str) -> None:
     with pytest.raises(Invalid):
         parse_time(text)
