@@ -57,8 +57,15 @@ WEBHOOK_EVENT_TYPES = ("SessionCreated", "SessionDeleted", "ChatCompleted", "Cha
 log: a chat's answer is in `ChatCompleted`, and the outbox stays a small fraction of the logs."""
 EventType = Literal["SessionCreated", "SessionDeleted", "ChatCompleted", "ChatFailed", "ChatCancelled"]
 SECRET_PREFIX = "whsec_"
-Secret = Annotated[str, Meta(pattern=r"^whsec_[A-Za-z0-9+/]{22,86}={0,2}$")]
-"""`whsec_` and the base64 of 16 to 64 random bytes (Standard Webhooks' format: the HMAC key is those bytes)."""
+_B64 = "[A-Za-z0-9+/]"
+Secret = Annotated[
+    str,
+    Meta(
+        pattern=f"^whsec_(?:(?:{_B64}{{4}}){{5,20}}(?:{_B64}{{4}}|{_B64}{{3}}=|{_B64}{{2}}==)|(?:{_B64}{{4}}){{21}}{_B64}{{2}}==)$"
+    ),
+]
+"""`whsec_` and the base64 (padded) of 16 to 64 random bytes (Standard Webhooks' format: the HMAC key is those
+bytes). The pattern is exact: a secret it lets in always decodes, or no delivery could be signed."""
 Url = Annotated[str, Meta(min_length=8, max_length=2048, pattern=r"^https?://[!-~]+$")]
 """http(s) and printable ASCII only (an international host name as its punycode): one meaning in every regex
 dialect, so the document and the decoder agree."""

@@ -6,7 +6,9 @@ cursor, and a lease another holder has."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -24,6 +26,7 @@ from shared.domain.webhooks import (
     WebhookCreate,
     WebhookPatch,
     delivery_id,
+    sign,
     verify,
 )
 from shared.domain.wire import SessionCreate
@@ -219,3 +222,51 @@ def test_the_previous_secret_signs_only_until_it_expires() -> None:
     )
     assert sub.secrets(now) == ["new", "old"]
     assert sub.secrets(now + timedelta(seconds=60)) == ["new"]
+
+
+@pytest.mark.parametrize("size", range(10, 70))
+def test_a_secret_the_api_lets_in_is_the_base64_of_16_to_64_bytes_and_signs(size: int) -> None:
+    """The body's pattern is exact: a secret it admits always decodes (one it admitted that did not would have made
+    every delivery of its subscription raise, and the worker exit, again at every restart)."""
+    secret = "whsec_" + base64.b64encode(os.urandom(size)).decode()
+    for text in (secret, secret.rstrip("="), secret + "=", secret[:-1] + "A=" if secret.endswith("=") else None):
+        if text is None:
+            continue
+        body = {"url": "http://h/", "event_types": ["SessionCreated"], "secret": text}
+        try:
+            msgspec.convert(body, WebhookCreate)
+        except msgspec.ValidationError:
+            admitted = False
+        else:
+            admitted = True
+        assert admitted == (text == secret and 16 <= size <= 64), text
+        if admitted:
+            assert verify(text, "m", 1, b"{}", sign(text, "m", 1, b"{}"))
+
+
+async def test_a_stored_secret_that_cannot_sign_fails_its_deliveries_and_the_deliverer_goes_on(
+    parley: Parley, deployment: Deployment
+):
+    """A secret stored before the API checked them exactly: each delivery fails at once, saying why, instead of the
+    deliverer (and with it the worker) ending."""
+    sender = Sender()
+    subs = WebhookSubscriptions(parley.webhooks, sender)
+    bad = await subs.create("acme", WebhookCreate(url="http://bad/", event_types=["SessionCreated"]))
+    good = await subs.create("acme", WebhookCreate(url="http://good/", event_types=["SessionCreated"]))
+    loaded = await parley.webhooks.load(bad.id)
+    assert loaded is not None
+    broken = msgspec.structs.replace(loaded[0], secret="whsec_" + "A" * 22)
+    assert await parley.webhooks.update(broken, msgspec.json.encode({"type": "WebhookUpdated"}))
+    await session(parley, deployment)
+    await session(parley, deployment)
+    async with delivering(parley, sender):
+        await wait_for(lambda: asyncio.sleep(0, len(sender.sent) >= 2), TIMEOUT_S, "the good one's two POSTs")
+
+        async def failed_twice() -> bool:
+            return len(await deliveries(parley, bad.id)) >= 2
+
+        await wait_for(failed_twice, TIMEOUT_S, "the bad one's two failures")
+    assert {url for url, _, _ in sender.sent} == {"http://good/"}
+    failed = [(d["attempt"], d["outcome"], d["error"]) for d in await deliveries(parley, bad.id)]
+    assert failed == [(1, "failed", "the subscription's secret is not base64: rotate it")] * 2
+    assert len(await deliveries(parley, good.id)) == 2
