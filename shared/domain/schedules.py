@@ -71,12 +71,25 @@ def check(cron: str, timezone: str, now: datetime, min_interval_s: float) -> Non
         )
 
 
+_FOLD_TICKS = 3_600
+"""How many ticks of a repeated hour `next_tick` passes over at most: one a second for an hour."""
+
+
 def next_tick(cron: str, timezone: str, since: datetime) -> datetime | None:
-    """The first tick after `since` (UTC), None if there is none."""
+    """The first tick after `since` (UTC), None if there is none.
+
+    In the hour a zone repeats (daylight saving time ends), a time of a fixed hour ticks once, on the hour's first
+    pass, as cron does: from a `since` in the second pass CronSim answers that first-pass tick, before `since`, so
+    those are passed over (else a schedule set then would show a past tick and never take another)."""
     try:
-        return next(CronSim(cron, since.astimezone(zone(timezone)))).astimezone(UTC)
+        ticks = CronSim(cron, since.astimezone(zone(timezone)))
+        for _ in range(_FOLD_TICKS + 1):
+            tick = next(ticks).astimezone(UTC)
+            if tick > since:
+                return tick
     except (CronSimError, StopIteration, Invalid):
         return None
+    return None
 
 
 def due(cron: str, timezone: str, since: datetime, now: datetime, grace: timedelta) -> Due | None:
