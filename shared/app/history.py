@@ -15,7 +15,15 @@ import msgspec
 from shared.app.ports import Appended, ChatJobs, LogAdmin, PurgeConflict
 from shared.app.service import SessionService
 from shared.domain.commands import DeleteSession
-from shared.domain.errors import HasForks, Invalid, InvalidImport, NotFound, SessionExists, VersionConflict
+from shared.domain.errors import (
+    Contention,
+    HasForks,
+    Invalid,
+    InvalidImport,
+    NotFound,
+    SessionExists,
+    VersionConflict,
+)
 from shared.domain.events import SCHEMA_VERSION, Event, SessionDeleted, SessionPurged, SessionPurgedData
 from shared.domain.ids import parse_uuid, uuid7
 from shared.domain.state import SessionState, fold
@@ -147,7 +155,7 @@ async def purge(
             except PurgeConflict:
                 await _no_readers(admin, session_id)  # a fork made since the check above; else it is gone: again
         else:
-            raise RuntimeError(f"session {session_id} kept changing while being purged")
+            raise Contention(f"session {session_id} kept changing while being purged; retry")
     elif expected_version is not None and expected_version != before.version:
         raise VersionConflict(f"the session is at version {before.version}, not {expected_version}")
     if end_chats is not None:
@@ -172,7 +180,7 @@ async def purge(
             continue
         service.forget(tenant, session_id)
         return deleted_at
-    raise RuntimeError(f"session {session_id} kept changing while being purged")
+    raise Contention(f"session {session_id} kept changing while being purged; retry")
 
 
 async def _no_readers(admin: LogAdmin, session_id: str) -> None:

@@ -11,6 +11,7 @@ multitask policy; one they refuse is recorded as skipped, not retried.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -22,13 +23,23 @@ from shared.app.ports import ReadModels
 from shared.app.service import Idempotency, SessionService
 from shared.domain import schedules
 from shared.domain.commands import CreateSchedule, DeleteSchedule, SkipTicks, Tick, UpdateSchedule
-from shared.domain.errors import ChatInProgress, Invalid, NotFound, QuotaExceeded, RateLimited, TickTaken
+from shared.domain.errors import (
+    ChatInProgress,
+    DomainError,
+    Invalid,
+    NotFound,
+    QuotaExceeded,
+    RateLimited,
+    TickTaken,
+)
 from shared.domain.events import Event
 from shared.domain.ids import uuid7
 from shared.domain.state import ScheduleState, SessionState
 from shared.domain.wire import ChatRequest, ChatTemplate, Schedule, ScheduleCreate, ScheduleList, SchedulePatch
 
 __all__ = ["Fired", "Scheduler", "Schedules", "resource"]
+
+log = logging.getLogger("parley.schedules")
 
 _TEMPLATE_FIELDS = ChatTemplate.__struct_fields__
 _SPEC_FIELDS = ScheduleCreate.__struct_fields__
@@ -176,6 +187,8 @@ class Scheduler:
                     done += await self.schedules.fire(entry.tenant, entry.session_id, now)
                 except NotFound:  # purged (or deleted before its projection): the index outlived it
                     await self.views.forget_due(p, entry.tenant, entry.session_id)
+                except DomainError as e:  # the session is too busy to write to now: its ticks stay due
+                    log.warning("schedules of session %s: %s; the next pass takes them", entry.session_id, e.message)
         return done
 
 

@@ -14,7 +14,7 @@ from shared import bootstrap
 from shared.app.schedules import Scheduler
 from shared.bootstrap import Parley
 from shared.domain.commands import SkipTicks, Tick
-from shared.domain.errors import Invalid, NotFound, TickTaken
+from shared.domain.errors import Contention, Invalid, NotFound, TickTaken
 from shared.domain.events import ChatRequested, ScheduleFired
 from shared.domain.wire import ChatRequest, MessageCreate, ScheduleCreate, SchedulePatch, SessionCreate
 from tests.app.conftest import Deployment, settings
@@ -206,3 +206,30 @@ async def test_a_scheduler_that_decided_on_a_stale_state_cannot_take_a_tick_agai
     with pytest.raises(TickTaken):
         await parley.chats.request("acme", sid, ChatRequest(), tick=Tick(schedule_id=s.id, at=late.at.replace(hour=23)))
     assert len(await parley.log.read(sid)) == head + 1  # the pause only
+
+
+async def test_a_session_too_busy_to_take_its_tick_now_is_left_for_the_next_pass(
+    parley: Parley, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session whose writers keep winning (`Contention`) must not end the scheduler's pass, nor its part (the
+    worker would exit, and the same session would end the next one): the others' ticks are taken, its own stays
+    due."""
+    clock, d = Clock(parley), Deployment(parley)
+    busy, calm = await session(parley), await session(parley)
+    for sid in (busy, calm):
+        await parley.schedules.create("acme", sid, every("* * * * *"))
+    await d.settle()
+    request = parley.chats.request
+
+    async def contended(tenant: str, sid: str, *args: object, **kwargs: object) -> object:
+        if sid == busy:
+            raise Contention(f"session {sid} has too many concurrent writers")
+        return await request(tenant, sid, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(parley.chats, "request", contended)
+    clock.later(seconds=30)
+    assert (await parley.scheduler.run_due()).runs == 1
+    assert [len(await fired(parley, sid)) for sid in (busy, calm)] == [0, 1]
+    monkeypatch.setattr(parley.chats, "request", request)
+    assert (await parley.scheduler.run_due()).runs == 1
+    assert [len(await fired(parley, sid)) for sid in (busy, calm)] == [1, 1]
