@@ -24,7 +24,7 @@ import msgspec
 
 from shared.app.ports import IdleCursor, ReadModels
 from shared.app.sessions import Sessions
-from shared.domain.errors import HasForks, NotFound, ProjectionLagging, VersionConflict
+from shared.domain.errors import Contention, HasForks, NotFound, ProjectionLagging, VersionConflict
 from shared.domain.retention import MIN_IDLE
 from shared.domain.wire import RetentionAction, Session
 
@@ -60,7 +60,7 @@ class Sweep(msgspec.Struct, kw_only=True):
     expired: list[Expired] = msgspec.field(default_factory=list)
     trimmed: list[Trimmed] = msgspec.field(default_factory=list)
     wrapped: bool = True
-    """Every partition's walks reached their end in this pass (the next one starts over, or goes on from there)."""
+    """Every partition's walks have reached their end since the round began (the next pass starts a new round)."""
 
 
 class RetentionSweeper:
@@ -80,6 +80,9 @@ class RetentionSweeper:
         self._cursors: dict[int, IdleCursor] = {}
         self._trim_cursors: dict[int, IdleCursor] = {}
         """Where each partition's trim walk goes on from."""
+        self._ended: set[tuple[str, int]] = set()
+        """The walks ("expiry", "trim") of partitions that reached their end in this round: they wait for the others
+        (a walk started over meanwhile would name its sessions again in the same round, a dry run's list too)."""
 
     async def sweep(self, dry_run: bool = False, tenant: str | None = None) -> Sweep:
         """One bounded pass over every partition. `dry_run`: say what would go, change nothing. `tenant`: only
@@ -88,12 +91,15 @@ class RetentionSweeper:
         until_ms = int((now - MIN_IDLE).timestamp() * 1000)
         out = Sweep()
         for p in range(self.partitions):
+            if ("expiry", p) in self._ended:
+                continue
             page = await self.views.idle(p, until_ms, self._cursors.get(p), self.batch)
             if len(page) == self.batch:
                 self._cursors[p] = page[-1]
                 out.wrapped = False
             else:
                 self._cursors.pop(p, None)
+                self._ended.add(("expiry", p))
             for entry in page:
                 if tenant is not None and entry.tenant != tenant:
                     continue
@@ -125,17 +131,22 @@ class RetentionSweeper:
                     )
                 )
         await self._trim(out, dry_run, tenant)
+        if out.wrapped:  # the round is over: the next pass starts every walk over
+            self._ended.clear()
         return out
 
     async def _trim(self, out: Sweep, dry_run: bool, tenant: str | None) -> None:
         until_ms = int((self.clock() - TRIM_SETTLE_S) * 1000)
         for p in range(self.partitions):
+            if ("trim", p) in self._ended:
+                continue
             page = await self.views.idle(p, until_ms, self._trim_cursors.get(p), self.batch)
             if len(page) == self.batch:
                 self._trim_cursors[p] = page[-1]
                 out.wrapped = False
             else:
                 self._trim_cursors.pop(p, None)
+                self._ended.add(("trim", p))
             for entry in page:
                 if tenant is not None and entry.tenant != tenant:
                     continue
@@ -155,7 +166,7 @@ class RetentionSweeper:
     async def _remove(self, tenant: str, session_id: str, version: int, action: RetentionAction) -> bool:
         try:
             await self.sessions.delete(tenant, session_id, version, purge=action == "purge")
-        except (VersionConflict, NotFound):  # it changed, or went, since it was read: a later pass decides
+        except (VersionConflict, NotFound, Contention):  # it changed, went, or is busy: a later pass decides
             return False
         except HasForks:  # its forks read its history: it is not erased before they are
             return False

@@ -11,7 +11,7 @@ import pytest
 
 from shared.app.retention import RetentionSweeper
 from shared.bootstrap import Parley
-from shared.domain.errors import NotFound
+from shared.domain.errors import Contention, NotFound
 from shared.domain.wire import MessageCreate, Retention, SessionCreate, SessionPatch
 from tests.app.conftest import Deployment
 
@@ -193,3 +193,41 @@ def test_a_retention_needs_idle_days_or_keep_messages() -> None:
         with pytest.raises(msgspec.ValidationError):
             msgspec.convert({"retention": body}, SessionCreate)
     assert msgspec.convert({"retention": {"keep_messages": 5}}, SessionCreate).retention == Retention(keep_messages=5)
+
+
+async def test_a_round_names_each_session_once_however_far_apart_its_walks_end(parley: Parley) -> None:
+    """The trim walk reaches more sessions than the expiry walk (a minute idle, not a day), so it ends later; the
+    expiry walk must not start over meanwhile, or `parley retention run --dry-run` lists a session several times."""
+    clock = Clock().drive(parley)
+    d = Deployment(parley)
+    expired = await session(parley, retention=Retention(idle_days=1))
+    clock.days_later(1.5)
+    for _ in range(12):  # a minute old by the sweep: only the trim walk reaches them
+        await session(parley)
+    await d.project()
+    clock.days_later(0.01)
+    sweeper = RetentionSweeper(parley.sessions, parley.views, parley.settings.partitions, batch=2, clock=clock)
+    dry = await sweep_all(sweeper, dry_run=True)
+    assert [e.session_id for e in dry] == [expired]
+    assert [e.session_id for e in await sweep_all(sweeper, dry_run=True)] == [expired]  # the next round: again once
+
+
+async def test_a_session_too_busy_to_remove_now_is_left_for_a_later_pass(
+    parley: Parley, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Contention` (its writers keep winning, or a purge it kept changing under) must not end the sweeper's part."""
+    clock = Clock().drive(parley)
+    sid = await session(parley, retention=Retention(idle_days=1))
+    await Deployment(parley).project()
+    clock.days_later(1.5)
+
+    async def contended(*args: object, **kwargs: object) -> None:
+        raise Contention(f"session {sid} kept changing while being purged; retry")
+
+    delete = parley.sessions.delete
+    monkeypatch.setattr(parley.sessions, "delete", contended)
+    sweeper = RetentionSweeper(parley.sessions, parley.views, parley.settings.partitions, clock=clock)
+    assert [(e.session_id, e.done) for e in await sweep_all(sweeper)] == [(sid, False)]
+    monkeypatch.setattr(parley.sessions, "delete", delete)
+    assert [(e.session_id, e.done) for e in await sweep_all(sweeper)] == [(sid, True)]
+    assert await gone(parley, "acme", sid)
