@@ -36,17 +36,18 @@ class StrictBody(AbstractDTO[T], Generic[T]):
         if decoder is None:
             decoder = self._decoders[self.model_type] = msgspec.json.Decoder(self.model_type)
         try:
-            decoded = decoder.decode(value)
+            try:
+                decoded = decoder.decode(value)
+            except msgspec.ValidationError as e:
+                _check_syntax(value)  # a typed decode can fail on a field before it reaches a syntax error
+                raise SchemaMismatch(
+                    "the request body does not match the schema", [{"message": str(e), "source": "body"}]
+                ) from e
             _storable(decoded)
             _unique_keys(value)
             return decoded
-        except RecursionError as e:
+        except RecursionError as e:  # from the decode, or the syntax check after a typed field failed first
             raise SchemaMismatch("the request body is nested too deeply", [{"source": "body"}]) from e
-        except msgspec.ValidationError as e:
-            _check_syntax(value)  # a typed decode can fail on a field before it reaches a syntax error
-            raise SchemaMismatch(
-                "the request body does not match the schema", [{"message": str(e), "source": "body"}]
-            ) from e
         except msgspec.DecodeError as e:
             raise InvalidJson(f"the request body is not valid JSON: {e}") from e
 

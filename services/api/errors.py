@@ -109,6 +109,8 @@ def on_domain_error(_: Request, exc: DomainError) -> Response[ErrorBody]:
 
 def on_http_error(_: Request, exc: HTTPException) -> Response[ErrorBody]:
     status = exc.status_code
+    if isinstance(exc, ValidationException) and _no_body(exc.extra):
+        return error_response(400, "invalid_json", "the request body is empty: this endpoint takes a JSON body")
     if isinstance(exc, ValidationException) and exc.extra:  # query, path and header parameters
         return error_response(422, "validation_failed", "the request does not match the schema", _details(exc.extra))
     headers = dict(exc.headers or {})
@@ -132,6 +134,13 @@ def on_store_error(_: Request, exc: Exception) -> Response[ErrorBody]:
 def on_unexpected(_: Request, exc: Exception) -> Response[ErrorBody]:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal_error", "internal error")
+
+
+def _no_body(extra: object) -> bool:
+    """litestar's answer to an empty body where a handler takes one: its `data` argument is missing."""
+    return isinstance(extra, list) and any(
+        isinstance(item, dict) and item.get("key") == "data" and item.get("source") == "body" for item in extra
+    )
 
 
 def _details(extra: object) -> object:

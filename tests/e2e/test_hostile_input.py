@@ -197,3 +197,31 @@ def test_query_integers_are_decimal_digits_only(c, value):
     ]:
         r = c.get(path, params={name: value}, headers=ACME)
         assert_error(r, 422, "validation_failed")
+
+
+def test_a_body_nested_too_deeply_is_422_wherever_a_typed_field_meets_it_first(c):
+    """The decoder fails on the typed field before it reaches the nesting; the syntax check that follows must
+    still answer 422 (it raised RecursionError outside the handler that catches it: a 500)."""
+    s = create(c)
+    deep = "[" * 1000 + "]" * 1000
+    for path, body in [
+        ("/sessions", '{"agent_id":%s}' % deep),
+        (f"/sessions/{s['id']}/messages", '{"role":"user","content":%s}' % deep),
+        (f"/sessions/{s['id']}/chat/completions", '{"messages":%s}' % deep),
+        ("/webhooks", '{"url":"https://example.com/h","event_types":%s}' % deep),
+    ]:
+        r = c.post(path, content=body.encode(), headers={**ACME, **JSON})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "validation_failed", (path, r.text)
+    unchanged(c, s["id"], 1, 0)
+    assert c.get("/webhooks", headers=ACME).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/sessions/{sid}/messages", "/sessions/{sid}/chat", "/sessions/{sid}/chat/completions"]
+)
+def test_an_empty_body_where_one_is_required_says_so(c, path):
+    s = create(c)
+    r = c.post(path.format(sid=s["id"]), content=b"", headers={**ACME, **JSON})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+    assert "body is empty" in r.json()["error"]["message"] and "data" not in r.text
+    unchanged(c, s["id"], 1, 0)
