@@ -118,7 +118,9 @@ async def idempotency(request: Request[Any, Any, Any], key: str | None) -> Idemp
         return None
     if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise Invalid("Idempotency-Key must be 1 to 255 printable ASCII characters", {"header": "Idempotency-Key"})
-    return Idempotency.of(key, request.method, request.url.path, await request.body())
+    query = request.url.query  # DELETE and DELETE ?purge=true are different requests
+    target = f"{request.url.path}?{query}" if query else request.url.path
+    return Idempotency.of(key, request.method, target, await request.body())
 
 
 def json_response(

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from shared.app.ports import Appended, ChatJobs, LogAdmin, PurgeConflict
-from shared.app.service import SessionService
+from shared.app.service import Idempotency, SessionService
 from shared.domain.commands import DeleteSession
 from shared.domain.errors import (
     Contention,
@@ -49,6 +49,10 @@ _header = msgspec.json.Decoder(ExportHeader)
 _any = msgspec.json.Decoder()
 _msgpack = msgspec.msgpack.Encoder().encode
 _encode = msgspec.json.Encoder().encode
+
+
+class _Done(msgspec.Struct):
+    """What a purge's delete stores for its Idempotency-Key: that it was made (the purge's answer comes after)."""
 
 
 async def export_lines(admin: LogAdmin, session_id: str) -> AsyncIterator[bytes]:
@@ -137,20 +141,27 @@ async def purge(
     session_id: str,
     expected_version: int | None = None,
     end_chats: Callable[[SessionState], Awaitable[None]] | None = None,
+    idempotency: Idempotency | None = None,
 ) -> datetime:
     """Delete the session if it is live, then erase it, leaving a `SessionPurged` tombstone in the audit stream.
 
     `end_chats` runs between the two with the state before the delete: it tells whoever waits on the session's
-    chats that they ended, while their streams still exist. Answers when the session was deleted."""
+    chats that they ended, while their streams still exist. Answers when the session was deleted.
+
+    `idempotency` goes with the delete (a key used for another request is refused before anything changes; a
+    retry after a crash between the delete and the erase finishes the erase); the erase takes it away with the
+    session's other records, so a retry of a finished purge finds nothing (404)."""
     before = await service.log.load(tenant, session_id)
     if before is None:
         raise NotFound(f"session {session_id} not found")
+    if idempotency is not None and not before.exists:
+        await service.replayed(tenant, session_id, idempotency, _Done)  # IdempotencyKeyReused for another request
     await _no_readers(admin, session_id)
     if before.exists:  # refused while forks read it, and no fork is made after it: a 409 changes nothing
         command = DeleteSession(expected_version=expected_version, purge=True)
         for _ in range(8):
             try:
-                await service.execute(tenant, session_id, command, lambda s, e: None)
+                await service.execute(tenant, session_id, command, lambda s, e: _Done(), idempotency, _Done)
                 break
             except PurgeConflict:
                 await _no_readers(admin, session_id)  # a fork made since the check above; else it is gone: again
@@ -226,8 +237,14 @@ class History:
     async def import_(self, tenant: str, lines: Iterable[bytes]) -> list[tuple[str, int]]:
         return await import_sessions(self.service, self.admin, tenant, lines)
 
-    async def purge(self, tenant: str, session_id: str, expected_version: int | None = None) -> datetime:
-        return await purge(self.service, self.admin, tenant, session_id, expected_version, self.end_chats)
+    async def purge(
+        self,
+        tenant: str,
+        session_id: str,
+        expected_version: int | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> datetime:
+        return await purge(self.service, self.admin, tenant, session_id, expected_version, self.end_chats, idempotency)
 
     async def purge_all(
         self, tenant: str, session_ids: Iterable[str], purged: Callable[[str], None] = lambda sid: None

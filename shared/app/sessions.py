@@ -167,7 +167,7 @@ class Sessions:
         """Delete: the session leaves the read models, the log keeps `SessionDeleted`. `purge`: erase the log and
         everything derived from it too (a deleted session's as well), leaving a tombstone in the audit stream."""
         if purge:
-            deleted_at = await self.history.purge(tenant, sid, expected)
+            deleted_at = await self.history.purge(tenant, sid, expected, idem)
             return SessionDeletion(id=sid, deleted_at=deleted_at, purged=True)
 
         def deletion(_: SessionState, events: builtins.list[Event]) -> SessionDeletion:

@@ -225,3 +225,29 @@ def test_an_empty_body_where_one_is_required_says_so(c, path):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
     assert "body is empty" in r.json()["error"]["message"] and "data" not in r.text
     unchanged(c, s["id"], 1, 0)
+
+
+def test_a_purge_honours_its_idempotency_key_before_it_erases_anything(c):
+    """A key used for another request (a PATCH; a plain DELETE, which differs from a purge by its query only) is
+    refused with 422 and the session is not erased. The erase takes the session's keys with it: a retry of a
+    finished purge answers 404."""
+    s = create(c)
+    key = {"Idempotency-Key": "purge-1"}
+    assert c.patch(f"/sessions/{s['id']}", json={"agent_id": "x"}, headers={**ACME, **key}).status_code == 200
+    r = c.delete(f"/sessions/{s['id']}", params={"purge": "true"}, headers={**ACME, **key})
+    assert_error(r, 422, "idempotency_key_reused")
+    assert c.get(f"/sessions/{s['id']}", headers=ACME).json()["version"] == 2
+
+    other = {"Idempotency-Key": "purge-2"}
+    assert c.delete(f"/sessions/{s['id']}", headers={**ACME, **other}).status_code == 202
+    r = c.delete(f"/sessions/{s['id']}", params={"purge": "true"}, headers={**ACME, **other})
+    assert_error(r, 422, "idempotency_key_reused")
+    assert [e["type"] for e in c.get(f"/sessions/{s['id']}/events", headers=ACME).json()["items"]][
+        -1
+    ] == "SessionDeleted"
+
+    fresh = create(c)
+    again = {"Idempotency-Key": "purge-3"}
+    done = c.delete(f"/sessions/{fresh['id']}", params={"purge": "true"}, headers={**ACME, **again})
+    assert done.status_code == 202 and done.json()["purged"] is True
+    assert_error(c.delete(f"/sessions/{fresh['id']}", params={"purge": "true"}, headers={**ACME, **again}), 404)
