@@ -184,7 +184,8 @@ async def purge(
             data=SessionPurgedData(session_id=session_id, user_id=state.session.user_id, event_count=state.version),
         )
         try:
-            if not await admin.purge(tenant, session_id, state.version, tombstone):
+            parent = state.forked_from.session_id if state.forked_from is not None else None
+            if not await admin.purge(tenant, session_id, state.version, tombstone, parent):
                 raise NotFound(f"session {session_id} not found")
         except PurgeConflict:
             await _no_readers(admin, session_id)  # a fork made since the check above

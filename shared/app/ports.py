@@ -533,10 +533,12 @@ class LogAdmin(Protocol):
         """The copy-on-write forks that read this session's log (`shared.domain.fork`); purged ones left out."""
         ...
 
-    async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
+    async def purge(
+        self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged, forked_from: str | None = None
+    ) -> bool:
         """Erase the session and record `tombstone`, atomically. False: no such session for this tenant; raises
-        `PurgeConflict` if its version is not `expected` or a fork reads its log (`readers`), and a fork's purge
-        leaves its parent's readers."""
+        `PurgeConflict` if its version is not `expected` or a fork reads its log (`readers`). A fork's purge
+        (`forked_from`: its parent's id) leaves its parent's readers and its list of forks (`ReadModels.forks`)."""
         ...
 
     async def audit(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]: ...

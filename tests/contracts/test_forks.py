@@ -163,6 +163,19 @@ async def test_a_session_forks_read_is_not_purged_until_they_are(backend: Backen
     assert await admin.purge("acme", parent.id, deleted, tombstone(parent.id, deleted))
 
 
+async def test_a_purged_fork_leaves_its_parents_list_of_forks(backend: Backend) -> None:
+    """The list (`ReadModels.forks`) is a read model the fork's projection writes; the purge erases the fork's
+    entry too, or the list would grow for ever with ids of sessions that are gone."""
+    log, admin = backend.log, backend.admin
+    parent = await add(log, await create(log), "kept")
+    kept, _ = await fork(backend, parent)
+    gone, shown = await fork(backend, parent)
+    await project_all(backend.views, parent.id, kept, gone)
+    assert await backend.views.forks(parent.id) == [kept, gone]
+    assert await admin.purge("acme", gone, len(shown), tombstone(gone, len(shown)), parent.id)
+    assert await backend.views.forks(parent.id) == [kept]
+
+
 async def test_a_fork_of_another_tenants_or_a_shorter_parent_is_refused(backend: Backend) -> None:
     log = backend.log
     parent = await add(log, await create(log), "one")

@@ -108,7 +108,9 @@ class MemoryLogAdmin:
     async def readers(self, session_id: str) -> list[str]:
         return sorted(self.memory.readers.get(session_id, ()))
 
-    async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
+    async def purge(
+        self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged, forked_from: str | None = None
+    ) -> bool:
         m = self.memory
         head = m.head_of(tenant, session_id)
         if head is None:
@@ -120,6 +122,8 @@ class MemoryLogAdmin:
         if head.fork is not None:
             m.readers.get(head.fork[0], set()).discard(session_id)
         m.readers.pop(session_id, None)
+        if forked_from is not None and session_id in m.forks.get(forked_from, ()):
+            m.forks[forked_from].remove(session_id)
         p = m.partition(session_id)
         live = m.peek_generation(session_id, head.gen)
         seen = live.view.version if live is not None else 0

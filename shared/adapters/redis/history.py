@@ -148,7 +148,9 @@ class RedisHistory:
     async def readers(self, session_id: str) -> list[str]:
         return sorted(r.decode() for r in await self.redis.smembers(self.keys.readers(session_id)))
 
-    async def purge(self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged) -> bool:
+    async def purge(
+        self, tenant: str, session_id: str, expected: int, tombstone: SessionPurged, forked_from: str | None = None
+    ) -> bool:
         """Erase the session and record `tombstone`, atomically. False: no such session for this tenant."""
         k = self.keys
         sid = session_id
@@ -176,6 +178,7 @@ class RedisHistory:
                 k.search(p, tenant),
                 k.readers(sid),
                 k.readers(parent.decode() if parent else sid),
+                k.forks(p),
             ]
             for gen in (g, g + 1):  # the live generation, and one a killed rebuild may have left
                 keys += [k.view(sid, gen), k.messages(sid, gen), k.snapshots(sid, gen), k.mods(sid, gen)]
@@ -193,6 +196,7 @@ class RedisHistory:
                 json_encode(tombstone.data),
                 len(jobs),
                 len(records),
+                f"{forked_from}/{sid}" if forked_from is not None else "",
                 *jobs,
             ]
             reply = await PURGE(self.redis, keys, args)
