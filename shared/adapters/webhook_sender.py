@@ -57,6 +57,8 @@ class HttpWebhookSender:
             return "the URL must be http or https with a host", None
         if target.userinfo:
             return "the URL must not carry credentials", None
+        if target.port is not None and not 0 < target.port < 65536:  # 0 would connect to the scheme's own
+            return "the URL's port must be 1 to 65535", None
         try:
             port = target.port or (443 if target.scheme == "https" else 80)
             infos = await asyncio.wait_for(

@@ -229,12 +229,22 @@ class WebhookPayload(Struct, kw_only=True):
     """The event as `GET /sessions/{id}/events` shows it (its `id`, `version`, `occurred_at`, `data`)."""
 
 
+_NOT_GLOBAL = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("fec0::/10"))
+"""Not globally routable, yet `is_global` on Python 3.11 says they are: IETF protocol assignments (IANA), and
+IPv6's deprecated site-local addresses (RFC 3879)."""
+
+
 def address_refused(address: str) -> bool:
     """An address deliveries must not reach unless the deployment allows private ones: loopback, private,
-    link-local, shared (CGNAT), multicast, reserved, unspecified — anything not globally routable."""
+    link-local, shared (CGNAT), multicast, reserved, unspecified — anything not globally routable, an IPv4 address
+    written as IPv6 (mapped, or 6to4) as the IPv4 address it carries."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone (`fe80::1%eth0`) is link-local anyway
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    elif isinstance(ip, ipaddress.IPv6Address) and ip.sixtofour is not None:
+        ip = ip.sixtofour
+    if any(ip in network for network in _NOT_GLOBAL):
+        return True
     return (
         not ip.is_global
         or ip.is_private

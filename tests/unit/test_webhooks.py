@@ -71,13 +71,19 @@ def test_delivery_ids_are_stable_per_subscription_and_event():
         "::ffff:127.0.0.1",
         "::",
         "ff02::1",
+        "192.0.0.8",  # IETF protocol assignments
+        "fec0::1",  # IPv6 site-local (deprecated, never globally routed)
+        "2002:a00:1::1",  # 6to4 of 10.0.0.1
+        "2002:7f00:1::1",  # 6to4 of 127.0.0.1
     ],
 )
 def test_private_addresses_are_refused(address: str):
     assert address_refused(address)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111"])
+@pytest.mark.parametrize(
+    "address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "2002:5db8:d822::1"]  # 6to4 of a public one
+)
 def test_public_addresses_pass(address: str):
     assert not address_refused(address)
 
@@ -91,6 +97,8 @@ def test_the_sender_refuses_private_hosts_unless_allowed():
             assert "private" in (await strict.vet("http://[::1]:9/hook") or "")
             assert await strict.vet("ftp://example.com/") is not None
             assert await strict.vet("http://user:pw@127.0.0.1/") is not None
+            for port in (0, 65536, 99999, -1):  # 0 would have connected to the scheme's own port
+                assert "port" in (await lax.vet(f"https://93.184.216.34:{port}/h") or ""), port
             assert await lax.vet("http://127.0.0.1:9/hook") is None
             sent = await strict.send("http://127.0.0.1:9/hook", {}, b"{}")
             assert sent.status_code is None and "private" in (sent.error or "")
