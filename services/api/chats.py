@@ -98,7 +98,7 @@ class ChatController(Controller):
         chats = api(request).parley.chats
         done = await chats.request(tenant, sid, data, await idempotency(request, idempotency_key))
         job = done.job
-        if (prefer and "respond-async" in prefer.lower()) or job.run_at is not None:  # scheduled: nothing to wait for
+        if _respond_async(prefer) or job.run_at is not None:  # scheduled: nothing to wait for
             return json_response(_encode(job), 202, {"Location": f"/sessions/{sid}/chats/{job.id}"})
         if data.stream:
             return await _sse(request, chats, sid, job.id, "0-0")  # type: ignore[return-value]
@@ -203,3 +203,11 @@ async def _sse(request: Request[Any, Any, Any], chats: Chats, sid: str, job_id: 
                         return
 
     return await open_stream(request, frames(), retry_ms=RETRY_MS)
+
+
+def _respond_async(prefer: str | None) -> bool:
+    """`Prefer` names the `respond-async` preference (RFC 7240: comma-separated preferences, each a token with an
+    optional value and parameters; tokens are case-insensitive), not merely contains the text."""
+    if not prefer:
+        return False
+    return any(p.split(";", 1)[0].split("=", 1)[0].strip().lower() == "respond-async" for p in prefer.split(","))
