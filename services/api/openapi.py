@@ -176,6 +176,8 @@ def _finish_operation(path: str, method: str, op: dict[str, Any]) -> None:
         if status.startswith("2"):
             headers = response.setdefault("headers", {})
             headers.update({h: {"$ref": f"#/components/headers/{h}"} for h in ("RateLimit-Policy", "RateLimit")})
+    if "204" in responses:  # no content, by definition (litestar writes a `null` JSON body for `Response[None]`)
+        responses["204"].pop("content", None)
     _success_headers(path, method, responses)
     _streams(path, method, responses)
 

@@ -579,6 +579,10 @@ def test_the_openapi_document_has_every_schema_and_path(c):
     assert {"get", "post"} <= paths["/sessions/{id}/messages"]
     assert "get" in paths["/sessions/{id}/tools"]
     assert "get" in paths["/health"] and "get" in paths["/ready"]
+    no_content = [
+        ops[m]["responses"]["204"] for ops in doc["paths"].values() for m in ops if "204" in ops[m]["responses"]
+    ]
+    assert len(no_content) >= 4 and all("content" not in r for r in no_content)  # a 204 has no body, by definition
 
 
 def test_an_openai_message_names_on_every_role_the_fields_only_some_roles_take(c):
