@@ -275,7 +275,14 @@ class Sessions:
         current = await self.message(tenant, sid, message_id)
         content: Content | None = current.content if patch.content is msgspec.UNSET else patch.content
         command = EditMessage(message=current, content=content, name=patch.name)
-        return await self.service.execute(tenant, sid, command, _edited, idem, Message)
+
+        def edited(_: SessionState, events: builtins.list[Event]) -> Message:
+            if not events:  # it changes nothing: nothing was written
+                return current
+            assert isinstance(events[0], MessageEdited)
+            return events[0].data
+
+        return await self.service.execute(tenant, sid, command, edited, idem, Message)
 
     async def remove_message(self, tenant: str, sid: str, message_id: str, idem: Idempotency | None = None) -> Message:
         current = await self.message(tenant, sid, message_id)
@@ -359,7 +366,3 @@ def _added(_: SessionState, events: list[Event]) -> Message:
     return event.data
 
 
-def _edited(_: SessionState, events: list[Event]) -> Message:
-    event = events[0]
-    assert isinstance(event, MessageEdited)
-    return event.data

@@ -99,8 +99,10 @@ class WebhookSubscriptions:
             url=sub.url if patch.url is None else patch.url,
             event_types=sub.event_types if patch.event_types is None else list(dict.fromkeys(patch.event_types)),
             active=sub.active if patch.active is None else patch.active,
-            updated_at=datetime.fromtimestamp(self.clock(), UTC),
         )
+        if changed == sub:  # a patch that changes nothing records nothing
+            return sub.resource()
+        changed = msgspec.structs.replace(changed, updated_at=datetime.fromtimestamp(self.clock(), UTC))
         what = {f: getattr(patch, f) for f in ("url", "event_types", "active") if getattr(patch, f) is not None}
         if not await self.webhooks.update(changed, self._change("WebhookUpdated", changed, **what)):
             raise NotFound(f"webhook {sub_id} not found")

@@ -426,6 +426,8 @@ def _amend(state: SessionState, version: int, command: Amendment, stamp: Stamp, 
         data = MessageRemovedData(message_id=m.id, seq=m.seq, tool_call_ids=calls)
         return [MessageRemoved(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=data)]
     name = m.name if command.name is UNSET else command.name
+    if command.content == m.content and name == m.name:  # an edit that changes nothing records nothing
+        return []
     _check_message(
         MessageCreate(
             role=m.role, content=command.content, name=name, tool_call_id=m.tool_call_id, tool_calls=m.tool_calls

@@ -72,6 +72,23 @@ async def test_messages_are_added_edited_removed_and_read_as_they_were(parley: P
         await s.messages("acme", session.id, 10, 0, version=99)
 
 
+async def test_an_edit_that_changes_nothing_writes_nothing(parley: Parley) -> None:
+    s = parley.sessions
+    session, _ = await s.create("acme", SessionCreate())
+    m = await s.add_message("acme", session.id, MessageCreate(role="user", content="same", name="ann"))
+    for patch in (
+        MessagePatch(),
+        MessagePatch(content="same"),
+        MessagePatch(name="ann"),
+        MessagePatch(content="same", name="ann"),
+    ):
+        assert await s.edit_message("acme", session.id, m.id, patch) == m
+    assert (await parley.log.load("acme", session.id)).version == 2  # type: ignore[union-attr]
+    edited = await s.edit_message("acme", session.id, m.id, MessagePatch(name=None))
+    assert edited.name is None and edited.edited_at is not None
+    assert (await parley.log.load("acme", session.id)).version == 3  # type: ignore[union-attr]
+
+
 async def test_a_deleted_session_is_gone_from_reads_but_its_log_stays(parley: Parley) -> None:
     s = parley.sessions
     session, _ = await s.create("acme", SessionCreate())

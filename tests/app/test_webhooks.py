@@ -270,3 +270,19 @@ async def test_a_stored_secret_that_cannot_sign_fails_its_deliveries_and_the_del
     failed = [(d["attempt"], d["outcome"], d["error"]) for d in await deliveries(parley, bad.id)]
     assert failed == [(1, "failed", "the subscription's secret is not base64: rotate it")] * 2
     assert len(await deliveries(parley, good.id)) == 2
+
+
+async def test_a_patch_that_changes_nothing_records_nothing(parley: Parley):
+    subs = WebhookSubscriptions(parley.webhooks, Sender())
+    hook = await subs.create("acme", WebhookCreate(url="http://h/", event_types=["SessionCreated"]))
+    created = await subs.get("acme", hook.id)
+    for patch in (
+        WebhookPatch(),
+        WebhookPatch(url="http://h/", active=True),
+        WebhookPatch(event_types=["SessionCreated"]),
+    ):
+        assert await subs.update("acme", hook.id, patch) == created
+    assert len((await subs.changes("acme", None, 100))[0]) == 1  # WebhookCreated alone
+    paused = await subs.update("acme", hook.id, WebhookPatch(active=False))
+    assert not paused.active and paused.updated_at > created.updated_at
+    assert len((await subs.changes("acme", None, 100))[0]) == 2
