@@ -700,8 +700,10 @@ class Webhooks(Protocol):
 
     async def load(self, sub_id: str) -> tuple[Subscription, Cursor] | None: ...
 
-    async def update(self, sub: Subscription, change: bytes) -> bool:
-        """Store the subscription's new fields (its cursor stays); False: it was deleted meanwhile."""
+    async def update(self, sub: Subscription, change: bytes, was: datetime) -> bool | None:
+        """Store the subscription's new fields (its cursor stays) iff it is still as it was when read (its
+        `updated_at` is `was`: every change moves it on); None: it changed meanwhile (read it again and redo the
+        change); False: it was deleted."""
         ...
 
     async def delete(self, tenant: str, sub_id: str, change: bytes) -> bool:

@@ -364,5 +364,3 @@ def _added(_: SessionState, events: list[Event]) -> Message:
     event = events[0]
     assert isinstance(event, MessageAdded)
     return event.data
-
-

@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from shared.app.ports import LogAdmin, Webhooks, WebhookSender
-from shared.domain.errors import Invalid, NotFound, WebhookUrlRefused
+from shared.domain.errors import Contention, Invalid, NotFound, WebhookUrlRefused
 from shared.domain.ids import uuid7
 from shared.domain.webhooks import (
     ChangeType,
@@ -55,6 +55,8 @@ from shared.domain.webhooks import (
 __all__ = ["DeliveryPolicy", "WebhookDeliverer", "WebhookSubscriptions"]
 
 log = logging.getLogger("parley.webhooks")
+MAX_CHANGE_ATTEMPTS = 8
+"""Times a change of a subscription is redone when another change came in between."""
 _CURSOR = re.compile(r"[0-9]{1,19}-[0-9]{1,19}")
 _encode = msgspec.json.Encoder().encode
 
@@ -91,21 +93,21 @@ class WebhookSubscriptions:
         return (await self._sub(tenant, sub_id)).resource()
 
     async def update(self, tenant: str, sub_id: str, patch: WebhookPatch) -> Webhook:
-        sub = await self._sub(tenant, sub_id)
-        if patch.url is not None and patch.url != sub.url:
-            await self._vet(patch.url)
-        changed = msgspec.structs.replace(
-            sub,
-            url=sub.url if patch.url is None else patch.url,
-            event_types=sub.event_types if patch.event_types is None else list(dict.fromkeys(patch.event_types)),
-            active=sub.active if patch.active is None else patch.active,
-        )
-        if changed == sub:  # a patch that changes nothing records nothing
-            return sub.resource()
-        changed = msgspec.structs.replace(changed, updated_at=datetime.fromtimestamp(self.clock(), UTC))
+        if patch.url is not None:
+            sub = await self._sub(tenant, sub_id)
+            if patch.url != sub.url:
+                await self._vet(patch.url)
         what = {f: getattr(patch, f) for f in ("url", "event_types", "active") if getattr(patch, f) is not None}
-        if not await self.webhooks.update(changed, self._change("WebhookUpdated", changed, **what)):
-            raise NotFound(f"webhook {sub_id} not found")
+
+        def patched(sub: Subscription) -> Subscription:
+            return msgspec.structs.replace(
+                sub,
+                url=sub.url if patch.url is None else patch.url,
+                event_types=sub.event_types if patch.event_types is None else list(dict.fromkeys(patch.event_types)),
+                active=sub.active if patch.active is None else patch.active,
+            )
+
+        changed = await self._change_sub(tenant, sub_id, patched, lambda s: self._change("WebhookUpdated", s, **what))
         _changed("updated", changed, url=changed.url, event_types=changed.event_types, active=changed.active)
         return changed.resource()
 
@@ -121,19 +123,24 @@ class WebhookSubscriptions:
 
     async def rotate_secret(self, tenant: str, sub_id: str, body: SecretRotation) -> WebhookCreated:
         """A new signing secret; the old one signs deliveries too for `previous_valid_s` more."""
-        sub = await self._sub(tenant, sub_id)
-        now = datetime.fromtimestamp(self.clock(), UTC)
-        until = now + timedelta(seconds=body.previous_valid_s)
-        rotated = msgspec.structs.replace(
-            sub,
-            secret=body.secret or new_secret(),
-            previous_secret=sub.secret if body.previous_valid_s else None,
-            previous_until=until if body.previous_valid_s else None,
-            updated_at=now,
+        secret = body.secret or new_secret()
+
+        def rotate(sub: Subscription) -> Subscription:
+            until = datetime.fromtimestamp(self.clock(), UTC) + timedelta(seconds=body.previous_valid_s)
+            return msgspec.structs.replace(
+                sub,
+                secret=secret,
+                previous_secret=sub.secret if body.previous_valid_s else None,
+                previous_until=until if body.previous_valid_s else None,
+            )
+
+        rotated = await self._change_sub(
+            tenant,
+            sub_id,
+            rotate,
+            lambda s: self._change("WebhookSecretRotated", s, previous_until=s.previous_until),
+            always=True,
         )
-        change = self._change("WebhookSecretRotated", rotated, previous_until=rotated.previous_until)
-        if not await self.webhooks.update(rotated, change):
-            raise NotFound(f"webhook {sub_id} not found")
         _changed("secret rotated", rotated, previous_until=str(rotated.previous_until))
         return WebhookCreated(**msgspec.structs.asdict(rotated.resource()), secret=rotated.secret)
 
@@ -156,6 +163,33 @@ class WebhookSubscriptions:
         at = datetime.fromtimestamp(self.clock(), UTC)
         data = WebhookChangeData(webhook_id=sub.id, **fields)
         return _encode(WebhookChange(type=kind, id=uuid7(), occurred_at=at, data=data))
+
+    async def _change_sub(
+        self,
+        tenant: str,
+        sub_id: str,
+        change: Callable[[Subscription], Subscription],
+        record: Callable[[Subscription], bytes],
+        always: bool = False,
+    ) -> Subscription:
+        """Apply `change` to the subscription as stored and store it, unless another change came in between: then
+        read it again and apply `change` to that (a rotation and a pause made at once both stick). A change that
+        changes nothing stores nothing, unless `always`."""
+        for _ in range(MAX_CHANGE_ATTEMPTS):
+            sub = await self._sub(tenant, sub_id)
+            changed = change(sub)
+            if changed == sub and not always:
+                return sub
+            now = datetime.fromtimestamp(self.clock(), UTC)
+            # updated_at is the version the store compares: it moves on with every change, even within a microsecond
+            changed = msgspec.structs.replace(changed, updated_at=max(now, sub.updated_at + timedelta(microseconds=1)))
+            done = await self.webhooks.update(changed, record(changed), sub.updated_at)
+            if done is None:
+                continue
+            if not done:
+                raise NotFound(f"webhook {sub_id} not found")
+            return changed
+        raise Contention(f"webhook {sub_id} kept changing; retry")
 
     async def _sub(self, tenant: str, sub_id: str) -> Subscription:
         sub = await self.webhooks.get(tenant, sub_id)

@@ -256,7 +256,7 @@ async def test_a_stored_secret_that_cannot_sign_fails_its_deliveries_and_the_del
     loaded = await parley.webhooks.load(bad.id)
     assert loaded is not None
     broken = msgspec.structs.replace(loaded[0], secret="whsec_" + "A" * 22)
-    assert await parley.webhooks.update(broken, msgspec.json.encode({"type": "WebhookUpdated"}))
+    assert await parley.webhooks.update(broken, msgspec.json.encode({"type": "WebhookUpdated"}), broken.updated_at)
     await session(parley, deployment)
     await session(parley, deployment)
     async with delivering(parley, sender):
@@ -286,3 +286,23 @@ async def test_a_patch_that_changes_nothing_records_nothing(parley: Parley):
     paused = await subs.update("acme", hook.id, WebhookPatch(active=False))
     assert not paused.active and paused.updated_at > created.updated_at
     assert len((await subs.changes("acme", None, 100))[0]) == 2
+
+
+async def test_a_secret_rotation_and_a_pause_made_at_once_both_stick(real_redis) -> None:
+    """Each change is decided on the subscription as read and stored only if it is still so (else read again and
+    redone): before, the rotation could answer a new secret while the pause, written after it from an older read,
+    put the leaked one back."""
+    from shared.adapters.redis.keys import Keys
+    from shared.adapters.redis.webhooks import RedisWebhooks
+
+    hooks = RedisWebhooks(real_redis, Keys(4))
+    subs = WebhookSubscriptions(hooks, Sender())
+    for _ in range(10):
+        hook = await subs.create("acme", WebhookCreate(url="http://h/", event_types=["SessionCreated"]))
+        rotated, _ = await asyncio.gather(
+            subs.rotate_secret("acme", hook.id, SecretRotation(previous_valid_s=0)),
+            subs.update("acme", hook.id, WebhookPatch(active=False)),
+        )
+        loaded = await hooks.load(hook.id)
+        assert loaded is not None
+        assert loaded[0].active is False and loaded[0].secret == rotated.secret != hook.secret

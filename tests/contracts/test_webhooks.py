@@ -5,7 +5,7 @@ starts a new one), capped delivery lists, and one lease holder at a time."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
@@ -49,8 +49,13 @@ async def test_subscriptions_belong_to_their_tenant(backend: Backend) -> None:
     assert [s.id for s in await hooks.of("globex")] == [theirs.id]
     assert sorted(await hooks.ids()) == sorted([first.id, second.id, theirs.id])
 
-    changed = msgspec.structs.replace(first, url="http://example.org/other", active=False)
-    assert await hooks.update(changed, b"{}")
+    later = first.updated_at + timedelta(seconds=1)
+    changed = msgspec.structs.replace(first, url="http://example.org/other", active=False, updated_at=later)
+    assert await hooks.update(changed, b"{}", first.updated_at) is True
+    assert await hooks.get("acme", first.id) == changed
+    # a change decided on the subscription as it was before: refused, so it cannot undo the one in between
+    stale = msgspec.structs.replace(first, secret=new_secret(), updated_at=later + timedelta(seconds=1))
+    assert await hooks.update(stale, b"{}", first.updated_at) is None
     assert await hooks.get("acme", first.id) == changed
 
     assert not await hooks.delete("globex", first.id, b"{}")  # not theirs
@@ -58,7 +63,7 @@ async def test_subscriptions_belong_to_their_tenant(backend: Backend) -> None:
     assert await hooks.delete("acme", first.id, b"{}")
     assert not await hooks.delete("acme", first.id, b"{}")
     assert await hooks.get("acme", first.id) is None and await hooks.load(first.id) is None
-    assert not await hooks.update(changed, b"{}")  # deleted meanwhile: not brought back
+    assert await hooks.update(changed, b"{}", changed.updated_at) is False  # deleted meanwhile: not brought back
     assert await hooks.get("acme", first.id) is None
     assert first.id not in await hooks.ids()
 
@@ -156,12 +161,13 @@ async def test_changes_are_recorded_with_them_and_paged(backend: Backend) -> Non
     hooks = backend.webhooks
     sub = subscription()
     await hooks.create(sub, b'{"n":1}')
-    assert await hooks.update(sub, b'{"n":2}')
+    assert await hooks.update(sub, b'{"n":2}', sub.updated_at)
+    assert await hooks.update(sub, b'{"n":"no"}', sub.updated_at - timedelta(seconds=1)) is None  # not recorded
     assert await hooks.replay("acme", sub.id, "0-0", b'{"n":3}')
     assert not await hooks.replay("globex", sub.id, "0-0", b'{"n":"no"}')  # refused: not recorded
     assert not await hooks.delete("globex", sub.id, b'{"n":"no"}')
     assert await hooks.delete("acme", sub.id, b'{"n":4}')
-    assert not await hooks.update(sub, b'{"n":"no"}')  # deleted: not recorded
+    assert await hooks.update(sub, b'{"n":"no"}', sub.updated_at) is False  # deleted: not recorded
     assert await hooks.changes("globex", None, 10) == ([], None)
     first, cursor = await hooks.changes("acme", None, 3)
     assert first == [b'{"n":1}', b'{"n":2}', b'{"n":3}'] and cursor is not None

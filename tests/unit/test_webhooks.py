@@ -82,7 +82,8 @@ def test_private_addresses_are_refused(address: str):
 
 
 @pytest.mark.parametrize(
-    "address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "2002:5db8:d822::1"]  # 6to4 of a public one
+    "address",
+    ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "2002:5db8:d822::1"],  # 6to4 of a public one
 )
 def test_public_addresses_pass(address: str):
     assert not address_refused(address)

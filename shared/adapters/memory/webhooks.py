@@ -3,6 +3,8 @@ its epoch, deleted subscriptions keep no deliveries, one lease holder at a time 
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import msgspec
 
 from shared.adapters.memory.store import Memory, Stream, entry_text, parse_entry_id
@@ -48,10 +50,12 @@ class MemoryWebhooks:
         cursor = Cursor(epoch=record["epoch"], start=record["start"], partitions=dict(record["cursors"]))
         return _decode(record["sub"]), cursor
 
-    async def update(self, sub: Subscription, change: bytes) -> bool:
+    async def update(self, sub: Subscription, change: bytes, was: datetime) -> bool | None:
         record = self.memory.webhooks.get(sub.id)
         if record is None:
             return False
+        if _decode(record["sub"]).updated_at != was:
+            return None
         record["sub"] = _encode(sub)
         self._changed(sub.tenant, change)
         return True

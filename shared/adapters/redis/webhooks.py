@@ -3,6 +3,7 @@ change is one script in one slot; the outbox they read is the partitions' own st
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -63,9 +64,10 @@ class RedisWebhooks:
         cursor = Cursor(epoch=int(fields[b"epoch"]), start=fields[b"start"].decode(), partitions=partitions)
         return _decode(fields[b"j"]), cursor
 
-    async def update(self, sub: Subscription, change: bytes) -> bool:
+    async def update(self, sub: Subscription, change: bytes, was: datetime) -> bool | None:
         keys = [self.keys.webhook(sub.id), self.keys.webhook_changes(sub.tenant)]
-        return bool(await WEBHOOK_UPDATE(self.redis, keys, [_encode(sub), change]))
+        done = int(await WEBHOOK_UPDATE(self.redis, keys, [_encode(sub), change, _encode(was)[1:-1]]))
+        return None if done == -1 else bool(done)
 
     async def delete(self, tenant: str, sub_id: str, change: bytes) -> bool:
         k = self.keys
