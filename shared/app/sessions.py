@@ -8,6 +8,7 @@ encodes; reads answer the read models' pre-encoded JSON, fresh as of the read's 
 from __future__ import annotations
 
 import builtins
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ from shared.domain.commands import (
     RemoveMessage,
     UpdateSession,
 )
-from shared.domain.errors import Invalid, NotFound, VersionNotFound
+from shared.domain.errors import Contention, Invalid, MessageChanged, NotFound, VersionNotFound
 from shared.domain.events import Event, MessageAdded, MessageEdited, MessageRemoved
 from shared.domain.fork import MAX_CHAIN
 from shared.domain.retention import with_expiry
@@ -49,6 +50,9 @@ from shared.domain.wire import (
 )
 
 __all__ = ["EventsPage", "Sessions"]
+
+MAX_EDIT_ATTEMPTS = 8
+"""Times an edit reads its message again because the session changed meanwhile."""
 
 _encode = msgspec.json.Encoder().encode
 _message = msgspec.json.Decoder(Message)
@@ -258,13 +262,19 @@ class Sessions:
 
     async def message(self, tenant: str, sid: str, message_id: str) -> Message:
         """One message as it is now (not a removed one; one a retention hides from the list is still found)."""
+        return (await self._message_at(tenant, sid, message_id))[0]
+
+    async def _message_at(self, tenant: str, sid: str, message_id: str) -> tuple[Message, int]:
+        """The message, and the session's version its read model was at when it was read."""
         offset = 0
         while True:  # pages of the conversation: a message is found by its id, never across sessions
-            page = await self._messages(tenant, sid, 1000, offset, None)
+            page_at = functools.partial(self.views.messages, tenant, sid, 1000, offset, keep_messages=None)
+            view = await self.service.read(sid, page_at)
+            page = view.items or []
             for raw in page:
                 m = _message.decode(raw)
                 if m.id == message_id:
-                    return m
+                    return m, view.version
             if len(page) < 1000:
                 raise NotFound(f"message {message_id} not found")
             offset += 1000
@@ -272,17 +282,24 @@ class Sessions:
     async def edit_message(
         self, tenant: str, sid: str, message_id: str, patch: MessagePatch, idem: Idempotency | None = None
     ) -> Message:
-        current = await self.message(tenant, sid, message_id)
-        content: Content | None = current.content if patch.content is msgspec.UNSET else patch.content
-        command = EditMessage(message=current, content=content, name=patch.name)
+        """The patch applies to the message as it is when written: one read before a change of the session made
+        meanwhile (another edit of it, say) is read again, so two edits of its fields made at once both stick."""
+        for _ in range(MAX_EDIT_ATTEMPTS):
+            current, read_at = await self._message_at(tenant, sid, message_id)
+            content: Content | None = current.content if patch.content is msgspec.UNSET else patch.content
+            command = EditMessage(message=current, content=content, name=patch.name, read_at=read_at)
 
-        def edited(_: SessionState, events: builtins.list[Event]) -> Message:
-            if not events:  # it changes nothing: nothing was written
-                return current
-            assert isinstance(events[0], MessageEdited)
-            return events[0].data
+            def edited(_: SessionState, events: builtins.list[Event], current: Message = current) -> Message:
+                if not events:  # it changes nothing: nothing was written
+                    return current
+                assert isinstance(events[0], MessageEdited)
+                return events[0].data
 
-        return await self.service.execute(tenant, sid, command, edited, idem, Message)
+            try:
+                return await self.service.execute(tenant, sid, command, edited, idem, Message)
+            except MessageChanged:
+                continue
+        raise Contention(f"session {sid} kept changing while message {message_id} was edited; retry")
 
     async def remove_message(self, tenant: str, sid: str, message_id: str, idem: Idempotency | None = None) -> Message:
         current = await self.message(tenant, sid, message_id)

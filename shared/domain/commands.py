@@ -15,7 +15,15 @@ from typing import Any
 from msgspec import UNSET, Struct, UnsetType, structs
 
 from shared.domain import schedules
-from shared.domain.errors import ChatInProgress, ChatNotActive, Invalid, NotFound, TickTaken, VersionConflict
+from shared.domain.errors import (
+    ChatInProgress,
+    ChatNotActive,
+    Invalid,
+    MessageChanged,
+    NotFound,
+    TickTaken,
+    VersionConflict,
+)
 from shared.domain.events import (
     ChatCancelled,
     ChatCancelledData,
@@ -107,11 +115,14 @@ class AddMessage(Struct, kw_only=True, frozen=True):
 
 
 class EditMessage(Struct, kw_only=True, frozen=True):
-    """Change a message's content (and name). `message` is the message as it is now (from the read models)."""
+    """Change a message's content (and name). `message` is the message as it is now (from the read models), read
+    at the session's version `read_at`: decided on a later version, where it may have changed meanwhile, the edit
+    is refused (`MessageChanged`), or two edits of one message made at once would undo each other's fields."""
 
     message: Message
     content: Content | None
     name: str | None | UnsetType = UNSET
+    read_at: int | None = None
 
 
 class RemoveMessage(Struct, kw_only=True, frozen=True):
@@ -425,6 +436,8 @@ def _amend(state: SessionState, version: int, command: Amendment, stamp: Stamp, 
         calls = [c.id for c in m.tool_calls or ()]
         data = MessageRemovedData(message_id=m.id, seq=m.seq, tool_call_ids=calls)
         return [MessageRemoved(id=stamp.new_id(), version=version, occurred_at=stamp.now, data=data)]
+    if command.read_at is not None and state.version != command.read_at:
+        raise MessageChanged(f"session {state.id} changed since message {m.id} was read")
     name = m.name if command.name is UNSET else command.name
     if command.content == m.content and name == m.name:  # an edit that changes nothing records nothing
         return []

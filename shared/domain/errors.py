@@ -48,6 +48,11 @@ class Contention(DomainError):
     code = "write_contention"
 
 
+class MessageChanged(Contention):
+    """An edit was decided on a message as read at an older version of its session: read it again (the use case
+    does; only if it keeps changing does the client see a 409)."""
+
+
 class ChatInProgress(DomainError):
     """Another chat of the session is queued or running and the policy is `reject` (→ 409)."""
 

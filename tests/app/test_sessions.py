@@ -9,9 +9,11 @@ import contextlib
 import msgspec
 import pytest
 
+from shared import bootstrap
 from shared.adapters.memory.store import Memory
 from shared.app.service import Idempotency
 from shared.bootstrap import Parley, in_memory
+from shared.config import Settings
 from shared.domain.errors import IdempotencyKeyReused, NotFound, VersionConflict, VersionNotFound
 from shared.domain.stream_tokens import verify
 from shared.domain.wire import MessageCreate, MessagePatch, SessionCreate, SessionPatch
@@ -194,3 +196,23 @@ async def test_a_writer_that_keeps_losing_races_to_another_process_gets_through(
     added = await mine.sessions.add_message("acme", session.id, MessageCreate(role="user", content="mine"))
     assert (lost, added.seq) == (10, 11)
     assert content(await mine.sessions.messages("acme", session.id, 20, 0))[-1] == "mine"
+
+
+async def test_two_edits_of_one_message_made_at_once_both_stick(real_redis) -> None:
+    """Each edit applies its fields to the message as written, not as it read it: one read before the other edit
+    landed is read again (`MessageChanged`), so a rename beside a rewrite keeps both."""
+    settings = Settings.from_env({}, partitions=4, read_assist_s=0.0, read_timeout_s=5.0)
+    parley = await bootstrap.start(settings, redis=real_redis)
+    try:
+        s = parley.sessions
+        session, _ = await s.create("acme", SessionCreate())
+        for i in range(5):
+            m = await s.add_message("acme", session.id, MessageCreate(role="user", content=f"old {i}"))
+            await asyncio.gather(
+                s.edit_message("acme", session.id, m.id, MessagePatch(content=f"new {i}")),
+                s.edit_message("acme", session.id, m.id, MessagePatch(name="alice")),
+            )
+            now = await s.message("acme", session.id, m.id)
+            assert (now.content, now.name) == (f"new {i}", "alice")
+    finally:
+        await parley.close()

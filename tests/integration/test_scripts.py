@@ -134,7 +134,7 @@ async def _workload(redis: Redis) -> None:
         updated_at=now,
     )
     await hooks.create(sub, b"{}")
-    assert await hooks.update(sub, b"{}")
+    assert await hooks.update(sub, b"{}", sub.updated_at)
     assert await hooks.replay("acme", sub.id, "0-0", b"{}")
     assert await hooks.advance(sub.id, 1, 0, "1-0")
     await hooks.record(sub.id, b"{}", 3)
