@@ -556,6 +556,8 @@ def _schedule(
             timezone = old.spec.timezone if isinstance(p.timezone, UnsetType) else p.timezone
             if cron != old.spec.cron or timezone != old.spec.timezone:
                 schedules.check(cron, timezone, stamp.now, limits.min_schedule_interval_s)
+            elif isinstance(p.paused, UnsetType) or p.paused == old.spec.paused:
+                return []  # it changes nothing: no event, and the ticks already due stay due
             data = ScheduleUpdatedData(schedule_id=old.id, cron=p.cron, timezone=p.timezone, paused=p.paused)
             event = ScheduleUpdated(id=new_id, version=version, occurred_at=now, data=data)
         case DeleteSchedule():

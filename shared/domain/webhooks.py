@@ -166,7 +166,8 @@ class Delivery(Struct, kw_only=True):
     """The entry's outbox position (`POST /webhooks/{id}/replay` takes it)."""
     attempt: int
     outcome: Outcome
-    """skipped: the event is gone (its session was purged) or the URL is refused now; nothing was sent."""
+    """skipped: the event is gone (its session was purged); nothing was sent. A URL refused at the attempt (its
+    host now resolves to a private address) is an attempt that failed: retried, since DNS may change back."""
     status_code: int | None = None
     error: str | None = None
     duration_ms: int

@@ -233,3 +233,19 @@ async def test_a_session_too_busy_to_take_its_tick_now_is_left_for_the_next_pass
     monkeypatch.setattr(parley.chats, "request", request)
     assert (await parley.scheduler.run_due()).runs == 1
     assert [len(await fired(parley, sid)) for sid in (busy, calm)] == [1, 1]
+
+
+async def test_a_patch_that_changes_nothing_keeps_the_ticks_already_due(parley: Parley) -> None:
+    """`{"paused": false}` on a running schedule (or the cron it has) writes nothing; before, it set the schedule's
+    start to now, and a tick due but not yet taken was never run."""
+    clock, d = Clock(parley), Deployment(parley)
+    sid = await session(parley)
+    s, version = await parley.schedules.create("acme", sid, every("* * * * *"))
+    await d.settle()
+    clock.later(seconds=45)  # 09:00 is due, not yet taken
+    for patch in (SchedulePatch(paused=False), SchedulePatch(cron="* * * * *"), SchedulePatch()):
+        same, at = await parley.schedules.update("acme", sid, s.id, patch)
+        assert at == version and same.next_run_at == datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+    assert (await parley.scheduler.run_due()).runs == 1
+    [tick] = await fired(parley, sid)
+    assert tick.data.tick == datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
