@@ -25,7 +25,7 @@ import msgspec
 from shared.app.ports import IdleCursor, ReadModels
 from shared.app.sessions import Sessions
 from shared.domain.errors import Contention, HasForks, NotFound, ProjectionLagging, VersionConflict
-from shared.domain.retention import MIN_IDLE
+from shared.domain.retention import MIN_IDLE, in_use
 from shared.domain.wire import RetentionAction, Session
 
 __all__ = ["TRIM_SETTLE_S", "Expired", "RetentionSweeper", "Sweep", "Trimmed"]
@@ -113,6 +113,11 @@ class RetentionSweeper:
                     continue
                 session = _session.decode(raw)
                 if session.expires_at is None or session.expires_at > now:
+                    continue
+                try:  # its state, not its read model: a chat asked for a moment ago counts
+                    if in_use(await self.sessions.service.current(entry.tenant, entry.session_id)):
+                        continue
+                except NotFound:  # purged since it was read
                     continue
                 own = session.retention
                 action = (

@@ -7,9 +7,10 @@ from datetime import datetime, timedelta
 
 from msgspec import structs
 
+from shared.domain.state import SessionState
 from shared.domain.wire import Retention, Session, TenantLimits
 
-__all__ = ["MIN_IDLE", "expires_at", "keep", "policy", "shown_from", "with_expiry"]
+__all__ = ["MIN_IDLE", "expires_at", "in_use", "keep", "policy", "shown_from", "with_expiry"]
 
 MIN_IDLE = timedelta(days=1)
 """No policy lets a session go sooner after its last change: the sweeper looks no closer to now than this."""
@@ -33,6 +34,12 @@ def expires_at(session: Session, tenant: TenantLimits) -> datetime | None:
     if held is None or held.idle_days is None:
         return None
     return session.updated_at + timedelta(days=held.idle_days)
+
+
+def in_use(state: SessionState) -> bool:
+    """A chat of the session is queued (a delayed one too) or running, or one of its schedules is live: past its
+    `expires_at` it is not removed while so (its next change moves `expires_at` on)."""
+    return bool(state.active_chats) or any(not s.spec.paused for s in state.schedules)
 
 
 def keep(session: Session, tenant: TenantLimits) -> int | None:

@@ -12,7 +12,15 @@ import pytest
 from shared.app.retention import RetentionSweeper
 from shared.bootstrap import Parley
 from shared.domain.errors import Contention, NotFound
-from shared.domain.wire import MessageCreate, Retention, SessionCreate, SessionPatch
+from shared.domain.wire import (
+    ChatRequest,
+    MessageCreate,
+    Retention,
+    ScheduleCreate,
+    SchedulePatch,
+    SessionCreate,
+    SessionPatch,
+)
 from tests.app.conftest import Deployment
 
 
@@ -231,3 +239,28 @@ async def test_a_session_too_busy_to_remove_now_is_left_for_a_later_pass(
     monkeypatch.setattr(parley.sessions, "delete", delete)
     assert [(e.session_id, e.done) for e in await sweep_all(sweeper)] == [(sid, True)]
     assert await gone(parley, "acme", sid)
+
+
+async def test_a_session_with_a_chat_waiting_or_a_live_schedule_is_not_removed_while_so(parley: Parley) -> None:
+    """Idle by its last change, yet a delayed chat waits in it (or a schedule will tick in it): removing it would
+    cancel that chat, or end the schedule, unseen. Once neither holds it goes as any idle session does."""
+    clock = Clock().drive(parley)
+    d = Deployment(parley)
+    waiting = await session(parley, retention=Retention(idle_days=1))
+    scheduled = await session(parley, retention=Retention(idle_days=1))
+    idle = await session(parley, retention=Retention(idle_days=1))
+    ask = ChatRequest(messages=[MessageCreate(role="user", content="in a week")], delay_s=7 * 86_400)
+    job = (await parley.chats.request("acme", waiting, ask)).job
+    schedule, _ = await parley.schedules.create(
+        "acme", scheduled, ScheduleCreate(cron="0 9 * * 1", messages=[MessageCreate(role="user", content="weekly")])
+    )
+    await d.project()
+    clock.days_later(1.5)
+    sweeper = RetentionSweeper(parley.sessions, parley.views, parley.settings.partitions, clock=clock)
+    assert [e.session_id for e in await sweep_all(sweeper)] == [idle]
+    assert not await gone(parley, "acme", waiting) and not await gone(parley, "acme", scheduled)
+    await parley.chats.cancel("acme", waiting, job.id)
+    await parley.schedules.update("acme", scheduled, schedule.id, SchedulePatch(paused=True))
+    await d.project()
+    clock.days_later(1.5)
+    assert {e.session_id for e in await sweep_all(sweeper)} == {waiting, scheduled}
