@@ -53,6 +53,8 @@ __all__ = ["EventsPage", "Sessions"]
 
 MAX_EDIT_ATTEMPTS = 8
 """Times an edit reads its message again because the session changed meanwhile."""
+MESSAGE_PAGE = 1000
+"""A lookup by id reads the conversation in pages this long."""
 
 _encode = msgspec.json.Encoder().encode
 _message = msgspec.json.Decoder(Message)
@@ -265,19 +267,25 @@ class Sessions:
         return (await self._message_at(tenant, sid, message_id))[0]
 
     async def _message_at(self, tenant: str, sid: str, message_id: str) -> tuple[Message, int]:
-        """The message, and the session's version its read model was at when it was read."""
-        offset = 0
-        while True:  # pages of the conversation: a message is found by its id, never across sessions
-            page_at = functools.partial(self.views.messages, tenant, sid, 1000, offset, keep_messages=None)
+        """The message, and the session's version its read model was at when it was read.
+
+        Found by its id in pages of the conversation (never across sessions), newest first: the message a client
+        edits or reads back is most often a recent one, found in the first page however long the session. Positions
+        count the messages shown: one added or removed meanwhile moves none not yet looked at past `end`."""
+        state = await self.service.current(tenant, sid)
+        if not state.exists:
+            raise NotFound(f"session {sid} not found")
+        needle = b'"id":"%s"' % message_id.encode()
+        end = state.message_count - len(state.removed)
+        while end > 0:
+            start = max(0, end - MESSAGE_PAGE)
+            page_at = functools.partial(self.views.messages, tenant, sid, end - start, start, keep_messages=None)
             view = await self.service.read(sid, page_at)
-            page = view.items or []
-            for raw in page:
-                m = _message.decode(raw)
-                if m.id == message_id:
+            for raw in reversed(view.items or []):
+                if needle in raw and (m := _message.decode(raw)).id == message_id:
                     return m, view.version
-            if len(page) < 1000:
-                raise NotFound(f"message {message_id} not found")
-            offset += 1000
+            end = start
+        raise NotFound(f"message {message_id} not found")
 
     async def edit_message(
         self, tenant: str, sid: str, message_id: str, patch: MessagePatch, idem: Idempotency | None = None

@@ -216,3 +216,20 @@ async def test_two_edits_of_one_message_made_at_once_both_stick(real_redis) -> N
             assert (now.content, now.name) == (f"new {i}", "alice")
     finally:
         await parley.close()
+
+
+async def test_a_message_is_found_by_its_id_in_any_page_newest_first(parley: Parley) -> None:
+    """Pages of 1,000 from the newest back: the first message, one on a page boundary and the newest are found
+    alike, after removals that shift the positions of the messages shown; a removed one is 404."""
+    s = parley.sessions
+    session, _ = await s.create("acme", SessionCreate())
+    added = [await s.add_message("acme", session.id, MessageCreate(role="user", content=f"m{i}")) for i in range(2_500)]
+    for i in (3, 1_499, 2_000):
+        await s.remove_message("acme", session.id, added[i].id)
+    for i in (0, 2, 4, 500, 1_498, 1_500, 1_501, 2_001, 2_499):
+        assert (await s.message("acme", session.id, added[i].id)).content == f"m{i}"
+    for i in (3, 1_499, 2_000):
+        with pytest.raises(NotFound):
+            await s.message("acme", session.id, added[i].id)
+    with pytest.raises(NotFound):
+        await s.message("globex", session.id, added[0].id)  # never across tenants

@@ -450,6 +450,16 @@ class Bench:
                 budget_ms.append((time.perf_counter() - t) * 1000)
                 self.errors += r.status_code != 200
             out[f"chat_budget_p50_ms_{n}"] = statistics.median(budget_ms)
+            # one message by its id (GET, and so PATCH and DELETE, look it up): the newest and the oldest
+            for which, offset in (("newest", n - 1), ("oldest", 0)):
+                [m] = self.http.get(f"/sessions/{sid}/messages?limit=1&offset={offset}").json()["items"]
+                by_id_ms = []
+                for _ in range(3 if a.quick else 9):
+                    t = time.perf_counter()
+                    r = self.http.get(f"/sessions/{sid}/messages/{m['id']}")
+                    by_id_ms.append((time.perf_counter() - t) * 1000)
+                    self.errors += r.status_code != 200
+                out[f"message_by_id_{which}_p50_ms_{n}"] = statistics.median(by_id_ms)
             out[f"session_rps_{n}"] = med(runs_s, "rps")
             out[f"messages50_rps_{n}"] = med(runs_m, "rps")
             out[f"messages50_last_page_rps_{n}"] = med(runs_last, "rps")
