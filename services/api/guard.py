@@ -33,6 +33,7 @@ from litestar.types import Message, Receive, Scope, Send
 
 from services.api.auth import key_of
 from services.api.context import Api
+from services.api.params import wants_event_stream
 from shared.app.ports import Admission
 from shared.domain.stream_tokens import verify
 from shared.observability import metrics
@@ -344,7 +345,8 @@ def _stream_route(scope: Scope, session_id: str) -> bool:
     if scope["method"] != "GET" or match is None or match.group(1) != session_id:
         return False
     if match.group(2) == "events":  # the page of events is not a stream
-        return any(n == b"accept" and b"text/event-stream" in v for n, v in scope["headers"])
+        accept = next((v for n, v in scope["headers"] if n == b"accept"), b"")
+        return wants_event_stream(accept.decode("latin-1"))
     return True
 
 

@@ -15,7 +15,7 @@ from litestar.params import HeaderParameter, Parameter
 
 from services.api.auth import provide_tenant
 from services.api.context import api
-from services.api.params import Limit, errors, json_list, parse_session_id
+from services.api.params import Limit, errors, json_list, parse_session_id, wants_event_stream
 from services.api.sse import EventStream, open_stream
 from shared.app.sessions import Sessions
 from shared.domain.errors import Invalid
@@ -78,7 +78,7 @@ class EventController(Controller):
         (resumed after it: 204, so an EventSource stops reconnecting)."""
         parley = api(request).parley
         sid = parse_session_id(session_id)
-        if "text/event-stream" in request.headers.get("accept", ""):
+        if wants_event_stream(request.headers.get("accept")):
             if last_event_id:  # an empty Last-Event-ID is none (an EventSource sends none before its first id)
                 if not _VERSION.fullmatch(last_event_id.strip()) or int(last_event_id) >= 2**63:
                     raise Invalid(

@@ -234,7 +234,7 @@ def _streams(path: str, method: str, responses: dict[str, Any]) -> None:
         responses["204"] = copy.deepcopy(NO_MORE)
     elif method == "post" and (path.endswith("/chat") or path.endswith("/chat/completions")):
         ok.setdefault("content", {}).update(copy.deepcopy(SSE))
-        ok["description"] = "JSON, or `text/event-stream` when streamed (`Accept: text/event-stream` / `stream: true`)."
+        ok["description"] = "JSON, or `text/event-stream` with `stream: true`."
 
 
 def _tighten(param: dict[str, Any]) -> None:

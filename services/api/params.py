@@ -32,6 +32,7 @@ __all__ = [
     "parse_schedule_id",
     "parse_message_id",
     "parse_session_id",
+    "wants_event_stream",
 ]
 
 Limit = Annotated[int, Parameter(ge=1, le=1000, description="Items per page (1..1000).")]
@@ -139,3 +140,25 @@ def json_list(items: list[bytes], **fields: bytes) -> Response[Any]:
     """`{"items": [...], **fields}` from pre-encoded items and field values."""
     extra = b"".join(b',"%s":%s' % (k.encode(), v) for k, v in fields.items())
     return json_response(b'{"items":[' + b",".join(items) + b"]" + extra + b"}")
+
+
+def wants_event_stream(accept: str | None) -> bool:
+    """`Accept` prefers `text/event-stream` to JSON (RFC 9110: media ranges are case-insensitive, `q=0` means "not
+    this", the higher `q` wins; a tie goes to the stream, as a browser's EventSource sends no other)."""
+    stream = json = 0.0
+    for part in (accept or "").split(","):
+        media, *params = part.split(";")
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = min(max(float(value.strip()), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        media = media.strip().lower()
+        if media == "text/event-stream":
+            stream = max(stream, q)
+        elif media in ("application/json", "application/*", "*/*"):
+            json = max(json, q)
+    return stream > 0 and stream >= json
