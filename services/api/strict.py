@@ -5,6 +5,8 @@
   XML or an image never reaches the decoder, and nothing is written.
 - Integer query parameters are decimal digits: litestar's lenient conversion reads `1e3` as 1000 and `1.0` as 1,
   which a proxy or cache in front may read otherwise.
+- A query parameter is given at most once: litestar reads the last of several, a filter read by hand the first,
+  and a proxy in front may read either (the same parser differential as duplicate JSON keys).
 
 (Duplicate JSON keys are refused where bodies are decoded, in `services.api.body`.)
 """
@@ -32,7 +34,7 @@ class UnsupportedMediaType(DomainError):
     status = 415
 
 
-class NotAnInteger(DomainError):
+class BadQuery(DomainError):
     code = "validation_failed"
     status = 422
 
@@ -68,12 +70,20 @@ async def before_request(request: Request[Any, Any, Any]) -> None:
                 f"the body must be JSON (Content-Type: application/json), not {media or 'untyped'}",
                 {"header": "Content-Type"},
             )
+    if request.scope.get("query_string"):
+        query = request.query_params
+        for name in query.keys():
+            if len(query.getall(name)) > 1:
+                raise BadQuery(
+                    "the request does not match the schema",
+                    [{"message": "given more than once", "key": name, "source": "query"}],
+                )
     if rules.integers:
         query = request.query_params
         for name in rules.integers:
             for value in query.getall(name, ()):
                 if not _DECIMAL.fullmatch(value):
-                    raise NotAnInteger(
+                    raise BadQuery(
                         "the request does not match the schema",
                         [
                             {

@@ -251,3 +251,19 @@ def test_a_purge_honours_its_idempotency_key_before_it_erases_anything(c):
     done = c.delete(f"/sessions/{fresh['id']}", params={"purge": "true"}, headers={**ACME, **again})
     assert done.status_code == 202 and done.json()["purged"] is True
     assert_error(c.delete(f"/sessions/{fresh['id']}", params={"purge": "true"}, headers={**ACME, **again}), 404)
+
+
+def test_a_query_parameter_given_twice_is_422(c):
+    """litestar reads the last of several, the session filters read the first: one value or a 422, never a guess."""
+    s = create(c)
+    for path, query in [
+        ("/sessions", "limit=1&limit=2"),
+        ("/sessions/count", "agent_id=a&agent_id=b"),
+        ("/sessions", "metadata.x=1&metadata.x=2"),
+        (f"/sessions/{s['id']}/messages", "offset=0&offset=1"),
+        (f"/sessions/{s['id']}/events", "after=0&after=0"),
+    ]:
+        r = c.get(f"{path}?{query}", headers=ACME)
+        err = assert_error(r, 422, "validation_failed")
+        assert err["details"][0]["source"] == "query" and "more than once" in err["details"][0]["message"], (path, err)
+    assert c.get("/sessions?limit=1&offset=0", headers=ACME).status_code == 200
