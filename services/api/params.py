@@ -64,7 +64,8 @@ IfMatch = Annotated[
         name="If-Match",
         required=False,
         max_length=64,
-        description='The ETag you hold (`"7"`, or `*`); a stale or malformed one answers 412 and changes nothing.',
+        description='The ETag you hold (`"7"`, or `*`): one, not a list; a stale or malformed one answers 412 and '
+        "changes nothing (one longer than 64 characters: 422).",
     ),
 ]
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?")
