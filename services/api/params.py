@@ -121,7 +121,8 @@ async def idempotency(request: Request[Any, Any, Any], key: str | None) -> Idemp
     if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise Invalid("Idempotency-Key must be 1 to 255 printable ASCII characters", {"header": "Idempotency-Key"})
     query = request.url.query  # DELETE and DELETE ?purge=true are different requests
-    target = f"{request.url.path}?{query}" if query else request.url.path
+    path = request.url.path.lower()  # ids are read case-insensitively (an uppercase UUID names the same session)
+    target = f"{path}?{query}" if query else path
     return Idempotency.of(key, request.method, target, await request.body())
 
 

@@ -267,3 +267,13 @@ def test_a_query_parameter_given_twice_is_422(c):
         err = assert_error(r, 422, "validation_failed")
         assert err["details"][0]["source"] == "query" and "more than once" in err["details"][0]["message"], (path, err)
     assert c.get("/sessions?limit=1&offset=0", headers=ACME).status_code == 200
+
+
+def test_a_retry_naming_the_session_in_uppercase_is_the_same_request(c):
+    s = create(c)
+    key = {"Idempotency-Key": "upper-1"}
+    body = {"role": "user", "content": "once"}
+    first = c.post(f"/sessions/{s['id']}/messages", json=body, headers={**ACME, **key})
+    again = c.post(f"/sessions/{s['id'].upper()}/messages", json=body, headers={**ACME, **key})
+    assert first.status_code == again.status_code == 201 and first.json() == again.json()
+    unchanged(c, s["id"], 2, 1)
