@@ -10,6 +10,7 @@ one `ScheduleFired`, and the schedule goes on from the newest of them.
 
 from __future__ import annotations
 
+import functools
 import zoneinfo
 from datetime import UTC, datetime, timedelta, tzinfo
 from functools import lru_cache
@@ -41,15 +42,28 @@ def zone(name: str) -> tzinfo:
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as e:
-        raise Invalid(
-            f"unknown time zone {name!r} (an IANA name such as Europe/Paris)",
-            {"field": "timezone", "rule": "iana_time_zone", "value": name},
-        ) from e
+        raise _unknown_zone(name) from e
+
+
+def _unknown_zone(name: str) -> Invalid:
+    return Invalid(
+        f"unknown time zone {name!r} (an IANA name such as Europe/Paris)",
+        {"field": "timezone", "rule": "iana_time_zone", "value": name},
+    )
+
+
+@functools.cache
+def _iana_names() -> frozenset[str]:
+    """The zones a schedule may name: the IANA names this host knows, less `localtime` (the host's own zone, which
+    differs between workers) and `Factory` (no zone at all); `posix/…` and `right/…` copies are not among them."""
+    return frozenset(zoneinfo.available_timezones() - {"localtime", "Factory"})
 
 
 def check(cron: str, timezone: str, now: datetime, min_interval_s: float) -> None:
     """`Invalid` unless `cron` is a cron expression (5 fields, or 6 with seconds first) that has ticks, in a known
     time zone, whose ticks are at least `min_interval_s` apart."""
+    if timezone != "UTC" and timezone not in _iana_names():
+        raise _unknown_zone(timezone)
     tz = zone(timezone)
     try:
         ticks = CronSim(cron, now.astimezone(tz))

@@ -172,6 +172,9 @@ async def test_bad_schedules_are_refused_and_write_nothing(parley: Parley) -> No
         every("61 * * * *"),
         every("0 0 30 2 *"),
         every("* * * * *", timezone="Mars/Olympus_Mons"),
+        every("* * * * *", timezone="localtime"),  # the host's own zone: it differs between workers
+        every("* * * * *", timezone="Factory"),
+        every("* * * * *", timezone="posix/Europe/Paris"),
         every("* * * * * *"),  # every second: under the minimum interval
         ScheduleCreate(cron="* * * * *", messages=[MessageCreate(role="tool", content="x", tool_call_id="c1")]),
     ):
@@ -181,6 +184,8 @@ async def test_bad_schedules_are_refused_and_write_nothing(parley: Parley) -> No
     assert s.next_run_at == datetime(2026, 12, 8, 8, 0, tzinfo=UTC)  # 09:00 in Paris, the next weekday
     with pytest.raises(Invalid):
         await parley.schedules.update("acme", sid, s.id, SchedulePatch(cron="nonsense here"))
+    with pytest.raises(Invalid):
+        await parley.schedules.update("acme", sid, s.id, SchedulePatch(timezone="localtime"))
     with pytest.raises(NotFound):
         await parley.schedules.create("other", sid, every("* * * * *"))
     assert (await parley.sessions.get("acme", sid))[1] == version + 1
