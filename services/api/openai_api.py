@@ -276,9 +276,10 @@ class OpenAIController(Controller):
         await parley.sessions.get(tenant, parse_session_id(session_id))  # 404 for unknown sessions and other tenants
         return ModelList(data=[ModelCard(id=parley.settings.model, created=STARTED, owned_by="parley")])
 
-    @get("/models/{model:str}", responses=_errors(401, 404, 503))
+    @get("/models/{model:path}", responses=_errors(401, 404, 503))
     async def get_model(self, request: Request, tenant: str, session_id: str, model: str) -> ModelCard:
         """One model (the SDK's `models.retrieve(id)`): a completion passes any model name to the model server, so
-        every name is answered, as the model card OpenAI answers for it."""
+        every name is answered, as the model card OpenAI answers for it; a name may hold `/` (`meta-llama/…`, as
+        vLLM and OpenRouter name theirs), sent as it is or as `%2F`."""
         await api(request).parley.sessions.get(tenant, parse_session_id(session_id))
-        return ModelCard(id=model, created=STARTED, owned_by="parley")
+        return ModelCard(id=model.removeprefix("/"), created=STARTED, owned_by="parley")

@@ -70,6 +70,7 @@ def test_models_retrieve(stack: Stack, c: httpx.Client) -> None:
     assert (
         got.id == "gpt-4o-mini" and got.object == "model" and got.owned_by == "parley" and isinstance(got.created, int)
     )
+    assert client.models.retrieve("meta-llama/Llama-3.1-8B-Instruct").id == "meta-llama/Llama-3.1-8B-Instruct"
     elsewhere = openai.OpenAI(base_url=f"{stack.url}/sessions/{unknown_id()}", api_key=KEY, max_retries=0, timeout=30)
     with pytest.raises(openai.NotFoundError):
         elsewhere.models.retrieve("gpt-4o-mini")
