@@ -41,16 +41,19 @@ class Authenticator:
 
 
 def key_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The API key from `Authorization: Bearer <key>`, else `X-Auth-Key` (raw ASGI / parser headers)."""
+    """The API key from `Authorization: Bearer <key>`, else `X-Auth-Key` (raw ASGI / parser headers). Either header
+    sent twice names no key: which one a proxy in front checked is unknown (a 401, never a guess)."""
     headers = list(headers)
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    for name, value in headers:
-        if name == b"x-auth-key":
-            return value.decode("latin-1") or None
-    return None
+    bearer = [v for n, v in headers if n == b"authorization"]
+    if bearer:
+        if len(bearer) > 1:
+            return None
+        scheme, _, token = bearer[0].decode("latin-1").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    raw = [v for n, v in headers if n == b"x-auth-key"]
+    if len(raw) != 1:
+        return None
+    return raw[0].decode("latin-1") or None
 
 
 async def provide_tenant(request: Request) -> str:

@@ -277,3 +277,15 @@ def test_a_retry_naming_the_session_in_uppercase_is_the_same_request(c):
     again = c.post(f"/sessions/{s['id'].upper()}/messages", json=body, headers={**ACME, **key})
     assert first.status_code == again.status_code == 201 and first.json() == again.json()
     unchanged(c, s["id"], 2, 1)
+
+
+def test_an_api_key_header_sent_twice_names_no_key(c):
+    """Which of two a proxy in front checked is unknown: 401, never the first one silently."""
+    s = create(c)
+    for headers in (
+        [(b"authorization", b"Bearer acme-key"), (b"authorization", b"Bearer wrong")],
+        [(b"authorization", b"Bearer acme-key"), (b"authorization", b"Bearer acme-key")],
+        [(b"x-auth-key", b"acme-key"), (b"x-auth-key", b"other")],
+    ):
+        assert_error(c.get(f"/sessions/{s['id']}", headers=headers), 401)
+    assert c.get(f"/sessions/{s['id']}", headers=[(b"x-auth-key", b"acme-key")]).status_code == 200
