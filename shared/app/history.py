@@ -272,6 +272,8 @@ class History:
 
     async def audit(self, tenant: str, after: str | None, limit: int) -> tuple[list[bytes], str | None]:
         """The tenant's `SessionPurged` tombstones after the cursor `after`, oldest first, and the next cursor."""
+        if after == "":  # not "from the start": that is no `after` at all (as on /audit/webhooks)
+            raise Invalid("after is not a cursor this endpoint gave out", {"query": "after"})
         try:
             return await self.admin.audit(tenant, after, limit)
         except (ValueError, UnicodeDecodeError) as e:

@@ -986,7 +986,7 @@ def test_audit_pages_with_limit_and_an_opaque_cursor_each_tombstone_once_in_orde
     # a page that ends exactly at the last tombstone has no next
     assert audit(c, headers, limit=5)["next"] is None
 
-    for bad in ("garbage!!", "not-a-cursor", "%%%", "MTIz", "YS1iLWM", "-1"):
+    for bad in ("garbage!!", "not-a-cursor", "%%%", "MTIz", "YS1iLWM", "-1", ""):
         assert_error(c.get("/audit", params={"after": bad}, headers=headers), 422, "validation_failed")
     for params in ({"limit": 0}, {"limit": 1001}, {"limit": "x"}, {"after": "x" * 201}):
         assert_error(c.get("/audit", params=params, headers=headers), 422, "validation_failed")
