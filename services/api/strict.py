@@ -3,8 +3,8 @@
 - A body must be JSON: a route that takes a body answers 415 `unsupported_media_type` to any other
   `Content-Type` (`application/json` with or without parameters, or any `application/*+json`), so a form,
   XML or an image never reaches the decoder, and nothing is written.
-- Integer query parameters are decimal digits: litestar's lenient conversion reads `1e3` as 1000 and `1.0` as 1,
-  which a proxy or cache in front may read otherwise.
+- Integer query parameters are decimal digits, without leading zeros: litestar's lenient conversion reads `1e3` as
+  1000 and `1.0` as 1, which a proxy or cache in front may read otherwise (and `01` it refused, naming a `str`).
 - A query parameter is given at most once: litestar reads the last of several, a filter read by hand the first,
   and a proxy in front may read either (the same parser differential as duplicate JSON keys).
 
@@ -25,7 +25,7 @@ from shared.domain.errors import DomainError
 
 __all__ = ["UnsupportedMediaType", "before_request"]
 
-_DECIMAL = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)")
 _JSON = re.compile(r"application/(?:[\w.+-]+\+)?json", re.ASCII | re.IGNORECASE)
 
 
