@@ -283,8 +283,8 @@ async def start(
             raise RuntimeError("REDIS_URL is not set")
         cluster = uses_cluster(settings)
         q_url = queue_url(settings)  # refuses a cluster without PARLEY_QUEUE_URL, before connecting to anything
-        # on a cluster the projector keeps one blocking read per partition, and the shared readers up to two more
-        blocking_size = max(128, 3 * settings.partitions + 32) if cluster else 128
+        # the projector keeps one blocking read per partition, and the shared readers up to two more
+        blocking_size = max(128, 3 * settings.partitions + 32)
         client = connect(settings.redis_url, deadlines, cluster=cluster)
         blocking = connect_blocking(settings.redis_url, deadlines, size=blocking_size, cluster=cluster)
         closers: list[Callable[[], Awaitable[Any]]] = [client.aclose, blocking.aclose]
