@@ -53,8 +53,8 @@ __all__ = ["EventsPage", "Sessions"]
 
 MAX_EDIT_ATTEMPTS = 8
 """Times an edit reads its message again because the session changed meanwhile."""
-MESSAGE_PAGE = 1000
-"""A lookup by id reads the conversation in pages this long."""
+MESSAGE_PAGE, PAGE_OVERLAP = 1000, 16
+"""A lookup by id reads the conversation in pages this long; one from the oldest side reaches this far back."""
 
 _encode = msgspec.json.Encoder().encode
 _message = msgspec.json.Decoder(Message)
@@ -269,22 +269,30 @@ class Sessions:
     async def _message_at(self, tenant: str, sid: str, message_id: str) -> tuple[Message, int]:
         """The message, and the session's version its read model was at when it was read.
 
-        Found by its id in pages of the conversation (never across sessions), newest first: the message a client
-        edits or reads back is most often a recent one, found in the first page however long the session. Positions
-        count the messages shown: one added or removed meanwhile moves none not yet looked at past `end`."""
+        Found by its id in pages of the conversation (never across sessions), from both ends inwards, the newest
+        page first: the message a client edits or reads back is most often a recent one, and the first ones are
+        found as soon; one in the middle of a long session costs the most. Positions count the messages shown: one
+        added meanwhile moves none; one removed moves those after it down by one, so a page from the oldest side
+        starts a little before where the last one ended."""
         state = await self.service.current(tenant, sid)
         if not state.exists:
             raise NotFound(f"session {sid} not found")
         needle = b'"id":"%s"' % message_id.encode()
-        end = state.message_count - len(state.removed)
-        while end > 0:
-            start = max(0, end - MESSAGE_PAGE)
-            page_at = functools.partial(self.views.messages, tenant, sid, end - start, start, keep_messages=None)
+        low, high = 0, state.message_count - len(state.removed)  # the positions not looked at yet
+        newest = True
+        while low < high:
+            if newest:
+                start, stop = max(low, high - MESSAGE_PAGE), high
+                high = start
+            else:
+                start, stop = max(0, low - PAGE_OVERLAP), min(low + MESSAGE_PAGE, high)
+                low = stop
+            newest = not newest
+            page_at = functools.partial(self.views.messages, tenant, sid, stop - start, start, keep_messages=None)
             view = await self.service.read(sid, page_at)
-            for raw in reversed(view.items or []):
+            for raw in view.items or []:
                 if needle in raw and (m := _message.decode(raw)).id == message_id:
                     return m, view.version
-            end = start
         raise NotFound(f"message {message_id} not found")
 
     async def edit_message(
