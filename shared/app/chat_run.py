@@ -151,7 +151,7 @@ class ChatRunner:
         except Cancelled:
             await self._ensure_terminal(tenant, session_id, job_id)  # if whoever cancelled could not say so
             return "cancelled"
-        except Superseded:  # this attempt's lease lapsed and a later one runs: it answers, this one stops writing
+        except Superseded:  # a later attempt runs (it answers), or the stream ended (a delete, a cancel): stop writing
             return "superseded"
         usage = completion.usage or _count_usage(plan, completion, self.counter_for(completion.model))
         response = ChatResponse(

@@ -315,8 +315,9 @@ class ReadModels(Protocol):
 
 # -- chat jobs ------------------------------------------------------------------------------------------------------
 class Superseded(Exception):
-    """A later attempt of the chat job has started (this one's lease lapsed while it still ran): this attempt's
-    chunks are refused, so a stream never interleaves two attempts; it stops, and the later one answers."""
+    """A later attempt of the chat job has started (this one's lease lapsed while it still ran), or its stream has
+    ended (a delete or a cancel wrote the end meanwhile): this attempt's chunks are refused, so a stream never
+    interleaves two attempts nor goes on past its end; it stops (a later attempt, or the end, answers)."""
 
 
 class ChunkWriter(Protocol):

@@ -282,3 +282,36 @@ async def test_a_superseded_attempt_stops_reading_its_model(parley: Parley) -> N
     await parley.jobs.mark_running(sid, requested.job.id)  # its lease lapsed: a later attempt starts
     assert await asyncio.wait_for(running, 10) == "superseded"
     assert model.closed.is_set() and model.sent < 50  # the stream was closed at the refusal, not read on
+
+
+async def test_a_synchronous_chat_of_a_session_deleted_while_its_model_streams_hears_the_end(
+    parley: Parley, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delete writes the stream's `error` while the worker still streams; the worker's next chunks are refused
+    (the end stays the last entry), so a waiter reading the last entry after them still hears `session_deleted`
+    instead of waiting out its time."""
+    model = Endless()
+    d = Deployment(parley)
+    sid = (await parley.sessions.create("acme", SessionCreate()))[0].id
+    job = (await parley.chats.request("acme", sid, ChatRequest(messages=[MessageCreate(role="user", content="x")]))).job
+    await d.project()
+    last_entry = parley.jobs.last_entry
+
+    async def over_the_network(session_id: str, job_id: str) -> tuple[str, str, bytes] | None:
+        await asyncio.sleep(0.02)  # a Redis round trip, while the model streams on
+        return await last_entry(session_id, job_id)
+
+    monkeypatch.setattr(parley.jobs, "last_entry", over_the_network)
+    running = asyncio.create_task(parley.chat_runner(model).run("acme", sid, job.id))
+    waiting = asyncio.create_task(parley.chats.wait(sid, job.id, 3.0))
+    while model.sent < 5:
+        await asyncio.sleep(0.001)
+    await parley.sessions.delete("acme", sid, None)
+    await asyncio.sleep(0.05)
+    await d.project()
+    assert await asyncio.wait_for(running, 10) in ("superseded", "cancelled")
+    with pytest.raises(ChatUnanswered) as ended:
+        await waiting
+    assert ended.value.code == "session_deleted"
+    [(_, kind, _)] = [e for e in await parley.jobs.streamed(sid, job.id) if e[1] != "chunk"]
+    assert kind == "error" and (await parley.jobs.streamed(sid, job.id))[-1][1] == "error"

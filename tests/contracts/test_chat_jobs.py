@@ -186,6 +186,22 @@ async def test_an_attempt_superseded_by_a_later_one_writes_nothing_more(backend:
     assert await jobs.emit(state.id, job, "done", b"{}") is not None  # an end is no attempt's: never refused
 
 
+async def test_an_attempt_writes_nothing_after_its_stream_ended(backend: Backend) -> None:
+    """A delete or a cancel writes the stream's end while the worker still streams: the worker's chunks after it
+    are refused, so the end stays the stream's last entry (what a synchronous chat waits for)."""
+    state, job = await request(backend, await create(backend.log))
+    jobs = backend.jobs
+    writer = jobs.writer(state.id, job, await jobs.mark_running(state.id, job))
+    writer.put(b'{"n":0}')
+    await writer.drain()
+    assert await jobs.emit(state.id, job, "error", b'{"code":"session_deleted","message":"x"}') is not None
+    with pytest.raises(Superseded):
+        for i in range(500):  # a bound for the test only: the refusal comes back with the first write after the end
+            writer.put(b'{"late":%d}' % i)
+            await asyncio.sleep(0.005)
+    assert [k for _, k, _ in await jobs.streamed(state.id, job)] == ["chunk", "error"]
+
+
 async def test_an_error_entry_ends_a_stream_too(backend: Backend) -> None:
     state, job = await request(backend, await create(backend.log))
     await backend.jobs.emit(state.id, job, "chunk", b"{}")

@@ -106,8 +106,12 @@ class MemoryChatJobs:
         return MemoryChunkWriter(self, session_id, job_id, attempt)
 
     def current(self, session_id: str, job_id: str, attempt: int) -> bool:
-        """No later attempt than `attempt` has started."""
+        """No later attempt than `attempt` has started, and the job's stream has not ended (a delete or a cancel
+        wrote its end while the model still streamed: the end stays the last entry)."""
         record = self.memory.jobs.get((session_id, job_id))
+        stream = self.memory.chunks.get((session_id, job_id))
+        if stream and stream.entries and stream.entries[-1][1][0] in ENDS:
+            return False
         return int((record or {}).get("attempts", 0)) <= attempt
 
     async def chunks(self, session_id: str, job_id: str, after: str) -> list[tuple[str, str, bytes]]:
@@ -149,7 +153,7 @@ class MemoryChunkWriter:
     def put(self, data: bytes) -> None:
         if self.superseded or not self.jobs.current(self.session_id, self.job_id, self.attempt):
             self.superseded = True
-            raise Superseded(f"a later attempt of chat {self.job_id} runs")
+            raise Superseded(f"a later attempt of chat {self.job_id} runs, or its stream has ended")
         self.jobs.write(self.session_id, self.job_id, [("chunk", data)])
 
     async def drain(self) -> None:

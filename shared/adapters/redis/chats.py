@@ -179,7 +179,7 @@ class ChunkWriter:
                 args += ["chunk", data]
             if await CHUNKS(self.redis, self.keys, args) == -1:
                 self._pending = []
-                raise Superseded(f"a later attempt of chat {self.job_id} runs")
+                raise Superseded(f"a later attempt of chat {self.job_id} runs, or its stream has ended")
 
     async def drain(self) -> None:
         """Wait until every chunk put so far is in Redis (raises what a write raised)."""

@@ -70,8 +70,8 @@ class Keys:
         return f"{self.tag(partition)}:feed"
 
     def relay(self, partition: int) -> str:
-        """Stream (capped): one entry per chunk write naming the job, so a process's one reader per partition
-        wakes whoever follows that job's chunks (`shared.adapters.redis.notify`)."""
+        """Stream (capped): one entry per chunk write naming the job, so a process's relay reader of the partition
+        (running while someone follows a job's chunks) wakes whoever follows that job's (`shared.adapters.redis.notify`)."""
         return f"{self.tag(partition)}:relay"
 
     def ends(self, partition: int) -> str:
