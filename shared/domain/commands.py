@@ -593,9 +593,10 @@ _RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d
 
 
 def parse_time(text: str) -> datetime:
-    """An RFC 3339 time, in UTC. A leap second (:60) counts as the second before it; the year 0 as the first moment
-    Python knows (in the past for a schedule), and a time past the last (9999-12-31T23:59:59-23:59) as that last
-    moment, so a stored time always encodes. Anything else is `Invalid`."""
+    """An RFC 3339 time, in UTC. A leap second (:60) counts as the second before it; a time before the first moment
+    Python knows (the year 0, or 0001-01-01T00:30:00+01:00) as that first moment (in the past for a schedule), and
+    one past the last (9999-12-31T23:59:59-23:59) as that last moment, so a stored time always encodes. Anything
+    else is `Invalid`."""
     m = _RFC3339.fullmatch(text)
     if m is None:
         raise Invalid("not an RFC 3339 time with a zone (e.g. 2027-01-31T09:00:00Z)", {"value": text})
@@ -615,8 +616,8 @@ def parse_time(text: str) -> datetime:
         return datetime.min.replace(tzinfo=UTC)
     try:
         return local.astimezone(UTC)
-    except OverflowError:
-        return datetime.max.replace(tzinfo=UTC)
+    except OverflowError:  # past either end of what Python knows, in UTC
+        return (datetime.min if local.year == 1 else datetime.max).replace(tzinfo=UTC)
 
 
 def _run_at(run_at: str | None, delay_s: float | None, now: datetime) -> datetime | None:

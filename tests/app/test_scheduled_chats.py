@@ -128,6 +128,7 @@ def test_a_delay_outside_its_bounds_is_refused() -> None:
         ("0000-01-01T00:00:00Z", datetime.min.replace(tzinfo=UTC)),
         ("0000-02-29T00:00:00Z", datetime.min.replace(tzinfo=UTC)),  # the year 0 was a leap year
         ("9999-12-31T23:59:59-23:59", datetime.max.replace(tzinfo=UTC)),  # past the last time Python knows, in UTC
+        ("0001-01-01T00:30:00+01:00", datetime.min.replace(tzinfo=UTC)),  # before the first, in UTC
     ],
 )
 def test_every_rfc3339_time_is_taken(text: str, when: datetime) -> None:
@@ -192,3 +193,9 @@ async def test_an_overtaken_chat_asks_its_own_request_however_far_back_the_conve
     [prompt] = [r.messages for r in model.requests]
     assert prompt[-1] == {"role": "user", "content": "remind me about the order"}
     assert "note 249" in prompt[-2]["content"] and len(prompt) < 100  # the newest notes, truncated to the budget
+
+
+async def test_a_chat_asked_for_before_the_first_moment_in_utc_runs_at_once(parley: Parley) -> None:
+    sid = (await parley.sessions.create("acme", SessionCreate()))[0].id
+    done = await parley.chats.request("acme", sid, ask("long ago", run_at="0001-01-01T00:30:00+01:00"))
+    assert done.job.run_at is None  # in the past: at once (it was queued until 9999-12-31)
