@@ -187,7 +187,7 @@ class Scheduler:
                     done += await self.schedules.fire(entry.tenant, entry.session_id, now)
                 except NotFound:  # purged (or deleted before its projection): the index outlived it
                     await self.views.forget_due(p, entry.tenant, entry.session_id)
-                except DomainError as e:  # the session is too busy to write to now: its ticks stay due
+                except DomainError as e:  # refused now (too busy, most often): logged, its ticks stay due
                     log.warning("schedules of session %s: %s; the next pass takes them", entry.session_id, e.message)
         return done
 

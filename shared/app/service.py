@@ -242,7 +242,9 @@ class SessionService:
             else:
                 after = fold(state, events)
             answer = result(after, events)
-            if not events:
+            if not events:  # nothing to write, so nothing records the key: one it already records must match
+                if idempotency is not None and (replay := await self._replay(tenant, session_id, idempotency)):
+                    return msgspec.json.decode(replay, type=result_type)
                 return answer
             claim = None
             if idempotency is not None:

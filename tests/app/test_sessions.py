@@ -233,3 +233,18 @@ async def test_a_message_is_found_by_its_id_in_any_page_newest_first(parley: Par
             await s.message("acme", session.id, added[i].id)
     with pytest.raises(NotFound):
         await s.message("globex", session.id, added[0].id)  # never across tenants
+
+
+async def test_a_write_that_changes_nothing_still_refuses_a_key_used_for_another_request(parley: Parley) -> None:
+    """It stores nothing, its key included; but a key that already records another request is a 422, as on any
+    write, and a retry of the request it records answers what that request answered."""
+    s = parley.sessions
+    sid = (await s.create("acme", SessionCreate()))[0].id
+    m = await s.add_message("acme", sid, MessageCreate(role="user", content="before"))
+    path = f"/sessions/{sid}/messages/{m.id}"
+    first = Idempotency.of("k-1", "PATCH", path, b'{"content":"after"}')
+    edited = await s.edit_message("acme", sid, m.id, MessagePatch(content="after"), first)
+    assert await s.edit_message("acme", sid, m.id, MessagePatch(content="after"), first) == edited  # a retry
+    other = Idempotency.of("k-1", "PATCH", path, b'{"name":null}')  # changes nothing now: the name is null
+    with pytest.raises(IdempotencyKeyReused):
+        await s.edit_message("acme", sid, m.id, MessagePatch(name=None), other)
