@@ -43,17 +43,22 @@ class Authenticator:
 def key_of(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """The API key from `Authorization: Bearer <key>`, else `X-Auth-Key` (raw ASGI / parser headers). Either header
     sent twice names no key: which one a proxy in front checked is unknown (a 401, never a guess)."""
-    headers = list(headers)
-    bearer = [v for n, v in headers if n == b"authorization"]
-    if bearer:
-        if len(bearer) > 1:
+    bearer: bytes | None = None
+    raw: bytes | None = None
+    bearers = raws = 0
+    for name, value in headers:  # one pass: every request runs this
+        if name == b"authorization":
+            bearer, bearers = value, bearers + 1
+        elif name == b"x-auth-key":
+            raw, raws = value, raws + 1
+    if bearer is not None:
+        if bearers > 1:
             return None
-        scheme, _, token = bearer[0].decode("latin-1").partition(" ")
+        scheme, _, token = bearer.decode("latin-1").partition(" ")
         return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    raw = [v for n, v in headers if n == b"x-auth-key"]
-    if len(raw) != 1:
+    if raw is None or raws > 1:
         return None
-    return raw[0].decode("latin-1") or None
+    return raw.decode("latin-1") or None
 
 
 async def provide_tenant(request: Request) -> str:
