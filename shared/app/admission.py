@@ -105,8 +105,13 @@ class Admissions:
             except asyncio.CancelledError:
                 me = asyncio.current_task()
                 if asking.cancelled() and not (me is not None and me.cancelling()):
+                    self._asked(tenant, asking)
                     continue  # the ask was cancelled (the process is stopping), not this request
                 raise
+            # An ask done in this turn of the event loop is still registered until its callback runs; awaiting it
+            # again answers at once, without yielding. A request that finds its lease spent by one that ran first in
+            # the same turn (a lease of one, a tenant at its limit) would spin on it for ever: it asks anew instead.
+            self._asked(tenant, asking)
             if not grant.admitted:
                 return grant  # refused: so is every request that waited for it
 

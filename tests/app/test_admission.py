@@ -225,3 +225,38 @@ async def test_what_is_left_never_counts_more_than_the_burst() -> None:
         clock.now += 0.005  # 2 requests' worth of refill between requests: the bucket stays near full
     assert all(a.admitted for a in answers)
     assert max(a.remaining for a in answers) < 200 and min(a.remaining for a in answers) > 0  # this one spent
+
+
+def test_a_request_whose_lease_another_spent_in_the_same_turn_asks_anew_and_does_not_spin() -> None:
+    """An ask answers a lease of one (a tenant at its limit). Two requests that start in the turn the ask ends: the
+    first spends the lease; the second, finding the ask still registered (its done callback runs a turn later),
+    awaited it again at once, without yielding, for ever (a CI run's API spun at 100 % CPU for 20 minutes). The
+    loop runs in a thread the test can give up on: a spinning loop never lets a timeout fire."""
+    import threading
+
+    class OneAtATime(Counted):
+        gate: asyncio.Event
+
+        async def admit(self, tenant: str, want: int = 1, unused: int = 0, unused_day: str = "") -> Admission:
+            if self.calls == 1:
+                await self.gate.wait()  # the lease's ask: held until both requests are about to start
+            return await super().admit(tenant, 1, unused, unused_day)  # a lease of one
+
+    async def main() -> list[Admission]:
+        clock = Clock()
+        limits = OneAtATime(Memory(4, clock), TenantLimits(rps=1000, burst=2000))
+        limits.gate = asyncio.Event()
+        admissions = Admissions(limits, max_lease=64, lease_s=0.05, ttl_s=1.0, clock=clock)
+        await admissions.admit("acme")  # learns the limits: leases of 50 from now on
+        first = asyncio.ensure_future(admissions.admit("acme"))  # asks for a lease (granted: one)
+        await asyncio.sleep(0)
+        limits.gate.set()  # the ask ends in the next turn, and so do these two start
+        others = [asyncio.ensure_future(admissions.admit("acme")) for _ in range(2)]
+        return await asyncio.gather(first, *others)
+
+    answers: list[Admission] = []
+    loop = threading.Thread(target=lambda: answers.extend(asyncio.run(main())), daemon=True)
+    loop.start()
+    loop.join(10)
+    assert not loop.is_alive(), "a request spins on an ask that already answered"
+    assert len(answers) == 3 and all(a.admitted for a in answers)
