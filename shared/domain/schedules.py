@@ -10,7 +10,6 @@ one `ScheduleFired`, and the schedule goes on from the newest of them.
 
 from __future__ import annotations
 
-import functools
 import zoneinfo
 from datetime import UTC, datetime, timedelta, tzinfo
 from functools import lru_cache
@@ -52,7 +51,7 @@ def _unknown_zone(name: str) -> Invalid:
     )
 
 
-@functools.cache
+@lru_cache(maxsize=1)
 def _iana_names() -> frozenset[str]:
     """The zones a schedule may name: the IANA names this host knows, less `localtime` (the host's own zone, which
     differs between workers) and `Factory` (no zone at all); `posix/…` and `right/…` copies are not among them."""
