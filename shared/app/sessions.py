@@ -8,7 +8,6 @@ encodes; reads answer the read models' pre-encoded JSON, fresh as of the read's 
 from __future__ import annotations
 
 import builtins
-import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ import msgspec
 
 from shared.app.follow import follow
 from shared.app.history import History
-from shared.app.ports import EventLog, Limits, ReadModels, Wakeups
+from shared.app.ports import EventLog, Limits, ReadModels, View, Wakeups
 from shared.app.service import Idempotency, SessionService
 from shared.domain.commands import (
     AddMessage,
@@ -256,11 +255,11 @@ class Sessions:
             )
             return view.items or []
         keep = (await self.limits.limits(tenant)).retention_keep_messages
-        return await self._messages(tenant, sid, limit, offset, keep)
+        return (await self._page(tenant, sid, limit, offset, keep)).items or []
 
-    async def _messages(self, tenant: str, sid: str, limit: int, offset: int, keep: int | None) -> builtins.list[bytes]:
-        view = await self.service.read(sid, lambda: self.views.messages(tenant, sid, limit, offset, keep_messages=keep))
-        return view.items or []
+    async def _page(self, tenant: str, sid: str, limit: int, offset: int, keep: int | None) -> View:
+        """A page of the conversation as it is now (`View.items`), fresh as of the read's start."""
+        return await self.service.read(sid, lambda: self.views.messages(tenant, sid, limit, offset, keep_messages=keep))
 
     async def message(self, tenant: str, sid: str, message_id: str) -> Message:
         """One message as it is now (not a removed one; one a retention hides from the list is still found)."""
@@ -288,8 +287,7 @@ class Sessions:
                 start, stop = max(0, low - PAGE_OVERLAP), min(low + MESSAGE_PAGE, high)
                 low = stop
             newest = not newest
-            page_at = functools.partial(self.views.messages, tenant, sid, stop - start, start, keep_messages=None)
-            view = await self.service.read(sid, page_at)
+            view = await self._page(tenant, sid, stop - start, start, None)
             for raw in view.items or []:
                 if needle in raw and (m := _message.decode(raw)).id == message_id:
                     return m, view.version
