@@ -70,29 +70,28 @@ async def before_request(request: Request[Any, Any, Any]) -> None:
                 f"the body must be JSON (Content-Type: application/json), not {media or 'untyped'}",
                 {"header": "Content-Type"},
             )
-    if request.scope.get("query_string"):
-        query = request.query_params
-        for name in query.keys():
-            if len(query.getall(name)) > 1:
+    if not request.scope.get("query_string"):
+        return
+    query = request.query_params
+    for name in query.keys():
+        if len(query.getall(name)) > 1:
+            raise BadQuery(
+                "the request does not match the schema",
+                [{"message": "given more than once", "key": name, "source": "query"}],
+            )
+    for name in rules.integers:
+        for value in query.getall(name, ()):
+            if not _DECIMAL.fullmatch(value):
                 raise BadQuery(
                     "the request does not match the schema",
-                    [{"message": "given more than once", "key": name, "source": "query"}],
+                    [
+                        {
+                            "message": f"Expected a decimal integer, got {value[:32]!r}",
+                            "key": name,
+                            "source": "query",
+                        }
+                    ],
                 )
-    if rules.integers:
-        query = request.query_params
-        for name in rules.integers:
-            for value in query.getall(name, ()):
-                if not _DECIMAL.fullmatch(value):
-                    raise BadQuery(
-                        "the request does not match the schema",
-                        [
-                            {
-                                "message": f"Expected a decimal integer, got {value[:32]!r}",
-                                "key": name,
-                                "source": "query",
-                            }
-                        ],
-                    )
 
 
 def _has_body(request: Request[Any, Any, Any]) -> bool:
